@@ -1,0 +1,183 @@
+"""The ``celerinfer-lab`` command: generate, info, torch-forward."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
+from .generate import PADDING_MODES, generate_model
+from .modelfile import ModelFileError, load_model
+
+# The original CelerInfer generator's defaults.
+ORIGINAL_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         vocab_size=128, max_position_embeddings=128)
+
+# flag -> ModelConfig field, for flags that map one to one
+_CONFIG_FLAGS = {
+    "hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+    "kvh": "num_key_value_heads", "vocab": "vocab_size", "max_pos": "max_position_embeddings",
+    "head_dim": "head_dim", "intermediate": "intermediate_size", "sizing_rule": "sizing_rule",
+    "eps": "rms_norm_eps", "theta": "rope_theta", "rope_pairing": "rope_pairing",
+    "experts": "num_experts", "topk": "num_experts_per_tok", "shared_experts": "n_shared_experts",
+    "moe_intermediate": "moe_intermediate_size", "topk_renorm": "topk_renorm",
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="write a random MiniMind model file",
+                       description="Write a random model with inputs and RoPE cache. Without --preset the "
+                                   "original CelerInfer defaults apply (64/2/8/2/128, max-pos 128).")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="start from a released model's config")
+    g.add_argument("--hidden", type=int), g.add_argument("--layers", type=int)
+    g.add_argument("--heads", type=int), g.add_argument("--kvh", type=int, help="key/value heads")
+    g.add_argument("--vocab", type=int), g.add_argument("--max-pos", type=int, help="max_position_embeddings")
+    g.add_argument("--head-dim", type=int, help="default hidden/heads")
+    g.add_argument("--intermediate", type=int, help="FFN width (default: the sizing rule)")
+    g.add_argument("--sizing-rule", choices=SIZING_RULES)
+    g.add_argument("--eps", type=float, help="rms_norm_eps"), g.add_argument("--theta", type=float, help="rope_theta")
+    g.add_argument("--qk-norm", action="store_true", default=None, help="RMSNorm over q and k heads (MiniMind-3)")
+    g.add_argument("--rope-pairing", choices=ROPE_PAIRINGS)
+    g.add_argument("--yarn", action="store_true", default=None, help="MiniMind's inference_rope_scaling (YaRN)")
+    g.add_argument("--yarn-original-max-pos", type=int, help="YaRN original_max_position_embeddings (default 2048)")
+    g.add_argument("--untied", action="store_true", default=None, help="a separate lm_head")
+    g.add_argument("--moe", action="store_true", default=None, help="mixture-of-experts FFN")
+    g.add_argument("--experts", type=int, help="routed experts"), g.add_argument("--topk", type=int, help="experts per token")
+    g.add_argument("--shared-experts", type=int), g.add_argument("--moe-intermediate", type=int)
+    g.add_argument("--topk-renorm", choices=TOPK_RENORM_RULES)
+    g.add_argument("--seq-len", type=int, default=5), g.add_argument("--batch-size", type=int, default=2)
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--padding", choices=PADDING_MODES, default="none")
+    g.add_argument("--pad-lengths", type=_int_list, help="pad tokens per row, e.g. 0,2")
+    g.add_argument("--pad-id", type=int, default=0)
+    g.add_argument("--output", "-o", default="model.json")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on for models of 20M parameters and more)")
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    fields = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None}
+    for flag, field in (("qk_norm", "qk_norm"), ("yarn", "inference_rope_scaling"), ("moe", "use_moe")):
+        if getattr(args, flag):
+            fields[field] = True
+    if args.untied:
+        fields["tie_word_embeddings"] = False
+    if args.yarn_original_max_pos is not None:
+        from .config import DEFAULT_YARN
+        fields["rope_scaling"] = {**DEFAULT_YARN, "original_max_position_embeddings": args.yarn_original_max_pos}
+    if args.preset:
+        return preset(args.preset, **fields)
+    return ModelConfig(**{**ORIGINAL_DEFAULTS, **fields})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    start = time.perf_counter()
+    path = generate_model(config, args.batch_size, args.seq_len, args.seed, args.padding, args.pad_lengths,
+                          args.pad_id, output=args.output, progress=args.progress)
+    size = Path(path).stat().st_size
+    print(f"wrote {path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
+          f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .trace import trace_points
+    model = load_model(args.model)
+    print(f"{args.model} ({model.source_format})")
+    for key, value in model.config.to_dict().items():
+        print(f"  {key}: {value}")
+    print(f"  parameters: {model.config.num_parameters():,}")
+    print(f"  inputs: batch {model.batch_size} x seq {model.seq_len}, padded positions {int((model.attention_mask == 0).sum())}")
+    if args.trace_points:
+        for point in trace_points(model.config, model.batch_size, model.seq_len):
+            print(f"  {point.name:48s} {list(point.shape)}")
+    return 0
+
+
+def _time_calls(fn, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def cmd_torch_forward(args: argparse.Namespace) -> int:
+    import torch
+
+    from .reference import ReferenceModel
+    path = args.model or os.environ.get("JSON_PATH")
+    if not path:
+        raise ModelFileError("no model file: give one as an argument or set JSON_PATH")
+    dump_dir = args.dump_dir or os.environ.get("DUMP_DIR")
+    warmup = args.warmup if args.warmup is not None else int(os.environ.get("WARMUP", "5"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(path)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    ref = ReferenceModel(model, dtype)
+    times = _time_calls(lambda: ref.forward(), warmup, args.repeat)
+    logits, trace = ref.forward(trace=args.save_trace)
+    logits = logits.numpy()
+    print(f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})")
+    print(f"torch forward ({args.dtype}, {torch.get_num_threads()} threads): median {np.median(times):.3f} ms "
+          f"(min {min(times):.3f}, max {max(times):.3f}; {args.repeat} runs after {warmup} warm-up)")
+    print(f"logits: shape {list(logits.shape)} min {logits.min():.6f} max {logits.max():.6f} mean {logits.mean():.6f}")
+    if dump_dir:
+        out = Path(dump_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "logits_torch.npy", logits)
+        print(f"saved {out / 'logits_torch.npy'}")
+        if trace is not None:
+            np.savez(out / "trace_torch.npz", **{k: v.numpy() for k, v in trace.items()})
+            print(f"saved {out / 'trace_torch.npz'} ({len(trace)} trace points)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="celerinfer-lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    info = sub.add_parser("info", help="describe a model file")
+    info.add_argument("model")
+    info.add_argument("--trace-points", action="store_true", help="list the trace points with their shapes")
+    tf = sub.add_parser("torch-forward", help="run and time the PyTorch reference on a model file")
+    tf.add_argument("model", nargs="?", help="model file (default: $JSON_PATH)")
+    tf.add_argument("--dump-dir", help="write logits_torch.npy here (default: $DUMP_DIR)")
+    tf.add_argument("--warmup", type=int, help="untimed runs first (default: $WARMUP or 5)")
+    tf.add_argument("--repeat", type=int, default=20, help="timed runs; the median is reported")
+    tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    tf.add_argument("--save-trace", action="store_true", help="also write trace_torch.npz to the dump dir")
+    return parser
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "torch-forward": cmd_torch_forward}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ModelFileError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Random MiniMind models and inputs: every parameter matters, activations stay in a realistic range.
+
+Initialisation (per tensor, from one seeded stream, in file order):
+* linear weights ~ N(0, 1/fan_in), so every projection keeps unit-scale activations; the two
+  projections that write into the residual stream (o_proj, down_proj) are further scaled by
+  1/sqrt(2 * layers), as GPT-2 does, so the stream grows gently with depth;
+* embeddings (and an untied lm_head) ~ N(0, (2/sqrt(hidden))^2): logits of std about 2;
+* RMSNorm weights ~ N(1, 0.1^2): around 1 but not 1, so a forward that ignores a norm weight
+  gives a visibly different answer (with all-ones weights that bug is invisible);
+* an untied lm_head is drawn separately from the embedding.
+Inputs come from a second stream, so changing the model's shape leaves the seed's meaning intact
+for the inputs' layout.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .modelfile import Model, weight_shapes, write_model_file
+from .rope import rope_cache
+
+PADDING_MODES = ("none", "left", "right", "mixed")
+_RESIDUAL_WRITERS = ("o_proj.weight", "down_proj.weight")
+
+
+def _init_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], config: ModelConfig) -> np.ndarray:
+    if len(shape) == 1:  # RMSNorm weights
+        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        std = 2.0 / math.sqrt(config.hidden_size)
+    else:
+        std = 1.0 / math.sqrt(shape[1])
+        if name.endswith(_RESIDUAL_WRITERS):
+            std /= math.sqrt(2 * config.num_hidden_layers)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def random_weights(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (state-dict name, float32 array) one tensor at a time, deterministically."""
+    rng = np.random.default_rng([seed, 0])
+    for name, shape in weight_shapes(config).items():
+        yield name, _init_tensor(rng, name, shape, config)
+
+
+def random_inputs(config: ModelConfig, batch_size: int, seq_len: int, seed: int, padding: str = "none",
+                  pad_lengths: list[int] | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask [B, S], int64.
+
+    padding: "left" / "right" pad every row but the first (the longest sequence sets S);
+    "mixed" pads even rows on the left and odd rows on the right. pad_lengths overrides the
+    random lengths, one per row. Padded positions hold pad_id and mask 0.
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    config.validate(seq_len=seq_len)
+    if padding not in PADDING_MODES:
+        raise ConfigError(f"padding={padding!r}: must be one of {PADDING_MODES}")
+    if not 0 <= pad_id < config.vocab_size:
+        raise ConfigError(f"pad_id={pad_id}: must be a token id in [0, vocab_size={config.vocab_size})")
+    rng = np.random.default_rng([seed, 1])
+    ids = rng.integers(0, config.vocab_size, size=(batch_size, seq_len), dtype=np.int64)
+    mask = np.ones((batch_size, seq_len), dtype=np.int64)
+    if padding == "none":
+        if pad_lengths:
+            raise ConfigError("pad_lengths given with padding='none': choose left, right or mixed padding")
+        return ids, mask
+    if pad_lengths is None:
+        pad_lengths = [0] + [int(rng.integers(1, seq_len)) if seq_len > 1 else 0 for _ in range(batch_size - 1)]
+    if len(pad_lengths) != batch_size:
+        raise ConfigError(f"pad_lengths has {len(pad_lengths)} entries, batch_size is {batch_size}")
+    for b, n in enumerate(pad_lengths):
+        if not 0 <= n < seq_len:
+            raise ConfigError(f"pad_lengths[{b}]={n}: must be in [0, seq_len={seq_len}) (a row keeps at least one token)")
+        left = padding == "left" or (padding == "mixed" and b % 2 == 0)
+        cols = slice(0, n) if left else slice(seq_len - n, seq_len)
+        ids[b, cols], mask[b, cols] = pad_id, 0
+    return ids, mask
+
+
+def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
+                   padding: str = "none", pad_lengths: list[int] | None = None, pad_id: int = 0,
+                   output: str | Path | None = None, progress: bool | None = None) -> Model | Path:
+    """A random model with inputs. With ``output`` it is streamed to that file (one tensor in
+    memory at a time) and the path is returned; without, the Model is returned."""
+    input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
+    cos, sin = rope_cache(config)
+    meta = {"generator": "celerinfer-lab", "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
+            "padding": padding, "num_parameters": config.num_parameters()}
+    weights = random_weights(config, seed)
+    if output is None:
+        return Model(config, dict(weights), input_ids, attention_mask, cos, sin, meta)
+    if progress is None:
+        progress = config.num_parameters() >= 20_000_000
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(weight_shapes(config)), desc=f"writing {Path(output).name}", unit="tensor")
+    try:
+        write_model_file(output, config, weights, input_ids, attention_mask, cos, sin, meta,
+                         on_tensor=(lambda _name: bar.update()) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    return Path(output)

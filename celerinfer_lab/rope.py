@@ -1,0 +1,45 @@
+"""The RoPE cos/sin cache, computed as MiniMind's ``precompute_freqs_cis`` computes it.
+
+The cache is stored in the model file, [max_position_embeddings, head_dim] each, with the two
+halves concatenated (column i and i + head_dim/2 hold frequency i). Both forwards read it from
+the file; the pairing (half-split or interleaved) only decides which dimensions a frequency
+rotates. The arithmetic is MiniMind's, in torch float32, so a file made here carries the same
+bits a MiniMind model would compute.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+
+def rope_cache(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), float32 [max_position_embeddings, head_dim]; YaRN applied when configured."""
+    dim, end, base = config.head_dim, config.max_position_embeddings, config.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    attn_factor = 1.0
+    scaling = config.rope_scaling if config.inference_rope_scaling else None
+    if scaling is not None:
+        orig_max = scaling.get("original_max_position_embeddings", 2048)
+        factor = scaling.get("factor", 16)
+        beta_fast = scaling.get("beta_fast", 32.0)
+        beta_slow = scaling.get("beta_slow", 1.0)
+        attn_factor = scaling.get("attention_factor", 1.0)
+        if end / orig_max > 1.0:  # MiniMind scales only when the cache reaches past orig_max
+            def inv_dim(b: float) -> float:
+                return (dim * math.log(orig_max / (b * 2 * math.pi))) / (2 * math.log(base))
+
+            low = max(math.floor(inv_dim(beta_fast)), 0)
+            high = min(math.ceil(inv_dim(beta_slow)), dim // 2 - 1)
+            ramp = torch.clamp((torch.arange(dim // 2).float() - low) / max(high - low, 0.001), 0, 1)
+            freqs = freqs * (1 - ramp + ramp / factor)
+    angles = torch.outer(torch.arange(end), freqs).float().numpy()
+    # Trig in numpy float32: torch's vectorized cos/sin round differently (1 ulp) on some CPUs,
+    # numpy's reproduce the original CelerInfer cache bit for bit.
+    cos, sin = np.cos(angles), np.sin(angles)
+    cos = np.concatenate([cos, cos], axis=-1) * np.float32(attn_factor)
+    sin = np.concatenate([sin, sin], axis=-1) * np.float32(attn_factor)
+    return cos.astype(np.float32), sin.astype(np.float32)
