@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -111,18 +111,29 @@ class Model:
 
 
 # ---- tensors -------------------------------------------------------------------------------------
-def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
-    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+def _preview(arr: np.ndarray) -> list:
     flat = arr.reshape(-1)[:PREVIEW_LEN]
-    preview = [float(v) for v in flat] if arr.dtype.kind == "f" else [int(v) for v in flat]
-    return {
-        "name": name,
-        "shape": list(arr.shape),
-        "dtype": dtype,
-        "encoding": "base64",
-        "data": base64.b64encode(arr.tobytes()).decode("ascii"),
-        "preview": preview,
-    }
+    return [float(v) for v in flat] if arr.dtype.kind == "f" else [int(v) for v in flat]
+
+
+def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
+    """The JSON object of one tensor (what the file holds for it)."""
+    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+    return {"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64",
+            "data": base64.b64encode(arr.tobytes()).decode("ascii"), "preview": _preview(arr)}
+
+
+def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str) -> None:
+    """Write encode_tensor's object straight to f, with no copy of the data besides its base64."""
+    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+    head = _dumps({"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64"})
+    f.write(head[:-1].encode() + b',"data":"')
+    f.write(base64.b64encode(arr.reshape(-1).view(np.uint8)))
+    f.write(b'","preview":' + _dumps(_preview(arr)).encode() + b"}")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
 
 
 def decode_tensor(obj: Any, where: str) -> np.ndarray:
@@ -182,23 +193,26 @@ def write_model_file(
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    dumps = lambda obj: json.dumps(obj, separators=(",", ":"))  # noqa: E731
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write('{"format":%s,"format_version":%d,\n' % (dumps(FORMAT_NAME), FORMAT_VERSION))
-        f.write('"meta":%s,\n' % dumps(meta or {}))
-        f.write('"config":%s,\n' % dumps(config.to_dict()))
-        f.write('"inputs":{"input_ids":%s,\n"attention_mask":%s},\n' % (
-            dumps(encode_tensor("input_ids", input_ids, "int32")),
-            dumps(encode_tensor("attention_mask", attention_mask, "uint8"))))
-        f.write('"rope":{"cos":%s,\n"sin":%s},\n' % (
-            dumps(encode_tensor("rope_cos", rope_cos, "float32")),
-            dumps(encode_tensor("rope_sin", rope_sin, "float32"))))
-        f.write('"weights":{')
+    with open(tmp, "wb") as f:
+        f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
+        f.write(b'"meta":%s,\n"config":%s,\n' % (_dumps(meta or {}).encode(), _dumps(config.to_dict()).encode()))
+        sections = (
+            ("inputs", [("input_ids", input_ids, "int32"), ("attention_mask", attention_mask, "uint8")]),
+            ("rope", [("cos", rope_cos, "float32"), ("sin", rope_sin, "float32")]),
+        )
+        for section, tensors in sections:
+            f.write(b'"%s":{' % section.encode())
+            for i, (key, array, dtype) in enumerate(tensors):
+                f.write(b'%s"%s":' % (b"," if i else b"", key.encode()))
+                _write_tensor(f, key if section == "inputs" else f"rope_{key}", array, dtype)
+            f.write(b"},\n")
+        f.write(b'"weights":{')
         for i, (name, array) in enumerate(weights):
-            f.write(("," if i else "") + "\n" + dumps(name) + ":" + dumps(encode_tensor(name, array, "float32")))
+            f.write(b'%s\n%s:' % (b"," if i else b"", _dumps(name).encode()))
+            _write_tensor(f, name, array, "float32")
             if on_tensor:
                 on_tensor(name)
-        f.write("\n}}\n")
+        f.write(b"\n}}\n")
     tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
 
 

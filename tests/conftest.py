@@ -1,0 +1,35 @@
+"""Shared test fixtures: the original CelerInfer fixture folder and small model factories."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from celerinfer_lab import ModelConfig, generate_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixtures_dir() -> Path:
+    """../shared/fixtures beside the checkout (CI lays a copy there), or $CELERINFER_FIXTURES."""
+    path = Path(os.environ.get("CELERINFER_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    if not path.is_dir():
+        raise RuntimeError(f"test fixtures not found at {path}; set CELERINFER_FIXTURES")
+    return path
+
+
+@pytest.fixture(scope="session")
+def v0_dir() -> Path:
+    return fixtures_dir() / "celerinfer-v0"
+
+
+def small_config(**overrides) -> ModelConfig:
+    """The original tool's default shape, with overrides."""
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                vocab_size=128, max_position_embeddings=128)
+    return ModelConfig(**{**base, **overrides})
+
+
+def small_model(batch_size: int = 2, seq_len: int = 7, seed: int = 7, padding: str = "none", **overrides):
+    return generate_model(small_config(**overrides), batch_size, seq_len, seed, padding)

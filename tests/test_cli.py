@@ -1,0 +1,56 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from celerinfer_lab import load_model, reference_forward
+
+from conftest import small_model
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("celerinfer-lab")
+    assert script.exists() or shutil.which("celerinfer-lab"), "pip install -e . should install celerinfer-lab"
+
+
+def test_torch_forward_prints_and_dumps(tmp_path):
+    path = tmp_path / "m.json"
+    small_model().save(path)
+    r = run("torch-forward", str(path), "--warmup", "1", "--repeat", "3", "--dump-dir", str(tmp_path / "out"), "--save-trace")
+    assert r.returncode == 0, r.stderr
+    assert "median" in r.stdout and "logits: shape [2, 7, 128]" in r.stdout
+    logits = np.load(tmp_path / "out" / "logits_torch.npy")
+    np.testing.assert_array_equal(logits, reference_forward(load_model(path)).logits)
+    trace = np.load(tmp_path / "out" / "trace_torch.npz")
+    assert "model.layers.1.self_attn.probs" in trace.files
+
+
+def test_torch_forward_honours_original_environment(tmp_path, v0_dir):
+    r = run("torch-forward", env={"JSON_PATH": str(v0_dir / "minimind.json"), "DUMP_DIR": str(tmp_path), "WARMUP": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "after 0 warm-up" in r.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "logits_torch.npy"), np.load(v0_dir / "logits_torch.npy"), rtol=0, atol=1e-6)
+
+
+def test_bad_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "celerinfer-lab", "format_version": 1, "config": {')
+    r = run("torch-forward", str(bad))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    r = run("torch-forward")
+    assert r.returncode == 2 and "JSON_PATH" in r.stderr
+
+
+def test_info_lists_trace_points(tmp_path):
+    path = tmp_path / "m.json"
+    small_model(qk_norm=True).save(path)
+    r = run("info", str(path), "--trace-points")
+    assert r.returncode == 0 and "model.layers.0.self_attn.q_norm" in r.stdout and "[2, 7, 8, 8]" in r.stdout

@@ -1,0 +1,33 @@
+"""The setup files agree with each other: environment.yml installs what pyproject declares, and
+.ci/run runs the README's test command."""
+import tomllib
+
+import yaml
+
+from conftest import REPO
+
+
+def test_environment_yml_installs_the_package_with_pyproject_extras():
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python"))
+    assert python.split("=")[-1] >= pyproject["project"]["requires-python"].lstrip(">=")
+    pip_deps = next(d["pip"] for d in deps if isinstance(d, dict))
+    extras = set(pyproject["project"]["optional-dependencies"])
+    editable = [d for d in pip_deps if d.startswith("-e .")]
+    assert editable, "environment.yml must install this package"
+    named = editable[0].split("[")[1].rstrip("]").split(",") if "[" in editable[0] else []
+    assert set(named) == extras, f"environment.yml installs extras {named}, pyproject has {sorted(extras)}"
+    # The CPU build of torch is pinned first, so the editable install never pulls a CUDA build.
+    torch_pins = [d for d in pip_deps if d.startswith("torch")]
+    assert torch_pins and "==" in torch_pins[0] and pip_deps.index(torch_pins[0]) < pip_deps.index(editable[0])
+    # Nothing else is listed twice: pyproject is the one list of Python dependencies.
+    assert set(pip_deps) == {torch_pins[0], editable[0]}
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in readme and "bash scripts/test.sh" in ci
+    assert "bash scripts/demo.sh" in readme
