@@ -1,0 +1,203 @@
+"""The C++ forward in Python: cppyy JIT-compiles the headers under cpp/include/celerinfer.
+
+Cling cannot redefine code, so each (re)load compiles the headers' text under a fresh namespace
+(``celerinfer_jit_1``, ``_2``, ...): an edited header runs from the next ``reload()`` on, and a
+compile error raises ``NativeCompileError`` with clang's message while the previous version stays
+in use. Arrays pass to C++ without copies; every shape, dtype and value range is checked here
+first, so bad input is a Python exception, never a crash of the kernel.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .modelfile import Model
+from .reference import ForwardResult
+from .trace import trace_points
+
+DEFAULT_CPP_DIR = Path(__file__).resolve().parents[1] / "cpp"
+HEADER = "celerinfer/celerinfer.hpp"
+_versions = itertools.count(1)  # namespaces are process-wide in cling
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+
+
+class NativeError(RuntimeError):
+    """The C++ side refused an input or failed at run time (its message is kept)."""
+
+
+class NativeCompileError(NativeError):
+    """The C++ did not compile; the message is clang's diagnostic."""
+
+
+def _include_dir(cpp_dir: Path) -> Path:
+    """Accept the cpp/ folder or its include/ folder."""
+    for candidate in (cpp_dir / "include", cpp_dir):
+        if (candidate / HEADER).is_file():
+            return candidate
+    raise FileNotFoundError(f"{cpp_dir}: no {HEADER} under it or under its include/ folder")
+
+
+def assemble_source(include_dir: Path) -> str:
+    """The headers as one text: local includes inlined once each, #pragma once dropped.
+
+    cppdef of the text (not an #include) is what makes an edited file take effect: cling caches
+    included files by path.
+    """
+    seen: set[Path] = set()
+
+    def inline(path: Path) -> str:
+        path = path.resolve()
+        if path in seen:
+            return ""
+        seen.add(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: included from the C++ headers but missing")
+        text = path.read_text().replace("#pragma once", "")
+        # "x.hpp" is looked up beside the including file, then in the include folder.
+        return _LOCAL_INCLUDE.sub(
+            lambda m: inline(next((p for p in (path.parent / m.group(1), include_dir / m.group(1)) if p.is_file()),
+                                  path.parent / m.group(1))), text)
+
+    return inline(include_dir / HEADER)
+
+
+def _cppyy():
+    import cppyy  # imported lazily: 0.5 s, and only the C++ side needs it
+
+    return cppyy
+
+
+class NativeEngine:
+    """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text."""
+
+    def __init__(self, cpp_dir: str | Path | None = None):
+        self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
+        self.namespace: str | None = None
+        self.ns = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Compile the headers as they are now. On a compile error the previous version stays."""
+        source = assemble_source(_include_dir(self.cpp_dir))
+        namespace = f"celerinfer_jit_{next(_versions)}"
+        cppyy = _cppyy()
+        text = f"#undef CELERINFER_NS\n#define CELERINFER_NS {namespace}\n{source}\n#undef CELERINFER_NS\n"
+        try:
+            cppyy.cppdef(text)
+        except SyntaxError as exc:
+            raise NativeCompileError(f"C++ in {self.cpp_dir} did not compile:\n{exc}") from None
+        ns = getattr(cppyy.gbl, namespace)
+        for name in ("forward", "Model", "Workspace", "Config", "TraceRecorder"):
+            if not hasattr(ns, name):
+                raise NativeCompileError(f"C++ in {self.cpp_dir} compiled but defines no {namespace}::{name}")
+        ns.forward.__sig2exc__ = True  # a wild write becomes a Python exception, not a dead kernel
+        self.namespace, self.ns = namespace, ns
+
+    def prepare(self, model: Model) -> "NativeModel":
+        return NativeModel(self, model)
+
+    def forward(self, model: Model, trace: bool = False, input_ids: np.ndarray | None = None,
+                attention_mask: np.ndarray | None = None) -> ForwardResult:
+        return self.prepare(model).forward(input_ids, attention_mask, trace)
+
+
+def load_native(cpp_dir: str | Path | None = None) -> NativeEngine:
+    """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``)."""
+    return NativeEngine(cpp_dir)
+
+
+def _native_config(ns, config: ModelConfig):
+    c = ns.Config()
+    c.hidden, c.layers = config.hidden_size, config.num_hidden_layers
+    c.heads, c.kv_heads, c.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    c.vocab, c.intermediate, c.max_pos = config.vocab_size, config.intermediate_size, config.max_position_embeddings
+    c.eps = float(config.rms_norm_eps)
+    c.qk_norm, c.tied = config.qk_norm, config.tie_word_embeddings
+    c.rope_interleaved = config.rope_pairing == "interleaved"
+    c.moe = config.use_moe
+    if config.use_moe:
+        c.experts, c.topk = config.num_experts, config.num_experts_per_tok
+        c.shared_experts, c.moe_intermediate = config.n_shared_experts, config.moe_intermediate_size
+        c.topk_renorm = {"never": ns.TopkRenorm.Never, "always": ns.TopkRenorm.Always,
+                         "k>1": ns.TopkRenorm.WhenKAbove1}[config.topk_renorm]
+    return c
+
+
+def _call(what: str, fn, *args):
+    """Run a C++ call; its exception (any type) becomes NativeError with the C++ message."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # cppyy raises the C++ type (std::runtime_error) or SegmentationViolation
+        raise NativeError(f"C++ {what} failed: {exc}") from None
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class NativeModel:
+    """A model bound to one compiled version: weights by pointer (kept alive here), workspaces by shape."""
+
+    def __init__(self, engine: NativeEngine, model: Model):
+        self.engine, self.ns, self.model = engine, engine.ns, model
+        self.config = model.config
+        self._arrays = {name: _f32(a) for name, a in model.weights.items()}  # no copy for float32
+        self._arrays["rope.cos"], self._arrays["rope.sin"] = _f32(model.rope_cos), _f32(model.rope_sin)
+        self.cpp = _call("model setup", self.ns.Model, _native_config(self.ns, model.config))
+        for name, array in self._arrays.items():
+            _call(f"binding '{name}'", self.cpp.bind, name, array, int(array.size))
+        _call("model check", self.cpp.check_complete)
+        self._workspaces: dict[tuple[int, int], object] = {}
+
+    def _inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.model.input_ids if input_ids is None else np.asarray(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None and input_ids is not None else (
+            self.model.attention_mask if attention_mask is None else np.asarray(attention_mask))
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        self.config.validate(seq_len=int(ids.shape[1]))
+        return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
+
+    def _workspace(self, B: int, S: int):
+        if (B, S) not in self._workspaces:
+            self._workspaces[(B, S)] = _call("workspace", self.ns.Workspace, self.cpp.config, B, S)
+        return self._workspaces[(B, S)]
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None) -> None:
+        """The bare call for timing: arrays already checked (see _inputs) and logits preallocated."""
+        ws = self._workspace(*ids.shape)
+        sink = recorder if recorder is not None else _cppyy().nullptr
+        _call("forward", self.ns.forward, self.cpp, ids, mask, ws, logits, sink)
+
+    def forward(self, input_ids=None, attention_mask=None, trace: bool = False) -> ForwardResult:
+        ids, mask = self._inputs(input_ids, attention_mask)
+        B, S = ids.shape
+        logits = np.zeros((B, S, self.config.vocab_size), dtype=np.float32)
+        recorder = self.ns.TraceRecorder() if trace else None
+        self.run(ids, mask, logits, recorder)
+        return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if trace else None)
+
+
+def _read_trace(recorder, config: ModelConfig, B: int, S: int) -> dict[str, np.ndarray]:
+    """Copy the recorded points out of C++, with the contract's dtypes (topk_idx is int64)."""
+    dtypes = {p.name: p.dtype for p in trace_points(config, B, S)}
+    out: dict[str, np.ndarray] = {}
+    for i in range(recorder.size()):
+        name, shape, n = str(recorder.name(i)), tuple(recorder.shape(i)), int(recorder.numel(i))
+        view = recorder.data(i)
+        view.reshape((n,))
+        values = np.array(np.frombuffer(view, dtype=np.float32, count=n)).reshape(shape)
+        out[name] = values.astype(np.int64) if dtypes.get(name) == "int64" else values
+    return out

@@ -1,0 +1,164 @@
+// One function per op, float32, plain loops. Each writes a caller-owned output buffer and
+// allocates nothing. Rows are tokens: a [rows, n] buffer is `rows` contiguous vectors of n.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "check.hpp"
+
+namespace CELERINFER_NS {
+
+// Sum of a[i] * b[i]. Sixteen independent partial sums in a fixed order: every compiler
+// vectorizes it without reassociation flags, and gives the same bits (cppyy and g++ alike).
+inline float dot(const float* a, const float* b, int n) {
+    constexpr int W = 16;
+    float acc[W] = {0};
+    int i = 0;
+    for (; i + W <= n; i += W)
+        for (int j = 0; j < W; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
+    float sum = 0.0f;
+    for (int j = 0; j < W; ++j) sum += acc[j];
+    return sum;
+}
+
+// y[r, o] = sum_i x[r, i] * W[o, i]   (nn.Linear without bias; W is [out, in])
+inline void linear(float* y, const float* x, const float* W, int rows, int in, int out) {
+    for (int r = 0; r < rows; ++r)
+        for (int o = 0; o < out; ++o)
+            y[size_t(r) * out + o] = dot(x + size_t(r) * in, W + size_t(o) * in, in);
+}
+
+// y = weight * x / sqrt(mean(x^2) + eps), over each row of n
+inline void rmsnorm(float* y, const float* x, const float* weight, int rows, int n, float eps) {
+    for (int r = 0; r < rows; ++r) {
+        const float* xr = x + size_t(r) * n;
+        float* yr = y + size_t(r) * n;
+        const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);
+        for (int i = 0; i < n; ++i) yr[i] = weight[i] * (xr[i] * inv_rms);
+    }
+}
+
+inline void embed(float* h, const int64_t* ids, const float* table, int tokens, int vocab, int hidden) {
+    for (int t = 0; t < tokens; ++t) {
+        CI_CHECK(ids[t] >= 0 && ids[t] < vocab, "token id ", ids[t], " at position ", t, " is outside the vocabulary [0, ", vocab, ")");
+        const float* row = table + size_t(ids[t]) * hidden;
+        for (int i = 0; i < hidden; ++i) h[size_t(t) * hidden + i] = row[i];
+    }
+}
+
+// Rotate x [B, S, n_heads, hd] in place by position s (0-based within the sequence).
+// cos/sin rows hold frequency i at columns i and i + hd/2. Half-split pairs (i, i + hd/2);
+// interleaved pairs (2i, 2i+1).
+inline void rope(float* x, const float* cos, const float* sin, int B, int S, int n_heads, int hd, bool interleaved) {
+    const int half = hd / 2;
+    for (int b = 0; b < B; ++b)
+        for (int s = 0; s < S; ++s) {
+            const float* c = cos + size_t(s) * hd;
+            const float* sn = sin + size_t(s) * hd;
+            for (int h = 0; h < n_heads; ++h) {
+                float* v = x + ((size_t(b) * S + s) * n_heads + h) * hd;
+                for (int i = 0; i < half; ++i) {
+                    const int i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + half;
+                    const float x0 = v[i0], x1 = v[i1];
+                    v[i0] = x0 * c[i] - x1 * sn[i];
+                    v[i1] = x1 * c[i] + x0 * sn[i];
+                }
+            }
+        }
+}
+
+// scores[b, h, i, j] = q_i . k_j / sqrt(hd), -inf for j > i (causal), then -1e9 added where key j
+// is padding (MiniMind's additive mask, so a row whose every key is masked stays finite).
+// Query head h reads kv head h / (heads / kv_heads).
+inline void attention_scores(float* scores, const float* q, const float* k, const int64_t* mask,
+                             int B, int S, int heads, int kv_heads, int hd) {
+    const int n_rep = heads / kv_heads;
+    const float scale = float(std::sqrt(double(hd)));
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < heads; ++h)
+            for (int i = 0; i < S; ++i) {
+                float* row = scores + ((size_t(b) * heads + h) * S + i) * S;
+                const float* qi = q + ((size_t(b) * S + i) * heads + h) * hd;
+                for (int j = 0; j < S; ++j) {
+                    const float* kj = k + ((size_t(b) * S + j) * kv_heads + h / n_rep) * hd;
+                    float s = dot(qi, kj, hd) / scale;
+                    if (j > i) s += neg_inf;
+                    if (mask[size_t(b) * S + j] == 0) s += -1e9f;
+                    row[j] = s;
+                }
+            }
+}
+
+// In-place softmax over each row of n.
+inline void softmax(float* x, int rows, int n) {
+    for (int r = 0; r < rows; ++r) {
+        float* v = x + size_t(r) * n;
+        float max = v[0];
+        for (int j = 1; j < n; ++j) max = v[j] > max ? v[j] : max;
+        float sum = 0.0f;
+        for (int j = 0; j < n; ++j) {
+            v[j] = std::exp(v[j] - max);
+            sum += v[j];
+        }
+        for (int j = 0; j < n; ++j) v[j] /= sum;
+    }
+}
+
+// context[b, i, h, :] = sum_j probs[b, h, i, j] * v[b, j, h / n_rep, :]
+inline void attention_context(float* context, const float* probs, const float* v, int B, int S, int heads,
+                              int kv_heads, int hd) {
+    const int n_rep = heads / kv_heads;
+    for (int b = 0; b < B; ++b)
+        for (int i = 0; i < S; ++i)
+            for (int h = 0; h < heads; ++h) {
+                float* out = context + ((size_t(b) * S + i) * heads + h) * hd;
+                const float* p = probs + ((size_t(b) * heads + h) * S + i) * S;
+                for (int d = 0; d < hd; ++d) out[d] = 0.0f;
+                for (int j = 0; j < S; ++j) {
+                    const float* vj = v + ((size_t(b) * S + j) * kv_heads + h / n_rep) * hd;
+                    for (int d = 0; d < hd; ++d) out[d] += p[j] * vj[d];
+                }
+            }
+}
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// act = silu(gate) * up, elementwise
+inline void swiglu(float* act, const float* gate, const float* up, size_t n) {
+    for (size_t i = 0; i < n; ++i) act[i] = silu(gate[i]) * up[i];
+}
+
+// y = x + delta, elementwise (the residual connection)
+inline void add(float* y, const float* x, const float* delta, size_t n) {
+    for (size_t i = 0; i < n; ++i) y[i] = x[i] + delta[i];
+}
+
+// The k largest of each row of probs [rows, n], by descending value (ties: lower index first);
+// weights renormalised to sum 1 when asked (MiniMind adds 1e-20 to the sum).
+inline void topk(int64_t* idx, float* weight, const float* probs, int rows, int n, int k, bool renormalise) {
+    for (int r = 0; r < rows; ++r) {
+        const float* p = probs + size_t(r) * n;
+        int64_t* ri = idx + size_t(r) * k;
+        float* rw = weight + size_t(r) * k;
+        for (int slot = 0; slot < k; ++slot) {
+            int best = -1;
+            for (int e = 0; e < n; ++e) {
+                bool taken = false;
+                for (int s = 0; s < slot; ++s) taken = taken || ri[s] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ri[slot] = best;
+            rw[slot] = p[best];
+        }
+        if (renormalise) {
+            float sum = 0.0f;
+            for (int s = 0; s < k; ++s) sum += rw[s];
+            for (int s = 0; s < k; ++s) rw[s] /= (sum + 1e-20f);
+        }
+    }
+}
+
+}  // namespace CELERINFER_NS
