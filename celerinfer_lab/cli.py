@@ -1,4 +1,4 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward."""
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ import numpy as np
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .generate import PADDING_MODES, generate_model
 from .modelfile import ModelFileError, load_model
+from .native import NativeError
 
 # The original CelerInfer generator's defaults.
 ORIGINAL_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -117,15 +118,33 @@ def _time_calls(fn, warmup: int, repeat: int) -> list[float]:
     return times
 
 
-def cmd_torch_forward(args: argparse.Namespace) -> int:
-    import torch
-
-    from .reference import ReferenceModel
+def _forward_inputs(args: argparse.Namespace) -> tuple[str, Path | None, int]:
+    """Model path, dump dir and warm-up count, from the arguments or the original environment variables."""
     path = args.model or os.environ.get("JSON_PATH")
     if not path:
         raise ModelFileError("no model file: give one as an argument or set JSON_PATH")
     dump_dir = args.dump_dir or os.environ.get("DUMP_DIR")
     warmup = args.warmup if args.warmup is not None else int(os.environ.get("WARMUP", "5"))
+    return path, Path(dump_dir) if dump_dir else None, warmup
+
+
+def _report(label: str, path: str, model, times: list[float], warmup: int, logits: np.ndarray,
+            dump_dir: Path | None, filename: str) -> None:
+    print(f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})")
+    print(f"{label}: median {np.median(times):.3f} ms (min {min(times):.3f}, max {max(times):.3f}; "
+          f"{len(times)} runs after {warmup} warm-up)")
+    print(f"logits: shape {list(logits.shape)} min {logits.min():.6f} max {logits.max():.6f} mean {logits.mean():.6f}")
+    if dump_dir:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        np.save(dump_dir / filename, logits)
+        print(f"saved {dump_dir / filename}")
+
+
+def cmd_torch_forward(args: argparse.Namespace) -> int:
+    import torch
+
+    from .reference import ReferenceModel
+    path, dump_dir, warmup = _forward_inputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(path)
@@ -133,20 +152,37 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
     ref = ReferenceModel(model, dtype)
     times = _time_calls(lambda: ref.forward(), warmup, args.repeat)
     logits, trace = ref.forward(trace=args.save_trace)
-    logits = logits.numpy()
-    print(f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})")
-    print(f"torch forward ({args.dtype}, {torch.get_num_threads()} threads): median {np.median(times):.3f} ms "
-          f"(min {min(times):.3f}, max {max(times):.3f}; {args.repeat} runs after {warmup} warm-up)")
-    print(f"logits: shape {list(logits.shape)} min {logits.min():.6f} max {logits.max():.6f} mean {logits.mean():.6f}")
-    if dump_dir:
-        out = Path(dump_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "logits_torch.npy", logits)
-        print(f"saved {out / 'logits_torch.npy'}")
-        if trace is not None:
-            np.savez(out / "trace_torch.npz", **{k: v.numpy() for k, v in trace.items()})
-            print(f"saved {out / 'trace_torch.npz'} ({len(trace)} trace points)")
+    _report(f"torch forward ({args.dtype}, {torch.get_num_threads()} threads)", path, model, times, warmup,
+            logits.numpy(), dump_dir, "logits_torch.npy")
+    if dump_dir and trace is not None:
+        np.savez(dump_dir / "trace_torch.npz", **{k: v.numpy() for k, v in trace.items()})
+        print(f"saved {dump_dir / 'trace_torch.npz'} ({len(trace)} trace points)")
     return 0
+
+
+def cmd_cpp_forward(args: argparse.Namespace) -> int:
+    from .native import load_native
+    path, dump_dir, warmup = _forward_inputs(args)
+    model = load_model(path)
+    native = load_native(args.cpp_dir).prepare(model)
+    ids, mask = native.check_inputs(None, None)
+    logits = np.zeros((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
+    times = _time_calls(lambda: native.run(ids, mask, logits), warmup, args.repeat)
+    result = native.forward(trace=args.save_trace)
+    _report("C++ forward (cppyy)", path, model, times, warmup, result.logits, dump_dir, "logits_cpp.npy")
+    if dump_dir and result.trace is not None:
+        np.savez(dump_dir / "trace_cpp.npz", **result.trace)
+        print(f"saved {dump_dir / 'trace_cpp.npz'} ({len(result.trace)} trace points)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .native import load_native
+    model = load_model(args.model)
+    report = compare(model, load_native(args.cpp_dir))
+    print(report)
+    return 0 if report.agrees else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,24 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model")
     info.add_argument("--trace-points", action="store_true", help="list the trace points with their shapes")
     tf = sub.add_parser("torch-forward", help="run and time the PyTorch reference on a model file")
-    tf.add_argument("model", nargs="?", help="model file (default: $JSON_PATH)")
-    tf.add_argument("--dump-dir", help="write logits_torch.npy here (default: $DUMP_DIR)")
-    tf.add_argument("--warmup", type=int, help="untimed runs first (default: $WARMUP or 5)")
-    tf.add_argument("--repeat", type=int, default=20, help="timed runs; the median is reported")
+    cf = sub.add_parser("cpp-forward", help="run and time the C++ forward (through cppyy) on a model file")
+    for p, name in ((tf, "logits_torch.npy"), (cf, "logits_cpp.npy")):
+        p.add_argument("model", nargs="?", help="model file (default: $JSON_PATH)")
+        p.add_argument("--dump-dir", help=f"write {name} here (default: $DUMP_DIR)")
+        p.add_argument("--warmup", type=int, help="untimed runs first (default: $WARMUP or 5)")
+        p.add_argument("--repeat", type=int, default=20, help="timed runs; the median is reported")
+        p.add_argument("--save-trace", action="store_true", help="also write the trace (.npz) to the dump dir")
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    tf.add_argument("--save-trace", action="store_true", help="also write trace_torch.npz to the dump dir")
+    cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
+    cmp = sub.add_parser("compare", help="run both forwards and compare every trace point",
+                         description="Exit status: 0 all trace points agree, 1 they diverge, 2 bad input.")
+    cmp.add_argument("model")
+    cmp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
     return parser
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "torch-forward": cmd_torch_forward}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "torch-forward": cmd_torch_forward,
+            "cpp-forward": cmd_cpp_forward, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ModelFileError, ConfigError) as exc:
+    except (ModelFileError, ConfigError, FileNotFoundError, NativeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -149,11 +149,11 @@ class NativeModel:
         self._arrays["rope.cos"], self._arrays["rope.sin"] = _f32(model.rope_cos), _f32(model.rope_sin)
         self.cpp = _call("model setup", self.ns.Model, _native_config(self.ns, model.config))
         for name, array in self._arrays.items():
-            _call(f"binding '{name}'", self.cpp.bind, name, array, int(array.size))
+            _call(f"binding '{name}'", self.cpp.bind, name, array, [int(d) for d in array.shape])
         _call("model check", self.cpp.check_complete)
         self._workspaces: dict[tuple[int, int], object] = {}
 
-    def _inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    def check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         ids = self.model.input_ids if input_ids is None else np.asarray(input_ids)
         mask = np.ones_like(ids) if attention_mask is None and input_ids is not None else (
             self.model.attention_mask if attention_mask is None else np.asarray(attention_mask))
@@ -176,15 +176,16 @@ class NativeModel:
         return self._workspaces[(B, S)]
 
     def run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None) -> None:
-        """The bare call for timing: arrays already checked (see _inputs) and logits preallocated."""
+        """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated."""
         ws = self._workspace(*ids.shape)
         sink = recorder if recorder is not None else _cppyy().nullptr
         _call("forward", self.ns.forward, self.cpp, ids, mask, ws, logits, sink)
 
     def forward(self, input_ids=None, attention_mask=None, trace: bool = False) -> ForwardResult:
-        ids, mask = self._inputs(input_ids, attention_mask)
+        ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
-        logits = np.zeros((B, S, self.config.vocab_size), dtype=np.float32)
+        # NaN-filled: a forward that never writes its output shows up as NaN, not as plausible zeros.
+        logits = np.full((B, S, self.config.vocab_size), np.nan, dtype=np.float32)
         recorder = self.ns.TraceRecorder() if trace else None
         self.run(ids, mask, logits, recorder)
         return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if trace else None)

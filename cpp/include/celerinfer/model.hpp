@@ -2,7 +2,9 @@
 // buffers the caller keeps alive (numpy arrays from Python, vectors in base_line_micro).
 // Matrices are in nn.Linear [out_features, in_features] order, contiguous row-major.
 #pragma once
+#include <algorithm>
 #include <cstddef>
+#include <initializer_list>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -81,20 +83,22 @@ struct Model {
     }
 
     // Point the tensor named by MiniMind's state-dict key (or "rope.cos" / "rope.sin") at data.
-    // numel must be the size the config implies; unknown names and wrong sizes throw.
-    void bind(const std::string& name, const float* data, size_t numel) {
+    // shape must be the one the config implies; unknown names and wrong shapes throw.
+    void bind(const std::string& name, const float* data, const std::vector<int64_t>& shape) {
         CI_CHECK(data != nullptr, "tensor '", name, "': null data");
         const Config& c = config;
-        const size_t H = c.hidden;
-        auto slot = [&](const float*& target, size_t expected) {
-            CI_CHECK(numel == expected, "tensor '", name, "' has ", numel, " elements, the config implies ", expected);
+        const int64_t H = c.hidden;
+        auto slot = [&](const float*& target, std::initializer_list<int64_t> expected) {
+            if (!std::equal(shape.begin(), shape.end(), expected.begin(), expected.end()))
+                fail("tensor '", name, "' has shape ", shape_str(shape), ", the config implies ",
+                     shape_str(std::vector<int64_t>(expected)));
             target = data;
         };
-        if (name == "model.embed_tokens.weight") return slot(embed, size_t(c.vocab) * H);
-        if (name == "model.norm.weight") return slot(final_norm, H);
-        if (name == "lm_head.weight") return slot(lm_head, size_t(c.vocab) * H);
-        if (name == "rope.cos") return slot(rope_cos, size_t(c.max_pos) * c.head_dim);
-        if (name == "rope.sin") return slot(rope_sin, size_t(c.max_pos) * c.head_dim);
+        if (name == "model.embed_tokens.weight") return slot(embed, {c.vocab, H});
+        if (name == "model.norm.weight") return slot(final_norm, {H});
+        if (name == "lm_head.weight") return slot(lm_head, {c.vocab, H});
+        if (name == "rope.cos") return slot(rope_cos, {c.max_pos, c.head_dim});
+        if (name == "rope.sin") return slot(rope_sin, {c.max_pos, c.head_dim});
         const std::string prefix = "model.layers.";
         CI_CHECK(name.compare(0, prefix.size(), prefix) == 0, "unknown tensor '", name, "'");
         size_t pos = prefix.size(), end = name.find('.', pos);
@@ -103,22 +107,22 @@ struct Model {
         CI_CHECK(l >= 0 && l < c.layers, "tensor '", name, "': layer ", l, " out of range (", c.layers, " layers)");
         LayerWeights& L = layers[l];
         const std::string rest = name.substr(end + 1);
-        const size_t q = c.q_dim(), kv = c.kv_dim(), I = c.intermediate, hd = c.head_dim;
-        if (rest == "input_layernorm.weight") return slot(L.input_norm, H);
-        if (rest == "post_attention_layernorm.weight") return slot(L.post_norm, H);
-        if (rest == "self_attn.q_proj.weight") return slot(L.wq, q * H);
-        if (rest == "self_attn.k_proj.weight") return slot(L.wk, kv * H);
-        if (rest == "self_attn.v_proj.weight") return slot(L.wv, kv * H);
-        if (rest == "self_attn.o_proj.weight") return slot(L.wo, H * q);
-        if (c.qk_norm && rest == "self_attn.q_norm.weight") return slot(L.q_norm, hd);
-        if (c.qk_norm && rest == "self_attn.k_norm.weight") return slot(L.k_norm, hd);
+        const int64_t q = c.q_dim(), kv = c.kv_dim(), I = c.intermediate, hd = c.head_dim;
+        if (rest == "input_layernorm.weight") return slot(L.input_norm, {H});
+        if (rest == "post_attention_layernorm.weight") return slot(L.post_norm, {H});
+        if (rest == "self_attn.q_proj.weight") return slot(L.wq, {q, H});
+        if (rest == "self_attn.k_proj.weight") return slot(L.wk, {kv, H});
+        if (rest == "self_attn.v_proj.weight") return slot(L.wv, {kv, H});
+        if (rest == "self_attn.o_proj.weight") return slot(L.wo, {H, q});
+        if (c.qk_norm && rest == "self_attn.q_norm.weight") return slot(L.q_norm, {hd});
+        if (c.qk_norm && rest == "self_attn.k_norm.weight") return slot(L.k_norm, {hd});
         if (!c.moe) {
-            if (rest == "mlp.gate_proj.weight") return slot(L.ffn.gate, I * H);
-            if (rest == "mlp.up_proj.weight") return slot(L.ffn.up, I * H);
-            if (rest == "mlp.down_proj.weight") return slot(L.ffn.down, H * I);
+            if (rest == "mlp.gate_proj.weight") return slot(L.ffn.gate, {I, H});
+            if (rest == "mlp.up_proj.weight") return slot(L.ffn.up, {I, H});
+            if (rest == "mlp.down_proj.weight") return slot(L.ffn.down, {H, I});
             fail("unknown tensor '", name, "'");
         }
-        if (rest == "mlp.gate.weight") return slot(L.router, size_t(c.experts) * H);
+        if (rest == "mlp.gate.weight") return slot(L.router, {c.experts, H});
         for (const char* group : {"mlp.experts.", "mlp.shared_experts."}) {
             const std::string g = group;
             if (rest.compare(0, g.size(), g) != 0) continue;
@@ -128,10 +132,10 @@ struct Model {
             auto& list = g == "mlp.experts." ? L.experts : L.shared_experts;
             CI_CHECK(e >= 0 && e < int(list.size()), "tensor '", name, "': expert ", e, " out of range");
             const std::string proj = rest.substr(e_end + 1);
-            const size_t Im = c.moe_intermediate;
-            if (proj == "gate_proj.weight") return slot(list[e].gate, Im * H);
-            if (proj == "up_proj.weight") return slot(list[e].up, Im * H);
-            if (proj == "down_proj.weight") return slot(list[e].down, H * Im);
+            const int64_t Im = c.moe_intermediate;
+            if (proj == "gate_proj.weight") return slot(list[e].gate, {Im, H});
+            if (proj == "up_proj.weight") return slot(list[e].up, {Im, H});
+            if (proj == "down_proj.weight") return slot(list[e].down, {H, Im});
         }
         fail("unknown tensor '", name, "'");
     }
@@ -178,6 +182,11 @@ struct Model {
     const float* head() const { return config.tied ? embed : lm_head; }
 
 private:
+    static std::string shape_str(const std::vector<int64_t>& shape) {
+        std::string out = "[";
+        for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+        return out + "]";
+    }
     static int parse_index(const std::string& s, size_t begin, size_t end) {
         CI_CHECK(end > begin && end - begin < 9, "bad index in tensor name '", s, "'");
         int v = 0;
