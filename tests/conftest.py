@@ -33,3 +33,25 @@ def small_config(**overrides) -> ModelConfig:
 
 def small_model(batch_size: int = 2, seq_len: int = 7, seed: int = 7, padding: str = "none", **overrides):
     return generate_model(small_config(**overrides), batch_size, seq_len, seed, padding)
+
+
+@pytest.fixture(scope="session")
+def native():
+    """The project's C++ forward, JIT-compiled once per test session."""
+    from celerinfer_lab.native import load_native
+    return load_native()
+
+
+@pytest.fixture
+def cpp_copy(tmp_path):
+    """A user's own copy of the C++ headers, free to edit."""
+    import shutil
+    dst = tmp_path / "my_cpp"
+    shutil.copytree(REPO / "cpp" / "include", dst / "include")
+    return dst
+
+
+def edit_file(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))

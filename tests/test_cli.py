@@ -63,3 +63,24 @@ def test_readme_demo_command_runs(tmp_path):
                        env={**os.environ, "OUT": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torch forward" in r.stdout and (tmp_path / "logits_torch.npy").exists()
+
+
+def test_cpp_forward_and_compare(tmp_path, cpp_copy):
+    from conftest import edit_file
+    path = tmp_path / "m.json"
+    small_model(qk_norm=True).save(path)
+    r = run("cpp-forward", str(path), "--dump-dir", str(tmp_path / "out"), "--warmup", "1", "--repeat", "3")
+    assert r.returncode == 0, r.stderr
+    assert "C++ forward (cppyy): median" in r.stdout and (tmp_path / "out" / "logits_cpp.npy").exists()
+    r = run("compare", str(path))
+    assert r.returncode == 0 and "all" in r.stdout and "agree" in r.stdout
+    assert r.stdout.index("model.embed_tokens") < r.stdout.index("model.layers.0.self_attn.q_norm") < r.stdout.index("lm_head")
+    edit_file(cpp_copy / "include/celerinfer/ops.hpp", "const float scale = float(std::sqrt(double(hd)));",
+              "const float scale = float(hd);")
+    r = run("compare", str(path), "--cpp-dir", str(cpp_copy))
+    assert r.returncode == 1 and "first divergent trace point: model.layers.0.self_attn.scores" in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert run("compare", str(bad)).returncode == 2
+    r = run("compare", str(path), "--cpp-dir", str(tmp_path))
+    assert r.returncode == 2 and "no celerinfer/celerinfer.hpp" in r.stderr

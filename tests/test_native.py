@@ -1,0 +1,148 @@
+"""The C++ forward through cppyy equals the PyTorch reference at every trace point."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from celerinfer_lab import ConfigError, ModelConfig, generate_model, load_model, reference_forward
+from celerinfer_lab.compare import compare, compare_traces
+from celerinfer_lab.native import NativeCompileError, NativeError, load_native
+
+from conftest import edit_file, small_model
+
+# float32 agreement, stated: every trace point within relative L2 1e-5 (or max abs 1e-6 for
+# near-zero tensors), masked scores masked alike, routing indices equal; logits relative L2 <= 1e-5.
+LOGITS_REL_L2 = 1e-5
+
+
+@st.composite
+def model_cases(draw):
+    kv_heads = draw(st.sampled_from([1, 2, 4]))
+    n_rep = draw(st.sampled_from([1, 2, 4]))  # GQA ratios 1, 2, 4; kv_heads 1 = every head shares one
+    head_dim = draw(st.sampled_from([4, 6, 8, 16]))
+    hidden = draw(st.sampled_from([16, 24, 32, 48]))  # head_dim independent of hidden / heads
+    moe = draw(st.booleans())
+    yarn = draw(st.booleans())
+    experts = draw(st.integers(1, 4))
+    config = ModelConfig(
+        hidden_size=hidden, num_hidden_layers=draw(st.integers(1, 3)), num_attention_heads=kv_heads * n_rep,
+        num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=draw(st.integers(8, 96)),
+        max_position_embeddings=64, intermediate_size=draw(st.sampled_from([16, 40, 64])),
+        qk_norm=draw(st.booleans()), rope_pairing=draw(st.sampled_from(["half", "interleaved"])),
+        inference_rope_scaling=yarn, rope_scaling={"original_max_position_embeddings": 16, "factor": 4.0} if yarn else None,
+        tie_word_embeddings=draw(st.booleans()), use_moe=moe, num_experts=experts,
+        num_experts_per_tok=draw(st.integers(1, min(2, experts))), n_shared_experts=draw(st.integers(0, 2)),
+        topk_renorm=draw(st.sampled_from(["always", "k>1", "never"])),
+    )
+    batch, seq_len = draw(st.integers(1, 4)), draw(st.integers(1, 33))
+    model = generate_model(config, batch, seq_len, seed=draw(st.integers(0, 2**16)))
+    for b in range(batch):  # mixed left and right padding, row by row
+        pad = draw(st.integers(0, seq_len - 1))
+        if pad:
+            cols = slice(0, pad) if draw(st.booleans()) else slice(seq_len - pad, seq_len)
+            model.attention_mask[b, cols] = 0
+    return model
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=model_cases())
+def test_cpp_equals_reference_at_every_trace_point(native, model):
+    report = compare(model, native)
+    assert report.agrees, f"{report.summary()}\n{report.table()}"
+    cpp, ref = native.forward(model).logits, reference_forward(model).logits
+    assert np.linalg.norm(cpp - ref) / np.linalg.norm(ref) <= LOGITS_REL_L2
+
+
+def test_reproduces_original_fixture(native, v0_dir):
+    logits = native.forward(load_model(v0_dir / "minimind.json")).logits
+    np.testing.assert_allclose(logits, np.load(v0_dir / "logits_torch.npy"), rtol=0, atol=1e-5)
+
+
+def test_trace_names_and_shapes_match_reference(native):
+    model = small_model(qk_norm=True, use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=1)
+    cpp, ref = native.forward(model, trace=True).trace, reference_forward(model, trace=True).trace
+    assert list(cpp) == list(ref)
+    assert all(cpp[k].shape == ref[k].shape and cpp[k].dtype == ref[k].dtype for k in ref)
+    assert native.forward(model).trace is None
+
+
+def test_forward_that_writes_nothing_fails(cpp_copy):
+    """The original tool's bug, all-zero logits: the output buffer is never written."""
+    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "linear(logits, x, m.head(), T, H, c.vocab);", "")
+    broken = load_native(cpp_copy)
+    model = small_model()
+    assert np.isnan(broken.forward(model).logits).all()  # unwritten output is NaN, never plausible zeros
+    report = compare(model, broken)
+    assert not report.agrees and report.first_divergent.name == "lm_head"
+
+
+def test_bad_inputs_raise_before_any_call(native):
+    model = small_model()
+    nm = native.prepare(model)
+    ids = model.input_ids
+    with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, seq_len\]"):
+        nm.forward(ids[0])
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        nm.forward(ids, np.ones((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        nm.forward(ids + 1000)
+    with pytest.raises(TypeError, match="must be integers"):
+        nm.forward(ids.astype(np.float32))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        nm.forward(ids, np.full_like(ids, 3))
+    with pytest.raises(ConfigError, match="longer than max_position_embeddings"):
+        nm.forward(np.zeros((1, 129), dtype=np.int64))
+    assert np.isfinite(nm.forward(ids[:, :3], model.attention_mask[:, :3]).logits).all()
+
+
+def test_wrong_weight_shape_is_named(native):
+    model = small_model()
+    model.weights["model.layers.1.mlp.up_proj.weight"] = model.weights["model.layers.1.mlp.up_proj.weight"].T.copy()
+    with pytest.raises(NativeError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' has shape \[64, 256\], the config implies \[256, 64\]"):
+        native.prepare(model)
+    del model.weights["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(NativeError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        native.prepare(model)
+
+
+def test_cpp_exception_becomes_python_exception(native):
+    nm = native.prepare(small_model())
+    ids = nm.model.input_ids.copy()
+    ids[0, 0] = 10_000  # bypass the Python checks: the C++ check must still refuse it
+    with pytest.raises(NativeError, match="outside the vocabulary"):
+        nm.run(ids, nm.model.attention_mask, np.zeros((2, 7, 128), dtype=np.float32))
+
+
+def test_users_copy_and_reload(cpp_copy):
+    model = small_model()
+    engine = load_native(cpp_copy)
+    assert compare(model, engine).agrees
+    first = engine.namespace
+    ops = cpp_copy / "include/celerinfer/ops.hpp"
+    edit_file(ops, "return x / (1.0f + std::exp(-x));", "return x / (1.0f + std::exp(x));")  # a wrong SiLU
+    engine.reload()
+    assert engine.namespace != first
+    report = compare(model, engine)
+    assert report.first_divergent.name == "model.layers.0.mlp.act"
+    edit_file(ops, "inline float silu(float x) {", "inline float silu(float x) { syntax error here")
+    with pytest.raises(NativeCompileError, match="error"):
+        engine.reload()
+    assert compare(model, engine).first_divergent.name == "model.layers.0.mlp.act"  # the last good version runs
+    edit_file(ops, "inline float silu(float x) { syntax error here", "inline float silu(float x) {")
+    edit_file(ops, "return x / (1.0f + std::exp(x));", "return x / (1.0f + std::exp(-x));")
+    engine.reload()
+    assert compare(model, engine).agrees
+
+
+def test_missing_header_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no celerinfer/celerinfer.hpp"):
+        load_native(tmp_path)
+
+
+def test_compare_traces_flags_nan_masks_and_missing_points():
+    ref = {"a": np.ones((2, 2), np.float32), "s": np.array([[0.5, -np.inf]], np.float32), "c": np.ones(3, np.float32)}
+    cpp = {"a": np.array([[1, 1], [1, np.nan]], np.float32), "s": np.array([[0.5, 0.0]], np.float32)}
+    report = compare_traces(ref, cpp)
+    notes = {p.name: p.note for p in report.points}
+    assert "NaN" in notes["a"] and "masked on one side" in notes["s"] and "missing" in notes["c"]
+    assert report.first_divergent.name == "a"

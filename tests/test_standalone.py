@@ -1,0 +1,75 @@
+"""base_line_micro: built with CMake from the same headers; same logits as the cppyy path."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from celerinfer_lab import load_model
+from celerinfer_lab.standalone import build_standalone, run_standalone
+
+from conftest import small_model
+
+
+@pytest.fixture(scope="session")
+def binary(tmp_path_factory):
+    return build_standalone(build_dir=tmp_path_factory.mktemp("build"))
+
+
+@pytest.mark.parametrize("variant", [
+    {}, dict(qk_norm=True, rope_pairing="interleaved", tie_word_embeddings=False),
+    dict(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, topk_renorm="k>1"),
+    dict(inference_rope_scaling=True, rope_scaling={"original_max_position_embeddings": 16, "factor": 4.0}),
+])
+def test_standalone_equals_cppyy(binary, native, tmp_path, variant):
+    model = small_model(batch_size=3, seq_len=9, padding="mixed", **variant)
+    model.save(tmp_path / "m.json")
+    result = run_standalone(binary, tmp_path / "m.json", tmp_path / "out", warmup=0, repeat=2)
+    # Same headers, same summation order: g++ -O3 and cling give the same bits.
+    np.testing.assert_array_equal(result.logits, native.forward(load_model(tmp_path / "m.json")).logits)
+    assert result.load_ms > 0 and result.forward_ms > 0
+
+
+def test_standalone_reproduces_original_fixture(binary, v0_dir, tmp_path):
+    result = run_standalone(binary, v0_dir / "minimind.json", tmp_path)
+    np.testing.assert_allclose(result.logits, np.load(v0_dir / "logits_torch.npy"), rtol=0, atol=1e-5)
+    assert "load:" in result.stdout and "forward: median" in result.stdout
+
+
+def _mutate(path, edit):
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda d: d["weights"].pop(Q), f"missing tensor '{Q}'"),
+    (lambda d: d["weights"][Q].update(shape=[32, 128]), f"tensor '{Q}' has shape [32, 128], the config implies [64, 64]"),
+    (lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-4]), "bytes but shape and dtype need 16384"),
+    (lambda d: d["weights"][Q].update(dtype="bfloat16"), "unknown dtype 'bfloat16'"),
+    (lambda d: d["weights"][Q].update(data="@" + d["weights"][Q]["data"][1:]), "not valid base64"),
+    (lambda d: d["config"].update(num_key_value_heads=3), "heads=8 is not a multiple of kv_heads=3"),
+    (lambda d: d["weights"].update({"model.layers.0.bogus.weight": d["weights"][Q]}), "unknown tensor 'model.layers.0.bogus.weight'"),
+    (lambda d: d.pop("rope"), "missing field 'rope'"),
+])
+def test_standalone_bad_files(binary, tmp_path, edit, expected):
+    path = tmp_path / "m.json"
+    small_model().save(path)
+    _mutate(path, edit)
+    r = subprocess.run([str(binary), str(path), str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 1 and expected in r.stderr, r.stderr
+
+
+def test_standalone_truncated_and_missing(binary, tmp_path):
+    path = tmp_path / "m.json"
+    small_model().save(path)
+    path.write_bytes(path.read_bytes()[:3000])
+    r = subprocess.run([str(binary), str(path), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "not valid JSON" in r.stderr
+    r = subprocess.run([str(binary), str(tmp_path / "nope.json"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot open" in r.stderr
+    r = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
