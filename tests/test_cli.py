@@ -63,6 +63,7 @@ def test_readme_demo_command_runs(tmp_path):
                        env={**os.environ, "OUT": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torch forward" in r.stdout and (tmp_path / "logits_torch.npy").exists()
+    assert "C++ forward" in r.stdout and "agree" in r.stdout and (tmp_path / "logits_cpp.npy").exists()
 
 
 def test_cpp_forward_and_compare(tmp_path, cpp_copy):
