@@ -101,8 +101,8 @@ class NativeEngine:
         return NativeModel(self, model)
 
     def forward(self, model: Model, trace: bool = False, input_ids: np.ndarray | None = None,
-                attention_mask: np.ndarray | None = None) -> ForwardResult:
-        return self.prepare(model).forward(input_ids, attention_mask, trace)
+                attention_mask: np.ndarray | None = None, teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
+        return self.prepare(model).forward(input_ids, attention_mask, trace, teacher)
 
 
 def load_native(cpp_dir: str | Path | None = None) -> NativeEngine:
@@ -181,14 +181,30 @@ class NativeModel:
         sink = recorder if recorder is not None else _cppyy().nullptr
         _call("forward", self.ns.forward, self.cpp, ids, mask, ws, logits, sink)
 
-    def forward(self, input_ids=None, attention_mask=None, trace: bool = False) -> ForwardResult:
+    def forward(self, input_ids=None, attention_mask=None, trace: bool = False,
+                teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
+        """Logits and, with trace (or a teacher), every trace point.
+
+        ``teacher``: trace point values that replace each op's output once recorded, so every op
+        runs on exact inputs (teacher forcing); the trace then holds each op's own result.
+        """
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
         # NaN-filled: a forward that never writes its output shows up as NaN, not as plausible zeros.
         logits = np.full((B, S, self.config.vocab_size), np.nan, dtype=np.float32)
-        recorder = self.ns.TraceRecorder() if trace else None
+        recorder, kept = None, []
+        if trace or teacher is not None:
+            recorder = self.ns.TraceRecorder()
+            points = {p.name: p.shape for p in trace_points(self.config, B, S)}
+            for name, value in (teacher or {}).items():
+                if name not in points or tuple(np.shape(value)) != points[name]:
+                    raise ValueError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
+                                     f"the trace point's shape is {list(points.get(name, ()))}")
+                array = _f32(value)
+                kept.append(array)  # alive until the call returns
+                recorder.set_teacher(name, array, int(array.size))
         self.run(ids, mask, logits, recorder)
-        return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if trace else None)
+        return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if recorder else None)
 
 
 def _read_trace(recorder, config: ModelConfig, B: int, S: int) -> dict[str, np.ndarray]:

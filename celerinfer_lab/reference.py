@@ -35,14 +35,23 @@ class ForwardResult:
 
 
 class _Tracer:
-    """Collects named op outputs; a disabled tracer records nothing and copies nothing."""
+    """Collects named op outputs; a disabled tracer records nothing and copies nothing.
 
-    def __init__(self, enabled: bool):
-        self.points: dict[str, torch.Tensor] | None = {} if enabled else None
+    With a teacher (trace point name -> value), each op's output is recorded and then replaced by
+    the teacher's value, so the next op runs on the teacher's inputs: the recorded value is the
+    op's own result on exact inputs (teacher forcing, used to isolate an op's own error).
+    """
+
+    def __init__(self, enabled: bool, teacher: dict[str, torch.Tensor] | None = None):
+        self.points: dict[str, torch.Tensor] | None = {} if enabled or teacher else None
+        self.teacher = teacher
 
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        if self.points is not None:
-            self.points[name] = value.detach().clone()
+        if self.points is None:
+            return value
+        self.points[name] = value.detach().clone()
+        if self.teacher is not None and name in self.teacher:
+            return self.teacher[name].to(value.dtype).reshape(value.shape)
         return value
 
 
@@ -83,11 +92,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
            tr: _Tracer | None = None, prefix: str = "") -> torch.Tensor:
-    gate = F.linear(x, w_gate)
-    up = F.linear(x, w_up)
-    act = F.silu(gate) * up
-    if tr is not None:
-        tr(f"{prefix}.gate_proj", gate), tr(f"{prefix}.up_proj", up), tr(f"{prefix}.act", act)
+    trace = tr if tr is not None else (lambda _name, value: value)
+    gate = trace(f"{prefix}.gate_proj", F.linear(x, w_gate))
+    up = trace(f"{prefix}.up_proj", F.linear(x, w_up))
+    act = trace(f"{prefix}.act", F.silu(gate) * up)
     return F.linear(act, w_down)
 
 
@@ -108,11 +116,16 @@ class ReferenceModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                trace: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs."""
+                trace: bool = False, teacher: dict[str, np.ndarray] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs.
+
+        ``teacher``: trace point values that replace each op's output once recorded (see _Tracer).
+        """
         ids = self.input_ids if input_ids is None else input_ids
         mask = self.attention_mask if attention_mask is None else attention_mask
-        cfg, w, tr = self.config, self.w, _Tracer(trace)
+        forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
+        cfg, w, tr = self.config, self.w, _Tracer(trace, forced)
         self.config.validate(seq_len=ids.shape[1])
         h = tr("model.embed_tokens", F.embedding(ids, w["model.embed_tokens.weight"]))
         cos, sin = self.rope_cos[: ids.shape[1]], self.rope_sin[: ids.shape[1]]
@@ -152,7 +165,7 @@ class ReferenceModel:
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
         scores = scores + torch.full((S, S), float("-inf"), dtype=scores.dtype).triu(1)
         scores = scores + (1.0 - mask[:, None, None, :].to(scores.dtype)) * -1e9
-        tr(f"{p}.self_attn.scores", scores)
+        scores = tr(f"{p}.self_attn.scores", scores)
         probs = tr(f"{p}.self_attn.probs",
                    F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).type_as(q))
         context = tr(f"{p}.self_attn.context", (probs @ v).transpose(1, 2).reshape(B, S, nh * hd))
@@ -168,9 +181,9 @@ class ReferenceModel:
         topk_weight, topk_idx = torch.topk(router_probs, k=k, dim=-1, sorted=True)
         if cfg.uses_topk_renorm:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        tr(f"{p}.router_probs", router_probs.view(B, S, -1))
-        tr(f"{p}.topk_idx", topk_idx.view(B, S, k))
-        tr(f"{p}.topk_weight", topk_weight.view(B, S, k))
+        router_probs = tr(f"{p}.router_probs", router_probs.view(B, S, -1)).reshape(-1, cfg.num_experts)
+        topk_idx = tr(f"{p}.topk_idx", topk_idx.view(B, S, k)).reshape(-1, k).long()
+        topk_weight = tr(f"{p}.topk_weight", topk_weight.view(B, S, k)).reshape(-1, k)
         routed = torch.zeros_like(flat)
         for e in range(cfg.num_experts):  # in expert order, as MiniMind accumulates
             chosen = topk_idx == e
@@ -180,18 +193,16 @@ class ReferenceModel:
                 e_out = swiglu(flat[tokens], *(w[f"{p}.experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
                 routed.index_add_(0, tokens, e_out * weight)
         out = tr(f"{p}.routed_experts", routed.view(B, S, H))
-        if cfg.n_shared_experts:
-            shared = [swiglu(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
-                      for s in range(cfg.n_shared_experts)]
-            tr(f"{p}.shared_experts", sum(shared[1:], shared[0]))
-            for s_out in shared:  # MiniMind adds each shared expert in turn
-                out = out + s_out
+        for s in range(cfg.n_shared_experts):  # MiniMind adds each shared expert in turn, weight 1
+            shared = swiglu(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+            out = out + tr(f"{p}.shared_experts.{s}", shared)
         return out
 
 
-def reference_forward(model: Model, dtype: torch.dtype = torch.float32, trace: bool = False) -> ForwardResult:
+def reference_forward(model: Model, dtype: torch.dtype = torch.float32, trace: bool = False,
+                      teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
     """Run the reference on the model file's own inputs; numpy logits and trace."""
-    logits, points = ReferenceModel(model, dtype).forward(trace=trace)
+    logits, points = ReferenceModel(model, dtype).forward(trace=trace, teacher=teacher)
     return ForwardResult(
         logits=logits.numpy(),
         trace=None if points is None else {k: v.numpy() for k, v in points.items()},

@@ -52,8 +52,8 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int) -> list[TracePoi
             add("mlp.topk_idx", (B, S, k), "chosen experts, by descending probability", "int64")
             add("mlp.topk_weight", (B, S, k), "their weights, renormalised under topk_renorm")
             add("mlp.routed_experts", (B, S, H), "sum over chosen experts of weight * expert(x)")
-            if config.n_shared_experts:
-                add("mlp.shared_experts", (B, S, H), "sum of the shared experts' outputs (weight 1)")
+            for e in range(config.n_shared_experts):
+                add(f"mlp.shared_experts.{e}", (B, S, H), "a shared expert's output, added with weight 1")
         else:
             I = config.intermediate_size  # noqa: E741
             add("mlp.gate_proj", (B, S, I), "x @ Wgate^T")

@@ -14,7 +14,7 @@ namespace CELERINFER_NS {
 struct Workspace {
     int B, S;
     std::vector<float> h, x, q, k, v, scores, context, attn_out, gate, up, act, mlp_out, tmp;
-    std::vector<float> router_probs, topk_weight, topk_idx_f, shared_sum;  // MoE only
+    std::vector<float> router_probs, topk_weight, topk_idx_f;  // MoE only
     std::vector<int64_t> topk_idx;
     std::vector<float> expert_in, expert_gate, expert_up, expert_out;     // MoE: rows routed to one expert
     std::vector<int> expert_rows;
@@ -32,7 +32,6 @@ struct Workspace {
         if (c.moe) {
             router_probs.resize(T * c.experts);
             topk_weight.resize(T * c.topk); topk_idx.resize(T * c.topk); topk_idx_f.resize(T * c.topk);
-            shared_sum.resize(T * H);
             expert_in.resize(T * H); expert_out.resize(T * H); expert_rows.resize(T);
         }
     }
@@ -58,9 +57,10 @@ inline void moe(float* y, const float* x, const LayerWeights& L, const Config& c
     softmax(ws.router_probs.data(), T, E);
     trace_point(trace, layer, "mlp.router_probs", ws.router_probs.data(), {B, S, E});
     topk(ws.topk_idx.data(), ws.topk_weight.data(), ws.router_probs.data(), T, E, K, c.renormalises_topk());
-    if (trace) {
+    if (trace) {  // the trace holds floats: record the indices as floats, read back a teacher's
         for (size_t i = 0; i < ws.topk_idx.size(); ++i) ws.topk_idx_f[i] = float(ws.topk_idx[i]);
         trace_point(trace, layer, "mlp.topk_idx", ws.topk_idx_f.data(), {B, S, K});
+        for (size_t i = 0; i < ws.topk_idx.size(); ++i) ws.topk_idx[i] = int64_t(ws.topk_idx_f[i]);
     }
     trace_point(trace, layer, "mlp.topk_weight", ws.topk_weight.data(), {B, S, K});
     for (size_t i = 0; i < size_t(T) * H; ++i) y[i] = 0.0f;
@@ -82,14 +82,11 @@ inline void moe(float* y, const float* x, const LayerWeights& L, const Config& c
         }
     }
     trace_point(trace, layer, "mlp.routed_experts", y, {B, S, H});
-    for (size_t s = 0; s < L.shared_experts.size(); ++s) {
+    for (size_t s = 0; s < L.shared_experts.size(); ++s) {  // MiniMind adds each in turn, weight 1
         ffn(ws.expert_out.data(), x, L.shared_experts[s], T, H, I, ws);
-        for (size_t i = 0; i < size_t(T) * H; ++i) {
-            ws.shared_sum[i] = s == 0 ? ws.expert_out[i] : ws.shared_sum[i] + ws.expert_out[i];
-            y[i] += ws.expert_out[i];  // MiniMind adds each shared expert in turn, weight 1
-        }
+        trace_point(trace, layer, "mlp.shared_experts." + std::to_string(s), ws.expert_out.data(), {B, S, H});
+        add(y, y, ws.expert_out.data(), size_t(T) * H);
     }
-    if (!L.shared_experts.empty()) trace_point(trace, layer, "mlp.shared_experts", ws.shared_sum.data(), {B, S, H});
 }
 
 // logits [B, S, vocab] for input_ids / attention_mask [B, S] (mask: 1 = token, 0 = padding).
