@@ -178,9 +178,18 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
+    from .faults import FAULTS
     from .native import load_native
+    if args.list_faults:
+        for fault in FAULTS.values():
+            print(f"{fault.name:28s} {fault.breaks}")
+        return 0
+    if not args.model:
+        raise ModelFileError("no model file given")
+    if args.fault and args.fault not in FAULTS:
+        raise ModelFileError(f"unknown fault {args.fault!r}; --list-faults lists them")
     model = load_model(args.model)
-    report = compare(model, load_native(args.cpp_dir))
+    report = compare(model, load_native(args.cpp_dir, fault=args.fault))
     print(report)
     return 0 if report.agrees else 1
 
@@ -205,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
     cmp = sub.add_parser("compare", help="run both forwards and compare every trace point",
                          description="Exit status: 0 all trace points agree, 1 they diverge, 2 bad input.")
-    cmp.add_argument("model")
+    cmp.add_argument("model", nargs="?")
     cmp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
+    cmp.add_argument("--fault", help="compile one fault from the catalogue into the C++ (see --list-faults)")
+    cmp.add_argument("--list-faults", action="store_true", help="print the fault catalogue, one per line")
     return parser
 
 

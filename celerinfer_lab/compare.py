@@ -1,18 +1,34 @@
-"""Compare two traces point by point: the reference x against the C++ value y.
+"""Find where the C++ forward diverges from the reference, and why.
 
-Metrics per trace point (over the elements that are not masked, see below):
-* max_abs  = max |y - x|
-* rel_l2   = ||y - x|| / ||x||       (0 when both are zero)
-* cosine   = <x, y> / (||x|| ||y||)  (1 when both are zero)
-* n_bad    = count of elements with |y - x| > atol + rtol * |x|, plus mask mismatches
+Every trace point is measured against a float64 run of the reference (the oracle), for the C++
+forward and for the float32 reference alike. Notation: x is the oracle's value, y the C++ value.
 
-Masked scores (``-inf`` above the diagonal, ``score - 1e9`` at padded keys) carry no information
-beyond being masked, and their -1e9 would swamp any norm, so an element with x <= -1e8 or
-non-finite is compared by class only: y must be masked the same way (same infinity, or also
-<= -1e8). A NaN anywhere in y, a missing point or a wrong shape diverges outright.
+    max_abs  = max |y - x|
+    rel_l2   = ||y - x|| / ||x||
+    sqnr_db  = 10 log10(||x||^2 / ||y - x||^2)
+    cosine   = <x, y> / (||x|| ||y||)
 
-A point agrees when rel_l2 <= rel_l2_tol or max_abs <= abs_tol (the latter for near-zero
-tensors), and integer points (topk_idx) agree only when equal.
+Tolerance from the numbers: the float32 reference's own rel_l2 against the oracle is the point's
+noise floor. The C++ diverges at a point when
+
+    rel_l2 > FACTOR * max(floor, MIN_FLOOR)   and   max_abs > ABS_FLOOR
+
+with FACTOR = 10; MIN_FLOOR = 2^-22 (4 units of float32 roundoff: a floor measured on a few
+elements can be lucky, even exactly 0, while an equally correct implementation rounds
+differently; over 400 random configs the largest correct error was 2.1x this tolerance's floor
+share); and ABS_FLOOR = 1e-7 (for tensors at or near zero). ``n_bad`` counts the elements whose error exceeds
+FACTOR times the float32 reference's largest elementwise error there (and ABS_FLOOR).
+
+Accumulated and isolated: the plain C++ run carries every upstream error (accumulated). A second
+run feeds every op the oracle's inputs (teacher forcing), so each point's error is its own
+(isolated); the float32 reference run the same way gives the isolated floor. The culprit is the
+first op whose own error is beyond tolerance. Points that diverge after it without an own error
+are "propagated", or "amplified" when their error is more than AMPLIFY times any before them.
+
+What is compared: token positions whose attention_mask is 1. A padded position never influences a
+real one, and in float32 a fully masked score row is quantised to -1e9's grid (its values are
+noise in every float32 implementation, MiniMind's included). Masked scores (-inf, or <= -1e8 from
+the padding mask) are compared by class only: y must be masked the same way.
 """
 from __future__ import annotations
 
@@ -21,116 +37,295 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .trace import trace_points
+
+EPS32 = 2.0 ** -24
+MIN_FLOOR = 4 * EPS32
+FACTOR = 10.0
+ABS_FLOOR = 1e-7
+AMPLIFY = 2.0
 MASKED_BELOW = -1e8
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    rel_l2: float = 1e-5  # float32 precision over a whole tensor
-    abs: float = 1e-6  # for tensors whose values are all near zero
-    rtol: float = 1e-4  # elementwise, for counting the elements out of tolerance
-    atol: float = 1e-5
-
-
+# ---- metrics ------------------------------------------------------------------------------------
 @dataclass
-class PointMetrics:
-    name: str
-    shape: tuple[int, ...]
+class Errors:
     max_abs: float
     rel_l2: float
+    sqnr_db: float
+    cosine: float
+    class_mismatch: int  # elements masked on one side only
+    nan: int  # NaN or Inf in y where x is finite
+
+
+def live_rows(array: np.ndarray, token_axis: int, mask: np.ndarray) -> np.ndarray:
+    """The values at real token positions, as [rows, rest] (token axis moved next to batch)."""
+    moved = np.moveaxis(array, token_axis, 1)
+    return moved[mask.astype(bool)].reshape(int(mask.sum()), -1)
+
+
+def errors(x: np.ndarray, y: np.ndarray) -> Errors:
+    """Metrics of y against x, both float arrays of one shape (masked scores by class)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    x_masked = np.isneginf(x) | (x <= MASKED_BELOW)
+    y_masked = np.isneginf(y) | (y <= MASKED_BELOW)
+    nan = int((np.isnan(y) | np.isposinf(y) | (np.isneginf(y) & ~x_masked)).sum())
+    mismatch = int((x_masked != y_masked).sum())
+    live = ~x_masked & ~y_masked & np.isfinite(y)
+    xs, ys = x[live], y[live]
+    d = ys - xs
+    nx, ny, nd = (float(np.linalg.norm(v)) for v in (xs, ys, d))
+    max_abs = float(np.abs(d).max()) if d.size else 0.0
+    rel = nd / nx if nx > 0 else (0.0 if nd == 0 else math.inf)
+    sqnr = 10 * math.log10(nx ** 2 / nd ** 2) if nd > 0 and nx > 0 else (math.inf if nd == 0 else -math.inf)
+    cosine = float(xs @ ys) / (nx * ny) if nx > 0 and ny > 0 else (1.0 if nx == ny else 0.0)
+    if nan or mismatch:
+        max_abs, rel, sqnr = math.inf, math.inf, -math.inf
+    return Errors(max_abs, rel, sqnr, cosine, mismatch, nan)
+
+
+def kl_per_token(x_logits: np.ndarray, y_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(x) || softmax(y)) per token, in nats, float64."""
+    def log_softmax(v):
+        v = v.astype(np.float64)
+        v = v - v.max(-1, keepdims=True)
+        return v - np.log(np.exp(v).sum(-1, keepdims=True))
+    lx, ly = log_softmax(x_logits), log_softmax(y_logits)
+    return (np.exp(lx) * (lx - ly)).sum(-1)
+
+
+# ---- the report --------------------------------------------------------------------------------
+@dataclass
+class PointReport:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float  # accumulated: the C++ run against the oracle
+    rel_l2: float
+    sqnr_db: float
     cosine: float
     n_bad: int
-    agrees: bool
+    floor: float  # the float32 reference's rel_l2 against the oracle
+    tol: float  # FACTOR * max(floor, MIN_FLOOR)
+    own_rel_l2: float  # isolated: the C++ op on the oracle's inputs
+    own_floor: float
+    own_tol: float
+    diverges: bool
+    own_diverges: bool
+    label: str = "ok"  # ok | culprit | own error | propagated | amplified
     note: str = ""
 
 
 @dataclass
-class Comparison:
-    points: list[PointMetrics]
-    tolerance: Tolerance = field(default_factory=Tolerance)
+class LogitsReport:
+    top1_agreement: float  # fraction of real tokens whose argmax matches the oracle's
+    kl_per_token: np.ndarray  # [B, S], NaN at padded positions
+    kl_mean: float
+    kl_max: float
+    floor_kl_max: float  # the float32 reference's largest KL
+
+
+@dataclass
+class Report:
+    """The comparison of one C++ forward with the reference at every trace point."""
+
+    points: list[PointReport]
+    logits: LogitsReport
+    runs: dict[str, dict[str, np.ndarray]]  # oracle, ref32, ref32_own, cpp, cpp_own
+    attention_mask: np.ndarray
+    diagnosis: str | None = None
+    subject: str = "C++"
+    meta: dict = field(default_factory=dict)
 
     @property
-    def first_divergent(self) -> PointMetrics | None:
-        return next((p for p in self.points if not p.agrees), None)
+    def culprit(self) -> PointReport | None:
+        return next((p for p in self.points if p.label == "culprit"), None)
+
+    @property
+    def first_divergent(self) -> PointReport | None:
+        return next((p for p in self.points if p.diverges), None)
 
     @property
     def agrees(self) -> bool:
-        return self.first_divergent is None
+        return not any(p.diverges or p.own_diverges for p in self.points)
 
-    def table(self) -> str:
-        rows = [f"{'trace point':50s} {'shape':>18s} {'max_abs':>10s} {'rel_l2':>10s} {'cosine':>12s} {'n_bad':>7s}  status"]
+    def point(self, name: str) -> PointReport:
         for p in self.points:
-            status = "ok" if p.agrees else "DIVERGES"
-            rows.append(f"{p.name:50s} {str(list(p.shape)):>18s} {p.max_abs:10.3e} {p.rel_l2:10.3e} "
-                        f"{p.cosine:12.9f} {p.n_bad:7d}  {status}{'  ' + p.note if p.note else ''}")
-        return "\n".join(rows)
+            if p.name == name:
+                return p
+        raise KeyError(f"no trace point {name!r}; see report.table")
+
+    @property
+    def table(self):
+        """A pandas DataFrame, one row per trace point in forward order."""
+        import pandas as pd
+        rows = [{"trace point": p.name, "shape": str(list(p.shape)), "max_abs": p.max_abs, "rel_l2": p.rel_l2,
+                 "sqnr_db": p.sqnr_db, "cosine": p.cosine, "n_bad": p.n_bad, "floor": p.floor, "tol": p.tol,
+                 "own_rel_l2": p.own_rel_l2, "own_tol": p.own_tol, "status": p.label, "note": p.note}
+                for p in self.points]
+        return pd.DataFrame(rows).set_index("trace point")
 
     def summary(self) -> str:
-        bad = self.first_divergent
-        if bad is None:
-            return (f"all {len(self.points)} trace points agree (rel_l2 <= {self.tolerance.rel_l2:g} "
-                    f"or max_abs <= {self.tolerance.abs:g})")
-        return (f"first divergent trace point: {bad.name} (rel_l2 {bad.rel_l2:.3e}, max_abs {bad.max_abs:.3e}, "
-                f"cosine {bad.cosine:.6f}{', ' + bad.note if bad.note else ''})")
+        lg = self.logits
+        lines = [f"logits: top-1 agreement {lg.top1_agreement:.4f}, KL per token mean {lg.kl_mean:.3e} "
+                 f"max {lg.kl_max:.3e} (float32 reference max {lg.floor_kl_max:.3e})"]
+        if self.agrees:
+            lines.append(f"all {len(self.points)} trace points agree (within {FACTOR:g}x the float32 reference's "
+                         f"own error against float64)")
+            return "\n".join(lines)
+        first = self.first_divergent
+        if first is not None:
+            lines.append(f"first divergent (accumulated): {first.name} rel_l2 {first.rel_l2:.3e} > tol {first.tol:.3e}")
+        c = self.culprit
+        if c is not None:
+            lines.append(f"culprit (own error): {c.name} rel_l2 {c.own_rel_l2:.3e} > tol {c.own_tol:.3e}")
+            lines.append(f"diagnosis: {self.diagnosis or 'no known pattern'}")
+        return "\n".join(lines)
+
+    def to_text(self) -> str:
+        head = (f"{'trace point':48s} {'shape':>16s} {'max_abs':>9s} {'rel_l2':>9s} {'sqnr_db':>7s} {'cosine':>10s} "
+                f"{'n_bad':>6s} {'tol':>8s} {'own_rel':>9s}  status")
+        rows = [head]
+        for p in self.points:
+            rows.append(f"{p.name:48s} {str(list(p.shape)):>16s} {p.max_abs:9.2e} {p.rel_l2:9.2e} {p.sqnr_db:7.1f} "
+                        f"{p.cosine:10.7f} {p.n_bad:6d} {p.tol:8.1e} {p.own_rel_l2:9.2e}  {p.label}"
+                        f"{'  (' + p.note + ')' if p.note else ''}")
+        return "\n".join(rows) + "\n" + self.summary()
 
     def __str__(self) -> str:
-        return self.table() + "\n" + self.summary()
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        colors = {"ok": "", "culprit": "background:#f8d0d0;font-weight:bold", "own error": "background:#f8d0d0",
+                  "propagated": "background:#fbeecb", "amplified": "background:#f6dcb4"}
+        styled = self.table.style.format(precision=3).apply(
+            lambda row: [colors.get(row["status"], "")] * len(row), axis=1)
+        summary = "<br>".join(self.summary().splitlines())
+        return f"<div><p><b>{summary}</b></p>{styled.to_html()}</div>"
+
+    def plot(self, kind: str = "depth", **kwargs):
+        """A matplotlib Figure: kind is 'depth', 'heatmap', 'scatter' or 'logits' (see plots.py)."""
+        from . import plots
+        makers = {"depth": plots.error_along_depth, "heatmap": plots.attention_heatmap,
+                  "scatter": plots.scatter_and_histogram, "logits": plots.logits_agreement}
+        if kind not in makers:
+            raise ValueError(f"unknown plot kind {kind!r}; choose from {sorted(makers)}")
+        return makers[kind](self, **kwargs)
 
 
-def point_metrics(name: str, x: np.ndarray, y: np.ndarray | None, tol: Tolerance = Tolerance()) -> PointMetrics:
-    """Metrics of y (C++) against x (reference) for one trace point."""
-    shape = tuple(x.shape)
-    if y is None:
-        return PointMetrics(name, shape, math.inf, math.inf, math.nan, int(np.prod(shape)), False, "missing in C++ trace")
-    if tuple(y.shape) != shape:
-        return PointMetrics(name, shape, math.inf, math.inf, math.nan, int(np.prod(shape)), False,
-                            f"shape {list(y.shape)} != reference {list(shape)}")
-    if np.issubdtype(x.dtype, np.integer):
-        n_bad = int((x != y).sum())
-        diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
-        max_abs = float(diff.max()) if diff.size else 0.0
-        return PointMetrics(name, shape, max_abs, 0.0 if n_bad == 0 else math.inf, 1.0 if n_bad == 0 else math.nan,
-                            n_bad, n_bad == 0, "" if n_bad == 0 else f"{n_bad} indices differ")
-    x64, y64 = x.astype(np.float64), y.astype(np.float64)
-    if np.isnan(y64).any():
-        return PointMetrics(name, shape, math.inf, math.inf, math.nan, int(np.isnan(y64).sum()), False, "NaN in C++ value")
-    x_masked = ~np.isfinite(x64) | (x64 <= MASKED_BELOW)
-    y_masked = ~np.isfinite(y64) | (y64 <= MASKED_BELOW)
-    class_mismatch = (x_masked != y_masked) | (x_masked & np.isinf(x64) & (x64 != y64) & np.isinf(y64))
-    live = ~x_masked & ~y_masked
-    xs, ys = x64[live], y64[live]
-    diff = ys - xs
-    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
-    norm_x, norm_y, norm_d = (float(np.linalg.norm(v)) for v in (xs, ys, diff))
-    rel_l2 = norm_d / norm_x if norm_x > 0 else (0.0 if norm_d == 0 else math.inf)
-    cosine = float(xs @ ys) / (norm_x * norm_y) if norm_x > 0 and norm_y > 0 else (1.0 if norm_x == norm_y == 0 else 0.0)
-    n_bad = int((np.abs(diff) > tol.atol + tol.rtol * np.abs(xs)).sum()) + int(class_mismatch.sum())
-    note = ""
-    if class_mismatch.any():
-        max_abs, rel_l2 = math.inf, math.inf
-        note = f"{int(class_mismatch.sum())} elements masked on one side only"
-    agrees = not class_mismatch.any() and (rel_l2 <= tol.rel_l2 or max_abs <= tol.abs)
-    return PointMetrics(name, shape, max_abs, rel_l2, cosine, n_bad, agrees, note)
+# ---- building a report -------------------------------------------------------------------------
+def _point_errors(point, runs, mask, key_x: str, key_y: str) -> Errors:
+    x, y = runs[key_x][point.name], runs[key_y].get(point.name)
+    return errors(live_rows(x, point.token_axis, mask), live_rows(y, point.token_axis, mask))
 
 
-def compare_traces(reference: dict[str, np.ndarray], native: dict[str, np.ndarray],
-                   tol: Tolerance = Tolerance()) -> Comparison:
-    """Every reference point, in forward order; extra C++ points are reported at the end."""
-    points = [point_metrics(name, x, native.get(name), tol) for name, x in reference.items()]
-    for name in native:
-        if name not in reference:
-            points.append(PointMetrics(name, tuple(native[name].shape), math.inf, math.inf, math.nan, 0, False,
-                                       "not a reference trace point"))
-    return Comparison(points, tol)
+def _index_mismatches(point, runs, mask, key: str) -> int:
+    x = live_rows(runs["oracle"][point.name], point.token_axis, mask)
+    y = live_rows(runs[key][point.name], point.token_axis, mask)
+    return int((x != y).sum())
 
 
-def compare(model, native=None, tol: Tolerance = Tolerance()) -> Comparison:
-    """Run the reference and the C++ forward (a NativeEngine; default: this project's cpp/) on
-    ``model`` with tracing on, and compare every trace point."""
-    from .native import load_native
+def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask: np.ndarray,
+                 subject: str = "C++") -> Report:
+    """Compare runs['cpp'] (and runs['cpp_own']) with runs['oracle'], floors from runs['ref32'] and
+    runs['ref32_own']."""
+    B, S = attention_mask.shape
+    mask = attention_mask
+    reports: list[PointReport] = []
+    for point in trace_points(config, B, S):
+        missing = [k for k in ("cpp", "cpp_own") if point.name not in runs[k]]
+        wrong = [k for k in ("cpp", "cpp_own") if k not in missing and runs[k][point.name].shape != point.shape]
+        if missing or wrong:
+            note = f"missing in the {subject} trace" if missing else \
+                f"shape {list(runs[wrong[0]][point.name].shape)} != {list(point.shape)}"
+            reports.append(PointReport(point.name, point.shape, math.inf, math.inf, -math.inf, math.nan, 0, 0, 0,
+                                       math.inf, 0, 0, True, True, note=note))
+            continue
+        if point.dtype == "int64":  # routing indices: equal, or no more mismatches than float32 has
+            acc, own = _index_mismatches(point, runs, mask, "cpp"), _index_mismatches(point, runs, mask, "cpp_own")
+            floor, own_floor = _index_mismatches(point, runs, mask, "ref32"), _index_mismatches(point, runs, mask, "ref32_own")
+            n = max(1, int(mask.sum()) * point.shape[-1])
+            reports.append(PointReport(point.name, point.shape, float(acc > 0), acc / n, math.nan, math.nan, acc,
+                                       floor / n, floor / n, own / n, own_floor / n, own_floor / n,
+                                       acc > floor, own > own_floor, note=f"{acc} indices differ" if acc else ""))
+            continue
+        e = _point_errors(point, runs, mask, "oracle", "cpp")
+        f = _point_errors(point, runs, mask, "oracle", "ref32")
+        own = _point_errors(point, runs, mask, "oracle", "cpp_own")
+        own_f = _point_errors(point, runs, mask, "oracle", "ref32_own")
+        tol, own_tol = FACTOR * max(f.rel_l2, MIN_FLOOR), FACTOR * max(own_f.rel_l2, MIN_FLOOR)
+        x = live_rows(runs["oracle"][point.name], point.token_axis, mask).astype(np.float64)
+        y = live_rows(runs["cpp"][point.name], point.token_axis, mask).astype(np.float64)
+        r = live_rows(runs["ref32"][point.name], point.token_axis, mask).astype(np.float64)
+        finite = np.isfinite(x) & (x > MASKED_BELOW)
+        with np.errstate(invalid="ignore"):
+            elem_tol = FACTOR * max(float(np.abs(r - x)[finite].max(initial=0.0)), ABS_FLOOR)
+            n_bad = int((~(np.abs(y - x) <= elem_tol) & finite).sum()) + e.class_mismatch
+        notes = []
+        if e.nan:
+            notes.append(f"{e.nan} NaN/Inf")
+        if e.class_mismatch:
+            notes.append(f"{e.class_mismatch} masked on one side only")
+        reports.append(PointReport(
+            point.name, point.shape, e.max_abs, e.rel_l2, e.sqnr_db, e.cosine, n_bad, f.rel_l2, tol,
+            own.rel_l2, own_f.rel_l2, own_tol,
+            diverges=e.rel_l2 > tol and e.max_abs > ABS_FLOOR,
+            own_diverges=own.rel_l2 > own_tol and own.max_abs > ABS_FLOOR,
+            note=", ".join(notes)))
+    _label(reports)
+    return Report(reports, _logits_report(runs, mask), runs, attention_mask, subject=subject,
+                  meta={"config": config})
+
+
+def _label(points: list[PointReport]) -> None:
+    culprit_seen, worst_before = False, 0.0
+    for p in points:
+        if p.own_diverges:
+            p.label = "own error" if culprit_seen else "culprit"
+            culprit_seen = True
+        elif p.diverges:
+            p.label = "amplified" if p.rel_l2 > AMPLIFY * worst_before else "propagated"
+        if math.isfinite(p.rel_l2):
+            worst_before = max(worst_before, p.rel_l2)
+
+
+def _logits_report(runs, mask) -> LogitsReport:
+    x, y, r = runs["oracle"]["lm_head"], runs["cpp"]["lm_head"], runs["ref32"]["lm_head"]
+    real = mask.astype(bool)
+    with np.errstate(all="ignore"):
+        kl = np.where(real, kl_per_token(x, y), np.nan)
+        kl_floor = np.where(real, kl_per_token(x, r), np.nan)
+    top1 = float((x.argmax(-1) == y.argmax(-1))[real].mean()) if np.isfinite(y[real]).all() else 0.0
+    finite_kl = kl[real]
+    return LogitsReport(top1, kl, float(np.nanmean(finite_kl)) if np.isfinite(finite_kl).any() else math.inf,
+                        float(np.max(finite_kl)) if np.isfinite(finite_kl).all() else math.inf,
+                        float(np.nanmax(kl_floor[real])))
+
+
+# ---- running everything ------------------------------------------------------------------------
+def run_all(model, native) -> dict[str, dict[str, np.ndarray]]:
+    """The five runs a report needs: oracle (float64), ref32, ref32_own, cpp, cpp_own."""
+    import torch
+
     from .reference import reference_forward
+    oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
+    teacher = {k: v.astype(np.float32) for k, v in oracle.items()}
+    return {
+        "oracle": oracle,
+        "ref32": reference_forward(model, trace=True).trace,
+        "ref32_own": reference_forward(model, trace=True, teacher=teacher).trace,
+        "cpp": native.forward(model, trace=True).trace,
+        "cpp_own": native.forward(model, teacher=teacher).trace,
+    }
+
+
+def compare(model, native=None) -> Report:
+    """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
+    project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point."""
+    from .diagnose import diagnose
+    from .native import load_native
 
     native = native or load_native()
-    ref = reference_forward(model, trace=True)
-    cpp = native.forward(model, trace=True)
-    return compare_traces(ref.trace, cpp.trace, tol)
+    report = build_report(run_all(model, native), model.config, model.attention_mask)
+    report.meta["model"] = model
+    report.diagnosis = diagnose(report)
+    return report

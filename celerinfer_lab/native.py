@@ -72,10 +72,15 @@ def _cppyy():
 
 
 class NativeEngine:
-    """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text."""
+    """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text.
 
-    def __init__(self, cpp_dir: str | Path | None = None):
+    ``fault``: a name from the fault catalogue (celerinfer_lab.faults) to compile in.
+    """
+
+    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None):
+        from .faults import get_fault
         self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
+        self.fault = get_fault(fault)
         self.namespace: str | None = None
         self.ns = None
         self.reload()
@@ -85,7 +90,11 @@ class NativeEngine:
         source = assemble_source(_include_dir(self.cpp_dir))
         namespace = f"celerinfer_jit_{next(_versions)}"
         cppyy = _cppyy()
-        text = f"#undef CELERINFER_NS\n#define CELERINFER_NS {namespace}\n{source}\n#undef CELERINFER_NS\n"
+        # Macros outlive a cppdef in cling: undefine them again, or the next version inherits them.
+        fault = f"#define {self.fault.macro}\n" if self.fault else ""
+        unfault = f"#undef {self.fault.macro}\n" if self.fault else ""
+        text = (f"#undef CELERINFER_NS\n#define CELERINFER_NS {namespace}\n{fault}{source}\n"
+                f"#undef CELERINFER_NS\n{unfault}")
         try:
             cppyy.cppdef(text)
         except SyntaxError as exc:
@@ -105,9 +114,10 @@ class NativeEngine:
         return self.prepare(model).forward(input_ids, attention_mask, trace, teacher)
 
 
-def load_native(cpp_dir: str | Path | None = None) -> NativeEngine:
-    """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``)."""
-    return NativeEngine(cpp_dir)
+def load_native(cpp_dir: str | Path | None = None, fault: str | None = None) -> NativeEngine:
+    """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``), optionally
+    with one fault from the catalogue compiled in."""
+    return NativeEngine(cpp_dir, fault)
 
 
 def _native_config(ns, config: ModelConfig):

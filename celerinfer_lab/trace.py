@@ -19,6 +19,7 @@ class TracePoint:
     shape: tuple[int, ...]
     dtype: str  # "float" (the forward's float type) or "int64"
     doc: str
+    token_axis: int = 1  # the axis of token positions (2 for attention [B, nh, query, key]); axis 0 is batch
 
 
 def trace_points(config: ModelConfig, batch: int, seq_len: int) -> list[TracePoint]:
@@ -28,8 +29,8 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int) -> list[TracePoi
     points = [TracePoint("model.embed_tokens", (B, S, H), "float", "token embeddings")]
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"
-        add = lambda suffix, shape, doc, dtype="float": points.append(  # noqa: E731
-            TracePoint(f"{p}.{suffix}" if suffix else p, shape, dtype, doc))
+        add = lambda suffix, shape, doc, dtype="float", token_axis=1: points.append(  # noqa: E731
+            TracePoint(f"{p}.{suffix}" if suffix else p, shape, dtype, doc, token_axis))
         add("input_layernorm", (B, S, H), "RMSNorm of the block input")
         add("self_attn.q_proj", (B, S, nh * hd), "x @ Wq^T")
         add("self_attn.k_proj", (B, S, kvh * hd), "x @ Wk^T")
@@ -40,8 +41,8 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int) -> list[TracePoi
         add("self_attn.rope_q", (B, S, nh, hd), "queries after RoPE")
         add("self_attn.rope_k", (B, S, kvh, hd), "keys after RoPE")
         add("self_attn.scores", (B, nh, S, S),
-            "q.k/sqrt(hd) + causal mask (-inf above the diagonal) + (1-mask)*-1e9, before softmax")
-        add("self_attn.probs", (B, nh, S, S), "softmax of the scores over keys")
+            "q.k/sqrt(hd) + causal mask (-inf above the diagonal) + (1-mask)*-1e9, before softmax", token_axis=2)
+        add("self_attn.probs", (B, nh, S, S), "softmax of the scores over keys", token_axis=2)
         add("self_attn.context", (B, S, nh * hd), "probs @ v, heads concatenated, before o_proj")
         add("self_attn.o_proj", (B, S, H), "context @ Wo^T")
         add("attn_residual", (B, S, H), "block input + o_proj (the residual stream mid-block)")

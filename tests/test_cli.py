@@ -79,7 +79,7 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     edit_file(cpp_copy / "include/celerinfer/ops.hpp", "const float scale = float(std::sqrt(double(hd)));",
               "const float scale = float(hd);")
     r = run("compare", str(path), "--cpp-dir", str(cpp_copy))
-    assert r.returncode == 1 and "first divergent trace point: model.layers.0.self_attn.scores" in r.stdout
+    assert r.returncode == 1 and "culprit (own error): model.layers.0.self_attn.scores" in r.stdout
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert run("compare", str(bad)).returncode == 2

@@ -5,13 +5,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celerinfer_lab import ConfigError, ModelConfig, generate_model, load_model, reference_forward
-from celerinfer_lab.compare import compare, compare_traces
+from celerinfer_lab.compare import compare
 from celerinfer_lab.native import NativeCompileError, NativeError, load_native
 
 from conftest import edit_file, small_model
 
-# float32 agreement, stated: every trace point within relative L2 1e-5 (or max abs 1e-6 for
-# near-zero tensors), masked scores masked alike, routing indices equal; logits relative L2 <= 1e-5.
+# float32 agreement, stated: at every trace point, accumulated and isolated, the C++ error against
+# the float64 oracle is within 10x the float32 reference's own (compare.py); and logits relative L2
+# against the float32 reference <= 1e-5.
 LOGITS_REL_L2 = 1e-5
 
 
@@ -48,7 +49,7 @@ def model_cases(draw):
 @given(model=model_cases())
 def test_cpp_equals_reference_at_every_trace_point(native, model):
     report = compare(model, native)
-    assert report.agrees, f"{report.summary()}\n{report.table()}"
+    assert report.agrees, report.to_text()
     cpp, ref = native.forward(model).logits, reference_forward(model).logits
     assert np.linalg.norm(cpp - ref) / np.linalg.norm(ref) <= LOGITS_REL_L2
 
@@ -137,12 +138,3 @@ def test_users_copy_and_reload(cpp_copy):
 def test_missing_header_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no celerinfer/celerinfer.hpp"):
         load_native(tmp_path)
-
-
-def test_compare_traces_flags_nan_masks_and_missing_points():
-    ref = {"a": np.ones((2, 2), np.float32), "s": np.array([[0.5, -np.inf]], np.float32), "c": np.ones(3, np.float32)}
-    cpp = {"a": np.array([[1, 1], [1, np.nan]], np.float32), "s": np.array([[0.5, 0.0]], np.float32)}
-    report = compare_traces(ref, cpp)
-    notes = {p.name: p.note for p in report.points}
-    assert "NaN" in notes["a"] and "masked on one side" in notes["s"] and "missing" in notes["c"]
-    assert report.first_divergent.name == "a"

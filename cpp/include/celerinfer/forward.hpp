@@ -1,6 +1,8 @@
 // The forward pass, top to bottom, one op per line, in trace order.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "check.hpp"
@@ -40,9 +42,13 @@ struct Workspace {
 // y = down(silu(gate(x)) * up(x)) for `rows` rows; traces gate/up/act under `layer` when given.
 inline void ffn(float* y, const float* x, const FFNWeights& w, int rows, int H, int I, Workspace& ws,
                 TraceSink* trace = nullptr, int layer = -1, int B = 0, int S = 0) {
-    linear(ws.gate.data(), x, w.gate, rows, H, I);
+    const float *w_gate = w.gate, *w_up = w.up;
+#ifdef CELERINFER_FAULT_GATE_UP_SWAPPED
+    std::swap(w_gate, w_up);
+#endif
+    linear(ws.gate.data(), x, w_gate, rows, H, I);
     trace_point(trace, layer, "mlp.gate_proj", ws.gate.data(), {B, S, I});
-    linear(ws.up.data(), x, w.up, rows, H, I);
+    linear(ws.up.data(), x, w_up, rows, H, I);
     trace_point(trace, layer, "mlp.up_proj", ws.up.data(), {B, S, I});
     swiglu(ws.act.data(), ws.gate.data(), ws.up.data(), size_t(rows) * I);
     trace_point(trace, layer, "mlp.act", ws.act.data(), {B, S, I});
@@ -113,7 +119,9 @@ inline void forward(const Model& m, const int64_t* input_ids, const int64_t* mas
         linear(ws.v.data(), x, L.wv, T, H, c.kv_dim());
         trace_point(trace, l, "self_attn.v_proj", ws.v.data(), {B, S, c.kv_dim()});
         if (c.qk_norm) {
+#ifndef CELERINFER_FAULT_QK_NORM_SKIPPED
             rmsnorm(ws.q.data(), ws.q.data(), L.q_norm, T * nh, hd, c.eps);
+#endif
             trace_point(trace, l, "self_attn.q_norm", ws.q.data(), {B, S, nh, hd});
             rmsnorm(ws.k.data(), ws.k.data(), L.k_norm, T * kvh, hd, c.eps);
             trace_point(trace, l, "self_attn.k_norm", ws.k.data(), {B, S, kvh, hd});
@@ -130,7 +138,11 @@ inline void forward(const Model& m, const int64_t* input_ids, const int64_t* mas
         trace_point(trace, l, "self_attn.context", ws.context.data(), {B, S, c.q_dim()});
         linear(ws.attn_out.data(), ws.context.data(), L.wo, T, c.q_dim(), H);
         trace_point(trace, l, "self_attn.o_proj", ws.attn_out.data(), {B, S, H});
+#ifdef CELERINFER_FAULT_RESIDUAL_MISSING
+        std::copy(ws.attn_out.begin(), ws.attn_out.end(), ws.h.begin());
+#else
         add(h, h, ws.attn_out.data(), size_t(T) * H);
+#endif
         trace_point(trace, l, "attn_residual", h, {B, S, H});
         // --- feed-forward ---
         rmsnorm(x, h, L.post_norm, T, H, c.eps);
@@ -146,7 +158,9 @@ inline void forward(const Model& m, const int64_t* input_ids, const int64_t* mas
     }
     rmsnorm(x, h, m.final_norm, T, H, c.eps);
     trace_point(trace, -1, "model.norm", x, {B, S, H});
+#ifndef CELERINFER_FAULT_OUTPUT_NEVER_WRITTEN
     linear(logits, x, m.head(), T, H, c.vocab);
+#endif
     trace_point(trace, -1, "lm_head", logits, {B, S, c.vocab});
 }
 

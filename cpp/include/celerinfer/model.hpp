@@ -179,7 +179,12 @@ struct Model {
         }
     }
 
-    const float* head() const { return config.tied ? embed : lm_head; }
+    const float* head() const {
+#ifdef CELERINFER_FAULT_UNTIED_HEAD_AS_EMBEDDING
+        return embed;
+#endif
+        return config.tied ? embed : lm_head;
+    }
 
 private:
     static std::string shape_str(const std::vector<int64_t>& shape) {
