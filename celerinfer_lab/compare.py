@@ -11,12 +11,15 @@ forward and for the float32 reference alike. Notation: x is the oracle's value, 
 Tolerance from the numbers: the float32 reference's own rel_l2 against the oracle is the point's
 noise floor. The C++ diverges at a point when
 
-    rel_l2 > FACTOR * max(floor, MIN_FLOOR)   and   max_abs > ABS_FLOOR
+    rel_l2 > FACTOR * max(floor, MIN_FLOOR)   and   max_abs > abs_tol
 
 with FACTOR = 10; MIN_FLOOR = 2^-22 (4 units of float32 roundoff: a floor measured on a few
 elements can be lucky, even exactly 0, while an equally correct implementation rounds
 differently; over 400 random configs the largest correct error was 2.1x this tolerance's floor
-share); and ABS_FLOOR = 1e-7 (for tensors at or near zero). ``n_bad`` counts the elements whose error exceeds
+share); and abs_tol = max(ABS_FLOOR, FACTOR * MIN_FLOOR * scale), the absolute floor for values
+near zero: an op's rounding error is relative to the size of what it combines, not of its result
+(a dot product that cancels to ~0 still carries eps * |q||k|), so scale is the larger RMS of the
+point and the point before it in forward order, and ABS_FLOOR = 1e-7. ``n_bad`` counts the elements whose error exceeds
 FACTOR times the float32 reference's largest elementwise error there (and ABS_FLOOR).
 
 Accumulated and isolated: the plain C++ run carries every upstream error (accumulated). A second
@@ -106,6 +109,7 @@ class PointReport:
     n_bad: int
     floor: float  # the float32 reference's rel_l2 against the oracle
     tol: float  # FACTOR * max(floor, MIN_FLOOR)
+    abs_tol: float  # max(ABS_FLOOR, FACTOR * MIN_FLOOR * scale)
     own_rel_l2: float  # isolated: the C++ op on the oracle's inputs
     own_floor: float
     own_tol: float
@@ -218,6 +222,12 @@ def _point_errors(point, runs, mask, key_x: str, key_y: str) -> Errors:
     return errors(live_rows(x, point.token_axis, mask), live_rows(y, point.token_axis, mask))
 
 
+def _rms(point, runs, mask) -> float:
+    x = live_rows(runs["oracle"][point.name], point.token_axis, mask).astype(np.float64)
+    x = x[np.isfinite(x) & (x > MASKED_BELOW)]
+    return float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+
+
 def _index_mismatches(point, runs, mask, key: str) -> int:
     x = live_rows(runs["oracle"][point.name], point.token_axis, mask)
     y = live_rows(runs[key][point.name], point.token_axis, mask)
@@ -231,13 +241,14 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
     B, S = attention_mask.shape
     mask = attention_mask
     reports: list[PointReport] = []
+    previous_rms = 0.0
     for point in trace_points(config, B, S):
         missing = [k for k in ("cpp", "cpp_own") if point.name not in runs[k]]
         wrong = [k for k in ("cpp", "cpp_own") if k not in missing and runs[k][point.name].shape != point.shape]
         if missing or wrong:
             note = f"missing in the {subject} trace" if missing else \
                 f"shape {list(runs[wrong[0]][point.name].shape)} != {list(point.shape)}"
-            reports.append(PointReport(point.name, point.shape, math.inf, math.inf, -math.inf, math.nan, 0, 0, 0,
+            reports.append(PointReport(point.name, point.shape, math.inf, math.inf, -math.inf, math.nan, 0, 0, 0, 0,
                                        math.inf, 0, 0, True, True, note=note))
             continue
         if point.dtype == "int64":  # routing indices: equal, or no more mismatches than float32 has
@@ -245,7 +256,7 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
             floor, own_floor = _index_mismatches(point, runs, mask, "ref32"), _index_mismatches(point, runs, mask, "ref32_own")
             n = max(1, int(mask.sum()) * point.shape[-1])
             reports.append(PointReport(point.name, point.shape, float(acc > 0), acc / n, math.nan, math.nan, acc,
-                                       floor / n, floor / n, own / n, own_floor / n, own_floor / n,
+                                       floor / n, floor / n, 0.0, own / n, own_floor / n, own_floor / n,
                                        acc > floor, own > own_floor, note=f"{acc} indices differ" if acc else ""))
             continue
         e = _point_errors(point, runs, mask, "oracle", "cpp")
@@ -253,6 +264,9 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
         own = _point_errors(point, runs, mask, "oracle", "cpp_own")
         own_f = _point_errors(point, runs, mask, "oracle", "ref32_own")
         tol, own_tol = FACTOR * max(f.rel_l2, MIN_FLOOR), FACTOR * max(own_f.rel_l2, MIN_FLOOR)
+        rms = _rms(point, runs, mask)
+        abs_tol = max(ABS_FLOOR, FACTOR * MIN_FLOOR * max(rms, previous_rms))
+        previous_rms = rms
         x = live_rows(runs["oracle"][point.name], point.token_axis, mask).astype(np.float64)
         y = live_rows(runs["cpp"][point.name], point.token_axis, mask).astype(np.float64)
         r = live_rows(runs["ref32"][point.name], point.token_axis, mask).astype(np.float64)
@@ -266,10 +280,10 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
         if e.class_mismatch:
             notes.append(f"{e.class_mismatch} masked on one side only")
         reports.append(PointReport(
-            point.name, point.shape, e.max_abs, e.rel_l2, e.sqnr_db, e.cosine, n_bad, f.rel_l2, tol,
+            point.name, point.shape, e.max_abs, e.rel_l2, e.sqnr_db, e.cosine, n_bad, f.rel_l2, tol, abs_tol,
             own.rel_l2, own_f.rel_l2, own_tol,
-            diverges=e.rel_l2 > tol and e.max_abs > ABS_FLOOR,
-            own_diverges=own.rel_l2 > own_tol and own.max_abs > ABS_FLOOR,
+            diverges=e.rel_l2 > tol and e.max_abs > abs_tol,
+            own_diverges=own.rel_l2 > own_tol and own.max_abs > abs_tol,
             note=", ".join(notes)))
     _label(reports)
     return Report(reports, _logits_report(runs, mask), runs, attention_mask, subject=subject,

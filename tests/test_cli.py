@@ -85,3 +85,18 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     assert run("compare", str(bad)).returncode == 2
     r = run("compare", str(path), "--cpp-dir", str(tmp_path))
     assert r.returncode == 2 and "no celerinfer/celerinfer.hpp" in r.stderr
+
+
+def test_compare_list_faults_and_fault(tmp_path):
+    from celerinfer_lab.faults import FAULTS
+    r = run("compare", "--list-faults")
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and [line.split()[0] for line in lines] == list(FAULTS)
+    path = tmp_path / "m.json"
+    small_model(batch_size=2, seq_len=8).save(path)
+    r = run("compare", str(path), "--fault", "silu_as_gelu")
+    assert r.returncode == 1
+    tail = r.stdout.strip().splitlines()[-2:]
+    assert "culprit (own error): model.layers.0.mlp.act" in tail[0] and tail[1].startswith("diagnosis: GELU")
+    r = run("compare", str(path), "--fault", "no_such_fault")
+    assert r.returncode == 2 and "unknown fault 'no_such_fault'" in r.stderr

@@ -1,0 +1,143 @@
+"""matplotlib figures from a comparison Report. Each function returns a Figure (no pyplot state),
+so notebooks display it and tests inspect its artists."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .compare import MASKED_BELOW, Report
+from .trace import trace_points
+
+
+def _short(name: str) -> str:
+    return name.replace("model.layers.", "L").replace("self_attn.", "").replace("model.", "")
+
+
+def _clip(values, low=1e-12, high=1e3) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    return np.clip(np.where(np.isfinite(v), v, high), low, high)
+
+
+def error_along_depth(report: Report, figsize=(12, 4.5)) -> Figure:
+    """Relative L2 error at every trace point in forward order, log scale: accumulated and
+    isolated, the tolerance band, the culprit marked."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(report.points))
+    tol = np.array([p.tol for p in report.points])
+    ax.fill_between(x, 1e-12, _clip(tol), color="tab:green", alpha=0.12, step="mid", label="tolerance (10x float32 floor)")
+    ax.plot(x, _clip([p.floor for p in report.points]), color="tab:green", lw=1, ls=":", label="float32 reference vs float64")
+    ax.plot(x, _clip([p.rel_l2 for p in report.points]), marker="o", ms=3, color="tab:blue", label=f"{report.subject} accumulated")
+    ax.plot(x, _clip([p.own_rel_l2 for p in report.points]), marker="x", ms=4, lw=0.8, color="tab:orange",
+            label=f"{report.subject} isolated (own error)")
+    culprit = report.culprit
+    if culprit is not None:
+        i = report.points.index(culprit)
+        ax.axvline(i, color="tab:red", lw=1.5)
+        ax.annotate(f"culprit: {_short(culprit.name)}", (i, _clip([culprit.own_rel_l2])[0]), xytext=(6, 6),
+                    textcoords="offset points", color="tab:red", fontsize=9)
+    for i, p in enumerate(report.points):  # layer boundaries
+        if p.name.startswith("model.layers.") and p.name.count(".") == 2:
+            ax.axvline(i + 0.5, color="grey", lw=0.5, alpha=0.5)
+    ax.set_yscale("log")
+    ax.set_ylim(1e-10, 1e2)
+    ax.set_xticks(x, [_short(p.name) for p in report.points], rotation=90, fontsize=6)
+    ax.set_ylabel("relative L2 error vs float64")
+    ax.set_title("error along depth" + (f" — culprit {culprit.name}" if culprit else " — all points agree"))
+    fig.legend(fontsize=8, loc="outside lower center", ncols=4)
+    return fig
+
+
+def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, isolated: bool = True,
+                      figsize=(8, 3.5)) -> Figure:
+    """Error per (position, head) of an attention trace point (default: the culprit if it is one,
+    else layer 0's scores): mean |y - x| over the rest of each head's values."""
+    config = report.meta["config"]
+    B, S = report.attention_mask.shape
+    points = {p.name: p for p in trace_points(config, B, S)}
+    if point is None:
+        c = report.culprit
+        point = c.name if c is not None and ".self_attn." in c.name else "model.layers.0.self_attn.scores"
+    if point not in points or ".self_attn." not in point:
+        raise ValueError(f"{point!r} is not an attention trace point")
+    x = report.runs["oracle"][point].astype(np.float64)[batch]
+    y = report.runs["cpp_own" if isolated else "cpp"][point].astype(np.float64)[batch]
+    masked = (x <= MASKED_BELOW) | ~np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        err = np.where(masked & ((y <= MASKED_BELOW) | ~np.isfinite(y)), 0.0, np.abs(y - x))
+    err = np.where(np.isfinite(err), err, np.nan)
+    if points[point].token_axis == 2:  # [nh, S, S]: mean over keys -> [nh, S]
+        grid = np.nanmean(err, axis=-1)
+    else:
+        per_token = int(np.prod(points[point].shape[2:]))
+        heads = config.num_attention_heads if per_token == config.q_dim else config.num_key_value_heads
+        grid = np.nanmean(err.reshape(S, heads, -1), axis=-1).T  # [heads, S]
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(np.log10(grid + 1e-12), aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="log10 mean |error|")
+    pad = np.where(report.attention_mask[batch] == 0)[0]
+    for s in pad:
+        ax.axvline(s, color="cyan", lw=0.6, alpha=0.6)
+    ax.set_xlabel("position" + (" (cyan: padding)" if len(pad) else ""))
+    ax.set_ylabel("head")
+    ax.set_title(f"{'isolated' if isolated else 'accumulated'} error per (position, head): {_short(point)}, batch {batch}")
+    return fig
+
+
+def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:
+    """Reference vs C++ values of one trace point (default: the culprit, else lm_head), and a
+    histogram of their differences."""
+    if point is None:
+        point = report.culprit.name if report.culprit is not None else "lm_head"
+    report.point(point)  # a clear KeyError for an unknown name
+    x = report.runs["oracle"][point].astype(np.float64).ravel()
+    y = report.runs["cpp_own" if isolated else "cpp"][point].astype(np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y) & (x > MASKED_BELOW) & (y > MASKED_BELOW)
+    x, y = x[ok], y[ok]
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.scatter(x, y, s=4, alpha=0.5)
+    if x.size:
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        ax1.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    ax1.set_xlabel("reference (float64)")
+    ax1.set_ylabel(report.subject)
+    ax1.set_title(_short(point))
+    diff = y - x
+    ax2.hist(diff, bins=60, color="tab:purple")
+    ax2.set_xlabel(f"{report.subject} − reference")
+    ax2.set_ylabel("count")
+    ax2.set_title(f"differences: max |d| {np.abs(diff).max() if diff.size else 0:.2e}")
+    return fig
+
+
+def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
+    """Per token: KL(reference || C++) of the next-token distributions (log scale) and whether
+    the top-1 token agrees."""
+    lg = report.logits
+    B, S = lg.kl_per_token.shape
+    x = report.runs["oracle"]["lm_head"]
+    y = report.runs["cpp"]["lm_head"]
+    agree = x.argmax(-1) == y.argmax(-1)
+    real = report.attention_mask.astype(bool)
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    idx = np.arange(B * S)
+    kl = lg.kl_per_token.reshape(-1)
+    shown = real.reshape(-1)
+    ax.bar(idx[shown], _clip(kl[shown], 1e-16, 1e3), color="tab:blue", label="KL per token")
+    bad = (~agree & real).reshape(-1)
+    ax.scatter(idx[bad], np.full(bad.sum(), 1e2), marker="v", color="tab:red", label="top-1 differs")
+    for b in range(1, B):
+        ax.axvline(b * S - 0.5, color="grey", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_ylim(1e-16, 1e3)
+    ax.set_xlabel("token (batch-major; gaps are padding)")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(f"logits: top-1 agreement {lg.top1_agreement:.3f}, KL mean {lg.kl_mean:.2e}"
+                 + ("" if math.isfinite(lg.kl_max) else " (non-finite)"))
+    ax.legend(fontsize=8)
+    return fig

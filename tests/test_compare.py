@@ -1,0 +1,154 @@
+"""Finding the divergence: metrics, float64-oracle tolerances, isolation, culprit, diagnosis, plots."""
+import math
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from celerinfer_lab.compare import build_report, compare, errors, kl_per_token, run_all
+from celerinfer_lab.diagnose import diagnose
+from celerinfer_lab.faults import FAULTS
+from celerinfer_lab.native import load_native
+
+from conftest import edit_file, small_model
+
+
+def test_metric_definitions():
+    x = np.array([1.0, -2.0, 3.0, 0.5])
+    e = errors(x, x)
+    assert (e.max_abs, e.rel_l2, e.cosine, e.sqnr_db) == (0.0, 0.0, 1.0, math.inf)
+    e = errors(x, -x)
+    assert e.cosine == pytest.approx(-1) and e.rel_l2 == pytest.approx(2) and e.max_abs == pytest.approx(6)
+    e = errors(x, 2 * x)
+    assert e.rel_l2 == pytest.approx(1) and e.sqnr_db == pytest.approx(0) and e.cosine == pytest.approx(1)
+    e = errors(x, x + np.array([0, 0, 0, 1e-3]))
+    assert e.sqnr_db == pytest.approx(10 * math.log10((x @ x) / 1e-6))
+    scores = np.array([0.5, -np.inf, -1e9 + 3])
+    assert errors(scores, np.array([0.5, -np.inf, -1e9])).rel_l2 == 0  # masked alike: compared by class
+    e = errors(scores, np.array([0.5, 0.2, -1e9]))
+    assert e.class_mismatch == 1 and e.rel_l2 == math.inf
+    assert errors(x, np.array([1.0, np.nan, 3.0, 0.5])).nan == 1
+
+
+def test_kl_per_token():
+    logits = np.random.default_rng(0).normal(size=(2, 3, 7))
+    np.testing.assert_allclose(kl_per_token(logits, logits), 0, atol=1e-15)
+    p = np.array([0.25, 0.75])
+    kl = kl_per_token(np.log(p)[None], np.log(np.array([0.5, 0.5]))[None])
+    assert kl[0] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+
+
+@pytest.mark.parametrize("variant", [{}, dict(qk_norm=True, use_moe=True, num_experts=4, num_experts_per_tok=2,
+                                              n_shared_experts=1, tie_word_embeddings=False)])
+def test_correct_build_agrees_with_floors(native, variant):
+    model = small_model(batch_size=3, seq_len=9, padding="mixed", **variant)
+    report = compare(model, native)
+    assert report.agrees and report.culprit is None and report.diagnosis is None, report.to_text()
+    assert report.logits.top1_agreement == 1.0 and report.logits.kl_max < 1e-9
+    assert all(p.tol >= 10 * p.floor for p in report.points)
+    assert "all" in report.summary() and "agree" in report.summary()
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_each_fault_is_localized_and_diagnosed(name):
+    fault = FAULTS[name]
+    model = small_model(batch_size=2, seq_len=8, padding=fault.padding, **fault.model)
+    report = compare(model, load_native(fault=name))
+    assert not report.agrees
+    assert report.culprit is not None and report.culprit.name == fault.culprit, report.to_text()
+    if fault.diagnosis:
+        assert report.diagnosis and fault.diagnosis in report.diagnosis, report.diagnosis
+    after = report.points[report.points.index(report.culprit) + 1:]
+    assert {p.label for p in after if p.diverges} <= {"propagated", "amplified", "own error"}
+    assert all(p.label == "ok" for p in report.points[:report.points.index(report.culprit)])
+
+
+def test_isolation_separates_two_bugs(cpp_copy):
+    """Two bugs: the first is the culprit; the second still shows its own error, the rest propagate."""
+    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "linear(logits, x, m.head(), T, H, c.vocab);",
+              "linear(logits, x, m.head(), T, H, c.vocab);\n    for (size_t i = 0; i < size_t(T) * c.vocab; ++i) logits[i] *= 1.5f;")
+    report = compare(small_model(), load_native(cpp_copy, fault="silu_as_gelu"))
+    assert report.culprit.name == "model.layers.0.mlp.act"
+    assert report.point("lm_head").label == "own error"
+    assert report.point("model.layers.1.self_attn.q_proj").label in ("propagated", "amplified")
+    assert report.point("model.layers.0.mlp.down_proj").label in ("propagated", "amplified")
+
+
+@pytest.mark.parametrize("old,new,culprit,words", [
+    ("y[size_t(r) * out + o] = dot(", "y[size_t(r) * out + o] = -dot(", "model.layers.0.self_attn.q_proj", "sign flip"),
+    ("y[size_t(r) * out + o] = dot(", "y[size_t(r) * out + o] = 2.0f * dot(", "model.layers.0.self_attn.q_proj", "~ 2"),
+    ("float* out = context + ((size_t(b) * S + i) * heads + h) * hd;",
+     "float* out = context + ((size_t(b) * S + i) * heads + (h + 1) % heads) * hd;",
+     "model.layers.0.self_attn.context", "heads permuted"),
+    ("const float* row = table + size_t(ids[t]) * hidden;",
+     "const float* row = table + size_t(ids[t > 0 ? t - 1 : 0]) * hidden;", "model.embed_tokens", "shifted by one position"),
+    ("float s = dot(qi, kj, hd) / scale;", "float s = dot(qi, kj, hd) / scale * (i >= 3 ? 1.5f : 1.0f);",
+     "model.layers.0.self_attn.scores", "from position 3 on"),
+])
+def test_diagnoses_of_a_users_own_bugs(cpp_copy, old, new, culprit, words):
+    for header in ("ops.hpp", "forward.hpp"):
+        path = cpp_copy / "include/celerinfer" / header
+        if old in path.read_text():
+            edit_file(path, old, new)
+    report = compare(small_model(batch_size=2, seq_len=8), load_native(cpp_copy))
+    assert report.culprit.name == culprit, report.to_text()
+    assert words in (report.diagnosis or ""), report.diagnosis
+
+
+def _forged(native, name, transform):
+    """A report whose isolated C++ value at `name` is transform(oracle value): a pattern in isolation."""
+    model = small_model(batch_size=2, seq_len=8, padding="left")
+    runs = run_all(model, native)
+    runs["cpp_own"][name] = transform(runs["oracle"][name].astype(np.float32))
+    report = build_report(runs, model.config, model.attention_mask)
+    report.meta["model"] = model
+    return report
+
+
+def test_pair_permutation_and_padded_key_patterns(native):
+    hd = 8
+    perm = np.stack([np.arange(hd // 2), np.arange(hd // 2) + hd // 2], axis=-1).reshape(-1)
+    report = _forged(native, "model.layers.0.self_attn.rope_k", lambda v: v[..., perm])
+    assert report.culprit.name == "model.layers.0.self_attn.rope_k"
+    assert "pairs inside each head permuted" in diagnose(report)
+
+    model_mask = small_model(batch_size=2, seq_len=8, padding="left").attention_mask
+
+    def pad_bug(v):  # a softmax that leaks probability onto padded keys
+        v = v.copy()
+        leak = (model_mask == 0)[:, None, None, :] & (np.arange(8)[None, None, None, :] <= np.arange(8)[None, None, :, None])
+        v[np.broadcast_to(leak, v.shape)] += 0.01
+        return v
+    report = _forged(native, "model.layers.0.self_attn.probs", pad_bug)
+    assert report.culprit.name == "model.layers.0.self_attn.probs"
+    assert "error only at padded key positions" in diagnose(report)
+
+
+def test_report_api_table_html_and_plots(native):
+    report = compare(small_model(batch_size=2, seq_len=6, padding="left"), load_native(fault="gqa_modulo"))
+    table = report.table
+    assert list(table.index)[:2] == ["model.embed_tokens", "model.layers.0.input_layernorm"]
+    assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "n_bad", "floor", "tol", "own_rel_l2", "status"} <= set(table.columns)
+    assert table.loc["model.layers.0.self_attn.scores", "status"] == "culprit"
+    assert "culprit" in report._repr_html_() and "<table" in report._repr_html_()
+    text = str(report)
+    assert text.rstrip().endswith(report.diagnosis) and "culprit (own error): model.layers.0.self_attn.scores" in text
+
+    depth = report.plot("depth")
+    assert isinstance(depth, Figure)
+    ax = depth.axes[0]
+    assert ax.get_yscale() == "log" and len(ax.get_xticks()) == len(report.points)
+    culprit_x = report.points.index(report.culprit)
+    assert any(list(line.get_xdata()) == [culprit_x, culprit_x] for line in ax.get_lines())
+    heat = report.plot("heatmap")
+    assert heat.axes[0].images[0].get_array().shape == (8, 6)  # heads x positions
+    scatter = report.plot("scatter", point="lm_head")
+    assert len(scatter.axes) == 2 and scatter.axes[0].collections
+    logits = report.plot("logits")
+    assert "top-1 agreement" in logits.axes[0].get_title()
+    with pytest.raises(ValueError, match="unknown plot kind"):
+        report.plot("pie")
+    with pytest.raises(ValueError, match="not an attention trace point"):
+        report.plot("heatmap", point="lm_head")
+    with pytest.raises(KeyError, match="no trace point"):
+        report.plot("scatter", point="nope")
