@@ -1,14 +1,17 @@
 """CelerInfer Lab: random MiniMind models, a PyTorch reference with a named trace, and the tools
 to prove a C++ forward computes the same thing, op by op."""
+from .compare import Report, compare
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .generate import generate_model
 from .modelfile import Model, ModelFileError, load_model, save_model, weight_shapes
+from .native import NativeCompileError, NativeError, load_native
 from .reference import ForwardResult, ReferenceModel, reference_forward
 from .trace import TracePoint, trace_names, trace_points
 
 __all__ = [
     "PRESETS", "ConfigError", "ModelConfig", "preset", "generate_model", "Model", "ModelFileError",
     "load_model", "save_model", "weight_shapes", "ForwardResult", "ReferenceModel", "reference_forward",
-    "TracePoint", "trace_names", "trace_points",
+    "TracePoint", "trace_names", "trace_points", "Report", "compare", "load_native", "NativeError",
+    "NativeCompileError",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import time_call
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .generate import PADDING_MODES, generate_model
 from .modelfile import ModelFileError, load_model
@@ -107,17 +108,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_calls(fn, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def _forward_inputs(args: argparse.Namespace) -> tuple[str, Path | None, int]:
     """Model path, dump dir and warm-up count, from the arguments or the original environment variables."""
     path = args.model or os.environ.get("JSON_PATH")
@@ -128,11 +118,10 @@ def _forward_inputs(args: argparse.Namespace) -> tuple[str, Path | None, int]:
     return path, Path(dump_dir) if dump_dir else None, warmup
 
 
-def _report(label: str, path: str, model, times: list[float], warmup: int, logits: np.ndarray,
+def _report(label: str, path: str, model, timing, warmup: int, logits: np.ndarray,
             dump_dir: Path | None, filename: str) -> None:
     print(f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})")
-    print(f"{label}: median {np.median(times):.3f} ms (min {min(times):.3f}, max {max(times):.3f}; "
-          f"{len(times)} runs after {warmup} warm-up)")
+    print(f"{label}: {timing} after {warmup} warm-up")
     print(f"logits: shape {list(logits.shape)} min {logits.min():.6f} max {logits.max():.6f} mean {logits.mean():.6f}")
     if dump_dir:
         dump_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +139,7 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
     model = load_model(path)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     ref = ReferenceModel(model, dtype)
-    times = _time_calls(lambda: ref.forward(), warmup, args.repeat)
+    times = time_call(lambda: ref.forward(), warmup, args.repeat)
     logits, trace = ref.forward(trace=args.save_trace)
     _report(f"torch forward ({args.dtype}, {torch.get_num_threads()} threads)", path, model, times, warmup,
             logits.numpy(), dump_dir, "logits_torch.npy")
@@ -167,7 +156,7 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     native = load_native(args.cpp_dir).prepare(model)
     ids, mask = native.check_inputs(None, None)
     logits = np.zeros((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
-    times = _time_calls(lambda: native.run(ids, mask, logits), warmup, args.repeat)
+    times = time_call(lambda: native.run(ids, mask, logits), warmup, args.repeat)
     result = native.forward(trace=args.save_trace)
     _report("C++ forward (cppyy)", path, model, times, warmup, result.logits, dump_dir, "logits_cpp.npy")
     if dump_dir and result.trace is not None:

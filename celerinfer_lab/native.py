@@ -228,3 +228,31 @@ def _read_trace(recorder, config: ModelConfig, B: int, S: int) -> dict[str, np.n
         values = np.array(np.frombuffer(view, dtype=np.float32, count=n)).reshape(shape)
         out[name] = values.astype(np.int64) if dtypes.get(name) == "int64" else values
     return out
+
+
+def copy_cpp(dest: str | Path, source: str | Path | None = None) -> Path:
+    """Copy the C++ (headers, tools, CMakeLists.txt) to ``dest`` to edit it freely; returns dest.
+    An existing copy is overwritten with the project's current files."""
+    import shutil
+    source = Path(source) if source is not None else DEFAULT_CPP_DIR
+    dest = Path(dest)
+    if dest.resolve() == source.resolve():
+        raise ValueError(f"{dest}: copying the C++ onto itself")
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in ("include", "tools", "CMakeLists.txt"):
+        src = source / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, dest / item)
+    return dest
+
+
+def edit_source(path: str | Path, old: str, new: str) -> None:
+    """Replace the one occurrence of ``old`` in a source file by ``new`` (for notebooks and tests)."""
+    path = Path(path)
+    text = path.read_text()
+    count = text.count(old)
+    if count != 1:
+        raise ValueError(f"{path}: expected exactly one occurrence of {old!r}, found {count}")
+    path.write_text(text.replace(old, new))

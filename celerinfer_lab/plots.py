@@ -11,6 +11,22 @@ from .compare import MASKED_BELOW, Report
 from .trace import trace_points
 
 
+def _show_figures_in_ipython() -> None:
+    """Figures made without pyplot have no display hook of their own: in IPython/Jupyter, register
+    the PNG formatter for Figure objects (what `%matplotlib inline` does)."""
+    try:
+        from IPython import get_ipython
+        from IPython.core.pylabtools import select_figure_formats
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        select_figure_formats(shell, {"png"})
+
+
+_show_figures_in_ipython()
+
+
 def _short(name: str) -> str:
     return name.replace("model.layers.", "L").replace("self_attn.", "").replace("model.", "")
 

@@ -1,0 +1,43 @@
+"""Every notebook runs top to bottom, is committed without outputs, and shows what it promises."""
+import json
+import shutil
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+EXPECTED = {  # words each notebook's outputs must contain
+    "01_quickstart.ipynb": ["trace points:", "all 37 trace points agree", "PyTorch: median", "C++    : median",
+                            "application/vnd.jupyter.widget-view+json"],
+    "02_layer_debugging.ipynb": ["culprit (own error): model.layers.0.self_attn.scores", "GQA mapping wrong",
+                                 "culprit (own error): model.layers.0.self_attn.rope_q", "image/png"],
+    "03_edit_and_reload.ipynb": ["agrees: True", "celerinfer_jit_", "culprit (own error): model.layers.0.input_layernorm",
+                                 "did not compile", "still running"],
+    "04_benchmarks.ipynb": ["hidden 512", "speedup", "image/png"],
+}
+
+
+def test_there_are_four_notebooks():
+    assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    book = nbformat.read(path, as_version=4)
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_runs_top_to_bottom(path, tmp_path):
+    shutil.copy(path, tmp_path / path.name)
+    book = nbformat.read(tmp_path / path.name, as_version=4)
+    NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = json.dumps([cell.get("outputs", []) for cell in book.cells])
+    assert '"output_type": "error"' not in text
+    for words in EXPECTED[path.name]:
+        assert words in text, f"{path.name}: no {words!r} in the outputs"
