@@ -201,7 +201,9 @@ class Report:
     def _repr_html_(self) -> str:
         colors = {"ok": "", "culprit": "background:#f8d0d0;font-weight:bold", "own error": "background:#f8d0d0",
                   "propagated": "background:#fbeecb", "amplified": "background:#f6dcb4"}
-        styled = self.table.style.format(precision=3).apply(
+        formats = {c: "{:.2e}" for c in ("max_abs", "rel_l2", "floor", "tol", "own_rel_l2", "own_tol")}
+        formats.update(sqnr_db="{:.1f}", cosine="{:.7f}")
+        styled = self.table.style.format(formats).apply(
             lambda row: [colors.get(row["status"], "")] * len(row), axis=1)
         summary = "<br>".join(self.summary().splitlines())
         return f"<div><p><b>{summary}</b></p>{styled.to_html()}</div>"

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-# Debian packages: the C++ toolchain and nlohmann/json for base_line_micro.
-DEBIAN_PACKAGES=(g++ cmake nlohmann-json3-dev)
+# Debian packages: the C++ toolchain and nlohmann/json for base_line_micro; Chromium for the
+# real-browser test of JupyterLab (Playwright drives it; a browser download cannot work here).
+DEBIAN_PACKAGES=(g++ cmake nlohmann-json3-dev chromium)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

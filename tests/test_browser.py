@@ -1,0 +1,99 @@
+"""One real-browser test: JupyterLab on 127.0.0.1 in Debian's headless Chromium, driven by
+Playwright. It runs 01_quickstart, moves a slider of the explorer, clicks Run, checks that the
+output changed, and saves a screenshot to test-artifacts/."""
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: a browser download cannot work here
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    shutil.copy(REPO / "notebooks" / "01_quickstart.ipynb", tmp_path)
+    port = _free_port()
+    log = open(tmp_path / "jupyter.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         "--ServerApp.port_retries=0", "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=",
+         f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=None",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/lab", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "jupyter.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _status(page) -> str:
+    return page.locator(".widget-html", has_text="PyTorch").first.inner_text()
+
+
+def test_quickstart_explorer_in_a_real_browser(jupyterlab):
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM), "scripts/setup.sh installs Debian's chromium"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.goto(f"{jupyterlab}/lab/tree/01_quickstart.ipynb")
+            # Run All before the kernel is idle runs nothing; the status is a screen-reader span.
+            page.get_by_text("Kernel status: Idle").first.wait_for(state="attached", timeout=90_000)
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+            handle = page.locator(".widget-slider .noUi-handle").first
+            handle.wait_for(timeout=180_000)
+            run = page.locator("button.jupyter-button", has_text="Run")
+            run.click()
+            page.locator(".widget-html", has_text="PyTorch").first.wait_for(timeout=120_000)
+            before = _status(page)
+            assert "127,296 parameters" in before and "agree" in before
+
+            readout = page.locator(".widget-readout").first
+            assert readout.inner_text() == "64"
+            handle.click()
+            handle.press("ArrowRight")  # hidden 64 -> 80
+            page.wait_for_function("() => document.querySelector('.widget-readout').textContent.trim() === '80'")
+            run.click()
+            page.wait_for_function(
+                "(before) => [...document.querySelectorAll('.widget-html')].some("
+                "e => e.textContent.includes('PyTorch') && e.textContent !== before)", arg=before, timeout=120_000)
+            after = _status(page)
+            assert after != before and "parameters" in after and "127,296" not in after
+            page.screenshot(path=str(ARTIFACTS / "jupyterlab_explorer.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "jupyterlab_explorer.png").stat().st_size > 10_000
