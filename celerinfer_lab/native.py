@@ -71,16 +71,24 @@ def _cppyy():
     return cppyy
 
 
+KERNELS = ("readable", "fast")
+
+
 class NativeEngine:
     """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text.
 
     ``fault``: a name from the fault catalogue (celerinfer_lab.faults) to compile in.
+    ``kernels``: the default kernels, "readable" (ops.hpp: what the fault catalogue breaks and
+    what you edit first) or "fast" (fast.hpp: packed, vectorized, threaded).
     """
 
-    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None):
+    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = "readable"):
         from .faults import get_fault
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {KERNELS}")
         self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
         self.fault = get_fault(fault)
+        self.kernels = kernels
         self.namespace: str | None = None
         self.ns = None
         self.reload()
@@ -100,24 +108,35 @@ class NativeEngine:
         except SyntaxError as exc:
             raise NativeCompileError(f"C++ in {self.cpp_dir} did not compile:\n{exc}") from None
         ns = getattr(cppyy.gbl, namespace)
-        for name in ("forward", "Model", "Workspace", "Config", "TraceRecorder"):
+        for name in ("forward_readable", "forward_fast", "Model", "Workspace", "Config", "TraceRecorder", "FastWeights"):
             if not hasattr(ns, name):
                 raise NativeCompileError(f"C++ in {self.cpp_dir} compiled but defines no {namespace}::{name}")
-        ns.forward.__sig2exc__ = True  # a wild write becomes a Python exception, not a dead kernel
+        for entry in (ns.forward_readable, ns.forward_fast):
+            entry.__sig2exc__ = True  # a wild write becomes a Python exception, not a dead kernel
+            entry.__release_gil__ = True  # the thread pool runs while Python threads go on
         self.namespace, self.ns = namespace, ns
 
-    def prepare(self, model: Model) -> "NativeModel":
-        return NativeModel(self, model)
+    def set_threads(self, n: int) -> None:
+        """Threads of the fast kernels' pool (default: every core)."""
+        _call("set_num_threads", self.ns.set_num_threads, int(n))
+
+    @property
+    def threads(self) -> int:
+        return int(self.ns.num_threads())
+
+    def prepare(self, model: Model, kernels: str | None = None) -> "NativeModel":
+        return NativeModel(self, model, kernels or self.kernels)
 
     def forward(self, model: Model, trace: bool = False, input_ids: np.ndarray | None = None,
-                attention_mask: np.ndarray | None = None, teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
-        return self.prepare(model).forward(input_ids, attention_mask, trace, teacher)
+                attention_mask: np.ndarray | None = None, teacher: dict[str, np.ndarray] | None = None,
+                kernels: str | None = None) -> ForwardResult:
+        return self.prepare(model, kernels).forward(input_ids, attention_mask, trace, teacher)
 
 
-def load_native(cpp_dir: str | Path | None = None, fault: str | None = None) -> NativeEngine:
+def load_native(cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = "readable") -> NativeEngine:
     """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``), optionally
-    with one fault from the catalogue compiled in."""
-    return NativeEngine(cpp_dir, fault)
+    with one fault from the catalogue compiled in; ``kernels`` picks the default kernels."""
+    return NativeEngine(cpp_dir, fault, kernels)
 
 
 def _native_config(ns, config: ModelConfig):
@@ -152,8 +171,10 @@ def _f32(array: np.ndarray) -> np.ndarray:
 class NativeModel:
     """A model bound to one compiled version: weights by pointer (kept alive here), workspaces by shape."""
 
-    def __init__(self, engine: NativeEngine, model: Model):
-        self.engine, self.ns, self.model = engine, engine.ns, model
+    def __init__(self, engine: NativeEngine, model: Model, kernels: str = "readable"):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {KERNELS}")
+        self.engine, self.ns, self.model, self.kernels = engine, engine.ns, model, kernels
         self.config = model.config
         self._arrays = {name: _f32(a) for name, a in model.weights.items()}  # no copy for float32
         self._arrays["rope.cos"], self._arrays["rope.sin"] = _f32(model.rope_cos), _f32(model.rope_sin)
@@ -161,35 +182,47 @@ class NativeModel:
         for name, array in self._arrays.items():
             _call(f"binding '{name}'", self.cpp.bind, name, array, [int(d) for d in array.shape])
         _call("model check", self.cpp.check_complete)
-        self._workspaces: dict[tuple[int, int], object] = {}
+        self.packed = _call("packing weights", self.ns.FastWeights, self.cpp) if kernels == "fast" else None
+        self._workspaces: dict[tuple[int, int, int], object] = {}
 
-    def check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    def check_inputs(self, input_ids, attention_mask, past_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Check ids [B, S] and mask [B, past_len + S]; return them as contiguous int64."""
         ids = self.model.input_ids if input_ids is None else np.asarray(input_ids)
-        mask = np.ones_like(ids) if attention_mask is None and input_ids is not None else (
-            self.model.attention_mask if attention_mask is None else np.asarray(attention_mask))
+        if attention_mask is None:
+            mask = self.model.attention_mask if input_ids is None else np.ones((ids.shape[0], past_len + ids.shape[-1]), np.int64)
+        else:
+            mask = np.asarray(attention_mask)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
+        if mask.shape != (ids.shape[0], past_len + ids.shape[1]):
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}"
+                             + (f" after {past_len} cached tokens" if past_len else ""))
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})")
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must hold only 0 and 1")
-        self.config.validate(seq_len=int(ids.shape[1]))
+        self.config.validate(seq_len=past_len + int(ids.shape[1]))
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 
-    def _workspace(self, B: int, S: int):
-        if (B, S) not in self._workspaces:
-            self._workspaces[(B, S)] = _call("workspace", self.ns.Workspace, self.cpp.config, B, S)
-        return self._workspaces[(B, S)]
+    def workspace(self, B: int, T: int, max_len: int | None = None):
+        key = (B, T, max_len or T)
+        if key not in self._workspaces:
+            self._workspaces[key] = _call("workspace", self.ns.Workspace, self.cpp.config, B, T, max_len or T)
+        return self._workspaces[key]
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None) -> None:
-        """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated."""
-        ws = self._workspace(*ids.shape)
+    def run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None, start: int = 0,
+            workspace=None) -> None:
+        """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
+        ``start``: tokens already in ``workspace``'s KV cache (decode)."""
+        B, T = ids.shape
+        ws = workspace if workspace is not None else self.workspace(B, T)
         sink = recorder if recorder is not None else _cppyy().nullptr
-        _call("forward", self.ns.forward, self.cpp, ids, mask, ws, logits, sink)
+        if self.packed is not None:
+            _call("forward", self.ns.forward_fast, self.cpp, self.packed, ids, mask, T, start, ws, logits, sink)
+        else:
+            _call("forward", self.ns.forward_readable, self.cpp, ids, mask, T, start, ws, logits, sink)
 
     def forward(self, input_ids=None, attention_mask=None, trace: bool = False,
                 teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
@@ -202,24 +235,56 @@ class NativeModel:
         B, S = ids.shape
         # NaN-filled: a forward that never writes its output shows up as NaN, not as plausible zeros.
         logits = np.full((B, S, self.config.vocab_size), np.nan, dtype=np.float32)
-        recorder, kept = None, []
-        if trace or teacher is not None:
-            recorder = self.ns.TraceRecorder()
-            points = {p.name: p.shape for p in trace_points(self.config, B, S)}
-            for name, value in (teacher or {}).items():
-                if name not in points or tuple(np.shape(value)) != points[name]:
-                    raise ValueError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
-                                     f"the trace point's shape is {list(points.get(name, ()))}")
-                array = _f32(value)
-                kept.append(array)  # alive until the call returns
-                recorder.set_teacher(name, array, int(array.size))
+        recorder, kept = self._recorder(trace, teacher, B, S, 0)
         self.run(ids, mask, logits, recorder)
         return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if recorder else None)
 
+    def _recorder(self, trace: bool, teacher, B: int, S: int, past_len: int):
+        if not trace and teacher is None:
+            return None, []
+        recorder, kept = self.ns.TraceRecorder(), []
+        points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len)}
+        for name, value in (teacher or {}).items():
+            if name not in points or tuple(np.shape(value)) != points[name]:
+                raise ValueError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
+                                 f"the trace point's shape is {list(points.get(name, ()))}")
+            array = _f32(value)
+            kept.append(array)  # alive as long as the recorder is used
+            recorder.set_teacher(name, array, int(array.size))
+        recorder._kept = kept
+        return recorder, kept
 
-def _read_trace(recorder, config: ModelConfig, B: int, S: int) -> dict[str, np.ndarray]:
+    def generate(self, new_tokens: int, input_ids=None, attention_mask=None, trace: bool = False,
+                 teachers: list[dict[str, np.ndarray]] | None = None) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+        """Greedy decoding with the KV cache: prefill the prompt, then one token per step.
+
+        Returns the new tokens [B, new_tokens] and, with trace, one trace per forward (prefill
+        first). ``teachers``: one teacher per forward, as for forward()."""
+        ids, mask = self.check_inputs(input_ids, attention_mask)
+        B, S = ids.shape
+        if new_tokens < 1:
+            raise ValueError(f"new_tokens={new_tokens}: generate at least one token")
+        self.config.validate(seq_len=S + new_tokens - 1)
+        ws = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, S + new_tokens - 1)
+        tokens, traces, start = [], [], 0
+        for step in range(new_tokens):
+            T = ids.shape[1]
+            logits = np.full((B, T, self.config.vocab_size), np.nan, dtype=np.float32)
+            teacher = teachers[step] if teachers else None
+            recorder, kept = self._recorder(trace, teacher, B, T, start)
+            self.run(ids, mask, logits, recorder, start=start, workspace=ws)
+            if recorder is not None and trace:
+                traces.append(_read_trace(recorder, self.config, B, T, start))
+            start += T
+            ids = np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64)
+            tokens.append(ids)
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+        return np.concatenate(tokens, axis=1), traces
+
+
+def _read_trace(recorder, config: ModelConfig, B: int, S: int, past_len: int = 0) -> dict[str, np.ndarray]:
     """Copy the recorded points out of C++, with the contract's dtypes (topk_idx is int64)."""
-    dtypes = {p.name: p.dtype for p in trace_points(config, B, S)}
+    dtypes = {p.name: p.dtype for p in trace_points(config, B, S, past_len)}
     out: dict[str, np.ndarray] = {}
     for i in range(recorder.size()):
         name, shape, n = str(recorder.name(i)), tuple(recorder.shape(i)), int(recorder.numel(i))

@@ -99,6 +99,22 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return F.linear(act, w_down)
 
 
+@dataclass
+class KVCache:
+    """Keys (after RoPE) and values of every layer so far, [B, P, kv_heads, head_dim] each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls) -> "KVCache":
+        return cls([], [])
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[1]) if self.keys else 0
+
+
 class ReferenceModel:
     """Weights as torch tensors in one dtype, ready for repeated forwards (benchmarks, tests)."""
 
@@ -116,23 +132,30 @@ class ReferenceModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                trace: bool = False, teacher: dict[str, np.ndarray] | None = None,
+                trace: bool = False, teacher: dict[str, np.ndarray] | None = None, cache: KVCache | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs.
 
         ``teacher``: trace point values that replace each op's output once recorded (see _Tracer).
+        ``cache``: decode incrementally: the new tokens sit at positions cache.length..., attend to
+        the cached keys too, and are appended to the cache; attention_mask then covers all keys
+        [B, cache.length + S].
         """
         ids = self.input_ids if input_ids is None else input_ids
         mask = self.attention_mask if attention_mask is None else attention_mask
         forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
         cfg, w, tr = self.config, self.w, _Tracer(trace, forced)
-        self.config.validate(seq_len=ids.shape[1])
+        start = cache.length if cache is not None else 0
+        self.config.validate(seq_len=start + ids.shape[1])
+        if mask.shape != (ids.shape[0], start + ids.shape[1]):
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}, expected [batch, past + new] = "
+                             f"{[ids.shape[0], start + ids.shape[1]]}")
         h = tr("model.embed_tokens", F.embedding(ids, w["model.embed_tokens.weight"]))
-        cos, sin = self.rope_cos[: ids.shape[1]], self.rope_sin[: ids.shape[1]]
+        cos, sin = self.rope_cos[start: start + ids.shape[1]], self.rope_sin[start: start + ids.shape[1]]
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
             x = tr(f"{p}.input_layernorm", rms_norm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps))
-            attn = self._attention(x, mask, cos, sin, p, tr)
+            attn = self._attention(x, mask, cos, sin, p, tr, cache, i)
             h = tr(f"{p}.attn_residual", h + attn)
             x = tr(f"{p}.post_attention_layernorm",
                    rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps))
@@ -146,7 +169,7 @@ class ReferenceModel:
         logits = tr("lm_head", F.linear(h, w["lm_head.weight"]))
         return logits, tr.points
 
-    def _attention(self, x, mask, cos, sin, p: str, tr: _Tracer) -> torch.Tensor:
+    def _attention(self, x, mask, cos, sin, p: str, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, w = self.config, self.w
         B, S, _ = x.shape
         nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -159,11 +182,20 @@ class ReferenceModel:
             k = tr(f"{p}.self_attn.k_norm", rms_norm(k, w[f"{p}.self_attn.k_norm.weight"], cfg.rms_norm_eps))
         q = tr(f"{p}.self_attn.rope_q", apply_rope(q, cos, sin, cfg.rope_pairing))
         k = tr(f"{p}.self_attn.rope_k", apply_rope(k, cos, sin, cfg.rope_pairing))
+        if cache is not None:  # decode: the new keys/values join the cached ones
+            if layer < len(cache.keys):
+                k, v = torch.cat([cache.keys[layer], k], dim=1), torch.cat([cache.values[layer], v], dim=1)
+                cache.keys[layer], cache.values[layer] = k, v
+            else:
+                cache.keys.append(k)
+                cache.values.append(v)
         q = q.transpose(1, 2)  # [B, nh, S, hd]
-        k = repeat_kv(k, cfg.n_rep).transpose(1, 2)
+        k = repeat_kv(k, cfg.n_rep).transpose(1, 2)  # [B, nh, P, hd], P = past + S
         v = repeat_kv(v, cfg.n_rep).transpose(1, 2)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
-        scores = scores + torch.full((S, S), float("-inf"), dtype=scores.dtype).triu(1)
+        causal = torch.zeros_like(scores[0, 0])  # MiniMind: -inf above the diagonal of the new block
+        causal[:, -S:] = torch.full((S, S), float("-inf"), dtype=scores.dtype).triu(1)
+        scores = scores + causal
         scores = scores + (1.0 - mask[:, None, None, :].to(scores.dtype)) * -1e9
         scores = tr(f"{p}.self_attn.scores", scores)
         probs = tr(f"{p}.self_attn.probs",
@@ -197,6 +229,26 @@ class ReferenceModel:
             shared = swiglu(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
             out = out + tr(f"{p}.shared_experts.{s}", shared)
         return out
+
+
+def greedy_generate(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
+                    trace: bool = False) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache.
+
+    Returns the new tokens [B, new_tokens] and, with trace, one trace per forward (the prefill, then
+    each decode step but the last token's, which is only chosen)."""
+    cache = KVCache.empty()
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+    mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+    traces, tokens = [], []
+    for step in range(new_tokens):
+        logits, points = ref.forward(ids, mask, trace=trace, cache=cache)
+        if trace:
+            traces.append({k: v.numpy() for k, v in points.items()})
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(ids)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    return torch.cat(tokens, dim=1).numpy(), traces
 
 
 def reference_forward(model: Model, dtype: torch.dtype = torch.float32, trace: bool = False,

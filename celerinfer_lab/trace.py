@@ -3,7 +3,7 @@
 Both forwards (PyTorch reference and C++) record exactly these points, so the debugger can
 line them up by name. Add a new op here once and both sides follow.
 
-Shapes use B (batch), S (sequence length), H (hidden_size), nh / kvh (query / kv heads),
+Shapes use B (batch), S (new tokens), P (keys: cached + new), H (hidden_size), nh / kvh (query / kv heads),
 hd (head_dim), I (intermediate_size), E (num_experts), k (num_experts_per_tok), V (vocab).
 """
 from __future__ import annotations
@@ -22,9 +22,13 @@ class TracePoint:
     token_axis: int = 1  # the axis of token positions (2 for attention [B, nh, query, key]); axis 0 is batch
 
 
-def trace_points(config: ModelConfig, batch: int, seq_len: int) -> list[TracePoint]:
-    """Every trace point of a forward over [batch, seq_len] tokens, in forward order."""
+def trace_points(config: ModelConfig, batch: int, seq_len: int, past_len: int = 0) -> list[TracePoint]:
+    """Every trace point of a forward over [batch, seq_len] new tokens, in forward order.
+
+    ``past_len``: tokens already in the KV cache (decode steps); attention spans P = past_len + S keys.
+    """
     B, S, H = batch, seq_len, config.hidden_size
+    P = past_len + seq_len
     nh, kvh, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     points = [TracePoint("model.embed_tokens", (B, S, H), "float", "token embeddings")]
     for i in range(config.num_hidden_layers):
@@ -40,9 +44,9 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int) -> list[TracePoi
             add("self_attn.k_norm", (B, S, kvh, hd), "RMSNorm over each key head")
         add("self_attn.rope_q", (B, S, nh, hd), "queries after RoPE")
         add("self_attn.rope_k", (B, S, kvh, hd), "keys after RoPE")
-        add("self_attn.scores", (B, nh, S, S),
+        add("self_attn.scores", (B, nh, S, P),
             "q.k/sqrt(hd) + causal mask (-inf above the diagonal) + (1-mask)*-1e9, before softmax", token_axis=2)
-        add("self_attn.probs", (B, nh, S, S), "softmax of the scores over keys", token_axis=2)
+        add("self_attn.probs", (B, nh, S, P), "softmax of the scores over keys", token_axis=2)
         add("self_attn.context", (B, S, nh * hd), "probs @ v, heads concatenated, before o_proj")
         add("self_attn.o_proj", (B, S, H), "context @ Wo^T")
         add("attn_residual", (B, S, H), "block input + o_proj (the residual stream mid-block)")

@@ -101,31 +101,37 @@ inline int kv_head(int h, int n_rep, int kv_heads) {
     return h / n_rep;
 }
 
-// scores[b, h, i, j] = q_i . k_j / sqrt(hd), -inf for j > i (causal), then -1e9 added where key j
-// is padding (MiniMind's additive mask, so a row whose every key is masked stays finite).
-// Query head h reads kv head h / (heads / kv_heads).
-inline void attention_scores(float* scores, const float* q, const float* k, const int64_t* mask,
-                             int B, int S, int heads, int kv_heads, int hd) {
-    const int n_rep = heads / kv_heads;
+// The shape of one attention call: T new queries at positions P - T ... P - 1 attend to P keys,
+// read from a KV cache laid out [B, max_len, kv_heads, hd] (prefill: P == T == max_len).
+struct AttnDims {
+    int B, T, P, max_len, heads, kv_heads, hd;
+    int n_rep() const { return heads / kv_heads; }
+    int start() const { return P - T; }
+};
+
+// scores[b, h, i, j] = q_i . k_j / sqrt(hd), -inf for keys after the query (causal), then -1e9
+// added where key j is padding (MiniMind's additive mask: a row whose every key is masked stays
+// finite). Query head h reads kv head h / (heads / kv_heads). mask is [B, P].
+inline void attention_scores(float* scores, const float* q, const float* k_cache, const int64_t* mask, const AttnDims& d) {
 #ifdef CELERINFER_FAULT_ATTENTION_SCALE_1_OVER_D
-    const float scale = float(hd);
+    const float scale = float(d.hd);
 #else
-    const float scale = float(std::sqrt(double(hd)));
+    const float scale = float(std::sqrt(double(d.hd)));
 #endif
     const float neg_inf = -std::numeric_limits<float>::infinity();
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < heads; ++h)
-            for (int i = 0; i < S; ++i) {
-                float* row = scores + ((size_t(b) * heads + h) * S + i) * S;
-                const float* qi = q + ((size_t(b) * S + i) * heads + h) * hd;
-                for (int j = 0; j < S; ++j) {
-                    const float* kj = k + ((size_t(b) * S + j) * kv_heads + kv_head(h, n_rep, kv_heads)) * hd;
-                    float s = dot(qi, kj, hd) / scale;
+    for (int b = 0; b < d.B; ++b)
+        for (int h = 0; h < d.heads; ++h)
+            for (int i = 0; i < d.T; ++i) {
+                float* row = scores + ((size_t(b) * d.heads + h) * d.T + i) * d.P;
+                const float* qi = q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
+                for (int j = 0; j < d.P; ++j) {
+                    const float* kj = k_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d.n_rep(), d.kv_heads)) * d.hd;
+                    float s = dot(qi, kj, d.hd) / scale;
 #ifndef CELERINFER_FAULT_CAUSAL_MASK_MISSING
-                    if (j > i) s += neg_inf;
+                    if (j > d.start() + i) s += neg_inf;
 #endif
 #ifndef CELERINFER_FAULT_PADDING_MASK_IGNORED
-                    if (mask[size_t(b) * S + j] == 0) s += -1e9f;
+                    if (mask[size_t(b) * d.P + j] == 0) s += -1e9f;
 #endif
                     row[j] = s;
                 }
@@ -161,20 +167,35 @@ inline void softmax(float* x, int rows, int n) {
 }
 
 // context[b, i, h, :] = sum_j probs[b, h, i, j] * v[b, j, h / n_rep, :]
-inline void attention_context(float* context, const float* probs, const float* v, int B, int S, int heads,
-                              int kv_heads, int hd) {
-    const int n_rep = heads / kv_heads;
-    for (int b = 0; b < B; ++b)
-        for (int i = 0; i < S; ++i)
-            for (int h = 0; h < heads; ++h) {
-                float* out = context + ((size_t(b) * S + i) * heads + h) * hd;
-                const float* p = probs + ((size_t(b) * heads + h) * S + i) * S;
-                for (int d = 0; d < hd; ++d) out[d] = 0.0f;
-                for (int j = 0; j < S; ++j) {
-                    const float* vj = v + ((size_t(b) * S + j) * kv_heads + kv_head(h, n_rep, kv_heads)) * hd;
-                    for (int d = 0; d < hd; ++d) out[d] += p[j] * vj[d];
+inline void attention_context(float* context, const float* probs, const float* v_cache, const AttnDims& d) {
+    for (int b = 0; b < d.B; ++b)
+        for (int i = 0; i < d.T; ++i)
+            for (int h = 0; h < d.heads; ++h) {
+                float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
+                const float* p = probs + ((size_t(b) * d.heads + h) * d.T + i) * d.P;
+                for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;
+                for (int j = 0; j < d.P; ++j) {
+                    const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d.n_rep(), d.kv_heads)) * d.hd;
+                    for (int e = 0; e < d.hd; ++e) out[e] += p[j] * vj[e];
                 }
             }
+}
+
+// Write the new tokens' keys or values [B, T, kv_dim] into the cache [B, max_len, kv_dim] at T's positions.
+inline void cache_store(float* cache, const float* fresh, const AttnDims& d) {
+    const size_t row = size_t(d.kv_heads) * d.hd;
+    for (int b = 0; b < d.B; ++b)
+        for (int i = 0; i < d.T; ++i) {
+            const float* src = fresh + (size_t(b) * d.T + i) * row;
+            float* dst = cache + (size_t(b) * d.max_len + d.start() + i) * row;
+            for (size_t e = 0; e < row; ++e) dst[e] = src[e];
+        }
+}
+
+// rope() for T new tokens at positions start ... start + T - 1.
+inline void rope_at(float* x, const float* cos, const float* sin, int B, int T, int start, int n_heads, int hd,
+                    bool interleaved) {
+    rope(x, cos + size_t(start) * hd, sin + size_t(start) * hd, B, T, n_heads, hd, interleaved);
 }
 
 inline float silu(float x) {
