@@ -274,25 +274,41 @@ inline void rmsnorm_fast(float* y, const float* x, const float* weight, int rows
     }
 }
 
-// Scores, softmax and context in one pass per (batch, head) and query, causal keys only
-// (the keys after a query have probability exactly 0). scratch: one row of max_len + 16 per thread.
-inline void attention_fused(float* context, const float* q, const float* k_cache, const float* v_cache,
+// Attention per (batch, head), causal keys only (the keys after a query have probability exactly
+// 0), in three blocked passes over a per-thread [T][kt_stride] score tile:
+// 1. scores 16 keys at a time: the 16 keys' transposed block [hd][16] is copied out of the
+//    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
+//    rows are 4 KB apart and would thrash L1 if read per query);
+// 2. softmax per row, vectorized;
+// 3. context: two queries at a time share each value row they read.
+inline void attention_fused(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                             const int64_t* mask, const AttnDims& d, float* scratch) {
     const float scale = float(std::sqrt(double(d.hd)));
+    const size_t tile = size_t(d.T) * kt_stride;
     ThreadPool::instance().parallel_for(d.B * d.heads, [&](int begin, int end, int thread) {
-        float* s = scratch + size_t(thread) * (d.max_len + 16);
+        float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 16);
+        float* kblock = S + tile;  // [hd][16]
+        const vf16 vscale = opaque(vsplat(scale));
         for (int task = begin; task < end; ++task) {
-            const int b = task / d.heads, h = task % d.heads, g = h / d.n_rep();
-            for (int i = 0; i < d.T; ++i) {
-                const int n_keys = d.start() + i + 1;
-                const float* qi = q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
+            const int b = task / d.heads, h = task % d.heads, g = h / d.n_rep(), start = d.start();
+            const float* kt = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride;
+            auto q_row = [&](int i) { return q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd; };
+            for (int j0 = 0; j0 < d.P; j0 += 16) {  // 1. scores
+                for (int e = 0; e < d.hd; ++e) std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);
+                for (int i = std::max(0, j0 - start); i < d.T; ++i) {
+                    const float* qi = q_row(i);
+                    vf16 acc{};
+                    for (int e = 0; e < d.hd; ++e) acc += vload(kblock + e * 16) * qi[e];
+                    vstore(S + size_t(i) * kt_stride + j0, acc / vscale);
+                }
+            }
+            for (int i = 0; i < d.T; ++i) {  // 2. softmax over the causal keys
+                float* s = S + size_t(i) * kt_stride;
+                const int n_keys = start + i + 1;
                 float max = -std::numeric_limits<float>::infinity();
                 for (int j = 0; j < n_keys; ++j) {
-                    const float* kj = k_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd;
-                    float v = dot_fast(qi, kj, d.hd) / scale;
-                    if (mask[size_t(b) * d.P + j] == 0) v += -1e9f;
-                    s[j] = v;
-                    max = v > max ? v : max;
+                    if (mask[size_t(b) * d.P + j] == 0) s[j] += -1e9f;
+                    max = s[j] > max ? s[j] : max;
                 }
                 vf16 vsum_acc{};
                 const vf16 vmax = opaque(vsplat(max));
@@ -305,19 +321,46 @@ inline void attention_fused(float* context, const float* q, const float* k_cache
                 float sum = vsum(vsum_acc);
                 for (; j < n_keys; ++j) sum += (s[j] = std::exp(s[j] - max));  // short rows: scalar is faster
                 const float inv = 1.0f / sum;
-                float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
-                for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;
-                for (j = 0; j < n_keys; ++j) {
-                    const float p = s[j] * inv;
-                    const vf16 vp = opaque(vsplat(p));
-                    const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd;
-                    int e = 0;
-                    for (; e + 16 <= d.hd; e += 16) vstore(out + e, vload(out + e) + vload(vj + e) * vp);
-                    for (; e < d.hd; ++e) out[e] += p * vj[e];
+                for (j = 0; j < n_keys; ++j) s[j] *= inv;
+            }
+            for (int i = 0; i < d.T; i += 2) {  // 3. context, queries i and i + 1 together
+                const bool pair = i + 1 < d.T;
+                const float* s0 = S + size_t(i) * kt_stride;
+                const float* s1 = pair ? s0 + kt_stride : s0;
+                float* out0 = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
+                float* out1 = pair ? out0 + size_t(d.heads) * d.hd : out0;
+                const int n0 = start + i + 1, n1 = pair ? n0 + 1 : n0;
+                for (int e0 = 0; e0 < d.hd; e0 += 16) {
+                    vf16 a0{}, a1{};
+                    const bool full = e0 + 16 <= d.hd;
+                    for (int j = 0; j < n1; ++j) {
+                        const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
+                        vf16 v;
+                        if (full) v = vload(vj);
+                        else { v = vf16{}; for (int e = 0; e < d.hd - e0; ++e) v[e] = vj[e]; }
+                        if (j < n0) a0 += v * s0[j];
+                        a1 += v * s1[j];
+                    }
+                    const int width = full ? 16 : d.hd - e0;
+                    float tmp[16];
+                    vstore(tmp, a0);
+                    std::memcpy(out0 + e0, tmp, sizeof(float) * width);
+                    if (pair) { vstore(tmp, a1); std::memcpy(out1 + e0, tmp, sizeof(float) * width); }
                 }
             }
         }
     }, double(d.B) * d.heads * d.T * d.P * d.hd > 1.0e5);
+}
+
+// Keys of the new tokens [B, T, kv_heads, hd] into the transposed cache [B][kv_heads][hd][stride].
+inline void cache_store_transposed(float* kt_cache, int kt_stride, const float* k, const AttnDims& d) {
+    for (int b = 0; b < d.B; ++b)
+        for (int i = 0; i < d.T; ++i)
+            for (int g = 0; g < d.kv_heads; ++g) {
+                const float* src = k + ((size_t(b) * d.T + i) * d.kv_heads + g) * d.hd;
+                float* dst = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride + d.start() + i;
+                for (int e = 0; e < d.hd; ++e) dst[size_t(e) * kt_stride] = src[e];
+            }
 }
 
 }  // namespace CELERINFER_NS

@@ -22,7 +22,9 @@ struct Workspace {
     size_t kv_dim = 0;
     std::vector<float> h, x, q, k, v, scores, context, attn_out, gate, up, act, mlp_out;
     std::vector<float> k_cache, v_cache;  // [layers][B][max_len][kv_dim]
-    std::vector<float> attn_scratch;      // fast attention: one row of max_len + 16 per thread
+    int kt_stride = 0;                    // max_len rounded up to 16
+    std::vector<float> kt_cache;          // fast kernels: keys transposed, [layers][B][kv_heads][hd][kt_stride]
+    std::vector<float> attn_scratch;      // fast attention: a [T][kt_stride] score tile per thread
     std::vector<float> router_probs, topk_weight, topk_idx_f;  // MoE only
     std::vector<int64_t> topk_idx;
     std::vector<float> expert_in, expert_out;  // MoE: the rows routed to one expert
@@ -41,7 +43,9 @@ struct Workspace {
         scores.resize(size_t(B) * c.heads * T * max_len);
         k_cache.resize(size_t(layers) * B * max_len * kv_dim);
         v_cache.resize(k_cache.size());
-        attn_scratch.resize(size_t(256) * (max_len + 16));
+        kt_stride = (max_len + 15) / 16 * 16;
+        kt_cache.resize(size_t(layers) * B * kv_dim * kt_stride);
+        attn_scratch.resize(size_t(std::max(1, num_threads())) * (size_t(T) * kt_stride + size_t(c.head_dim) * 16));
         const size_t I = c.moe ? c.moe_intermediate : c.intermediate;
         gate.resize(N * I); up.resize(N * I); act.resize(N * I);
         if (c.moe) {
@@ -52,6 +56,7 @@ struct Workspace {
     }
     float* layer_k(int l) { return k_cache.data() + size_t(l) * B * max_len * kv_dim; }
     float* layer_v(int l) { return v_cache.data() + size_t(l) * B * max_len * kv_dim; }
+    float* layer_kt(int l) { return kt_cache.data() + size_t(l) * B * kv_dim * kt_stride; }
 };
 
 // The readable kernels: the plain loops of ops.hpp.
@@ -64,12 +69,13 @@ struct ReadableKernels {
     }
     void swiglu(float* act, const float* gate, const float* up, size_t n) const { CELERINFER_NS::swiglu(act, gate, up, n); }
     // Attention when no trace is taken: the same three steps as the traced path.
-    void attention(float* context, const float* q, const float* kc, const float* vc, const int64_t* mask,
-                   const AttnDims& d, Workspace& ws) const {
-        attention_scores(ws.scores.data(), q, kc, mask, d);
+    void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d,
+                   Workspace& ws) const {
+        attention_scores(ws.scores.data(), q, ws.layer_k(layer), mask, d);
         softmax(ws.scores.data(), d.B * d.heads * d.T, d.P);
-        attention_context(context, ws.scores.data(), vc, d);
+        attention_context(context, ws.scores.data(), ws.layer_v(layer), d);
     }
+    void store_keys(const float*, int, const AttnDims&, Workspace&) const {}
 };
 
 // Every linear weight of a model, packed once for the fast GEMM.
@@ -113,9 +119,13 @@ struct FastKernels {
         rmsnorm_fast(y, x, w, rows, n, eps);
     }
     void swiglu(float* act, const float* gate, const float* up, size_t n) const { swiglu_fast(act, gate, up, n); }
-    void attention(float* context, const float* q, const float* kc, const float* vc, const int64_t* mask,
-                   const AttnDims& d, Workspace& ws) const {
-        attention_fused(context, q, kc, vc, mask, d, ws.attn_scratch.data());
+    void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d,
+                   Workspace& ws) const {
+        attention_fused(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, ws.attn_scratch.data());
+    }
+    // The fast attention reads keys transposed; keep that copy of the cache too.
+    void store_keys(const float* k, int layer, const AttnDims& d, Workspace& ws) const {
+        cache_store_transposed(ws.layer_kt(layer), ws.kt_stride, k, d);
     }
 };
 
@@ -220,6 +230,7 @@ inline void forward_tokens(const Model& m, const Kernels& K, const int64_t* inpu
         trace_point(trace, l, "self_attn.rope_k", ws.k.data(), {B, T, kvh, hd});
         cache_store(ws.layer_k(l), ws.k.data(), dims);
         cache_store(ws.layer_v(l), ws.v.data(), dims);
+        K.store_keys(ws.k.data(), l, dims, ws);
         if (trace) {  // unfused, so every step can be recorded (and replaced by a teacher)
             attention_scores(ws.scores.data(), ws.q.data(), ws.layer_k(l), mask, dims);
             trace_point(trace, l, "self_attn.scores", ws.scores.data(), {B, nh, T, dims.P});
@@ -227,7 +238,7 @@ inline void forward_tokens(const Model& m, const Kernels& K, const int64_t* inpu
             trace_point(trace, l, "self_attn.probs", ws.scores.data(), {B, nh, T, dims.P});
             attention_context(ws.context.data(), ws.scores.data(), ws.layer_v(l), dims);
         } else {
-            K.attention(ws.context.data(), ws.q.data(), ws.layer_k(l), ws.layer_v(l), mask, dims, ws);
+            K.attention(ws.context.data(), ws.q.data(), l, mask, dims, ws);
         }
         trace_point(trace, l, "self_attn.context", ws.context.data(), {B, T, c.q_dim()});
         K.linear(ws.attn_out.data(), ws.context.data(), L.wo, N, c.q_dim(), H);
