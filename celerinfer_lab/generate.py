@@ -83,9 +83,11 @@ def random_inputs(config: ModelConfig, batch_size: int, seq_len: int, seed: int,
 
 def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
                    padding: str = "none", pad_lengths: list[int] | None = None, pad_id: int = 0,
-                   output: str | Path | None = None, progress: bool | None = None) -> Model | Path:
+                   output: str | Path | None = None, progress: bool | None = None,
+                   sidecar: bool = False) -> Model | Path:
     """A random model with inputs. With ``output`` it is streamed to that file (one tensor in
-    memory at a time) and the path is returned; without, the Model is returned."""
+    memory at a time) and the path is returned; without, the Model is returned. ``sidecar``:
+    the weights go to a safetensors file beside the JSON (see modelfile.write_model_file)."""
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
     meta = {"generator": "celerinfer-lab", "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
@@ -101,7 +103,7 @@ def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, s
         bar = tqdm(total=len(weight_shapes(config)), desc=f"writing {Path(output).name}", unit="tensor")
     try:
         write_model_file(output, config, weights, input_ids, attention_mask, cos, sin, meta,
-                         on_tensor=(lambda _name: bar.update()) if bar else None)
+                         on_tensor=(lambda _name: bar.update()) if bar else None, sidecar=sidecar)
     finally:
         if bar:
             bar.close()

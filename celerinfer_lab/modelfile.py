@@ -186,12 +186,22 @@ def write_model_file(
     rope_sin: np.ndarray,
     meta: dict | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    sidecar: bool = False,
 ) -> None:
     """Stream a model file to ``path``: ``weights`` may be a generator yielding one tensor at a time.
 
+    ``sidecar``: the weights go to ``<stem>.safetensors`` beside the JSON file (memory-mapped on
+    load, so large models load without parsing base64); the JSON keeps their names and shapes.
     Output is deterministic: the same inputs give the same bytes.
     """
     path = Path(path)
+    if sidecar:
+        from .sidecar import write_safetensors
+        side = path.with_suffix(".safetensors")
+        shapes = weight_shapes(config)
+        write_safetensors(side, shapes, weights, on_tensor)
+        weights = ((name, np.empty(shape, np.float32)) for name, shape in shapes.items())  # names and shapes only
+        on_tensor = None
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:
         f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
@@ -206,10 +216,16 @@ def write_model_file(
                 f.write(b'%s"%s":' % (b"," if i else b"", key.encode()))
                 _write_tensor(f, key if section == "inputs" else f"rope_{key}", array, dtype)
             f.write(b"},\n")
+        if sidecar:
+            f.write(b'"sidecar":{"file":%s,"format":"safetensors"},\n' % _dumps(side.name).encode())
         f.write(b'"weights":{')
         for i, (name, array) in enumerate(weights):
             f.write(b'%s\n%s:' % (b"," if i else b"", _dumps(name).encode()))
-            _write_tensor(f, name, array, "float32")
+            if sidecar:
+                f.write(_dumps({"name": name, "shape": list(array.shape), "dtype": "float32",
+                                "encoding": "sidecar"}).encode())
+            else:
+                _write_tensor(f, name, array, "float32")
             if on_tensor:
                 on_tensor(name)
         f.write(b"\n}}\n")
@@ -270,6 +286,33 @@ def _tensor(section: dict, key: str, where: str) -> np.ndarray:
     return decode_tensor(section[key], f"{where}: tensor '{key}'")
 
 
+def _open_sidecar(doc: dict, where: str) -> dict[str, np.ndarray] | None:
+    if "sidecar" not in doc:
+        return None
+    from .sidecar import SidecarError, read_safetensors
+    info = doc["sidecar"]
+    if not (isinstance(info, dict) and isinstance(info.get("file"), str) and info.get("format") == "safetensors"):
+        raise ModelFileError(f"{where}: sidecar must be {{\"file\": NAME, \"format\": \"safetensors\"}}")
+    try:
+        return read_safetensors(Path(where).parent / info["file"])
+    except SidecarError as exc:
+        raise ModelFileError(f"{where}: sidecar: {exc}") from None
+
+
+def _weight(obj: Any, side: dict | None, where: str, name: str) -> np.ndarray:
+    if not (isinstance(obj, dict) and obj.get("encoding") == "sidecar"):
+        return decode_tensor(obj, where)
+    if side is None:
+        raise ModelFileError(f"{where}: encoding 'sidecar' but the file names no sidecar")
+    if name not in side:
+        raise ModelFileError(f"{where}: not in the sidecar")
+    array = side[name]
+    if list(array.shape) != obj.get("shape") or obj.get("dtype") != "float32" or array.dtype != np.float32:
+        raise ModelFileError(f"{where}: the JSON says {obj.get('dtype')} {obj.get('shape')}, the sidecar holds "
+                             f"{array.dtype} {list(array.shape)}")
+    return array
+
+
 def _parse_v1(doc: dict, where: str) -> Model:
     if doc.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{where}: format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
@@ -279,7 +322,8 @@ def _parse_v1(doc: dict, where: str) -> Model:
     config = _config(_section(doc, "config", where), where)
     inputs, rope = _section(doc, "inputs", where), _section(doc, "rope", where)
     raw_weights = _section(doc, "weights", where)
-    weights = {name: decode_tensor(obj, f"{where}: tensor '{name}'") for name, obj in raw_weights.items()}
+    side = _open_sidecar(doc, where)
+    weights = {name: _weight(obj, side, f"{where}: tensor '{name}'", name) for name, obj in raw_weights.items()}
     return Model(
         config=config,
         weights=weights,

@@ -10,6 +10,13 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+
 #include <nlohmann/json.hpp>
 
 #include "celerinfer/celerinfer.hpp"
@@ -99,8 +106,65 @@ inline std::vector<T> convert(const Tensor& t) {
     return out;
 }
 
+// A read-only memory map of a whole file (the safetensors sidecar), unmapped on destruction.
+struct Mapping {
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    explicit Mapping(const std::string& path) {
+        const int fd = ::open(path.c_str(), O_RDONLY);
+        CI_CHECK(fd >= 0, path, ": cannot open the sidecar file");
+        struct stat st {};
+        ::fstat(fd, &st);
+        size = size_t(st.st_size);
+        void* p = size ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+        ::close(fd);
+        CI_CHECK(p != MAP_FAILED, path, ": cannot map the sidecar file");
+        data = static_cast<const uint8_t*>(p);
+    }
+    ~Mapping() { if (data) ::munmap(const_cast<uint8_t*>(data), size); }
+    Mapping(const Mapping&) = delete;
+    Mapping& operator=(const Mapping&) = delete;
+};
+
+// The safetensors sidecar: tensor name -> (pointer into the map, shape).
+struct Sidecar {
+    std::unique_ptr<Mapping> map;
+    std::map<std::string, std::pair<const float*, std::vector<int64_t>>> tensors;
+};
+
+inline Sidecar open_sidecar(const std::string& path) {
+    Sidecar side;
+    side.map = std::make_unique<Mapping>(path);
+    const Mapping& m = *side.map;
+    CI_CHECK(m.size >= 8, path, ": too short to be a safetensors file");
+    uint64_t n = 0;
+    std::memcpy(&n, m.data, 8);
+    CI_CHECK(n <= m.size - 8, path, ": header length ", n, " runs past the end of the file");
+    json header;
+    try {
+        header = json::parse(m.data + 8, m.data + 8 + n);
+    } catch (const json::parse_error& e) {
+        fail(path, ": the safetensors header is not valid JSON: ", e.what());
+    }
+    const size_t base = 8 + n;
+    for (const auto& [name, info] : header.items()) {
+        if (name == "__metadata__") continue;
+        CI_CHECK(info.value("dtype", std::string()) == "F32", path, ": tensor '", name, "' is not F32");
+        const size_t start = info["data_offsets"][0].get<size_t>(), end = info["data_offsets"][1].get<size_t>();
+        std::vector<int64_t> shape = info["shape"].get<std::vector<int64_t>>();
+        size_t numel = 1;
+        for (int64_t d : shape) numel *= size_t(d);
+        CI_CHECK(end - start == numel * 4 && base + end <= m.size, path, ": tensor '", name,
+                 "' runs past the end of the file (truncated?)");
+        CI_CHECK((base + start) % 4 == 0, path, ": tensor '", name, "' is not 4-byte aligned");
+        side.tensors[name] = {reinterpret_cast<const float*>(m.data + base + start), shape};
+    }
+    return side;
+}
+
 // A loaded model: the buffers the Model's pointers refer to live as long as this object.
 struct LoadedModel {
+    Sidecar sidecar;
     std::unique_ptr<Model> model;
     std::map<std::string, std::vector<float>> weights;
     std::vector<int64_t> input_ids, attention_mask;
@@ -171,7 +235,21 @@ inline LoadedModel load_model_file(const std::string& path) {
     out.model = std::make_unique<Model>(read_config(cfg, doc.value("meta", json::object()), path));
     Model& m = *out.model;
 
+    if (doc.contains("sidecar")) {
+        const json& info = doc["sidecar"];
+        CI_CHECK(info.is_object() && info.value("format", std::string()) == "safetensors" && info.contains("file"),
+                 path, ": sidecar must name a safetensors file");
+        const std::string dir = std::filesystem::path(path).parent_path().string();
+        out.sidecar = open_sidecar((dir.empty() ? std::string(".") : dir) + "/" + info["file"].get<std::string>());
+    }
     auto add = [&](const std::string& name, const json& obj) {
+        if (obj.is_object() && obj.value("encoding", std::string()) == "sidecar") {
+            auto it = out.sidecar.tensors.find(name);
+            CI_CHECK(out.sidecar.map != nullptr, path, ": tensor '", name, "' is in a sidecar but the file names none");
+            CI_CHECK(it != out.sidecar.tensors.end(), path, ": tensor '", name, "' is not in the sidecar");
+            m.bind(name, it->second.first, it->second.second);  // no copy: straight into the map
+            return;
+        }
         const Tensor t = read_tensor(obj, path + ": tensor '" + name + "'");
         CI_CHECK(t.dtype.rfind("float", 0) == 0, path, ": tensor '", name, "' must be floating point");
         std::vector<float>& buf = out.weights[name] = convert<float>(t);

@@ -1,0 +1,84 @@
+"""The binary sidecar: weights in a safetensors file beside the JSON model file, memory-mapped.
+
+safetensors is a plain layout (8-byte little-endian header length, a JSON header of
+name -> {dtype, shape, data_offsets}, then the raw bytes), read by the `safetensors` package,
+by base_line_micro (cpp/tools/model_file.hpp) and here. This module writes it as a stream — the
+header is known from the config's shapes before any tensor exists, so a generator never holds
+more than one tensor — and maps it back without a copy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2")}
+
+
+class SidecarError(ValueError):
+    """The sidecar is missing, truncated or disagrees with the JSON file."""
+
+
+def write_safetensors(path: str | Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
+                      on_tensor: Callable[[str], None] | None = None) -> None:
+    """Write float32 tensors, in the order of ``shapes``, one at a time."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        expected = iter(shapes.items())
+        for name, array in tensors:
+            want, shape = next(expected, (None, None))
+            arr = np.ascontiguousarray(array, dtype="<f4")
+            if name != want or tuple(arr.shape) != tuple(shape):
+                raise SidecarError(f"{path}: tensor {name} {list(arr.shape)} arrived where {want} {list(shape)} was declared")
+            f.write(arr.reshape(-1).view(np.uint8))
+            if on_tensor:
+                on_tensor(name)
+    tmp.replace(path)
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory-mapped numpy array (no copy)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SidecarError(f"{path}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise SidecarError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise SidecarError(f"{path}: the sidecar file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SidecarError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+    base = 8 + n
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise SidecarError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; readable: {sorted(DTYPES)}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize or base + end > size:
+            raise SidecarError(f"{path}: tensor {name!r} needs bytes {start}..{end} of the data, "
+                               f"the file holds {size - base} (truncated?)")
+        out[name] = mapped[base + start: base + end].view(dtype).reshape(shape)
+    return out
