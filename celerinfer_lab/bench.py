@@ -47,7 +47,8 @@ def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
 
 
 def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10) -> Timing:
-    """The C++ forward through cppyy: inputs checked and logits allocated once, outside the timing."""
+    """The C++ forward through cppyy (the engine's default kernels): inputs checked and logits
+    allocated once, outside the timing."""
     prepared = native.prepare(model)
     ids, mask = prepared.check_inputs(None, None)
     logits = np.empty((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
@@ -60,7 +61,7 @@ def sweep(cases: Iterable[tuple[str, ModelConfig, int, int]], native=None, warmu
     import pandas as pd
 
     from .native import load_native
-    native = native or load_native()
+    native = native or load_native(kernels="fast")
     rows = []
     for label, config, batch, seq_len in cases:
         if progress:
@@ -89,3 +90,146 @@ def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
     ax.set_title("forward time against size")
     ax.legend()
     return fig
+
+
+# ---- the benchmark workflow (celerinfer-lab bench) ----------------------------------------------
+def machine_info(cpp_threads: int | None = None) -> dict:
+    import os
+    import platform
+
+    import torch
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpp_threads": cpp_threads, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _stats(times: Timing, prefix: str) -> dict:
+    return {f"{prefix}_ms": times.median_ms, f"{prefix}_min_ms": times.min_ms, f"{prefix}_max_ms": times.max_ms}
+
+
+def decode_torch(model: Model, new_tokens: int) -> tuple[np.ndarray, float]:
+    """Greedy decoding with PyTorch's KV cache: the new tokens and the decode time (prefill excluded)."""
+    import torch
+
+    from .reference import KVCache, ReferenceModel
+    ref = ReferenceModel(model)
+    cache = KVCache.empty()
+    ids, mask = ref.input_ids, ref.attention_mask
+    logits, _ = ref.forward(ids, mask, cache=cache)
+    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+        logits, _ = ref.forward(tokens[-1], mask, cache=cache)
+        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1).numpy(), time.perf_counter() - start
+
+
+def decode_cpp(prepared, new_tokens: int) -> tuple[np.ndarray, float]:
+    """Greedy decoding with the C++ KV cache: the new tokens and the decode time (prefill excluded)."""
+    model = prepared.model
+    ids, mask = prepared.check_inputs(None, None)
+    B, S = ids.shape
+    ws = prepared.workspace(B, S, S + new_tokens - 1)
+    logits = np.empty((B, S, model.config.vocab_size), np.float32)
+    prepared.run(ids, mask, logits, workspace=ws)
+    tokens = [np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64)]
+    step_logits = np.empty((B, 1, model.config.vocab_size), np.float32)
+    start = time.perf_counter()
+    for step in range(new_tokens - 1):
+        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+        prepared.run(tokens[-1], mask, step_logits, start=S + step, workspace=ws)
+        tokens.append(np.ascontiguousarray(step_logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
+    return np.concatenate(tokens, axis=1), time.perf_counter() - start
+
+
+def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, threads: int | None = None,
+              repeat: int = 10, warmup: int = 3, decode: int = 0, work_dir: str | None = None,
+              cpp_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from .modelfile import load_model
+    from .native import load_native
+    from .reference import ReferenceModel
+    from .standalone import build_standalone, run_standalone
+
+    if threads:
+        torch.set_num_threads(threads)
+    work = Path(work_dir or tempfile.mkdtemp(prefix="celerinfer-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"config": config.to_dict(), "batch": batch, "seq_len": seq_len, "parameters": config.num_parameters()}
+    log(f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; files in {work}")
+
+    start = time.perf_counter()
+    json_path = generate_model(config, batch, seq_len, seed, output=work / "model.json")
+    side_path = generate_model(config, batch, seq_len, seed, output=work / "model_sidecar.json", sidecar=True)
+    result["generate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    load_model(json_path)
+    result["python_load_json_ms"] = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    model = load_model(side_path)
+    result["python_load_sidecar_ms"] = (time.perf_counter() - start) * 1e3
+
+    ref = ReferenceModel(model)
+    torch_t = time_call(lambda: ref.forward(), warmup, repeat)
+    torch_logits = ref.forward()[0].numpy()
+    result.update(_stats(torch_t, "torch_forward"))
+
+    native = load_native(cpp_dir, kernels="fast")
+    if threads:
+        native.set_threads(threads)
+    prepared = native.prepare(model)
+    cpp_t = time_cpp(model, native, warmup, repeat)
+    cpp_logits = prepared.forward().logits
+    result.update(_stats(cpp_t, "cpp_forward"))
+
+    binary = build_standalone(cpp_dir, build_dir=work / "build")
+    env_threads = {"THREADS": str(threads)} if threads else {}
+    alone = run_standalone(binary, json_path, work / "out", warmup, repeat, env=env_threads)
+    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env=env_threads)
+    result.update(standalone_forward_ms=alone.forward_ms, standalone_load_ms=alone.load_ms,
+                  standalone_load_sidecar_ms=alone_side.load_ms)
+
+    real = model.attention_mask.astype(bool)
+    diff = np.abs(cpp_logits - torch_logits)[real]
+    result["max_abs_diff"] = float(diff.max())
+    result["standalone_max_abs_diff"] = float(np.abs(alone.logits - torch_logits)[real].max())
+    result["logits_rel_l2"] = float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real]))
+    result["machine"] = machine_info(native.threads)
+
+    log(f"{'PyTorch forward':26s} {torch_t.median_ms:10.3f} ms   1.00x   (min {torch_t.min_ms:.3f}, max {torch_t.max_ms:.3f})")
+    for label, ms in (("C++ via cppyy (fast)", cpp_t.median_ms), ("C++ standalone", alone.forward_ms)):
+        log(f"{label:26s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster")
+    log(f"{'load, JSON only':26s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
+        f"{result['python_load_json_ms']:.1f} ms (Python)")
+    log(f"{'load, safetensors sidecar':26s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
+        f"{result['python_load_sidecar_ms']:.1f} ms (Python)")
+    for label, lg in (("torch", torch_logits), ("cpp", cpp_logits)):
+        log(f"logits {label:5s}: shape {list(lg.shape)} min {lg.min():.6f} max {lg.max():.6f} mean {lg.mean():.6f}")
+    log(f"max |cpp - torch| {result['max_abs_diff']:.3e} (relative L2 {result['logits_rel_l2']:.2e}); "
+        f"standalone {result['standalone_max_abs_diff']:.3e}")
+
+    if decode:
+        decode_torch(model, 3)  # warm-up
+        decode_cpp(prepared, 3)
+        torch_tokens, torch_s = decode_torch(model, decode)
+        cpp_tokens, cpp_s = decode_cpp(prepared, decode)
+        steps = batch * (decode - 1)
+        result.update(decode_tokens=decode, torch_decode_tok_s=steps / torch_s, cpp_decode_tok_s=steps / cpp_s,
+                      decode_tokens_equal=bool((torch_tokens == cpp_tokens).all()))
+        log(f"decode {decode} tokens after {seq_len}: torch {result['torch_decode_tok_s']:.1f} tok/s, "
+            f"C++ {result['cpp_decode_tok_s']:.1f} tok/s ({result['cpp_decode_tok_s'] / result['torch_decode_tok_s']:.2f}x); "
+            f"same tokens: {result['decode_tokens_equal']}")
+    return result

@@ -1,4 +1,4 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare."""
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, bench."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, Con
 from .generate import PADDING_MODES, generate_model
 from .modelfile import ModelFileError, load_model
 from .native import NativeError
+from .standalone import StandaloneError
 
 # The original CelerInfer generator's defaults.
 ORIGINAL_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -183,6 +184,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if report.agrees else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import run_bench
+    if args.preset and args.numbers:
+        raise ConfigError("give either --preset or the seven numbers (hidden layers heads kvh vocab seq batch), not both")
+    if args.numbers and len(args.numbers) != 7:
+        raise ConfigError(f"expected 7 numbers: hidden layers heads kvh vocab seq_len batch, got {len(args.numbers)}")
+    if args.preset:
+        config = preset(args.preset, **({"max_position_embeddings": args.max_pos} if args.max_pos else {}))
+        seq_len, batch = args.seq_len or 5, args.batch_size or 2
+    else:
+        h, layers, heads, kvh, vocab, seq, batch = args.numbers or [64, 2, 8, 2, 128, 5, 2]
+        seq_len, batch = args.seq_len or seq, args.batch_size or batch
+        config = ModelConfig(**{**ORIGINAL_DEFAULTS, "hidden_size": h, "num_hidden_layers": layers,
+                                "num_attention_heads": heads, "num_key_value_heads": kvh, "vocab_size": vocab,
+                                "max_position_embeddings": max(args.max_pos or 128, seq_len + args.decode)})
+    config.validate(seq_len=seq_len + max(args.decode - 1, 0))
+    result = run_bench(config, batch, seq_len, args.seed, args.threads, args.repeat, args.warmup, args.decode,
+                       args.work_dir, args.cpp_dir)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"saved {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="celerinfer-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
+    bench = sub.add_parser("bench", help="generate, time PyTorch, C++ via cppyy and standalone, compare",
+                           description="The original benchmark.sh workflow: bench HIDDEN LAYERS HEADS KVH VOCAB SEQ BATCH "
+                                       "(default 64 2 8 2 128 5 2). Times are medians after warm-up, loading excluded.")
+    bench.add_argument("numbers", nargs="*", type=int, help="hidden layers heads kvh vocab seq_len batch")
+    bench.add_argument("--preset", choices=sorted(PRESETS))
+    bench.add_argument("--seq-len", type=int, help="override the sequence length (with --preset: default 5)")
+    bench.add_argument("--batch-size", type=int, help="override the batch (with --preset: default 2)")
+    bench.add_argument("--max-pos", type=int, help="max_position_embeddings")
+    bench.add_argument("--threads", type=int, help="threads for both sides (default: each side's own, all cores)")
+    bench.add_argument("--repeat", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--decode", type=int, default=0, help="also decode N tokens greedily with a KV cache")
+    bench.add_argument("--seed", type=int, default=123)
+    bench.add_argument("--json", help="write the results here")
+    bench.add_argument("--work-dir", help="where the model files and builds go (default: a temporary folder)")
+    bench.add_argument("--cpp-dir", help="a folder with your own copy of the C++")
     cmp = sub.add_parser("compare", help="run both forwards and compare every trace point",
                          description="Exit status: 0 all trace points agree, 1 they diverge, 2 bad input.")
     cmp.add_argument("model", nargs="?")
@@ -211,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "torch-forward": cmd_torch_forward,
-            "cpp-forward": cmd_cpp_forward, "compare": cmd_compare}
+            "cpp-forward": cmd_cpp_forward, "compare": cmd_compare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ModelFileError, ConfigError, FileNotFoundError, NativeError) as exc:
+    except (ModelFileError, ConfigError, FileNotFoundError, NativeError, StandaloneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -37,9 +37,10 @@ def build_standalone(cpp_dir: str | Path | None = None, build_dir: str | Path | 
 
 
 def run_standalone(binary: str | Path, model_path: str | Path, out_dir: str | Path,
-                   warmup: int = 1, repeat: int = 10) -> StandaloneResult:
-    """Run ``base_line_micro model_path out_dir`` and read its logits and times."""
-    env = {**os.environ, "WARMUP": str(warmup), "REPEAT": str(repeat)}
+                   warmup: int = 1, repeat: int = 10, env: dict | None = None) -> StandaloneResult:
+    """Run ``base_line_micro model_path out_dir`` and read its logits and times. ``env``: more
+    variables (KERNELS=readable|fast, THREADS=n)."""
+    env = {**os.environ, "WARMUP": str(warmup), "REPEAT": str(repeat), **(env or {})}
     result = subprocess.run([str(binary), str(model_path), str(out_dir)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise StandaloneError(f"base_line_micro exited {result.returncode}: {result.stderr.strip()}")
