@@ -65,6 +65,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pad-lengths", type=_int_list, help="pad tokens per row, e.g. 0,2")
     g.add_argument("--pad-id", type=int, default=0)
     g.add_argument("--output", "-o", default="model.json")
+    g.add_argument("--sidecar", action="store_true", help="weights in a safetensors file beside the JSON (large models)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for models of 20M parameters and more)")
 
@@ -88,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     start = time.perf_counter()
     path = generate_model(config, args.batch_size, args.seq_len, args.seed, args.padding, args.pad_lengths,
-                          args.pad_id, output=args.output, progress=args.progress)
+                          args.pad_id, output=args.output, progress=args.progress, sidecar=args.sidecar)
     size = Path(path).stat().st_size
     print(f"wrote {path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
           f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.2f} s")

@@ -237,14 +237,16 @@ def _index_mismatches(point, runs, mask, key: str) -> int:
 
 
 def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask: np.ndarray,
-                 subject: str = "C++") -> Report:
+                 subject: str = "C++", past_len: int = 0) -> Report:
     """Compare runs['cpp'] (and runs['cpp_own']) with runs['oracle'], floors from runs['ref32'] and
-    runs['ref32_own']."""
-    B, S = attention_mask.shape
-    mask = attention_mask
+    runs['ref32_own']. attention_mask covers every key [B, past_len + S]; past_len > 0 for a
+    decode step over S new tokens."""
+    key_mask = attention_mask
+    mask = attention_mask[:, past_len:]  # the rows compared: the new tokens that are real
+    B, S = mask.shape
     reports: list[PointReport] = []
     previous_rms = 0.0
-    for point in trace_points(config, B, S):
+    for point in trace_points(config, B, S, past_len):
         missing = [k for k in ("cpp", "cpp_own") if point.name not in runs[k]]
         wrong = [k for k in ("cpp", "cpp_own") if k not in missing and runs[k][point.name].shape != point.shape]
         if missing or wrong:
@@ -288,8 +290,8 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
             own_diverges=own.rel_l2 > own_tol and own.max_abs > abs_tol,
             note=", ".join(notes)))
     _label(reports)
-    return Report(reports, _logits_report(runs, mask), runs, attention_mask, subject=subject,
-                  meta={"config": config})
+    return Report(reports, _logits_report(runs, mask), runs, mask, subject=subject,
+                  meta={"config": config, "key_mask": key_mask, "past_len": past_len})
 
 
 def _label(points: list[PointReport]) -> None:
@@ -318,30 +320,77 @@ def _logits_report(runs, mask) -> LogitsReport:
 
 
 # ---- running everything ------------------------------------------------------------------------
-def run_all(model, native) -> dict[str, dict[str, np.ndarray]]:
-    """The five runs a report needs: oracle (float64), ref32, ref32_own, cpp, cpp_own."""
+def run_all(model, native, kernels: str | None = None, baseline: str = "torch") -> dict[str, dict[str, np.ndarray]]:
+    """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
+    sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
+    cpp_own (the C++ with ``kernels``)."""
     import torch
 
     from .reference import reference_forward
     oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
     teacher = {k: v.astype(np.float32) for k, v in oracle.items()}
-    return {
-        "oracle": oracle,
-        "ref32": reference_forward(model, trace=True).trace,
-        "ref32_own": reference_forward(model, trace=True, teacher=teacher).trace,
-        "cpp": native.forward(model, trace=True).trace,
-        "cpp_own": native.forward(model, teacher=teacher).trace,
-    }
+    if baseline == "torch":
+        floors = {"ref32": reference_forward(model, trace=True).trace,
+                  "ref32_own": reference_forward(model, trace=True, teacher=teacher).trace}
+    elif baseline == "readable":
+        floors = {"ref32": native.forward(model, trace=True, kernels="readable").trace,
+                  "ref32_own": native.forward(model, teacher=teacher, kernels="readable").trace}
+    else:
+        raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
+    return {"oracle": oracle, **floors,
+            "cpp": native.forward(model, trace=True, kernels=kernels).trace,
+            "cpp_own": native.forward(model, teacher=teacher, kernels=kernels).trace}
 
 
-def compare(model, native=None) -> Report:
+def compare(model, native=None, kernels: str | None = None, baseline: str = "torch") -> Report:
     """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
-    project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point."""
+    project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
+
+    ``kernels``: "readable" or "fast" (default: the engine's). ``baseline="readable"`` sets the
+    floors from the readable C++ instead of PyTorch: the fast kernels judged against the readable
+    ones."""
     from .diagnose import diagnose
     from .native import load_native
 
     native = native or load_native()
-    report = build_report(run_all(model, native), model.config, model.attention_mask)
+    report = build_report(run_all(model, native, kernels, baseline), model.config, model.attention_mask,
+                          subject=f"C++ ({kernels or native.kernels})")
     report.meta["model"] = model
     report.diagnosis = diagnose(report)
     return report
+
+
+def compare_decode(model, native=None, steps: int = 3, kernels: str | None = None) -> list[Report]:
+    """Compare a KV-cache decode step by step: the prefill, then ``steps`` single-token steps fed
+    with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
+    the isolated run is teacher forced at every step, so its cache holds the oracle's keys."""
+    import torch
+
+    from .diagnose import diagnose
+    from .native import load_native
+    from .reference import ReferenceModel, decode_steps, greedy_generate
+
+    native = native or load_native()
+    ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
+    feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
+    oracle = [t for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
+    teachers = [{k: v.astype(np.float32) for k, v in t.items()} for t in oracle]
+    prepared = native.prepare(model, kernels)
+    runs = {
+        "oracle": oracle,
+        "ref32": [t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
+        "ref32_own": [t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)],
+        "cpp": [r.trace for r in prepared.decode_steps(feed, trace=True)],
+        "cpp_own": [r.trace for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
+    }
+    reports, mask, past = [], model.attention_mask, 0
+    for step in range(steps + 1):
+        if step:
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        report = build_report({k: v[step] for k, v in runs.items()}, model.config, mask,
+                              subject=f"C++ ({prepared.kernels}) step {step}", past_len=past)
+        report.meta["model"] = model
+        report.diagnosis = diagnose(report)
+        reports.append(report)
+        past = mask.shape[1]
+    return reports

@@ -43,9 +43,10 @@ class _Context:
         self.name = self.culprit.name
         self.x = self.oracle[self.name].astype(np.float64)
         self.y = report.runs["cpp_own"][self.name].astype(np.float64)
-        self.mask = report.attention_mask
+        self.mask = report.attention_mask  # the query rows compared [B, S]
+        self.key_mask = report.meta.get("key_mask", self.mask)  # every key [B, past + S]
         B, S = self.mask.shape
-        self.point = next(p for p in trace_points(self.config, B, S) if p.name == self.name)
+        self.point = next(p for p in trace_points(self.config, B, S, report.meta.get("past_len", 0)) if p.name == self.name)
         self.base_error = _rel(self.y, self.x)
         parts = self.name.split(".")
         self.layer = int(parts[2]) if self.name.startswith("model.layers.") else None
@@ -124,9 +125,10 @@ def _rope_variant(c: _Context) -> str | None:
     which = c.op[-1]
     src = c.prefix(f"self_attn.{which}_norm") if c.config.qk_norm else c.prefix(f"self_attn.{which}_proj")
     x = c.t(src).reshape(c.y.shape)
+    start = c.report.meta.get("past_len", 0)  # decode steps rotate by their own positions
     S = x.shape[1]
-    cos = torch.from_numpy(c.model.rope_cos[:S].astype(np.float64))
-    sin = torch.from_numpy(c.model.rope_sin[:S].astype(np.float64))
+    cos = torch.from_numpy(c.model.rope_cos[start:start + S].astype(np.float64))
+    sin = torch.from_numpy(c.model.rope_sin[start:start + S].astype(np.float64))
     other = "interleaved" if c.config.rope_pairing == "half" else "half"
     if c.matches(apply_rope(x, cos, sin, other)):
         return (f"RoPE pairing swapped: matches {other} pairs, the model uses {c.config.rope_pairing} "
@@ -138,11 +140,11 @@ def _scores(c: _Context, q: torch.Tensor, k: torch.Tensor, scale: float) -> torc
     S = q.shape[1]
     scores = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-2, -1)) / scale
     scores = scores + torch.full((S, S), float("-inf"), dtype=scores.dtype).triu(1)
-    return scores + (1.0 - torch.from_numpy(c.mask)[:, None, None, :].double()) * -1e9
+    return scores + (1.0 - torch.from_numpy(c.key_mask)[:, None, None, :].double()) * -1e9
 
 
 def _scores_variants(c: _Context) -> str | None:
-    if c.op != "self_attn.scores":
+    if c.op != "self_attn.scores" or c.report.meta.get("past_len"):  # decode: the cached keys are not in the trace
         return None
     cfg = c.config
     q, k = c.t(c.prefix("self_attn.rope_q")), c.t(c.prefix("self_attn.rope_k"))
@@ -302,7 +304,7 @@ def _padded_keys_only(c: _Context) -> str | None:
     with np.errstate(invalid="ignore"):
         err = np.where(live, np.abs(np.nan_to_num(y, nan=np.inf) - x), 0.0)
     query_real = c.mask.astype(bool)[:, None, :, None]
-    key_padded = ~c.mask.astype(bool)[:, None, None, :]
+    key_padded = ~c.key_mask.astype(bool)[:, None, None, :]
     scale = float(np.abs(x[live]).max(initial=0.0)) or 1.0
     pad_err = float(np.max(err, where=query_real & key_padded, initial=0.0))
     real_err = float(np.max(err, where=query_real & ~key_padded, initial=0.0))

@@ -254,32 +254,52 @@ class NativeModel:
         recorder._kept = kept
         return recorder, kept
 
-    def generate(self, new_tokens: int, input_ids=None, attention_mask=None, trace: bool = False,
-                 teachers: list[dict[str, np.ndarray]] | None = None) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-        """Greedy decoding with the KV cache: prefill the prompt, then one token per step.
+    def generate(self, new_tokens: int, input_ids=None, attention_mask=None) -> np.ndarray:
+        """Greedy decoding with the KV cache: prefill the prompt, then one token per step; the new
+        tokens [B, new_tokens]."""
+        tokens: list[np.ndarray] = []
 
-        Returns the new tokens [B, new_tokens] and, with trace, one trace per forward (prefill
-        first). ``teachers``: one teacher per forward, as for forward()."""
+        def greedy(step: int, logits: np.ndarray, _trace) -> np.ndarray:
+            tokens.append(np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
+            return tokens[-1]
+        self._decode(new_tokens, input_ids, attention_mask, greedy)
+        return np.concatenate(tokens, axis=1)
+
+    def decode_steps(self, feed: np.ndarray, input_ids=None, attention_mask=None, trace: bool = False,
+                     teachers: list[dict[str, np.ndarray]] | None = None) -> list[ForwardResult]:
+        """Prefill, then feed the tokens of ``feed`` [B, N] one step at a time with the KV cache; one
+        result per forward (prefill first), with traces and teachers as for forward()."""
+        feed = np.ascontiguousarray(feed, dtype=np.int64)
+        results: list[ForwardResult] = []
+
+        def fed(step: int, logits: np.ndarray, points) -> np.ndarray | None:
+            results.append(ForwardResult(logits.copy(), points))
+            return feed[:, step: step + 1] if step < feed.shape[1] else None
+        self._decode(feed.shape[1] + 1, input_ids, attention_mask, fed, trace, teachers)
+        return results
+
+    def _decode(self, forwards: int, input_ids, attention_mask, next_token, trace: bool = False, teachers=None) -> None:
+        """Run up to ``forwards`` forwards over one KV cache: the prompt first, then each token that
+        next_token(step, logits, trace or None) returns (None stops)."""
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
-        if new_tokens < 1:
-            raise ValueError(f"new_tokens={new_tokens}: generate at least one token")
-        self.config.validate(seq_len=S + new_tokens - 1)
-        ws = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, S + new_tokens - 1)
-        tokens, traces, start = [], [], 0
-        for step in range(new_tokens):
+        if forwards < 1:
+            raise ValueError(f"forwards={forwards}: need at least the prefill")
+        self.config.validate(seq_len=S + forwards - 1)
+        ws = self.workspace(B, S, S + forwards - 1)
+        start = 0
+        for step in range(forwards):
             T = ids.shape[1]
             logits = np.full((B, T, self.config.vocab_size), np.nan, dtype=np.float32)
-            teacher = teachers[step] if teachers else None
-            recorder, kept = self._recorder(trace, teacher, B, T, start)
+            recorder, _kept = self._recorder(trace, teachers[step] if teachers else None, B, T, start)
             self.run(ids, mask, logits, recorder, start=start, workspace=ws)
-            if recorder is not None and trace:
-                traces.append(_read_trace(recorder, self.config, B, T, start))
+            points = _read_trace(recorder, self.config, B, T, start) if trace else None
+            ids = next_token(step, logits, points)
             start += T
-            ids = np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64)
-            tokens.append(ids)
+            if ids is None or step == forwards - 1:
+                break
+            ids = np.ascontiguousarray(ids, dtype=np.int64)  # a column slice is not contiguous
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-        return np.concatenate(tokens, axis=1), traces
 
 
 def _read_trace(recorder, config: ModelConfig, B: int, S: int, past_len: int = 0) -> dict[str, np.ndarray]:

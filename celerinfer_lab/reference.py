@@ -231,24 +231,40 @@ class ReferenceModel:
         return out
 
 
-def greedy_generate(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                    trace: bool = False) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-    """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache.
-
-    Returns the new tokens [B, new_tokens] and, with trace, one trace per forward (the prefill, then
-    each decode step but the last token's, which is only chosen)."""
+def decode_steps(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, feed: np.ndarray,
+                 trace: bool = False, teachers: list[dict[str, np.ndarray]] | None = None,
+                 ) -> list[tuple[np.ndarray, dict[str, np.ndarray] | None]]:
+    """Prefill the prompt, then feed the tokens of ``feed`` [B, N] one step at a time with the KV
+    cache. One (logits, trace) per forward: the prefill, then N steps. ``teachers``: one teacher per
+    forward (see ReferenceModel.forward)."""
     cache = KVCache.empty()
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
-    traces, tokens = [], []
-    for step in range(new_tokens):
-        logits, points = ref.forward(ids, mask, trace=trace, cache=cache)
-        if trace:
-            traces.append({k: v.numpy() for k, v in points.items()})
+    feed = torch.from_numpy(np.asarray(feed, dtype=np.int64))
+    out = []
+    for step in range(feed.shape[1] + 1):
+        teacher = teachers[step] if teachers else None
+        logits, points = ref.forward(ids, mask, trace=trace, teacher=teacher, cache=cache)
+        out.append((logits.numpy(), None if points is None else {k: v.numpy() for k, v in points.items()}))
+        if step < feed.shape[1]:
+            ids = feed[:, step: step + 1]
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    return out
+
+
+def greedy_generate(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
+                    ) -> np.ndarray:
+    """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens]."""
+    cache = KVCache.empty()
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+    mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+    tokens = []
+    for _ in range(new_tokens):
+        logits, _ = ref.forward(ids, mask, cache=cache)
         ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(ids)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-    return torch.cat(tokens, dim=1).numpy(), traces
+    return torch.cat(tokens, dim=1).numpy()
 
 
 def reference_forward(model: Model, dtype: torch.dtype = torch.float32, trace: bool = False,

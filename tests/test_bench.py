@@ -1,0 +1,57 @@
+"""The benchmark workflow runs and its numbers are sane (never that a time is below a bound)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from celerinfer_lab import load_native, preset
+from celerinfer_lab.bench import plot_sweep, sweep, time_call
+
+
+def test_bench_command_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", "64", "2", "8", "2", "128", "5", "2",
+                        "--repeat", "3", "--warmup", "1", "--decode", "6", "--json", str(out),
+                        "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, env=os.environ)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for words in ("PyTorch forward", "C++ via cppyy (fast)", "C++ standalone", "faster", "load, JSON only",
+                  "load, safetensors sidecar", "logits torch", "logits cpp", "max |cpp - torch|", "same tokens: True"):
+        assert words in r.stdout, words
+    result = json.loads(out.read_text())
+    for key in ("torch_forward_ms", "cpp_forward_ms", "standalone_forward_ms", "standalone_load_ms", "max_abs_diff",
+                "torch_decode_tok_s", "cpp_decode_tok_s", "torch_forward_min_ms", "torch_forward_max_ms",
+                "standalone_load_sidecar_ms", "python_load_json_ms", "python_load_sidecar_ms"):
+        assert key in result and result[key] > 0, key
+    assert result["torch_forward_min_ms"] <= result["torch_forward_ms"] <= result["torch_forward_max_ms"]
+    assert result["max_abs_diff"] < 1e-4 and result["decode_tokens_equal"] is True
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"] and result["machine"]["cpp_threads"] >= 1
+    assert result["config"]["hidden_size"] == 64 and result["batch"] == 2 and result["seq_len"] == 5
+
+
+def test_bench_rejects_bad_arguments():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    r = run("64", "2", "8")
+    assert r.returncode == 2 and "expected 7 numbers" in r.stderr
+    r = run("64", "2", "8", "3", "128", "5", "2")
+    assert r.returncode == 2 and "num_key_value_heads=3" in r.stderr
+    r = run("--preset", "minimind2-small", "64", "2", "8", "2", "128", "5", "2")
+    assert r.returncode == 2 and "either --preset or the seven numbers" in r.stderr
+
+
+def test_time_call_times_the_call():
+    calls = []
+    timing = time_call(lambda: calls.append(1), warmup=2, repeat=5)
+    assert len(calls) == 7 and timing.runs == 5 and 0 <= timing.min_ms <= timing.median_ms <= timing.max_ms
+
+
+def test_sweep_and_plot():
+    cases = [(f"h{h}", preset("minimind2-small", hidden_size=h, num_hidden_layers=1, vocab_size=256,
+                              intermediate_size=2 * h), 1, 16) for h in (64, 128)]
+    table = sweep(cases, load_native(kernels="fast"), warmup=1, repeat=2)
+    assert list(table.index) == ["h64", "h128"] and (table[["torch_ms", "cpp_ms"]] > 0).all().all()
+    assert np.allclose(table["speedup"], table["torch_ms"] / table["cpp_ms"])
+    fig = plot_sweep(table)
+    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].get_lines()) == 2

@@ -1,0 +1,101 @@
+"""The fast kernels and the KV cache: equal to the reference at every trace point, decode equals
+the full forward, greedy generation gives the same tokens on every side."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from celerinfer_lab import compare, load_native, reference_forward, trace_points
+from celerinfer_lab.compare import compare_decode
+from celerinfer_lab.reference import ReferenceModel, decode_steps, greedy_generate
+
+from conftest import small_model
+from test_native import model_cases
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return load_native(kernels="fast")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=model_cases())
+def test_fast_kernels_equal_reference_at_every_trace_point(fast, model):
+    report = compare(model, fast)
+    assert report.agrees, report.to_text()
+    # Without a trace the fused attention runs: its logits must agree as well.
+    real = model.attention_mask.astype(bool)
+    cpp, ref = fast.forward(model).logits[real], reference_forward(model).logits[real]
+    assert np.linalg.norm(cpp - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+def test_fast_judged_against_readable(fast):
+    report = compare(small_model(batch_size=2, seq_len=20, qk_norm=True), fast, kernels="fast", baseline="readable")
+    assert report.agrees, report.to_text()
+    assert "fast" in report.subject
+
+
+@pytest.mark.parametrize("kernels", ["readable", "fast"])
+@pytest.mark.parametrize("variant", [{}, dict(use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=1,
+                                              qk_norm=True, rope_pairing="interleaved")])
+def test_kv_cache_decode_equals_full_forward(fast, kernels, variant):
+    model = small_model(batch_size=2, seq_len=12, padding="left", **variant)
+    prompt, rest = model.input_ids[:, :7], model.input_ids[:, 7:]
+    full = reference_forward(model).logits
+    real = model.attention_mask.astype(bool)
+    steps = fast.prepare(model, kernels).decode_steps(rest, prompt, model.attention_mask[:, :7])
+    incremental = np.concatenate([r.logits for r in steps], axis=1)
+    ref_steps = decode_steps(ReferenceModel(model), prompt, model.attention_mask[:, :7], rest)
+    ref_incremental = np.concatenate([lg for lg, _ in ref_steps], axis=1)
+    np.testing.assert_allclose(incremental[real], full[real], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(ref_incremental[real], full[real], rtol=0, atol=2e-5)
+
+
+def test_decode_traces_have_the_contract_shapes(fast):
+    model = small_model(batch_size=2, seq_len=5)
+    results = fast.prepare(model, "fast").decode_steps(np.ones((2, 3), np.int64), trace=True)
+    assert len(results) == 4
+    for past, r in zip([0, 5, 6, 7], results):
+        T = 5 if past == 0 else 1
+        points = trace_points(model.config, 2, T, past)
+        assert list(r.trace) == [p.name for p in points]
+        assert all(r.trace[p.name].shape == p.shape for p in points)
+    assert results[2].trace["model.layers.0.self_attn.scores"].shape == (2, 8, 1, 7)
+
+
+@pytest.mark.parametrize("kernels", ["readable", "fast"])
+def test_greedy_generation_same_tokens(fast, kernels):
+    model = small_model(batch_size=3, seq_len=6, padding="mixed", vocab_size=96)
+    expected = greedy_generate(ReferenceModel(model), model.input_ids, model.attention_mask, 12)
+    tokens = fast.prepare(model, kernels).generate(12)
+    np.testing.assert_array_equal(tokens, expected)
+    assert tokens.shape == (3, 12)
+
+
+def test_debugger_compares_decode_steps(fast):
+    model = small_model(batch_size=2, seq_len=6)
+    reports = compare_decode(model, fast, steps=3, kernels="fast")
+    assert len(reports) == 4 and all(r.agrees for r in reports), [r.summary() for r in reports]
+    assert reports[2].points[-1].shape == (2, 1, 128)
+    broken = compare_decode(model, load_native(fault="rope_pairing_swapped"), steps=2)
+    assert all(r.culprit is not None and r.culprit.name == "model.layers.0.self_attn.rope_q" for r in broken)
+    assert "RoPE pairing swapped" in broken[1].diagnosis
+
+
+def test_threads_setting(fast):
+    model = small_model(batch_size=2, seq_len=40, hidden_size=128, intermediate_size=512)
+    base = fast.forward(model, kernels="fast").logits
+    fast.set_threads(1)
+    try:
+        assert fast.threads == 1
+        np.testing.assert_allclose(fast.forward(model, kernels="fast").logits, base, rtol=0, atol=1e-5)
+    finally:
+        fast.set_threads(2)
+    with pytest.raises(Exception, match="threads must be 1..256"):
+        fast.set_threads(0)
+
+
+def test_float64_decode_is_the_oracle():
+    model = small_model(batch_size=1, seq_len=4)
+    out = decode_steps(ReferenceModel(model, torch.float64), model.input_ids, model.attention_mask, np.array([[3, 5]]))
+    assert out[0][0].dtype == np.float64 and len(out) == 3
