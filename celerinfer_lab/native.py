@@ -71,6 +71,23 @@ def _cppyy():
     return cppyy
 
 
+_runtime_loaded = False
+
+
+def _load_runtime(include_dir: Path) -> None:
+    """Compile the shared thread pool (threadpool.hpp) once per process, before any version: it
+    must never be compiled after a failed cppdef (see threadpool.hpp)."""
+    global _runtime_loaded
+    if _runtime_loaded:
+        return
+    path = include_dir / "celerinfer" / "threadpool.hpp"
+    try:
+        _cppyy().cppdef(path.read_text())
+    except SyntaxError as exc:
+        raise NativeCompileError(f"{path} did not compile:\n{exc}") from None
+    _runtime_loaded = True
+
+
 KERNELS = ("readable", "fast")
 
 
@@ -95,7 +112,9 @@ class NativeEngine:
 
     def reload(self) -> None:
         """Compile the headers as they are now. On a compile error the previous version stays."""
-        source = assemble_source(_include_dir(self.cpp_dir))
+        include_dir = _include_dir(self.cpp_dir)
+        _load_runtime(include_dir)
+        source = assemble_source(include_dir)
         namespace = f"celerinfer_jit_{next(_versions)}"
         cppyy = _cppyy()
         # Macros outlive a cppdef in cling: undefine them again, or the next version inherits them.

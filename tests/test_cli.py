@@ -76,8 +76,8 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     r = run("compare", str(path))
     assert r.returncode == 0 and "all" in r.stdout and "agree" in r.stdout
     assert r.stdout.index("model.embed_tokens") < r.stdout.index("model.layers.0.self_attn.q_norm") < r.stdout.index("lm_head")
-    edit_file(cpp_copy / "include/celerinfer/ops.hpp", "const float scale = float(std::sqrt(double(hd)));",
-              "const float scale = float(hd);")
+    edit_file(cpp_copy / "include/celerinfer/ops.hpp", "const float scale = float(std::sqrt(double(d.hd)));",
+              "const float scale = float(d.hd);")
     r = run("compare", str(path), "--cpp-dir", str(cpp_copy))
     assert r.returncode == 1 and "culprit (own error): model.layers.0.self_attn.scores" in r.stdout
     bad = tmp_path / "bad.json"

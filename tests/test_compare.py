@@ -65,8 +65,8 @@ def test_each_fault_is_localized_and_diagnosed(name):
 
 def test_isolation_separates_two_bugs(cpp_copy):
     """Two bugs: the first is the culprit; the second still shows its own error, the rest propagate."""
-    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "linear(logits, x, m.head(), T, H, c.vocab);",
-              "linear(logits, x, m.head(), T, H, c.vocab);\n    for (size_t i = 0; i < size_t(T) * c.vocab; ++i) logits[i] *= 1.5f;")
+    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "K.linear(logits, x, m.head(), N, H, c.vocab);",
+              "K.linear(logits, x, m.head(), N, H, c.vocab);\n    for (size_t i = 0; i < size_t(N) * c.vocab; ++i) logits[i] *= 1.5f;")
     report = compare(small_model(), load_native(cpp_copy, fault="silu_as_gelu"))
     assert report.culprit.name == "model.layers.0.mlp.act"
     assert report.point("lm_head").label == "own error"
@@ -77,19 +77,22 @@ def test_isolation_separates_two_bugs(cpp_copy):
 @pytest.mark.parametrize("old,new,culprit,words", [
     ("y[size_t(r) * out + o] = dot(", "y[size_t(r) * out + o] = -dot(", "model.layers.0.self_attn.q_proj", "sign flip"),
     ("y[size_t(r) * out + o] = dot(", "y[size_t(r) * out + o] = 2.0f * dot(", "model.layers.0.self_attn.q_proj", "~ 2"),
-    ("float* out = context + ((size_t(b) * S + i) * heads + h) * hd;",
-     "float* out = context + ((size_t(b) * S + i) * heads + (h + 1) % heads) * hd;",
+    ("float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
+     "float* out = context + ((size_t(b) * d.T + i) * d.heads + (h + 1) % d.heads) * d.hd;",
      "model.layers.0.self_attn.context", "heads permuted"),
     ("const float* row = table + size_t(ids[t]) * hidden;",
      "const float* row = table + size_t(ids[t > 0 ? t - 1 : 0]) * hidden;", "model.embed_tokens", "shifted by one position"),
-    ("float s = dot(qi, kj, hd) / scale;", "float s = dot(qi, kj, hd) / scale * (i >= 3 ? 1.5f : 1.0f);",
+    ("float s = dot(qi, kj, d.hd) / scale;", "float s = dot(qi, kj, d.hd) / scale * (i >= 3 ? 1.5f : 1.0f);",
      "model.layers.0.self_attn.scores", "from position 3 on"),
 ])
 def test_diagnoses_of_a_users_own_bugs(cpp_copy, old, new, culprit, words):
+    edited = 0
     for header in ("ops.hpp", "forward.hpp"):
         path = cpp_copy / "include/celerinfer" / header
         if old in path.read_text():
             edit_file(path, old, new)
+            edited += 1
+    assert edited == 1, f"{old!r} is not in the headers"
     report = compare(small_model(batch_size=2, seq_len=8), load_native(cpp_copy))
     assert report.culprit.name == culprit, report.to_text()
     assert words in (report.diagnosis or ""), report.diagnosis

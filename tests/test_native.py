@@ -69,7 +69,7 @@ def test_trace_names_and_shapes_match_reference(native):
 
 def test_forward_that_writes_nothing_fails(cpp_copy):
     """The original tool's bug, all-zero logits: the output buffer is never written."""
-    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "linear(logits, x, m.head(), T, H, c.vocab);", "")
+    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "K.linear(logits, x, m.head(), N, H, c.vocab);", "")
     broken = load_native(cpp_copy)
     model = small_model()
     assert np.isnan(broken.forward(model).logits).all()  # unwritten output is NaN, never plausible zeros

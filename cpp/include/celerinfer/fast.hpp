@@ -1,7 +1,6 @@
 // The fast kernels: the same ops as ops.hpp, built for speed on a CPU with wide SIMD.
 //
-// * ThreadPool: persistent workers (the caller is worker 0) that spin briefly between jobs, then
-//   sleep; a job is a function pointer + context, so dispatch allocates nothing.
+// * ThreadPool (threadpool.hpp): persistent workers shared by every loaded version.
 // * Packed weights: each nn.Linear matrix [out, in] is repacked once into panels of 16 outputs,
 //   k-major ([panel][k][16]), so the GEMM micro-kernel streams one contiguous panel and
 //   broadcasts activations: 6 token rows x 32 outputs = 12 vector accumulators, no reductions.
@@ -29,6 +28,7 @@
 #include "check.hpp"
 #include "model.hpp"
 #include "ops.hpp"
+#include "threadpool.hpp"
 
 namespace CELERINFER_NS {
 
@@ -85,85 +85,7 @@ CI_VINLINE vf16 vexp(vf16 x) {
     return vselect(nan, vsplat(std::numeric_limits<float>::quiet_NaN()), y);
 }
 
-// ---- thread pool --------------------------------------------------------------------------------
-class ThreadPool {
-public:
-    static ThreadPool& instance() {
-        static ThreadPool* pool = new ThreadPool();  // never destroyed: workers sleep until exit
-        return *pool;
-    }
-    int threads() const { return n_threads_; }
-    void set_threads(int n) {
-        CI_CHECK(n >= 1 && n <= 256, "threads must be 1..256, got ", n);
-        while (int(workers_.size()) < n - 1) {
-            const int index = int(workers_.size()) + 1;
-            // The generation is read here, not in the new thread: a job started before the thread
-            // runs must still count as new to it.
-            workers_.emplace_back([this, index, seen = generation_.load()] { worker(index, seen); });
-            workers_.back().detach();
-        }
-        n_threads_ = n;
-    }
-    // Run fn(ctx, thread_index, n_threads) on every thread (the caller is thread 0) and wait.
-    void run(void (*fn)(void*, int, int), void* ctx) {
-        if (n_threads_ == 1) return fn(ctx, 0, 1);
-        fn_ = fn;
-        ctx_ = ctx;
-        active_ = n_threads_;
-        pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            generation_.fetch_add(1, std::memory_order_release);
-        }
-        cv_.notify_all();
-        fn(ctx, 0, n_threads_);
-        while (pending_.load(std::memory_order_acquire) != 0) pause();
-    }
-    // Split [0, n) into contiguous chunks, one per thread: f(begin, end, thread).
-    template <class F>
-    void parallel_for(int n, F&& f, bool parallel = true) {
-        if (!parallel || n_threads_ == 1 || n < 2) return f(0, n, 0);
-        struct Ctx { std::remove_reference_t<F>* f; int n; } ctx{&f, n};
-        run([](void* c, int t, int nt) {
-                auto* x = static_cast<Ctx*>(c);
-                const int begin = int(int64_t(x->n) * t / nt), end = int(int64_t(x->n) * (t + 1) / nt);
-                if (begin < end) (*x->f)(begin, end, t);
-            }, &ctx);
-    }
-
-private:
-    ThreadPool() { set_threads(std::max(1u, std::thread::hardware_concurrency())); }
-    static void pause() {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-    }
-    void worker(int index, int seen) {
-        for (;;) {
-            auto spin_start = std::chrono::steady_clock::now();
-            int spins = 0;
-            while (generation_.load(std::memory_order_acquire) == seen) {
-                pause();
-                if (++spins % 1024 == 0 && std::chrono::steady_clock::now() - spin_start > std::chrono::milliseconds(2)) {
-                    std::unique_lock<std::mutex> lock(mutex_);  // idle: sleep until the next job
-                    cv_.wait(lock, [&] { return generation_.load() != seen; });
-                }
-            }
-            seen = generation_.load(std::memory_order_acquire);
-            if (index < active_) fn_(ctx_, index, active_);
-            pending_.fetch_sub(1, std::memory_order_acq_rel);
-        }
-    }
-    std::vector<std::thread> workers_;
-    int n_threads_ = 1;
-    int active_ = 1;
-    void (*fn_)(void*, int, int) = nullptr;
-    void* ctx_ = nullptr;
-    std::atomic<int> generation_{0};
-    std::atomic<int> pending_{0};
-    std::mutex mutex_;
-    std::condition_variable cv_;
-};
+using ::celerinfer_runtime::ThreadPool;
 
 inline void set_num_threads(int n) { ThreadPool::instance().set_threads(n); }
 inline int num_threads() { return ThreadPool::instance().threads(); }
