@@ -25,16 +25,27 @@ _FIELD_CONTROL = {
     "num_experts": "experts", "num_experts_per_tok": "topk", "n_shared_experts": "shared",
     "max_position_embeddings": "seq_len", "batch_size": "batch",
 }
-_engines: dict[tuple[str, str | None, str], NativeEngine] = {}
+_engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text and fault
 
 
-def engine_for(cpp_dir: str | Path, fault: str | None) -> NativeEngine:
+def engine_for(cpp_dir: str | Path, fault: str | None, kernels: str = "readable") -> NativeEngine:
     """A compiled engine for the folder's current source (recompiled when a header changes)."""
     source = assemble_source(_include_dir(Path(cpp_dir)))
     key = (str(Path(cpp_dir).resolve()), fault, hashlib.sha1(source.encode()).hexdigest())
     if key not in _engines:
         _engines[key] = NativeEngine(cpp_dir, fault)
-    return _engines[key]
+    engine = _engines[key]
+    return engine if kernels == engine.kernels else _KernelsView(engine, kernels)
+
+
+class _KernelsView:
+    """The same compiled engine, preparing models with other kernels."""
+
+    def __init__(self, engine: NativeEngine, kernels: str):
+        self.engine, self.kernels = engine, kernels
+
+    def prepare(self, model):
+        return self.engine.prepare(model, self.kernels)
 
 
 def _slider(description: str, value: int, lo: int, hi: int, step: int = 1) -> W.IntSlider:
@@ -148,7 +159,9 @@ class Explorer(W.VBox):
             fault = None if c["fault"] == "none" else c["fault"]
             native = engine_for(c["cpp_dir"], fault)
             self._step("timing both forwards")
-            self.timings = {"torch_ms": time_torch(model, 1, 5).median_ms, "cpp_ms": time_cpp(model, native, 1, 5).median_ms}
+            self.timings = {"torch_ms": time_torch(model, 1, 5).median_ms,
+                            "cpp_ms": time_cpp(model, native, 1, 5).median_ms,  # readable kernels
+                            "cpp_fast_ms": time_cpp(model, engine_for(c["cpp_dir"], fault, "fast"), 1, 5).median_ms}
             self._step("comparing every trace point")
             self.report = compare(model, native)
             self._step("plotting")
@@ -164,8 +177,8 @@ class Explorer(W.VBox):
         t = self.timings
         verdict = "agree" if self.report.agrees else f"culprit {self.report.culprit.name if self.report.culprit else '?'}"
         self.message = f"{config.num_parameters():,} parameters; {verdict}"
-        self.status.value = (f"<b>PyTorch {t['torch_ms']:.3f} ms, C++ {t['cpp_ms']:.3f} ms "
-                             f"({t['torch_ms'] / t['cpp_ms']:.1f}x)</b> — {self.message}")
+        self.status.value = (f"<b>PyTorch {t['torch_ms']:.3f} ms, C++ readable {t['cpp_ms']:.3f} ms, "
+                             f"C++ fast {t['cpp_fast_ms']:.3f} ms ({t['torch_ms'] / t['cpp_fast_ms']:.1f}x)</b> — {self.message}")
         self.result_html.value = self.report._repr_html_()
         self.plots.clear_output()
         with self.plots:

@@ -12,7 +12,8 @@ def test_explorer_runs_and_reports():
     e.run_button.click()
     assert e.report is not None and e.report.agrees
     assert e.progress.value == e.progress.max
-    assert e.timings["torch_ms"] > 0 and e.timings["cpp_ms"] > 0
+    assert e.timings["torch_ms"] > 0 and e.timings["cpp_ms"] > 0 and e.timings["cpp_fast_ms"] > 0
+    assert "C++ fast" in e.status.value
     assert "PyTorch" in e.status.value and "agree" in e.message
     assert "<table" in e.result_html.value and "model.layers.1.mlp.down_proj" in e.result_html.value
     assert all(isinstance(f, Figure) for f in e.figures) and len(e.figures) == 2
