@@ -171,13 +171,15 @@ inline void gemm(float* y, const float* x, const PackedMatrix& W, int rows) {
 
 // ---- vectorized elementwise ops -----------------------------------------------------------------
 inline void swiglu_fast(float* act, const float* gate, const float* up, size_t n) {
-    const vf16 one = opaque(vsplat(1.0f)), zero = opaque(vf16{});  // see opaque()
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const vf16 g = vload(gate + i);
-        vstore(act + i, g / (one + vexp(zero - g)) * vload(up + i));
-    }
-    for (; i < n; ++i) act[i] = silu(gate[i]) * up[i];
+    const size_t blocks = n / 16;
+    ThreadPool::instance().parallel_for(int(blocks), [&](int begin, int end, int) {
+        const vf16 one = opaque(vsplat(1.0f)), zero = opaque(vf16{});  // see opaque()
+        for (size_t i = size_t(begin) * 16; i < size_t(end) * 16; i += 16) {
+            const vf16 g = vload(gate + i);
+            vstore(act + i, g / (one + vexp(zero - g)) * vload(up + i));
+        }
+    }, n > 65536);
+    for (size_t i = blocks * 16; i < n; ++i) act[i] = silu(gate[i]) * up[i];
 }
 
 inline float dot_fast(const float* a, const float* b, int n) {
@@ -204,7 +206,7 @@ inline void rmsnorm_fast(float* y, const float* x, const float* weight, int rows
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
 //    rows are 4 KB apart and would thrash L1 if read per query);
 // 2. softmax per row, vectorized;
-// 3. context: two queries at a time share each value row they read.
+// 3. context: four queries at a time share each value row they read.
 inline void attention_fused(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                             const int64_t* mask, const AttnDims& d, float* scratch) {
     const float scale = float(std::sqrt(double(d.hd)));
@@ -219,24 +221,50 @@ inline void attention_fused(float* context, const float* q, const float* kt_cach
             auto q_row = [&](int i) { return q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd; };
             for (int j0 = 0; j0 < d.P; j0 += 16) {  // 1. scores
                 for (int e = 0; e < d.hd; ++e) std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);
-                for (int i = std::max(0, j0 - start); i < d.T; ++i) {
+                int i = std::max(0, j0 - start);
+                for (; i + 4 <= d.T; i += 4) {  // four queries: four independent FMA chains
+                    const float *q0 = q_row(i), *q1 = q_row(i + 1), *q2 = q_row(i + 2), *q3 = q_row(i + 3);
+                    vf16 a0{}, a1{}, a2{}, a3{};
+                    for (int e = 0; e < d.hd; ++e) {
+                        const vf16 k = vload(kblock + e * 16);
+                        a0 += k * q0[e];
+                        a1 += k * q1[e];
+                        a2 += k * q2[e];
+                        a3 += k * q3[e];
+                    }
+                    float* row = S + size_t(i) * kt_stride + j0;
+                    vstore(row, a0 / vscale);
+                    vstore(row + kt_stride, a1 / vscale);
+                    vstore(row + 2 * size_t(kt_stride), a2 / vscale);
+                    vstore(row + 3 * size_t(kt_stride), a3 / vscale);
+                }
+                for (; i < d.T; ++i) {
                     const float* qi = q_row(i);
                     vf16 acc{};
                     for (int e = 0; e < d.hd; ++e) acc += vload(kblock + e * 16) * qi[e];
                     vstore(S + size_t(i) * kt_stride + j0, acc / vscale);
                 }
             }
+            const int64_t* key_mask = mask + size_t(b) * d.P;
+            const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;
             for (int i = 0; i < d.T; ++i) {  // 2. softmax over the causal keys
                 float* s = S + size_t(i) * kt_stride;
                 const int n_keys = start + i + 1;
-                float max = -std::numeric_limits<float>::infinity();
-                for (int j = 0; j < n_keys; ++j) {
-                    if (mask[size_t(b) * d.P + j] == 0) s[j] += -1e9f;
-                    max = s[j] > max ? s[j] : max;
+                if (padded)
+                    for (int j = 0; j < n_keys; ++j)
+                        if (key_mask[j] == 0) s[j] += -1e9f;
+                int j = 0;
+                vf16 vmax_acc = opaque(vsplat(-std::numeric_limits<float>::infinity()));
+                for (; j + 16 <= n_keys; j += 16) {
+                    const vf16 v = vload(s + j);
+                    vmax_acc = vselect(v > vmax_acc, v, vmax_acc);
                 }
+                float max = vmax_acc[0];
+                for (int l = 1; l < 16; ++l) max = vmax_acc[l] > max ? vmax_acc[l] : max;
+                for (; j < n_keys; ++j) max = s[j] > max ? s[j] : max;
                 vf16 vsum_acc{};
                 const vf16 vmax = opaque(vsplat(max));
-                int j = 0;
+                j = 0;
                 for (; j + 16 <= n_keys; j += 16) {
                     const vf16 e = vexp(vload(s + j) - vmax);
                     vstore(s + j, e);
@@ -247,29 +275,34 @@ inline void attention_fused(float* context, const float* q, const float* kt_cach
                 const float inv = 1.0f / sum;
                 for (j = 0; j < n_keys; ++j) s[j] *= inv;
             }
-            for (int i = 0; i < d.T; i += 2) {  // 3. context, queries i and i + 1 together
-                const bool pair = i + 1 < d.T;
-                const float* s0 = S + size_t(i) * kt_stride;
-                const float* s1 = pair ? s0 + kt_stride : s0;
-                float* out0 = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
-                float* out1 = pair ? out0 + size_t(d.heads) * d.hd : out0;
-                const int n0 = start + i + 1, n1 = pair ? n0 + 1 : n0;
+            for (int i = 0; i < d.T; i += 4) {  // 3. context, four queries together (they share each value row)
+                const int nq = std::min(4, d.T - i);
+                const float* s_rows[4];
+                float* outs[4];
+                int n_keys[4];
+                for (int r = 0; r < 4; ++r) {
+                    const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
+                    s_rows[r] = S + size_t(qi) * kt_stride;
+                    outs[r] = context + ((size_t(b) * d.T + qi) * d.heads + h) * d.hd;
+                    n_keys[r] = start + qi + 1;
+                }
                 for (int e0 = 0; e0 < d.hd; e0 += 16) {
-                    vf16 a0{}, a1{};
                     const bool full = e0 + 16 <= d.hd;
-                    for (int j = 0; j < n1; ++j) {
+                    vf16 acc[4] = {vf16{}, vf16{}, vf16{}, vf16{}};
+                    for (int j = 0; j < n_keys[3]; ++j) {
                         const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
                         vf16 v;
                         if (full) v = vload(vj);
                         else { v = vf16{}; for (int e = 0; e < d.hd - e0; ++e) v[e] = vj[e]; }
-                        if (j < n0) a0 += v * s0[j];
-                        a1 += v * s1[j];
+                        for (int r = 0; r < 4; ++r)
+                            if (j < n_keys[r]) acc[r] += v * s_rows[r][j];
                     }
                     const int width = full ? 16 : d.hd - e0;
-                    float tmp[16];
-                    vstore(tmp, a0);
-                    std::memcpy(out0 + e0, tmp, sizeof(float) * width);
-                    if (pair) { vstore(tmp, a1); std::memcpy(out1 + e0, tmp, sizeof(float) * width); }
+                    for (int r = 0; r < nq; ++r) {
+                        float tmp[16];
+                        vstore(tmp, acc[r]);
+                        std::memcpy(outs[r] + e0, tmp, sizeof(float) * width);
+                    }
                 }
             }
         }
