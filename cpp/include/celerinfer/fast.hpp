@@ -158,7 +158,9 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
 // (6 rows x 48 outputs = 18 accumulators: three FMAs per broadcast).
 inline void gemm(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = (W.panels + 2) / 3;
-    const bool parallel = double(rows) * W.in * W.out > 2.0e5;  // below that, dispatch costs more than it saves
+    // Below these sizes a dispatch costs more than it saves; decode (few rows) is bound by
+    // streaming the weights, which two cores do faster than one from 128 KB on.
+    const bool parallel = double(rows) * W.in * W.out > 2.0e5 || double(W.in) * W.out * 4 > 131072;
     ThreadPool::instance().parallel_for(triples, [&](int begin, int end, int) {
         for (int t = begin; t < end; ++t) {
             const int panel = 3 * t, left = W.panels - panel;
