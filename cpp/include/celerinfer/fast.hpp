@@ -206,9 +206,9 @@ inline void rmsnorm_fast(float* y, const float* x, const float* weight, int rows
 // 0), in three blocked passes over a per-thread [T][kt_stride] score tile:
 // 1. scores 16 keys at a time: the 16 keys' transposed block [hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
-//    rows are 4 KB apart and would thrash L1 if read per query);
+//    rows are 4 KB apart and would thrash L1 if read per query), eight queries per block;
 // 2. softmax per row, vectorized;
-// 3. context: four queries at a time share each value row they read.
+// 3. context: eight queries at a time share each value row they read.
 inline void attention_fused(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                             const int64_t* mask, const AttnDims& d, float* scratch) {
     const float scale = float(std::sqrt(double(d.hd)));
@@ -224,21 +224,16 @@ inline void attention_fused(float* context, const float* q, const float* kt_cach
             for (int j0 = 0; j0 < d.P; j0 += 16) {  // 1. scores
                 for (int e = 0; e < d.hd; ++e) std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);
                 int i = std::max(0, j0 - start);
-                for (; i + 4 <= d.T; i += 4) {  // four queries: four independent FMA chains
-                    const float *q0 = q_row(i), *q1 = q_row(i + 1), *q2 = q_row(i + 2), *q3 = q_row(i + 3);
-                    vf16 a0{}, a1{}, a2{}, a3{};
+                constexpr int QB = 8;  // queries per block: independent FMA chains that share each key load
+                for (; i + QB <= d.T; i += QB) {
+                    const float* qs[QB];
+                    vf16 acc[QB];
+                    for (int r = 0; r < QB; ++r) { qs[r] = q_row(i + r); acc[r] = vf16{}; }
                     for (int e = 0; e < d.hd; ++e) {
                         const vf16 k = vload(kblock + e * 16);
-                        a0 += k * q0[e];
-                        a1 += k * q1[e];
-                        a2 += k * q2[e];
-                        a3 += k * q3[e];
+                        for (int r = 0; r < QB; ++r) acc[r] += k * qs[r][e];
                     }
-                    float* row = S + size_t(i) * kt_stride + j0;
-                    vstore(row, a0 / vscale);
-                    vstore(row + kt_stride, a1 / vscale);
-                    vstore(row + 2 * size_t(kt_stride), a2 / vscale);
-                    vstore(row + 3 * size_t(kt_stride), a3 / vscale);
+                    for (int r = 0; r < QB; ++r) vstore(S + size_t(i + r) * kt_stride + j0, acc[r] / vscale);
                 }
                 for (; i < d.T; ++i) {
                     const float* qi = q_row(i);
@@ -277,12 +272,13 @@ inline void attention_fused(float* context, const float* q, const float* kt_cach
                 const float inv = 1.0f / sum;
                 for (j = 0; j < n_keys; ++j) s[j] *= inv;
             }
-            for (int i = 0; i < d.T; i += 4) {  // 3. context, four queries together (they share each value row)
-                const int nq = std::min(4, d.T - i);
-                const float* s_rows[4];
-                float* outs[4];
-                int n_keys[4];
-                for (int r = 0; r < 4; ++r) {
+            constexpr int CQ = 8;  // 3. context, CQ queries together: they share each value row
+            for (int i = 0; i < d.T; i += CQ) {
+                const int nq = std::min(CQ, d.T - i);
+                const float* s_rows[CQ];
+                float* outs[CQ];
+                int n_keys[CQ];
+                for (int r = 0; r < CQ; ++r) {
                     const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
                     s_rows[r] = S + size_t(qi) * kt_stride;
                     outs[r] = context + ((size_t(b) * d.T + qi) * d.heads + h) * d.hd;
@@ -290,14 +286,19 @@ inline void attention_fused(float* context, const float* q, const float* kt_cach
                 }
                 for (int e0 = 0; e0 < d.hd; e0 += 16) {
                     const bool full = e0 + 16 <= d.hd;
-                    vf16 acc[4] = {vf16{}, vf16{}, vf16{}, vf16{}};
-                    for (int j = 0; j < n_keys[3]; ++j) {
+                    vf16 acc[CQ];
+                    for (int r = 0; r < CQ; ++r) acc[r] = vf16{};
+                    for (int j = 0; j < n_keys[CQ - 1]; ++j) {
                         const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
                         vf16 v;
                         if (full) v = vload(vj);
                         else { v = vf16{}; for (int e = 0; e < d.hd - e0; ++e) v[e] = vj[e]; }
-                        for (int r = 0; r < 4; ++r)
-                            if (j < n_keys[r]) acc[r] += v * s_rows[r][j];
+                        if (j < n_keys[0]) {  // every query of the block sees key j
+                            for (int r = 0; r < CQ; ++r) acc[r] += v * s_rows[r][j];
+                        } else {
+                            for (int r = 0; r < CQ; ++r)
+                                if (j < n_keys[r]) acc[r] += v * s_rows[r][j];
+                        }
                     }
                     const int width = full ? 16 : d.hd - e0;
                     for (int r = 0; r < nq; ++r) {
