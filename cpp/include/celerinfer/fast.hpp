@@ -154,19 +154,28 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
     }
 }
 
-// y[rows, out] = x[rows, in] . W^T, panels split across the thread pool, three at a time
-// (6 rows x 48 outputs = 18 accumulators: three FMAs per broadcast).
+// y[rows, out] = x[rows, in] . W^T, three panels at a time (6 rows x 48 outputs = 18
+// accumulators: three FMAs per broadcast). Work is split over the thread pool by panel triples
+// and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
+// equal shares.
 inline void gemm(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = (W.panels + 2) / 3;
+    const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
     // Below these sizes a dispatch costs more than it saves; decode (few rows) is bound by
     // streaming the weights, which two cores do faster than one from 128 KB on.
     const bool parallel = double(rows) * W.in * W.out > 2.0e5 || double(W.in) * W.out * 4 > 131072;
-    ThreadPool::instance().parallel_for(triples, [&](int begin, int end, int) {
-        for (int t = begin; t < end; ++t) {
+    ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {
+        for (int task = begin; task < end; ++task) {
+            const int t = task / row_chunks, chunk = task % row_chunks;
+            const int r0 = int(int64_t(rows) * chunk / row_chunks) / 6 * 6;
+            const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;
+            if (r1 <= r0) continue;
+            float* yc = y + size_t(r0) * W.out;
+            const float* xc = x + size_t(r0) * W.in;
             const int panel = 3 * t, left = W.panels - panel;
-            if (left >= 3) gemm_rows<3>(y, x, W, rows, panel);
-            else if (left == 2) gemm_rows<2>(y, x, W, rows, panel);
-            else gemm_rows<1>(y, x, W, rows, panel);
+            if (left >= 3) gemm_rows<3>(yc, xc, W, r1 - r0, panel);
+            else if (left == 2) gemm_rows<2>(yc, xc, W, r1 - r0, panel);
+            else gemm_rows<1>(yc, xc, W, r1 - r0, panel);
         }
     }, parallel);
 }
