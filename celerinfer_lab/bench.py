@@ -46,10 +46,10 @@ def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
     return time_call(lambda: ref.forward(), warmup, repeat)
 
 
-def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10) -> Timing:
-    """The C++ forward through cppyy (the engine's default kernels): inputs checked and logits
+def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10, kernels: str | None = None) -> Timing:
+    """The C++ forward through cppyy (``kernels``, default the engine's): inputs checked and logits
     allocated once, outside the timing."""
-    prepared = native.prepare(model)
+    prepared = native.prepare(model, kernels)
     ids, mask = prepared.check_inputs(None, None)
     logits = np.empty((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
     return time_call(lambda: prepared.run(ids, mask, logits), warmup, repeat)
@@ -116,38 +116,18 @@ def _stats(times: Timing, prefix: str) -> dict:
 
 def decode_torch(model: Model, new_tokens: int) -> tuple[np.ndarray, float]:
     """Greedy decoding with PyTorch's KV cache: the new tokens and the decode time (prefill excluded)."""
-    import torch
-
-    from .reference import KVCache, ReferenceModel
-    ref = ReferenceModel(model)
-    cache = KVCache.empty()
-    ids, mask = ref.input_ids, ref.attention_mask
-    logits, _ = ref.forward(ids, mask, cache=cache)
-    tokens = [logits[:, -1].argmax(-1, keepdim=True)]
-    start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
-        logits, _ = ref.forward(tokens[-1], mask, cache=cache)
-        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, dim=1).numpy(), time.perf_counter() - start
+    from .reference import ReferenceModel, greedy_generate
+    marks: list[float] = []
+    tokens = greedy_generate(ReferenceModel(model), model.input_ids, model.attention_mask, new_tokens,
+                             after_prefill=lambda: marks.append(time.perf_counter()))
+    return tokens, time.perf_counter() - marks[0]
 
 
 def decode_cpp(prepared, new_tokens: int) -> tuple[np.ndarray, float]:
     """Greedy decoding with the C++ KV cache: the new tokens and the decode time (prefill excluded)."""
-    model = prepared.model
-    ids, mask = prepared.check_inputs(None, None)
-    B, S = ids.shape
-    ws = prepared.workspace(B, S, S + new_tokens - 1)
-    logits = np.empty((B, S, model.config.vocab_size), np.float32)
-    prepared.run(ids, mask, logits, workspace=ws)
-    tokens = [np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64)]
-    step_logits = np.empty((B, 1, model.config.vocab_size), np.float32)
-    start = time.perf_counter()
-    for step in range(new_tokens - 1):
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-        prepared.run(tokens[-1], mask, step_logits, start=S + step, workspace=ws)
-        tokens.append(np.ascontiguousarray(step_logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
-    return np.concatenate(tokens, axis=1), time.perf_counter() - start
+    marks: list[float] = []
+    tokens = prepared.generate(new_tokens, after_prefill=lambda: marks.append(time.perf_counter()))
+    return tokens, time.perf_counter() - marks[0]
 
 
 def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, threads: int | None = None,

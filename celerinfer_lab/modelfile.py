@@ -200,8 +200,6 @@ def write_model_file(
         side = path.with_suffix(".safetensors")
         shapes = weight_shapes(config)
         write_safetensors(side, shapes, weights, on_tensor)
-        weights = ((name, np.empty(shape, np.float32)) for name, shape in shapes.items())  # names and shapes only
-        on_tensor = None
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:
         f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
@@ -219,15 +217,16 @@ def write_model_file(
         if sidecar:
             f.write(b'"sidecar":{"file":%s,"format":"safetensors"},\n' % _dumps(side.name).encode())
         f.write(b'"weights":{')
-        for i, (name, array) in enumerate(weights):
-            f.write(b'%s\n%s:' % (b"," if i else b"", _dumps(name).encode()))
-            if sidecar:
-                f.write(_dumps({"name": name, "shape": list(array.shape), "dtype": "float32",
-                                "encoding": "sidecar"}).encode())
-            else:
+        if sidecar:  # the JSON keeps each weight's name and shape; the bytes are in the sidecar
+            for i, (name, shape) in enumerate(shapes.items()):
+                entry = {"name": name, "shape": list(shape), "dtype": "float32", "encoding": "sidecar"}
+                f.write(b'%s\n%s:%s' % (b"," if i else b"", _dumps(name).encode(), _dumps(entry).encode()))
+        else:
+            for i, (name, array) in enumerate(weights):
+                f.write(b'%s\n%s:' % (b"," if i else b"", _dumps(name).encode()))
                 _write_tensor(f, name, array, "float32")
-            if on_tensor:
-                on_tensor(name)
+                if on_tensor:
+                    on_tensor(name)
         f.write(b"\n}}\n")
     tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
 

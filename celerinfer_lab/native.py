@@ -204,25 +204,24 @@ class NativeModel:
         self.packed = _call("packing weights", self.ns.FastWeights, self.cpp) if kernels == "fast" else None
         self._workspaces: dict[tuple[int, int, int], object] = {}
 
-    def check_inputs(self, input_ids, attention_mask, past_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Check ids [B, S] and mask [B, past_len + S]; return them as contiguous int64."""
+    def check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        """Check ids and mask [B, S] (default: the model file's); return them as contiguous int64."""
         ids = self.model.input_ids if input_ids is None else np.asarray(input_ids)
         if attention_mask is None:
-            mask = self.model.attention_mask if input_ids is None else np.ones((ids.shape[0], past_len + ids.shape[-1]), np.int64)
+            mask = self.model.attention_mask if input_ids is None else np.ones(ids.shape[:2], np.int64)
         else:
             mask = np.asarray(attention_mask)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if mask.shape != (ids.shape[0], past_len + ids.shape[1]):
-            raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}"
-                             + (f" after {past_len} cached tokens" if past_len else ""))
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})")
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must hold only 0 and 1")
-        self.config.validate(seq_len=past_len + int(ids.shape[1]))
+        self.config.validate(seq_len=int(ids.shape[1]))
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 
     def workspace(self, B: int, T: int, max_len: int | None = None):
@@ -254,13 +253,14 @@ class NativeModel:
         B, S = ids.shape
         # NaN-filled: a forward that never writes its output shows up as NaN, not as plausible zeros.
         logits = np.full((B, S, self.config.vocab_size), np.nan, dtype=np.float32)
-        recorder, kept = self._recorder(trace, teacher, B, S, 0)
+        recorder = self._recorder(trace, teacher, B, S, 0)
         self.run(ids, mask, logits, recorder)
         return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if recorder else None)
 
     def _recorder(self, trace: bool, teacher, B: int, S: int, past_len: int):
+        """A TraceRecorder holding the teacher's values (kept alive on it), or None for no trace."""
         if not trace and teacher is None:
-            return None, []
+            return None
         recorder, kept = self.ns.TraceRecorder(), []
         points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len)}
         for name, value in (teacher or {}).items():
@@ -268,17 +268,19 @@ class NativeModel:
                 raise ValueError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
                                  f"the trace point's shape is {list(points.get(name, ()))}")
             array = _f32(value)
-            kept.append(array)  # alive as long as the recorder is used
+            kept.append(array)
             recorder.set_teacher(name, array, int(array.size))
-        recorder._kept = kept
-        return recorder, kept
+        recorder._kept = kept  # C++ holds pointers into these: alive as long as the recorder
+        return recorder
 
-    def generate(self, new_tokens: int, input_ids=None, attention_mask=None) -> np.ndarray:
+    def generate(self, new_tokens: int, input_ids=None, attention_mask=None, after_prefill=None) -> np.ndarray:
         """Greedy decoding with the KV cache: prefill the prompt, then one token per step; the new
-        tokens [B, new_tokens]."""
+        tokens [B, new_tokens]. ``after_prefill()`` is called once the prompt is processed."""
         tokens: list[np.ndarray] = []
 
         def greedy(step: int, logits: np.ndarray, _trace) -> np.ndarray:
+            if step == 0 and after_prefill is not None:
+                after_prefill()
             tokens.append(np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
             return tokens[-1]
         self._decode(new_tokens, input_ids, attention_mask, greedy)
@@ -310,7 +312,7 @@ class NativeModel:
         for step in range(forwards):
             T = ids.shape[1]
             logits = np.full((B, T, self.config.vocab_size), np.nan, dtype=np.float32)
-            recorder, _kept = self._recorder(trace, teachers[step] if teachers else None, B, T, start)
+            recorder = self._recorder(trace, teachers[step] if teachers else None, B, T, start)
             self.run(ids, mask, logits, recorder, start=start, workspace=ws)
             points = _read_trace(recorder, self.config, B, T, start) if trace else None
             ids = next_token(step, logits, points)

@@ -253,13 +253,16 @@ def decode_steps(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: n
 
 
 def greedy_generate(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                    ) -> np.ndarray:
-    """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens]."""
+                    after_prefill=None) -> np.ndarray:
+    """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens].
+    ``after_prefill()`` is called once the prompt is processed (benchmarks time the decode alone)."""
     cache = KVCache.empty()
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
     tokens = []
-    for _ in range(new_tokens):
+    for step in range(new_tokens):
+        if step == 1 and after_prefill is not None:
+            after_prefill()
         logits, _ = ref.forward(ids, mask, cache=cache)
         ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(ids)

@@ -28,24 +28,13 @@ _FIELD_CONTROL = {
 _engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text and fault
 
 
-def engine_for(cpp_dir: str | Path, fault: str | None, kernels: str = "readable") -> NativeEngine:
+def engine_for(cpp_dir: str | Path, fault: str | None) -> NativeEngine:
     """A compiled engine for the folder's current source (recompiled when a header changes)."""
     source = assemble_source(_include_dir(Path(cpp_dir)))
     key = (str(Path(cpp_dir).resolve()), fault, hashlib.sha1(source.encode()).hexdigest())
     if key not in _engines:
         _engines[key] = NativeEngine(cpp_dir, fault)
-    engine = _engines[key]
-    return engine if kernels == engine.kernels else _KernelsView(engine, kernels)
-
-
-class _KernelsView:
-    """The same compiled engine, preparing models with other kernels."""
-
-    def __init__(self, engine: NativeEngine, kernels: str):
-        self.engine, self.kernels = engine, kernels
-
-    def prepare(self, model):
-        return self.engine.prepare(model, self.kernels)
+    return _engines[key]
 
 
 def _slider(description: str, value: int, lo: int, hi: int, step: int = 1) -> W.IntSlider:
@@ -160,8 +149,8 @@ class Explorer(W.VBox):
             native = engine_for(c["cpp_dir"], fault)
             self._step("timing both forwards")
             self.timings = {"torch_ms": time_torch(model, 1, 5).median_ms,
-                            "cpp_ms": time_cpp(model, native, 1, 5).median_ms,  # readable kernels
-                            "cpp_fast_ms": time_cpp(model, engine_for(c["cpp_dir"], fault, "fast"), 1, 5).median_ms}
+                            "cpp_ms": time_cpp(model, native, 1, 5, "readable").median_ms,
+                            "cpp_fast_ms": time_cpp(model, native, 1, 5, "fast").median_ms}
             self._step("comparing every trace point")
             self.report = compare(model, native)
             self._step("plotting")
