@@ -31,6 +31,10 @@ def jupyterlab(tmp_path):
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          "--ServerApp.port_retries=0", "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=",
          f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=None",
+         # A workspace left by an earlier run reopens the notebook beside the one the URL opens, and
+         # the two can race into a "Select Kernel" dialog: start from empty settings every time.
+         f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}",
+         f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -54,11 +58,41 @@ def jupyterlab(tmp_path):
         log.close()
 
 
+def _notebook_text(page) -> str:
+    """The notebook's text, tracebacks included (textContent: cells out of view are not rendered)."""
+    return (page.locator(".jp-Notebook").first.text_content() or "")[-4000:]
+
+
+def _run_all(page) -> None:
+    """Run > Run All Cells. Seen here: a click soon after the kernel reports Idle can run nothing
+    (every prompt stays `[ ]`), so try again until the first cell is queued or has run."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    started = ("() => { const p = document.querySelector('.jp-CodeCell .jp-InputPrompt');"
+               " return p !== null && p.textContent.trim() !== '[ ]:'; }")
+    for _attempt in range(5):
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        try:
+            page.wait_for_function(started, timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+            if select.count():  # "Select Kernel": keep the notebook's own kernel
+                print("Run All: a Select Kernel dialog was open; pressed Select")
+                select.first.click()
+            else:
+                print("Run All: nothing ran; trying again")
+                page.keyboard.press("Escape")  # close the menu if it is still open
+    pytest.fail("Run All Cells ran nothing in 5 tries; the notebook shows:\n" + _notebook_text(page))
+
+
 def _status(page) -> str:
     return page.locator(".widget-html", has_text="PyTorch").first.inner_text()
 
 
 def test_quickstart_explorer_in_a_real_browser(jupyterlab):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     assert shutil.which(CHROMIUM), "scripts/setup.sh installs Debian's chromium"
@@ -72,10 +106,15 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
             page.goto(f"{jupyterlab}/lab/tree/01_quickstart.ipynb")
             # Run All before the kernel is idle runs nothing; the status is a screen-reader span.
             page.get_by_text("Kernel status: Idle").first.wait_for(state="attached", timeout=90_000)
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_text("Run All Cells", exact=True).click()
+            _run_all(page)
             handle = page.locator(".widget-slider .noUi-handle").first
-            handle.wait_for(timeout=180_000)
+            try:
+                handle.wait_for(state="attached", timeout=180_000)
+            except PlaywrightTimeout:
+                pytest.fail("the explorer never appeared; the notebook shows:\n" + _notebook_text(page))
+            # JupyterLab skips rendering cells out of view (content-visibility): scroll to the explorer.
+            handle.scroll_into_view_if_needed()
+            handle.wait_for(timeout=30_000)
             run = page.locator("button.jupyter-button", has_text="Run")
             run.click()
             page.locator(".widget-html", has_text="PyTorch").first.wait_for(timeout=120_000)
@@ -104,6 +143,9 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
             after = _status(page)
             assert after != before and "parameters" in after and "127,296" not in after
             page.screenshot(path=str(ARTIFACTS / "jupyterlab_explorer.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "jupyterlab_failure.png"))  # what the browser showed
+            raise
         finally:
             browser.close()
     assert (ARTIFACTS / "jupyterlab_explorer.png").stat().st_size > 10_000
