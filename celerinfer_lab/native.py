@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,8 @@ class NativeModel:
         _call("model check", self.cpp.check_complete)
         self.packed = _call("packing weights", self.ns.FastWeights, self.cpp) if kernels == "fast" else None
         self._workspaces: dict[tuple[int, int, int], object] = {}
+        # Workspaces (and a decode's KV cache) are reused across calls: one caller at a time.
+        self._lock = threading.RLock()
 
     def check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         """Check ids and mask [B, S] (default: the model file's); return them as contiguous int64."""
@@ -235,12 +238,13 @@ class NativeModel:
         """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
         ``start``: tokens already in ``workspace``'s KV cache (decode)."""
         B, T = ids.shape
-        ws = workspace if workspace is not None else self.workspace(B, T)
         sink = recorder if recorder is not None else _cppyy().nullptr
-        if self.packed is not None:
-            _call("forward", self.ns.forward_fast, self.cpp, self.packed, ids, mask, T, start, ws, logits, sink)
-        else:
-            _call("forward", self.ns.forward_readable, self.cpp, ids, mask, T, start, ws, logits, sink)
+        with self._lock:
+            ws = workspace if workspace is not None else self.workspace(B, T)
+            if self.packed is not None:
+                _call("forward", self.ns.forward_fast, self.cpp, self.packed, ids, mask, T, start, ws, logits, sink)
+            else:
+                _call("forward", self.ns.forward_readable, self.cpp, ids, mask, T, start, ws, logits, sink)
 
     def forward(self, input_ids=None, attention_mask=None, trace: bool = False,
                 teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
@@ -307,6 +311,11 @@ class NativeModel:
         if forwards < 1:
             raise ValueError(f"forwards={forwards}: need at least the prefill")
         self.config.validate(seq_len=S + forwards - 1)
+        with self._lock:  # the KV cache lives in the workspace from the prefill to the last step
+            self._decode_locked(forwards, ids, mask, next_token, trace, teachers)
+
+    def _decode_locked(self, forwards: int, ids, mask, next_token, trace: bool, teachers) -> None:
+        B, S = ids.shape
         ws = self.workspace(B, S, S + forwards - 1)
         start = 0
         for step in range(forwards):

@@ -95,6 +95,39 @@ def test_threads_setting(fast):
         fast.set_threads(0)
 
 
+def test_thread_count_changes_under_a_prepared_model(fast):
+    """Workspaces outlive set_threads(): more threads than when they were made, then fewer (idle
+    workers beyond the count), mid-decode too. Each output element is summed by one thread in the
+    same order whatever the split, so the logits stay bit-identical."""
+    model = small_model(batch_size=2, seq_len=40, hidden_size=128, intermediate_size=512)
+    prepared = fast.prepare(model, kernels="fast")
+    base, tokens = prepared.forward().logits, prepared.generate(6)
+    try:
+        for threads in (6, 3, 1, 2):
+            fast.set_threads(threads)
+            np.testing.assert_array_equal(prepared.forward().logits, base, err_msg=f"{threads} threads")
+        fast.set_threads(2)
+        switched = prepared.generate(6, after_prefill=lambda: fast.set_threads(5))
+        np.testing.assert_array_equal(switched, tokens)
+    finally:
+        fast.set_threads(2)
+
+
+def test_calls_from_python_threads(fast):
+    """The pool takes one job at a time (a call made while it is busy runs on its own thread),
+    and one prepared model serialises its calls: concurrent callers get the serial answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [small_model(batch_size=2, seq_len=24, hidden_size=128, intermediate_size=512, seed=s) for s in (1, 2)]
+    prepared = [fast.prepare(m, kernels="fast") for m in models]
+    expected = [p.forward().logits for p in prepared]
+    jobs = [i % 2 for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: prepared[i].forward().logits, jobs))
+    for i, logits in zip(jobs, results):
+        np.testing.assert_array_equal(logits, expected[i])
+
+
 def test_float64_decode_is_the_oracle():
     model = small_model(batch_size=1, seq_len=4)
     out = decode_steps(ReferenceModel(model, torch.float64), model.input_ids, model.attention_mask, np.array([[3, 5]]))

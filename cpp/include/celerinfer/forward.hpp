@@ -45,7 +45,6 @@ struct Workspace {
         v_cache.resize(k_cache.size());
         kt_stride = (max_len + 15) / 16 * 16;
         kt_cache.resize(size_t(layers) * B * kv_dim * kt_stride);
-        attn_scratch.resize(size_t(std::max(1, num_threads())) * (size_t(T) * kt_stride + size_t(c.head_dim) * 16));
         const size_t I = c.moe ? c.moe_intermediate : c.intermediate;
         gate.resize(N * I); up.resize(N * I); act.resize(N * I);
         if (c.moe) {
@@ -121,6 +120,10 @@ struct FastKernels {
     void swiglu(float* act, const float* gate, const float* up, size_t n) const { swiglu_fast(act, gate, up, n); }
     void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d,
                    Workspace& ws) const {
+        // One score tile per thread: set_num_threads() may have raised the count since the
+        // workspace was made.
+        const size_t need = size_t(num_threads()) * (size_t(d.T) * ws.kt_stride + size_t(d.hd) * 16);
+        if (ws.attn_scratch.size() < need) ws.attn_scratch.resize(need);
         attention_fused(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, ws.attn_scratch.data());
     }
     // The fast attention reads keys transposed; keep that copy of the cache too.

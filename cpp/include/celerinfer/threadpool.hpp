@@ -31,6 +31,7 @@ public:
     int threads() const { return n_threads_; }
     void set_threads(int n) {
         if (n < 1 || n > 256) throw std::runtime_error("threads must be 1..256, got " + std::to_string(n));
+        std::lock_guard<std::mutex> busy(busy_);  // not while a job runs
         while (int(workers_.size()) < n - 1) {
             const int index = int(workers_.size()) + 1;
             // The generation is read here, not in the new thread: a job started before the thread
@@ -41,12 +42,17 @@ public:
         n_threads_ = n;
     }
     // Run fn(ctx, thread_index, n_threads) on every thread (the caller is thread 0) and wait.
+    // A call made while the pool is busy (from another thread, or from inside a job) runs the
+    // whole job on its own thread instead: fn(ctx, 0, 1).
     void run(void (*fn)(void*, int, int), void* ctx) {
-        if (n_threads_ == 1) return fn(ctx, 0, 1);
+        std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+        if (!busy.owns_lock() || n_threads_ == 1) return fn(ctx, 0, 1);
         fn_ = fn;
         ctx_ = ctx;
         active_ = n_threads_;
-        pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+        // Every worker answers every job, also those beyond n_threads_ after set_threads lowered
+        // it (they run nothing): counting only the active ones would let pending_ go below zero.
+        pending_.store(int(workers_.size()), std::memory_order_relaxed);
         {
             std::lock_guard<std::mutex> lock(mutex_);
             generation_.fetch_add(1, std::memory_order_release);
@@ -97,8 +103,9 @@ private:
     void* ctx_ = nullptr;
     std::atomic<int> generation_{0};
     std::atomic<int> pending_{0};
-    std::mutex mutex_;
+    std::mutex mutex_;  // guards the sleep of idle workers
     std::condition_variable cv_;
+    std::mutex busy_;   // held by the caller of run() for the whole job
 };
 
 }  // namespace celerinfer_runtime
