@@ -333,13 +333,13 @@ def run_all(model, native, kernels: str | None = None, baseline: str = "torch") 
         floors = {"ref32": reference_forward(model, trace=True).trace,
                   "ref32_own": reference_forward(model, trace=True, teacher=teacher).trace}
     elif baseline == "readable":
-        floors = {"ref32": native.forward(model, trace=True, kernels="readable").trace,
-                  "ref32_own": native.forward(model, teacher=teacher, kernels="readable").trace}
+        readable = native.prepare(model, "readable")
+        floors = {"ref32": readable.forward(trace=True).trace, "ref32_own": readable.forward(teacher=teacher).trace}
     else:
         raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
-    return {"oracle": oracle, **floors,
-            "cpp": native.forward(model, trace=True, kernels=kernels).trace,
-            "cpp_own": native.forward(model, teacher=teacher, kernels=kernels).trace}
+    cpp = native.prepare(model, kernels)  # bound (and packed) once for both runs
+    return {"oracle": oracle, **floors, "cpp": cpp.forward(trace=True).trace,
+            "cpp_own": cpp.forward(teacher=teacher).trace}
 
 
 def compare(model, native=None, kernels: str | None = None, baseline: str = "torch") -> Report:
