@@ -84,13 +84,13 @@ def test_debugger_compares_decode_steps(fast):
 
 def test_threads_setting(fast):
     model = small_model(batch_size=2, seq_len=40, hidden_size=128, intermediate_size=512)
-    base = fast.forward(model, kernels="fast").logits
+    base, default = fast.forward(model, kernels="fast").logits, fast.threads
     fast.set_threads(1)
     try:
         assert fast.threads == 1
         np.testing.assert_allclose(fast.forward(model, kernels="fast").logits, base, rtol=0, atol=1e-5)
     finally:
-        fast.set_threads(2)
+        fast.set_threads(default)
     with pytest.raises(Exception, match="threads must be 1..256"):
         fast.set_threads(0)
 
@@ -100,17 +100,16 @@ def test_thread_count_changes_under_a_prepared_model(fast):
     workers beyond the count), mid-decode too. Each output element is summed by one thread in the
     same order whatever the split, so the logits stay bit-identical."""
     model = small_model(batch_size=2, seq_len=40, hidden_size=128, intermediate_size=512)
-    prepared = fast.prepare(model, kernels="fast")
+    prepared, default = fast.prepare(model, kernels="fast"), fast.threads
     base, tokens = prepared.forward().logits, prepared.generate(6)
     try:
-        for threads in (6, 3, 1, 2):
+        for threads in (default + 4, default + 1, 1, default):
             fast.set_threads(threads)
             np.testing.assert_array_equal(prepared.forward().logits, base, err_msg=f"{threads} threads")
-        fast.set_threads(2)
-        switched = prepared.generate(6, after_prefill=lambda: fast.set_threads(5))
+        switched = prepared.generate(6, after_prefill=lambda: fast.set_threads(default + 3))
         np.testing.assert_array_equal(switched, tokens)
     finally:
-        fast.set_threads(2)
+        fast.set_threads(default)
 
 
 def test_calls_from_python_threads(fast):
