@@ -2,27 +2,20 @@
 //
 // * ThreadPool (threadpool.hpp): persistent workers shared by every loaded version.
 // * Packed weights: each nn.Linear matrix [out, in] is repacked once into panels of 16 outputs,
-//   k-major ([panel][k][16]), so the GEMM micro-kernel streams one contiguous panel and
-//   broadcasts activations: 6 token rows x 32 outputs = 12 vector accumulators, no reductions.
+//   k-major ([panel][k][16]), so the GEMM micro-kernel streams three contiguous panels and
+//   broadcasts activations: 6 token rows x 48 outputs = 18 vector accumulators, no reductions.
 // * vexp: a vectorized exp (Cephes-style range reduction + degree-6 polynomial, ~1 ulp) for SiLU
 //   and softmax, where std::exp per element would cost more than the matrix products.
-// * Fused attention (no trace): per (batch, head), each query's scores, softmax and context in
-//   one pass over only the causal keys, in a per-thread scratch row.
+// * Fused attention (no trace): per (batch, head), scores, softmax and context over only the
+//   causal keys, in blocked passes over a per-thread score tile (see attention_fused).
 // Vector code uses GCC/Clang vector extensions: the same source compiles under cling (cppyy) and
 // g++, at the width -march=native gives.
 #pragma once
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <limits>
-#include <thread>
-#include <type_traits>
-#include <unordered_map>
 #include <vector>
 
 #include "check.hpp"
