@@ -10,26 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from .bench import time_call
+from .flags import CONFIG_FLAGS
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .generate import PADDING_MODES, generate_model
 from .modelfile import ModelFileError, load_model
+from .faults import FaultError
 from .native import NativeError
 from .standalone import StandaloneError
 
 # The original CelerInfer generator's defaults.
 ORIGINAL_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                          vocab_size=128, max_position_embeddings=128)
-
-# flag -> ModelConfig field, for flags that map one to one
-_CONFIG_FLAGS = {
-    "hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
-    "kvh": "num_key_value_heads", "vocab": "vocab_size", "max_pos": "max_position_embeddings",
-    "head_dim": "head_dim", "intermediate": "intermediate_size", "sizing_rule": "sizing_rule",
-    "eps": "rms_norm_eps", "theta": "rope_theta", "rope_pairing": "rope_pairing",
-    "experts": "num_experts", "topk": "num_experts_per_tok", "shared_experts": "n_shared_experts",
-    "moe_intermediate": "moe_intermediate_size", "topk_renorm": "topk_renorm",
-}
-
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -71,7 +62,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
-    fields = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None}
+    fields = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
     for flag, field in (("qk_norm", "qk_norm"), ("yarn", "inference_rope_scaling"), ("moe", "use_moe")):
         if getattr(args, flag):
             fields[field] = True
@@ -155,12 +146,14 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     from .native import load_native
     path, dump_dir, warmup = _forward_inputs(args)
     model = load_model(path)
-    native = load_native(args.cpp_dir).prepare(model)
+    engine = load_native(args.cpp_dir)
+    native = engine.prepare(model, args.kernels)
     ids, mask = native.check_inputs(None, None)
     logits = np.zeros((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
     times = time_call(lambda: native.run(ids, mask, logits), warmup, args.repeat)
     result = native.forward(trace=args.save_trace)
-    _report("C++ forward (cppyy)", path, model, times, warmup, result.logits, dump_dir, "logits_cpp.npy")
+    _report(f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads)", path, model, times, warmup,
+            result.logits, dump_dir, "logits_cpp.npy")
     if dump_dir and result.trace is not None:
         np.savez(dump_dir / "trace_cpp.npz", **result.trace)
         print(f"saved {dump_dir / 'trace_cpp.npz'} ({len(result.trace)} trace points)")
@@ -169,20 +162,36 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
-    from .faults import FAULTS
+    from .faults import FAULTS, get_fault, why_it_cannot_show
+    from .flags import flags_for
     from .native import load_native
     if args.list_faults:
         for fault in FAULTS.values():
-            print(f"{fault.name:28s} {fault.breaks}")
+            print(f"{fault.name:32s} {'+'.join(fault.kernels):14s} {fault.breaks}")
         return 0
     if not args.model:
         raise ModelFileError("no model file given")
-    if args.fault and args.fault not in FAULTS:
-        raise ModelFileError(f"unknown fault {args.fault!r}; --list-faults lists them")
+    fault = get_fault(args.fault)
     model = load_model(args.model)
-    report = compare(model, load_native(args.cpp_dir, fault=args.fault))
-    print(report)
-    return 0 if report.agrees else 1
+    engine = load_native(args.cpp_dir, fault=args.fault)
+    kernels = engine.kernel_sets if args.kernels == "all" else [engine.check_kernels(args.kernels)]
+    if fault is not None:
+        reasons = why_it_cannot_show(fault, model.config, model.attention_mask)
+        shown = [k for k in kernels if k in fault.kernels]
+        if not shown:
+            reasons.append(f"it changes only the {' and '.join(fault.kernels)} kernels, and --kernels is {args.kernels}")
+        if reasons:
+            padding = fault.inputs.get("padding")
+            flags = " ".join(filter(None, [flags_for(fault.model), f"--padding {padding}" if padding else ""]))
+            raise FaultError(f"fault {fault.name!r} cannot show on {args.model}: " + "; ".join(reasons) +
+                             (f". A model that shows it: celerinfer-lab generate {flags}" if flags else ""))
+        kernels = shown
+    for name in kernels:
+        report = compare(model, engine, kernels=name)
+        print(f"== {name} kernels{' (fault ' + fault.name + ')' if fault else ''}")
+        print(report)
+        agrees = report.agrees if name == kernels[0] else agrees and report.agrees
+    return 0 if agrees else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -229,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
+    cf.add_argument("--kernels", default="fast", help="the kernel set to run: fast (default), readable, or one you registered")
     bench = sub.add_parser("bench", help="generate, time PyTorch, C++ via cppyy and standalone, compare",
                            description="The original benchmark.sh workflow: bench HIDDEN LAYERS HEADS KVH VOCAB SEQ BATCH "
                                        "(default 64 2 8 2 128 5 2). Times are medians after warm-up, loading excluded.")
@@ -251,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
     cmp.add_argument("--fault", help="compile one fault from the catalogue into the C++ (see --list-faults)")
     cmp.add_argument("--list-faults", action="store_true", help="print the fault catalogue, one per line")
+    cmp.add_argument("--kernels", default="all",
+                     help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered")
     return parser
 
 
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ModelFileError, ConfigError, FileNotFoundError, NativeError, StandaloneError) as exc:
+    except (ModelFileError, ConfigError, FileNotFoundError, NativeError, StandaloneError, FaultError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -48,6 +48,8 @@ FACTOR = 10.0
 ABS_FLOOR = 1e-7
 AMPLIFY = 2.0
 MASKED_BELOW = -1e8
+# Points inside the attention, which a kernel set may fuse and not expose (its taps unused).
+FUSABLE = ("self_attn.scores", "self_attn.probs")
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class PointReport:
     own_tol: float
     diverges: bool
     own_diverges: bool
-    label: str = "ok"  # ok | culprit | own error | propagated | amplified
+    label: str = "ok"  # ok | culprit | own error | propagated | amplified | not observed
     note: str = ""
 
 
@@ -230,6 +232,13 @@ def _rms(point, runs, mask) -> float:
     return float(np.sqrt(np.mean(x * x))) if x.size else 0.0
 
 
+def _padded_nonfinite(x: np.ndarray, y: np.ndarray, token_axis: int, mask: np.ndarray) -> int:
+    """NaN/Inf in y at padded token positions where the oracle x is finite."""
+    padded = ~np.moveaxis(np.broadcast_to(mask.astype(bool).reshape(mask.shape + (1,) * (x.ndim - 2)),
+                                          np.moveaxis(x, token_axis, 1).shape), 1, token_axis)
+    return int((~np.isfinite(y) & np.isfinite(x) & padded).sum())
+
+
 def _index_mismatches(point, runs, mask, key: str) -> int:
     x = live_rows(runs["oracle"][point.name], point.token_axis, mask)
     y = live_rows(runs[key][point.name], point.token_axis, mask)
@@ -249,6 +258,11 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
     for point in trace_points(config, B, S, past_len):
         missing = [k for k in ("cpp", "cpp_own") if point.name not in runs[k]]
         wrong = [k for k in ("cpp", "cpp_own") if k not in missing and runs[k][point.name].shape != point.shape]
+        if len(missing) == 2 and point.name.endswith(FUSABLE):  # a fused kernel that does not expose it
+            reports.append(PointReport(point.name, point.shape, math.nan, math.nan, math.nan, math.nan, 0, math.nan,
+                                       math.nan, math.nan, math.nan, math.nan, math.nan, False, False,
+                                       label="not observed", note="fused: not observed by this kernel set"))
+            continue
         if missing or wrong:
             note = f"missing in the {subject} trace" if missing else \
                 f"shape {list(runs[wrong[0]][point.name].shape)} != {list(point.shape)}"
@@ -283,11 +297,17 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
             notes.append(f"{e.nan} NaN/Inf")
         if e.class_mismatch:
             notes.append(f"{e.class_mismatch} masked on one side only")
+        # Padded rows are left out of the metrics, but a NaN or Inf there is found where it starts:
+        # one layer later it spreads into real rows (0 * NaN).
+        padded_bad, padded_own_bad = (_padded_nonfinite(runs["oracle"][point.name], runs[k][point.name],
+                                                        point.token_axis, mask) for k in ("cpp", "cpp_own"))
+        if padded_bad or padded_own_bad:
+            notes.append(f"{max(padded_bad, padded_own_bad)} NaN/Inf in padded rows")
         reports.append(PointReport(
             point.name, point.shape, e.max_abs, e.rel_l2, e.sqnr_db, e.cosine, n_bad, f.rel_l2, tol, abs_tol,
             own.rel_l2, own_f.rel_l2, own_tol,
-            diverges=e.rel_l2 > tol and e.max_abs > abs_tol,
-            own_diverges=own.rel_l2 > own_tol and own.max_abs > abs_tol,
+            diverges=(e.rel_l2 > tol and e.max_abs > abs_tol) or padded_bad > 0,
+            own_diverges=(own.rel_l2 > own_tol and own.max_abs > abs_tol) or padded_own_bad > 0,
             note=", ".join(notes)))
     _label(reports)
     return Report(reports, _logits_report(runs, mask), runs, mask, subject=subject,
@@ -320,53 +340,126 @@ def _logits_report(runs, mask) -> LogitsReport:
 
 
 # ---- running everything ------------------------------------------------------------------------
-def run_all(model, native, kernels: str | None = None, baseline: str = "torch") -> dict[str, dict[str, np.ndarray]]:
-    """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
-    sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
-    cpp_own (the C++ with ``kernels``)."""
+def reference_runs(model) -> dict[str, dict[str, np.ndarray]]:
+    """The runs every comparison shares: the float64 oracle and the float32 reference, plain
+    (ref32) and teacher-forced (ref32_own), whose errors against the oracle set the floors."""
     import torch
 
     from .reference import reference_forward
     oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
-    teacher = {k: v.astype(np.float32) for k, v in oracle.items()}
-    if baseline == "torch":
-        floors = {"ref32": reference_forward(model, trace=True).trace,
-                  "ref32_own": reference_forward(model, trace=True, teacher=teacher).trace}
-    elif baseline == "readable":
-        readable = native.prepare(model, "readable")
-        floors = {"ref32": readable.forward(trace=True).trace, "ref32_own": readable.forward(teacher=teacher).trace}
-    else:
+    return {"oracle": oracle, "ref32": reference_forward(model, trace=True).trace,
+            "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).trace}
+
+
+def teacher_from(oracle: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) for k, v in oracle.items()}
+
+
+def kernel_runs(model, native, kernels: str, oracle: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """One kernel set's two traced runs: plain (cpp) and teacher-forced on the oracle (cpp_own)."""
+    prepared = native.prepare(model, kernels)  # bound (and packed) once for both runs
+    return {"cpp": prepared.forward(trace=True).trace, "cpp_own": prepared.forward(teacher=teacher_from(oracle)).trace}
+
+
+def run_all(model, native, kernels: str | None = None, baseline: str = "torch") -> dict[str, dict[str, np.ndarray]]:
+    """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
+    sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
+    cpp_own (the C++ with ``kernels``)."""
+    runs = reference_runs(model)
+    if baseline == "readable":
+        runs.update({"ref32" if k == "cpp" else "ref32_own": v
+                     for k, v in kernel_runs(model, native, "readable", runs["oracle"]).items()})
+    elif baseline != "torch":
         raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
-    cpp = native.prepare(model, kernels)  # bound (and packed) once for both runs
-    return {"oracle": oracle, **floors, "cpp": cpp.forward(trace=True).trace,
-            "cpp_own": cpp.forward(teacher=teacher).trace}
+    return {**runs, **kernel_runs(model, native, kernels or native.kernels, runs["oracle"])}
 
 
-def compare(model, native=None, kernels: str | None = None, baseline: str = "torch") -> Report:
-    """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
-    project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
+@dataclass
+class Comparison:
+    """One Report per kernel set, side by side (``compare(..., kernels="all")``)."""
 
-    ``kernels``: "readable" or "fast" (default: the engine's). ``baseline="readable"`` sets the
-    floors from the readable C++ instead of PyTorch: the fast kernels judged against the readable
-    ones."""
+    reports: dict[str, Report]
+
+    def __getitem__(self, kernels: str) -> Report:
+        return self.reports[kernels]
+
+    def __iter__(self):
+        return iter(self.reports)
+
+    @property
+    def agrees(self) -> bool:
+        return all(r.agrees for r in self.reports.values())
+
+    @property
+    def culprits(self) -> dict[str, PointReport | None]:
+        return {k: r.culprit for k, r in self.reports.items()}
+
+    def summary(self) -> str:
+        return "\n".join(f"[{k}] " + r.summary().replace("\n", f"\n[{k}] ") for k, r in self.reports.items())
+
+    def to_text(self) -> str:
+        """Status per trace point, one column per kernel set, then each set's summary."""
+        names = list(self.reports)
+        first = next(iter(self.reports.values()))
+        head = f"{'trace point':48s} " + " ".join(f"{k + ' rel_l2':>16s} {k + ' status':>20s}" for k in names)
+        rows = [head]
+        for i, p in enumerate(first.points):
+            cells = []
+            for k in names:
+                q = self.reports[k].points[i]
+                cells.append(f"{q.rel_l2:16.2e} {q.label:>20s}")
+            rows.append(f"{p.name:48s} " + " ".join(cells))
+        return "\n".join(rows) + "\n" + self.summary()
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return f"<Comparison of {', '.join(self.reports)}: {'agree' if self.agrees else 'diverge'}>"
+
+    def _repr_html_(self) -> str:
+        return "".join(f"<h4>{k} kernels</h4>{r._repr_html_()}" for k, r in self.reports.items())
+
+
+def _finish(report: Report, model) -> Report:
     from .diagnose import diagnose
-    from .native import load_native
-
-    native = native or load_native()
-    report = build_report(run_all(model, native, kernels, baseline), model.config, model.attention_mask,
-                          subject=f"C++ ({kernels or native.kernels})")
     report.meta["model"] = model
     report.diagnosis = diagnose(report)
     return report
 
 
+def compare(model, native=None, kernels: str | None = "all", baseline: str = "torch") -> "Report | Comparison":
+    """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
+    project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
+
+    ``kernels``: "all" (the default: every registered kernel set, a Comparison side by side), or
+    one set's name (a Report; None: the engine's default set). ``baseline="readable"`` sets the
+    floors from the readable C++ instead of PyTorch: the fast kernels judged against the readable
+    ones."""
+    from .native import load_native
+
+    native = native or load_native()
+    shared = reference_runs(model)
+    if baseline == "readable":
+        shared.update({"ref32" if k == "cpp" else "ref32_own": v
+                       for k, v in kernel_runs(model, native, "readable", shared["oracle"]).items()})
+    elif baseline != "torch":
+        raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
+    sets = native.kernel_sets if kernels == "all" else [native.check_kernels(kernels or native.kernels)]
+    reports = {}
+    for name in sets:
+        runs = {**shared, **kernel_runs(model, native, name, shared["oracle"])}
+        reports[name] = _finish(build_report(runs, model.config, model.attention_mask, subject=f"C++ ({name})"), model)
+    return Comparison(reports) if kernels == "all" else reports[sets[0]]
+
+
 def compare_decode(model, native=None, steps: int = 3, kernels: str | None = None) -> list[Report]:
     """Compare a KV-cache decode step by step: the prefill, then ``steps`` single-token steps fed
     with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
-    the isolated run is teacher forced at every step, so its cache holds the oracle's keys."""
+    the isolated run is teacher forced at every step, so its cache holds the oracle's keys.
+    ``kernels``: one kernel set (default: the engine's)."""
     import torch
 
-    from .diagnose import diagnose
     from .native import load_native
     from .reference import ReferenceModel, decode_steps, greedy_generate
 
@@ -374,7 +467,7 @@ def compare_decode(model, native=None, steps: int = 3, kernels: str | None = Non
     ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
     feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
     oracle = [t for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
-    teachers = [{k: v.astype(np.float32) for k, v in t.items()} for t in oracle]
+    teachers = [teacher_from(t) for t in oracle]
     prepared = native.prepare(model, kernels)
     runs = {
         "oracle": oracle,
@@ -389,8 +482,7 @@ def compare_decode(model, native=None, steps: int = 3, kernels: str | None = Non
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
         report = build_report({k: v[step] for k, v in runs.items()}, model.config, mask,
                               subject=f"C++ ({prepared.kernels}) step {step}", past_len=past)
-        report.meta["model"] = model
-        report.diagnosis = diagnose(report)
-        reports.append(report)
+        report.meta["step"] = step
+        reports.append(_finish(report, model))
         past = mask.shape[1]
     return reports

@@ -1,66 +1,179 @@
-"""The fault catalogue: deliberate bugs compiled into the C++ on request, to prove the debugger
-finds them. Each is a ``CELERINFER_FAULT_<NAME>`` block in cpp/include/celerinfer; the normal
-build defines none of them.
+"""The fault catalogue: deliberate bugs, each a source edit applied to a scratch copy of cpp/ (the
+way you inject your own), to prove the debugger finds them. No fault code lives under cpp/.
 
-For each fault: what it breaks, the trace point that must be named as the culprit (in the first
-layer it touches), words the diagnosis must contain (when a diagnosis applies), and the model
-settings that expose it (a GQA bug is invisible when every query head has its own kv head).
+For each fault: what it breaks, its edits, the kernel sets it applies to (a bug in ops.hpp's
+readable loops cannot show in the fast set), the trace point that must be named as the culprit
+(the first layer it touches), words the diagnosis must contain (when a diagnosis applies), the
+model settings and inputs that expose it (a GQA bug is invisible when every query head has its
+own kv head), and the decode step where it first shows (0: the prefill).
 """
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ModelConfig
+
+
+class FaultError(ValueError):
+    """An unknown fault, or one whose edit no longer matches the C++ source."""
+
+
+@dataclass(frozen=True)
+class Edit:
+    file: str  # under cpp/include/celerinfer
+    old: str  # must occur exactly once
+    new: str
 
 
 @dataclass(frozen=True)
 class Fault:
     name: str
     breaks: str
+    edits: tuple[Edit, ...]
+    kernels: tuple[str, ...]  # the kernel sets whose code the edits change
     culprit: str  # trace point name
     diagnosis: str | None  # words the diagnosis contains, or None when no pattern applies
     model: dict = field(default_factory=dict)  # ModelConfig overrides that expose the fault
-    padding: str = "none"
-
-    @property
-    def macro(self) -> str:
-        return "CELERINFER_FAULT_" + self.name.upper()
+    inputs: dict = field(default_factory=dict)  # generate_model inputs: batch_size, seq_len, padding
+    step: int = 0  # the decode step where it first shows (0: the prefill)
 
 
-L0 = "model.layers.0."
-FAULTS: dict[str, Fault] = {f.name: f for f in [
+BOTH = ("readable", "fast")
+L0, L1 = "model.layers.0.", "model.layers.1."
+
+
+def _edit(file: str, old: str, new: str) -> tuple[Edit, ...]:
+    return (Edit(file, old, new),)
+
+
+CATALOGUE: list[Fault] = [
+    # ---- the shared forward body and shared ops: every kernel set ------------------------------
     Fault("rope_pairing_swapped", "RoPE rotates interleaved pairs where the model uses half-split ones (or the reverse)",
-          L0 + "self_attn.rope_q", "RoPE pairing"),
+          _edit("ops.hpp", "    const int half = hd / 2;\n    for (int b = 0; b < B; ++b)",
+                "    interleaved = !interleaved;\n    const int half = hd / 2;\n    for (int b = 0; b < B; ++b)"),
+          BOTH, L0 + "self_attn.rope_q", "RoPE pairing"),
     Fault("gqa_modulo", "query head j reads kv head j % kv_heads instead of j // (heads / kv_heads)",
-          L0 + "self_attn.scores", "kv head j % kv_heads", dict(num_attention_heads=8, num_key_value_heads=2)),
-    Fault("causal_mask_missing", "no -inf above the diagonal: every token sees the future",
-          L0 + "self_attn.scores", "causal mask missing"),
-    Fault("padding_mask_ignored", "padded keys are not masked", L0 + "self_attn.scores", "padding mask ignored",
-          padding="left"),
-    Fault("rmsnorm_eps_outside_sqrt", "RMSNorm divides by sqrt(mean(x^2)) + eps instead of sqrt(mean(x^2) + eps)",
-          L0 + "input_layernorm", "eps outside the square root"),
-    Fault("rmsnorm_weight_ignored", "RMSNorm never multiplies by its weight", L0 + "input_layernorm",
-          "norm weight ignored"),
-    Fault("attention_scale_1_over_d", "scores divided by head_dim instead of sqrt(head_dim)",
-          L0 + "self_attn.scores", "scale error"),
-    Fault("silu_as_gelu", "GELU where SwiGLU's SiLU belongs", L0 + "mlp.act", "GELU"),
-    Fault("gate_up_swapped", "gate_proj and up_proj weights swapped", L0 + "mlp.gate_proj", "mlp.up_proj"),
-    Fault("softmax_wrong_axis", "attention softmax over queries instead of keys", L0 + "self_attn.probs",
-          "softmax over the wrong axis"),
-    Fault("untied_head_as_embedding", "an untied lm_head is read as the embedding", "lm_head",
-          "lm_head read as the embedding", dict(tie_word_embeddings=False)),
-    Fault("moe_topk_not_renormalised", "MoE top-k weights not divided by their sum", L0 + "mlp.topk_weight",
-          "not renormalised", dict(use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="always")),
+          _edit("ops.hpp", "inline int kv_head(int h, const AttnDims& d) { return h / d.n_rep(); }",
+                "inline int kv_head(int h, const AttnDims& d) { return h % d.kv_heads; }"),
+          BOTH, L0 + "self_attn.scores", "kv head j % kv_heads", dict(num_attention_heads=8, num_key_value_heads=2)),
+    Fault("gate_up_swapped", "gate_proj and up_proj weights swapped",
+          (Edit("forward.hpp", "K.linear(ws.gate.data(), x, w.gate, rows, H, I);", "K.linear(ws.gate.data(), x, w.up, rows, H, I);"),
+           Edit("forward.hpp", "K.linear(ws.up.data(), x, w.up, rows, H, I);", "K.linear(ws.up.data(), x, w.gate, rows, H, I);")),
+          BOTH, L0 + "mlp.gate_proj", "mlp.up_proj"),
+    Fault("untied_head_as_embedding", "an untied lm_head is read as the embedding",
+          _edit("model.hpp", "const float* head() const { return config.tied ? embed : lm_head; }",
+                "const float* head() const { return embed; }"),
+          BOTH, "lm_head", "lm_head read as the embedding", dict(tie_word_embeddings=False)),
+    Fault("moe_topk_not_renormalised", "MoE top-k weights not divided by their sum",
+          _edit("ops.hpp", "        if (renormalise) {", "        if (false) {"),
+          BOTH, L0 + "mlp.topk_weight", "not renormalised",
+          dict(use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="always")),
     Fault("output_never_written", "the logits buffer is never written (the original tool's all-zero logits)",
-          "lm_head", "never written"),
+          _edit("forward.hpp", "    K.linear(logits, x, m.head(), N, H, c.vocab);\n", ""),
+          BOTH, "lm_head", "never written"),
     Fault("residual_missing", "the attention output replaces the residual stream instead of adding to it",
-          L0 + "attn_residual", "self_attn.o_proj"),
-    Fault("qk_norm_skipped", "the query RMSNorm (q_norm) is skipped", L0 + "self_attn.q_norm",
-          "self_attn.q_proj", dict(qk_norm=True)),
-]}
+          _edit("forward.hpp", "        add(h, h, ws.attn_out.data(), size_t(N) * H);",
+                "        std::memcpy(h, ws.attn_out.data(), sizeof(float) * size_t(N) * H);"),
+          BOTH, L0 + "attn_residual", "self_attn.o_proj"),
+    Fault("qk_norm_skipped", "the query RMSNorm (q_norm) is skipped",
+          _edit("forward.hpp", "            K.rmsnorm(ws.q.data(), ws.q.data(), L.q_norm, N * nh, hd, c.eps);\n", ""),
+          BOTH, L0 + "self_attn.q_norm", "self_attn.q_proj", dict(qk_norm=True)),
+    # ---- the readable kernels (ops.hpp, readable.hpp) -------------------------------------------
+    Fault("causal_mask_missing", "no -inf above the diagonal: every token sees the future",
+          _edit("ops.hpp", "                    if (j > d.start() + i) s += neg_inf;\n", ""),
+          ("readable",), L0 + "self_attn.scores", "causal mask missing"),
+    Fault("padding_mask_ignored", "padded keys are not masked",
+          _edit("ops.hpp", "                    if (mask[size_t(b) * d.P + j] == 0) s += -1e9f;\n", ""),
+          ("readable",), L0 + "self_attn.scores", "padding mask ignored", inputs=dict(padding="left")),
+    Fault("rmsnorm_eps_outside_sqrt", "RMSNorm divides by sqrt(mean(x^2)) + eps instead of sqrt(mean(x^2) + eps)",
+          _edit("ops.hpp", "const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);",
+                "const float inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);"),
+          ("readable",), L0 + "input_layernorm", "eps outside the square root"),
+    Fault("rmsnorm_weight_ignored", "RMSNorm never multiplies by its weight",
+          _edit("ops.hpp", "yr[i] = weight[i] * (xr[i] * inv_rms);", "yr[i] = xr[i] * inv_rms;"),
+          ("readable",), L0 + "input_layernorm", "norm weight ignored"),
+    Fault("attention_scale_1_over_d", "scores divided by head_dim instead of sqrt(head_dim)",
+          _edit("ops.hpp", "    const float scale = float(std::sqrt(double(d.hd)));\n    const float neg_inf",
+                "    const float scale = float(d.hd);\n    const float neg_inf"),
+          ("readable",), L0 + "self_attn.scores", "scale error"),
+    Fault("silu_as_gelu", "GELU where SwiGLU's SiLU belongs",
+          _edit("ops.hpp", "inline float silu(float x) { return x / (1.0f + std::exp(-x)); }",
+                "inline float silu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678f)); }"),
+          ("readable",), L0 + "mlp.act", "GELU"),
+    Fault("softmax_wrong_axis", "attention softmax over queries instead of keys",
+          _edit("readable.hpp", "        softmax(scores, int(rows), d.P);\n",
+                "        for (size_t blk = 0; blk < rows / d.T; ++blk)  // down each column of a (b, h) block\n"
+                "            for (int j = 0; j < d.P; ++j) {\n"
+                "                float* col = scores + blk * d.T * d.P + j;\n"
+                "                float max = col[0], sum = 0.0f;\n"
+                "                for (int i = 1; i < d.T; ++i) max = col[size_t(i) * d.P] > max ? col[size_t(i) * d.P] : max;\n"
+                "                for (int i = 0; i < d.T; ++i) sum += (col[size_t(i) * d.P] = std::exp(col[size_t(i) * d.P] - max));\n"
+                "                for (int i = 0; i < d.T; ++i) col[size_t(i) * d.P] /= sum;\n"
+                "            }\n"),
+          ("readable",), L0 + "self_attn.probs", "softmax over the wrong axis"),
+    # ---- the fast kernels (fast.hpp) -------------------------------------------------------------
+    Fault("fast_attention_scale", "the fused attention divides scores by head_dim instead of sqrt(head_dim)",
+          _edit("fast.hpp", "    const float scale = float(std::sqrt(double(d.hd)));\n    const vf16 vscale",
+                "    const float scale = float(d.hd);\n    const vf16 vscale"),
+          ("fast",), L0 + "self_attn.scores", "scale error"),
+    Fault("fast_rmsnorm_eps_outside_sqrt", "the fast RMSNorm adds eps outside the square root",
+          _edit("fast.hpp", "const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);",
+                "const float inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);"),
+          ("fast",), L0 + "input_layernorm", "eps outside the square root"),
+]
+FAULTS: dict[str, Fault] = {f.name: f for f in CATALOGUE}
 
 
 def get_fault(name: str | None) -> Fault | None:
     if name is None:
         return None
     if name not in FAULTS:
-        raise ValueError(f"unknown fault {name!r}; `celerinfer-lab compare --list-faults` lists them")
+        raise FaultError(f"unknown fault {name!r}; `celerinfer-lab compare --list-faults` lists them")
     return FAULTS[name]
+
+
+_scratch_root: Path | None = None
+
+
+def _scratch_dir(name: str) -> Path:
+    """A new folder for one faulty copy, under one per-process root removed at exit."""
+    global _scratch_root
+    if _scratch_root is None:
+        _scratch_root = Path(tempfile.mkdtemp(prefix="celerinfer-faults-"))
+        atexit.register(shutil.rmtree, _scratch_root, True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_scratch_root))
+
+
+def apply_fault(fault: Fault, source: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy the C++ in ``source`` to ``dest`` (default: a scratch folder) and apply the fault's edits."""
+    from .native import _include_dir, copy_cpp, edit_source
+    include = _include_dir(Path(source))
+    dest = copy_cpp(Path(dest) if dest is not None else _scratch_dir(fault.name), include.parent)
+    for edit in fault.edits:
+        try:
+            edit_source(dest / "include" / "celerinfer" / edit.file, edit.old, edit.new)
+        except ValueError as exc:
+            raise FaultError(f"fault {fault.name!r} no longer applies to {source}: {exc}") from None
+    return dest
+
+
+def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask=None) -> list[str]:
+    """What keeps ``fault`` from showing on a model: each reason names the generate flag that fixes it."""
+    from .flags import flag_for
+    reasons = []
+    for key, wanted in fault.model.items():
+        have = getattr(config, key)
+        if key == "num_key_value_heads":  # what matters is that query heads share kv heads
+            if config.n_rep > 1:
+                continue
+            reasons.append(f"every query head has its own kv head (GQA bugs need heads > kv heads): {flag_for(key, wanted)}")
+        elif have != wanted:
+            reasons.append(f"{key} is {have!r}, the fault needs {wanted!r}: {flag_for(key, wanted)}")
+    padding = fault.inputs.get("padding", "none")
+    if padding != "none" and attention_mask is not None and attention_mask.all():
+        reasons.append(f"the inputs have no padding: --padding {padding}")
+    return reasons

@@ -89,27 +89,31 @@ def _load_runtime(include_dir: Path) -> None:
     _runtime_loaded = True
 
 
-KERNELS = ("readable", "fast")
+DEFAULT_KERNELS = "fast"  # what users run; "readable" is the baseline anyone can check by eye
 
 
 class NativeEngine:
     """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text.
 
-    ``fault``: a name from the fault catalogue (celerinfer_lab.faults) to compile in.
-    ``kernels``: the default kernels, "readable" (ops.hpp: what the fault catalogue breaks and
-    what you edit first) or "fast" (fast.hpp: packed, vectorized, threaded).
+    ``kernels``: the default kernel set for forwards ("fast", "readable", or any set registered with
+    CELERINFER_REGISTER_KERNELS). ``extra_source``: C++ compiled after the headers, inside their
+    namespace: a place for your own kernel set (README: "Your own kernel set"). ``fault``: a name
+    from the fault catalogue (celerinfer_lab.faults): its source edits are applied to a scratch copy
+    of ``cpp_dir``, and that copy is compiled.
     """
 
-    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = "readable"):
-        from .faults import get_fault
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels={kernels!r}: choose one of {KERNELS}")
+    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = DEFAULT_KERNELS,
+                 extra_source: str = ""):
+        from .faults import apply_fault, get_fault
         self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
         self.fault = get_fault(fault)
-        self.kernels = kernels
+        if self.fault is not None:
+            self.cpp_dir = apply_fault(self.fault, self.cpp_dir)
+        self.extra_source = extra_source
         self.namespace: str | None = None
         self.ns = None
         self.reload()
+        self.kernels = self.check_kernels(kernels)
 
     def reload(self) -> None:
         """Compile the headers as they are now. On a compile error the previous version stays."""
@@ -118,23 +122,31 @@ class NativeEngine:
         source = assemble_source(include_dir)
         namespace = f"celerinfer_jit_{next(_versions)}"
         cppyy = _cppyy()
-        # Macros outlive a cppdef in cling: undefine them again, or the next version inherits them.
-        fault = f"#define {self.fault.macro}\n" if self.fault else ""
-        unfault = f"#undef {self.fault.macro}\n" if self.fault else ""
-        text = (f"#undef CELERINFER_NS\n#define CELERINFER_NS {namespace}\n{fault}{source}\n"
-                f"#undef CELERINFER_NS\n{unfault}")
+        extra = f"namespace {namespace} {{\n{self.extra_source}\n}}\n" if self.extra_source else ""
+        text = f"#undef CELERINFER_NS\n#define CELERINFER_NS {namespace}\n{source}\n{extra}#undef CELERINFER_NS\n"
         try:
             cppyy.cppdef(text)
         except SyntaxError as exc:
             raise NativeCompileError(f"C++ in {self.cpp_dir} did not compile:\n{exc}") from None
         ns = getattr(cppyy.gbl, namespace)
-        for name in ("forward_readable", "forward_fast", "Model", "Workspace", "Config", "TraceRecorder", "FastWeights"):
+        for name in ("run_forward", "make_kernels", "kernel_set_names", "Model", "Workspace", "Config", "TraceRecorder"):
             if not hasattr(ns, name):
                 raise NativeCompileError(f"C++ in {self.cpp_dir} compiled but defines no {namespace}::{name}")
-        for entry in (ns.forward_readable, ns.forward_fast):
-            entry.__sig2exc__ = True  # a wild write becomes a Python exception, not a dead kernel
-            entry.__release_gil__ = True  # the thread pool runs while Python threads go on
+        # A crash on the calling thread (a wild read or write) becomes a Python exception, not a dead
+        # kernel. The GIL stays held: with __release_gil__ cppyy no longer turns signals into
+        # exceptions (measured: the process died with a stack dump).
+        ns.run_forward.__sig2exc__ = True
         self.namespace, self.ns = namespace, ns
+
+    @property
+    def kernel_sets(self) -> list[str]:
+        """The registered kernel sets, in registration order ("readable", "fast", then yours)."""
+        return [str(name) for name in self.ns.kernel_set_names()]
+
+    def check_kernels(self, kernels: str) -> str:
+        if kernels not in self.kernel_sets:
+            raise NativeError(f"unknown kernel set {kernels!r}; this build has {', '.join(self.kernel_sets)}")
+        return kernels
 
     def set_threads(self, n: int) -> None:
         """Threads of the fast kernels' pool (default: every core)."""
@@ -153,10 +165,12 @@ class NativeEngine:
         return self.prepare(model, kernels).forward(input_ids, attention_mask, trace, teacher)
 
 
-def load_native(cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = "readable") -> NativeEngine:
+def load_native(cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = DEFAULT_KERNELS,
+                extra_source: str = "") -> NativeEngine:
     """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``), optionally
-    with one fault from the catalogue compiled in; ``kernels`` picks the default kernels."""
-    return NativeEngine(cpp_dir, fault, kernels)
+    with one fault from the catalogue applied to a scratch copy; ``kernels`` picks the default
+    kernel set, ``extra_source`` adds C++ (your own kernel set)."""
+    return NativeEngine(cpp_dir, fault, kernels, extra_source)
 
 
 def _native_config(ns, config: ModelConfig):
@@ -191,10 +205,8 @@ def _f32(array: np.ndarray) -> np.ndarray:
 class NativeModel:
     """A model bound to one compiled version: weights by pointer (kept alive here), workspaces by shape."""
 
-    def __init__(self, engine: NativeEngine, model: Model, kernels: str = "readable"):
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels={kernels!r}: choose one of {KERNELS}")
-        self.engine, self.ns, self.model, self.kernels = engine, engine.ns, model, kernels
+    def __init__(self, engine: NativeEngine, model: Model, kernels: str = DEFAULT_KERNELS):
+        self.engine, self.ns, self.model, self.kernels = engine, engine.ns, model, engine.check_kernels(kernels)
         self.config = model.config
         self._arrays = {name: _f32(a) for name, a in model.weights.items()}  # no copy for float32
         self._arrays["rope.cos"], self._arrays["rope.sin"] = _f32(model.rope_cos), _f32(model.rope_sin)
@@ -202,7 +214,7 @@ class NativeModel:
         for name, array in self._arrays.items():
             _call(f"binding '{name}'", self.cpp.bind, name, array, [int(d) for d in array.shape])
         _call("model check", self.cpp.check_complete)
-        self.packed = _call("packing weights", self.ns.FastWeights, self.cpp) if kernels == "fast" else None
+        self.kernel_set = _call(f"preparing the {kernels} kernels", self.ns.make_kernels, kernels, self.cpp)
         self._workspaces: dict[tuple[int, int, int], object] = {}
         # Workspaces (and a decode's KV cache) are reused across calls: one caller at a time.
         self._lock = threading.RLock()
@@ -241,10 +253,8 @@ class NativeModel:
         sink = recorder if recorder is not None else _cppyy().nullptr
         with self._lock:
             ws = workspace if workspace is not None else self.workspace(B, T)
-            if self.packed is not None:
-                _call("forward", self.ns.forward_fast, self.cpp, self.packed, ids, mask, T, start, ws, logits, sink)
-            else:
-                _call("forward", self.ns.forward_readable, self.cpp, ids, mask, T, start, ws, logits, sink)
+            _call(f"forward ({self.kernels} kernels)", self.ns.run_forward, self.kernel_set, self.cpp, ids, mask, T,
+                  start, ws, logits, sink)
 
     def forward(self, input_ids=None, attention_mask=None, trace: bool = False,
                 teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
@@ -255,10 +265,10 @@ class NativeModel:
         """
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
-        # NaN-filled: a forward that never writes its output shows up as NaN, not as plausible zeros.
-        logits = np.full((B, S, self.config.vocab_size), np.nan, dtype=np.float32)
+        logits, guarded = _guarded_logits(B, S, self.config.vocab_size)
         recorder = self._recorder(trace, teacher, B, S, 0)
         self.run(ids, mask, logits, recorder)
+        _check_guard(guarded, logits.size)
         return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if recorder else None)
 
     def _recorder(self, trace: bool, teacher, B: int, S: int, past_len: int):
@@ -320,9 +330,10 @@ class NativeModel:
         start = 0
         for step in range(forwards):
             T = ids.shape[1]
-            logits = np.full((B, T, self.config.vocab_size), np.nan, dtype=np.float32)
+            logits, guarded = _guarded_logits(B, T, self.config.vocab_size)
             recorder = self._recorder(trace, teachers[step] if teachers else None, B, T, start)
             self.run(ids, mask, logits, recorder, start=start, workspace=ws)
+            _check_guard(guarded, logits.size)
             points = _read_trace(recorder, self.config, B, T, start) if trace else None
             ids = next_token(step, logits, points)
             start += T
@@ -330,6 +341,24 @@ class NativeModel:
                 break
             ids = np.ascontiguousarray(ids, dtype=np.int64)  # a column slice is not contiguous
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+
+
+_GUARD = 16
+_SENTINEL = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]  # as workspace.hpp's guards
+
+
+def _guarded_logits(B: int, T: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [B, T, vocab] inside a buffer with a guard tail. NaN-filled: a forward that never
+    writes its output shows up as NaN, not as plausible zeros."""
+    n = B * T * vocab
+    buffer = np.full(n + _GUARD, np.nan, dtype=np.float32)
+    buffer[n:] = _SENTINEL
+    return buffer[:n].reshape(B, T, vocab), buffer
+
+
+def _check_guard(buffer: np.ndarray, n: int) -> None:
+    if buffer[n:].view(np.uint32).tolist() != [int(_SENTINEL.view(np.uint32))] * _GUARD:
+        raise NativeError(f"out-of-bounds write: the forward wrote past the end of the logits ({n} floats)")
 
 
 def _read_trace(recorder, config: ModelConfig, B: int, S: int, past_len: int = 0) -> dict[str, np.ndarray]:

@@ -72,14 +72,21 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     small_model(qk_norm=True).save(path)
     r = run("cpp-forward", str(path), "--dump-dir", str(tmp_path / "out"), "--warmup", "1", "--repeat", "3")
     assert r.returncode == 0, r.stderr
-    assert "C++ forward (cppyy): median" in r.stdout and (tmp_path / "out" / "logits_cpp.npy").exists()
+    assert "C++ forward (cppyy, fast kernels" in r.stdout and (tmp_path / "out" / "logits_cpp.npy").exists()
+    r = run("cpp-forward", str(path), "--kernels", "readable", "--warmup", "0", "--repeat", "1")
+    assert r.returncode == 0 and "C++ forward (cppyy, readable kernels" in r.stdout
+    r = run("cpp-forward", str(path), "--kernels", "nonesuch")
+    assert r.returncode == 2 and "unknown kernel set 'nonesuch'" in r.stderr and "readable, fast" in r.stderr
     r = run("compare", str(path))
-    assert r.returncode == 0 and "all" in r.stdout and "agree" in r.stdout
+    assert r.returncode == 0 and "== readable kernels" in r.stdout and "== fast kernels" in r.stdout
+    assert r.stdout.count("all 41 trace points agree") == 2
     assert r.stdout.index("model.embed_tokens") < r.stdout.index("model.layers.0.self_attn.q_norm") < r.stdout.index("lm_head")
     edit_file(cpp_copy / "include/celerinfer/ops.hpp", "const float scale = float(std::sqrt(double(d.hd)));",
               "const float scale = float(d.hd);")
     r = run("compare", str(path), "--cpp-dir", str(cpp_copy))
-    assert r.returncode == 1 and "culprit (own error): model.layers.0.self_attn.scores" in r.stdout
+    readable, fast = r.stdout.split("== fast kernels")
+    assert r.returncode == 1 and "culprit (own error): model.layers.0.self_attn.scores" in readable
+    assert "all 41 trace points agree" in fast  # the edit is in the readable kernels only
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert run("compare", str(bad)).returncode == 2
@@ -95,8 +102,15 @@ def test_compare_list_faults_and_fault(tmp_path):
     path = tmp_path / "m.json"
     small_model(batch_size=2, seq_len=8).save(path)
     r = run("compare", str(path), "--fault", "silu_as_gelu")
-    assert r.returncode == 1
+    assert r.returncode == 1 and "== readable kernels (fault silu_as_gelu)" in r.stdout
+    assert "== fast kernels" not in r.stdout  # the fault edits the readable kernels only
     tail = r.stdout.strip().splitlines()[-2:]
     assert "culprit (own error): model.layers.0.mlp.act" in tail[0] and tail[1].startswith("diagnosis: GELU")
+    r = run("compare", str(path), "--fault", "silu_as_gelu", "--kernels", "fast")
+    assert r.returncode == 2 and "changes only the readable kernels" in r.stderr
+    r = run("compare", str(path), "--fault", "untied_head_as_embedding")  # the model is tied: it cannot show
+    assert r.returncode == 2 and "cannot show" in r.stderr and "generate --untied" in r.stderr
+    r = run("compare", str(path), "--fault", "padding_mask_ignored")
+    assert r.returncode == 2 and "no padding: --padding left" in r.stderr
     r = run("compare", str(path), "--fault", "no_such_fault")
     assert r.returncode == 2 and "unknown fault 'no_such_fault'" in r.stderr

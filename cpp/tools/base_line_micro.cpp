@@ -1,7 +1,7 @@
 // base_line_micro model.json out_dir
 // Reads a model file, runs the C++ forward on its inputs, prints load and forward times, and
 // writes out_dir/logits_cpp.npy. Environment: WARMUP (default 1), REPEAT (default 10),
-// KERNELS (fast, the default, or readable) and THREADS (default: every core).
+// KERNELS (a registered kernel set: fast, the default, or readable) and THREADS (default: every core).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -37,20 +37,15 @@ int main(int argc, char** argv) {
         const ci::Config& c = loaded.model->config;
         const char* kernels_env = std::getenv("KERNELS");
         const std::string kernels = kernels_env && *kernels_env ? kernels_env : "fast";
-        CI_CHECK(kernels == "fast" || kernels == "readable", "KERNELS must be fast or readable, got '", kernels, "'");
         if (env_int("THREADS", 0) > 0) ci::set_num_threads(env_int("THREADS", 0));
         start = Clock::now();
-        std::unique_ptr<ci::FastWeights> packed;
-        if (kernels == "fast") packed = std::make_unique<ci::FastWeights>(*loaded.model);
+        const std::unique_ptr<ci::KernelSet> set = ci::make_kernels(kernels, loaded.model.get());
         const double pack_ms = ms_since(start);
         ci::Workspace ws(c, loaded.batch, loaded.seq_len);
         std::vector<float> logits(size_t(loaded.batch) * loaded.seq_len * c.vocab);
         auto run = [&] {
-            if (packed)
-                ci::forward_fast(*loaded.model, *packed, loaded.input_ids.data(), loaded.attention_mask.data(),
-                                 loaded.seq_len, 0, ws, logits.data(), nullptr);
-            else
-                ci::forward(*loaded.model, loaded.input_ids.data(), loaded.attention_mask.data(), ws, logits.data());
+            ci::run_forward(*set, *loaded.model, loaded.input_ids.data(), loaded.attention_mask.data(), loaded.seq_len,
+                            0, ws, logits.data(), nullptr);
         };
         for (int i = 0, n = env_int("WARMUP", 1); i < n; ++i) run();
         std::vector<double> times;
@@ -69,7 +64,7 @@ int main(int argc, char** argv) {
         ci::write_npy(out, logits.data(), {loaded.batch, loaded.seq_len, c.vocab});
         std::printf("model: %s (batch %d x seq %d)\n", argv[1], loaded.batch, loaded.seq_len);
         std::printf("load: %.3f ms\n", load_ms);
-        std::printf("kernels: %s, %d threads (packing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
+        std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
         std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", median, times.front(), times.back(), times.size());
         std::printf("logits: shape [%d, %d, %d] min %.6f max %.6f mean %.6f\n", loaded.batch, loaded.seq_len, c.vocab,
                     lo, hi, sum / double(logits.size()));

@@ -1,4 +1,5 @@
-// The fast kernels: the same ops as ops.hpp, built for speed on a CPU with wide SIMD.
+// The fast kernel set: the same ops as readable.hpp, built for speed on a CPU with wide SIMD.
+// The functions mirror the readable names (ops.hpp) inside namespace fast.
 //
 // * ThreadPool (threadpool.hpp): persistent workers shared by every loaded version.
 // * Packed weights: each nn.Linear matrix [out, in] is repacked once into panels of 16 outputs,
@@ -6,8 +7,9 @@
 //   broadcasts activations: 6 token rows x 48 outputs = 18 vector accumulators, no reductions.
 // * vexp: a vectorized exp (Cephes-style range reduction + degree-6 polynomial, ~1 ulp) for SiLU
 //   and softmax, where std::exp per element would cost more than the matrix products.
-// * Fused attention (no trace): per (batch, head), scores, softmax and context over only the
-//   causal keys, in blocked passes over a per-thread score tile (see attention_fused).
+// * Fused attention: per (batch, head), scores, softmax and context over only the causal keys, in
+//   blocked passes over a per-thread score tile (see fast::attention); traced runs observe its
+//   rows through the taps, so the trace sees the kernel that runs.
 // Vector code uses GCC/Clang vector extensions: the same source compiles under cling (cppyy) and
 // g++, at the width -march=native gives.
 #pragma once
@@ -16,14 +18,24 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <unordered_map>
 #include <vector>
 
 #include "check.hpp"
 #include "model.hpp"
 #include "ops.hpp"
 #include "threadpool.hpp"
+#include "trace.hpp"
+#include "workspace.hpp"
 
 namespace CELERINFER_NS {
+
+using ::celerinfer_runtime::ThreadPool;
+
+inline void set_num_threads(int n) { ThreadPool::instance().set_threads(n); }
+inline int num_threads() { return ThreadPool::instance().threads(); }
+
+namespace fast {
 
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -78,10 +90,6 @@ CI_VINLINE vf16 vexp(vf16 x) {
     return vselect(nan, vsplat(std::numeric_limits<float>::quiet_NaN()), y);
 }
 
-using ::celerinfer_runtime::ThreadPool;
-
-inline void set_num_threads(int n) { ThreadPool::instance().set_threads(n); }
-inline int num_threads() { return ThreadPool::instance().threads(); }
 
 // ---- packed GEMM --------------------------------------------------------------------------------
 struct PackedMatrix {
@@ -174,7 +182,7 @@ inline void gemm(float* y, const float* x, const PackedMatrix& W, int rows) {
 }
 
 // ---- vectorized elementwise ops -----------------------------------------------------------------
-inline void swiglu_fast(float* act, const float* gate, const float* up, size_t n) {
+inline void swiglu(float* act, const float* gate, const float* up, size_t n) {
     const size_t blocks = n / 16;
     ThreadPool::instance().parallel_for(int(blocks), [&](int begin, int end, int) {
         const vf16 one = opaque(vsplat(1.0f)), zero = opaque(vf16{});  // see opaque()
@@ -183,10 +191,10 @@ inline void swiglu_fast(float* act, const float* gate, const float* up, size_t n
             vstore(act + i, g / (one + vexp(zero - g)) * vload(up + i));
         }
     }, n > 65536);
-    for (size_t i = blocks * 16; i < n; ++i) act[i] = silu(gate[i]) * up[i];
+    for (size_t i = blocks * 16; i < n; ++i) act[i] = CELERINFER_NS::silu(gate[i]) * up[i];
 }
 
-inline float dot_fast(const float* a, const float* b, int n) {
+inline float dot(const float* a, const float* b, int n) {
     vf16 acc{};
     int i = 0;
     for (; i + 16 <= n; i += 16) acc += vload(a + i) * vload(b + i);
@@ -195,11 +203,11 @@ inline float dot_fast(const float* a, const float* b, int n) {
     return s;
 }
 
-inline void rmsnorm_fast(float* y, const float* x, const float* weight, int rows, int n, float eps) {
+inline void rmsnorm(float* y, const float* x, const float* weight, int rows, int n, float eps) {
     for (int r = 0; r < rows; ++r) {
         const float* xr = x + size_t(r) * n;
         float* yr = y + size_t(r) * n;
-        const float inv_rms = 1.0f / std::sqrt(dot_fast(xr, xr, n) / float(n) + eps);
+        const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);
         for (int i = 0; i < n; ++i) yr[i] = weight[i] * (xr[i] * inv_rms);
     }
 }
@@ -209,113 +217,130 @@ inline void rmsnorm_fast(float* y, const float* x, const float* weight, int rows
 // 1. scores 16 keys at a time: the 16 keys' transposed block [hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
 //    rows are 4 KB apart and would thrash L1 if read per query), eight queries per block;
-// 2. softmax per row, vectorized;
+// 2. per row: padding mask, softmax (vectorized), each observed through the taps;
 // 3. context: eight queries at a time share each value row they read.
-inline void attention_fused(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
-                            const int64_t* mask, const AttnDims& d, float* scratch) {
+inline void attention_scores_block(float* S, int kt_stride, const float* kblock, const float* q, int b, int h, int j0,
+                                   const AttnDims& d) {
     const float scale = float(std::sqrt(double(d.hd)));
+    const vf16 vscale = opaque(vsplat(scale));
+    auto q_row = [&](int i) { return q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd; };
+    int i = std::max(0, j0 - d.start());  // queries before the block's first key see none of it
+    constexpr int QB = 8;  // queries per block: independent FMA chains that share each key load
+    for (; i + QB <= d.T; i += QB) {
+        const float* qs[QB];
+        vf16 acc[QB];
+        for (int r = 0; r < QB; ++r) { qs[r] = q_row(i + r); acc[r] = vf16{}; }
+        for (int e = 0; e < d.hd; ++e) {
+            const vf16 k = vload(kblock + e * 16);
+            for (int r = 0; r < QB; ++r) acc[r] += k * qs[r][e];
+        }
+        for (int r = 0; r < QB; ++r) vstore(S + size_t(i + r) * kt_stride + j0, acc[r] / vscale);
+    }
+    for (; i < d.T; ++i) {
+        const float* qi = q_row(i);
+        vf16 acc{};
+        for (int e = 0; e < d.hd; ++e) acc += vload(kblock + e * 16) * qi[e];
+        vstore(S + size_t(i) * kt_stride + j0, acc / vscale);
+    }
+}
+
+// In-place softmax over the first n of s.
+inline void softmax_row(float* s, int n) {
+    int j = 0;
+    vf16 vmax_acc = opaque(vsplat(-std::numeric_limits<float>::infinity()));
+    for (; j + 16 <= n; j += 16) {
+        const vf16 v = vload(s + j);
+        vmax_acc = vselect(v > vmax_acc, v, vmax_acc);
+    }
+    float max = vmax_acc[0];
+    for (int l = 1; l < 16; ++l) max = vmax_acc[l] > max ? vmax_acc[l] : max;
+    for (; j < n; ++j) max = s[j] > max ? s[j] : max;
+    vf16 vsum_acc{};
+    const vf16 vmax = opaque(vsplat(max));
+    j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const vf16 e = vexp(vload(s + j) - vmax);
+        vstore(s + j, e);
+        vsum_acc += e;
+    }
+    float sum = vsum(vsum_acc);
+    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - max));  // short rows: scalar is faster
+    const float inv = 1.0f / sum;
+    for (j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// context rows of queries i ... i+CQ-1 (fewer at the end) from their probability rows in S.
+inline void attention_context_block(float* context, const float* S, int kt_stride, const float* v_cache, int b, int h,
+                                    int i, const AttnDims& d) {
+    constexpr int CQ = 8;  // queries together: they share each value row
+    const int g = kv_head(h, d), nq = std::min(CQ, d.T - i);
+    const float* s_rows[CQ];
+    float* outs[CQ];
+    int n_keys[CQ];
+    for (int r = 0; r < CQ; ++r) {
+        const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
+        s_rows[r] = S + size_t(qi) * kt_stride;
+        outs[r] = context + ((size_t(b) * d.T + qi) * d.heads + h) * d.hd;
+        n_keys[r] = d.start() + qi + 1;
+    }
+    for (int e0 = 0; e0 < d.hd; e0 += 16) {
+        const bool full = e0 + 16 <= d.hd;
+        vf16 acc[CQ];
+        for (int r = 0; r < CQ; ++r) acc[r] = vf16{};
+        for (int j = 0; j < n_keys[CQ - 1]; ++j) {
+            const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
+            vf16 v;
+            if (full) v = vload(vj);
+            else { v = vf16{}; for (int e = 0; e < d.hd - e0; ++e) v[e] = vj[e]; }
+            if (j < n_keys[0]) {  // every query of the block sees key j
+                for (int r = 0; r < CQ; ++r) acc[r] += v * s_rows[r][j];
+            } else {
+                for (int r = 0; r < CQ; ++r)
+                    if (j < n_keys[r]) acc[r] += v * s_rows[r][j];
+            }
+        }
+        const int width = full ? 16 : d.hd - e0;
+        for (int r = 0; r < nq; ++r) {
+            float tmp[16];
+            vstore(tmp, acc[r]);
+            std::memcpy(outs[r] + e0, tmp, sizeof(float) * width);
+        }
+    }
+}
+
+inline void attention(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
+                      const int64_t* mask, const AttnDims& d, float* scratch, const AttentionTaps& taps) {
     const size_t tile = size_t(d.T) * kt_stride;
     ThreadPool::instance().parallel_for(d.B * d.heads, [&](int begin, int end, int thread) {
         float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 16);
         float* kblock = S + tile;  // [hd][16]
-        const vf16 vscale = opaque(vsplat(scale));
         for (int task = begin; task < end; ++task) {
-            const int b = task / d.heads, h = task % d.heads, g = h / d.n_rep(), start = d.start();
+            const int b = task / d.heads, h = task % d.heads, g = kv_head(h, d);
             const float* kt = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride;
-            auto q_row = [&](int i) { return q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd; };
             for (int j0 = 0; j0 < d.P; j0 += 16) {  // 1. scores
                 for (int e = 0; e < d.hd; ++e) std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);
-                int i = std::max(0, j0 - start);
-                constexpr int QB = 8;  // queries per block: independent FMA chains that share each key load
-                for (; i + QB <= d.T; i += QB) {
-                    const float* qs[QB];
-                    vf16 acc[QB];
-                    for (int r = 0; r < QB; ++r) { qs[r] = q_row(i + r); acc[r] = vf16{}; }
-                    for (int e = 0; e < d.hd; ++e) {
-                        const vf16 k = vload(kblock + e * 16);
-                        for (int r = 0; r < QB; ++r) acc[r] += k * qs[r][e];
-                    }
-                    for (int r = 0; r < QB; ++r) vstore(S + size_t(i + r) * kt_stride + j0, acc[r] / vscale);
-                }
-                for (; i < d.T; ++i) {
-                    const float* qi = q_row(i);
-                    vf16 acc{};
-                    for (int e = 0; e < d.hd; ++e) acc += vload(kblock + e * 16) * qi[e];
-                    vstore(S + size_t(i) * kt_stride + j0, acc / vscale);
-                }
+                attention_scores_block(S, kt_stride, kblock, q, b, h, j0, d);
             }
             const int64_t* key_mask = mask + size_t(b) * d.P;
             const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;
-            for (int i = 0; i < d.T; ++i) {  // 2. softmax over the causal keys
+            for (int i = 0; i < d.T; ++i) {  // 2. mask and softmax over the causal keys
                 float* s = S + size_t(i) * kt_stride;
-                const int n_keys = start + i + 1;
+                const int n_keys = d.start() + i + 1;
                 if (padded)
                     for (int j = 0; j < n_keys; ++j)
                         if (key_mask[j] == 0) s[j] += -1e9f;
-                int j = 0;
-                vf16 vmax_acc = opaque(vsplat(-std::numeric_limits<float>::infinity()));
-                for (; j + 16 <= n_keys; j += 16) {
-                    const vf16 v = vload(s + j);
-                    vmax_acc = vselect(v > vmax_acc, v, vmax_acc);
-                }
-                float max = vmax_acc[0];
-                for (int l = 1; l < 16; ++l) max = vmax_acc[l] > max ? vmax_acc[l] : max;
-                for (; j < n_keys; ++j) max = s[j] > max ? s[j] : max;
-                vf16 vsum_acc{};
-                const vf16 vmax = opaque(vsplat(max));
-                j = 0;
-                for (; j + 16 <= n_keys; j += 16) {
-                    const vf16 e = vexp(vload(s + j) - vmax);
-                    vstore(s + j, e);
-                    vsum_acc += e;
-                }
-                float sum = vsum(vsum_acc);
-                for (; j < n_keys; ++j) sum += (s[j] = std::exp(s[j] - max));  // short rows: scalar is faster
-                const float inv = 1.0f / sum;
-                for (j = 0; j < n_keys; ++j) s[j] *= inv;
+                const size_t row = (size_t(b) * d.heads + h) * d.T + i;
+                taps.scores_row(row, s, n_keys, d.P);
+                softmax_row(s, n_keys);
+                taps.probs_row(row, s, n_keys, d.P);
             }
-            constexpr int CQ = 8;  // 3. context, CQ queries together: they share each value row
-            for (int i = 0; i < d.T; i += CQ) {
-                const int nq = std::min(CQ, d.T - i);
-                const float* s_rows[CQ];
-                float* outs[CQ];
-                int n_keys[CQ];
-                for (int r = 0; r < CQ; ++r) {
-                    const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
-                    s_rows[r] = S + size_t(qi) * kt_stride;
-                    outs[r] = context + ((size_t(b) * d.T + qi) * d.heads + h) * d.hd;
-                    n_keys[r] = start + qi + 1;
-                }
-                for (int e0 = 0; e0 < d.hd; e0 += 16) {
-                    const bool full = e0 + 16 <= d.hd;
-                    vf16 acc[CQ];
-                    for (int r = 0; r < CQ; ++r) acc[r] = vf16{};
-                    for (int j = 0; j < n_keys[CQ - 1]; ++j) {
-                        const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
-                        vf16 v;
-                        if (full) v = vload(vj);
-                        else { v = vf16{}; for (int e = 0; e < d.hd - e0; ++e) v[e] = vj[e]; }
-                        if (j < n_keys[0]) {  // every query of the block sees key j
-                            for (int r = 0; r < CQ; ++r) acc[r] += v * s_rows[r][j];
-                        } else {
-                            for (int r = 0; r < CQ; ++r)
-                                if (j < n_keys[r]) acc[r] += v * s_rows[r][j];
-                        }
-                    }
-                    const int width = full ? 16 : d.hd - e0;
-                    for (int r = 0; r < nq; ++r) {
-                        float tmp[16];
-                        vstore(tmp, acc[r]);
-                        std::memcpy(outs[r] + e0, tmp, sizeof(float) * width);
-                    }
-                }
-            }
+            for (int i = 0; i < d.T; i += 8) attention_context_block(context, S, kt_stride, v_cache, b, h, i, d);  // 3.
         }
     }, double(d.B) * d.heads * d.T * d.P * d.hd > 1.0e5);
 }
 
 // Keys of the new tokens [B, T, kv_heads, hd] into the transposed cache [B][kv_heads][hd][stride].
-inline void cache_store_transposed(float* kt_cache, int kt_stride, const float* k, const AttnDims& d) {
+inline void store_keys_transposed(float* kt_cache, int kt_stride, const float* k, const AttnDims& d) {
     for (int b = 0; b < d.B; ++b)
         for (int i = 0; i < d.T; ++i)
             for (int g = 0; g < d.kv_heads; ++g) {
@@ -324,5 +349,47 @@ inline void cache_store_transposed(float* kt_cache, int kt_stride, const float* 
                 for (int e = 0; e < d.hd; ++e) dst[size_t(e) * kt_stride] = src[e];
             }
 }
+
+}  // namespace fast
+
+// Every linear weight of a model, packed once for the fast GEMM (keyed by the weight's address).
+struct PackedWeights {
+    std::unordered_map<const float*, fast::PackedMatrix> packed;
+    void add(const float* W, int out, int in) {
+        if (W && !packed.count(W)) packed[W] = fast::pack(W, out, in);
+    }
+    const fast::PackedMatrix& at(const float* W, int out, int in) const {
+        auto it = packed.find(W);
+        CI_CHECK(it != packed.end(), "fast kernels: a weight was not packed (was the model rebound after packing?)");
+        CI_CHECK(it->second.in == in && it->second.out == out, "fast kernels: packed shape mismatch");
+        return it->second;
+    }
+};
+
+// The fast kernel set: packed, vectorized, threaded; attention fused.
+struct FastKernels {
+    PackedWeights weights;
+
+    void prepare_linear(const float* W, int out, int in) { weights.add(W, out, in); }
+    void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
+        fast::gemm(y, x, weights.at(W, out, in), rows);
+    }
+    void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const {
+        fast::rmsnorm(y, x, w, rows, n, eps);
+    }
+    void swiglu(float* act, const float* gate, const float* up, size_t n) const { fast::swiglu(act, gate, up, n); }
+    // The fused attention reads keys transposed ([B][kv_heads][hd][kt_stride]) and values row-major.
+    void store_kv(int layer, const float* k, const float* v, const AttnDims& d, Workspace& ws) const {
+        fast::store_keys_transposed(ws.layer_kt(layer), ws.kt_stride, k, d);
+        cache_store(ws.layer_v(layer), v, d);
+    }
+    void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d, Workspace& ws,
+                   const AttentionTaps& taps) const {
+        // One score tile per thread: set_num_threads() may have raised the count since the
+        // workspace was made (then, and only then, the scratch grows).
+        float* scratch = ws.scratch(size_t(num_threads()) * (size_t(d.T) * ws.kt_stride + size_t(d.hd) * 16));
+        fast::attention(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, scratch, taps);
+    }
+};
 
 }  // namespace CELERINFER_NS

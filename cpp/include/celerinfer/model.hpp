@@ -179,11 +179,27 @@ struct Model {
         }
     }
 
-    const float* head() const {
-#ifdef CELERINFER_FAULT_UNTIED_HEAD_AS_EMBEDDING
-        return embed;
-#endif
-        return config.tied ? embed : lm_head;
+    const float* head() const { return config.tied ? embed : lm_head; }
+
+    // f(W, out, in) for every nn.Linear weight of the model (kernel sets pack them once).
+    template <class F>
+    void for_each_linear(F&& f) const {
+        const Config& c = config;
+        auto ffn = [&](const FFNWeights& w, int inter) {
+            f(w.gate, inter, c.hidden); f(w.up, inter, c.hidden); f(w.down, c.hidden, inter);
+        };
+        for (const LayerWeights& L : layers) {
+            f(L.wq, c.q_dim(), c.hidden); f(L.wk, c.kv_dim(), c.hidden); f(L.wv, c.kv_dim(), c.hidden);
+            f(L.wo, c.hidden, c.q_dim());
+            if (!c.moe) {
+                ffn(L.ffn, c.intermediate);
+                continue;
+            }
+            f(L.router, c.experts, c.hidden);
+            for (const FFNWeights& e : L.experts) ffn(e, c.moe_intermediate);
+            for (const FFNWeights& e : L.shared_experts) ffn(e, c.moe_intermediate);
+        }
+        f(head(), c.vocab, c.hidden);
     }
 
 private:

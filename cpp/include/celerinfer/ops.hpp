@@ -1,15 +1,12 @@
-// One function per op, float32, plain loops. Each writes a caller-owned output buffer and
-// allocates nothing. Rows are tokens: a [rows, n] buffer is `rows` contiguous vectors of n.
-//
-// CELERINFER_FAULT_* blocks are the fault catalogue (celerinfer_lab/faults.py): deliberate bugs
-// that the debugger must localize. Each is compiled only when its macro is defined; the normal
-// build contains none of them.
+// One function per op, float32, plain loops: the readable kernels (ReadableKernels in
+// readable.hpp) and the ops every kernel set shares (embedding, RoPE, router softmax, top-k).
+// Each writes a caller-owned output buffer and allocates nothing. Rows are tokens: a [rows, n]
+// buffer is `rows` contiguous vectors of n.
 #pragma once
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
-#include <vector>
 
 #include "check.hpp"
 
@@ -36,26 +33,12 @@ inline void linear(float* y, const float* x, const float* W, int rows, int in, i
             y[size_t(r) * out + o] = dot(x + size_t(r) * in, W + size_t(o) * in, in);
 }
 
-#ifdef CELERINFER_FAULT_RMSNORM_WEIGHT_IGNORED
-inline const float* ones_like_weight(int n) {
-    static std::vector<float> ones;
-    ones.assign(size_t(n), 1.0f);
-    return ones.data();
-}
-#endif
-
 // y = weight * x / sqrt(mean(x^2) + eps), over each row of n
 inline void rmsnorm(float* y, const float* x, const float* weight, int rows, int n, float eps) {
     for (int r = 0; r < rows; ++r) {
         const float* xr = x + size_t(r) * n;
         float* yr = y + size_t(r) * n;
-        float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);
-#ifdef CELERINFER_FAULT_RMSNORM_EPS_OUTSIDE_SQRT
-        inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);
-#endif
-#ifdef CELERINFER_FAULT_RMSNORM_WEIGHT_IGNORED
-        weight = ones_like_weight(n);
-#endif
+        const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);
         for (int i = 0; i < n; ++i) yr[i] = weight[i] * (xr[i] * inv_rms);
     }
 }
@@ -72,9 +55,6 @@ inline void embed(float* h, const int64_t* ids, const float* table, int tokens, 
 // cos/sin rows hold frequency i at columns i and i + hd/2. Half-split pairs (i, i + hd/2);
 // interleaved pairs (2i, 2i+1).
 inline void rope(float* x, const float* cos, const float* sin, int B, int S, int n_heads, int hd, bool interleaved) {
-#ifdef CELERINFER_FAULT_ROPE_PAIRING_SWAPPED
-    interleaved = !interleaved;
-#endif
     const int half = hd / 2;
     for (int b = 0; b < B; ++b)
         for (int s = 0; s < S; ++s) {
@@ -92,15 +72,6 @@ inline void rope(float* x, const float* cos, const float* sin, int B, int S, int
         }
 }
 
-// The kv head that query head h reads: h / (heads / kv_heads), MiniMind's repeat_kv layout.
-inline int kv_head(int h, int n_rep, int kv_heads) {
-#ifdef CELERINFER_FAULT_GQA_MODULO
-    return h % kv_heads;
-#endif
-    (void)kv_heads;
-    return h / n_rep;
-}
-
 // The shape of one attention call: T new queries at positions P - T ... P - 1 attend to P keys,
 // read from a KV cache laid out [B, max_len, kv_heads, hd] (prefill: P == T == max_len).
 struct AttnDims {
@@ -109,15 +80,14 @@ struct AttnDims {
     int start() const { return P - T; }
 };
 
+// The kv head that query head h reads: h / (heads / kv_heads), MiniMind's repeat_kv layout.
+inline int kv_head(int h, const AttnDims& d) { return h / d.n_rep(); }
+
 // scores[b, h, i, j] = q_i . k_j / sqrt(hd), -inf for keys after the query (causal), then -1e9
 // added where key j is padding (MiniMind's additive mask: a row whose every key is masked stays
 // finite). Query head h reads kv head h / (heads / kv_heads). mask is [B, P].
 inline void attention_scores(float* scores, const float* q, const float* k_cache, const int64_t* mask, const AttnDims& d) {
-#ifdef CELERINFER_FAULT_ATTENTION_SCALE_1_OVER_D
-    const float scale = float(d.hd);
-#else
     const float scale = float(std::sqrt(double(d.hd)));
-#endif
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int b = 0; b < d.B; ++b)
         for (int h = 0; h < d.heads; ++h)
@@ -125,14 +95,10 @@ inline void attention_scores(float* scores, const float* q, const float* k_cache
                 float* row = scores + ((size_t(b) * d.heads + h) * d.T + i) * d.P;
                 const float* qi = q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
                 for (int j = 0; j < d.P; ++j) {
-                    const float* kj = k_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d.n_rep(), d.kv_heads)) * d.hd;
+                    const float* kj = k_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d)) * d.hd;
                     float s = dot(qi, kj, d.hd) / scale;
-#ifndef CELERINFER_FAULT_CAUSAL_MASK_MISSING
                     if (j > d.start() + i) s += neg_inf;
-#endif
-#ifndef CELERINFER_FAULT_PADDING_MASK_IGNORED
                     if (mask[size_t(b) * d.P + j] == 0) s += -1e9f;
-#endif
                     row[j] = s;
                 }
             }
@@ -140,19 +106,6 @@ inline void attention_scores(float* scores, const float* q, const float* k_cache
 
 // In-place softmax over each row of n.
 inline void softmax(float* x, int rows, int n) {
-#ifdef CELERINFER_FAULT_SOFTMAX_WRONG_AXIS
-    if (rows % n == 0) {  // attention probabilities: [.., n, n] blocks, normalised down the columns
-        for (int blk = 0; blk < rows / n; ++blk)
-            for (int j = 0; j < n; ++j) {
-                float* v = x + size_t(blk) * n * n + j;
-                float max = v[0], sum = 0.0f;
-                for (int i = 1; i < n; ++i) max = v[size_t(i) * n] > max ? v[size_t(i) * n] : max;
-                for (int i = 0; i < n; ++i) sum += (v[size_t(i) * n] = std::exp(v[size_t(i) * n] - max));
-                for (int i = 0; i < n; ++i) v[size_t(i) * n] /= sum;
-            }
-        return;
-    }
-#endif
     for (int r = 0; r < rows; ++r) {
         float* v = x + size_t(r) * n;
         float max = v[0];
@@ -175,7 +128,7 @@ inline void attention_context(float* context, const float* probs, const float* v
                 const float* p = probs + ((size_t(b) * d.heads + h) * d.T + i) * d.P;
                 for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;
                 for (int j = 0; j < d.P; ++j) {
-                    const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d.n_rep(), d.kv_heads)) * d.hd;
+                    const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d)) * d.hd;
                     for (int e = 0; e < d.hd; ++e) out[e] += p[j] * vj[e];
                 }
             }
@@ -198,12 +151,7 @@ inline void rope_at(float* x, const float* cos, const float* sin, int B, int T, 
     rope(x, cos + size_t(start) * hd, sin + size_t(start) * hd, B, T, n_heads, hd, interleaved);
 }
 
-inline float silu(float x) {
-#ifdef CELERINFER_FAULT_SILU_AS_GELU
-    return 0.5f * x * (1.0f + std::erf(x * 0.70710678f));
-#endif
-    return x / (1.0f + std::exp(-x));
-}
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 // act = silu(gate) * up, elementwise
 inline void swiglu(float* act, const float* gate, const float* up, size_t n) {
@@ -232,9 +180,6 @@ inline void topk(int64_t* idx, float* weight, const float* probs, int rows, int 
             ri[slot] = best;
             rw[slot] = p[best];
         }
-#ifdef CELERINFER_FAULT_MOE_TOPK_NOT_RENORMALISED
-        renormalise = false;
-#endif
         if (renormalise) {
             float sum = 0.0f;
             for (int s = 0; s < k; ++s) sum += rw[s];

@@ -1,11 +1,15 @@
 // The trace hook: the forward reports each op's output under the names of
-// celerinfer_lab/trace.py. With no sink (nullptr) nothing is built, copied or kept.
+// celerinfer_lab/trace.py. With no sink (nullptr) nothing is built, copied or kept: the names are
+// C strings until a sink asks for them, so an untraced forward allocates nothing.
 // A sink may also hold teacher values: after an op's output is recorded it is overwritten by the
 // teacher's, so the next op runs on exact inputs (teacher forcing, to isolate each op's own error).
+// Tracing observes the kernels that run; it never swaps in another implementation.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <string>
 #include <utility>
@@ -52,17 +56,59 @@ struct TraceRecorder : TraceSink {
     const std::string& name(size_t i) const { return names.at(i); }
 };
 
-// Record `data` as "model.layers.{layer}.{suffix}" (or `suffix` alone when layer < 0), then
-// replace it by the sink's teacher value if it has one.
-inline void trace_point(TraceSink* sink, int layer, const std::string& suffix, float* data,
+// "model.layers.{layer}.{suffix}", or `suffix` alone when layer < 0 (built only when tracing).
+inline std::string point_name(int layer, const char* suffix) {
+    if (layer < 0) return suffix;
+    return "model.layers." + std::to_string(layer) + (*suffix ? "." : "") + suffix;
+}
+
+inline size_t numel_of(std::initializer_list<int64_t> shape) {
+    size_t n = 1;
+    for (int64_t d : shape) n *= size_t(d);
+    return n;
+}
+
+// Record `data` under its point name, then replace it by the sink's teacher value if it has one.
+inline void trace_point(TraceSink* sink, int layer, const char* suffix, float* data,
                         std::initializer_list<int64_t> shape) {
     if (!sink) return;
-    std::string name = layer < 0 ? suffix
-                                 : "model.layers." + std::to_string(layer) + (suffix.empty() ? "" : ".") + suffix;
-    size_t numel = 1;
-    for (int64_t d : shape) numel *= size_t(d);
+    const std::string name = point_name(layer, suffix);
     sink->record(name, data, std::vector<int64_t>(shape));
-    if (const float* forced = sink->teacher(name, numel)) std::memcpy(data, forced, numel * sizeof(float));
+    if (const float* forced = sink->teacher(name, numel_of(shape))) std::memcpy(data, forced, numel_of(shape) * sizeof(float));
 }
+
+// What a traced run observes inside an attention kernel, which may fuse scores, softmax and
+// context: each kernel calls scores_row / probs_row on every row it computes. A row is recorded
+// (keys the kernel skipped as causally masked are written as -inf / 0: they take no part), then
+// replaced by the teacher's row. All pointers null when not tracing: the calls do nothing.
+struct AttentionTaps {
+    float* scores = nullptr;  // record, [B, heads, T, P]
+    float* probs = nullptr;   // record, [B, heads, T, P]
+    const float* scores_teacher = nullptr;
+    const float* probs_teacher = nullptr;
+    // Set by the kernel when it wrote a record: a kernel set that does not call the taps leaves
+    // the points unobserved, and the trace says so instead of filling them from elsewhere.
+    mutable std::atomic<bool> wrote_scores{false}, wrote_probs{false};
+
+    // row: the P scores of row `row_index` (b, h, i flattened); only row[0, n_keys) were computed.
+    void scores_row(size_t row_index, float* row, int n_keys, int P) const {
+        tap(scores, scores_teacher, wrote_scores, row_index, row, n_keys, P, -std::numeric_limits<float>::infinity());
+    }
+    void probs_row(size_t row_index, float* row, int n_keys, int P) const {
+        tap(probs, probs_teacher, wrote_probs, row_index, row, n_keys, P, 0.0f);
+    }
+
+private:
+    static void tap(float* record, const float* teacher, std::atomic<bool>& wrote, size_t row_index, float* row,
+                    int n_keys, int P, float skipped) {
+        const size_t at = row_index * size_t(P);
+        if (record) {
+            std::memcpy(record + at, row, sizeof(float) * size_t(n_keys));
+            for (int j = n_keys; j < P; ++j) record[at + j] = skipped;
+            wrote.store(true, std::memory_order_relaxed);
+        }
+        if (teacher) std::memcpy(row, teacher + at, sizeof(float) * size_t(n_keys));
+    }
+};
 
 }  // namespace CELERINFER_NS

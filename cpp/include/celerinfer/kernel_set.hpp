@@ -1,0 +1,120 @@
+// Kernel sets by name: the one place a set is registered, for Python (cppyy), base_line_micro and
+// the op-by-op kernel tests alike.
+//
+// A kernel set is a struct with the members of ReadableKernels (readable.hpp): prepare_linear,
+// linear, rmsnorm, swiglu, store_kv and attention (which calls the AttentionTaps on every scores
+// and probs row it computes). Register it once, after its definition:
+//
+//     struct MyKernels : ReadableKernels { void linear(...) const { ... } };
+//     CELERINFER_REGISTER_KERNELS(MyKernels, "mine");
+//
+// and every tool can run it by name: load_native(...).prepare(model, "mine"), `--kernels mine`,
+// tests/test_kernels.py, the debugger's trace.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "check.hpp"
+#include "fast.hpp"
+#include "forward.hpp"
+#include "model.hpp"
+#include "readable.hpp"
+#include "trace.hpp"
+#include "workspace.hpp"
+
+namespace CELERINFER_NS {
+
+// A kernel set behind one interface: the whole forward, and each op on its own (for tests).
+struct KernelSet {
+    virtual ~KernelSet() = default;
+    virtual void prepare(const Model& m) = 0;  // every linear weight of m, before its first forward
+    virtual void prepare_linear(const float* W, int out, int in) = 0;
+    virtual void forward(const Model& m, const int64_t* ids, const int64_t* mask, int T, int start, Workspace& ws,
+                         float* logits, TraceSink* trace) const = 0;
+    virtual void linear(float* y, const float* x, const float* W, int rows, int in, int out) const = 0;
+    virtual void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const = 0;
+    virtual void swiglu(float* act, const float* gate, const float* up, size_t n) const = 0;
+    virtual void store_kv(int layer, const float* k, const float* v, const AttnDims& d, Workspace& ws) const = 0;
+    virtual void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d,
+                           Workspace& ws, const AttentionTaps& taps) const = 0;
+};
+
+template <class K>
+struct KernelSetOf final : KernelSet {
+    K k;
+    void prepare(const Model& m) override {
+        m.for_each_linear([&](const float* W, int out, int in) { k.prepare_linear(W, out, in); });
+    }
+    void prepare_linear(const float* W, int out, int in) override { k.prepare_linear(W, out, in); }
+    void forward(const Model& m, const int64_t* ids, const int64_t* mask, int T, int start, Workspace& ws,
+                 float* logits, TraceSink* trace) const override {
+        forward_tokens(m, k, ids, mask, T, start, ws, logits, trace);
+    }
+    void linear(float* y, const float* x, const float* W, int rows, int in, int out) const override {
+        k.linear(y, x, W, rows, in, out);
+    }
+    void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const override {
+        k.rmsnorm(y, x, w, rows, n, eps);
+    }
+    void swiglu(float* act, const float* gate, const float* up, size_t n) const override { k.swiglu(act, gate, up, n); }
+    void store_kv(int layer, const float* kk, const float* v, const AttnDims& d, Workspace& ws) const override {
+        k.store_kv(layer, kk, v, d, ws);
+    }
+    void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d, Workspace& ws,
+                   const AttentionTaps& taps) const override {
+        k.attention(context, q, layer, mask, d, ws, taps);
+    }
+};
+
+using KernelFactory = std::unique_ptr<KernelSet> (*)();
+
+inline std::vector<std::pair<std::string, KernelFactory>>& kernel_registry() {
+    static std::vector<std::pair<std::string, KernelFactory>> registry;
+    return registry;
+}
+
+template <class K>
+inline bool register_kernels(const char* name) {
+    for (const auto& entry : kernel_registry())
+        CI_CHECK(entry.first != name, "kernel set '", name, "' is registered twice");
+    kernel_registry().emplace_back(name, [] { return std::unique_ptr<KernelSet>(new KernelSetOf<K>()); });
+    return true;
+}
+
+#define CELERINFER_REGISTER_KERNELS(Struct, name) \
+    inline const bool celerinfer_registered_##Struct = ::CELERINFER_NS::register_kernels<Struct>(name)
+
+inline std::vector<std::string> kernel_set_names() {
+    std::vector<std::string> names;
+    for (const auto& entry : kernel_registry()) names.push_back(entry.first);
+    return names;
+}
+
+// The kernel set `name`, prepared for model m (or for nothing yet: m == nullptr, as the op tests use).
+inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Model* m) {
+    for (const auto& entry : kernel_registry())
+        if (entry.first == name) {
+            std::unique_ptr<KernelSet> set = entry.second();
+            if (m) set->prepare(*m);
+            return set;
+        }
+    std::string known;
+    for (const auto& entry : kernel_registry()) known += (known.empty() ? "" : ", ") + entry.first;
+    fail("unknown kernel set '", name, "'; registered: ", known);
+}
+
+// The entry point every caller uses: one forward, then the workspace guards are checked, so an
+// out-of-bounds write is an error naming the buffer instead of silent corruption.
+inline void run_forward(const KernelSet& K, const Model& m, const int64_t* ids, const int64_t* mask, int T, int start,
+                        Workspace& ws, float* logits, TraceSink* trace) {
+    K.forward(m, ids, mask, T, start, ws, logits, trace);
+    ws.check_guards();
+}
+
+CELERINFER_REGISTER_KERNELS(ReadableKernels, "readable");
+CELERINFER_REGISTER_KERNELS(FastKernels, "fast");
+
+}  // namespace CELERINFER_NS
