@@ -96,13 +96,13 @@ class NativeEngine:
     """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text.
 
     ``kernels``: the default kernel set for forwards ("fast", "readable", or any set registered with
-    CELERINFER_REGISTER_KERNELS). ``extra_source``: C++ compiled after the headers, inside their
+    CELERINFER_REGISTER_KERNELS); None: "fast", or with a fault the first set the fault changes. ``extra_source``: C++ compiled after the headers, inside their
     namespace: a place for your own kernel set (README: "Your own kernel set"). ``fault``: a name
     from the fault catalogue (celerinfer_lab.faults): its source edits are applied to a scratch copy
     of ``cpp_dir``, and that copy is compiled.
     """
 
-    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = DEFAULT_KERNELS,
+    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str | None = None,
                  extra_source: str = ""):
         from .faults import apply_fault, get_fault
         self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
@@ -113,6 +113,9 @@ class NativeEngine:
         self.namespace: str | None = None
         self.ns = None
         self.reload()
+        if kernels is None:  # a fault's engine runs, by default, a kernel set the fault changes
+            kernels = DEFAULT_KERNELS if self.fault is None or DEFAULT_KERNELS in self.fault.kernels \
+                else self.fault.kernels[0]
         self.kernels = self.check_kernels(kernels)
 
     def reload(self) -> None:
@@ -165,7 +168,7 @@ class NativeEngine:
         return self.prepare(model, kernels).forward(input_ids, attention_mask, trace, teacher)
 
 
-def load_native(cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str = DEFAULT_KERNELS,
+def load_native(cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str | None = None,
                 extra_source: str = "") -> NativeEngine:
     """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``), optionally
     with one fault from the catalogue applied to a scratch copy; ``kernels`` picks the default

@@ -29,6 +29,41 @@ def test_fast_kernels_equal_reference_at_every_trace_point(fast, model):
     assert np.linalg.norm(cpp - ref) / np.linalg.norm(ref) <= 1e-5
 
 
+@pytest.mark.parametrize("kernels", ["readable", "fast"])
+@pytest.mark.parametrize("variant", [dict(padding="mixed"), dict(use_moe=True, num_experts=3, num_experts_per_tok=2,
+                                                                 n_shared_experts=1, qk_norm=True, seq_len=20)])
+def test_traced_runs_execute_the_untraced_kernels(fast, kernels, variant):
+    """Observe, never substitute: traced and untraced logits are bit-identical, prefill and decode."""
+    variant = {"batch_size": 2, "seq_len": 9, **variant}
+    model = small_model(**variant)
+    prepared = fast.prepare(model, kernels)
+    plain, traced = prepared.forward(), prepared.forward(trace=True)
+    assert np.array_equal(plain.logits, traced.logits)
+    assert "model.layers.0.self_attn.scores" in traced.trace and "model.layers.0.self_attn.probs" in traced.trace
+    feed = np.random.default_rng(0).integers(0, model.config.vocab_size, (model.batch_size, 3))
+    untraced_steps, traced_steps = prepared.decode_steps(feed), prepared.decode_steps(feed, trace=True)
+    for a, b in zip(untraced_steps, traced_steps, strict=True):
+        assert np.array_equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("kernels", ["readable", "fast"])
+def test_teacher_forcing_reaches_inside_the_attention(fast, kernels):
+    """A teacher's probs replace the kernel's own (fused or not): uniform probabilities over the
+    causal keys make each context row the mean of the values it sees."""
+    model = small_model(batch_size=1, seq_len=6, num_attention_heads=4, num_key_value_heads=4)
+    prepared = fast.prepare(model, kernels)
+    trace = prepared.forward(trace=True).trace
+    S = model.seq_len
+    uniform = np.tril(np.ones((S, S), np.float32)) / np.arange(1, S + 1, dtype=np.float32)[:, None]
+    probs = np.broadcast_to(uniform, trace["model.layers.0.self_attn.probs"].shape).copy()
+    forced = prepared.forward(teacher={"model.layers.0.self_attn.probs": probs}).trace
+    v = trace["model.layers.0.self_attn.v_proj"].reshape(1, S, 4, -1)
+    expected = (np.cumsum(v, axis=1) / np.arange(1, S + 1)[None, :, None, None]).reshape(1, S, -1)
+    np.testing.assert_allclose(forced["model.layers.0.self_attn.context"], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trace["model.layers.0.self_attn.context"], expected, atol=1e-3)  # the teacher mattered
+    np.testing.assert_array_equal(forced["model.layers.0.self_attn.probs"], trace["model.layers.0.self_attn.probs"])
+
+
 def test_fast_judged_against_readable(fast):
     report = compare(small_model(batch_size=2, seq_len=20, qk_norm=True), fast, kernels="fast", baseline="readable")
     assert report.agrees, report.to_text()
