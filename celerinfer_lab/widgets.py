@@ -1,8 +1,17 @@
-"""The notebook explorer: pick a model config, a fault and a C++ folder, press Run, read the result.
+"""The notebook explorer: pick a model config, a kernel set, a fault and a C++ folder, press Run,
+read the result.
 
 ``explorer()`` returns an ipywidgets layout. Its logic lives in plain methods and attributes
-(``validate()``, ``run()``, ``report``, ``figures``, ``timings``, ``message``) so tests drive it
-without a browser: set control values, call ``run_button.click()``, assert on what it produced.
+(``validate()``, ``fault_problems()``, ``show_fault()``, ``run()``, ``report``, ``reports``,
+``figures``, ``timings``, ``message``) so tests drive it without a browser: set control values,
+call ``run_button.click()``, assert on what it produced.
+
+A fault always runs on a model and kernel set that show it: picking a fault that cannot show on
+the current controls (a GQA bug with one kv head per query head, a padding bug without padding, a
+readable-kernel bug with the fast kernels chosen, a KV-cache bug without decode steps) switches the
+controls to ones that show it, and the note under the fault says what was switched and why. Change
+a control back afterwards and the note warns; Run switches again. A fault that needs a setting the
+explorer has no control for says why it cannot show.
 """
 from __future__ import annotations
 
@@ -14,26 +23,38 @@ from pathlib import Path
 import ipywidgets as W
 from IPython.display import display
 
-from .config import ConfigError, ModelConfig
-from .faults import FAULTS
+from .config import TOPK_RENORM_RULES, ConfigError, ModelConfig
+from .faults import FAULTS, Fault, why_it_cannot_show
 from .native import DEFAULT_CPP_DIR, NativeEngine, _include_dir, assemble_source
 
-# ModelConfig field -> the control a message about it belongs next to
+# ModelConfig field -> the controls a message about it belongs next to
 _FIELD_CONTROL = {
-    "hidden_size": "hidden", "num_hidden_layers": "layers", "num_attention_heads": "heads",
-    "num_key_value_heads": "kv_heads", "head_dim": "heads", "vocab_size": "vocab", "seq_len": "seq_len",
-    "num_experts": "experts", "num_experts_per_tok": "topk", "n_shared_experts": "shared",
-    "max_position_embeddings": "seq_len", "batch_size": "batch",
+    "hidden_size": ("hidden",), "num_hidden_layers": ("layers",), "num_attention_heads": ("heads",),
+    "num_key_value_heads": ("kv_heads",), "head_dim": ("heads", "head_dim"), "vocab_size": ("vocab",),
+    "seq_len": ("seq_len",), "num_experts": ("experts",), "num_experts_per_tok": ("topk",),
+    "n_shared_experts": ("shared",), "max_position_embeddings": ("seq_len",), "batch_size": ("batch",),
+    "topk_renorm": ("topk_renorm",), "intermediate_size": ("intermediate",),
 }
-_engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text and fault
+# ModelConfig field -> the control that sets it, in the order a fault's overrides are applied (the
+# expert count before top-k, whose range follows it). tie_word_embeddings is the inverse of "untied".
+_FIELD_SETTER = {
+    "hidden_size": "hidden", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+    "num_key_value_heads": "kv_heads", "head_dim": "head_dim", "vocab_size": "vocab",
+    "intermediate_size": "intermediate", "qk_norm": "qk_norm",
+    "rope_pairing": "rope", "tie_word_embeddings": "untied", "use_moe": "moe", "num_experts": "experts",
+    "num_experts_per_tok": "topk", "n_shared_experts": "shared", "topk_renorm": "topk_renorm",
+}
+_INPUT_SETTER = {"batch_size": "batch", "seq_len": "seq_len", "padding": "padding"}
+_DEFAULT_SETS = ["readable", "fast"]  # shown until a build reports its own registered sets
+_engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text, fault and extra source
 
 
-def engine_for(cpp_dir: str | Path, fault: str | None) -> NativeEngine:
+def engine_for(cpp_dir: str | Path, fault: str | None, extra_source: str = "") -> NativeEngine:
     """A compiled engine for the folder's current source (recompiled when a header changes)."""
-    source = assemble_source(_include_dir(Path(cpp_dir)))
+    source = assemble_source(_include_dir(Path(cpp_dir))) + extra_source
     key = (str(Path(cpp_dir).resolve()), fault, hashlib.sha1(source.encode()).hexdigest())
     if key not in _engines:
-        _engines[key] = NativeEngine(cpp_dir, fault)
+        _engines[key] = NativeEngine(cpp_dir, fault, extra_source=extra_source)
     return _engines[key]
 
 
@@ -42,55 +63,103 @@ def _slider(description: str, value: int, lo: int, hi: int, step: int = 1) -> W.
                        style={"description_width": "90px"}, layout=W.Layout(width="360px"))
 
 
+_STYLE = {"description_width": "90px"}
+
+
 class Explorer(W.VBox):
     """Controls, a Run button and the results of the last run."""
 
-    def __init__(self, cpp_dir: str | Path | None = None):
+    def __init__(self, cpp_dir: str | Path | None = None, extra_source: str = ""):
+        self.extra_source = extra_source  # C++ compiled after the headers: your own kernel set
+        cpp_dir = str(cpp_dir or DEFAULT_CPP_DIR)
+        sets = self._registered_sets(cpp_dir)
         self.controls = {
             "hidden": _slider("hidden", 64, 16, 1024, 16), "layers": _slider("layers", 2, 1, 16),
             "heads": _slider("heads", 8, 1, 16), "kv_heads": _slider("kv heads", 2, 1, 16),
-            "vocab": _slider("vocab", 128, 16, 8192, 16), "seq_len": _slider("seq len", 16, 1, 256),
-            "batch": _slider("batch", 2, 1, 8), "seed": W.IntText(value=123, description="seed",
-                                                                   style={"description_width": "90px"}),
+            "head_dim": W.BoundedIntText(value=0, min=0, max=512, step=2, description="head dim", style=_STYLE,
+                                         layout=W.Layout(width="200px")),
+            "vocab": _slider("vocab", 128, 16, 8192, 16),
+            "intermediate": W.BoundedIntText(value=0, min=0, max=16384, step=8, description="FFN width", style=_STYLE,
+                                             layout=W.Layout(width="200px")),
+            "seq_len": _slider("seq len", 16, 1, 256),
+            "batch": _slider("batch", 2, 1, 8), "seed": W.IntText(value=123, description="seed", style=_STYLE),
             "qk_norm": W.Checkbox(value=False, description="q/k norm"),
+            "untied": W.Checkbox(value=False, description="untied head"),
             "rope": W.ToggleButtons(options=["half", "interleaved"], description="RoPE pairs"),
             "moe": W.Checkbox(value=False, description="MoE"),
             "experts": _slider("experts", 4, 1, 8), "topk": _slider("top-k", 1, 1, 4),
             "shared": _slider("shared", 0, 0, 2),
+            "topk_renorm": W.Dropdown(options=list(TOPK_RENORM_RULES), value="always", description="top-k renorm",
+                                      style=_STYLE),
             "padding": W.Dropdown(options=["none", "left", "right", "mixed"], description="padding"),
+            "decode": W.BoundedIntText(value=0, min=0, max=16, description="decode steps", style=_STYLE,
+                                       layout=W.Layout(width="200px")),
+            "kernels": W.ToggleButtons(options=[*sets, "all"], value="fast" if "fast" in sets else sets[0],
+                                       description="kernels"),
             "fault": W.Dropdown(options=["none", *FAULTS], description="fault"),
-            "cpp_dir": W.Text(value=str(cpp_dir or DEFAULT_CPP_DIR), description="C++ folder",
-                              layout=W.Layout(width="600px")),
+            "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
         self.notes = {name: W.HTML() for name in self.controls}  # why a value is invalid, next to it
+        self.fault_note = W.HTML(layout=W.Layout(max_width="640px"))  # what the fault does; what was switched
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.progress = W.IntProgress(min=0, max=5, description="", layout=W.Layout(width="360px"))
         self.status = W.HTML()
         self.result_html = W.HTML()
         self.plots = W.Output()
-        self.report = None
+        self.report = None  # a Report (one kernel set) or a Comparison ("all")
+        self.reports: dict = {}  # kernel set -> Report, for either (with decode steps: the step shown)
+        self.step_reports: dict = {}  # with decode steps: kernel set -> one Report per forward
         self.figures: list = []
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # torch_ms, cpp_<set>_ms
         self.message = ""
+        self.switched: list[str] = []  # the last switch: "padding none → left", ...
+        self._switch_text = ""  # shown under the fault until the fault changes
+        self._switching = False
 
         c = self.controls
         c["experts"].observe(self._clamp_topk, names="value")
         for name, control in c.items():
             if name not in ("cpp_dir", "fault", "seed"):
                 control.observe(lambda _change: self.validate(), names="value")
+        c["fault"].observe(lambda _change: self.show_fault(), names="value")
         self.run_button.on_click(lambda _button: self.run())
 
         def row(*names):
             return W.VBox([W.HBox([c[n], self.notes[n]]) for n in names])
 
-        config_box = W.VBox([row("hidden", "layers", "heads", "kv_heads", "vocab"),
-                             row("seq_len", "batch", "seed", "padding"),
-                             row("qk_norm", "rope", "moe", "experts", "topk", "shared")])
-        debug_box = W.VBox([row("fault", "cpp_dir"), W.HBox([self.run_button, self.progress]), self.status])
+        config_box = W.VBox([row("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "intermediate"),
+                             row("seq_len", "batch", "seed", "padding", "decode"),
+                             row("qk_norm", "untied", "rope", "moe", "experts", "topk", "shared", "topk_renorm")])
+        debug_box = W.VBox([row("kernels", "fault"), self.fault_note, row("cpp_dir"),
+                            W.HBox([self.run_button, self.progress]), self.status])
         super().__init__([W.HTML("<h3>CelerInfer Lab explorer</h3>"), W.HBox([config_box, debug_box]),
                           self.result_html, self.plots])
         self._clamp_topk()
         self.validate()
+
+    def _registered_sets(self, cpp_dir: str) -> list[str]:
+        """The kernel sets the folder (plus extra_source) registers; a folder that does not compile
+        shows the project's two until Run reports the error."""
+        try:
+            return engine_for(cpp_dir, None, self.extra_source).kernel_sets
+        except Exception:  # noqa: BLE001 (Run shows the error in the widget)
+            return list(_DEFAULT_SETS)
+
+    def _set_kernel_sets(self, sets: list[str]) -> None:
+        toggle = self.controls["kernels"]
+        if list(toggle.options) != [*sets, "all"]:
+            value = toggle.value
+            toggle.options = [*sets, "all"]
+            toggle.value = value if value in toggle.options else ("fast" if "fast" in sets else sets[0])
+
+    @property
+    def kernel_sets(self) -> list[str]:
+        """The kernel sets the toggle offers (without "all")."""
+        return [k for k in self.controls["kernels"].options if k != "all"]
+
+    def chosen_sets(self) -> list[str]:
+        value = self.controls["kernels"].value
+        return self.kernel_sets if value == "all" else [value]
 
     # ---- validation ------------------------------------------------------------------------
     def _clamp_topk(self, _change=None) -> None:
@@ -101,28 +170,155 @@ class Explorer(W.VBox):
         c = {k: w.value for k, w in self.controls.items()}
         return ModelConfig(
             hidden_size=c["hidden"], num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-            num_key_value_heads=c["kv_heads"], vocab_size=c["vocab"], max_position_embeddings=max(128, c["seq_len"]),
-            qk_norm=c["qk_norm"], rope_pairing=c["rope"], use_moe=c["moe"], num_experts=c["experts"],
-            num_experts_per_tok=c["topk"], n_shared_experts=c["shared"], tie_word_embeddings=True)
+            num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"] or None, vocab_size=c["vocab"],
+            intermediate_size=c["intermediate"] or None, max_position_embeddings=max(128, c["seq_len"] + c["decode"]),
+            qk_norm=c["qk_norm"], rope_pairing=c["rope"],
+            use_moe=c["moe"], num_experts=c["experts"], num_experts_per_tok=c["topk"], n_shared_experts=c["shared"],
+            topk_renorm=c["topk_renorm"], tie_word_embeddings=not c["untied"])
 
     def validate(self) -> bool:
         """Show why the current combination is invalid next to the control concerned; disable Run."""
         for note in self.notes.values():
             note.value = ""
         moe = self.controls["moe"].value
-        for name in ("experts", "topk", "shared"):
+        for name in ("experts", "topk", "shared", "topk_renorm"):
             self.controls[name].disabled = not moe
         try:
-            self.config()
+            config = self.config()
+            config.validate(seq_len=self.controls["seq_len"].value)
             ok = True
+            grey = "<span style='color:#666'>{}</span>"
+            if not self.controls["head_dim"].value:
+                self.notes["head_dim"].value = grey.format(f"0: hidden/heads = {config.head_dim}")
+            if not self.controls["intermediate"].value:
+                self.notes["intermediate"].value = grey.format(f"0: the sizing rule's {config.intermediate_size}")
+            if not self.controls["decode"].value:
+                self.notes["decode"].value = grey.format("0: compare the prefill only")
         except ConfigError as exc:
             named = [f for f in re.findall(r"(\w+)=", str(exc)) if f in _FIELD_CONTROL] or ["hidden_size"]
-            for target in dict.fromkeys(_FIELD_CONTROL[f] for f in named):  # every control the rule names
+            for target in dict.fromkeys(t for f in named for t in _FIELD_CONTROL[f]):  # every control the rule names
                 self.notes[target].value = f"<span style='color:#b00'>✗ {_escape(str(exc))}</span>"
             self.message = str(exc)
             ok = False
         self.run_button.disabled = not ok
+        if not self._switching:
+            self._render_fault_note()
         return ok
+
+    # ---- faults: run each where it shows ---------------------------------------------------
+    def _fault(self) -> Fault | None:
+        name = self.controls["fault"].value
+        return None if name == "none" else FAULTS[name]
+
+    def _mask(self, config: ModelConfig):
+        """The attention mask the current controls generate (cheap: inputs only, no weights)."""
+        from .generate import random_inputs
+        c = self.controls
+        try:
+            return random_inputs(config, c["batch"].value, c["seq_len"].value, c["seed"].value, c["padding"].value)[1]
+        except ConfigError:
+            return None
+
+    def fault_problems(self, fault: Fault | None = None) -> list[str]:
+        """Why ``fault`` (default: the chosen one) cannot show with the current controls; [] when it
+        shows (or when the config is invalid: validate() explains that)."""
+        fault = fault or self._fault()
+        if fault is None:
+            return []
+        try:
+            config = self.config()
+        except ConfigError:
+            return []
+        reasons = why_it_cannot_show(fault, config, self._mask(config))
+        if not set(self.chosen_sets()) & set(fault.kernels):
+            reasons.append(f"it changes only the {' and '.join(fault.kernels)} kernels, and the kernel set is "
+                           f"{self.controls['kernels'].value}")
+        for key in ("batch_size", "seq_len"):  # inputs the fault is tuned to (a kernel's row tail)
+            control = self.controls[_INPUT_SETTER[key]]
+            if key in fault.inputs and control.value != fault.inputs[key]:
+                reasons.append(f"it shows with {key}={fault.inputs[key]}, and {control.description} is {control.value}")
+        decode = self.controls["decode"].value
+        if fault.step > decode:
+            reasons.append(f"it first shows at decode step {fault.step}, and decode steps is {decode}")
+        return reasons
+
+    def show_fault(self) -> list[str]:
+        """If the chosen fault cannot show on the current controls, switch them to a model and kernel
+        set that show it (the fault's model overrides, input padding and kernel sets); the note under
+        the fault says what changed. Returns the changes ("padding none → left", ...)."""
+        fault = self._fault()
+        self._switch_text, self.switched = "", []
+        reasons = self.fault_problems(fault) if fault is not None else []
+        if not reasons:
+            self._render_fault_note()
+            return []
+        c, changes = self.controls, []
+
+        def put(name: str, value) -> None:
+            old = c[name].value
+            if old != value:
+                c[name].value = value
+                changes.append(f"{c[name].description} {_shown(old)} → {_shown(c[name].value)}")
+
+        self._switching = True
+        try:
+            for field in sorted(fault.model, key=lambda f: list(_FIELD_SETTER).index(f) if f in _FIELD_SETTER else 99):
+                wanted = fault.model[field]
+                if field not in _FIELD_SETTER:
+                    continue  # stays a reason below
+                try:
+                    config = self.config()
+                except ConfigError:
+                    config = None
+                if field == "num_key_value_heads" and config is not None and config.n_rep > 1:
+                    continue  # query heads already share kv heads: what a GQA bug needs
+                if config is None or getattr(config, field) != wanted:
+                    put(_FIELD_SETTER[field], (not wanted) if field == "tie_word_embeddings" else wanted)
+            for key, wanted in fault.inputs.items():
+                if key == "padding":
+                    if c["padding"].value == "none":
+                        put("padding", wanted)
+                    put("batch", max(c["batch"].value, 2))  # generate pads every row but the first
+                    put("seq_len", max(c["seq_len"].value, 2))
+                elif key in _INPUT_SETTER:
+                    put(_INPUT_SETTER[key], wanted)
+            if fault.step > c["decode"].value:
+                put("decode", fault.step)
+            if not set(self.chosen_sets()) & set(fault.kernels):
+                usable = [k for k in fault.kernels if k in self.kernel_sets]
+                if usable:
+                    put("kernels", usable[0])
+        finally:
+            self._switching = False
+        self.switched = changes
+        left = self.fault_problems(fault)
+        for field in fault.model:
+            if field not in _FIELD_SETTER:
+                left.append(f"the explorer has no control for {field}")
+        if left:
+            self._switch_text = (f"<span style='color:#b00'>✗ It cannot show in the explorer: {_escape('; '.join(left))}"
+                                 f"{'' if not changes else ' (switched ' + _escape(', '.join(changes)) + ')'}. "
+                                 f"Use celerinfer-lab generate and compare --fault.</span>")
+        else:
+            self._switch_text = (f"<span style='color:#05a'>↻ <b>Switched {_escape(', '.join(changes))}</b> so that "
+                                 f"the fault shows (as you had it, {_escape('; '.join(reasons))}).</span>")
+        self.validate()
+        return changes
+
+    def _render_fault_note(self) -> None:
+        fault = self._fault()
+        if fault is None:
+            self.fault_note.value = ""
+            return
+        text = (f"<b>{fault.name}</b>: {_escape(fault.breaks)}. Changes the {' and '.join(fault.kernels)} kernels; "
+                f"the debugger should name <code>{fault.culprit}</code>.")
+        problems = self.fault_problems(fault)
+        if problems and not self._switch_text.startswith("<span style='color:#b00'>"):
+            text += (f"<br><span style='color:#a60'>⚠ It cannot show on these settings "
+                     f"({_escape('; '.join(problems))}): Run switches them to ones that show it.</span>")
+        elif self._switch_text:
+            text += "<br>" + self._switch_text
+        self.fault_note.value = text
 
     # ---- running ---------------------------------------------------------------------------
     def _step(self, text: str) -> None:
@@ -130,14 +326,16 @@ class Explorer(W.VBox):
         self.status.value = f"<i>{text}…</i>"
 
     def run(self) -> None:
-        """Generate, run both forwards, time them, compare, plot. Errors land in the widget."""
+        """Generate, run both forwards, time them, compare, plot, for the chosen kernel set(s).
+        Errors land in the widget."""
         from .bench import time_cpp, time_torch
-        from .compare import compare
+        from .compare import Comparison, compare, compare_decode
         from .generate import generate_model
 
-        self.progress.value, self.report, self.figures = 0, None, []
+        self.progress.value, self.report, self.reports, self.step_reports, self.figures = 0, None, {}, {}, []
+        switched = self.show_fault() if self.fault_problems() else []
         if not self.validate():
-            self.status.value = f"<span style='color:#b00'>invalid config: {self.message}</span>"
+            self.status.value = f"<span style='color:#b00'>invalid config: {_escape(self.message)}</span>"
             return
         try:
             c = {k: w.value for k, w in self.controls.items()}
@@ -146,17 +344,30 @@ class Explorer(W.VBox):
             model = generate_model(config, c["batch"], c["seq_len"], c["seed"], c["padding"])
             self._step("compiling the C++")
             fault = None if c["fault"] == "none" else c["fault"]
-            native = engine_for(c["cpp_dir"], fault)
-            self._step("timing both forwards")
-            self.timings = {"torch_ms": time_torch(model, 1, 5).median_ms,
-                            "cpp_ms": time_cpp(model, native, 1, 5, "readable").median_ms,
-                            "cpp_fast_ms": time_cpp(model, native, 1, 5, "fast").median_ms}
-            self._step("comparing every trace point")
-            self.report = compare(model, native)
+            native = engine_for(c["cpp_dir"], fault, self.extra_source)
+            self._set_kernel_sets(native.kernel_sets)
+            chosen = self.controls["kernels"].value
+            sets = self.chosen_sets()
+            self._step(f"timing PyTorch and the {', '.join(sets)} kernels")
+            self.timings = {"torch_ms": time_torch(model, 1, 5).median_ms}
+            for name in sets:
+                self.timings[f"cpp_{name}_ms"] = time_cpp(model, native, 1, 5, name).median_ms
+            if c["decode"]:
+                self._step(f"comparing every trace point, prefill and {c['decode']} decode steps")
+                for name in sets:  # each set's first step that diverges, else its last
+                    self.step_reports[name] = compare_decode(model, native, c["decode"], kernels=name)
+                    self.reports[name] = next((r for r in self.step_reports[name] if not r.agrees),
+                                              self.step_reports[name][-1])
+                self.report = Comparison(self.reports) if chosen == "all" else self.reports[sets[0]]
+            else:
+                self._step("comparing every trace point")
+                self.report = compare(model, native, kernels=chosen)
+                self.reports = dict(self.report.reports) if isinstance(self.report, Comparison) else {sets[0]: self.report}
             self._step("plotting")
-            self.figures = [self.report.plot("depth"), self.report.plot("logits")]
-            if self.report.culprit is not None and ".self_attn." in self.report.culprit.name:
-                self.figures.append(self.report.plot("heatmap"))
+            for report in self.reports.values():
+                self.figures += [report.plot("depth"), report.plot("logits")]
+                if report.culprit is not None and ".self_attn." in report.culprit.name:
+                    self.figures.append(report.plot("heatmap"))
         except Exception as exc:  # the widget shows every failure; the kernel lives on
             self.message = f"{type(exc).__name__}: {exc}"
             self.status.value = (f"<span style='color:#b00'><b>{type(exc).__name__}</b></span>"
@@ -164,21 +375,39 @@ class Explorer(W.VBox):
             self.result_html.value = f"<details><summary>traceback</summary><pre>{_escape(traceback.format_exc())}</pre></details>"
             return
         t = self.timings
-        verdict = "agree" if self.report.agrees else f"culprit {self.report.culprit.name if self.report.culprit else '?'}"
-        self.message = f"{config.num_parameters():,} parameters; {verdict}"
-        self.status.value = (f"<b>PyTorch {t['torch_ms']:.3f} ms, C++ readable {t['cpp_ms']:.3f} ms, "
-                             f"C++ fast {t['cpp_fast_ms']:.3f} ms ({t['torch_ms'] / t['cpp_fast_ms']:.1f}x)</b> — {self.message}")
-        self.result_html.value = self.report._repr_html_()
+        verdicts = []
+        for name, report in self.reports.items():
+            step = f" at decode step {report.meta['step']}" if report.meta.get("step") else ""
+            if report.agrees:
+                verdicts.append(f"{name} kernels agree" + (f" (prefill and {c['decode']} decode steps)" if c["decode"] else ""))
+            else:
+                where = report.culprit or report.first_divergent
+                verdicts.append(f"{name} kernels: {'culprit' if report.culprit else 'first divergent'} "
+                                f"{where.name if where else '?'}{step}")
+        self.message = f"{config.num_parameters():,} parameters; {', '.join(verdicts)}"
+        if switched:
+            self.message += f" (switched {', '.join(switched)} so that the fault shows)"
+        cpp = ", ".join(f"C++ {name} {t[f'cpp_{name}_ms']:.3f} ms ({t['torch_ms'] / t[f'cpp_{name}_ms']:.1f}x)"
+                        for name in sets)
+        self.status.value = f"<b>PyTorch {t['torch_ms']:.3f} ms, {cpp}</b> — {_escape(self.message)}"
+        shown = (f"<p>Decode step {self.report.meta['step']} of {c['decode']} (the first that diverges, else the last)"
+                 f"</p>" if c["decode"] and not isinstance(self.report, Comparison) else "")
+        self.result_html.value = shown + self.report._repr_html_()
         self.plots.clear_output()
         with self.plots:
             for fig in self.figures:
                 display(fig)
 
 
+def _shown(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def explorer(cpp_dir: str | Path | None = None) -> Explorer:
-    """The explorer layout: config sliders, fault selector, C++ folder, Run, results."""
-    return Explorer(cpp_dir)
+def explorer(cpp_dir: str | Path | None = None, extra_source: str = "") -> Explorer:
+    """The explorer layout: config controls, kernel set, fault selector, C++ folder, Run, results.
+    ``extra_source``: C++ compiled after the headers (your own kernel set joins the toggle)."""
+    return Explorer(cpp_dir, extra_source)

@@ -1,6 +1,10 @@
 """The explorer's logic without a browser: set controls, click Run, read what it produced."""
+import pytest
 from matplotlib.figure import Figure
 
+from celerinfer_lab import widgets
+from celerinfer_lab.compare import Comparison
+from celerinfer_lab.faults import FAULTS, Fault, why_it_cannot_show
 from celerinfer_lab.native import copy_cpp
 from celerinfer_lab.widgets import Explorer, explorer
 
@@ -8,28 +12,117 @@ from celerinfer_lab.widgets import Explorer, explorer
 def test_explorer_runs_and_reports():
     e = explorer()
     assert isinstance(e, Explorer) and not e.run_button.disabled
+    assert list(e.controls["kernels"].options) == ["readable", "fast", "all"] and e.controls["kernels"].value == "fast"
     e.controls["seq_len"].value = 6
     e.run_button.click()
-    assert e.report is not None and e.report.agrees
+    assert e.report is not None and e.report.agrees and e.report.subject == "C++ (fast)"
     assert e.progress.value == e.progress.max
-    assert e.timings["torch_ms"] > 0 and e.timings["cpp_ms"] > 0 and e.timings["cpp_fast_ms"] > 0
-    assert "C++ fast" in e.status.value
-    assert "PyTorch" in e.status.value and "agree" in e.message
+    assert set(e.timings) == {"torch_ms", "cpp_fast_ms"} and all(v > 0 for v in e.timings.values())
+    assert "PyTorch" in e.status.value and "C++ fast" in e.status.value and "C++ readable" not in e.status.value
+    assert "127,296 parameters; fast kernels agree" in e.message  # what the browser test reads
     assert "<table" in e.result_html.value and "model.layers.1.mlp.down_proj" in e.result_html.value
     assert all(isinstance(f, Figure) for f in e.figures) and len(e.figures) == 2
 
 
-def test_explorer_localizes_a_fault():
+def test_the_report_is_for_the_kernel_set_it_times():
     e = explorer()
-    e.controls["padding"].value = "left"
+    e.controls["seq_len"].value = 4
+    e.controls["kernels"].value = "readable"
+    e.run_button.click()
+    assert e.report.subject == "C++ (readable)" and set(e.timings) == {"torch_ms", "cpp_readable_ms"}
+    assert "C++ readable" in e.status.value and "C++ fast" not in e.status.value and "readable kernels agree" in e.message
+    e.controls["kernels"].value = "all"
+    e.run_button.click()
+    assert isinstance(e.report, Comparison) and list(e.reports) == ["readable", "fast"] and e.report.agrees
+    assert set(e.timings) == {"torch_ms", "cpp_readable_ms", "cpp_fast_ms"}
+    assert "C++ readable" in e.status.value and "C++ fast" in e.status.value
+    assert "readable kernels agree, fast kernels agree" in e.message
+    assert "readable kernels</h4>" in e.result_html.value and "fast kernels</h4>" in e.result_html.value
+    assert len(e.figures) == 4  # depth and logits per set
+
+
+def test_head_dim_and_untied_head():
+    e = explorer()
+    assert e.controls["head_dim"].value == 0 and "hidden/heads = 8" in e.notes["head_dim"].value
+    tied = e.config().num_parameters()
+    e.controls["untied"].value = True
+    e.controls["head_dim"].value = 12
+    config = e.config()
+    assert not config.tie_word_embeddings and config.head_dim == 12 and config.q_dim == 96
+    assert config.num_parameters() > tied + 128 * 64 - 1  # the head's own weight, and wider q/k/v/o
+    e.controls["head_dim"].value = 6
+    e.controls["hidden"].value = 48
+    e.controls["heads"].value = 16
+    assert not e.run_button.disabled  # hidden/heads need not divide: head_dim is explicit
+    e.controls["head_dim"].value = 7
+    assert e.run_button.disabled and "head_dim=7" in e.notes["head_dim"].value
+    e.controls["head_dim"].value = 6
+    e.controls["seq_len"].value = 5
+    e.run_button.click()
+    assert e.report.agrees and f"{e.config().num_parameters():,} parameters" in e.message
+
+
+def test_a_fault_switches_the_controls_to_a_model_that_shows_it():
+    e = explorer()  # padding none, fast kernels: padding_mask_ignored (readable only) cannot show
     e.controls["seq_len"].value = 8
     e.controls["fault"].value = "padding_mask_ignored"
+    assert e.controls["padding"].value == "left" and e.controls["kernels"].value == "readable"
+    assert "Switched padding none → left, kernels fast → readable" in e.fault_note.value
+    assert e.fault_problems() == []
+    # Change a control back: the note warns, and Run switches again (and says so).
+    e.controls["padding"].value = "none"
+    assert "cannot show on these settings" in e.fault_note.value and "Run switches" in e.fault_note.value
     e.run_button.click()
+    assert e.controls["padding"].value == "left" and e.switched == ["padding none → left"]
     assert e.report.culprit.name == "model.layers.0.self_attn.scores"
     assert "padding mask ignored" in e.report.diagnosis
-    assert "culprit model.layers.0.self_attn.scores" in e.status.value
+    assert "readable kernels: culprit model.layers.0.self_attn.scores" in e.status.value
+    assert "switched padding none → left so that the fault shows" in e.message
     assert len(e.figures) == 3  # depth, logits, attention heatmap
     assert e.figures[2].axes[0].images
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_every_fault_is_switched_to_a_config_that_shows_it(name):
+    e = explorer()
+    e.controls["heads"].value = e.controls["kv_heads"].value = 4  # one kv head per query head: no GQA
+    e.controls["fault"].value = name
+    fault = FAULTS[name]
+    assert e.fault_problems() == [] and not e.run_button.disabled, e.fault_note.value
+    assert why_it_cannot_show(fault, e.config(), e._mask(e.config())) == []
+    assert set(e.chosen_sets()) & set(fault.kernels)
+    assert (("Switched" in e.fault_note.value) == bool(e.switched)) and "cannot show" not in e.fault_note.value
+    e.controls["fault"].value = "none"
+    assert e.fault_note.value == ""
+
+
+def test_switch_examples():
+    e = explorer()
+    e.controls["heads"].value = e.controls["kv_heads"].value = 4
+    e.controls["fault"].value = "gqa_modulo"
+    assert e.switched == ["heads 4 → 8"]  # 8 query heads over 4 kv heads share them: enough
+    e.controls["fault"].value = "untied_head_as_embedding"
+    assert e.switched == ["untied head off → on"] and not e.config().tie_word_embeddings
+    e.controls["fault"].value = "moe_topk_not_renormalised"
+    assert e.switched == ["MoE off → on", "top-k 1 → 2"] and e.config().uses_topk_renorm
+    e.controls["kernels"].value = "all"
+    e.controls["fault"].value = "fast_attention_scale"  # applies to one of the chosen sets: no switch
+    assert e.switched == [] and e.controls["kernels"].value == "all"
+
+
+def test_a_fault_the_explorer_cannot_show_says_why(monkeypatch):
+    edits = FAULTS["rmsnorm_weight_ignored"].edits
+    monkeypatch.setitem(FAULTS, "eps_only", Fault("eps_only", "needs a large eps", edits, ("readable",),
+                                                  "model.norm", None, model=dict(rms_norm_eps=1e-2)))
+    monkeypatch.setitem(FAULTS, "late", Fault("late", "shows late in decoding", edits, ("readable", "fast"),
+                                              "model.norm", None, step=40))
+    e = explorer()
+    e.controls["fault"].value = "eps_only"
+    assert "cannot show in the explorer" in e.fault_note.value and "no control for rms_norm_eps" in e.fault_note.value
+    assert "kernels fast → readable" in e.fault_note.value  # what it could switch, it did
+    e.controls["fault"].value = "late"
+    assert "cannot show in the explorer" in e.fault_note.value and "decode step 40" in e.fault_note.value
+    assert "decode steps 0 → 16" in e.fault_note.value  # as far as the control goes
 
 
 def test_invalid_combination_is_explained_next_to_the_control():
@@ -49,7 +142,7 @@ def test_invalid_combination_is_explained_next_to_the_control():
 
 def test_topk_never_exceeds_experts():
     e = explorer()
-    assert e.controls["topk"].disabled  # MoE off
+    assert e.controls["topk"].disabled and e.controls["topk_renorm"].disabled  # MoE off
     e.controls["moe"].value = True
     e.controls["experts"].value = 4
     e.controls["topk"].value = 3
@@ -72,9 +165,41 @@ def test_errors_stay_in_the_widget(tmp_path):
 def test_edited_cpp_is_recompiled(tmp_path):
     mine = copy_cpp(tmp_path / "mine")
     e = explorer(cpp_dir=mine)
+    e.controls["kernels"].value = "readable"  # ops.hpp's loops are the readable kernels
+    e.controls["seq_len"].value = 4
     e.run_button.click()
     assert e.report.agrees
     ops = mine / "include/celerinfer/ops.hpp"
     ops.write_text(ops.read_text().replace("return x / (1.0f + std::exp(-x));", "return x;"))
     e.run_button.click()
     assert e.report.culprit.name == "model.layers.0.mlp.act"
+
+
+def test_your_own_kernel_set_joins_the_toggle():
+    mine = """
+    struct PlainKernels : ReadableKernels {};
+    CELERINFER_REGISTER_KERNELS(PlainKernels, "plain");
+    """
+    e = explorer(extra_source=mine)
+    assert list(e.controls["kernels"].options) == ["readable", "fast", "plain", "all"]
+    e.controls["kernels"].value = "plain"
+    e.controls["seq_len"].value = 4
+    e.run_button.click()
+    assert e.report.subject == "C++ (plain)" and "plain kernels agree" in e.message
+    assert widgets.engine_for(e.controls["cpp_dir"].value, None, mine).kernel_sets[-1] == "plain"
+
+
+def test_a_decode_fault_runs_the_decode_steps():
+    step_faults = [f for f in FAULTS.values() if f.step and "fast" in f.kernels]
+    if not step_faults:
+        pytest.skip("no decode-step fault in the catalogue")
+    fault = step_faults[0]
+    e = explorer()
+    e.controls["seq_len"].value = 5
+    e.controls["fault"].value = fault.name
+    assert e.controls["decode"].value == fault.step and f"decode steps 0 → {fault.step}" in e.fault_note.value
+    e.run_button.click()
+    assert e.report.meta["step"] == fault.step and e.report.culprit.name == fault.culprit, e.status.value
+    assert len(e.step_reports["fast"]) == fault.step + 1 and e.step_reports["fast"][0].agrees
+    assert f"culprit {fault.culprit} at decode step {fault.step}" in e.message
+    assert f"Decode step {fault.step} of {fault.step}" in e.result_html.value
