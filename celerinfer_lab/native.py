@@ -347,7 +347,7 @@ class NativeModel:
 
 
 _GUARD = 16
-_SENTINEL = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]  # as workspace.hpp's guards
+_SENTINEL = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]  # a NaN payload no workspace guard uses
 
 
 def _guarded_logits(B: int, T: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:

@@ -136,12 +136,12 @@ GUARD_CASES = {
     # the lm_head writes its rows four floats late: the last four land in the logits' guard
     "readable-logits": ("forward.hpp", LM_HEAD, LM_HEAD.replace("(logits,", "(logits + 4,"), "readable", LOGITS),
     "fast-logits": ("forward.hpp", LM_HEAD, LM_HEAD.replace("(logits,", "(logits + 4,"), "fast", LOGITS),
-    # Known blind spot: a loop that runs past the end of its inputs as well as its output copies
-    # the inputs' guard sentinels (a NaN keeps its payload through silu and *) into act's guard,
-    # which then looks intact. Expected to be caught once the guards can tell buffers apart.
+    # A loop that runs past the end of its inputs as well as its output copies the inputs' guard
+    # sentinels (a NaN keeps its payload through silu and *) into act's guard: caught because each
+    # buffer's guard has a NaN payload of its own.
     "readable-act-overrun-copies-sentinel": ("ops.hpp", SWIGLU, SWIGLU.replace("i < n;", "i < n + 4;"), "readable", ACT),
 }
-BLIND_SPOTS = {"readable-act-overrun-copies-sentinel"}
+BLIND_SPOTS: set[str] = set()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 // guard tail: a kernel that writes past the end of a buffer overwrites its guard, and
 // check_guards() names the buffer (llama.cpp's test-backend-ops sentinels, checked every call).
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -14,13 +15,12 @@ namespace CELERINFER_NS {
 class GuardedBuffer {
 public:
     static constexpr size_t kGuard = 16;
-    static constexpr uint32_t kSentinel = 0x7fc0dead;  // a quiet NaN no float op produces
 
-    GuardedBuffer() { resize(0); }
+    GuardedBuffer() : sentinel_(next_sentinel()) { resize(0); }
     void resize(size_t n) {
         n_ = n;
         v_.assign(n + kGuard, 0.0f);
-        for (size_t i = 0; i < kGuard; ++i) std::memcpy(&v_[n + i], &kSentinel, sizeof kSentinel);
+        for (size_t i = 0; i < kGuard; ++i) std::memcpy(&v_[n + i], &sentinel_, sizeof sentinel_);
     }
     float* data() { return v_.data(); }
     const float* data() const { return v_.data(); }
@@ -29,11 +29,19 @@ public:
     const float& operator[](size_t i) const { return v_[i]; }
     bool intact() const {
         for (size_t i = 0; i < kGuard; ++i)
-            if (std::memcmp(&v_[n_ + i], &kSentinel, sizeof kSentinel) != 0) return false;
+            if (std::memcmp(&v_[n_ + i], &sentinel_, sizeof sentinel_) != 0) return false;
         return true;
     }
 
 private:
+    // A quiet NaN with a payload of its own per buffer: a loop that runs past the end of its inputs
+    // and its output copies the inputs' guards (a NaN keeps its payload through arithmetic), and
+    // only distinct payloads tell them apart from the output's own.
+    static uint32_t next_sentinel() {
+        static std::atomic<uint32_t> count{0};
+        return 0x7fc10000u | (count.fetch_add(1, std::memory_order_relaxed) & 0xffffu);
+    }
+    uint32_t sentinel_;
     size_t n_ = 0;
     std::vector<float> v_;
 };
