@@ -130,10 +130,27 @@ def decode_cpp(prepared, new_tokens: int) -> tuple[np.ndarray, float]:
     return tokens, time.perf_counter() - marks[0]
 
 
+def bench_kernel_sets(native, kernels: str | list[str] = "fast") -> list[str]:
+    """The kernel sets a bench times: one name, a list, or "all" (every registered set, the fast
+    set first, so the flat JSON keys keep meaning the fast kernels)."""
+    if kernels == "all":
+        names = native.kernel_sets
+        return sorted(names, key=lambda name: name != "fast")  # stable: registration order after fast
+    names = [kernels] if isinstance(kernels, str) else list(kernels)
+    if not names:
+        raise ValueError("no kernel set to time")
+    return [native.check_kernels(name) for name in names]
+
+
 def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, threads: int | None = None,
               repeat: int = 10, warmup: int = 3, decode: int = 0, work_dir: str | None = None,
-              cpp_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode)."""
+              cpp_dir: str | None = None, log: Callable[[str], None] = print,
+              kernels: str | list[str] = "fast") -> dict:
+    """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
+    the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all").
+
+    The result's flat keys (cpp_forward_ms, standalone_forward_ms, max_abs_diff, cpp_decode_tok_s,
+    ...) are the first set's; ``result["kernel_sets"]`` holds every set's, by name."""
     import tempfile
     from pathlib import Path
 
@@ -144,12 +161,17 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
     from .reference import ReferenceModel
     from .standalone import build_standalone, run_standalone
 
+    native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
+    sets = bench_kernel_sets(native, kernels)
     if threads:
         torch.set_num_threads(threads)
+        native.set_threads(threads)
     work = Path(work_dir or tempfile.mkdtemp(prefix="celerinfer-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"config": config.to_dict(), "batch": batch, "seq_len": seq_len, "parameters": config.num_parameters()}
-    log(f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; files in {work}")
+    result: dict = {"config": config.to_dict(), "batch": batch, "seq_len": seq_len, "parameters": config.num_parameters(),
+                    "kernels": sets}
+    log(f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
+        f"kernels {', '.join(sets)}; files in {work}")
 
     start = time.perf_counter()
     json_path = generate_model(config, batch, seq_len, seed, output=work / "model.json")
@@ -166,50 +188,58 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
     torch_t = time_call(lambda: ref.forward(), warmup, repeat)
     torch_logits = ref.forward()[0].numpy()
     result.update(_stats(torch_t, "torch_forward"))
-
-    native = load_native(cpp_dir, kernels="fast")
-    if threads:
-        native.set_threads(threads)
-    prepared = native.prepare(model)
-    cpp_t = time_cpp(model, native, warmup, repeat)
-    cpp_logits = prepared.forward().logits
-    result.update(_stats(cpp_t, "cpp_forward"))
+    real = model.attention_mask.astype(bool)
 
     binary = build_standalone(cpp_dir, build_dir=work / "build")
     env_threads = {"THREADS": str(threads)} if threads else {}
-    alone = run_standalone(binary, json_path, work / "out", warmup, repeat, env=env_threads)
-    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env=env_threads)
-    result.update(standalone_forward_ms=alone.forward_ms, standalone_load_ms=alone.load_ms,
-                  standalone_load_sidecar_ms=alone_side.load_ms)
-
-    real = model.attention_mask.astype(bool)
-    diff = np.abs(cpp_logits - torch_logits)[real]
-    result["max_abs_diff"] = float(diff.max())
-    result["standalone_max_abs_diff"] = float(np.abs(alone.logits - torch_logits)[real].max())
-    result["logits_rel_l2"] = float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real]))
+    per_set: dict[str, dict] = {}
+    prepared_sets, cpp_logits_sets = {}, {}
+    for name in sets:
+        prepared = prepared_sets[name] = native.prepare(model, name)
+        cpp_t = time_cpp(model, native, warmup, repeat, kernels=name)
+        cpp_logits = cpp_logits_sets[name] = prepared.forward().logits
+        alone = run_standalone(binary, json_path, work / f"out_{name}", warmup, repeat,
+                               env={**env_threads, "KERNELS": name})
+        diff = np.abs(cpp_logits - torch_logits)[real]
+        per_set[name] = {**_stats(cpp_t, "cpp_forward"), "standalone_forward_ms": alone.forward_ms,
+                         "standalone_load_ms": alone.load_ms, "max_abs_diff": float(diff.max()),
+                         "standalone_max_abs_diff": float(np.abs(alone.logits - torch_logits)[real].max()),
+                         "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real]))}
+    first = per_set[sets[0]]
+    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": sets[0]})
+    result.update(first)
+    result["standalone_load_sidecar_ms"] = alone_side.load_ms
     result["machine"] = machine_info(native.threads)
 
-    log(f"{'PyTorch forward':26s} {torch_t.median_ms:10.3f} ms   1.00x   (min {torch_t.min_ms:.3f}, max {torch_t.max_ms:.3f})")
-    for label, ms in (("C++ via cppyy (fast)", cpp_t.median_ms), ("C++ standalone", alone.forward_ms)):
-        log(f"{label:26s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster")
-    log(f"{'load, JSON only':26s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
+    log(f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   (min {torch_t.min_ms:.3f}, max {torch_t.max_ms:.3f})")
+    for name in sets:
+        for label, ms in ((f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"]),
+                          (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"])):
+            log(f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster")
+    log(f"{'load, JSON only':28s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
         f"{result['python_load_json_ms']:.1f} ms (Python)")
-    log(f"{'load, safetensors sidecar':26s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
+    log(f"{'load, safetensors sidecar':28s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
         f"{result['python_load_sidecar_ms']:.1f} ms (Python)")
-    for label, lg in (("torch", torch_logits), ("cpp", cpp_logits)):
-        log(f"logits {label:5s}: shape {list(lg.shape)} min {lg.min():.6f} max {lg.max():.6f} mean {lg.mean():.6f}")
-    log(f"max |cpp - torch| {result['max_abs_diff']:.3e} (relative L2 {result['logits_rel_l2']:.2e}); "
-        f"standalone {result['standalone_max_abs_diff']:.3e}")
+    for label, lg in (("torch", torch_logits), *((f"cpp ({name})", cpp_logits_sets[name]) for name in sets)):
+        log(f"logits {label:16s}: shape {list(lg.shape)} min {lg.min():.6f} max {lg.max():.6f} mean {lg.mean():.6f}")
+    for name in sets:
+        r = per_set[name]
+        log(f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
+            f"standalone {r['standalone_max_abs_diff']:.3e}")
 
     if decode:
         decode_torch(model, 3)  # warm-up
-        decode_cpp(prepared, 3)
         torch_tokens, torch_s = decode_torch(model, decode)
-        cpp_tokens, cpp_s = decode_cpp(prepared, decode)
         steps = batch * (decode - 1)
-        result.update(decode_tokens=decode, torch_decode_tok_s=steps / torch_s, cpp_decode_tok_s=steps / cpp_s,
-                      decode_tokens_equal=bool((torch_tokens == cpp_tokens).all()))
-        log(f"decode {decode} tokens after {seq_len}: torch {result['torch_decode_tok_s']:.1f} tok/s, "
-            f"C++ {result['cpp_decode_tok_s']:.1f} tok/s ({result['cpp_decode_tok_s'] / result['torch_decode_tok_s']:.2f}x); "
-            f"same tokens: {result['decode_tokens_equal']}")
+        result.update(decode_tokens=decode, torch_decode_tok_s=steps / torch_s)
+        for name in sets:
+            decode_cpp(prepared_sets[name], 3)  # warm-up
+            cpp_tokens, cpp_s = decode_cpp(prepared_sets[name], decode)
+            per_set[name].update(cpp_decode_tok_s=steps / cpp_s, decode_tokens_equal=bool((torch_tokens == cpp_tokens).all()))
+            r = per_set[name]
+            log(f"decode {decode} tokens after {seq_len} ({name}): torch {result['torch_decode_tok_s']:.1f} tok/s, "
+                f"C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / result['torch_decode_tok_s']:.2f}x); "
+                f"same tokens: {r['decode_tokens_equal']}")
+        result.update(cpp_decode_tok_s=first["cpp_decode_tok_s"], decode_tokens_equal=first["decode_tokens_equal"])
+    result["kernel_sets"] = per_set
     return result

@@ -213,7 +213,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 "max_position_embeddings": max(args.max_pos or 128, seq_len + args.decode)})
     config.validate(seq_len=seq_len + max(args.decode - 1, 0))
     result = run_bench(config, batch, seq_len, args.seed, args.threads, args.repeat, args.warmup, args.decode,
-                       args.work_dir, args.cpp_dir)
+                       args.work_dir, args.cpp_dir, kernels=args.kernels)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"saved {args.json}")
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--work-dir", help="where the model files and builds go (default: a temporary folder)")
     bench.add_argument("--cpp-dir", help="a folder with your own copy of the C++")
+    bench.add_argument("--kernels", default="fast",
+                       help="the kernel set(s) to time: fast (default), readable, all (each in turn, fast first), "
+                            "or one registered in --cpp-dir")
     cmp = sub.add_parser("compare", help="run both forwards and compare every trace point",
                          description="Exit status: 0 all trace points agree, 1 they diverge, 2 bad input.")
     cmp.add_argument("model", nargs="?")

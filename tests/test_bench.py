@@ -5,16 +5,23 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from celerinfer_lab import load_native, preset
 from celerinfer_lab.bench import plot_sweep, sweep, time_call
 
 
-def test_bench_command_runs_and_writes_json(tmp_path):
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One work folder for the bench runs: base_line_micro is built once, then rebuilt incrementally."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def test_bench_command_runs_and_writes_json(tmp_path, work):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", "64", "2", "8", "2", "128", "5", "2",
                         "--repeat", "3", "--warmup", "1", "--decode", "6", "--json", str(out),
-                        "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, env=os.environ)
+                        "--work-dir", str(work)], capture_output=True, text=True, env=os.environ)
     assert r.returncode == 0, r.stderr[-3000:]
     for words in ("PyTorch forward", "C++ via cppyy (fast)", "C++ standalone", "faster", "load, JSON only",
                   "load, safetensors sidecar", "logits torch", "logits cpp", "max |cpp - torch|", "same tokens: True"):
@@ -28,6 +35,30 @@ def test_bench_command_runs_and_writes_json(tmp_path):
     assert result["max_abs_diff"] < 1e-4 and result["decode_tokens_equal"] is True
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"] and result["machine"]["cpp_threads"] >= 1
     assert result["config"]["hidden_size"] == 64 and result["batch"] == 2 and result["seq_len"] == 5
+    assert result["kernels"] == ["fast"] and list(result["kernel_sets"]) == ["fast"]  # --kernels defaults to fast
+
+
+def test_bench_times_every_kernel_set(tmp_path, work):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", "64", "2", "8", "2", "128", "5", "2",
+                        "--kernels", "all", "--repeat", "2", "--warmup", "1", "--decode", "4", "--json", str(out),
+                        "--work-dir", str(work)], capture_output=True, text=True, env=os.environ)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("fast", "readable"):
+        for words in (f"C++ via cppyy ({name})", f"C++ standalone ({name})", f"logits cpp ({name})",
+                      f"max |cpp - torch| ({name})", f"({name}): torch"):
+            assert words in r.stdout, words
+    assert r.stdout.index("C++ via cppyy (fast)") < r.stdout.index("C++ via cppyy (readable)")  # fast first
+    result = json.loads(out.read_text())
+    assert result["kernels"] == ["fast", "readable"] and list(result["kernel_sets"]) == ["fast", "readable"]
+    for name, per_set in result["kernel_sets"].items():
+        for key in ("cpp_forward_ms", "cpp_forward_min_ms", "cpp_forward_max_ms", "standalone_forward_ms",
+                    "standalone_load_ms", "cpp_decode_tok_s"):
+            assert per_set[key] > 0, (name, key)
+        assert per_set["max_abs_diff"] < 1e-4 and per_set["standalone_max_abs_diff"] < 1e-4, name  # agrees with torch
+        assert per_set["decode_tokens_equal"] is True, name
+    for key in ("cpp_forward_ms", "standalone_forward_ms", "max_abs_diff", "cpp_decode_tok_s"):  # flat: the first set
+        assert result[key] == result["kernel_sets"]["fast"][key], key
 
 
 def test_bench_rejects_bad_arguments():
@@ -39,6 +70,8 @@ def test_bench_rejects_bad_arguments():
     assert r.returncode == 2 and "num_key_value_heads=3" in r.stderr
     r = run("--preset", "minimind2-small", "64", "2", "8", "2", "128", "5", "2")
     assert r.returncode == 2 and "either --preset or the seven numbers" in r.stderr
+    r = run("--kernels", "fastest", "--repeat", "1", "--warmup", "0")
+    assert r.returncode == 2 and "unknown kernel set 'fastest'" in r.stderr and "readable, fast" in r.stderr
 
 
 def test_time_call_times_the_call():
