@@ -17,10 +17,14 @@ EXPECTED = {  # words each notebook's outputs must contain
     "03_edit_and_reload.ipynb": ["agrees: True", "celerinfer_jit_", "culprit (own error): model.layers.0.input_layernorm",
                                  "did not compile", "still running"],
     "04_benchmarks.ipynb": ["hidden 512", "speedup", "image/png"],
+    "05_your_own_kernels.ipynb": ["kernel sets: ['readable', 'fast', 'blocked']", "blocked agrees: True",
+                                  "blocked   median", "culprit: model.layers.0.self_attn.q_proj",
+                                  "16 rows, buggy blocked agrees: True", "image/png",
+                                  "application/vnd.jupyter.widget-view+json"],
 }
 
 
-def test_there_are_four_notebooks():
+def test_there_are_five_notebooks():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
 
 
