@@ -1,18 +1,33 @@
 """Say what kind of bug the culprit op has, when the numbers show a clear pattern.
 
 Works on the culprit's isolated value y (the C++ op run on the oracle's inputs) against the
-oracle's x, so upstream noise does not blur the pattern. Checks, first match wins:
+oracle's x, so upstream noise does not blur the pattern; the other oracle points (and the plain
+C++ run, which used the same buffers just before) are the candidates a wrong value may come from.
+A decode step (report.meta["past_len"] > 0) traces only its new tokens: the cached keys and
+values are not in its trace, so cache checks reason from the scores and probabilities alone.
+Checks, first match wins:
 
 1. never written (still NaN-filled), NaN/Inf, all zeros;
-2. masks: -inf missing above the diagonal (causal), padded keys not masked;
+2. masks: the causal mask off by one (the diagonal masked, or the next token seen), -inf missing
+   above the diagonal (causal), padded keys not masked;
 3. known mistakes, recomputed from the oracle's inputs for the culprit's op: RMSNorm eps outside
-   the square root or weight ignored, the other RoPE pairing, GQA's j % kv_heads mapping, scores
-   divided by head_dim, softmax over the wrong axis, GELU for SiLU, gate and up swapped, the
-   embedding read as an untied head, top-k weights not renormalised;
+   the square root, weight ignored, another norm's weight, a sum of squares missing its vector
+   tail; the other RoPE pairing, RoPE rotating the wrong way or at the wrong position; GQA's
+   j % kv_heads mapping, scores divided by head_dim, the transposed key cache read with the wrong
+   row stride; a decode step's key or value stored in the wrong KV-cache slot; softmax over the
+   wrong axis; GELU for SiLU, gate and up swapped; the embedding read as an untied head; top-k
+   weights not renormalised; a residual added twice, a shared expert dropped; the context laid
+   out [B, heads, T, hd];
 4. y equals another reference trace point (swapped operands, wrong buffer, a skipped op);
-5. sign flip (cosine ~ -1), a uniform scale (cosine ~ 1, norm ratio != 1), a per-channel scale;
-6. a permutation: heads swapped, or the pairs inside each head laid out the other way;
-7. a shift by one position; an error only from position t on; an error only at padded keys.
+   y - x equals another recorded value (an accumulator not cleared);
+5. an error confined to a part, the rest exact: the last n % 16 elements (a vector loop's tail),
+   some heads, a block of token rows (a GEMM row tail or row-chunk boundary), a block of output
+   columns (a GEMM panel tail);
+6. a precision loss (close, beyond tolerance: how many times the float32 floor, and whether it
+   grows with the reduction length); sign flip (cosine ~ -1); a uniform scale (cosine ~ 1, a norm
+   ratio that differs from 1 by much more than the floor); a per-channel scale;
+7. a permutation: heads swapped, or the pairs inside each head laid out the other way;
+8. a shift by one position; an error only from position t on; an error only at padded keys.
 """
 from __future__ import annotations
 
@@ -22,9 +37,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .compare import MASKED_BELOW, Report, live_rows
+from .compare import MASKED_BELOW, MIN_FLOOR, Report, live_rows
 from .reference import apply_rope, repeat_kv, rms_norm
 from .trace import trace_points
+
+AGREE = 1e-4  # a part of y agrees with x: relative error below this (float32 noise is ~1e-7)
+WRONG = 1e-2  # a part of y is wrong: relative error above this
+PRECISION_MAX = 1e3  # a precision loss stays within this many times the float32 floor
+# Points whose values are per attention head (a head's slice is the natural unit of a bug there).
+HEAD_OPS = ("self_attn.q_norm", "self_attn.k_norm", "self_attn.rope_q", "self_attn.rope_k", "self_attn.scores",
+            "self_attn.probs", "self_attn.context")
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,6 +55,21 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     ok = np.isfinite(a) & np.isfinite(b) & (b > MASKED_BELOW) & (a > MASKED_BELOW)
     nb = np.linalg.norm(b[ok])
     return float(np.linalg.norm(a[ok] - b[ok]) / nb) if nb > 0 else math.inf
+
+
+def _err(a: np.ndarray, b: np.ndarray) -> float:
+    """_rel, but 0 where nothing is comparable or a equals b (a part that is all masked, or all zero, agrees)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b) & (b > MASKED_BELOW) & (a > MASKED_BELOW)
+    diff = float(np.linalg.norm(a[ok] - b[ok]))
+    nb = float(np.linalg.norm(b[ok]))
+    return 0.0 if diff == 0 else (diff / nb if nb > 0 else math.inf)
+
+
+def _span(indices) -> tuple[int, int] | None:
+    """(first, last) when the sorted indices are consecutive, else None."""
+    idx = [int(i) for i in indices]
+    return (idx[0], idx[-1]) if idx and idx[-1] - idx[0] + 1 == len(idx) else None
 
 
 class _Context:
@@ -45,9 +82,12 @@ class _Context:
         self.y = report.runs["cpp_own"][self.name].astype(np.float64)
         self.mask = report.attention_mask  # the query rows compared [B, S]
         self.key_mask = report.meta.get("key_mask", self.mask)  # every key [B, past + S]
+        self.past = report.meta.get("past_len", 0)  # decode: keys already cached (not in this trace)
         B, S = self.mask.shape
-        self.point = next(p for p in trace_points(self.config, B, S, report.meta.get("past_len", 0)) if p.name == self.name)
+        self.point = next(p for p in trace_points(self.config, B, S, self.past) if p.name == self.name)
         self.base_error = _rel(self.y, self.x)
+        own_floor = self.culprit.own_floor
+        self.floor = max(own_floor if math.isfinite(own_floor) else 0.0, MIN_FLOOR)  # float32's own error here
         parts = self.name.split(".")
         self.layer = int(parts[2]) if self.name.startswith("model.layers.") else None
         self.op = ".".join(parts[3:]) if self.layer is not None else self.name
@@ -59,7 +99,7 @@ class _Context:
         """y is candidate (to float32 noise), and much closer to it than to the reference."""
         cand = np.asarray(candidate, np.float64).reshape(self.y.shape)
         err = _rel(self.live(self.y), self.live(cand))
-        return err < 1e-4 and err < 0.01 * self.base_error
+        return err < AGREE and err < 0.01 * self.base_error
 
     def t(self, name: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.oracle[name], dtype=np.float64))
@@ -70,6 +110,11 @@ class _Context:
     def prefix(self, suffix: str) -> str:
         return f"model.layers.{self.layer}.{suffix}"
 
+    def heads_of(self, size: int) -> int | None:
+        """The number of heads a per-token size holds (q_dim: query heads, kv_dim: kv heads)."""
+        cfg = self.config
+        return {cfg.q_dim: cfg.num_attention_heads, cfg.kv_dim: cfg.num_key_value_heads}.get(size)
+
 
 # ---- 1, 2: broken values and masks -------------------------------------------------------------
 def _broken_values(c: _Context) -> str | None:
@@ -77,6 +122,8 @@ def _broken_values(c: _Context) -> str | None:
     if np.isnan(y).all():
         return "never written: every value is still the NaN the output buffer was filled with"
     bad = (np.isnan(y) | np.isinf(y)) & np.isfinite(x)
+    if c.op == "self_attn.scores":
+        bad &= ~np.isneginf(y)  # -inf is a mask there: the mask checks judge it
     if bad.any():
         return f"NaN/Inf: {int(bad.sum())} of {bad.size} values are not finite where the reference is"
     if (y == 0).all() and (x != 0).any():
@@ -87,6 +134,14 @@ def _broken_values(c: _Context) -> str | None:
 def _masks(c: _Context) -> str | None:
     if c.op != "self_attn.scores":
         return None
+    S, P = c.x.shape[2], c.x.shape[3]
+    query, key = np.arange(S)[:, None] + c.past, np.arange(P)[None, :]  # absolute positions
+    differ = (np.isneginf(c.x) != np.isneginf(c.y)) & c.mask.astype(bool)[:, None, :, None]
+    if differ.any():
+        if not (differ & ~((key == query) & np.isneginf(c.y))).any():
+            return "causal mask off by one: the diagonal is masked too (-inf at key j = i: a token cannot see itself)"
+        if not (differ & ~((key == query + 1) & ~np.isneginf(c.y))).any():
+            return "causal mask off by one: each token also sees the next one (no -inf at key j = i + 1)"
     y, x = c.live(c.y), c.live(c.x)
     if (np.isneginf(x) & (y > MASKED_BELOW)).any():
         return "causal mask missing: scores above the diagonal are not -inf (tokens see the future)"
@@ -116,6 +171,16 @@ def _norm_variants(c: _Context) -> str | None:
         return "RMSNorm eps outside the square root: y = w * x / (sqrt(mean(x^2)) + eps)"
     if c.matches(rms_norm(x, torch.ones_like(w), eps)):
         return "RMSNorm weight ignored (norm weight ignored): y = x / rms(x), never multiplied by w"
+    n = x.shape[-1]
+    for k in sorted({n % 16, n % 8} - {0}, reverse=True):
+        short = x[..., :n - k].pow(2).sum(-1, keepdim=True) / n
+        if c.matches(w * (x * torch.rsqrt(short + eps))):
+            return (f"RMSNorm's sum of squares misses the last {k} of {n} elements: a vector loop's scalar "
+                    f"tail dropped ({n} % 16 = {n % 16})")
+    for other, value in c.model.state_dict().items():
+        if other != key and other.endswith("norm.weight") and value.shape == tuple(w.shape):
+            if c.matches(rms_norm(x, c.weight(other), eps)):
+                return f"RMSNorm with the wrong weight: y matches {other} where {key} belongs"
     return None
 
 
@@ -125,14 +190,22 @@ def _rope_variant(c: _Context) -> str | None:
     which = c.op[-1]
     src = c.prefix(f"self_attn.{which}_norm") if c.config.qk_norm else c.prefix(f"self_attn.{which}_proj")
     x = c.t(src).reshape(c.y.shape)
-    start = c.report.meta.get("past_len", 0)  # decode steps rotate by their own positions
-    S = x.shape[1]
-    cos = torch.from_numpy(c.model.rope_cos[start:start + S].astype(np.float64))
-    sin = torch.from_numpy(c.model.rope_sin[start:start + S].astype(np.float64))
-    other = "interleaved" if c.config.rope_pairing == "half" else "half"
+    start, S = c.past, x.shape[1]  # decode steps rotate by their own positions
+    cos_all = torch.from_numpy(c.model.rope_cos.astype(np.float64))
+    sin_all = torch.from_numpy(c.model.rope_sin.astype(np.float64))
+    cos, sin = cos_all[start:start + S], sin_all[start:start + S]
+    pairing = c.config.rope_pairing
+    other = "interleaved" if pairing == "half" else "half"
     if c.matches(apply_rope(x, cos, sin, other)):
-        return (f"RoPE pairing swapped: matches {other} pairs, the model uses {c.config.rope_pairing} "
+        return (f"RoPE pairing swapped: matches {other} pairs, the model uses {pairing} "
                 f"(interleaved (2i, 2i+1) vs half-split (i, i + head_dim/2))")
+    if c.matches(apply_rope(x, cos, -sin, pairing)):
+        return "RoPE rotates the wrong way: y is the rotation by -theta (the sin terms have the wrong sign)"
+    for at in range(0, min(start + 2, len(cos_all) - S) + 1):  # every earlier start, and one past
+        if at != start and c.matches(apply_rope(x, cos_all[at:at + S], sin_all[at:at + S], pairing)):
+            hint = " (rotated as if at the start: the cache offset is ignored)" if at == 0 and start > 0 else ""
+            return (f"RoPE at the wrong position: the tokens at positions {start}..{start + S - 1} are rotated "
+                    f"as positions {at}..{at + S - 1}{hint}")
     return None
 
 
@@ -143,8 +216,18 @@ def _scores(c: _Context, q: torch.Tensor, k: torch.Tensor, scale: float) -> torc
     return scores + (1.0 - torch.from_numpy(c.key_mask)[:, None, None, :].double()) * -1e9
 
 
+def _strided_keys(k: torch.Tensor, stride: int) -> torch.Tensor:
+    """The keys k [B, P, kvh, hd] as read back from a transposed cache [B][kvh][hd][stride] with row
+    stride P instead of `stride` (slots past P hold zeros)."""
+    B, P, kvh, hd = k.shape
+    kt = torch.zeros(B, kvh, hd, stride, dtype=k.dtype)
+    kt[..., :P] = k.permute(0, 2, 3, 1)
+    at = (torch.arange(hd)[:, None] * P + torch.arange(P)[None, :]).reshape(-1)
+    return kt.reshape(B, kvh, hd * stride)[:, :, at].reshape(B, kvh, hd, P).permute(0, 3, 1, 2)
+
+
 def _scores_variants(c: _Context) -> str | None:
-    if c.op != "self_attn.scores" or c.report.meta.get("past_len"):  # decode: the cached keys are not in the trace
+    if c.op != "self_attn.scores" or c.past:  # decode: the cached keys are not in the trace
         return None
     cfg = c.config
     q, k = c.t(c.prefix("self_attn.rope_q")), c.t(c.prefix("self_attn.rope_k"))
@@ -154,6 +237,67 @@ def _scores_variants(c: _Context) -> str | None:
         return "GQA mapping wrong: query head j reads kv head j % kv_heads instead of j // (heads / kv_heads)"
     if c.matches(_scores(c, q, repeat_kv(k, cfg.n_rep), float(hd))):
         return "scale error: scores divided by head_dim instead of sqrt(head_dim)"
+    P = k.shape[1]
+    for stride in range(-(-P // 16) * 16, -(-P // 16) * 16 + 64, 16):  # the cache's padded lengths
+        if stride != P and c.matches(_scores(c, q, repeat_kv(_strided_keys(k, stride), cfg.n_rep), math.sqrt(hd))):
+            return (f"transposed key cache read with row stride P = {P} instead of its stride {stride}: each key "
+                    f"is assembled from other positions' dimensions")
+    return None
+
+
+def _cache_slots(c: _Context) -> str | None:
+    """Decode: a new key or value stored in the wrong KV-cache slot."""
+    if not c.past:
+        return None
+    if c.op == "self_attn.scores":
+        return _key_slot(c)
+    if c.op == "self_attn.context":
+        return _value_slot(c)
+    return None
+
+
+def _key_slot(c: _Context) -> str | None:
+    """Score columns (keys) that hold another key's scores: y[..., j] == x[..., j'] over every query."""
+    B, nh, S, P = c.x.shape
+    real = c.mask.astype(bool)
+    cols_y = np.moveaxis(c.y, 3, 0).transpose(0, 1, 3, 2)[:, real]  # [P, real queries, nh]
+    cols_x = np.moveaxis(c.x, 3, 0).transpose(0, 1, 3, 2)[:, real]
+    wrong = [j for j in range(P) if _err(cols_y[j], cols_x[j]) > WRONG]
+    right = [j for j in range(P) if j not in wrong]
+    if not wrong or _err(cols_y[right], cols_x[right]) > AGREE:
+        return None
+    moved = {j: next((k for k in range(P) if k != j and _err(cols_y[j], cols_x[k]) < AGREE), None) for j in wrong}
+    if all(k is None for k in moved.values()):
+        return None
+    held = "; ".join(f"key {j} scores as the reference's key {k}" if k is not None else
+                     f"key {j} holds none of the sequence's keys (an empty or stale slot)" for j, k in moved.items())
+    return (f"KV-cache slot: {held}: a new key was stored in the wrong slot of the key cache "
+            f"(past_len {c.past}; the new tokens belong at {c.past}..{P - 1})")
+
+
+def _value_slot(c: _Context) -> str | None:
+    """One new token's value stored at slot j instead of P-1 (and nothing at P-1): per (batch, kv
+    head) the overwritten value v_j is unknown, but every query head of the group must agree on it."""
+    cfg = c.config
+    B, S = c.mask.shape
+    if S != 1 or cfg.n_rep < 2:
+        return None
+    nh, hd, P = cfg.num_attention_heads, cfg.head_dim, c.past + 1
+    y, x = c.y.reshape(B, nh, hd), c.x.reshape(B, nh, hd)
+    p = c.oracle[c.prefix("self_attn.probs")].astype(np.float64).reshape(B, nh, P)
+    v_new = c.oracle[c.prefix("self_attn.v_proj")].astype(np.float64).reshape(B, cfg.num_key_value_heads, hd)
+    v_new = np.repeat(v_new, cfg.n_rep, axis=1)  # [B, nh, hd], query head h reads kv head h // n_rep
+    missing = x - p[..., P - 1:] * v_new
+    if c.matches(missing):
+        return "value cache slot: the new token's value is missing (y = x - p_new * v_new): it was never stored"
+    for j in range(P - 1):
+        r = (y - missing - p[..., j:j + 1] * v_new).reshape(B, -1, cfg.n_rep, hd)  # = -p_j * v_j per head
+        pj = p[..., j].reshape(B, -1, cfg.n_rep, 1)
+        v_j = -(pj * r).sum(2, keepdims=True) / np.maximum((pj * pj).sum(2, keepdims=True), 1e-300)  # least squares
+        if c.matches(missing + p[..., j:j + 1] * v_new - (pj * v_j).reshape(B, nh, hd)):
+            return (f"value cache slot: the context matches the reference with the new token's value at key {j} "
+                    f"instead of {P - 1} and nothing at {P - 1}: the new value was stored in the wrong slot, over "
+                    f"key {j}'s value")
     return None
 
 
@@ -197,6 +341,42 @@ def _topk_variant(c: _Context) -> str | None:
     return None
 
 
+def _residual_variants(c: _Context) -> str | None:
+    """The residual adds: y = input + 2 * delta (added twice); y = reference - a shared expert (dropped)."""
+    if c.layer is None or c.op not in ("attn_residual", ""):
+        return None
+    cfg = c.config
+    if c.op == "attn_residual":
+        src = "model.embed_tokens" if c.layer == 0 else f"model.layers.{c.layer - 1}"
+        parts = [c.prefix("self_attn.o_proj")]
+    else:
+        src = c.prefix("attn_residual")
+        parts = ([c.prefix("mlp.routed_experts")] + [c.prefix(f"mlp.shared_experts.{s}") for s in range(cfg.n_shared_experts)]
+                 if cfg.use_moe else [c.prefix("mlp.down_proj")])
+    delta = sum(c.t(name) for name in parts)
+    if c.matches(c.t(src) + 2 * delta):
+        return f"residual added twice: y = {src} + 2 * ({' + '.join(parts)})"
+    for name in parts:
+        if ".shared_experts." in name and c.matches(c.t(c.name) - c.t(name)):
+            return (f"shared expert {name.rsplit('.', 1)[1]} dropped: y = reference - {name} "
+                    f"(computed, never added to the MoE output)")
+    return None
+
+
+def _layout_variant(c: _Context) -> str | None:
+    """A [B, T, heads, hd] point written [B, heads, T, hd]."""
+    if c.point.token_axis != 1 or c.x.shape[1] < 2:
+        return None
+    B, S = c.x.shape[:2]
+    n = c.heads_of(int(np.prod(c.x.shape[2:])))
+    if n is None or n < 2 or not c.op.startswith("self_attn"):
+        return None
+    if c.matches(c.x.reshape(B, S, n, -1).transpose(0, 2, 1, 3).reshape(c.x.shape)):
+        return (f"layout transposed: y is the reference written [B, heads, T, head_dim] (head-major) where "
+                f"[B, T, heads, head_dim] belongs")
+    return None
+
+
 # ---- 4: another point's value ------------------------------------------------------------------
 def _equals_other_point(c: _Context) -> str | None:
     for name, value in c.oracle.items():
@@ -207,19 +387,158 @@ def _equals_other_point(c: _Context) -> str | None:
     return None
 
 
-# ---- 5: sign and scale -----------------------------------------------------------------------
-def _sign_and_scale(c: _Context) -> str | None:
+def _accumulated_onto(c: _Context) -> str | None:
+    """y - x is another recorded value: the op added onto what its buffer held (the isolated run
+    follows the plain C++ run in the same buffers, so the leftover may come from that run)."""
+    with np.errstate(invalid="ignore"):  # masked scores: -inf - -inf
+        d = c.live(c.y - c.x)
+    for run, label in (("oracle", "the reference's"), ("cpp", "the plain C++ run's")):
+        for name, value in c.report.runs[run].items():
+            if (run == "oracle" and name == c.name) or value.size != c.y.size or value.dtype.kind != "f":
+                continue
+            if _rel(d, c.live(value.reshape(c.y.shape).astype(np.float64))) < AGREE:
+                return (f"accumulator not cleared: y - x equals {label} {name}: the op added onto the value its "
+                        f"buffer held (from an earlier layer or forward) instead of starting from zero")
+    return None
+
+
+# ---- 5: an error confined to a part ------------------------------------------------------------
+def _confined(y: np.ndarray, x: np.ndarray, bad: np.ndarray) -> bool:
+    """The `bad` part is wrong, the rest agrees (bad indexes the first axis)."""
+    return bool(bad.any() and not bad.all() and _err(y[bad], x[bad]) > WRONG and _err(y[~bad], x[~bad]) < AGREE)
+
+
+def _what(y: np.ndarray) -> str:
+    return "all zeros" if y.size and (y == 0).all() else "wrong values"
+
+
+def _vector_tail(c: _Context) -> str | None:
+    if c.point.token_axis != 1:
+        return None
+    B, S = c.mask.shape
+    real = np.broadcast_to(c.mask.astype(bool)[:, :, None], (B, S, c.x[0, 0].size)).reshape(-1)
+    y, x = c.y.reshape(-1)[real], c.x.reshape(-1)[real]
+    n = c.y.size
+    for k in sorted({n % 16, n % 8} - {0}, reverse=True):
+        if real[-k:].all() and _confined(y, x, np.arange(y.size) >= y.size - k):
+            return (f"error only in the last {k} of {n} elements (flattened: {_what(y[-k:])}; the rest agree): a vector "
+                    f"loop's scalar tail dropped or wrong ({n} % 16 = {n % 16})")
+    return None
+
+
+def _heads(c: _Context) -> str | None:
+    if c.op not in HEAD_OPS:
+        return None
+    if c.point.token_axis == 2:  # [B, nh, S, P]: real queries
+        per_head = np.moveaxis(c.y, 1, 0)[:, c.mask.astype(bool)], np.moveaxis(c.x, 1, 0)[:, c.mask.astype(bool)]
+    else:
+        n = c.heads_of(int(np.prod(c.x.shape[2:])))
+        if n is None:
+            return None
+        per_head = tuple(np.moveaxis(c.live(a).reshape(-1, n, c.config.head_dim), 1, 0) for a in (c.y, c.x))
+    y, x = per_head
+    n = y.shape[0]
+    bad = np.array([_err(y[h], x[h]) > WRONG for h in range(n)])
+    if not _confined(y, x, bad):
+        return None
+    heads = [int(h) for h in np.flatnonzero(bad)]
+    which = f"head {heads[0]}" if len(heads) == 1 else f"heads {heads}"
+    return (f"error only in {which} of {n} ({_what(y[bad])}; the other heads agree): a head skipped, or its slice "
+            f"written by the wrong loop")
+
+
+def _rows(c: _Context) -> str | None:
+    """A consecutive block of token rows (batch x position flattened, as a GEMM sees them)."""
+    if c.point.token_axis != 1:
+        return None
+    B, S = c.mask.shape
+    real = c.mask.reshape(-1).astype(bool)
+    y, x = c.y.reshape(B * S, -1), c.x.reshape(B * S, -1)
+    bad = np.array([bool(r) and _err(y[i], x[i]) > WRONG for i, r in enumerate(real)])
+    span = _span(np.flatnonzero(bad))
+    if span is None or 2 * bad.sum() > real.sum() or not _confined(y[real], x[real], bad[real]):
+        return None
+    first, last = span
+    rows = f"token row {first}" if first == last else f"token rows {first}..{last}"
+    return (f"error only in {rows} of {B * S} (batch x position flattened: {_what(y[bad])}; the other rows agree): "
+            f"rows a blocked kernel skipped or left stale (a GEMM row tail, {B * S} % 6 = {B * S % 6}, or a "
+            f"row-chunk boundary)")
+
+
+def _columns(c: _Context) -> str | None:
+    """A consecutive block of output columns (the last axis)."""
+    if c.point.token_axis != 1:
+        return None
+    y, x = c.live(c.y).T, c.live(c.x).T  # [columns, rows]
+    n = y.shape[0]
+    bad = np.array([_err(y[j], x[j]) > WRONG for j in range(n)])
+    span = _span(np.flatnonzero(bad))
+    if span is None or 2 * bad.sum() > n or not _confined(y, x, bad):
+        return None
+    first, last = span
+    return (f"error only in output columns {first}..{last} of {n} ({_what(y[bad])}; the other columns agree): "
+            f"outputs a blocked kernel skipped or left stale (a GEMM panel tail: panels of 16, {n} % 16 = {n % 16})")
+
+
+# ---- 6: precision, sign and scale ----------------------------------------------------------------
+def _reduction_growth(c: _Context) -> str:
+    """Whether the error grows with the number of terms each value sums."""
+    cfg = c.config
+    H, I = cfg.hidden_size, (cfg.moe_intermediate_size if cfg.use_moe else cfg.intermediate_size)
+    fixed = {"self_attn.q_proj": H, "self_attn.k_proj": H, "self_attn.v_proj": H, "self_attn.o_proj": cfg.q_dim,
+             "mlp.gate_proj": H, "mlp.up_proj": H, "mlp.down_proj": I, "lm_head": H, "mlp.router_probs": H,
+             "self_attn.scores": cfg.head_dim, "input_layernorm": H, "post_attention_layernorm": H, "model.norm": H,
+             "self_attn.q_norm": cfg.head_dim, "self_attn.k_norm": cfg.head_dim}
+    if c.op in fixed:
+        return f"every value sums the same {fixed[c.op]} terms, so growth with the reduction length cannot show here"
+    if c.op not in ("self_attn.probs", "self_attn.context"):
+        return "an elementwise op (no reduction): a per-element approximation (exp, division, a rounding step)"
+    B, S = c.mask.shape
+    keys = np.cumsum(c.key_mask, axis=1)[:, c.past:]  # real keys each query sees [B, S]
+    y, x = (a if c.op == "self_attn.probs" else a.reshape(B, S, c.config.num_attention_heads, -1).transpose(0, 2, 1, 3)
+            for a in (c.y, c.x))  # [B, nh, S, ...]
+    rows = [(int(keys[b, i]), _err(y[b, :, i], x[b, :, i])) for b in range(B) for i in range(S) if c.mask[b, i]]
+    lengths = sorted({n for n, _ in rows})
+    if len(lengths) < 2:
+        return f"every row sums {lengths[0] if lengths else 0} keys, so growth with the reduction length cannot show here"
+    short = float(np.mean([e for n, e in rows if n == lengths[0]]))
+    long = float(np.mean([e for n, e in rows if n == lengths[-1]]))
+    grows = long > 2 * short
+    return (f"it {'grows' if grows else 'does not grow'} with the reduction length (rows over {lengths[0]} keys: "
+            f"{short:.1e}, over {lengths[-1]} keys: {long:.1e})")
+
+
+def _norms(c: _Context) -> tuple[float, float, float] | None:
+    """(cosine, ||y|| / ||x||, rel_l2) over the live, finite values, or None."""
     y, x = c.live(c.y), c.live(c.x)
     ok = np.isfinite(x) & np.isfinite(y) & (x > MASKED_BELOW)
     xs, ys = x[ok], y[ok]
     nx, ny = np.linalg.norm(xs), np.linalg.norm(ys)
     if nx == 0 or ny == 0:
         return None
-    cosine = float(xs @ ys / (nx * ny))
+    return float(xs @ ys / (nx * ny)), float(ny / nx), float(np.linalg.norm(ys - xs) / nx)
+
+
+def _precision(c: _Context) -> str | None:
+    found = _norms(c)
+    if found is None:
+        return None
+    cosine, ratio, rel = found
+    if rel > PRECISION_MAX * c.floor or abs(ratio - 1) > 0.5 * rel:  # far off, or off along x (a scale)
+        return None
+    return (f"precision loss: rel_l2 {rel:.2e} is {rel / c.floor:.0f}x the float32 floor ({c.floor:.1e}), cosine "
+            f"{cosine:.8f}, norm ratio {ratio:.7f}: close to the reference but beyond tolerance (an approximation "
+            f"or a lower-precision step, not a wrong formula); {_reduction_growth(c)}")
+
+
+def _sign_and_scale(c: _Context) -> str | None:
+    found = _norms(c)
+    if found is None:
+        return None
+    cosine, ratio, _ = found
     if cosine < -0.999:
-        return f"sign flip: cosine {cosine:.4f} (y = -x{f' * {ny / nx:.4g}' if abs(ny / nx - 1) > 1e-3 else ''})"
-    ratio = ny / nx
-    if cosine > 0.99999:
+        return f"sign flip: cosine {cosine:.4f} (y = -x{f' * {ratio:.4g}' if abs(ratio - 1) > 1e-3 else ''})"
+    if cosine > 0.99999 and abs(ratio - 1) > 100 * c.floor:  # a scale moves the norm far beyond rounding
         hint = ""
         hd = c.config.head_dim
         for label, value in ((f"1/sqrt(head_dim={hd})", 1 / math.sqrt(hd)), (f"sqrt(head_dim={hd})", math.sqrt(hd)),
@@ -228,6 +547,7 @@ def _sign_and_scale(c: _Context) -> str | None:
                 hint = f" ~ {label}"
         return f"scale error: cosine {cosine:.6f} but ||y|| / ||x|| = {ratio:.6g}{hint}"
     # A per-channel scale: y / x constant down each column (last axis), different across columns.
+    y, x = c.live(c.y), c.live(c.x)
     if x.ndim == 2 and x.shape[0] > 1:
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(np.abs(x) > 1e-6, y / x, np.nan)
@@ -239,7 +559,7 @@ def _sign_and_scale(c: _Context) -> str | None:
     return None
 
 
-# ---- 6: permutations ---------------------------------------------------------------------------
+# ---- 7: permutations ---------------------------------------------------------------------------
 def _head_axis_view(c: _Context, array: np.ndarray) -> np.ndarray | None:
     """[tokens, heads, hd] or [B, heads, rest] views for head-structured points, else None."""
     cfg = c.config
@@ -272,7 +592,7 @@ def _permutation(c: _Context) -> str | None:
     return None
 
 
-# ---- 7: positions ------------------------------------------------------------------------------
+# ---- 8: positions ------------------------------------------------------------------------------
 def _positions(c: _Context) -> str | None:
     axis = c.point.token_axis
     x, y = np.moveaxis(c.x, axis, 1), np.moveaxis(c.y, axis, 1)
@@ -313,8 +633,14 @@ def _padded_keys_only(c: _Context) -> str | None:
     return None
 
 
-CHECKS = (_broken_values, _masks, _norm_variants, _rope_variant, _scores_variants, _probs_variant, _act_variants,
-          _head_variant, _topk_variant, _equals_other_point, _sign_and_scale, _permutation, _positions)
+CHECKS = (_broken_values, _masks,
+          _norm_variants, _rope_variant, _scores_variants, _cache_slots, _probs_variant, _act_variants, _head_variant,
+          _topk_variant, _residual_variants, _layout_variant,
+          _equals_other_point, _accumulated_onto,
+          _vector_tail, _heads, _rows, _columns,
+          _precision, _sign_and_scale,
+          _permutation,
+          _positions)
 
 
 def diagnose(report: Report) -> str | None:

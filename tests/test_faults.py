@@ -1,0 +1,91 @@
+"""The fault catalogue against the debugger.
+
+Every fault applies to the current C++ (each edit's `old` text occurs exactly once); for each kernel
+set a fault changes, the debugger names the declared culprit (op and layer) at the declared step,
+earlier steps agree, and the diagnosis holds the declared words; the sets it does not change agree.
+One compile per fault (cached below), on the smallest model and inputs that expose it (fault.model,
+fault.inputs; default: batch 2, 8 tokens, no padding).
+"""
+import pytest
+
+from celerinfer_lab.compare import compare, compare_decode
+from celerinfer_lab.faults import BOTH, CATALOGUE, FAULTS, apply_fault
+from celerinfer_lab.native import DEFAULT_CPP_DIR, load_native
+
+from conftest import small_model
+
+KERNEL_SETS = ("readable", "fast")
+_engines: dict = {}
+
+
+def engine(name: str):
+    """The C++ with fault `name` applied, compiled once for this file."""
+    if name not in _engines:
+        _engines[name] = load_native(fault=name)
+    return _engines[name]
+
+
+def exposing_model(fault):
+    return small_model(**{"batch_size": 2, "seq_len": 8, **fault.inputs}, **fault.model)
+
+
+def run(fault, kernels: str):
+    """The reports up to the fault's step: [prefill] or [prefill, step 1, ...]."""
+    model = exposing_model(fault)
+    if fault.step:
+        return compare_decode(model, engine(fault.name), steps=fault.step, kernels=kernels)
+    return [compare(model, engine(fault.name), kernels=kernels)]
+
+
+def test_catalogue_size_and_diagnosis_coverage():
+    assert len(CATALOGUE) >= 30 and len(FAULTS) == len(CATALOGUE)
+    diagnosed = [f.name for f in CATALOGUE if f.diagnosis]
+    assert len(diagnosed) >= 0.8 * len(CATALOGUE), f"{len(diagnosed)} of {len(CATALOGUE)} declare a diagnosis"
+    assert sum(f.kernels == ("fast",) for f in CATALOGUE) >= 8  # bugs only the fast kernels can have
+    assert sum(f.step > 0 for f in CATALOGUE) >= 3  # decode-only bugs
+    assert all(set(f.kernels) <= set(KERNEL_SETS) and f.kernels for f in CATALOGUE)
+
+
+def test_every_fault_applies_to_the_current_sources(tmp_path):
+    include = DEFAULT_CPP_DIR / "include" / "celerinfer"
+    for fault in CATALOGUE:
+        for edit in fault.edits:
+            assert (include / edit.file).read_text().count(edit.old) == 1, (fault.name, edit.old)
+        copy = apply_fault(fault, DEFAULT_CPP_DIR, tmp_path / fault.name)  # raises unless each `old` occurs once
+        for edit in fault.edits:
+            assert edit.new in (copy / "include" / "celerinfer" / edit.file).read_text(), fault.name
+
+
+def test_declared_kernel_sets_follow_the_edited_files():
+    """The forward body and the model are shared: both sets; fast.hpp and readable.hpp are one set each
+    (ops.hpp holds both kinds: the agreement test below checks those)."""
+    for fault in CATALOGUE:
+        files = {edit.file for edit in fault.edits}
+        if files & {"forward.hpp", "model.hpp"}:
+            assert fault.kernels == BOTH, fault.name
+        if "fast.hpp" in files:
+            assert fault.kernels == ("fast",), fault.name
+        if "readable.hpp" in files:
+            assert fault.kernels == ("readable",), fault.name
+
+
+@pytest.mark.parametrize("name,kernels", [(f.name, k) for f in CATALOGUE for k in f.kernels])
+def test_fault_is_localized_and_diagnosed(name, kernels):
+    fault = FAULTS[name]
+    reports = run(fault, kernels)
+    *earlier, report = reports
+    for step, r in enumerate(earlier):
+        assert r.agrees, f"{name} already shows at step {step}, declared at step {fault.step}:\n{r.to_text()}"
+    assert not report.agrees
+    assert report.culprit is not None and report.culprit.name == fault.culprit, report.to_text()
+    if fault.diagnosis:
+        assert report.diagnosis and fault.diagnosis in report.diagnosis, report.diagnosis
+    at = report.points.index(report.culprit)
+    assert all(p.label in ("ok", "not observed") for p in report.points[:at])
+    assert {p.label for p in report.points[at + 1:] if p.diverges} <= {"propagated", "amplified", "own error"}
+
+
+@pytest.mark.parametrize("name,kernels", [(f.name, k) for f in CATALOGUE for k in KERNEL_SETS if k not in f.kernels])
+def test_fault_leaves_the_other_kernel_set_alone(name, kernels):
+    for step, report in enumerate(run(FAULTS[name], kernels)):
+        assert report.agrees, f"{name} changes the {kernels} kernels too (step {step}):\n{report.to_text()}"
