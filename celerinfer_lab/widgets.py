@@ -292,13 +292,18 @@ class Explorer(W.VBox):
             self._switching = False
         self.switched = changes
         left = self.fault_problems(fault)
-        for field in fault.model:
-            if field not in _FIELD_SETTER:
+        try:
+            config = self.config()
+        except ConfigError:
+            config = None
+        for field, wanted in fault.model.items():
+            if field not in _FIELD_SETTER and (config is None or getattr(config, field) != wanted):
                 left.append(f"the explorer has no control for {field}")
         if left:
             self._switch_text = (f"<span style='color:#b00'>✗ It cannot show in the explorer: {_escape('; '.join(left))}"
                                  f"{'' if not changes else ' (switched ' + _escape(', '.join(changes)) + ')'}. "
-                                 f"Use celerinfer-lab generate and compare --fault.</span>")
+                                 f"Outside the explorer: celerinfer-lab compare --fault {fault.name} on a model "
+                                 f"that shows it.</span>")
         else:
             self._switch_text = (f"<span style='color:#05a'>↻ <b>Switched {_escape(', '.join(changes))}</b> so that "
                                  f"the fault shows (as you had it, {_escape('; '.join(reasons))}).</span>")
@@ -387,6 +392,8 @@ class Explorer(W.VBox):
         self.message = f"{config.num_parameters():,} parameters; {', '.join(verdicts)}"
         if switched:
             self.message += f" (switched {', '.join(switched)} so that the fault shows)"
+        if self.fault_problems():
+            self.message += f" (the fault cannot show here: {'; '.join(self.fault_problems())})"
         cpp = ", ".join(f"C++ {name} {t[f'cpp_{name}_ms']:.3f} ms ({t['torch_ms'] / t[f'cpp_{name}_ms']:.1f}x)"
                         for name in sets)
         self.status.value = f"<b>PyTorch {t['torch_ms']:.3f} ms, {cpp}</b> — {_escape(self.message)}"

@@ -116,10 +116,14 @@ def test_a_fault_the_explorer_cannot_show_says_why(monkeypatch):
                                                   "model.norm", None, model=dict(rms_norm_eps=1e-2)))
     monkeypatch.setitem(FAULTS, "late", Fault("late", "shows late in decoding", edits, ("readable", "fast"),
                                               "model.norm", None, step=40))
+    monkeypatch.setitem(FAULTS, "eps_default", Fault("eps_default", "needs the default eps", edits, ("readable",),
+                                                     "model.norm", None, model=dict(rms_norm_eps=1e-5)))
     e = explorer()
     e.controls["fault"].value = "eps_only"
     assert "cannot show in the explorer" in e.fault_note.value and "no control for rms_norm_eps" in e.fault_note.value
     assert "kernels fast → readable" in e.fault_note.value  # what it could switch, it did
+    e.controls["fault"].value = "eps_default"  # no control, but the value it needs is the one it has
+    assert e.fault_problems() == [] and "cannot show" not in e.fault_note.value
     e.controls["fault"].value = "late"
     assert "cannot show in the explorer" in e.fault_note.value and "decode step 40" in e.fault_note.value
     assert "decode steps 0 → 16" in e.fault_note.value  # as far as the control goes
