@@ -11,13 +11,13 @@ Checks, first match wins:
 2. masks: the causal mask off by one (the diagonal masked, or the next token seen), -inf missing
    above the diagonal (causal), padded keys not masked;
 3. known mistakes, recomputed from the oracle's inputs for the culprit's op: RMSNorm eps outside
-   the square root, weight ignored, another norm's weight, a sum of squares missing its vector
-   tail; the other RoPE pairing, RoPE rotating the wrong way or at the wrong position; GQA's
+   the square root, weight ignored, a sum of squares missing its vector tail, another norm's
+   weight; the other RoPE pairing, RoPE rotating the wrong way or at the wrong position; GQA's
    j % kv_heads mapping, scores divided by head_dim, the transposed key cache read with the wrong
    row stride; a decode step's key or value stored in the wrong KV-cache slot; softmax over the
    wrong axis; GELU for SiLU, gate and up swapped; the embedding read as an untied head; top-k
-   weights not renormalised; a residual added twice, a shared expert dropped; the context laid
-   out [B, heads, T, hd];
+   weights not renormalised; a residual added twice, a shared expert dropped; an attention
+   point [B, T, heads, hd] laid out [B, heads, T, hd];
 4. y equals another reference trace point (swapped operands, wrong buffer, a skipped op);
    y - x equals another recorded value (an accumulator not cleared);
 5. an error confined to a part, the rest exact: the last n % 16 elements (a vector loop's tail),
@@ -351,8 +351,8 @@ def _residual_variants(c: _Context) -> str | None:
         parts = [c.prefix("self_attn.o_proj")]
     else:
         src = c.prefix("attn_residual")
-        parts = ([c.prefix("mlp.routed_experts")] + [c.prefix(f"mlp.shared_experts.{s}") for s in range(cfg.n_shared_experts)]
-                 if cfg.use_moe else [c.prefix("mlp.down_proj")])
+        shared = [c.prefix(f"mlp.shared_experts.{s}") for s in range(cfg.n_shared_experts)]
+        parts = [c.prefix("mlp.routed_experts"), *shared] if cfg.use_moe else [c.prefix("mlp.down_proj")]
     delta = sum(c.t(name) for name in parts)
     if c.matches(c.t(src) + 2 * delta):
         return f"residual added twice: y = {src} + 2 * ({' + '.join(parts)})"
@@ -421,8 +421,8 @@ def _vector_tail(c: _Context) -> str | None:
     n = c.y.size
     for k in sorted({n % 16, n % 8} - {0}, reverse=True):
         if real[-k:].all() and _confined(y, x, np.arange(y.size) >= y.size - k):
-            return (f"error only in the last {k} of {n} elements (flattened: {_what(y[-k:])}; the rest agree): a vector "
-                    f"loop's scalar tail dropped or wrong ({n} % 16 = {n % 16})")
+            return (f"error only in the last {k} of {n} elements (flattened: {_what(y[-k:])}; the rest agree): "
+                    f"a vector loop's scalar tail dropped or wrong ({n} % 16 = {n % 16})")
     return None
 
 
@@ -500,7 +500,7 @@ def _reduction_growth(c: _Context) -> str:
     rows = [(int(keys[b, i]), _err(y[b, :, i], x[b, :, i])) for b in range(B) for i in range(S) if c.mask[b, i]]
     lengths = sorted({n for n, _ in rows})
     if len(lengths) < 2:
-        return f"every row sums {lengths[0] if lengths else 0} keys, so growth with the reduction length cannot show here"
+        return f"every row sums {lengths[0] if lengths else 0} keys, so growth with the reduction length cannot show"
     short = float(np.mean([e for n, e in rows if n == lengths[0]]))
     long = float(np.mean([e for n, e in rows if n == lengths[-1]]))
     grows = long > 2 * short
