@@ -376,13 +376,19 @@ def run_all(model, native, kernels: str | None = None, baseline: str = "torch") 
     """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
     sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
     cpp_own (the C++ with ``kernels``)."""
+    runs = floor_runs(model, native, baseline)
+    return {**runs, **kernel_runs(model, native, kernels or native.kernels, runs["oracle"])}
+
+
+def floor_runs(model, native, baseline: str = "torch") -> dict[str, dict[str, np.ndarray]]:
+    """reference_runs, with the floors from the readable C++ instead when baseline="readable"."""
     runs = reference_runs(model)
     if baseline == "readable":
-        runs.update({"ref32" if k == "cpp" else "ref32_own": v
-                     for k, v in kernel_runs(model, native, "readable", runs["oracle"]).items()})
+        readable = kernel_runs(model, native, "readable", runs["oracle"])
+        runs.update(ref32=readable["cpp"], ref32_own=readable["cpp_own"])
     elif baseline != "torch":
         raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
-    return {**runs, **kernel_runs(model, native, kernels or native.kernels, runs["oracle"])}
+    return runs
 
 
 @dataclass
@@ -457,12 +463,7 @@ def compare(model, native=None, kernels: str | None = None, baseline: str = "tor
     from .native import load_native
 
     native = native or load_native()
-    shared = reference_runs(model)
-    if baseline == "readable":
-        shared.update({"ref32" if k == "cpp" else "ref32_own": v
-                       for k, v in kernel_runs(model, native, "readable", shared["oracle"]).items()})
-    elif baseline != "torch":
-        raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
+    shared = floor_runs(model, native, baseline)
     sets = native.kernel_sets if kernels == "all" else [native.check_kernels(kernels or native.kernels)]
     reports = {}
     for name in sets:
