@@ -5,7 +5,11 @@ For each fault: what it breaks, its edits, the kernel sets it applies to (a bug 
 readable loops cannot show in the fast set), the trace point that must be named as the culprit
 (the first layer it touches), words the diagnosis must contain (when a diagnosis applies), the
 model settings and inputs that expose it (a GQA bug is invisible when every query head has its
-own kv head), and the decode step where it first shows (0: the prefill).
+own kv head; a tail bug needs a size that is not a multiple of the kernel's block; default inputs:
+batch 2, 8 tokens, no padding), and the decode step where it first shows (0: the prefill; a
+decode-only fault leaves the prefill exact, so only compare_decode finds it).
+tests/test_faults.py runs each fault on every kernel set: found and diagnosed where it applies,
+agreement where it does not.
 """
 from __future__ import annotations
 
@@ -146,6 +150,8 @@ CATALOGUE: list[Fault] = [
           _edit("ops.hpp", "float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
                 "float* out = context + ((size_t(b) * d.heads + h) * d.T + i) * d.hd;"),
           ("readable",), L0 + "self_attn.context", "layout transposed"),
+    # The isolated (teacher-forced) run follows the plain run in the same workspace: at layer 0 the
+    # context buffer still holds the plain run's last context, so layer 0 is where it shows.
     Fault("context_accumulator_not_cleared", "the context accumulator is never zeroed: it adds onto the buffer's old value",
           _edit("ops.hpp", "                for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;\n", ""),
           ("readable",), L0 + "self_attn.context", "accumulator not cleared"),
