@@ -1,6 +1,7 @@
 """One real-browser test: JupyterLab on 127.0.0.1 in Debian's headless Chromium, driven by
 Playwright. It runs 01_quickstart, moves a slider of the explorer, clicks Run, checks that the
 output changed, and saves a screenshot to test-artifacts/."""
+import re
 import shutil
 import socket
 import subprocess
@@ -117,7 +118,8 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
             handle.wait_for(timeout=30_000)
             run = page.locator("button.jupyter-button", has_text="Run")
             run.click()
-            page.locator(".widget-html", has_text="PyTorch").first.wait_for(timeout=120_000)
+            # The final status ("PyTorch 0.754 ms, ..."), not the progress line ("timing PyTorch ...").
+            page.locator(".widget-html", has_text=re.compile(r"PyTorch [\d.]+ ms")).first.wait_for(timeout=120_000)
             before = _status(page)
             assert "127,296 parameters" in before and "agree" in before
 
@@ -139,7 +141,7 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
             run.click()
             page.wait_for_function(
                 "(before) => [...document.querySelectorAll('.widget-html')].some("
-                "e => e.textContent.includes('PyTorch') && e.textContent !== before)", arg=before, timeout=120_000)
+                "e => /PyTorch [\\d.]+ ms/.test(e.textContent) && e.textContent !== before)", arg=before, timeout=120_000)
             after = _status(page)
             assert after != before and "parameters" in after and "127,296" not in after
             page.screenshot(path=str(ARTIFACTS / "jupyterlab_explorer.png"), full_page=True)
