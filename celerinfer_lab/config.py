@@ -33,8 +33,7 @@ DEFAULT_YARN = {
 }
 
 
-class ConfigError(ValueError):
-    """A config field breaks a rule. The message names the field and the rule."""
+from .errors import ConfigError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 def intermediate_size_for(hidden_size: int, sizing_rule: str) -> int:

@@ -22,8 +22,7 @@ from pathlib import Path
 from .config import ModelConfig
 
 
-class FaultError(ValueError):
-    """An unknown fault, or one whose edit no longer matches the C++ source."""
+from .errors import FaultError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 @dataclass(frozen=True)
@@ -217,7 +216,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in CATALOGUE}
 def get_fault(name: str | None) -> Fault | None:
     if name is None:
         return None
-    if name not in FAULTS:
+    if not isinstance(name, str) or name not in FAULTS:
         raise FaultError(f"unknown fault {name!r}; `celerinfer-lab compare --list-faults` lists them")
     return FAULTS[name]
 

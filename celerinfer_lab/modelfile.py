@@ -33,8 +33,7 @@ DTYPES = {  # file dtype name -> little-endian numpy dtype
 }
 
 
-class ModelFileError(ValueError):
-    """The model file is malformed. The message names the file, the tensor or field, and what is wrong."""
+from .errors import ModelFileError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 # ---- the weights a config implies -------------------------------------------------------------

@@ -26,12 +26,7 @@ _versions = itertools.count(1)  # namespaces are process-wide in cling
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
-class NativeError(RuntimeError):
-    """The C++ side refused an input or failed at run time (its message is kept)."""
-
-
-class NativeCompileError(NativeError):
-    """The C++ did not compile; the message is clang's diagnostic."""
+from .errors import NativeCompileError, NativeError, UsageError, UsageTypeError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 def _include_dir(cpp_dir: Path) -> Path:
@@ -230,15 +225,15 @@ class NativeModel:
         else:
             mask = np.asarray(attention_mask)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
+            raise UsageError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+            raise UsageTypeError(f"input_ids must be integers, got {ids.dtype}")
         if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
+            raise UsageError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})")
+            raise UsageError(f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})")
         if not np.isin(mask, (0, 1)).all():
-            raise ValueError("attention_mask must hold only 0 and 1")
+            raise UsageError("attention_mask must hold only 0 and 1")
         self.config.validate(seq_len=int(ids.shape[1]))
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 
@@ -282,7 +277,7 @@ class NativeModel:
         points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len)}
         for name, value in (teacher or {}).items():
             if name not in points or tuple(np.shape(value)) != points[name]:
-                raise ValueError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
+                raise UsageError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
                                  f"the trace point's shape is {list(points.get(name, ()))}")
             array = _f32(value)
             kept.append(array)
@@ -322,7 +317,7 @@ class NativeModel:
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
         if forwards < 1:
-            raise ValueError(f"forwards={forwards}: need at least the prefill")
+            raise UsageError(f"forwards={forwards}: need at least the prefill")
         self.config.validate(seq_len=S + forwards - 1)
         with self._lock:  # the KV cache lives in the workspace from the prefill to the last step
             self._decode_locked(forwards, ids, mask, next_token, trace, teachers)
@@ -384,7 +379,7 @@ def copy_cpp(dest: str | Path, source: str | Path | None = None) -> Path:
     source = Path(source) if source is not None else DEFAULT_CPP_DIR
     dest = Path(dest)
     if dest.resolve() == source.resolve():
-        raise ValueError(f"{dest}: copying the C++ onto itself")
+        raise UsageError(f"{dest}: copying the C++ onto itself")
     dest.mkdir(parents=True, exist_ok=True)
     for item in ("include", "tools", "CMakeLists.txt"):
         src = source / item
@@ -401,5 +396,5 @@ def edit_source(path: str | Path, old: str, new: str) -> None:
     text = path.read_text()
     count = text.count(old)
     if count != 1:
-        raise ValueError(f"{path}: expected exactly one occurrence of {old!r}, found {count}")
+        raise UsageError(f"{path}: expected exactly one occurrence of {old!r}, found {count}")
     path.write_text(text.replace(old, new))

@@ -19,8 +19,7 @@ import numpy as np
 DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2")}
 
 
-class SidecarError(ValueError):
-    """The sidecar is missing, truncated or disagrees with the JSON file."""
+from .errors import SidecarError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 def write_safetensors(path: str | Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],

@@ -12,8 +12,7 @@ import numpy as np
 from .native import DEFAULT_CPP_DIR
 
 
-class StandaloneError(RuntimeError):
-    """Building or running base_line_micro failed; the message carries its output."""
+from .errors import StandaloneError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 @dataclass
