@@ -201,6 +201,13 @@ class Report:
     def __str__(self) -> str:
         return self.to_text()
 
+    def __repr__(self) -> str:
+        """One line for a plain REPL (the dataclass default printed every run's arrays, ~2 MB);
+        print(report) gives the table."""
+        c = self.culprit
+        verdict = "agrees" if self.agrees else f"diverges, culprit {c.name if c else 'none'}"
+        return f"<Report {self.subject}: {verdict}, {len(self.points)} trace points; print() for the table>"
+
     def _repr_html_(self) -> str:
         colors = {"ok": "", "culprit": "background:#f8d0d0;font-weight:bold", "own error": "background:#f8d0d0",
                   "propagated": "background:#fbeecb", "amplified": "background:#f6dcb4"}

@@ -115,6 +115,17 @@ class KVCache:
         return int(self.keys[0].shape[1]) if self.keys else 0
 
 
+def _as_int64(value, name: str, integer: bool = True) -> torch.Tensor:
+    """A torch tensor, numpy array or nested list as an int64 tensor; ``integer``: refuse other dtypes
+    (ids must be integers; a mask of 0.0/1.0 or booleans is accepted, as on the C++ side)."""
+    t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be integers, got {t.dtype}")
+    if not integer and not ((t == 0) | (t == 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return t.to(torch.int64)
+
+
 class ReferenceModel:
     """Weights as torch tensors in one dtype, ready for repeated forwards (benchmarks, tests)."""
 
@@ -131,18 +142,21 @@ class ReferenceModel:
         self.attention_mask = torch.from_numpy(np.array(model.attention_mask, dtype=np.int64))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids=None, attention_mask=None,
                 trace: bool = False, teacher: dict[str, np.ndarray] | None = None, cache: KVCache | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs.
+
+        ``input_ids`` and ``attention_mask`` [B, S] may be torch tensors, numpy arrays (as the
+        Model holds them) or nested lists, checked as the C++ side checks them
+        (``NativeModel.check_inputs``); given ids without a mask, every position is real.
 
         ``teacher``: trace point values that replace each op's output once recorded (see _Tracer).
         ``cache``: decode incrementally: the new tokens sit at positions cache.length..., attend to
         the cached keys too, and are appended to the cache; attention_mask then covers all keys
         [B, cache.length + S].
         """
-        ids = self.input_ids if input_ids is None else input_ids
-        mask = self.attention_mask if attention_mask is None else attention_mask
+        ids, mask = self._inputs(input_ids, attention_mask, cache.length if cache is not None else 0)
         forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
         cfg, w, tr = self.config, self.w, _Tracer(trace, forced)
         start = cache.length if cache is not None else 0
@@ -168,6 +182,23 @@ class ReferenceModel:
         h = tr("model.norm", rms_norm(h, w["model.norm.weight"], cfg.rms_norm_eps))
         logits = tr("lm_head", F.linear(h, w["lm_head.weight"]))
         return logits, tr.points
+
+    def _inputs(self, input_ids, attention_mask, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, S] and mask [B, past + S] as int64 tensors (default: the file's inputs), checked."""
+        if input_ids is None:
+            ids = self.input_ids
+            mask = (self.attention_mask if attention_mask is None
+                    else _as_int64(attention_mask, "attention_mask", integer=False))
+        else:
+            ids = _as_int64(input_ids, "input_ids")
+            if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+                raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
+            if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+                raise ValueError(f"input_ids hold {int(ids.min())}..{int(ids.max())}, outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+            mask = (torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.int64) if attention_mask is None
+                    else _as_int64(attention_mask, "attention_mask", integer=False))
+        return ids, mask
 
     def _attention(self, x, mask, cos, sin, p: str, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, w = self.config, self.w

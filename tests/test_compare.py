@@ -161,3 +161,14 @@ def test_report_api_table_html_and_plots(native):
         report.plot("heatmap", point="lm_head")
     with pytest.raises(KeyError, match="no trace point"):
         report.plot("scatter", point="nope")
+
+
+def test_repr_is_one_short_line(native):
+    """A plain REPL prints repr(report): one line, not every run's arrays."""
+    model = small_model(batch_size=2, seq_len=6, padding="left")
+    good = compare(model, native, kernels="readable")
+    assert repr(good) == f"<Report C++ (readable): agrees, {len(good.points)} trace points; print() for the table>"
+    bad = compare(model, load_native(fault="gqa_modulo"))
+    assert "diverges, culprit model.layers.0.self_attn.scores" in repr(bad) and len(repr(bad)) < 200
+    both = compare(model, native, kernels="all")
+    assert repr(both) == f"<Comparison of {', '.join(both.reports)}: agree>" and {"fast", "readable"} <= set(both)

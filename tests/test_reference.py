@@ -214,3 +214,25 @@ def test_wrong_sequence_length_is_refused():
     ids = np.zeros((1, 9), dtype=np.int64)
     with pytest.raises(ValueError, match="seq_len=9 is longer than max_position_embeddings=8"):
         logits_for(model, ids, np.ones_like(ids))
+
+
+def test_forward_takes_numpy_torch_and_lists_and_checks_them_as_the_cpp_side_does():
+    model = small_model(batch_size=2, seq_len=6, padding="left")
+    ref = ReferenceModel(model)
+    ids, mask = model.input_ids, model.attention_mask  # numpy, as the Model holds them
+    expected = ref.forward()[0]
+    for given in [(ids, mask), (torch.from_numpy(ids), torch.from_numpy(mask)), (ids.tolist(), mask.tolist()),
+                  (ids.astype(np.int32), mask.astype(bool))]:
+        assert torch.equal(ref.forward(*given)[0], expected)
+    real = ref.forward(ids[:1])[0]  # ids without a mask: every position is real
+    assert torch.equal(real, ref.forward(ids[:1], np.ones((1, 6), np.int64))[0])
+    with pytest.raises(TypeError, match="input_ids must be integers"):
+        ref.forward(ids.astype(np.float32), mask)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ref.forward(ids + model.config.vocab_size, mask)
+    with pytest.raises(ValueError, match=r"shape \[batch, seq_len\]"):
+        ref.forward(ids[0])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        ref.forward(ids, mask * 2)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        ref.forward(ids, mask[:, :3])
