@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Set up, then run the whole test suite.
+# Set up, then run the whole test suite (arguments go to pytest) with the Python of the
+# environment that setup.sh installed into (the active one, or the project venv .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python3 -m pytest "$@"
+ENV_DIR=$(bash scripts/setup.sh --env-dir)
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then export VIRTUAL_ENV=$ENV_DIR; fi
+export PATH="$ENV_DIR/bin:$PATH"
+"$ENV_DIR/bin/python" -m pytest "$@"
