@@ -14,19 +14,89 @@ from .generate import generate_model
 from .modelfile import Model
 
 
+# A timing is "noisy" (its ratios are not to be trusted) when its interquartile range is more than
+# NOISY_SPREAD of its median, or when the machine was loaded while it ran: a 1-minute load average
+# above the core count (our own process counts for about 1 of it).
+NOISY_SPREAD = 0.25
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, cores); load -1.0 where the OS does not tell."""
+    import os
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = -1.0
+    return load, os.cpu_count() or 1
+
+
 @dataclass
 class Timing:
     median_ms: float
     min_ms: float
     max_ms: float
     runs: int
+    q1_ms: float | None = None  # quartiles of the runs; None: only min/max known
+    q3_ms: float | None = None
+    load: float = -1.0  # 1-minute load average when timed (-1: unknown)
+    cores: int = 0
+
+    @property
+    def spread_ms(self) -> float:
+        """The interquartile range (max - min when the quartiles are unknown)."""
+        if self.q1_ms is None or self.q3_ms is None:
+            return self.max_ms - self.min_ms
+        return self.q3_ms - self.q1_ms
+
+    @property
+    def spread(self) -> str:
+        """The spread as text: "IQR a-b ms" (or "min-max a-b ms")."""
+        if self.q1_ms is None or self.q3_ms is None:
+            return f"min–max {self.min_ms:.3g}–{self.max_ms:.3g} ms"
+        return f"IQR {self.q1_ms:.3g}–{self.q3_ms:.3g} ms"
+
+    @property
+    def loaded(self) -> bool:
+        return self.cores > 0 and self.load > self.cores
+
+    @property
+    def noise_reason(self) -> str | None:
+        """Why the timing is unreliable, or None."""
+        reasons = []
+        if self.median_ms > 0 and self.spread_ms > NOISY_SPREAD * self.median_ms:
+            reasons.append(f"spread {100 * self.spread_ms / self.median_ms:.0f}% of the median")
+        if self.loaded:
+            reasons.append(f"load {self.load:.1f} on {self.cores} cores")
+        return "; ".join(reasons) or None
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_reason is not None
+
+    def ratio(self, other: "Timing") -> tuple[float, bool]:
+        """(other's median / this median, whether that ratio is noisy): how many times faster this is."""
+        return other.median_ms / self.median_ms, self.noisy or other.noisy
+
+    def ratio_text(self, other: "Timing") -> str:
+        """"3.20x faster" / "0.50x (2.0x slower)", with ", noisy" when either timing is."""
+        value, noisy = self.ratio(other)
+        text = f"{value:.2f}x" if value >= 1 else f"{value:.2f}x ({1 / value:.1f}x slower)"
+        return text + (" — noisy" if noisy else "")
+
+    def short(self) -> str:
+        """"0.123 ms (IQR 0.120–0.130 ms)" plus " — noisy (...)" when it is."""
+        text = f"{self.median_ms:.3g} ms ({self.spread})"
+        return text + (f" — noisy ({self.noise_reason})" if self.noisy else "")
 
     def __str__(self) -> str:
-        return f"median {self.median_ms:.3f} ms (min {self.min_ms:.3f}, max {self.max_ms:.3f}; {self.runs} runs)"
+        text = (f"median {self.median_ms:.3f} ms ({self.spread}; min {self.min_ms:.3f}, max {self.max_ms:.3f}; "
+                f"{self.runs} runs)")
+        return text + (f" — noisy: {self.noise_reason}" if self.noisy else "")
 
 
 def time_call(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> Timing:
-    """Call fn warmup times untimed, then repeat times timed."""
+    """Call fn warmup times untimed, then repeat times timed: median, quartiles, min, max, and the
+    machine's load while it ran (see Timing.noisy)."""
     if repeat < 1:
         raise ValueError(f"repeat={repeat}: need at least one timed run")
     for _ in range(warmup):
@@ -36,7 +106,9 @@ def time_call(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> Ti
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return Timing(float(np.median(times)), float(min(times)), float(max(times)), repeat)
+    q1, median, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
+    load, cores = machine_load()
+    return Timing(median, float(min(times)), float(max(times)), repeat, q1, q3, load, cores)
 
 
 def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
@@ -57,7 +129,9 @@ def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10, kernels: s
 
 def sweep(cases: Iterable[tuple[str, ModelConfig, int, int]], native=None, warmup: int = 1, repeat: int = 5,
           progress: Callable[[str], None] | None = None):
-    """Time both forwards for each (label, config, batch, seq_len); a pandas DataFrame, one row each."""
+    """Time both forwards for each (label, config, batch, seq_len); a pandas DataFrame, one row each:
+    medians (torch_ms, cpp_ms), their quartiles (*_q1_ms, *_q3_ms), min and max, the speedup and
+    whether it is noisy (see Timing.noisy)."""
     import pandas as pd
 
     from .native import load_native
@@ -68,27 +142,47 @@ def sweep(cases: Iterable[tuple[str, ModelConfig, int, int]], native=None, warmu
             progress(label)
         model = generate_model(config, batch, seq_len, seed=0)
         torch_t, cpp_t = time_torch(model, warmup, repeat), time_cpp(model, native, warmup, repeat)
-        rows.append({"case": label, "parameters": config.num_parameters(), "tokens": batch * seq_len,
-                     "torch_ms": torch_t.median_ms, "cpp_ms": cpp_t.median_ms,
-                     "speedup": torch_t.median_ms / cpp_t.median_ms})
+        row = {"case": label, "parameters": config.num_parameters(), "tokens": batch * seq_len}
+        for side, t in (("torch", torch_t), ("cpp", cpp_t)):
+            row.update({f"{side}_ms": t.median_ms, f"{side}_q1_ms": t.q1_ms, f"{side}_q3_ms": t.q3_ms,
+                        f"{side}_min_ms": t.min_ms, f"{side}_max_ms": t.max_ms})
+        speedup, noisy = cpp_t.ratio(torch_t)
+        row.update(speedup=speedup, noisy=noisy,
+                   note="; ".join(f"{side}: {t.noise_reason}" for side, t in (("torch", torch_t), ("cpp", cpp_t))
+                                  if t.noisy))
+        rows.append(row)
     return pd.DataFrame(rows).set_index("case")
 
 
 def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
-    """Forward time against size (log-log), one line per side, from sweep()'s table."""
+    """Forward time against size (log-log), one line per side from sweep()'s table: the medians, with
+    a band from the lower to the upper quartile (min to max when the table has no quartiles); noisy
+    cases are marked with an open ring and named in the title."""
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     order = table.sort_values(x)
-    ax.plot(order[x], order["torch_ms"], marker="o", label="PyTorch")
-    ax.plot(order[x], order["cpp_ms"], marker="s", label="C++ (cppyy)")
+    for side, label, marker in (("torch", "PyTorch", "o"), ("cpp", "C++ (cppyy)", "s")):
+        line, = ax.plot(order[x], order[f"{side}_ms"], marker=marker, label=f"{label} (median)")
+        low, high = next(((order[f"{side}_{a}_ms"], order[f"{side}_{b}_ms"]) for a, b in (("q1", "q3"), ("min", "max"))
+                          if f"{side}_{a}_ms" in order), (None, None))
+        if low is not None:
+            ax.fill_between(order[x], low.astype(float), high.astype(float), color=line.get_color(), alpha=0.25,
+                            linewidth=0, label=f"{label} ({'IQR' if f'{side}_q1_ms' in order else 'min–max'})")
     for label, row in order.iterrows():
-        ax.annotate(str(label), (row[x], row["cpp_ms"]), xytext=(4, -10), textcoords="offset points", fontsize=7)
+        ax.annotate(str(label), (row[x], row["cpp_ms"]), xytext=(4, -10), textcoords="offset points", fontsize=8)
+    noisy = order.index[order["noisy"].astype(bool)] if "noisy" in order else []
+    if len(noisy):
+        ax.scatter(order.loc[noisy, x], order.loc[noisy, "cpp_ms"], s=160, facecolors="none", edgecolors="red",
+                   label="noisy (ratio unreliable)", zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(x)
-    ax.set_ylabel("forward time (ms, median)")
-    ax.set_title("forward time against size")
-    ax.legend()
+    ax.set_ylabel("forward time (ms)")
+    title = "forward time against size: median and interquartile band"
+    if len(noisy):
+        title += f"\nnoisy: {', '.join(map(str, noisy))}"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     return fig
 
 

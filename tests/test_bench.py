@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from celerinfer_lab import load_native, preset
-from celerinfer_lab.bench import plot_sweep, sweep, time_call
+from celerinfer_lab.bench import Timing, plot_sweep, sweep, time_call
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,21 @@ def test_time_call_times_the_call():
     calls = []
     timing = time_call(lambda: calls.append(1), warmup=2, repeat=5)
     assert len(calls) == 7 and timing.runs == 5 and 0 <= timing.min_ms <= timing.median_ms <= timing.max_ms
+    assert timing.min_ms <= timing.q1_ms <= timing.median_ms <= timing.q3_ms <= timing.max_ms and timing.cores >= 1
+    assert "IQR" in str(timing) and "5 runs" in str(timing)
+
+
+def test_timing_says_noisy_from_spread_or_load():
+    quiet = Timing(1.0, 0.9, 3.0, 20, 0.98, 1.05, load=0.5, cores=2)
+    assert not quiet.noisy and "noisy" not in str(quiet) and quiet.spread == "IQR 0.98–1.05 ms"
+    wide = Timing(1.0, 0.5, 3.0, 20, 0.8, 1.4, load=0.5, cores=2)  # IQR 60% of the median
+    assert wide.noisy and "spread 60% of the median" in str(wide) and "noisy" in wide.short()
+    loaded = Timing(1.0, 0.9, 1.1, 20, 0.99, 1.01, load=4.2, cores=2)
+    assert loaded.noisy and "load 4.2 on 2 cores" in str(loaded)
+    value, noisy = quiet.ratio(Timing(4.0, 3.9, 4.1, 20, 3.95, 4.05, load=0.5, cores=2))
+    assert value == 4.0 and not noisy
+    assert quiet.ratio(loaded)[1] and quiet.ratio_text(loaded).endswith("noisy")
+    assert Timing(1.0, 0.5, 2.0, 3).spread.startswith("min–max")  # no quartiles: min-max
 
 
 def test_sweep_and_plot():
@@ -86,5 +101,9 @@ def test_sweep_and_plot():
     table = sweep(cases, load_native(kernels="fast"), warmup=1, repeat=2)
     assert list(table.index) == ["h64", "h128"] and (table[["torch_ms", "cpp_ms"]] > 0).all().all()
     assert np.allclose(table["speedup"], table["torch_ms"] / table["cpp_ms"])
+    assert {"torch_q1_ms", "torch_q3_ms", "cpp_q1_ms", "cpp_q3_ms", "noisy"} <= set(table.columns)
     fig = plot_sweep(table)
-    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].get_lines()) == 2
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and len(ax.get_lines()) == 2
+    bands = [c for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
+    assert len(bands) == 2  # one spread band per side, not single points
