@@ -22,8 +22,14 @@ def test_environment_yml_installs_the_package_with_pyproject_extras():
     # The CPU build of torch is pinned first, so the editable install never pulls a CUDA build.
     torch_pins = [d for d in pip_deps if d.startswith("torch")]
     assert torch_pins and "==" in torch_pins[0] and pip_deps.index(torch_pins[0]) < pip_deps.index(editable[0])
-    # Nothing else is listed twice: pyproject is the one list of Python dependencies.
-    assert set(pip_deps) == {torch_pins[0], editable[0]}
+    # Nothing else is listed twice: pyproject is the one list of Python dependencies. Besides
+    # pip options, only the torch pin and the package.
+    assert {d for d in pip_deps if not d.startswith("--")} == {torch_pins[0], editable[0]}
+    # The torch pin is the one setup.sh installs, from the same CPU wheel index.
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert f"TORCH={torch_pins[0]}" in setup
+    index = setup.split("TORCH_CPU_INDEX=")[1].split()[0]
+    assert f"--extra-index-url {index}" in pip_deps
 
 
 def test_ci_runs_the_readme_test_command():
