@@ -1,4 +1,8 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, bench."""
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, bench, lab.
+
+Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
+and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
+the command that needs them, not here."""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .bench import time_call
-from .flags import CONFIG_FLAGS
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
-from .generate import PADDING_MODES, generate_model
-from .modelfile import ModelFileError, load_model
-from .faults import FaultError
-from .native import NativeError
-from .standalone import StandaloneError
+from .errors import CelerInferError, FaultError, ModelFileError, UsageError
+from .flags import CONFIG_FLAGS
+
+PADDING_MODES = ("none", "left", "right", "mixed")  # generate.PADDING_MODES (a test keeps them equal)
+REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 # The original CelerInfer generator's defaults.
 ORIGINAL_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -55,7 +55,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--padding", choices=PADDING_MODES, default="none")
     g.add_argument("--pad-lengths", type=_int_list, help="pad tokens per row, e.g. 0,2")
     g.add_argument("--pad-id", type=int, default=0)
-    g.add_argument("--output", "-o", default="model.json")
+    g.add_argument("--output", "-o", default="model.json",
+                   help="the model file (default model.json); missing folders are created")
+    g.add_argument("--force", action="store_true", help="overwrite an existing file (and its sidecar)")
     g.add_argument("--sidecar", action="store_true", help="weights in a safetensors file beside the JSON (large models)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for models of 20M parameters and more)")
@@ -76,18 +78,42 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(**{**ORIGINAL_DEFAULTS, **fields})
 
 
+def _check_output(output: str, sidecar: bool, force: bool) -> Path:
+    """The output path, refusing a folder, and an existing file unless ``force``."""
+    path = Path(output)
+    if path.is_dir():
+        raise UsageError(f"--output {output} is a folder: give a file name, e.g. {path / 'model.json'}")
+    targets = [path] + ([path.with_suffix(".safetensors")] if sidecar else [])
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not force:
+        raise UsageError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+                         "pass --force to overwrite, or choose another --output")
+    return path
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 100_000 else f"{nbytes / 1e3:.1f} kB"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_model
     config = config_from_args(args)
+    _check_output(args.output, args.sidecar, args.force)
     start = time.perf_counter()
     path = generate_model(config, args.batch_size, args.seq_len, args.seed, args.padding, args.pad_lengths,
                           args.pad_id, output=args.output, progress=args.progress, sidecar=args.sidecar)
-    size = Path(path).stat().st_size
+    elapsed = time.perf_counter() - start
+    size = _size(path.stat().st_size)
+    if args.sidecar:
+        side = path.with_suffix(".safetensors")
+        size = f"{size} JSON + {_size(side.stat().st_size)} sidecar {side.name}"
     print(f"wrote {path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
-          f"{size / 1e6:.1f} MB in {time.perf_counter() - start:.2f} s")
+          f"{size} in {elapsed:.2f} s")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .modelfile import load_model
     from .trace import trace_points
     model = load_model(args.model)
     print(f"{args.model} ({model.source_format})")
@@ -107,12 +133,23 @@ def _forward_inputs(args: argparse.Namespace) -> tuple[str, Path | None, int]:
     if not path:
         raise ModelFileError("no model file: give one as an argument or set JSON_PATH")
     dump_dir = args.dump_dir or os.environ.get("DUMP_DIR")
-    warmup = args.warmup if args.warmup is not None else int(os.environ.get("WARMUP", "5"))
+    if args.warmup is not None:
+        warmup = args.warmup
+    else:
+        try:
+            warmup = int(os.environ.get("WARMUP", "5"))
+        except ValueError:
+            raise UsageError(f"WARMUP={os.environ['WARMUP']!r}: expected a whole number of warm-up runs") from None
+    if warmup < 0:
+        raise UsageError(f"--warmup {warmup}: must be 0 or more")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat {args.repeat}: need at least one timed run")
     return path, Path(dump_dir) if dump_dir else None, warmup
 
 
-def _report(label: str, path: str, model, timing, warmup: int, logits: np.ndarray,
+def _report(label: str, path: str, model, timing, warmup: int, logits,
             dump_dir: Path | None, filename: str) -> None:
+    import numpy as np
     print(f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})")
     print(f"{label}: {timing} after {warmup} warm-up")
     print(f"logits: shape {list(logits.shape)} min {logits.min():.6f} max {logits.max():.6f} mean {logits.mean():.6f}")
@@ -123,10 +160,15 @@ def _report(label: str, path: str, model, timing, warmup: int, logits: np.ndarra
 
 
 def cmd_torch_forward(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
+    from .bench import time_call
+    from .modelfile import load_model
     from .reference import ReferenceModel
     path, dump_dir, warmup = _forward_inputs(args)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(path)
@@ -143,6 +185,10 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
 
 
 def cmd_cpp_forward(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .bench import time_call
+    from .modelfile import load_model
     from .native import load_native
     path, dump_dir, warmup = _forward_inputs(args)
     model = load_model(path)
@@ -164,6 +210,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .faults import FAULTS, get_fault, why_it_cannot_show
     from .flags import flags_for
+    from .modelfile import load_model
     from .native import load_native
     if args.list_faults:
         for fault in FAULTS.values():
@@ -198,6 +245,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import run_bench
+    for flag in ("repeat", "threads", "seq_len", "batch_size", "max_pos"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: must be 1 or more")
+    if args.warmup < 0 or args.decode < 0:
+        raise UsageError(f"--warmup {args.warmup} / --decode {args.decode}: must be 0 or more")
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be 0 or more")
     if args.preset and args.numbers:
         raise ConfigError("give either --preset or the seven numbers (hidden layers heads kvh vocab seq batch), not both")
     if args.numbers and len(args.numbers) != 7:
@@ -215,6 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(config, batch, seq_len, args.seed, args.threads, args.repeat, args.warmup, args.decode,
                        args.work_dir, args.cpp_dir, kernels=args.kernels)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"saved {args.json}")
     return 0
@@ -266,20 +322,70 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--list-faults", action="store_true", help="print the fault catalogue, one per line")
     cmp.add_argument("--kernels", default="all",
                      help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered")
+    lab = sub.add_parser("lab", help="open JupyterLab on the notebooks (extra arguments go to jupyter lab)",
+                         description="Start JupyterLab on DIR (default: this checkout's notebooks/), adding "
+                                     "--allow-root when run as root. Any other arguments (--no-browser, --port N, "
+                                     "--ip ...) are passed to jupyter lab.")
+    lab.add_argument("folder", nargs="?", metavar="DIR", help="the folder to open (default: the notebooks/ folder)")
+    lab.add_argument("--print-command", action="store_true", help="print the jupyter command line instead of running it")
     return parser
 
 
+def lab_command(folder: str | Path | None = None, extra: list[str] = (), as_root: bool | None = None) -> list[str]:
+    """The JupyterLab command line ``celerinfer-lab lab`` runs: the Python running this, on ``folder``
+    (default: this checkout's notebooks/), with --allow-root when run as root, then ``extra``."""
+    folder = Path(folder) if folder is not None else REPO_NOTEBOOKS
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder (the notebooks to open)")
+    if as_root is None:
+        as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder.resolve()}"]
+    if as_root and "--allow-root" not in extra:
+        command.append("--allow-root")
+    return command + list(extra)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    import importlib.util
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise UsageError("JupyterLab is not installed: pip install -e '.[dev]' (or pip install jupyterlab)")
+    command = lab_command(args.folder, args.extra)
+    if args.print_command:
+        import shlex
+        print(shlex.join(command))
+        return 0
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execv(command[0], command)  # JupyterLab replaces this process: Ctrl-C and kill reach it directly
+
+
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "torch-forward": cmd_torch_forward,
-            "cpp-forward": cmd_cpp_forward, "compare": cmd_compare, "bench": cmd_bench}
+            "cpp-forward": cmd_cpp_forward, "compare": cmd_compare, "bench": cmd_bench, "lab": cmd_lab}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.replace("\n", "\n  ")  # a compiler diagnostic keeps its lines, indented under the error
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "lab":
+        args.extra = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
-    except (ModelFileError, ConfigError, FileNotFoundError, NativeError, StandaloneError, FaultError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except CelerInferError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file that cannot be read or written: name it, no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

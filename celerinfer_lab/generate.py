@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import ConfigError, ModelConfig
+from .errors import ModelFileError, UsageError
 from .modelfile import Model, weight_shapes, write_model_file
 from .rope import rope_cache
 
@@ -39,8 +40,14 @@ def _init_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], co
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed={seed!r}: must be an integer >= 0")
+
+
 def random_weights(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (state-dict name, float32 array) one tensor at a time, deterministically."""
+    _check_seed(seed)
     rng = np.random.default_rng([seed, 0])
     for name, shape in weight_shapes(config).items():
         yield name, _init_tensor(rng, name, shape, config)
@@ -61,6 +68,7 @@ def random_inputs(config: ModelConfig, batch_size: int, seq_len: int, seed: int,
         raise ConfigError(f"padding={padding!r}: must be one of {PADDING_MODES}")
     if not 0 <= pad_id < config.vocab_size:
         raise ConfigError(f"pad_id={pad_id}: must be a token id in [0, vocab_size={config.vocab_size})")
+    _check_seed(seed)
     rng = np.random.default_rng([seed, 1])
     ids = rng.integers(0, config.vocab_size, size=(batch_size, seq_len), dtype=np.int64)
     mask = np.ones((batch_size, seq_len), dtype=np.int64)
@@ -86,8 +94,10 @@ def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, s
                    output: str | Path | None = None, progress: bool | None = None,
                    sidecar: bool = False) -> Model | Path:
     """A random model with inputs. With ``output`` it is streamed to that file (one tensor in
-    memory at a time) and the path is returned; without, the Model is returned. ``sidecar``:
-    the weights go to a safetensors file beside the JSON (see modelfile.write_model_file)."""
+    memory at a time) and the path is returned (missing parent folders are created; an existing
+    file is replaced); without, the Model is returned. ``sidecar``: the weights go to a
+    safetensors file beside the JSON (see modelfile.write_model_file). A file that cannot be
+    written (a full disk, a read-only folder, a folder in the way) is a ModelFileError naming it."""
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
     meta = {"generator": "celerinfer-lab", "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
@@ -97,14 +107,31 @@ def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, s
         return Model(config, dict(weights), input_ids, attention_mask, cos, sin, meta)
     if progress is None:
         progress = config.num_parameters() >= 20_000_000
+    output = Path(output)
+    if output.is_dir():
+        raise UsageError(f"output={str(output)!r} is a folder: give a file name, e.g. {output / 'model.json'}")
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(weight_shapes(config)), desc=f"writing {Path(output).name}", unit="tensor")
+    blocking = next((parent for parent in output.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ModelFileError(f"cannot write {output}: {blocking} is a file, not a folder")
+    partial = output.with_name(output.name + ".partial")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         write_model_file(output, config, weights, input_ids, attention_mask, cos, sin, meta,
                          on_tensor=(lambda _name: bar.update()) if bar else None, sidecar=sidecar)
+    except OSError as exc:
+        for leftover in (partial, output.with_suffix(".safetensors.partial")):
+            try:
+                leftover.unlink(missing_ok=True)  # never leave half a file behind
+            except OSError:
+                pass
+        what = exc.strerror or str(exc)
+        raise ModelFileError(f"cannot write {output}: {what}" +
+                             (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(output) else "")) from exc
     finally:
         if bar:
             bar.close()
-    return Path(output)
+    return output
