@@ -244,7 +244,8 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
     the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all").
 
     The result's flat keys (cpp_forward_ms, standalone_forward_ms, max_abs_diff, cpp_decode_tok_s,
-    ...) are the first set's; ``result["kernel_sets"]`` holds every set's, by name."""
+    ...) are the first set's; ``result["kernel_sets"]`` holds every set's, by name. The model files
+    and builds go to ``work_dir`` (kept), or to a temporary folder removed on return."""
     import tempfile
     from pathlib import Path
 
@@ -255,12 +256,15 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
     from .reference import ReferenceModel
     from .standalone import build_standalone, run_standalone
 
+    if work_dir is None:  # a temporary folder, removed at the end (hundreds of MB for large presets)
+        with tempfile.TemporaryDirectory(prefix="celerinfer-bench-") as tmp:
+            return run_bench(config, batch, seq_len, seed, threads, repeat, warmup, decode, tmp, cpp_dir, log, kernels)
     native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
     sets = bench_kernel_sets(native, kernels)
     if threads:
         torch.set_num_threads(threads)
         native.set_threads(threads)
-    work = Path(work_dir or tempfile.mkdtemp(prefix="celerinfer-bench-"))
+    work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"config": config.to_dict(), "batch": batch, "seq_len": seq_len, "parameters": config.num_parameters(),
                     "kernels": sets}
