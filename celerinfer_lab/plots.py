@@ -36,33 +36,85 @@ def _clip(values, low=1e-12, high=1e3) -> np.ndarray:
     return np.clip(np.where(np.isfinite(v), v, high), low, high)
 
 
-def error_along_depth(report: Report, figsize=(12, 4.5)) -> Figure:
-    """Relative L2 error at every trace point in forward order, log scale: accumulated and
-    isolated, the tolerance band, the culprit marked."""
+_MARKERS = "osD^v<>pPXh*"
+
+
+def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[float, str]]]:
+    """Where each trace point goes on the depth plot: x (layer index, the ops of a layer spread in
+    forward order across [layer, layer + 0.8]; the embedding at -1, the final norm and lm_head after
+    the last layer), its op kind ("q_proj", "scores", "layer output", ...) and the group ticks
+    [(x, "embed"), (0, "0"), (1, "1"), ..., (L, "out")]."""
+    layer_of, kinds = [], []
+    for name in names:
+        parts = name.split(".")
+        if name.startswith("model.layers.") and len(parts) >= 3 and parts[2].isdigit():
+            layer_of.append(int(parts[2]))
+            kinds.append("layer output" if len(parts) == 3 else parts[-1])
+        else:
+            layer_of.append(None)
+            kinds.append(parts[-1])
+    layers = sorted({l for l in layer_of if l is not None})
+    last = (layers[-1] + 1) if layers else 0
+    first_layer = next((i for i, l in enumerate(layer_of) if l is not None), len(names))
+    groups: dict[object, list[int]] = {}
+    for i, l in enumerate(layer_of):
+        key = l if l is not None else ("embed" if i < first_layer else "out")
+        groups.setdefault(key, []).append(i)
+    x = np.zeros(len(names))
+    ticks = []
+    for key, members in groups.items():
+        base = -1.0 if key == "embed" else float(last) if key == "out" else float(key)
+        for k, i in enumerate(members):
+            x[i] = base + (0.8 * k / max(1, len(members) - 1) if len(members) > 1 else 0.4)
+        ticks.append((base + 0.4, str(key)))
+    return x, kinds, ticks
+
+
+def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:
+    """Relative L2 error at every trace point (log scale) against the layer it belongs to: one marker
+    and colour per op kind (legend), the ops of a layer in forward order inside its band, accumulated
+    error (filled markers on a grey line) and isolated error (black crosses), the tolerance band,
+    the culprit marked."""
+    import matplotlib
+
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
-    x = np.arange(len(report.points))
+    names = [p.name for p in report.points]
+    x, kinds, ticks = depth_layout(names)
     tol = np.array([p.tol for p in report.points])
     ax.fill_between(x, 1e-12, _clip(tol), color="tab:green", alpha=0.12, step="mid", label="tolerance (10x float32 floor)")
     ax.plot(x, _clip([p.floor for p in report.points]), color="tab:green", lw=1, ls=":", label="float32 reference vs float64")
-    ax.plot(x, _clip([p.rel_l2 for p in report.points]), marker="o", ms=3, color="tab:blue", label=f"{report.subject} accumulated")
-    ax.plot(x, _clip([p.own_rel_l2 for p in report.points]), marker="x", ms=4, lw=0.8, color="tab:orange",
-            label=f"{report.subject} isolated (own error)")
+    acc = _clip([p.rel_l2 for p in report.points])
+    own = _clip([p.own_rel_l2 for p in report.points])
+    ax.plot(x, acc, color="grey", lw=0.8, alpha=0.7, label=f"{report.subject} accumulated (markers: op kind)")
+    ax.plot(x, own, ls="none", marker="x", ms=4, color="black", alpha=0.6, label=f"{report.subject} isolated (own error)")
+    colours = matplotlib.colormaps["tab20"]
+    kind_order = list(dict.fromkeys(kinds))
+    kind_handles = []
+    for j, kind in enumerate(kind_order):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        kind_handles.append(ax.scatter(x[idx], acc[idx], marker=_MARKERS[j % len(_MARKERS)], s=30,
+                                       color=colours(j % 20), edgecolors="black", linewidths=0.3, zorder=3, label=kind))
+    for k, (centre, _label) in enumerate(ticks):  # layer bands
+        if k % 2:
+            ax.axvspan(centre - 0.5, centre + 0.5, color="grey", alpha=0.07, lw=0)
     culprit = report.culprit
     if culprit is not None:
-        i = report.points.index(culprit)
-        ax.axvline(i, color="tab:red", lw=1.5)
-        ax.annotate(f"culprit: {_short(culprit.name)}", (i, _clip([culprit.own_rel_l2])[0]), xytext=(6, 6),
+        cx = float(x[report.points.index(culprit)])
+        ax.axvline(cx, color="tab:red", lw=1.5)
+        ax.annotate(f"culprit: {_short(culprit.name)}", (cx, _clip([culprit.own_rel_l2])[0]), xytext=(6, 6),
                     textcoords="offset points", color="tab:red", fontsize=9)
-    for i, p in enumerate(report.points):  # layer boundaries
-        if p.name.startswith("model.layers.") and p.name.count(".") == 2:
-            ax.axvline(i + 0.5, color="grey", lw=0.5, alpha=0.5)
     ax.set_yscale("log")
     ax.set_ylim(1e-10, 1e2)
-    ax.set_xticks(x, [_short(p.name) for p in report.points], rotation=90, fontsize=6)
+    ax.set_xticks([c for c, _ in ticks], [label for _, label in ticks], fontsize=9)
+    ax.set_xlim(min(x) - 0.6, max(x) + 0.6)
+    ax.set_xlabel("layer (each layer's ops in forward order inside its band; embed before, final norm and lm_head after)")
     ax.set_ylabel("relative L2 error vs float64")
     ax.set_title("error along depth" + (f" — culprit {culprit.name}" if culprit else " — all points agree"))
-    fig.legend(fontsize=8, loc="outside lower center", ncols=4)
+    lines = [h for h in ax.get_legend_handles_labels()[0] if h not in kind_handles]
+    first = ax.legend(handles=lines, fontsize=8, loc="upper left")
+    ax.add_artist(first)
+    fig.legend(handles=kind_handles, title="op kind", fontsize=8, loc="outside right center", ncols=1)
     return fig
 
 
@@ -103,6 +155,9 @@ def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, 
     return fig
 
 
+DENSITY_ABOVE = 10_000  # scatter plots with more points become hexbin density plots
+
+
 def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:
     """Reference vs C++ values of one trace point (default: the culprit, else lm_head), and a
     histogram of their differences."""
@@ -115,13 +170,17 @@ def scatter_and_histogram(report: Report, point: str | None = None, isolated: bo
     x, y = x[ok], y[ok]
     fig = Figure(figsize=figsize, layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.scatter(x, y, s=4, alpha=0.5)
+    if x.size > DENSITY_ABOVE:  # a scatter of this many points is one blob: show the density
+        hexes = ax1.hexbin(x, y, gridsize=80, bins="log", mincnt=1, cmap="viridis")
+        fig.colorbar(hexes, ax=ax1, label="points per cell (log)")
+    else:
+        ax1.scatter(x, y, s=4, alpha=0.5)
     if x.size:
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax1.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
     ax1.set_xlabel("reference (float64)")
     ax1.set_ylabel(report.subject)
-    ax1.set_title(_short(point))
+    ax1.set_title(f"{_short(point)}: {x.size:,} values" + (" (density)" if x.size > DENSITY_ABOVE else ""))
     diff = y - x
     ax2.hist(diff, bins=60, color="tab:purple")
     ax2.set_xlabel(f"{report.subject} − reference")

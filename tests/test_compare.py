@@ -146,13 +146,22 @@ def test_report_api_table_html_and_plots(native):
     depth = report.plot("depth")
     assert isinstance(depth, Figure)
     ax = depth.axes[0]
-    assert ax.get_yscale() == "log" and len(ax.get_xticks()) == len(report.points)
-    culprit_x = report.points.index(report.culprit)
+    layers = report.meta["config"].num_hidden_layers
+    # ticks per layer group (embed, 0..L-1, out), not one per op; an x label; a legend of op kinds
+    assert ax.get_yscale() == "log" and len(ax.get_xticks()) == layers + 2 and ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["embed", *map(str, range(layers)), "out"]
+    kinds = [t.get_text() for t in depth.legends[0].get_texts()]
+    assert {"q_proj", "scores", "layer output", "lm_head"} <= set(kinds) and len(kinds) < 30
+    from celerinfer_lab.plots import depth_layout
+    x, _, _ = depth_layout([p.name for p in report.points])
+    culprit_x = x[report.points.index(report.culprit)]
+    assert 0 <= culprit_x < 1  # layer 0's band
     assert any(list(line.get_xdata()) == [culprit_x, culprit_x] for line in ax.get_lines())
     heat = report.plot("heatmap")
     assert heat.axes[0].images[0].get_array().shape == (8, 6)  # heads x positions
     scatter = report.plot("scatter", point="lm_head")
     assert len(scatter.axes) == 2 and scatter.axes[0].collections
+    assert type(scatter.axes[0].collections[0]).__name__ == "PathCollection"  # few points: a scatter
     logits = report.plot("logits")
     assert "top-1 agreement" in logits.axes[0].get_title()
     with pytest.raises(ValueError, match="unknown plot kind"):
@@ -172,3 +181,15 @@ def test_repr_is_one_short_line(native):
     assert "diverges, culprit model.layers.0.self_attn.scores" in repr(bad) and len(repr(bad)) < 200
     both = compare(model, native, kernels="all")
     assert repr(both) == f"<Comparison of {', '.join(both.reports)}: agree>" and {"fast", "readable"} <= set(both)
+
+
+def test_large_scatter_becomes_a_density_plot(native):
+    from celerinfer_lab import plots
+    report = compare(small_model(batch_size=2, seq_len=6), native)
+    before = plots.DENSITY_ABOVE
+    plots.DENSITY_ABOVE = 100  # lm_head has 2*6*vocab values, far above 100
+    try:
+        fig = report.plot("scatter", point="lm_head")
+    finally:
+        plots.DENSITY_ABOVE = before
+    assert type(fig.axes[0].collections[0]).__name__ == "PolyCollection" and "density" in fig.axes[0].get_title()
