@@ -5,36 +5,49 @@ accumulated and isolated errors, the distribution of  error / max(floor, MIN_FLO
 calls a point divergent above FACTOR (10). Re-run it after changing a kernel: the margin is
 FACTOR / the largest ratio.
 
-    python scripts/tolerance_margin.py [examples]
+    python scripts/tolerance_margin.py [EXAMPLES]    (default 300; --help for this text)
 """
+import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-from hypothesis import HealthCheck, given, settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_native import model_cases  # noqa: E402
-
-from celerinfer_lab.compare import FACTOR, MIN_FLOOR, compare  # noqa: E402
-from celerinfer_lab.native import load_native  # noqa: E402
-
-examples = int(sys.argv[1]) if len(sys.argv) > 1 else 300
-native = load_native()
-rows = []
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
-@settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(model=model_cases())
-def measure(model):
-    for p in compare(model, native).points:
-        if not p.name.endswith("topk_idx"):
-            rows.append((p.rel_l2 / max(p.floor, MIN_FLOOR), p.own_rel_l2 / max(p.own_floor, MIN_FLOOR), p.name))
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("examples", nargs="?", type=int, default=300, help="random configs to try (default 300)")
+    args = parser.parse_args(argv)
+    if args.examples < 1:
+        parser.error(f"examples={args.examples}: need at least 1")
+
+    import numpy as np
+    from hypothesis import HealthCheck, given, settings
+
+    from celerinfer_lab.compare import FACTOR, MIN_FLOOR, compare
+    from celerinfer_lab.native import load_native
+
+    sys.path.insert(0, str(TESTS))  # the property grid lives with the tests it drives
+    from test_native import model_cases
+
+    native = load_native()
+    rows = []
+
+    @settings(max_examples=args.examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(model=model_cases())
+    def measure(model):
+        for p in compare(model, native).points:
+            if not p.name.endswith("topk_idx"):
+                rows.append((p.rel_l2 / max(p.floor, MIN_FLOOR), p.own_rel_l2 / max(p.own_floor, MIN_FLOOR), p.name))
+
+    measure()
+    acc, own = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    print(f"{len(rows)} trace points from {args.examples} configs; divergent above {FACTOR:g}")
+    for q in (50, 99, 99.9, 100):
+        print(f"  percentile {q:5}: accumulated {np.percentile(acc, q):6.2f}   isolated {np.percentile(own, q):6.2f}")
+    print(f"margin: {FACTOR / max(acc.max(), own.max()):.1f}x")
+    return 0
 
 
-measure()
-acc, own = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-print(f"{len(rows)} trace points from {examples} configs; divergent above {FACTOR:g}")
-for q in (50, 99, 99.9, 100):
-    print(f"  percentile {q:5}: accumulated {np.percentile(acc, q):6.2f}   isolated {np.percentile(own, q):6.2f}")
-print(f"margin: {FACTOR / max(acc.max(), own.max()):.1f}x")
+if __name__ == "__main__":
+    sys.exit(main())
