@@ -79,15 +79,15 @@ public:
         // then: that worker may be waiting for this very core.
         for (int spins = 1; done_.load(std::memory_order_acquire) != n_chunks; ++spins) {
             pause();
-            if (spins % 256 == 0) std::this_thread::yield();
+            if (spins % 64 == 0) std::this_thread::yield();
         }
     }
-    // Split [0, n) into contiguous chunks (a few per thread) handed out dynamically:
+    // Split [0, n) into contiguous chunks (up to 8 per thread) handed out dynamically:
     // f(begin, end, thread). With parallel false, or n < 2, one call f(0, n, 0) on the caller.
     template <class F>
     void parallel_for(int n, F&& f, bool parallel = true) {
         if (!parallel || n_threads_ == 1 || n < 2) return f(0, n, 0);
-        const int chunks = std::min({n, 4 * n_threads_, kMaxChunks});
+        const int chunks = std::min({n, 8 * n_threads_, kMaxChunks});
         struct Ctx { std::remove_reference_t<F>* f; int n, chunks; } ctx{&f, n, chunks};
         run([](void* c, int chunk, int thread) {
                 auto* x = static_cast<Ctx*>(c);
