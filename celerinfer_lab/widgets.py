@@ -99,18 +99,22 @@ class Explorer(W.VBox):
             "fault": W.Dropdown(options=["none", *FAULTS], description="fault"),
             "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
-        self.notes = {name: W.HTML() for name in self.controls}  # why a value is invalid, next to it
+        # why a value is invalid: under its control, indented past the label, wrapping (never squeezing it)
+        self.notes = {name: W.HTML(layout=W.Layout(margin="0 0 2px 96px", max_width="560px")) for name in self.controls}
         self.fault_note = W.HTML(layout=W.Layout(max_width="640px"))  # what the fault does; what was switched
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.progress = W.IntProgress(min=0, max=5, description="", layout=W.Layout(width="360px"))
         self.status = W.HTML()
         self.result_html = W.HTML()
+        self.result_html.add_class("jp-RenderedHTMLCommon")  # JupyterLab's table styling inside the widget
         self.plots = W.Output()
         self.report = None  # a Report (one kernel set) or a Comparison ("all")
         self.reports: dict = {}  # kernel set -> Report, for either (with decode steps: the step shown)
         self.step_reports: dict = {}  # with decode steps: kernel set -> one Report per forward
         self.figures: list = []
-        self.timings: dict[str, float] = {}  # torch_ms, cpp_<set>_ms
+        self.timings: dict[str, float] = {}  # torch_ms, cpp_<set>_ms (medians)
+        self.timing_details: dict = {}  # the same keys: bench.Timing (spread, noisy)
+        self._running = False
         self.message = ""
         self.switched: list[str] = []  # the last switch: "padding none → left", ...
         self._switch_text = ""  # shown under the fault until the fault changes
@@ -121,11 +125,12 @@ class Explorer(W.VBox):
         for name, control in c.items():
             if name not in ("cpp_dir", "fault", "seed"):
                 control.observe(lambda _change: self.validate(), names="value")
+            control.observe(self._settings_changed, names="value")
         c["fault"].observe(lambda _change: self.show_fault(), names="value")
         self.run_button.on_click(lambda _button: self.run())
 
-        def row(*names):
-            return W.VBox([W.HBox([c[n], self.notes[n]]) for n in names])
+        def row(*names):  # each control with its note below it
+            return W.VBox([W.VBox([c[n], self.notes[n]]) for n in names])
 
         config_box = W.VBox([row("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "intermediate"),
                              row("seq_len", "batch", "seed", "padding", "decode"),
@@ -326,6 +331,22 @@ class Explorer(W.VBox):
         self.fault_note.value = text
 
     # ---- running ---------------------------------------------------------------------------
+    def clear_results(self, status: str = "") -> None:
+        """Forget the last run's results and take them off the screen (the table, the plots, the
+        status): after an error or a change of settings, nothing stale stays shown."""
+        self.report, self.reports, self.step_reports, self.figures = None, {}, {}, []
+        self.timings, self.timing_details = {}, {}
+        self.result_html.value = ""
+        self.plots.clear_output()
+        self.plots.outputs = ()  # clear_output() does nothing outside a kernel
+        self.status.value = status
+        self.progress.value = 0
+
+    def _settings_changed(self, _change=None) -> None:
+        if self._running or self._switching or not (self.report is not None or self.result_html.value):
+            return
+        self.clear_results("<span style='color:#666'>settings changed: press Run for new results</span>")
+
     def _step(self, text: str) -> None:
         self.progress.value += 1
         self.status.value = f"<i>{text}…</i>"
@@ -337,7 +358,14 @@ class Explorer(W.VBox):
         from .compare import Comparison, compare, compare_decode
         from .generate import generate_model
 
-        self.progress.value, self.report, self.reports, self.step_reports, self.figures = 0, None, {}, {}, []
+        self._running = True
+        try:
+            self._run(time_cpp, time_torch, Comparison, compare, compare_decode, generate_model)
+        finally:
+            self._running = False
+
+    def _run(self, time_cpp, time_torch, Comparison, compare, compare_decode, generate_model) -> None:
+        self.clear_results()
         switched = self.show_fault() if self.fault_problems() else []
         if not self.validate():
             self.status.value = f"<span style='color:#b00'>invalid config: {_escape(self.message)}</span>"
@@ -354,9 +382,10 @@ class Explorer(W.VBox):
             chosen = self.controls["kernels"].value
             sets = self.chosen_sets()
             self._step(f"timing PyTorch and the {', '.join(sets)} kernels")
-            self.timings = {"torch_ms": time_torch(model, 1, 5).median_ms}
+            self.timing_details = {"torch_ms": time_torch(model, 2, 15)}
             for name in sets:
-                self.timings[f"cpp_{name}_ms"] = time_cpp(model, native, 1, 5, name).median_ms
+                self.timing_details[f"cpp_{name}_ms"] = time_cpp(model, native, 2, 15, name)
+            self.timings = {key: t.median_ms for key, t in self.timing_details.items()}
             if c["decode"]:
                 self._step(f"comparing every trace point, prefill and {c['decode']} decode steps")
                 for name in sets:  # each set's first step that diverges, else its last
@@ -374,6 +403,7 @@ class Explorer(W.VBox):
                 if report.culprit is not None and ".self_attn." in report.culprit.name:
                     self.figures.append(report.plot("heatmap"))
         except Exception as exc:  # the widget shows every failure; the kernel lives on
+            self.clear_results()  # nothing half-made or from an earlier run stays on screen
             self.message = f"{type(exc).__name__}: {exc}"
             self.status.value = (f"<span style='color:#b00'><b>{type(exc).__name__}</b></span>"
                                  f"<pre>{_escape(str(exc))}</pre>")
@@ -394,16 +424,44 @@ class Explorer(W.VBox):
             self.message += f" (switched {', '.join(switched)} so that the fault shows)"
         if self.fault_problems():
             self.message += f" (the fault cannot show here: {'; '.join(self.fault_problems())})"
-        cpp = ", ".join(f"C++ {name} {t[f'cpp_{name}_ms']:.3f} ms ({t['torch_ms'] / t[f'cpp_{name}_ms']:.1f}x)"
-                        for name in sets)
-        self.status.value = f"<b>PyTorch {t['torch_ms']:.3f} ms, {cpp}</b> — {_escape(self.message)}"
+        self.status.value = self.timing_html() + f" — {_escape(self.message)}"
         shown = (f"<p>Decode step {self.report.meta['step']} of {c['decode']} (the first that diverges, else the last)"
                  f"</p>" if c["decode"] and not isinstance(self.report, Comparison) else "")
-        self.result_html.value = shown + self.report._repr_html_()
+        self.result_html.value = _TABLE_STYLE + shown + self.report._repr_html_()
         self.plots.clear_output()
         with self.plots:
             for fig in self.figures:
                 display(fig)
+
+
+    def timing_html(self) -> str:
+        """"PyTorch 1.234 ms (IQR ...), C++ fast 0.040 ms (IQR ...; 30.9x faster)", each ratio marked
+        noisy when bench.Timing says it is unreliable (a wide spread or a loaded machine)."""
+        d = self.timing_details
+        torch_t = d["torch_ms"]
+        parts = [f"PyTorch {torch_t.median_ms:.3f} ms <small>({torch_t.spread})</small>"]
+        noisy = [torch_t.noise_reason] if torch_t.noisy else []
+        for key, t in d.items():
+            if key == "torch_ms":
+                continue
+            ratio, unreliable = t.ratio(torch_t)
+            faster = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+            flag = " <span style='color:#a60'>noisy</span>" if unreliable else ""
+            parts.append(f"C++ {key[4:-3]} {t.median_ms:.3f} ms <small>({t.spread})</small> ({faster}{flag})")
+            if t.noisy:
+                noisy.append(f"{key[4:-3]}: {t.noise_reason}")
+        text = "<b>" + ", ".join(parts) + "</b>"
+        if noisy:
+            text += (f"<br><span style='color:#a60'>⚠ noisy timings, ratios unreliable "
+                     f"({_escape('; '.join(dict.fromkeys(noisy)))})</span>")
+        return text
+
+
+# Widget HTML is not styled like notebook output: keep the report tables' columns apart.
+_TABLE_STYLE = ("<style>.jupyter-widgets table td, .jupyter-widgets table th, .widget-html table td, "
+                ".widget-html table th {padding: 2px 10px; text-align: right; white-space: nowrap;} "
+                ".widget-html table {border-collapse: collapse;} "
+                ".widget-html table tr:nth-child(even) {background: rgba(0,0,0,0.04);}</style>")
 
 
 def _shown(value) -> str:

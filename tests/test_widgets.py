@@ -207,3 +207,53 @@ def test_a_decode_fault_runs_the_decode_steps():
     assert len(e.step_reports["fast"]) == fault.step + 1 and e.step_reports["fast"][0].agrees
     assert f"culprit {fault.culprit} at decode step {fault.step}" in e.message
     assert f"Decode step {fault.step} of {fault.step}" in e.result_html.value
+
+
+def test_timings_carry_their_spread_and_say_noisy():
+    from celerinfer_lab.bench import Timing
+    e = explorer()
+    e.controls["seq_len"].value = 4
+    e.run_button.click()
+    assert set(e.timing_details) == {"torch_ms", "cpp_fast_ms"} and e.timing_details["torch_ms"].runs >= 10
+    assert "IQR" in e.status.value and ("faster" in e.status.value or "slower" in e.status.value)
+    quiet, loud = Timing(2.0, 1.9, 2.2, 15, 1.95, 2.05, 0.1, 2), Timing(0.1, 0.05, 0.9, 15, 0.06, 0.3, 0.1, 2)
+    e.timing_details = {"torch_ms": quiet, "cpp_fast_ms": quiet}
+    assert "noisy" not in e.timing_html() and "1.0x faster" in e.timing_html()
+    e.timing_details = {"torch_ms": quiet, "cpp_fast_ms": loud}
+    html = e.timing_html()
+    assert "noisy" in html and "ratios unreliable" in html and "spread" in html
+
+
+def test_stale_results_are_cleared_on_a_change_or_an_error(tmp_path):
+    e = explorer()
+    e.controls["seq_len"].value = 4
+    e.run_button.click()
+    assert e.report is not None and e.figures and "<table" in e.result_html.value
+    e.controls["hidden"].value = 80  # a config change: the old results would describe another model
+    assert e.report is None and e.figures == [] and e.result_html.value == "" and not e.plots.outputs
+    assert "settings changed" in e.status.value and e.timings == {}
+    e.controls["hidden"].value = 64
+    e.run_button.click()
+    assert e.report is not None
+    e.controls["cpp_dir"].value = str(tmp_path / "nowhere")
+    e.run_button.click()  # an error: nothing from the run before stays
+    assert e.report is None and e.figures == [] and "<table" not in e.result_html.value and e.timings == {}
+    assert "FileNotFoundError" in e.status.value
+
+
+def test_tables_keep_their_columns_and_notes_sit_below_their_controls():
+    import ipywidgets as W
+    e = explorer()
+    e.controls["seq_len"].value = 4
+    e.run_button.click()
+    assert "padding: 2px 10px" in e.result_html.value and "jp-RenderedHTMLCommon" in e.result_html._dom_classes
+
+    def boxes(widget):
+        yield widget
+        for child in getattr(widget, "children", ()):
+            yield from boxes(child)
+    holders = [b for b in boxes(e) if isinstance(b, W.Box) and e.notes["kv_heads"] in b.children]
+    assert len(holders) == 1 and isinstance(holders[0], W.VBox) and not isinstance(holders[0], W.HBox)
+    assert list(holders[0].children) == [e.controls["kv_heads"], e.notes["kv_heads"]]
+    e.controls["kv_heads"].value = 3  # invalid: 8 heads are not a multiple of 3
+    assert "not a multiple" in e.notes["kv_heads"].value and e.run_button.disabled
