@@ -176,6 +176,8 @@ def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
                    label="noisy (ratio unreliable)", zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())  # "3x10^5 4x10^5" labels overlap
     ax.set_xlabel(x)
     ax.set_ylabel("forward time (ms)")
     title = "forward time against size: median and interquartile band"
