@@ -89,7 +89,8 @@ def run_document(path: Path, tmp: Path, monkeypatch) -> dict:
             except Exception as exc:
                 raise AssertionError(f"{block.where}: python block failed: {exc!r}\n{block.code}") from exc
         else:
-            result = subprocess.run(["bash", "-e", "-c", block.code], cwd=folder, capture_output=True, text=True)
+            result = subprocess.run(["bash", "-e", "-c", block.code], cwd=folder, capture_output=True, text=True,
+                                    timeout=600)  # a server started by mistake fails instead of hanging
             assert result.returncode == 0, (f"{block.where}: bash block exited {result.returncode}\n{block.code}\n"
                                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
         print(f"{block.where} ({block.lang}) ran in {time.perf_counter() - start:.1f} s")
