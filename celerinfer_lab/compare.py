@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import UsageError
 from .trace import trace_points
 
 EPS32 = 2.0 ** -24
@@ -394,7 +395,7 @@ def floor_runs(model, native, baseline: str = "torch") -> dict[str, dict[str, np
         readable = kernel_runs(model, native, "readable", runs["oracle"])
         runs.update(ref32=readable["cpp"], ref32_own=readable["cpp_own"])
     elif baseline != "torch":
-        raise ValueError(f"baseline={baseline!r}: 'torch' or 'readable'")
+        raise UsageError(f"baseline={baseline!r}: 'torch' or 'readable'")
     return runs
 
 

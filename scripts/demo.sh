@@ -11,7 +11,7 @@ export PATH="$ENV_DIR/bin:$PATH"
 CLI=$ENV_DIR/bin/celerinfer-lab
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-"$CLI" generate --output "$OUT/model.json"
+"$CLI" generate --force --output "$OUT/model.json"  # a re-run replaces the demo's own model
 "$CLI" torch-forward "$OUT/model.json" --dump-dir "$OUT"
 "$CLI" cpp-forward "$OUT/model.json" --dump-dir "$OUT"
 "$CLI" compare "$OUT/model.json"

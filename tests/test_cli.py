@@ -56,16 +56,6 @@ def test_info_lists_trace_points(tmp_path):
     assert r.returncode == 0 and "model.layers.0.self_attn.q_norm" in r.stdout and "[2, 7, 8, 8]" in r.stdout
 
 
-def test_readme_demo_command_runs(tmp_path):
-    """The README's first command: set up, generate the default model, run the reference."""
-    from conftest import REPO
-    r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True, text=True,
-                       env={**os.environ, "OUT": str(tmp_path)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "torch forward" in r.stdout and (tmp_path / "logits_torch.npy").exists()
-    assert "C++ forward" in r.stdout and "agree" in r.stdout and (tmp_path / "logits_cpp.npy").exists()
-
-
 def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     from conftest import edit_file
     path = tmp_path / "m.json"
