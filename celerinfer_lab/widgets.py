@@ -100,7 +100,7 @@ class Explorer(W.VBox):
             "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
         # why a value is invalid: under its control, indented past the label, wrapping (never squeezing it)
-        self.notes = {name: W.HTML(layout=W.Layout(margin="0 0 2px 96px", max_width="560px")) for name in self.controls}
+        self.notes = {name: W.HTML(layout=W.Layout(margin="0 0 2px 96px", max_width="420px")) for name in self.controls}
         self.fault_note = W.HTML(layout=W.Layout(max_width="640px"))  # what the fault does; what was switched
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.progress = W.IntProgress(min=0, max=5, description="", layout=W.Layout(width="360px"))
@@ -130,7 +130,7 @@ class Explorer(W.VBox):
         self.run_button.on_click(lambda _button: self.run())
 
         def row(*names):  # each control with its note below it
-            return W.VBox([W.VBox([c[n], self.notes[n]]) for n in names])
+            return W.VBox([W.VBox([W.HBox([c[n]]), self.notes[n]]) for n in names])  # HBox: keeps the readout
 
         config_box = W.VBox([row("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "intermediate"),
                              row("seq_len", "batch", "seed", "padding", "decode"),
@@ -424,7 +424,8 @@ class Explorer(W.VBox):
             self.message += f" (switched {', '.join(switched)} so that the fault shows)"
         if self.fault_problems():
             self.message += f" (the fault cannot show here: {'; '.join(self.fault_problems())})"
-        self.status.value = self.timing_html() + f" — {_escape(self.message)}"
+        times, warning = self.timing_html(split=True)
+        self.status.value = f"{times} — {_escape(self.message)}{warning}"
         shown = (f"<p>Decode step {self.report.meta['step']} of {c['decode']} (the first that diverges, else the last)"
                  f"</p>" if c["decode"] and not isinstance(self.report, Comparison) else "")
         self.result_html.value = _TABLE_STYLE + shown + self.report._repr_html_()
@@ -434,7 +435,7 @@ class Explorer(W.VBox):
                 display(fig)
 
 
-    def timing_html(self) -> str:
+    def timing_html(self, split: bool = False):
         """"PyTorch 1.234 ms (IQR ...), C++ fast 0.040 ms (IQR ...; 30.9x faster)", each ratio marked
         noisy when bench.Timing says it is unreliable (a wide spread or a loaded machine)."""
         d = self.timing_details
@@ -451,10 +452,9 @@ class Explorer(W.VBox):
             if t.noisy:
                 noisy.append(f"{key[4:-3]}: {t.noise_reason}")
         text = "<b>" + ", ".join(parts) + "</b>"
-        if noisy:
-            text += (f"<br><span style='color:#a60'>⚠ noisy timings, ratios unreliable "
-                     f"({_escape('; '.join(dict.fromkeys(noisy)))})</span>")
-        return text
+        warning = (f"<br><span style='color:#a60'>⚠ noisy timings, ratios unreliable "
+                   f"({_escape('; '.join(dict.fromkeys(noisy)))})</span>") if noisy else ""
+        return (text, warning) if split else text + warning
 
 
 # Widget HTML is not styled like notebook output: keep the report tables' columns apart.
