@@ -207,7 +207,8 @@ def machine_info(cpp_threads: int | None = None) -> dict:
 
 
 def _stats(times: Timing, prefix: str) -> dict:
-    return {f"{prefix}_ms": times.median_ms, f"{prefix}_min_ms": times.min_ms, f"{prefix}_max_ms": times.max_ms}
+    return {f"{prefix}_ms": times.median_ms, f"{prefix}_min_ms": times.min_ms, f"{prefix}_max_ms": times.max_ms,
+            f"{prefix}_q1_ms": times.q1_ms, f"{prefix}_q3_ms": times.q3_ms, f"{prefix}_noisy": times.noisy}
 
 
 def decode_torch(model: Model, new_tokens: int) -> tuple[np.ndarray, float]:
@@ -293,10 +294,10 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
     binary = build_standalone(cpp_dir, build_dir=work / "build")
     env_threads = {"THREADS": str(threads)} if threads else {}
     per_set: dict[str, dict] = {}
-    prepared_sets, cpp_logits_sets = {}, {}
+    prepared_sets, cpp_logits_sets, cpp_timings = {}, {}, {}
     for name in sets:
         prepared = prepared_sets[name] = native.prepare(model, name)
-        cpp_t = time_cpp(model, native, warmup, repeat, kernels=name)
+        cpp_t = cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
         cpp_logits = cpp_logits_sets[name] = prepared.forward().logits
         alone = run_standalone(binary, json_path, work / f"out_{name}", warmup, repeat,
                                env={**env_threads, "KERNELS": name})
@@ -311,11 +312,15 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
     result["standalone_load_sidecar_ms"] = alone_side.load_ms
     result["machine"] = machine_info(native.threads)
 
-    log(f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   (min {torch_t.min_ms:.3f}, max {torch_t.max_ms:.3f})")
+    log(f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   ({torch_t.spread}; min {torch_t.min_ms:.3f}, "
+        f"max {torch_t.max_ms:.3f})" + (f" — noisy: {torch_t.noise_reason}" if torch_t.noisy else ""))
     for name in sets:
-        for label, ms in ((f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"]),
-                          (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"])):
-            log(f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster")
+        cpp_t = cpp_timings[name]
+        for label, ms, spread in ((f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
+                                  (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], "")):
+            noisy = torch_t.noisy or (cpp_t.noisy and spread)
+            log(f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
+                + (" — noisy, ratio unreliable" if noisy else ""))
     log(f"{'load, JSON only':28s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
         f"{result['python_load_json_ms']:.1f} ms (Python)")
     log(f"{'load, safetensors sidecar':28s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
