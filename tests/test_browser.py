@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, stop_process
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: a browser download cannot work here
 ARTIFACTS = REPO / "test-artifacts"
@@ -51,11 +51,7 @@ def jupyterlab(tmp_path):
                 time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

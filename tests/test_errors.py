@@ -15,7 +15,7 @@ import pytest
 from celerinfer_lab import cli, errors
 from celerinfer_lab.errors import CelerInferError, UsageError
 
-from conftest import REPO, small_model
+from conftest import REPO, stop_process, small_model
 
 
 def run(*args, env=None, **kwargs):
@@ -249,9 +249,4 @@ def test_lab_serves_the_notebooks(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=5) as response:
             assert "01_quickstart.ipynb" in response.read().decode()  # the notebooks folder is the root
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
