@@ -7,7 +7,8 @@ A decode step (report.meta["past_len"] > 0) traces only its new tokens: the cach
 values are not in its trace, so cache checks reason from the scores and probabilities alone.
 Checks, first match wins:
 
-1. never written (still NaN-filled), NaN/Inf, all zeros;
+1. NaN/Inf that first appear at an op that is finite on the oracle's inputs (a wrong input the
+   metrics do not count); never written (still NaN-filled), NaN/Inf, all zeros;
 2. masks: the causal mask off by one (the diagonal masked, or the next token seen), -inf missing
    above the diagonal (causal), padded keys not masked;
 3. known mistakes, recomputed from the oracle's inputs for the culprit's op: RMSNorm eps outside
@@ -117,6 +118,18 @@ class _Context:
 
 
 # ---- 1, 2: broken values and masks -------------------------------------------------------------
+def _nonfinite_origin(c: _Context) -> str | None:
+    """The culprit was named because NaN/Inf first appear there in the plain run, while the op
+    itself is finite on the oracle's inputs: a wrong input the metrics do not count."""
+    p = c.culprit
+    if "NaN/Inf start here" not in p.note or p.own_rel_l2 > p.own_tol:
+        return None
+    where = "in padded rows" if "padded rows" in p.note else "in real rows"
+    return (f"NaN/Inf first appear here ({p.nonfinite} values, {where}), though this op is finite on the "
+            "oracle's inputs: an input differs from the reference in a way the metrics do not count, "
+            "such as -inf where MiniMind masks with -1e9")
+
+
 def _broken_values(c: _Context) -> str | None:
     y, x = c.live(c.y), c.live(c.x)
     if np.isnan(y).all():
@@ -633,7 +646,7 @@ def _padded_keys_only(c: _Context) -> str | None:
     return None
 
 
-CHECKS = (_broken_values, _masks,
+CHECKS = (_nonfinite_origin, _broken_values, _masks,
           _norm_variants, _rope_variant, _scores_variants, _cache_slots, _probs_variant, _act_variants, _head_variant,
           _topk_variant, _residual_variants, _layout_variant,
           _equals_other_point, _accumulated_onto,

@@ -91,8 +91,8 @@ class NativeEngine:
     """One folder of C++ headers, compiled; ``reload()`` compiles the folder's current text.
 
     ``kernels``: the default kernel set for forwards ("fast", "readable", or any set registered with
-    CELERINFER_REGISTER_KERNELS); None: "fast", or with a fault the first set the fault changes. ``extra_source``: C++ compiled after the headers, inside their
-    namespace: a place for your own kernel set (README: "Your own kernel set"). ``fault``: a name
+    CELERINFER_REGISTER_KERNELS); None: "fast", or with a fault the first set the fault changes.
+    ``extra_source``: C++ compiled after the headers, inside their namespace: a place for your own kernel set (README: "Your own kernel set"). ``fault``: a name
     from the fault catalogue (celerinfer_lab.faults): its source edits are applied to a scratch copy
     of ``cpp_dir``, and that copy is compiled.
     """
