@@ -21,7 +21,8 @@ import numpy as np
 
 from .config import ConfigError, ModelConfig
 from .errors import ModelFileError, UsageError
-from .modelfile import Model, weight_shapes, write_model_file
+from .modelfile import Model, weight_shapes
+from .writer import write_model_file
 from .rope import rope_cache
 
 PADDING_MODES = ("none", "left", "right", "mixed")

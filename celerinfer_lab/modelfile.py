@@ -4,7 +4,7 @@ A tensor is ``{name, shape, dtype, encoding: "base64", data, preview}``: ``data`
 base64 of the raw little-endian C-order bytes, ``preview`` the first values for a human. The
 format is documented in docs/model-file.md and docs/model-file.schema.json.
 
-Writing streams one tensor at a time, so a generator never holds more than one encoded tensor.
+Writing (streamed, atomic) is in writer.py; ``write_model_file`` is re-exported here.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -122,15 +122,6 @@ def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
             "data": base64.b64encode(arr.tobytes()).decode("ascii"), "preview": _preview(arr)}
 
 
-def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str) -> None:
-    """Write encode_tensor's object straight to f, with no copy of the data besides its base64."""
-    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
-    head = _dumps({"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64"})
-    f.write(head[:-1].encode() + b',"data":"')
-    f.write(base64.b64encode(arr.reshape(-1).view(np.uint8)))
-    f.write(b'","preview":' + _dumps(_preview(arr)).encode() + b"}")
-
-
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
@@ -169,65 +160,11 @@ def decode_tensor(obj: Any, where: str) -> np.ndarray:
 # ---- writing -----------------------------------------------------------------------------------
 def save_model(model: Model, path: str | Path) -> None:
     """Write ``model`` in this project's format (version FORMAT_VERSION)."""
+    from .writer import write_model_file
     write_model_file(
         path, model.config, model.weights.items(), model.input_ids, model.attention_mask,
         model.rope_cos, model.rope_sin, model.meta,
     )
-
-
-def write_model_file(
-    path: str | Path,
-    config: ModelConfig,
-    weights: Iterable[tuple[str, np.ndarray]],
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    rope_cos: np.ndarray,
-    rope_sin: np.ndarray,
-    meta: dict | None = None,
-    on_tensor: Callable[[str], None] | None = None,
-    sidecar: bool = False,
-) -> None:
-    """Stream a model file to ``path``: ``weights`` may be a generator yielding one tensor at a time.
-
-    ``sidecar``: the weights go to ``<stem>.safetensors`` beside the JSON file (memory-mapped on
-    load, so large models load without parsing base64); the JSON keeps their names and shapes.
-    Output is deterministic: the same inputs give the same bytes.
-    """
-    path = Path(path)
-    if sidecar:
-        from .sidecar import write_safetensors
-        side = path.with_suffix(".safetensors")
-        shapes = weight_shapes(config)
-        write_safetensors(side, shapes, weights, on_tensor)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
-        f.write(b'"meta":%s,\n"config":%s,\n' % (_dumps(meta or {}).encode(), _dumps(config.to_dict()).encode()))
-        sections = (
-            ("inputs", [("input_ids", input_ids, "int32"), ("attention_mask", attention_mask, "uint8")]),
-            ("rope", [("cos", rope_cos, "float32"), ("sin", rope_sin, "float32")]),
-        )
-        for section, tensors in sections:
-            f.write(b'"%s":{' % section.encode())
-            for i, (key, array, dtype) in enumerate(tensors):
-                f.write(b'%s"%s":' % (b"," if i else b"", key.encode()))
-                _write_tensor(f, key if section == "inputs" else f"rope_{key}", array, dtype)
-            f.write(b"},\n")
-        if sidecar:
-            f.write(b'"sidecar":{"file":%s,"format":"safetensors"},\n' % _dumps(side.name).encode())
-        f.write(b'"weights":{')
-        if sidecar:  # the JSON keeps each weight's name and shape; the bytes are in the sidecar
-            for i, (name, shape) in enumerate(shapes.items()):
-                entry = {"name": name, "shape": list(shape), "dtype": "float32", "encoding": "sidecar"}
-                f.write(b'%s\n%s:%s' % (b"," if i else b"", _dumps(name).encode(), _dumps(entry).encode()))
-        else:
-            for i, (name, array) in enumerate(weights):
-                f.write(b'%s\n%s:' % (b"," if i else b"", _dumps(name).encode()))
-                _write_tensor(f, name, array, "float32")
-                if on_tensor:
-                    on_tensor(name)
-        f.write(b"\n}}\n")
-    tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -427,3 +364,10 @@ def _check_inputs(model: Model, where: str) -> None:
         raise ModelFileError(
             f"{where}: seq_len {ids.shape[1]} is longer than max_position_embeddings {config.max_position_embeddings}")
 
+
+
+def __getattr__(name: str):  # writer.py imports this module: re-export its entry point lazily
+    if name == "write_model_file":
+        from .writer import write_model_file
+        return write_model_file
+    raise AttributeError(name)

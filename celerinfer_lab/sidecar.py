@@ -12,7 +12,6 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -20,32 +19,6 @@ DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2")
 
 
 from .errors import SidecarError  # noqa: E402,F401  (defined in errors.py, re-exported here)
-
-
-def write_safetensors(path: str | Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
-                      on_tensor: Callable[[str], None] | None = None) -> None:
-    """Write float32 tensors, in the order of ``shapes``, one at a time."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        expected = iter(shapes.items())
-        for name, array in tensors:
-            want, shape = next(expected, (None, None))
-            arr = np.ascontiguousarray(array, dtype="<f4")
-            if name != want or tuple(arr.shape) != tuple(shape):
-                raise SidecarError(f"{path}: tensor {name} {list(arr.shape)} arrived where {want} {list(shape)} was declared")
-            f.write(arr.reshape(-1).view(np.uint8))
-            if on_tensor:
-                on_tensor(name)
-    tmp.replace(path)
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
