@@ -34,6 +34,11 @@ DEFAULT_YARN = {
 
 
 from .errors import ConfigError  # noqa: E402,F401  (defined in errors.py, re-exported here)
+from .limits import FIELD_LIMITS  # noqa: E402
+
+_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "max_position_embeddings", "head_dim", "intermediate_size")
+_FLAG_FIELDS = ("tie_word_embeddings", "qk_norm", "use_moe", "inference_rope_scaling")
 
 
 def intermediate_size_for(hidden_size: int, sizing_rule: str) -> int:
@@ -74,6 +79,8 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # unknown fields from a file, kept for round trips
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_attention_heads"):  # the defaults below derive from these
+            _check_size(name, getattr(self, name))
         if self.head_dim is None and _is_pos_int(self.hidden_size) and _is_pos_int(self.num_attention_heads):
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -115,11 +122,11 @@ class ModelConfig:
     # ---- validation ----------------------------------------------------------------------
     def validate(self, seq_len: int | None = None) -> None:
         """Raise ConfigError naming the first field that breaks a rule."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "vocab_size", "max_position_embeddings", "head_dim", "intermediate_size"):
-            value = getattr(self, name)
-            if not _is_pos_int(value):
-                raise ConfigError(f"{name}={value!r}: must be an integer >= 1")
+        for name in _SIZE_FIELDS:
+            _check_size(name, getattr(self, name))
+        for name in _FLAG_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -128,9 +135,9 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim}: RoPE rotates pairs of dimensions, head_dim must be even")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+        if not (_is_number(self.rms_norm_eps) and self.rms_norm_eps > 0):
             raise ConfigError(f"rms_norm_eps={self.rms_norm_eps!r}: must be a number > 0")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
+        if not (_is_number(self.rope_theta) and self.rope_theta > 1):
             raise ConfigError(f"rope_theta={self.rope_theta!r}: must be a number > 1")
         if self.sizing_rule not in SIZING_RULES:
             raise ConfigError(f"sizing_rule={self.sizing_rule!r}: must be one of {SIZING_RULES}")
@@ -161,12 +168,11 @@ class ModelConfig:
         if scaling.get("type", "yarn") != "yarn":
             raise ConfigError(f"rope_scaling.type={scaling.get('type')!r}: only 'yarn' is supported")
         for key in ("factor", "original_max_position_embeddings"):
-            if not (isinstance(scaling.get(key, 1), (int, float)) and scaling.get(key, 1) > 0):
+            if not (_is_number(scaling.get(key, 1)) and scaling.get(key, 1) > 0):
                 raise ConfigError(f"rope_scaling.{key}={scaling.get(key)!r}: must be a number > 0")
 
     def _validate_moe(self) -> None:
-        if not _is_pos_int(self.num_experts):
-            raise ConfigError(f"num_experts={self.num_experts!r}: must be an integer >= 1 when use_moe")
+        _check_size("num_experts", self.num_experts)
         if not _is_pos_int(self.num_experts_per_tok):
             raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok!r}: must be an integer >= 1")
         if self.num_experts_per_tok > self.num_experts:
@@ -174,10 +180,8 @@ class ModelConfig:
                 f"num_experts_per_tok={self.num_experts_per_tok} is above num_experts="
                 f"{self.num_experts} (top-k cannot pick more experts than exist)"
             )
-        if not (isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0):
-            raise ConfigError(f"n_shared_experts={self.n_shared_experts!r}: must be an integer >= 0")
-        if not _is_pos_int(self.moe_intermediate_size):
-            raise ConfigError(f"moe_intermediate_size={self.moe_intermediate_size!r}: must be an integer >= 1")
+        _check_size("n_shared_experts", self.n_shared_experts, minimum=0)
+        _check_size("moe_intermediate_size", self.moe_intermediate_size)
         if self.topk_renorm not in TOPK_RENORM_RULES:
             raise ConfigError(f"topk_renorm={self.topk_renorm!r}: must be one of {TOPK_RENORM_RULES}")
 
@@ -197,6 +201,8 @@ class ModelConfig:
         minimind2_moe = "n_routed_experts" in data
         if minimind2_moe:
             data.setdefault("num_experts", data.pop("n_routed_experts"))
+        if "norm_topk_prob" in data and not isinstance(data["norm_topk_prob"], bool):
+            raise ConfigError(f"norm_topk_prob={data['norm_topk_prob']!r}: must be true or false")
         if "topk_renorm" not in data and "norm_topk_prob" in data:
             if not data["norm_topk_prob"]:
                 data["topk_renorm"] = "never"
@@ -225,6 +231,26 @@ class ModelConfig:
 
 def _is_pos_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_size(name: str, value: Any, minimum: int = 1) -> None:
+    """An integer (not a bool, not a float) in [minimum, the field's limit in limits.py]."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"{name}={_short_repr(value)}: must be an integer >= {minimum}")
+    limit = FIELD_LIMITS[name]
+    if value > limit:
+        shown = value if value < 10**20 else f"a {len(str(value))}-digit integer"
+        raise ConfigError(f"{name}={shown}: above {limit:,}, the limit for this field (no real model needs more; "
+                          f"celerinfer_lab/limits.py)")
 
 
 # Presets for the released MiniMind models (vocab 6400, MiniMind's tokenizer).

@@ -1,56 +1,163 @@
 """The binary sidecar: weights in a safetensors file beside the JSON model file, memory-mapped.
 
-safetensors is a plain layout (8-byte little-endian header length, a JSON header of
+safetensors is a plain layout (8-byte little-endian header length N, a JSON header of
 name -> {dtype, shape, data_offsets}, then the raw bytes), read by the `safetensors` package,
-by base_line_micro (cpp/tools/model_file.hpp) and here. This module writes it as a stream — the
-header is known from the config's shapes before any tensor exists, so a generator never holds
-more than one tensor — and maps it back without a copy.
+by base_line_micro (cpp/tools/model_file.hpp) and here. Reading checks the whole header before
+anything is mapped (docs/model-file.md, "What a reader checks", step 5): offsets are integers
+that tile the data section exactly, so no tensor reaches outside the file or overlaps another.
+The map is watched: a sidecar truncated or rewritten on disk under a loaded model is reported
+(``SidecarWatch.check``) before a forward touches it, instead of killing the process (SIGBUS).
+Writing is in writer.py.
 """
 from __future__ import annotations
 
-import json
 import math
+import os
+import stat
 import struct
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "F16": np.dtype("<f2")}
+from .errors import SidecarError
+from .strict_json import parse_strict_json
+
+__all__ = ["SidecarError", "SidecarHeader", "SidecarWatch", "read_header", "open_sidecar", "map_tensors", "read_safetensors",
+           "sidecar_path"]
 
 
-from .errors import SidecarError  # noqa: E402,F401  (defined in errors.py, re-exported here)
+@dataclass(frozen=True)
+class SidecarHeader:
+    path: Path
+    size: int  # bytes of the whole file
+    data_start: int  # 8 + N
+    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, start, end), offsets into the data
+
+
+def sidecar_path(folder: Path, name: object, where: str) -> Path:
+    """The sidecar a model file names: a plain file name in the model file's folder, nothing else."""
+    if not (isinstance(name, str) and name and name not in (".", "..") and "/" not in name and "\0" not in name):
+        raise SidecarError(f"{where}: sidecar.file {name!r} must be a plain file name in the model file's folder")
+    return folder / name
+
+
+def read_header(f, path: Path, where: str, expected_size: int | None = None) -> SidecarHeader:
+    """Read and check the header of the open sidecar ``f`` (only its first 8 + N bytes are read)."""
+    info = os.fstat(f.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        raise SidecarError(f"{where}: sidecar {path.name} is not a regular file")
+    size = info.st_size
+    if expected_size is not None and size != expected_size:
+        raise SidecarError(f"{where}: sidecar {path.name} is {size} bytes, the model file says {expected_size} "
+                           f"(truncated, or not this model's sidecar)")
+    head = os.pread(f.fileno(), 8, 0)
+    if len(head) < 8:
+        raise SidecarError(f"{where}: sidecar {path.name} is too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise SidecarError(f"{where}: sidecar {path.name}: header length {n} runs past the end of the file "
+                           f"({size} bytes)")
+    if n % 8:
+        raise SidecarError(f"{where}: sidecar {path.name}: header length {n} is not a multiple of 8 "
+                           f"(the tensors would not be aligned)")
+    raw = os.pread(f.fileno(), n, 8)
+    header = parse_strict_json(raw, f"{where}: sidecar {path.name} header")
+    return SidecarHeader(path, size, 8 + n, _check_entries(header, size - 8 - n, f"{where}: sidecar {path.name}"))
+
+
+def open_sidecar(path: Path, where: str, expected_size: int | None = None):
+    """Open, check and map the sidecar at ``path``: (header, name -> read-only float32 array, watch).
+
+    One open file serves the check, the map and the watch, so the file checked is the file mapped."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise SidecarError(f"{where}: the sidecar file {path.name} is missing") from None
+    except IsADirectoryError:
+        raise SidecarError(f"{where}: sidecar {path.name} is not a regular file") from None
+    with f:
+        header = read_header(f, path, where, expected_size)
+        arrays = map_tensors(f, header)
+        watch = SidecarWatch(f, path, where)
+    return header, arrays, watch
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entries(header: object, data_size: int, where: str) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    if not isinstance(header, dict):
+        raise SidecarError(f"{where}: the header must be a JSON object")
+    entries: dict[str, tuple[tuple[int, ...], int, int]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise SidecarError(f"{where}: __metadata__ must be a JSON object")
+            continue
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
+            raise SidecarError(f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}")
+        if info["dtype"] != "F32":
+            raise SidecarError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}; model weights are F32")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise SidecarError(f"{where}: tensor {name!r}: shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise SidecarError(f"{where}: tensor {name!r}: data_offsets {offsets!r} must be two integers "
+                               f"0 <= start <= end <= {data_size} (the data section's size)")
+        start, end = offsets
+        if end - start != 4 * math.prod(shape):
+            raise SidecarError(f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of F32 "
+                               f"needs {4 * math.prod(shape)}")
+        entries[name] = (tuple(shape), start, end)
+    position = 0  # the tensors, in file order, must tile the data section: no gap, no overlap
+    for name, (_, start, end) in sorted(entries.items(), key=lambda item: (item[1][1], item[1][2])):
+        if start != position:
+            what = "overlaps the tensor before it" if start < position else f"leaves a gap of {start - position} bytes"
+            raise SidecarError(f"{where}: tensor {name!r} at bytes {start}..{end} {what}")
+        position = end
+    if position != data_size:
+        raise SidecarError(f"{where}: the tensors end at byte {position} of the data, the file holds {data_size} "
+                           f"(trailing bytes, or a truncated header)")
+    return entries
+
+
+class SidecarWatch:
+    """Keeps the mapped file open and tells whether it changed on disk since it was mapped.
+
+    A file replaced by rename or deleted is harmless (the map keeps the old inode); a file
+    truncated or rewritten in place is not: reading past the new end raises SIGBUS, and a
+    rewrite changes weights under the model. ``check`` compares the open file's size and
+    modification time with those at load.
+    """
+
+    def __init__(self, f, path: Path, where: str):
+        self.path, self.where = path, where
+        self._fd = os.dup(f.fileno())
+        weakref.finalize(self, os.close, self._fd)
+        info = os.fstat(self._fd)
+        self._stamp = (info.st_size, info.st_mtime_ns)
+
+    def check(self) -> None:
+        info = os.fstat(self._fd)
+        if (info.st_size, info.st_mtime_ns) != self._stamp:
+            change = "truncated" if info.st_size < self._stamp[0] else "rewritten"
+            raise SidecarError(f"{self.where}: the sidecar {self.path.name} was {change} on disk after the model was "
+                               f"loaded; reading it now could crash the process: reload the model")
+
+
+def map_tensors(f, header: SidecarHeader) -> dict[str, np.ndarray]:
+    """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped float32 array."""
+    mapped = np.memmap(f, dtype=np.uint8, mode="r", shape=(header.size,))
+    base = header.data_start
+    return {name: mapped[base + start: base + end].view("<f4").reshape(shape)
+            for name, (shape, start, end) in header.tensors.items()}
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only memory-mapped numpy array (no copy)."""
+    """Every tensor of a safetensors file, checked as a model's sidecar is, memory-mapped."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SidecarError(f"{path}: too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise SidecarError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise SidecarError(f"{path}: the sidecar file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SidecarError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
-    base = 8 + n
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise SidecarError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; readable: {sorted(DTYPES)}")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - start != math.prod(shape) * dtype.itemsize or base + end > size:
-            raise SidecarError(f"{path}: tensor {name!r} needs bytes {start}..{end} of the data, "
-                               f"the file holds {size - base} (truncated?)")
-        out[name] = mapped[base + start: base + end].view(dtype).reshape(shape)
-    return out
+    return open_sidecar(path, str(path))[1]
