@@ -204,6 +204,7 @@ class NativeModel:
     """A model bound to one compiled version: weights by pointer (kept alive here), workspaces by shape."""
 
     def __init__(self, engine: NativeEngine, model: Model, kernels: str = DEFAULT_KERNELS):
+        model.check_sidecar()  # binding and packing read the weights, which may be a memory-mapped sidecar
         self.engine, self.ns, self.model, self.kernels = engine, engine.ns, model, engine.check_kernels(kernels)
         self.config = model.config
         self._arrays = {name: _f32(a) for name, a in model.weights.items()}  # no copy for float32
@@ -248,6 +249,7 @@ class NativeModel:
         """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
         ``start``: tokens already in ``workspace``'s KV cache (decode)."""
         B, T = ids.shape
+        self.model.check_sidecar()  # a sidecar truncated under the model: an error here, not SIGBUS in C++
         sink = recorder if recorder is not None else _cppyy().nullptr
         with self._lock:
             ws = workspace if workspace is not None else self.workspace(B, T)

@@ -130,6 +130,7 @@ class ReferenceModel:
     """Weights as torch tensors in one dtype, ready for repeated forwards (benchmarks, tests)."""
 
     def __init__(self, model: Model, dtype: torch.dtype = torch.float32):
+        model.check_sidecar()  # the copies below read every page of a memory-mapped sidecar
         self.config: ModelConfig = model.config
         self.dtype = dtype
         # np.array copies: the loaded arrays are read-only views of the decoded file bytes.
