@@ -453,6 +453,13 @@ def _finish(report: Report, model) -> Report:
     return report
 
 
+def _check_has_real_tokens(attention_mask: np.ndarray) -> None:
+    """Only real tokens are compared: a file whose mask is all padding leaves nothing to compare."""
+    if not np.asarray(attention_mask).any():
+        raise UsageError("attention_mask is 0 everywhere: every token is padding, so no position can be "
+                         "compared (set at least one token's mask to 1)")
+
+
 def compare(model, native=None, kernels: str | None = None, baseline: str = "torch") -> "Report | Comparison":
     """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
     project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
@@ -463,6 +470,7 @@ def compare(model, native=None, kernels: str | None = None, baseline: str = "tor
     ones."""
     from .native import load_native
 
+    _check_has_real_tokens(model.attention_mask)
     native = native or load_native()
     shared = floor_runs(model, native, baseline)
     sets = native.kernel_sets if kernels == "all" else [native.check_kernels(kernels or native.kernels)]
@@ -478,6 +486,7 @@ def compare_decode(model, native=None, steps: int = 3, kernels: str | None = Non
     with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
     the isolated run is teacher forced at every step, so its cache holds the oracle's keys.
     ``kernels``: one kernel set (default: the engine's)."""
+    _check_has_real_tokens(model.attention_mask)
     import torch
 
     from .native import load_native
