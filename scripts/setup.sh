@@ -48,7 +48,7 @@ apt_install() {
 
 # Debian packages: the C++ toolchain and nlohmann/json for base_line_micro; Chromium for the
 # real-browser test of JupyterLab (Playwright drives it; a browser download cannot work here).
-DEBIAN_PACKAGES=(g++ cmake nlohmann-json3-dev chromium)
+DEBIAN_PACKAGES=(g++ cmake nlohmann-json3-dev chromium clang libclang-rt-dev)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -1,13 +1,26 @@
-// base_line_micro model.json out_dir
-// Reads a model file, runs the C++ forward on its inputs, prints load and forward times, and
-// writes out_dir/logits_cpp.npy. Environment: WARMUP (default 1), REPEAT (default 10),
+// base_line_micro [--allow-nonfinite] model.json out_dir
+// base_line_micro [--allow-nonfinite] --check FILE...
+//
+// Normal mode reads a model file, runs the C++ forward on its inputs, prints load and forward
+// times, and writes out_dir/logits_cpp.npy. Environment: WARMUP (default 1), REPEAT (default 10),
 // KERNELS (a registered kernel set: fast, the default, or readable) and THREADS (default: every core).
+//
+// --check validates and loads each FILE fully (every check of docs/model-file.md, values
+// included; no forward) and prints one line per file: "ok<TAB>FILE" or
+// "refused<TAB>FILE<TAB>message".
+//
+// --allow-nonfinite accepts NaN/Inf in weights and the RoPE cache (for studying NaN behaviour).
+//
+// Exit codes: 0 ok; 2 a usage error or a refused model file (celerinfer::ModelFileError; with
+// --check: any file refused); 1 any other failure (out of memory, cannot write the output, ...).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -25,14 +38,58 @@ static int env_int(const char* name, int fallback) {
     return v && *v ? std::atoi(v) : fallback;
 }
 
-int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: %s model.json out_dir\n", argv[0]);
-        return 2;
+static int usage(const char* argv0) {
+    std::fprintf(stderr,
+                 "usage: %s [--allow-nonfinite] model.json out_dir\n"
+                 "       %s [--allow-nonfinite] --check FILE...\n",
+                 argv0, argv0);
+    return 2;
+}
+
+// One line per file; 0 when every file is accepted, 2 when one is refused, 1 on another failure.
+static int check_files(const std::vector<std::string>& files, const ci::LoadOptions& options) {
+    int status = 0;
+    for (const std::string& file : files) {
+        try {
+            ci::LoadedModel loaded = ci::load_model_file(file, options);
+            std::printf("ok\t%s\n", file.c_str());
+        } catch (const ci::ModelFileError& e) {
+            std::string msg = e.what();
+            std::replace(msg.begin(), msg.end(), '\n', ' ');
+            std::replace(msg.begin(), msg.end(), '\t', ' ');
+            std::printf("refused\t%s\t%s\n", file.c_str(), msg.c_str());
+            status = std::max(status, 2);
+        } catch (const std::exception& e) {
+            std::printf("error\t%s\t%s\n", file.c_str(), e.what());
+            std::fflush(stdout);
+            std::fprintf(stderr, "error: %s: %s\n", file.c_str(), e.what());
+            return 1;
+        }
     }
+    if (std::fflush(stdout) != 0) return 1;
+    return status;
+}
+
+int main(int argc, char** argv) {
+    ci::LoadOptions options;
+    bool check = false;
+    std::vector<std::string> args;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (!check && a == "--allow-nonfinite") options.allow_nonfinite = true;
+        else if (!check && a == "--check") check = true;
+        else if (!check && a.size() > 1 && a[0] == '-' && a[1] == '-') return usage(argv[0]);
+        else args.push_back(a);
+    }
+    if (check) {
+        if (args.empty()) return usage(argv[0]);
+        return check_files(args, options);
+    }
+    if (args.size() != 2) return usage(argv[0]);
+    const std::string model_path = args[0], out_dir = args[1];
     try {
         auto start = Clock::now();
-        ci::LoadedModel loaded = ci::load_model_file(argv[1]);
+        ci::LoadedModel loaded = ci::load_model_file(model_path, options);
         const double load_ms = ms_since(start);
         const ci::Config& c = loaded.model->config;
         const char* kernels_env = std::getenv("KERNELS");
@@ -59,17 +116,20 @@ int main(int argc, char** argv) {
         float lo = logits[0], hi = logits[0];
         double sum = 0;
         for (float v : logits) { lo = std::min(lo, v); hi = std::max(hi, v); sum += v; }
-        std::filesystem::create_directories(argv[2]);
-        const std::string out = std::string(argv[2]) + "/logits_cpp.npy";
+        std::filesystem::create_directories(out_dir);
+        const std::string out = out_dir + "/logits_cpp.npy";
         ci::write_npy(out, logits.data(), {loaded.batch, loaded.seq_len, c.vocab});
-        std::printf("model: %s (batch %d x seq %d)\n", argv[1], loaded.batch, loaded.seq_len);
+        std::printf("model: %s (batch %d x seq %d)\n", model_path.c_str(), loaded.batch, loaded.seq_len);
         std::printf("load: %.3f ms\n", load_ms);
         std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
         std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", median, times.front(), times.back(), times.size());
         std::printf("logits: shape [%d, %d, %d] min %.6f max %.6f mean %.6f\n", loaded.batch, loaded.seq_len, c.vocab,
                     lo, hi, sum / double(logits.size()));
         std::printf("saved %s\n", out.c_str());
-        return 0;
+        return std::fflush(stdout) == 0 ? 0 : 1;
+    } catch (const ci::ModelFileError& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 2;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;

@@ -1,13 +1,28 @@
 // Read a model file (this project's format 1 or the original CelerInfer layout) into owned
-// buffers and a bound celerinfer::Model. File loading lives here, not in the forward.
+// buffers and a bound celerinfer::Model, checking everything docs/model-file.md ("What a reader
+// checks, in order") lists, in that order, and nothing else: the same files as
+// celerinfer_lab.modelfile.load_model. Every refusal is a celerinfer::ModelFileError
+// "PATH: field-or-tensor: what is wrong"; nothing is sized from the config before the file is
+// known to hold what the config implies.
+//
+// The core, parse_model_file(), reads bytes (the JSON text and a sidecar provider) so a fuzz
+// target drives it without files; load_model_file(path, options) is the file wrapper (the sidecar
+// memory-mapped, no copy).
 #pragma once
+#include <algorithm>
+#include <cmath>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
-#include <sstream>
+#include <optional>
+#include <set>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include <fcntl.h>
@@ -15,94 +30,453 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <filesystem>
-
-#include <nlohmann/json.hpp>
-
 #include "celerinfer/celerinfer.hpp"
+#include "model_file_config.hpp"
+#include "model_file_limits.hpp"
+#include "model_file_tensor.hpp"
+#include "strict_json.hpp"
 
 namespace celerinfer {
 
-using json = nlohmann::json;
-
-struct Tensor {
-    std::vector<int64_t> shape;
-    std::string dtype;
-    std::vector<uint8_t> bytes;
+struct LoadOptions {
+    bool allow_nonfinite = false;  // accept NaN/Inf in weights and the RoPE cache
 };
 
-inline std::vector<uint8_t> base64_decode(const std::string& text, const std::string& where) {
-    static const std::string alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    int table[256];
-    for (int& t : table) t = -1;
-    for (size_t i = 0; i < alphabet.size(); ++i) table[uint8_t(alphabet[i])] = int(i);
-    CI_CHECK(text.size() % 4 == 0, where, ": base64 data length ", text.size(), " is not a multiple of 4");
-    std::vector<uint8_t> out;
-    out.reserve(text.size() / 4 * 3);
-    for (size_t i = 0; i < text.size(); i += 4) {
-        int v[4];
-        int pad = 0;
-        for (int j = 0; j < 4; ++j) {
-            const char ch = text[i + j];
-            if (ch == '=' && i + 4 == text.size() && j >= 2) { v[j] = 0; ++pad; continue; }
-            CI_CHECK(pad == 0 && table[uint8_t(ch)] >= 0, where, ": data is not valid base64 at character ", i + j);
-            v[j] = table[uint8_t(ch)];
+// The bytes of a sidecar file. `data` must be 4-byte aligned (a mapping is page aligned);
+// `keep` keeps them alive (the mapping) as long as the loaded model.
+struct SidecarBytes {
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    std::shared_ptr<const void> keep;
+};
+// Given the sidecar's plain file name (already checked), its bytes; throws ModelFileError when
+// the file is missing or not a regular file.
+using SidecarProvider = std::function<SidecarBytes(const std::string& name)>;
+
+// A loaded model: the buffers the Model's pointers refer to live as long as this object.
+struct LoadedModel {
+    std::shared_ptr<const void> sidecar;  // the sidecar mapping, when there is one
+    std::unique_ptr<Model> model;
+    std::map<std::string, std::vector<float>> weights;  // decoded base64 tensors (and the RoPE cache)
+    std::vector<int64_t> input_ids, attention_mask;
+    int batch = 0, seq_len = 0;
+};
+
+namespace model_file_detail {
+
+struct Implied {  // one tensor the config implies
+    std::string name;
+    std::vector<int64_t> shape;
+};
+
+inline int64_t tensors_implied(const Config& c) {
+    const int64_t ffn = c.moe ? 1 + 3 * (int64_t(c.experts) + c.shared_experts) : 3;
+    const int64_t per_layer = 6 + (c.qk_norm ? 2 : 0) + ffn;
+    return 2 + int64_t(c.layers) * per_layer + (c.tied ? 0 : 1);
+}
+
+// Elements of all implied weights (the limits keep this far below 2^63; __int128 regardless).
+inline __int128 elements_implied(const Config& c) {
+    const __int128 H = c.hidden, V = c.vocab, q = c.q_dim(), kv = c.kv_dim();
+    __int128 mlp = c.moe ? (__int128(c.experts) + c.shared_experts) * 3 * H * c.moe_intermediate + __int128(c.experts) * H
+                         : 3 * H * c.intermediate;
+    const __int128 per_layer = 2 * H * q + 2 * H * kv + (c.qk_norm ? 2 * c.head_dim : 0) + 2 * H + mlp;
+    return V * H * (c.tied ? 1 : 2) + H + __int128(c.layers) * per_layer;
+}
+
+// MiniMind state-dict names and shapes (celerinfer_lab.modelfile.weight_shapes). Only called once
+// the file is known to hold about as many entries.
+inline std::vector<Implied> weights_implied(const Config& c) {
+    const int64_t H = c.hidden, V = c.vocab;
+    std::vector<Implied> out;
+    out.push_back({"model.embed_tokens.weight", {V, H}});
+    auto ffn = [&](const std::string& p, int64_t inter) {
+        out.push_back({p + ".gate_proj.weight", {inter, H}});
+        out.push_back({p + ".up_proj.weight", {inter, H}});
+        out.push_back({p + ".down_proj.weight", {H, inter}});
+    };
+    for (int i = 0; i < c.layers; ++i) {
+        const std::string p = "model.layers." + std::to_string(i);
+        out.push_back({p + ".input_layernorm.weight", {H}});
+        out.push_back({p + ".self_attn.q_proj.weight", {c.q_dim(), H}});
+        out.push_back({p + ".self_attn.k_proj.weight", {c.kv_dim(), H}});
+        out.push_back({p + ".self_attn.v_proj.weight", {c.kv_dim(), H}});
+        out.push_back({p + ".self_attn.o_proj.weight", {H, c.q_dim()}});
+        if (c.qk_norm) {
+            out.push_back({p + ".self_attn.q_norm.weight", {c.head_dim}});
+            out.push_back({p + ".self_attn.k_norm.weight", {c.head_dim}});
         }
-        const uint32_t n = (uint32_t(v[0]) << 18) | (uint32_t(v[1]) << 12) | (uint32_t(v[2]) << 6) | uint32_t(v[3]);
-        out.push_back(uint8_t(n >> 16));
-        if (pad < 2) out.push_back(uint8_t(n >> 8));
-        if (pad < 1) out.push_back(uint8_t(n));
+        out.push_back({p + ".post_attention_layernorm.weight", {H}});
+        if (c.moe) {
+            out.push_back({p + ".mlp.gate.weight", {c.experts, H}});
+            for (int e = 0; e < c.experts; ++e) ffn(p + ".mlp.experts." + std::to_string(e), c.moe_intermediate);
+            for (int s = 0; s < c.shared_experts; ++s) ffn(p + ".mlp.shared_experts." + std::to_string(s), c.moe_intermediate);
+        } else {
+            ffn(p + ".mlp", c.intermediate);
+        }
     }
+    out.push_back({"model.norm.weight", {H}});
+    if (!c.tied) out.push_back({"lm_head.weight", {V, H}});
     return out;
 }
 
-inline size_t dtype_size(const std::string& dtype, const std::string& where) {
-    if (dtype == "float32" || dtype == "int32") return 4;
-    if (dtype == "float64" || dtype == "int64") return 8;
-    if (dtype == "uint8") return 1;
-    fail(where, ": unknown dtype '", dtype, "' (base_line_micro reads float32, float64, int32, int64, uint8)");
+inline const json& section(const json& doc, const char* key, const std::string& where) {
+    const json* v = find(doc, key);
+    if (!v) refuse(where, "missing field '", key, "'");
+    if (!v->is_object()) refuse(where, "field '", key, "' must be a JSON object, got ", type_name(*v));
+    return *v;
 }
 
-inline Tensor read_tensor(const json& obj, const std::string& where) {
-    CI_CHECK(obj.is_object(), where, ": a tensor must be a JSON object");
-    for (const char* key : {"shape", "dtype", "data"})
-        CI_CHECK(obj.contains(key), where, ": tensor has no '", key, "' field");
-    Tensor t;
-    CI_CHECK(obj["shape"].is_array(), where, ": shape must be a list");
-    size_t numel = 1;
-    for (const auto& d : obj["shape"]) {
-        CI_CHECK(d.is_number_integer() && d.get<int64_t>() >= 0, where, ": shape must hold non-negative integers");
-        t.shape.push_back(d.get<int64_t>());
-        numel *= size_t(d.get<int64_t>());
-    }
-    CI_CHECK(obj["dtype"].is_string() && obj["data"].is_string(), where, ": dtype and data must be strings");
-    t.dtype = obj["dtype"].get<std::string>();
-    const std::string encoding = obj.value("encoding", std::string("base64"));
-    CI_CHECK(encoding == "base64", where, ": unknown encoding '", encoding, "'");
-    const size_t expected = numel * dtype_size(t.dtype, where);
-    t.bytes = base64_decode(obj["data"].get_ref<const std::string&>(), where);
-    CI_CHECK(t.bytes.size() == expected, where, ": data holds ", t.bytes.size(), " bytes but shape and dtype need ", expected);
-    return t;
+// Original CelerInfer names -> MiniMind state-dict names.
+inline const std::vector<std::pair<std::string, std::string>>& v0_layer_names() {
+    static const std::vector<std::pair<std::string, std::string>> names = {
+        {"rms_attn", "input_layernorm.weight"}, {"wq", "self_attn.q_proj.weight"}, {"wk", "self_attn.k_proj.weight"},
+        {"wv", "self_attn.v_proj.weight"},      {"wo", "self_attn.o_proj.weight"}, {"rms_ffn", "post_attention_layernorm.weight"},
+        {"w_gate", "mlp.gate_proj.weight"},     {"w_up", "mlp.up_proj.weight"},    {"w_down", "mlp.down_proj.weight"}};
+    return names;
 }
 
-template <typename T>
-inline std::vector<T> convert(const Tensor& t) {
-    size_t n = 1;
-    for (int64_t d : t.shape) n *= size_t(d);
-    std::vector<T> out(n);
-    auto copy = [&](auto tag) {
-        using Src = decltype(tag);
-        for (size_t i = 0; i < n; ++i) {
-            Src v;
-            std::memcpy(&v, t.bytes.data() + i * sizeof(Src), sizeof(Src));
-            out[i] = T(v);
+// Whether two (not yet checked) tensor objects hold the same dtype, shape and bytes.
+inline bool same_tensor(const json& a, const json& b) {
+    if (!a.is_object() || !b.is_object()) return false;
+    const json *da = find(a, "dtype"), *db = find(b, "dtype"), *sa = find(a, "shape"), *sb = find(b, "shape");
+    const json *xa = find(a, "data"), *xb = find(b, "data");
+    if (!da || !db || !sa || !sb || !xa || !xb || !xa->is_string() || !xb->is_string()) return false;
+    if (!da->is_string() || !db->is_string() || *da != *db || !sa->is_array() || !sb->is_array() || sa->size() != sb->size())
+        return false;
+    for (size_t i = 0; i < sa->size(); ++i)  // shapes of numbers only: no deep comparison
+        if (!(*sa)[i].is_number_integer() || (*sa)[i] != (*sb)[i]) return false;
+    const std::string &ta = xa->get_ref<const std::string&>(), &tb = xb->get_ref<const std::string&>();
+    if (ta == tb) return true;
+    if (ta.size() != tb.size()) return false;
+    std::vector<uint8_t> ba, bb;  // base64 may differ in unused trailing bits and still be the same bytes
+    if (!base64_decode_to(ta, ba) || !base64_decode_to(tb, bb)) return false;
+    return ba == bb;
+}
+
+// A weight table entry: where it is in the file, what the config implies.
+struct Slot {
+    std::string name;  // the state-dict name (or rope.cos / rope.sin)
+    std::vector<int64_t> shape;
+    const json* obj;
+    std::string where;  // "PATH: tensor 'name'" or "PATH: weights.layers[i]: tensor 'wq'"
+    TensorRef ref;
+    std::string section, label;  // where it is missing from, the name it has in the file
+};
+
+inline void check_sidecar_name(const std::string& name, const std::string& where) {
+    if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+        name.find('\0') != std::string::npos)
+        refuse(where, "sidecar.file '", strict_json_detail::printable(name), "' must be a plain file name in the model "
+               "file's folder (no '/', not '.' or '..')");
+}
+
+struct SidecarEntry {
+    std::string name;
+    std::vector<int64_t> shape;
+    uint64_t start = 0, end = 0;
+};
+
+// Step 5: the safetensors header, against the data section and the JSON's sidecar tensors.
+inline std::map<std::string, const float*> check_sidecar(const SidecarBytes& bytes, const std::string& where,
+                                                         const std::vector<Slot*>& marked) {
+    const std::string w = where + ": sidecar";
+    if (bytes.size < 8) refuse(w, "too short to be a safetensors file (", bytes.size, " bytes)");
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | bytes.data[i];  // little-endian
+    if (n % 8) refuse(w, "header length ", n, " is not a multiple of 8");
+    if (n > bytes.size - 8) refuse(w, "header length ", n, " runs past the end of the file (", bytes.size, " bytes)");
+    json header;
+    std::string error;
+    if (!parse_strict_json(std::string_view(reinterpret_cast<const char*>(bytes.data) + 8, size_t(n)), header, error))
+        refuse(w, "the safetensors header: ", error);
+    if (!header.is_object()) refuse(w, "the safetensors header must be a JSON object, got ", type_name(header));
+    const uint64_t data_size = bytes.size - 8 - n;
+    std::vector<SidecarEntry> entries;
+    for (auto it = header.begin(); it != header.end(); ++it) {
+        const std::string tw = w + ": tensor '" + strict_json_detail::printable(it.key()) + "'";
+        if (it.key() == "__metadata__") {
+            if (!it->is_object()) refuse(w, "__metadata__ must be a JSON object");
+            continue;
         }
+        const json& info = *it;
+        if (!info.is_object()) refuse(tw, "must be a JSON object, got ", type_name(info));
+        const json *dtype = find(info, "dtype"), *shape = find(info, "shape"), *offsets = find(info, "data_offsets");
+        if (!dtype || !shape || !offsets) refuse(tw, "needs dtype, shape and data_offsets");
+        if (!(dtype->is_string() && dtype->get_ref<const std::string&>() == "F32"))
+            refuse(tw, "has dtype ", short_repr(*dtype), "; readable: 'F32'");
+        SidecarEntry e;
+        e.name = it.key();
+        if (!shape->is_array()) refuse(tw, "shape must be a list of non-negative integers");
+        uint64_t bytes_needed = 4;
+        for (const json& d : *shape) {
+            int64_t x = 0;
+            if (as_int(d, x) != IntKind::Ok || x < 0) refuse(tw, "shape must be a list of non-negative integers");
+            e.shape.push_back(x);
+            if (__builtin_mul_overflow(bytes_needed, uint64_t(x), &bytes_needed)) bytes_needed = UINT64_MAX;
+        }
+        int64_t start = 0, end = 0;
+        if (!offsets->is_array() || offsets->size() != 2 || as_int((*offsets)[0], start) != IntKind::Ok ||
+            as_int((*offsets)[1], end) != IntKind::Ok || start < 0 || end < start)
+            refuse(tw, "data_offsets must be [start, end], integers with 0 <= start <= end");
+        e.start = uint64_t(start);
+        e.end = uint64_t(end);
+        if (e.end - e.start != bytes_needed)
+            refuse(tw, "data_offsets [", start, ", ", end, "] hold ", e.end - e.start, " bytes, its shape of F32 needs ",
+                   bytes_needed);
+        if (e.end > data_size)
+            refuse(tw, "needs bytes ", start, "..", end, " of the data, the file holds ", data_size, " (truncated?)");
+        entries.push_back(std::move(e));
+    }
+    std::sort(entries.begin(), entries.end(),
+              [](const SidecarEntry& a, const SidecarEntry& b) { return a.start != b.start ? a.start < b.start : a.end < b.end; });
+    uint64_t at = 0;
+    for (const SidecarEntry& e : entries) {
+        if (e.start != at)
+            refuse(w, "tensor '", strict_json_detail::printable(e.name), "' starts at byte ", e.start, " of the data, ",
+                   e.start < at ? "overlapping the tensor before it" : "leaving a gap", " (expected ", at, ")");
+        at = e.end;
+    }
+    if (at != data_size) refuse(w, "the tensors end at byte ", at, " of the data, the data holds ", data_size);
+    // The sidecar holds exactly the tensors the JSON marks "sidecar", each with the JSON's shape.
+    std::map<std::string, const SidecarEntry*> by_name;
+    for (const SidecarEntry& e : entries) by_name[e.name] = &e;
+    std::map<std::string, const float*> out;
+    const uint8_t* base = bytes.data + 8 + n;
+    for (const Slot* s : marked) {
+        auto it = by_name.find(s->name);
+        if (it == by_name.end()) refuse(s->where, "not in the sidecar");
+        if (it->second->shape != s->shape)
+            refuse(s->where, "the JSON says shape ", shape_str(s->shape), ", the sidecar holds ", shape_str(it->second->shape));
+        out[s->name] = reinterpret_cast<const float*>(base + it->second->start);
+    }
+    if (out.size() != entries.size())
+        for (const SidecarEntry& e : entries)
+            if (!out.count(e.name))
+                refuse(w, "tensor '", strict_json_detail::printable(e.name),
+                       "' is not a weight the model file marks \"encoding\": \"sidecar\"");
+    return out;
+}
+
+}  // namespace model_file_detail
+
+// The core: check and load a model file from its JSON text and a sidecar provider.
+// `where` names the file in messages.
+inline LoadedModel parse_model_file(const std::string& where, std::string_view text, const SidecarProvider& sidecar,
+                                    const LoadOptions& options = {}) {
+    using namespace model_file_detail;
+    // 1. The JSON text.
+    json doc;
+    {
+        std::string error;
+        if (!parse_strict_json(text, doc, error)) refuse(where, error, "; the file may be truncated or not a model file");
+    }
+    if (!doc.is_object()) refuse(where, "top level must be a JSON object, got ", type_name(doc));
+
+    // 2. The layout.
+    const json* version = find(doc, "format_version");
+    const json* weights_v = find(doc, "weights");
+    const bool v0 = !version;
+    if (v0 && !(weights_v && weights_v->is_object() && find(*weights_v, "layers")))
+        refuse(where, "not a model file: no 'format_version' (this project's format) and no 'weights.layers' "
+               "(original CelerInfer layout)");
+    if (!v0) {
+        int64_t x = 0;
+        const json* format = find(doc, "format");
+        if (!(format && format->is_string() && format->get_ref<const std::string&>() == "celerinfer-lab"))
+            refuse(where, "format is ", format ? short_repr(*format) : std::string("missing"), ", expected 'celerinfer-lab'");
+        if (as_int(*version, x) != IntKind::Ok || x != 1)
+            refuse(where, "format_version ", short_repr(*version), " is not supported (this version reads 1)");
+    }
+    const json& cfg_raw = section(doc, "config", where);
+    const json& inputs = section(doc, "inputs", where);
+    const json& rope = section(doc, "rope", where);
+    const json& weights = section(doc, "weights", where);
+    const json* meta = find(doc, "meta");
+    if (meta && !meta->is_object()) refuse(where, "field 'meta' must be a JSON object, got ", type_name(*meta));
+    const json* side = find(doc, "sidecar");
+    std::string side_name;
+    std::optional<int64_t> side_bytes;
+    if (side) {
+        if (v0) refuse(where, "sidecar: only this project's format (format_version 1) has a sidecar");
+        if (!side->is_object()) refuse(where, "sidecar must be {\"file\": NAME, \"format\": \"safetensors\"}");
+        const json *file = find(*side, "file"), *format = find(*side, "format"), *nbytes = find(*side, "bytes");
+        if (!(file && file->is_string() && format && format->is_string() &&
+              format->get_ref<const std::string&>() == "safetensors"))
+            refuse(where, "sidecar must be {\"file\": NAME, \"format\": \"safetensors\"}");
+        side_name = file->get<std::string>();
+        check_sidecar_name(side_name, where);
+        if (nbytes) {
+            int64_t x = 0;
+            if (as_int(*nbytes, x) != IntKind::Ok || x < 0)
+                refuse(where, "sidecar.bytes=", short_repr(*nbytes), ": must be an integer >= 0");
+            side_bytes = x;
+        }
+    }
+    // The original layout: its own names, one layers entry per layer.
+    const json* v0_layers = nullptr;
+    std::optional<bool> tie_override;
+    const json* head_dim_fallback = nullptr;
+    if (v0) {
+        for (auto it = weights.begin(); it != weights.end(); ++it)
+            if (it.key() != "tok_embedding" && it.key() != "final_rms" && it.key() != "lm_head" && it.key() != "layers")
+                refuse(where, "unexpected tensor 'weights.", strict_json_detail::printable(it.key()),
+                       "' (the original layout has tok_embedding, final_rms, lm_head and layers)");
+        for (const char* key : {"tok_embedding", "final_rms"})
+            if (!find(weights, key)) refuse(where, "missing tensor '", key, "'");
+        v0_layers = find(weights, "layers");
+        if (!v0_layers->is_array()) refuse(where, "weights.layers must be a list, got ", type_name(*v0_layers));
+        if (meta) head_dim_fallback = find(*meta, "head_dim");
+        if (!find(cfg_raw, "tie_word_embeddings")) {  // the original generator wrote a tied lm_head as a copy
+            const json* head = find(weights, "lm_head");
+            tie_override = !head || same_tensor(*head, weights["tok_embedding"]);
+        }
+    }
+
+    // 3. The config.
+    const Config c = read_model_config(cfg_raw, where, head_dim_fallback, tie_override);
+
+    // 4. The tensor table, against the config and the file's size: counted before enumerated.
+    SidecarBytes side_data;
+    if (side) {
+        side_data = sidecar(side_name);
+        if (side_bytes && uint64_t(*side_bytes) != side_data.size)
+            refuse(where, "sidecar: the file holds ", side_data.size, " bytes, the model file says ", *side_bytes,
+                   " (replaced or truncated?)");
+    }
+    const __int128 min_bytes = 2 * elements_implied(c);  // float16, the smallest float type
+    const __int128 room = __int128(text.size()) / 4 * 3 + __int128(side_data.size);
+    if (min_bytes > room)
+        refuse(where, "the config implies ", with_commas(int64_t(std::min<__int128>(elements_implied(c), INT64_MAX))),
+               " weight values, more than the file can hold (", text.size(), " bytes",
+               side ? cat(" and a sidecar of ", side_data.size, " bytes") : std::string(), ")");
+    const int64_t count = tensors_implied(c);
+    std::vector<Slot> slots;
+    const json* v0_head = v0 ? find(weights, "lm_head") : nullptr;
+    if (v0) {
+        if (int64_t(v0_layers->size()) != c.layers)
+            refuse(where, "weights.layers has ", v0_layers->size(), " entries, the config has num_hidden_layers=", c.layers);
+        for (size_t i = 0; i < v0_layers->size(); ++i) {
+            const json& layer = (*v0_layers)[i];
+            const std::string lw = cat(where, ": weights.layers[", i, "]");
+            if (!layer.is_object()) refuse(lw, "must be a JSON object, got ", type_name(layer));
+            for (auto it = layer.begin(); it != layer.end(); ++it) {
+                bool known = false;
+                for (const auto& kv : v0_layer_names()) known = known || it.key() == kv.first;
+                if (!known) refuse(lw, "unexpected tensor '", strict_json_detail::printable(it.key()), "'");
+            }
+        }
+        if (c.tied && v0_head && !same_tensor(*v0_head, weights["tok_embedding"]))
+            refuse(where, "tie_word_embeddings is true but lm_head differs from tok_embedding");
+        if (!c.tied && !v0_head) refuse(where, "missing tensor 'lm_head' (tie_word_embeddings is false)");
+        if (c.qk_norm || c.moe)
+            refuse(where, "config: ", c.qk_norm ? "qk_norm" : "use_moe", " is true, but the original layout cannot hold ",
+                   c.qk_norm ? "q_norm/k_norm weights" : "experts", " (missing tensor 'model.layers.0.",
+                   c.qk_norm ? "self_attn.q_norm.weight" : "mlp.gate.weight", "')");
+    } else {
+        const int64_t present = int64_t(weights.size());
+        if (count > present + 16)
+            refuse(where, "the config implies ", with_commas(count), " weight tensors, the file has ", present);
+    }
+    for (Implied& t : weights_implied(c)) {
+        Slot s{t.name, std::move(t.shape), nullptr, "", {}, where, t.name};
+        if (v0) {
+            if (t.name == "model.embed_tokens.weight") s.label = "tok_embedding";
+            else if (t.name == "model.norm.weight") s.label = "final_rms";
+            else if (t.name == "lm_head.weight") s.label = "lm_head";
+            if (s.label != t.name) {
+                s.obj = find(weights, s.label.c_str());
+            } else {  // model.layers.{i}.{rest}; dense, no qk_norm (checked above)
+                const size_t dot = t.name.find('.', 13);
+                const size_t i = size_t(std::stoul(t.name.substr(13, dot - 13)));
+                const std::string rest = t.name.substr(dot + 1);
+                for (const auto& kv : v0_layer_names())
+                    if (kv.second == rest) s.label = kv.first;
+                s.section = cat(where, ": weights.layers[", i, "]");
+                s.obj = find((*v0_layers)[i], s.label.c_str());
+            }
+        } else {
+            s.obj = find(weights, t.name.c_str());
+        }
+        s.where = cat(s.section, ": tensor '", s.label, "'");
+        if (!s.obj)
+            refuse(s.section, "missing tensor '", s.label, "' (the config needs it, shape ", shape_str(s.shape), ")");
+        slots.push_back(std::move(s));
+    }
+    if (!v0 && int64_t(weights.size()) != count) {
+        std::set<std::string> implied;
+        for (const Slot& s : slots) implied.insert(s.name);
+        for (auto it = weights.begin(); it != weights.end(); ++it)
+            if (!implied.count(it.key()))
+                refuse(where, "unexpected tensor '", strict_json_detail::printable(it.key()), "' (not a weight of this config)");
+    }
+    std::vector<Slot*> marked;
+    for (Slot& s : slots) {
+        s.ref = check_tensor(*s.obj, s.where, &s.shape, TensorKind::Float, !v0);
+        if (s.ref.sidecar) {
+            if (!side) refuse(s.where, "encoding 'sidecar' but the file names no sidecar");
+            marked.push_back(&s);
+        }
+    }
+    const std::vector<int64_t> rope_shape = {c.max_pos, c.head_dim};
+    Slot rope_slots[2];
+    for (int k = 0; k < 2; ++k) {
+        const char* key = k ? "sin" : "cos";
+        const json* obj = find(rope, key);
+        if (!obj) refuse(where, "missing tensor 'rope.", key, "'");
+        rope_slots[k] = Slot{std::string("rope.") + key, rope_shape, obj, cat(where, ": tensor 'rope.", key, "'"), {}, where, key};
+        rope_slots[k].ref = check_tensor(*obj, rope_slots[k].where, &rope_shape, TensorKind::Float, false);
+    }
+    TensorRef ids, mask;
+    for (const char* key : {"input_ids", "attention_mask"})
+        if (!find(inputs, key)) refuse(where, "missing tensor '", key, "'");
+    ids = check_tensor(inputs["input_ids"], cat(where, ": tensor 'input_ids'"), nullptr, TensorKind::Int, false);
+    if (ids.shape.size() != 2 || ids.shape[0] < 1 || ids.shape[1] < 1)
+        refuse(where, "input_ids has shape ", shape_str(ids.shape), ", expected [batch >= 1, seq_len >= 1]");
+    mask = check_tensor(inputs["attention_mask"], cat(where, ": tensor 'attention_mask'"), &ids.shape, TensorKind::Int, false,
+                        "input_ids has");
+    if (ids.shape[1] > c.max_pos)
+        refuse(where, "seq_len ", ids.shape[1], " is longer than max_position_embeddings ", c.max_pos);
+
+    // 5. The sidecar header.
+    std::map<std::string, const float*> mapped;
+    if (side) mapped = check_sidecar(side_data, where, marked);
+
+    // 6. The values.
+    LoadedModel out;
+    out.sidecar = side_data.keep;
+    std::vector<std::pair<std::string, std::pair<const float*, std::vector<int64_t>>>> bound;
+    auto take = [&](Slot& s) {
+        if (s.ref.sidecar) {
+            const float* p = mapped.at(s.name);
+            if (!options.allow_nonfinite) check_finite(p, size_t(s.ref.numel), s.where);
+            bound.push_back({s.name, {p, s.shape}});
+            return;
+        }
+        std::vector<float>& buf = out.weights[s.name];
+        decode_floats(s.ref, s.where, buf, !options.allow_nonfinite);
+        bound.push_back({s.name, {buf.data(), s.shape}});
     };
-    if (t.dtype == "float32") copy(float{});
-    else if (t.dtype == "float64") copy(double{});
-    else if (t.dtype == "int32") copy(int32_t{});
-    else if (t.dtype == "int64") copy(int64_t{});
-    else copy(uint8_t{});
+    for (Slot& s : slots) take(s);
+    for (Slot& s : rope_slots) take(s);
+    out.input_ids = decode_ints(ids, cat(where, ": tensor 'input_ids'"));
+    out.attention_mask = decode_ints(mask, cat(where, ": tensor 'attention_mask'"));
+    const int64_t S = ids.shape[1];
+    for (size_t i = 0; i < out.input_ids.size(); ++i)
+        if (out.input_ids[i] < 0 || out.input_ids[i] >= c.vocab)
+            refuse(where, "input_ids[", int64_t(i) / S, ",", int64_t(i) % S, "] = ", out.input_ids[i],
+                   " is outside the vocabulary [0, ", c.vocab, ")");
+    for (size_t i = 0; i < out.attention_mask.size(); ++i)
+        if (out.attention_mask[i] != 0 && out.attention_mask[i] != 1)
+            refuse(where, "attention_mask[", int64_t(i) / S, ",", int64_t(i) % S, "] = ", out.attention_mask[i],
+                   "; the mask must hold only 0 and 1");
+    out.batch = int(ids.shape[0]);
+    out.seq_len = int(S);
+
+    // Everything checked: size the model and bind its weights.
+    out.model = std::make_unique<Model>(c);
+    for (auto& [name, view] : bound) out.model->bind(name, view.first, view.second);
+    out.model->check_complete();
     return out;
 }
 
@@ -110,196 +484,73 @@ inline std::vector<T> convert(const Tensor& t) {
 struct Mapping {
     const uint8_t* data = nullptr;
     size_t size = 0;
-    explicit Mapping(const std::string& path) {
-        const int fd = ::open(path.c_str(), O_RDONLY);
-        CI_CHECK(fd >= 0, path, ": cannot open the sidecar file");
-        struct stat st {};
-        ::fstat(fd, &st);
-        size = size_t(st.st_size);
-        void* p = size ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
-        ::close(fd);
-        CI_CHECK(p != MAP_FAILED, path, ": cannot map the sidecar file");
-        data = static_cast<const uint8_t*>(p);
+    Mapping(const uint8_t* d, size_t n) : data(d), size(n) {}
+    ~Mapping() {
+        if (data) ::munmap(const_cast<uint8_t*>(data), size);
     }
-    ~Mapping() { if (data) ::munmap(const_cast<uint8_t*>(data), size); }
     Mapping(const Mapping&) = delete;
     Mapping& operator=(const Mapping&) = delete;
 };
 
-// The safetensors sidecar: tensor name -> (pointer into the map, shape).
-struct Sidecar {
-    std::unique_ptr<Mapping> map;
-    std::map<std::string, std::pair<const float*, std::vector<int64_t>>> tensors;
-};
-
-inline Sidecar open_sidecar(const std::string& path) {
-    Sidecar side;
-    side.map = std::make_unique<Mapping>(path);
-    const Mapping& m = *side.map;
-    CI_CHECK(m.size >= 8, path, ": too short to be a safetensors file");
-    uint64_t n = 0;
-    std::memcpy(&n, m.data, 8);
-    CI_CHECK(n <= m.size - 8, path, ": header length ", n, " runs past the end of the file");
-    json header;
-    try {
-        header = json::parse(m.data + 8, m.data + 8 + n);
-    } catch (const json::parse_error& e) {
-        fail(path, ": the safetensors header is not valid JSON: ", e.what());
-    }
-    const size_t base = 8 + n;
-    for (const auto& [name, info] : header.items()) {
-        if (name == "__metadata__") continue;
-        CI_CHECK(info.value("dtype", std::string()) == "F32", path, ": tensor '", name, "' is not F32");
-        const size_t start = info["data_offsets"][0].get<size_t>(), end = info["data_offsets"][1].get<size_t>();
-        std::vector<int64_t> shape = info["shape"].get<std::vector<int64_t>>();
-        size_t numel = 1;
-        for (int64_t d : shape) numel *= size_t(d);
-        CI_CHECK(end - start == numel * 4 && base + end <= m.size, path, ": tensor '", name,
-                 "' runs past the end of the file (truncated?)");
-        CI_CHECK((base + start) % 4 == 0, path, ": tensor '", name, "' is not 4-byte aligned");
-        side.tensors[name] = {reinterpret_cast<const float*>(m.data + base + start), shape};
-    }
-    return side;
+// The sidecar provider for files: `name` in the model file's folder, a regular file, mapped.
+inline SidecarProvider sidecar_files(const std::string& model_path) {
+    return [model_path](const std::string& name) -> SidecarBytes {
+        const size_t slash = model_path.rfind('/');
+        const std::string path = (slash == std::string::npos ? std::string() : model_path.substr(0, slash + 1)) + name;
+        const std::string w = model_path + ": sidecar: " + path;
+        struct stat st {};
+        if (::stat(path.c_str(), &st) != 0) model_file_detail::refuse(w, "the sidecar file is missing");
+        if (!S_ISREG(st.st_mode)) model_file_detail::refuse(w, "not a regular file");
+        const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) model_file_detail::refuse(w, "cannot open the sidecar file");
+        struct stat fst {};
+        if (::fstat(fd, &fst) != 0 || !S_ISREG(fst.st_mode)) {
+            ::close(fd);
+            model_file_detail::refuse(w, "not a regular file");
+        }
+        SidecarBytes out;
+        out.size = size_t(fst.st_size);
+        if (out.size == 0) {
+            ::close(fd);
+            static const uint64_t empty = 0;
+            out.data = reinterpret_cast<const uint8_t*>(&empty);
+            return out;
+        }
+        void* p = ::mmap(nullptr, out.size, PROT_READ, MAP_PRIVATE, fd, 0);
+        ::close(fd);
+        if (p == MAP_FAILED) model_file_detail::refuse(w, "cannot map the sidecar file");
+        auto map = std::make_shared<Mapping>(static_cast<const uint8_t*>(p), out.size);
+        out.data = map->data;
+        out.keep = map;
+        return out;
+    };
 }
 
-// A loaded model: the buffers the Model's pointers refer to live as long as this object.
-struct LoadedModel {
-    Sidecar sidecar;
-    std::unique_ptr<Model> model;
-    std::map<std::string, std::vector<float>> weights;
-    std::vector<int64_t> input_ids, attention_mask;
-    int batch = 0, seq_len = 0;
-};
-
-inline Config read_config(const json& cfg, const json& meta, const std::string& where) {
-    CI_CHECK(cfg.is_object(), where, ": missing field 'config'");
-    auto get_int = [&](const char* key) -> int {
-        CI_CHECK(cfg.contains(key) && cfg[key].is_number_integer(), where, ": config.", key, " is missing or not an integer");
-        return cfg[key].get<int>();
-    };
-    Config c;
-    c.hidden = get_int("hidden_size");
-    c.layers = get_int("num_hidden_layers");
-    c.heads = get_int("num_attention_heads");
-    c.kv_heads = get_int("num_key_value_heads");
-    c.vocab = get_int("vocab_size");
-    c.max_pos = get_int("max_position_embeddings");
-    c.intermediate = get_int("intermediate_size");
-    if (cfg.contains("head_dim") && !cfg["head_dim"].is_null()) c.head_dim = get_int("head_dim");
-    else if (meta.is_object() && meta.contains("head_dim")) c.head_dim = meta["head_dim"].get<int>();
-    else c.head_dim = c.heads > 0 ? c.hidden / c.heads : 0;
-    c.eps = cfg.value("rms_norm_eps", 1e-5f);
-    c.qk_norm = cfg.value("qk_norm", false);
-    c.rope_interleaved = cfg.value("rope_pairing", std::string("half")) == "interleaved";
-    c.tied = cfg.value("tie_word_embeddings", true);
-    c.moe = cfg.value("use_moe", false);
-    if (c.moe) {
-        c.experts = get_int("num_experts");
-        c.topk = get_int("num_experts_per_tok");
-        c.shared_experts = cfg.value("n_shared_experts", 0);
-        c.moe_intermediate = cfg.contains("moe_intermediate_size") && !cfg["moe_intermediate_size"].is_null()
-                                 ? get_int("moe_intermediate_size") : c.intermediate;
-        const std::string rule = cfg.value("topk_renorm", std::string("always"));
-        CI_CHECK(rule == "always" || rule == "k>1" || rule == "never", where, ": config.topk_renorm '", rule, "' is unknown");
-        c.topk_renorm = rule == "always" ? TopkRenorm::Always : rule == "k>1" ? TopkRenorm::WhenKAbove1 : TopkRenorm::Never;
+// Load a model file: read it whole (its size justifies the buffer), then parse_model_file.
+inline LoadedModel load_model_file(const std::string& path, const LoadOptions& options = {}) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) model_file_detail::refuse(path, errno == ENOENT ? "no such file (cannot open file)" : "cannot open file (no permission?)");
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        model_file_detail::refuse(path, "cannot open file: not a regular file");
     }
+    std::string text;
     try {
-        c.validate();
-    } catch (const std::exception& e) {
-        fail(where, ": ", e.what());
+        text.resize(size_t(st.st_size));
+    } catch (...) {
+        ::close(fd);
+        throw;
     }
-    return c;
-}
-
-inline LoadedModel load_model_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    CI_CHECK(in.good(), path, ": cannot open file");
-    json doc;
-    try {
-        doc = json::parse(in);
-    } catch (const json::parse_error& e) {
-        fail(path, ": not valid JSON (the file may be truncated): ", e.what());
+    size_t got = 0;
+    while (got < text.size()) {
+        const ssize_t n = ::read(fd, &text[got], text.size() - got);
+        if (n <= 0) break;
+        got += size_t(n);
     }
-    CI_CHECK(doc.is_object(), path, ": top level must be a JSON object");
-    for (const char* key : {"config", "inputs", "rope", "weights"})
-        CI_CHECK(doc.contains(key) && doc[key].is_object(), path, ": missing field '", key, "'");
-    const bool v0 = !doc.contains("format_version");
-    if (!v0) CI_CHECK(doc["format_version"] == 1, path, ": format_version ", doc["format_version"].dump(), " is not supported");
-    CI_CHECK(!v0 || doc["weights"].contains("layers"), path, ": not a model file (no format_version, no weights.layers)");
-
-    json cfg = doc["config"];
-    const json& w = doc["weights"];
-    if (v0 && !cfg.contains("tie_word_embeddings"))  // the original generator wrote lm_head as a copy of the embedding
-        cfg["tie_word_embeddings"] = !w.contains("lm_head") || w["lm_head"]["data"] == w["tok_embedding"]["data"];
-    LoadedModel out;
-    out.model = std::make_unique<Model>(read_config(cfg, doc.value("meta", json::object()), path));
-    Model& m = *out.model;
-
-    if (doc.contains("sidecar")) {
-        const json& info = doc["sidecar"];
-        CI_CHECK(info.is_object() && info.value("format", std::string()) == "safetensors" && info.contains("file"),
-                 path, ": sidecar must name a safetensors file");
-        const std::string dir = std::filesystem::path(path).parent_path().string();
-        out.sidecar = open_sidecar((dir.empty() ? std::string(".") : dir) + "/" + info["file"].get<std::string>());
-    }
-    auto add = [&](const std::string& name, const json& obj) {
-        if (obj.is_object() && obj.value("encoding", std::string()) == "sidecar") {
-            auto it = out.sidecar.tensors.find(name);
-            CI_CHECK(out.sidecar.map != nullptr, path, ": tensor '", name, "' is in a sidecar but the file names none");
-            CI_CHECK(it != out.sidecar.tensors.end(), path, ": tensor '", name, "' is not in the sidecar");
-            m.bind(name, it->second.first, it->second.second);  // no copy: straight into the map
-            return;
-        }
-        const Tensor t = read_tensor(obj, path + ": tensor '" + name + "'");
-        CI_CHECK(t.dtype.rfind("float", 0) == 0, path, ": tensor '", name, "' must be floating point");
-        std::vector<float>& buf = out.weights[name] = convert<float>(t);
-        m.bind(name, buf.data(), t.shape);
-    };
-    if (v0) {
-        const std::map<std::string, std::string> top = {{"tok_embedding", "model.embed_tokens.weight"},
-                                                         {"final_rms", "model.norm.weight"}};
-        const std::map<std::string, std::string> layer_names = {
-            {"rms_attn", "input_layernorm.weight"}, {"rms_ffn", "post_attention_layernorm.weight"},
-            {"wq", "self_attn.q_proj.weight"}, {"wk", "self_attn.k_proj.weight"}, {"wv", "self_attn.v_proj.weight"},
-            {"wo", "self_attn.o_proj.weight"}, {"w_gate", "mlp.gate_proj.weight"}, {"w_up", "mlp.up_proj.weight"},
-            {"w_down", "mlp.down_proj.weight"}};
-        for (const auto& [old_name, name] : top) {
-            CI_CHECK(w.contains(old_name), path, ": missing tensor '", old_name, "'");
-            add(name, w[old_name]);
-        }
-        if (!m.config.tied && w.contains("lm_head")) add("lm_head.weight", w["lm_head"]);
-        CI_CHECK(w["layers"].is_array(), path, ": weights.layers must be a list");
-        for (size_t l = 0; l < w["layers"].size(); ++l)
-            for (const auto& [old_name, name] : layer_names) {
-                CI_CHECK(w["layers"][l].contains(old_name), path, ": weights.layers[", l, "]: missing tensor '", old_name, "'");
-                add("model.layers." + std::to_string(l) + "." + name, w["layers"][l][old_name]);
-            }
-    } else {
-        for (const auto& [name, obj] : w.items()) add(name, obj);
-    }
-    for (const char* key : {"cos", "sin"}) {
-        CI_CHECK(doc["rope"].contains(key), path, ": missing tensor 'rope.", key, "'");
-        add(std::string("rope.") + key, doc["rope"][key]);
-    }
-    m.check_complete();
-
-    const json& inputs = doc["inputs"];
-    for (const char* key : {"input_ids", "attention_mask"}) CI_CHECK(inputs.contains(key), path, ": missing tensor '", key, "'");
-    const Tensor ids = read_tensor(inputs["input_ids"], path + ": tensor 'input_ids'");
-    const Tensor mask = read_tensor(inputs["attention_mask"], path + ": tensor 'attention_mask'");
-    CI_CHECK(ids.shape.size() == 2 && ids.shape[0] > 0 && ids.shape[1] > 0, path, ": input_ids must be [batch, seq_len]");
-    CI_CHECK(mask.shape == ids.shape, path, ": attention_mask shape differs from input_ids");
-    out.batch = int(ids.shape[0]);
-    out.seq_len = int(ids.shape[1]);
-    out.input_ids = convert<int64_t>(ids);
-    out.attention_mask = convert<int64_t>(mask);
-    for (size_t i = 0; i < out.input_ids.size(); ++i) {
-        CI_CHECK(out.input_ids[i] >= 0 && out.input_ids[i] < m.config.vocab, path, ": input_ids[", i, "] = ",
-                 out.input_ids[i], " is outside the vocabulary [0, ", m.config.vocab, ")");
-        CI_CHECK(out.attention_mask[i] == 0 || out.attention_mask[i] == 1, path, ": attention_mask must hold only 0 and 1");
-    }
-    CI_CHECK(out.seq_len <= m.config.max_pos, path, ": seq_len ", out.seq_len, " is longer than max_position_embeddings");
-    return out;
+    ::close(fd);
+    text.resize(got);
+    return parse_model_file(path, text, sidecar_files(path), options);
 }
 
 // Write a float32 array as .npy (version 1.0).
