@@ -79,12 +79,11 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
 
 
 def _check_output(output: str, sidecar: bool, force: bool) -> Path:
-    """The output path, refusing a folder, and an existing file unless ``force``."""
-    path = Path(output)
-    if path.is_dir():
-        raise UsageError(f"--output {output} is a folder: give a file name, e.g. {path / 'model.json'}")
-    targets = [path] + ([path.with_suffix(".safetensors")] if sidecar else [])
-    existing = [str(t) for t in targets if t.exists()]
+    """The output path, refusing a folder, a .safetensors name with --sidecar, and an existing model
+    (the file, or sidecars of its name the write would replace) unless ``force``."""
+    from .writer import check_target, sidecars_of
+    path = check_target(output, sidecar)
+    existing = [str(t) for t in [path] + sidecars_of(path) if t.exists()]
     if existing and not force:
         raise UsageError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
                          "pass --force to overwrite, or choose another --output")
@@ -96,18 +95,17 @@ def _size(nbytes: int) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_model
+    from .generate import generate_model_file
     config = config_from_args(args)
     _check_output(args.output, args.sidecar, args.force)
     start = time.perf_counter()
-    path = generate_model(config, args.batch_size, args.seq_len, args.seed, args.padding, args.pad_lengths,
-                          args.pad_id, output=args.output, progress=args.progress, sidecar=args.sidecar)
+    written = generate_model_file(config, args.batch_size, args.seq_len, args.seed, args.padding, args.pad_lengths,
+                                  args.pad_id, output=args.output, progress=args.progress, sidecar=args.sidecar)
     elapsed = time.perf_counter() - start
-    size = _size(path.stat().st_size)
-    if args.sidecar:
-        side = path.with_suffix(".safetensors")
-        size = f"{size} JSON + {_size(side.stat().st_size)} sidecar {side.name}"
-    print(f"wrote {path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
+    size = _size(written.json_bytes)  # what this run wrote (a concurrent writer may have replaced it since)
+    if written.sidecar:
+        size = f"{size} JSON + {_size(written.sidecar_bytes)} sidecar {written.sidecar.name}"
+    print(f"wrote {written.path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
           f"{size} in {elapsed:.2f} s")
     return 0
 

@@ -22,7 +22,8 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .errors import ModelFileError, UsageError
 from .modelfile import Model, weight_shapes
-from .writer import write_model_file
+from .writer import (Written, check_disk_room, check_target, human_bytes, largest_tensor, tensor_count,
+                     write_model_file)
 from .rope import rope_cache
 
 PADDING_MODES = ("none", "left", "right", "mixed")
@@ -90,15 +91,71 @@ def random_inputs(config: ModelConfig, batch_size: int, seq_len: int, seed: int,
     return ids, mask
 
 
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: bool = True) -> None:
+    """Refuse (UsageError) a model that cannot be generated in the memory available: streamed, its
+    largest tensor, the RoPE cache and the inputs are in memory at once; returned, all its weights."""
+    available = _mem_available()
+    if available is None:
+        return
+    name, shape, largest = largest_tensor(config)
+    weights = largest if streamed else config.num_parameters() * 4
+    rope = 2 * config.max_position_embeddings * config.head_dim * 4
+    inputs = 2 * batch_size * seq_len * 8
+    need = weights + rope + inputs
+    if need > available:
+        what = (f"its largest tensor ({name} {list(shape)}, {human_bytes(largest)})" if streamed else
+                f"its weights ({config.num_parameters():,} parameters, {human_bytes(weights)})")
+        raise UsageError(f"this model does not fit in memory: {what}, the RoPE cache ([{config.max_position_embeddings}, "
+                         f"{config.head_dim}] x 2, {human_bytes(rope)}) and the inputs ({human_bytes(inputs)}) need "
+                         f"{human_bytes(need)}, {human_bytes(available)} is available")
+
+
 def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
                    padding: str = "none", pad_lengths: list[int] | None = None, pad_id: int = 0,
                    output: str | Path | None = None, progress: bool | None = None,
                    sidecar: bool = False) -> Model | Path:
     """A random model with inputs. With ``output`` it is streamed to that file (one tensor in
     memory at a time) and the path is returned (missing parent folders are created; an existing
-    file is replaced); without, the Model is returned. ``sidecar``: the weights go to a
-    safetensors file beside the JSON (see modelfile.write_model_file). A file that cannot be
-    written (a full disk, a read-only folder, a folder in the way) is a ModelFileError naming it."""
+    model is replaced atomically: see writer.py); without, the Model is returned. ``sidecar``: the
+    weights go to a safetensors file beside the JSON (see writer.write_model_file).
+
+    Refused before anything large is allocated: a model that does not fit in the available memory
+    (UsageError), or in the output folder's free space (ModelFileError). An output that is a
+    folder, or ends in .safetensors with a sidecar, is a UsageError; a file that cannot be written
+    (a full disk, a read-only folder, a file in the way) is a ModelFileError naming it."""
+    result = generate_model_file(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id, output,
+                                 progress, sidecar)
+    return result if isinstance(result, Model) else result.path
+
+
+def generate_model_file(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
+                        padding: str = "none", pad_lengths: list[int] | None = None, pad_id: int = 0,
+                        output: str | Path | None = None, progress: bool | None = None,
+                        sidecar: bool = False) -> Model | Written:
+    """generate_model, returning with ``output`` what was written (writer.Written: paths and sizes)."""
+    _check_seed(seed)
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise ConfigError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    config.validate(seq_len=seq_len)
+    check_memory(config, batch_size, seq_len, streamed=output is not None)
+    if output is not None:
+        output = check_target(output, sidecar)
+        blocking = next((parent for parent in output.parents if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ModelFileError(f"cannot write {output}: {blocking} is a file, not a folder")
+        check_disk_room(output, config, batch_size, seq_len, sidecar)
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
     meta = {"generator": "celerinfer-lab", "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
@@ -108,31 +165,18 @@ def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, s
         return Model(config, dict(weights), input_ids, attention_mask, cos, sin, meta)
     if progress is None:
         progress = config.num_parameters() >= 20_000_000
-    output = Path(output)
-    if output.is_dir():
-        raise UsageError(f"output={str(output)!r} is a folder: give a file name, e.g. {output / 'model.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelFileError(f"cannot write {output}: {exc.strerror or exc}"
+                             + (f" ({exc.filename})" if exc.filename else "")) from exc
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(weight_shapes(config)), desc=f"writing {Path(output).name}", unit="tensor")
-    blocking = next((parent for parent in output.parents if parent.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise ModelFileError(f"cannot write {output}: {blocking} is a file, not a folder")
-    partial = output.with_name(output.name + ".partial")
+        bar = tqdm(total=tensor_count(config), desc=f"writing {output.name}", unit="tensor")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_model_file(output, config, weights, input_ids, attention_mask, cos, sin, meta,
-                         on_tensor=(lambda _name: bar.update()) if bar else None, sidecar=sidecar)
-    except OSError as exc:
-        for leftover in (partial, output.with_suffix(".safetensors.partial")):
-            try:
-                leftover.unlink(missing_ok=True)  # never leave half a file behind
-            except OSError:
-                pass
-        what = exc.strerror or str(exc)
-        raise ModelFileError(f"cannot write {output}: {what}" +
-                             (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(output) else "")) from exc
+        return write_model_file(output, config, weights, input_ids, attention_mask, cos, sin, meta,
+                                on_tensor=(lambda _name: bar.update()) if bar else None, sidecar=sidecar)
     finally:
         if bar:
             bar.close()
-    return output

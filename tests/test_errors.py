@@ -14,6 +14,7 @@ import pytest
 
 from celerinfer_lab import cli, errors
 from celerinfer_lab.errors import CelerInferError, UsageError
+from celerinfer_lab.writer import sidecar_named_by
 
 from conftest import REPO, stop_process, small_model
 
@@ -128,12 +129,12 @@ def test_generate_creates_folders_and_refuses_to_overwrite(capsys, tmp_path):
 def test_generate_reports_json_and_sidecar_sizes(capsys, tmp_path):
     out = tmp_path / "m.json"
     code, stdout, _ = call(capsys, "generate", "-o", out, "--sidecar")
-    side = out.with_suffix(".safetensors")
+    side = out.with_name(sidecar_named_by(out))  # m.<16 hex of its sha256>.safetensors
     assert code == 0 and side.exists()
     assert f"{out.stat().st_size / 1e3:.1f} kB JSON" in stdout and f"{side.stat().st_size / 1e6:.1f} MB sidecar" in stdout
     assert "0.0 MB" not in stdout
     out.unlink()  # the sidecar alone is in the way too
-    assert_usage_error(call(capsys, "generate", "-o", out, "--sidecar"), "m.safetensors", "--force")
+    assert_usage_error(call(capsys, "generate", "-o", out, "--sidecar"), side.name, "--force")
 
 
 def test_full_disk_is_a_named_error(tmp_path):
@@ -158,8 +159,9 @@ def test_bad_model_files(capsys, tmp_path, model_path):
     assert_usage_error(call(capsys, "info", tmp_path), str(tmp_path))
     side = tmp_path / "s.json"
     assert call(capsys, "generate", "-o", side, "--sidecar")[0] == 0
-    side.with_suffix(".safetensors").unlink()
-    assert_usage_error(call(capsys, "info", side), "s.safetensors")
+    sidecar = side.with_name(sidecar_named_by(side))
+    sidecar.unlink()
+    assert_usage_error(call(capsys, "info", side), sidecar.name)
     assert_usage_error(call(capsys, "compare"), "no model file")
 
 

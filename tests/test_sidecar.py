@@ -8,7 +8,14 @@ import pytest
 from celerinfer_lab import ModelFileError, generate_model, load_model, load_native, preset
 from celerinfer_lab.standalone import build_standalone, run_standalone
 
+from celerinfer_lab.writer import sidecar_named_by
+
 from conftest import REPO, small_config
+
+
+def sidecar_of(path):
+    """The sidecar a model file names: <stem>.<16 hex of its sha256>.safetensors."""
+    return path.with_name(sidecar_named_by(path))
 
 
 @pytest.fixture
@@ -26,7 +33,9 @@ def test_sidecar_holds_the_same_model(pair):
         np.testing.assert_array_equal(side.weights[name], array)
         assert isinstance(side.weights[name], np.memmap) or isinstance(side.weights[name].base, np.memmap)
     doc = json.loads(pair[1].read_text())
-    assert doc["sidecar"] == {"file": "side.safetensors", "format": "safetensors"}
+    side_file = sidecar_of(pair[1])
+    assert doc["sidecar"] == {"file": side_file.name, "format": "safetensors", "bytes": side_file.stat().st_size}
+    assert side_file.name.startswith("side.") and len(side_file.name) == len("side..safetensors") + 16
     assert doc["weights"]["model.norm.weight"]["encoding"] == "sidecar"
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(doc, json.loads((REPO / "docs" / "model-file.schema.json").read_text()))
@@ -34,12 +43,12 @@ def test_sidecar_holds_the_same_model(pair):
 
 def test_sidecar_is_real_safetensors(pair):
     from safetensors.numpy import load_file
-    tensors = load_file(pair[1].with_suffix(".safetensors"))
+    tensors = load_file(sidecar_of(pair[1]))
     np.testing.assert_array_equal(tensors["lm_head.weight"], load_model(pair[0]).weights["lm_head.weight"])
 
 
 def test_bad_sidecars_are_named(pair):
-    side = pair[1].with_suffix(".safetensors")
+    side = sidecar_of(pair[1])
     data = side.read_bytes()
     side.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match="runs past|truncated"):
