@@ -113,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .modelfile import load_model
     from .trace import trace_points
-    model = load_model(args.model)
+    model = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
     print(f"{args.model} ({model.source_format})")
     for key, value in model.config.to_dict().items():
         print(f"  {key}: {value}")
@@ -169,7 +169,7 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads {args.threads}: must be 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(path)
+    model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     ref = ReferenceModel(model, dtype)
     times = time_call(lambda: ref.forward(), warmup, args.repeat)
@@ -189,7 +189,7 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     from .modelfile import load_model
     from .native import load_native
     path, dump_dir, warmup = _forward_inputs(args)
-    model = load_model(path)
+    model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     engine = load_native(args.cpp_dir)
     native = engine.prepare(model, args.kernels)
     ids, mask = native.check_inputs(None, None)
@@ -217,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.model:
         raise ModelFileError("no model file given")
     fault = get_fault(args.fault)
-    model = load_model(args.model)
+    model = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
     engine = load_native(args.cpp_dir, fault=args.fault)
     kernels = engine.kernel_sets if args.kernels == "all" else [engine.check_kernels(args.kernels)]
     if fault is not None:
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--list-faults", action="store_true", help="print the fault catalogue, one per line")
     cmp.add_argument("--kernels", default="all",
                      help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered")
+    for p in (info, tf, cf, cmp):
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="accept NaN/Inf in the file's weights and RoPE cache (refused by default), to study them")
     lab = sub.add_parser("lab", help="open JupyterLab on the notebooks (extra arguments go to jupyter lab)",
                          description="Start JupyterLab on DIR (default: this checkout's notebooks/), adding "
                                      "--allow-root when run as root. Any other arguments (--no-browser, --port N, "
