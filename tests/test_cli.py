@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_torch_forward_prints_and_dumps(tmp_path):
 def test_torch_forward_honours_original_environment(tmp_path, v0_dir):
     r = run("torch-forward", env={"JSON_PATH": str(v0_dir / "minimind.json"), "DUMP_DIR": str(tmp_path), "WARMUP": "0"})
     assert r.returncode == 0, r.stderr
-    assert "runs) after 0 warm-up" in r.stdout
+    assert re.search(r"runs\)(?: — noisy: [^\n]*)? after 0 warm-up", r.stdout), r.stdout  # a noisy machine says so between
     np.testing.assert_allclose(np.load(tmp_path / "logits_torch.npy"), np.load(v0_dir / "logits_torch.npy"), rtol=0, atol=1e-6)
 
 
