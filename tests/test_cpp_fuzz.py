@@ -112,6 +112,16 @@ def seed_corpus(tmp_path_factory) -> Path:
     side = _tiny(models / "side.json", sidecar=True)
     (corpus / "sidecar").write_bytes(side.read_bytes() + SEP + _sidecar_of(side).read_bytes())
     shutil.copy(_tiny_v0(models / "v0.json"), corpus / "v0_small")
+
+    def minimind2(d):  # MiniMind2's MoE names, a float16 weight, a float64 RoPE cache, uint8 inputs
+        d["config"].update(n_routed_experts=d["config"].pop("num_experts"), norm_topk_prob=True)
+        d["config"].pop("topk_renorm")
+        for t, dtype in ((d["weights"][W], np.float16), (d["rope"]["cos"], np.float64),
+                         (d["inputs"]["input_ids"], np.uint8)):
+            values = np.frombuffer(base64.b64decode(t["data"]), dtype=np.dtype(t["dtype"]))
+            t.update(dtype=np.dtype(dtype).name, data=base64.b64encode(values.astype(dtype).tobytes()).decode())
+    moe = dict(use_moe=True, num_experts=2, num_experts_per_tok=2, intermediate_size=16)
+    shutil.copy(_edit(_tiny(models / "mm2.json", **moe), minimind2), corpus / "minimind2_f16")
     shutil.copy(fixtures_dir() / "celerinfer-v0" / "minimind.json", corpus / "minimind_v0")
     return corpus
 
@@ -121,7 +131,7 @@ def _fuzz(binary: Path, seeds: Path, work: Path, seconds: int) -> str:
     corpus, artifacts = work / "corpus", work / "artifacts"
     shutil.copytree(seeds, corpus)
     artifacts.mkdir()
-    cmd = [str(binary), f"-max_total_time={seconds}", "-timeout=20", "-malloc_limit_mb=512", "-rss_limit_mb=2048",
+    cmd = [str(binary), f"-max_total_time={seconds}", "-timeout=20", "-malloc_limit_mb=512", "-rss_limit_mb=4096",
            f"-dict={CPP / 'tests' / 'fuzz_model_file.dict'}", f"-artifact_prefix={artifacts}/", "-print_final_stats=1",
            str(corpus)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=work)
