@@ -158,6 +158,8 @@ def _same_tensor(a: Any, b: Any) -> bool:
 def _table_v0(doc: dict, where: str) -> _Table:
     """The original tool's layout: weights.{tok_embedding, final_rms, lm_head, layers[{wq, ...}]}."""
     meta = _section(doc, "meta", where, required=False)
+    if "sidecar" in doc:  # the original tool wrote none; ignoring one would load other weights than meant
+        raise ModelFileError(f"{where}: sidecar: only this project's format (format_version 1) has a sidecar")
     raw_config = dict(_section(doc, "config", where))
     if "head_dim" not in raw_config and "head_dim" in meta:
         raw_config["head_dim"] = meta["head_dim"]

@@ -72,17 +72,23 @@ def _paths(node, prefix=()):
 
 
 def _mutate_doc(data, doc: dict) -> None:
-    paths = [p for p in _paths(doc) if p]
+    # An area first, so the few config fields are hit as often as the hundreds of tensor fields.
+    areas = [key for key in doc if isinstance(doc[key], (dict, list))] + ["(top)"]
+    area = data.draw(st.sampled_from(sorted(areas) + ["config"] * 3 if "config" in doc else areas), label="area")
+    paths = [p for p in _paths(doc) if p and (area == "(top)" or p[0] == area)]
     path = data.draw(st.sampled_from(paths), label="path")
     parent = doc
     for key in path[:-1]:
         parent = parent[key]
     key, value = path[-1], parent[path[-1]]
     kind = data.draw(st.sampled_from(["replace", "delete", "add", "string"]), label="kind")
+    if kind == "add" and area == "(top)":  # a key beside the sections: format, a sidecar in the v0 layout, ...
+        parent, key, value = {"": doc}, "", doc
     if kind == "delete" and isinstance(parent, dict):
         del parent[key]
     elif kind == "add" and isinstance(value, dict):
-        value[data.draw(st.sampled_from(["x", "bytes", "encoding", "dtype", "head_dim", "lm_head", "sidecar"]))] = \
+        value[data.draw(st.sampled_from(["x", "bytes", "encoding", "dtype", "head_dim", "lm_head", "sidecar",
+                                         "format", "format_version", "meta", "n_routed_experts", "norm_topk_prob"]))] = \
             data.draw(st.sampled_from(AWKWARD))
     elif kind == "string" and isinstance(value, str) and value:
         i = data.draw(st.integers(0, len(value) - 1), label="at")
@@ -229,6 +235,45 @@ def test_mutants_get_a_verdict_and_both_readers_agree(seeds, cpp_checker, tmp_pa
     refused = sum(v == "refused" for v, _ in verdicts.values())
     assert 0 < refused < len(verdicts), "the mutations should make some files invalid and leave some valid"
     differential(cpp_checker, [Path(f) for f in verdicts], verdicts)
+
+
+CONFIG_VALUES = [0, -1, 1, 2, 4, 8, 16, 64, 1024, 1025, 65537, 2**32 + 8, 2**63, 4.0, 0.5, -1e-6, 1e-30, True, False,
+                 None, "", "gelu", "silu", "minimind2", "minimind3", "k>1", "never", "interleaved", "yarn", [], {},
+                 {"factor": 4, "type": "yarn"}, {"factor": True}, {"x": 1}]
+TENSOR_VALUES = [None, "", "float32", "float16", "float64", "int32", "int64", "uint8", "sidecar", "base64", [],
+                 [0], [2, 4], [64, 32], [4, 2], [-1, 4], [2**62, 4], [2.0, 4], [True, 4], 1, {}]
+
+
+def _systematic_mutants(seeds, folder: Path) -> list[Path]:
+    """Every config field, and every field of one tensor per section, set to every awkward value:
+    the targeted half of the differential (random mutation rarely hits one field with one value)."""
+    out = []
+    for path, doc, side in seeds:
+        edits = [("config", key, value) for key in list(doc["config"]) + ["n_routed_experts", "norm_topk_prob"]
+                 for value in CONFIG_VALUES]
+        tensors = [("inputs", "input_ids"), ("rope", "cos")]
+        tensors.append(("weights", next(iter(doc["weights"]))) if "format_version" in doc else ("weights", "final_rms"))
+        edits += [(section, name, field, value) for section, name in tensors
+                  for field in ("shape", "dtype", "encoding") for value in TENSOR_VALUES]
+        if side is not None:
+            edits += [("sidecar", key, value) for key in ("file", "format", "bytes", "x") for value in CONFIG_VALUES]
+        for edit in edits:
+            mutant = json.loads(json.dumps(doc))
+            target = mutant[edit[0]] if len(edit) == 3 else mutant[edit[0]][edit[1]]
+            target[edit[-2]] = edit[-1]
+            case = folder / f"{len(out):06d}"
+            case.mkdir(parents=True)
+            (case / "m.json").write_text(json.dumps(mutant))
+            if side is not None:
+                (case / doc_sidecar_name(path)).write_bytes(side)
+            out.append(case / "m.json")
+    return out
+
+
+def test_every_field_with_every_awkward_value_agrees(seeds, cpp_checker, tmp_path):
+    files = _systematic_mutants(seeds, tmp_path)
+    verdicts = {str(f): python_verdict(f) for f in files}
+    differential(cpp_checker, files, verdicts)
 
 
 def test_the_seed_corpus_loads_in_both_readers(seeds, cpp_checker):

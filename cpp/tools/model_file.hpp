@@ -300,6 +300,10 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
     if (side) {
         if (v0) refuse(where, "sidecar: only this project's format (format_version 1) has a sidecar");
         if (!side->is_object()) refuse(where, "sidecar must be {\"file\": NAME, \"format\": \"safetensors\"}");
+        for (const auto& item : side->items())
+            if (item.key() != "file" && item.key() != "format" && item.key() != "bytes")
+                refuse(where, "sidecar must be {\"file\": NAME, \"format\": \"safetensors\", \"bytes\": SIZE}; it has '",
+                       strict_json_detail::printable(item.key()), "'");
         const json *file = find(*side, "file"), *format = find(*side, "format"), *nbytes = find(*side, "bytes");
         if (!(file && file->is_string() && format && format->is_string() &&
               format->get_ref<const std::string&>() == "safetensors"))
