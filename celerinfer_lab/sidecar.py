@@ -97,8 +97,8 @@ def _check_entries(header: object, data_size: int, where: str) -> dict[str, tupl
             if not isinstance(info, dict):
                 raise SidecarError(f"{where}: __metadata__ must be a JSON object")
             continue
-        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
-            raise SidecarError(f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}")
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):  # more keys: ignored,
+            raise SidecarError(f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}")  # as safetensors does
         if info["dtype"] != "F32":
             raise SidecarError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}; model weights are F32")
         shape, offsets = info["shape"], info["data_offsets"]

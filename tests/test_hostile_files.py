@@ -180,6 +180,14 @@ def test_nonfinite_weights_and_rope_are_refused_unless_allowed(plain):
     assert np.isinf(load_model(plain, allow_nonfinite=True).rope_cos[3, 1])
 
 
+def test_a_float64_weight_past_float32_range_is_refused(plain):
+    """Finite as stored, Inf once in float32 (what both forwards compute in): refused like Inf."""
+    big = np.ones(32)
+    big[5] = 1e300
+    _edit_doc(plain, lambda d: d["weights"].update({NORM: encode_tensor(NORM, big, "float64")}))
+    _refused(plain, f"tensor '{NORM}' contains NaN or Inf in float32", "[5]")
+
+
 def test_input_ids_stored_as_floats_are_refused(plain):
     ids = load_model(plain).input_ids
     _edit_doc(plain, lambda d: d["inputs"].update(input_ids=encode_tensor("input_ids", ids + 0.5, "float32")))

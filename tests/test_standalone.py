@@ -56,8 +56,8 @@ Q = "model.layers.0.self_attn.q_proj.weight"
     (lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-4]), "bytes but shape and dtype need 16384"),
     (lambda d: d["weights"][Q].update(dtype="bfloat16"), "unknown dtype 'bfloat16'"),
     (lambda d: d["weights"][Q].update(data="@" + d["weights"][Q]["data"][1:]), "not valid base64"),
-    (lambda d: d["config"].update(num_key_value_heads=3), "heads=8 is not a multiple of kv_heads=3"),
-    (lambda d: d["weights"].update({"model.layers.0.bogus.weight": d["weights"][Q]}), "unknown tensor 'model.layers.0.bogus.weight'"),
+    (lambda d: d["config"].update(num_key_value_heads=3), "num_attention_heads=8 is not a multiple of num_key_value_heads=3"),
+    (lambda d: d["weights"].update({"model.layers.0.bogus.weight": d["weights"][Q]}), "unexpected tensor 'model.layers.0.bogus.weight'"),
     (lambda d: d.pop("rope"), "missing field 'rope'"),
 ])
 def test_standalone_bad_files(binary, tmp_path, edit, expected):
@@ -65,7 +65,7 @@ def test_standalone_bad_files(binary, tmp_path, edit, expected):
     small_model().save(path)
     _mutate(path, edit)
     r = subprocess.run([str(binary), str(path), str(tmp_path / "out")], capture_output=True, text=True)
-    assert r.returncode == 1 and expected in r.stderr, r.stderr
+    assert r.returncode == 2 and expected in r.stderr, r.stderr
 
 
 def test_standalone_truncated_and_missing(binary, tmp_path):
@@ -73,8 +73,8 @@ def test_standalone_truncated_and_missing(binary, tmp_path):
     small_model().save(path)
     path.write_bytes(path.read_bytes()[:3000])
     r = subprocess.run([str(binary), str(path), str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 1 and "not valid JSON" in r.stderr
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
     r = subprocess.run([str(binary), str(tmp_path / "nope.json"), str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 1 and "cannot open" in r.stderr
+    assert r.returncode == 2 and "cannot open" in r.stderr
     r = subprocess.run([str(binary)], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr

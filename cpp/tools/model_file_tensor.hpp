@@ -189,7 +189,7 @@ inline std::vector<uint8_t> decode_bytes(const TensorRef& t, const std::string& 
 }
 
 [[noreturn]] inline void refuse_nonfinite(const std::string& where, size_t i) {
-    refuse(where, "contains NaN or Inf (element ", i, "); refused unless --allow-nonfinite");
+    refuse(where, "contains NaN or Inf (element ", i, ", in float32); refused unless --allow-nonfinite");
 }
 
 inline void check_finite(const float* p, size_t n, const std::string& where) {
@@ -198,7 +198,7 @@ inline void check_finite(const float* p, size_t n, const std::string& where) {
 }
 
 // Decode a float tensor into float32 (float64 rounded, float16 widened); with `check`, refuse a
-// non-finite value as stored in the file.
+// value that is not finite in float32 (NaN, Inf, or a float64 past float32's range).
 inline void decode_floats(const TensorRef& t, const std::string& where, std::vector<float>& out, bool check) {
     const size_t n = size_t(t.numel);
     if (t.dtype == DType::F32) {
@@ -214,8 +214,8 @@ inline void decode_floats(const TensorRef& t, const std::string& where, std::vec
         if (t.dtype == DType::F64) {
             double v;
             std::memcpy(&v, raw.data() + 8 * i, 8);
-            if (check && !std::isfinite(v)) refuse_nonfinite(where, i);
             out[i] = float(v);
+            if (check && !std::isfinite(out[i])) refuse_nonfinite(where, i);  // also a double past float32's range
         } else {
             uint16_t h;
             std::memcpy(&h, raw.data() + 2 * i, 2);
