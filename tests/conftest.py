@@ -66,3 +66,25 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# ---- base_line_micro builds, once per session, shared by every test that runs it ----------------
+@pytest.fixture(scope="session")
+def standalone_binary(tmp_path_factory) -> Path:
+    """base_line_micro as the README builds it (CMake, Release)."""
+    from celerinfer_lab.standalone import build_standalone
+    return build_standalone(build_dir=tmp_path_factory.mktemp("standalone-build"))
+
+
+@pytest.fixture(scope="session")
+def sanitized_binary(tmp_path_factory) -> Path:
+    """base_line_micro under AddressSanitizer + UBSan (clang; g++ when clang is missing)."""
+    import shutil
+    build = tmp_path_factory.mktemp("sanitized-build")
+    compiler = ["-DCMAKE_CXX_COMPILER=clang++"] if shutil.which("clang++") else []
+    for cmd in (["cmake", "-S", str(REPO / "cpp"), "-B", str(build), *compiler, "-DCELERINFER_SANITIZE=ON",
+                 "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", str(build), "--target", "base_line_micro", "-j", "2"]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return build / "base_line_micro"

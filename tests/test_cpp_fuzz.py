@@ -30,6 +30,7 @@ from celerinfer_lab import ModelConfig
 from celerinfer_lab.generate import generate_model
 
 from conftest import REPO, fixtures_dir
+from readers import differential
 
 CPP = REPO / "cpp"
 REGRESSIONS = REPO / "tests" / "fuzz_regressions" / "cpp"
@@ -55,17 +56,15 @@ def fuzz_binary(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def asan_binary(tmp_path_factory):
-    """base_line_micro under AddressSanitizer + UBSan."""
-    return _build(CPP, tmp_path_factory.mktemp("asan-build"), "base_line_micro", "-DCELERINFER_SANITIZE=ON",
-                  "-DCMAKE_BUILD_TYPE=Release")
+def asan_binary(sanitized_binary):
+    """base_line_micro under AddressSanitizer + UBSan (conftest.py builds it once)."""
+    return sanitized_binary
 
 
 @pytest.fixture(scope="session")
-def plain_binary(tmp_path_factory):
+def plain_binary(standalone_binary):
     """base_line_micro without sanitizers (for memory limits: ASan reserves terabytes of address space)."""
-    from celerinfer_lab.standalone import build_standalone
-    return build_standalone(build_dir=tmp_path_factory.mktemp("plain-build"))
+    return standalone_binary
 
 
 # ---- seeds -----------------------------------------------------------------------------------------
@@ -142,15 +141,25 @@ def _fuzz(binary: Path, seeds: Path, work: Path, seconds: int) -> str:
     return r.stderr
 
 
+def _corpus_differential(binary: Path, work: Path) -> None:
+    """The inputs libFuzzer kept (each reached new code in the C++ reader), as files: Python's
+    load_model must give each the verdict the C++ reader gives."""
+    files = [_unpack(p.read_bytes(), work / "unpacked" / p.name) for p in sorted((work / "corpus").iterdir())]
+    refused = differential(binary, files)
+    print(f"corpus differential: {len(files)} files, {refused} refused by both, the rest accepted by both")
+
+
 @needs_clang
-def test_fuzz_model_file(fuzz_binary, seed_corpus, tmp_path):
+def test_fuzz_model_file(fuzz_binary, seed_corpus, tmp_path, sanitized_binary):
     _fuzz(fuzz_binary, seed_corpus, tmp_path, 90)
+    _corpus_differential(sanitized_binary, tmp_path)
 
 
 @needs_clang
 @pytest.mark.fuzz_long
-def test_fuzz_model_file_long(fuzz_binary, seed_corpus, tmp_path):
+def test_fuzz_model_file_long(fuzz_binary, seed_corpus, tmp_path, sanitized_binary):
     _fuzz(fuzz_binary, seed_corpus, tmp_path, int(os.environ.get("FUZZ_SECONDS", "1800")))
+    _corpus_differential(sanitized_binary, tmp_path)
 
 
 def test_seed_files_load(plain_binary, seed_corpus, tmp_path):

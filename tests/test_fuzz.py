@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celerinfer_lab import ModelFileError, load_model
 
-from conftest import REPO, fixtures_dir
+from conftest import fixtures_dir
 from hostile import write_model
+from readers import differential, python_verdict
 
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions" / "python"
 AWKWARD = [0, -1, 1, 2, 3, 8, 1024, 1025, 65536, 65537, 2**31 - 1, 2**31, 2**32 + 8, 2**53 + 1, 2**63 - 1, 2**63,
@@ -169,52 +168,6 @@ def doc_sidecar_name(path: Path) -> str:
     return json.loads(path.read_text())["sidecar"]["file"]
 
 
-# ---- the readers -----------------------------------------------------------------------------------
-def python_verdict(path: Path) -> tuple[str, str]:
-    """("ok", "") or ("refused", message); any exception other than ModelFileError propagates."""
-    try:
-        load_model(path)
-    except ModelFileError as exc:
-        return "refused", str(exc)
-    return "ok", ""
-
-
-@pytest.fixture(scope="session")
-def cpp_checker() -> Path:
-    """base_line_micro built with AddressSanitizer and UBSan (cached in cpp/build-sanitize)."""
-    build = REPO / "cpp" / "build-sanitize"
-    for cmd in (["cmake", "-S", str(REPO / "cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-                 "-DCELERINFER_SANITIZE=ON"],
-                ["cmake", "--build", str(build), "-j", "2", "--target", "base_line_micro"]):
-        subprocess.run(cmd, check=True, capture_output=True)
-    return build / "base_line_micro"
-
-
-def cpp_verdicts(binary: Path, files: list[Path]) -> dict[str, tuple[str, str]]:
-    """One `base_line_micro --check` over many files: path -> (verdict, message). A crash or a
-    sanitizer report fails the caller's test."""
-    out = {}
-    for start in range(0, len(files), 200):
-        chunk = [str(f) for f in files[start:start + 200]]
-        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "halt_on_error=1"}
-        run = subprocess.run([str(binary), "--check", *chunk], capture_output=True, text=True, env=env, timeout=600)
-        assert run.returncode in (0, 2), f"base_line_micro --check crashed ({run.returncode}):\n{run.stderr[-4000:]}"
-        assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
-        for line in run.stdout.splitlines():
-            verdict, name, *message = line.split("\t")
-            out[name] = (verdict, message[0] if message else "")
-    missing = [str(f) for f in files if str(f) not in out]
-    assert not missing, f"base_line_micro --check printed no verdict for {missing[:3]}"
-    return out
-
-
-def differential(binary: Path, files: list[Path], python: dict[str, tuple[str, str]]) -> None:
-    cpp = cpp_verdicts(binary, files)
-    disagree = [(f, python[f], cpp[f]) for f in python if python[f][0] != cpp[f][0]]
-    lines = [f"{f}\n  python: {p[0]} {p[1][:200]}\n  c++:    {c[0]} {c[1][:200]}" for f, p, c in disagree[:10]]
-    assert not disagree, f"the readers disagree on {len(disagree)} of {len(files)} files:\n" + "\n".join(lines)
-
-
 def fuzz(seeds, folder: Path, examples: int) -> dict[str, tuple[str, str]]:
     """Write ``examples`` mutants under ``folder``; return each one's Python verdict."""
     verdicts: dict[str, tuple[str, str]] = {}
@@ -230,11 +183,11 @@ def fuzz(seeds, folder: Path, examples: int) -> dict[str, tuple[str, str]]:
     return verdicts
 
 
-def test_mutants_get_a_verdict_and_both_readers_agree(seeds, cpp_checker, tmp_path):
+def test_mutants_get_a_verdict_and_both_readers_agree(seeds, sanitized_binary, tmp_path):
     verdicts = fuzz(seeds, tmp_path, examples=int(os.environ.get("FUZZ_EXAMPLES", 600)))
     refused = sum(v == "refused" for v, _ in verdicts.values())
     assert 0 < refused < len(verdicts), "the mutations should make some files invalid and leave some valid"
-    differential(cpp_checker, [Path(f) for f in verdicts], verdicts)
+    differential(sanitized_binary, [Path(f) for f in verdicts], verdicts)
 
 
 CONFIG_VALUES = [0, -1, 1, 2, 4, 8, 16, 64, 1024, 1025, 65537, 2**32 + 8, 2**63, 4.0, 0.5, -1e-6, 1e-30, True, False,
@@ -270,36 +223,36 @@ def _systematic_mutants(seeds, folder: Path) -> list[Path]:
     return out
 
 
-def test_every_field_with_every_awkward_value_agrees(seeds, cpp_checker, tmp_path):
+def test_every_field_with_every_awkward_value_agrees(seeds, sanitized_binary, tmp_path):
     files = _systematic_mutants(seeds, tmp_path)
     verdicts = {str(f): python_verdict(f) for f in files}
-    differential(cpp_checker, files, verdicts)
+    differential(sanitized_binary, files, verdicts)
 
 
-def test_the_seed_corpus_loads_in_both_readers(seeds, cpp_checker):
+def test_the_seed_corpus_loads_in_both_readers(seeds, sanitized_binary):
     files = [path for path, _, _ in seeds]
-    differential(cpp_checker, files, {str(f): ("ok", "") for f in files})
+    differential(sanitized_binary, files, {str(f): ("ok", "") for f in files})
 
 
-def test_regressions_keep_their_verdict(cpp_checker):
+def test_regressions_keep_their_verdict(sanitized_binary):
     cases = sorted(p for p in REGRESSIONS.iterdir() if p.is_dir()) if REGRESSIONS.is_dir() else []
     for case in cases:
         expect = (case / "EXPECT").read_text().strip()
         assert python_verdict(case / "m.json")[0] == expect, case.name
     if cases:
-        differential(cpp_checker, [c / "m.json" for c in cases],
+        differential(sanitized_binary, [c / "m.json" for c in cases],
                      {str(c / "m.json"): ((c / "EXPECT").read_text().strip(), "") for c in cases})
 
 
 @pytest.mark.fuzz_long
-def test_long_fuzz(seeds, cpp_checker, tmp_path):
+def test_long_fuzz(seeds, sanitized_binary, tmp_path):
     """FUZZ_SECONDS (default 1800) of mutants in rounds of 500, each round checked against C++."""
     end = time.monotonic() + float(os.environ.get("FUZZ_SECONDS", 1800))
     total = 0
     while time.monotonic() < end:
         folder = tmp_path / f"round{total // 500}"
         verdicts = fuzz(seeds, folder, examples=500)
-        differential(cpp_checker, [Path(f) for f in verdicts], verdicts)
+        differential(sanitized_binary, [Path(f) for f in verdicts], verdicts)
         total += len(verdicts)
         shutil.rmtree(folder)
     print(f"{total} mutants, both readers agreed on every one")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from celerinfer_lab import ModelFileError, generate_model, load_model, load_native, preset
-from celerinfer_lab.standalone import build_standalone, run_standalone
+from celerinfer_lab.standalone import run_standalone
 
 from celerinfer_lab.writer import sidecar_named_by
 
@@ -58,10 +58,10 @@ def test_bad_sidecars_are_named(pair):
         load_model(pair[1])
 
 
-def test_native_and_standalone_read_the_sidecar(pair, tmp_path):
+def test_native_and_standalone_read_the_sidecar(pair, tmp_path, standalone_binary):
     native = load_native()
     np.testing.assert_array_equal(native.forward(load_model(pair[1])).logits, native.forward(load_model(pair[0])).logits)
-    binary = build_standalone(build_dir=tmp_path / "build")
+    binary = standalone_binary
     a = run_standalone(binary, pair[0], tmp_path / "a", 0, 1)
     b = run_standalone(binary, pair[1], tmp_path / "b", 0, 1)
     np.testing.assert_array_equal(a.logits, b.logits)

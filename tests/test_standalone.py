@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from celerinfer_lab import load_model
-from celerinfer_lab.standalone import build_standalone, run_standalone
+from celerinfer_lab.standalone import run_standalone
 
 from conftest import small_model
 
 
 @pytest.fixture(scope="session")
-def binary(tmp_path_factory):
-    return build_standalone(build_dir=tmp_path_factory.mktemp("build"))
+def binary(standalone_binary):
+    return standalone_binary
 
 
 @pytest.mark.parametrize("variant", [
