@@ -254,3 +254,13 @@ def test_a_sidecar_replaced_by_a_new_file_leaves_the_loaded_model_intact(side, t
     os.replace(fresh, path)
     ReferenceModel(model)
     np.testing.assert_array_equal(model.weights[NORM], before)
+
+
+def test_compare_on_a_model_that_is_all_padding_is_a_named_error(plain):
+    """Only real tokens are compared; a mask of zeros leaves nothing (was a ValueError from numpy)."""
+    from celerinfer_lab import compare
+    from celerinfer_lab.errors import UsageError
+    model = load_model(plain)
+    model.attention_mask[:] = 0
+    with pytest.raises(UsageError, match="every token is padding"):
+        compare(model)
