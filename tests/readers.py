@@ -28,8 +28,8 @@ def cpp_verdicts(binary: Path, files: list[Path]) -> dict[str, tuple[str, str]]:
         run = subprocess.run([str(binary), "--check", *chunk], capture_output=True, text=True, env=env, timeout=600)
         assert run.returncode in (0, 2), f"base_line_micro --check crashed ({run.returncode}):\n{run.stderr[-4000:]}"
         assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]
-        for line in run.stdout.splitlines():
-            verdict, name, *message = line.split("\t")
+        for line in run.stdout.split("\n")[:-1]:  # not splitlines(): a message may hold a form feed
+            verdict, name, *message = line.split("\t", 2)
             out[name] = (verdict, message[0] if message else "")
     missing = [str(f) for f in files if str(f) not in out]
     assert not missing, f"base_line_micro --check printed no verdict for {missing[:3]}"
