@@ -1,6 +1,6 @@
 """The C++ model-file reader (cpp/tools/model_file.hpp) against hostile files.
 
-* a libFuzzer target (cpp/tests/fuzz_model_file.cpp, clang + ASan + UBSan) runs ~90 s on a seed
+* a libFuzzer target (cpp/tests/fuzz_model_file.cpp, clang + ASan + UBSan) runs ~60 s on a seed
   corpus of real model files (the long run is marked fuzz_long: FUZZ_SECONDS, default 1800);
 * every input in tests/fuzz_regressions/cpp/ replays through the fuzz target and through a
   sanitizer-built ``base_line_micro --check`` without a crash;
@@ -151,7 +151,7 @@ def _corpus_differential(binary: Path, work: Path) -> None:
 
 @needs_clang
 def test_fuzz_model_file(fuzz_binary, seed_corpus, tmp_path, sanitized_binary):
-    _fuzz(fuzz_binary, seed_corpus, tmp_path, 90)
+    _fuzz(fuzz_binary, seed_corpus, tmp_path, 60)
     _corpus_differential(sanitized_binary, tmp_path)
 
 
