@@ -1,6 +1,7 @@
 """Measure how close a correct C++ forward comes to the debugger's tolerance.
 
-Runs compare() over random configs from the property grid (tests/test_native.py) and prints, for
+Runs compare() over random configs from the property grid (celerinfer_lab.testing.model_cases, the
+strategy tests/test_native.py and tests/test_fast.py draw from) and prints, for
 accumulated and isolated errors, the distribution of  error / max(floor, MIN_FLOOR)  -- the debugger
 calls a point divergent above FACTOR (10). Re-run it after changing a kernel: the margin is
 FACTOR / the largest ratio.
@@ -9,9 +10,6 @@ FACTOR / the largest ratio.
 """
 import argparse
 import sys
-from pathlib import Path
-
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def main(argv=None) -> int:
@@ -26,9 +24,7 @@ def main(argv=None) -> int:
 
     from celerinfer_lab.compare import FACTOR, MIN_FLOOR, compare
     from celerinfer_lab.native import load_native
-
-    sys.path.insert(0, str(TESTS))  # the property grid lives with the tests it drives
-    from test_native import model_cases
+    from celerinfer_lab.testing import model_cases
 
     native = load_native()
     rows = []

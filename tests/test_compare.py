@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from celerinfer_lab.compare import build_report, compare, errors, kl_per_token, run_all
+from celerinfer_lab.compare import build_report, compare, errors, kl_per_token, reference_runs, run_all
 from celerinfer_lab.diagnose import diagnose
 from celerinfer_lab.native import load_native
+from celerinfer_lab.trace import trace_points
 
 from conftest import edit_file, small_model
 
@@ -44,8 +45,68 @@ def test_correct_build_agrees_with_floors(native, variant):
     report = compare(model, native)
     assert report.agrees and report.culprit is None and report.diagnosis is None, report.to_text()
     assert report.logits.top1_agreement == 1.0 and report.logits.kl_max < 1e-9
-    assert all(p.tol >= 10 * p.floor for p in report.points)
+    _assert_tolerances_follow_the_documented_rule(report, model)
     assert "all" in report.summary() and "agree" in report.summary()
+
+
+# The documented rule (compare.py's docstring), written out here with literal numbers so that a
+# change to FACTOR, MIN_FLOOR or where the floor comes from fails these tests:
+#   floor = ||ref32 - oracle|| / ||oracle|| over the real token positions (masked scores left out)
+#   tol   = 10 * max(floor, 2**-22)
+RULE_FACTOR, RULE_MIN_FLOOR = 10.0, 2.0 ** -22
+
+
+def _real_rows(array, token_axis, mask):
+    return np.moveaxis(array, token_axis, 1)[mask.astype(bool)].astype(np.float64)
+
+
+def _expected_tol(runs, point, mask, ref="ref32"):
+    x, r = (_real_rows(runs[k][point.name], point.token_axis, mask) for k in ("oracle", ref))
+    live = np.isfinite(x) & (x > -1e8)  # masked scores (-inf, or -1e9 padding) are compared by class
+    floor = np.linalg.norm(r[live] - x[live]) / np.linalg.norm(x[live])
+    return RULE_FACTOR * max(floor, RULE_MIN_FLOOR)
+
+
+def _assert_tolerances_follow_the_documented_rule(report, model):
+    mask = model.attention_mask
+    checked = 0
+    for point in trace_points(model.config, *mask.shape):
+        if point.dtype == "int64":  # routing indices: compared by count, no rel_l2 tolerance
+            continue
+        p = report.point(point.name)
+        assert p.tol == pytest.approx(_expected_tol(report.runs, point, mask), rel=1e-9, abs=0), point.name
+        assert p.own_tol == pytest.approx(_expected_tol(report.runs, point, mask, "ref32_own"), rel=1e-9, abs=0), point.name
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("floor", ["measured", "zero: MIN_FLOOR applies"])
+def test_planted_error_just_above_the_tolerance_diverges_just_below_does_not(floor):
+    """The subject is the float32 reference itself (no C++ needed), except at one point, where its
+    value is the oracle's plus an error of rel_l2 = k * tol, tol computed here from the documented
+    rule: k = 1.02 must diverge, k = 0.98 must not."""
+    model = small_model(batch_size=2, seq_len=7, padding="mixed")
+    mask = model.attention_mask
+    name = "model.layers.0.mlp.down_proj"
+    point = next(p for p in trace_points(model.config, *mask.shape) if p.name == name)
+    runs = reference_runs(model)
+    runs.update(cpp=dict(runs["ref32"]), cpp_own=dict(runs["ref32_own"]))
+    report = build_report(runs, model.config, mask)
+    assert report.agrees, report.to_text()
+    _assert_tolerances_follow_the_documented_rule(report, model)
+    if floor.startswith("zero"):
+        runs["ref32"][name] = runs["oracle"][name].astype(np.float64).copy()
+    tol = _expected_tol(runs, point, mask)
+    assert (tol == RULE_FACTOR * RULE_MIN_FLOOR) == floor.startswith("zero")
+    x = runs["oracle"][name].astype(np.float64)
+    b, s = np.argwhere(mask)[0]  # a real token position
+    for k, diverges in ((1.02, True), (0.98, False)):
+        planted = x.copy()
+        planted[b, s, 0] += k * tol * np.linalg.norm(_real_rows(x, point.token_axis, mask))
+        report = build_report({**runs, "cpp": {**runs["cpp"], name: planted}}, model.config, mask)
+        p = report.point(name)
+        assert p.rel_l2 == pytest.approx(k * tol, rel=1e-6)
+        assert p.diverges is diverges, f"k={k}: rel_l2 {p.rel_l2:.4e}, tol {p.tol:.4e}, abs {p.max_abs:.2e} vs {p.abs_tol:.2e}"
 
 
 def test_isolation_separates_two_bugs(cpp_copy):

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from celerinfer_lab import compare, load_native, reference_forward, trace_points
 from celerinfer_lab.compare import compare_decode
 from celerinfer_lab.reference import ReferenceModel, decode_steps, greedy_generate
+from celerinfer_lab.testing import model_cases
 
 from conftest import small_model
-from test_native import model_cases
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,28 @@
 .ci/run runs the README's test command."""
 import tomllib
 
+import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from conftest import REPO
+
+
+def python_satisfies(version: str, requires: str) -> bool:
+    """Whether a Python version ("3.11", "3.9.2") meets a requires-python (">=3.11"), compared as
+    versions, not as strings ("3.9" >= "3.11" is True as strings). packaging comes with pytest."""
+    return SpecifierSet(requires).contains(version)
+
+
+@pytest.mark.parametrize("version,requires,ok", [
+    ("3.11", ">=3.11", True), ("3.12", ">=3.11", True), ("3.11.7", ">=3.11", True),
+    ("3.10", ">=3.11", False),
+    ("3.9", ">=3.11", False),  # as strings "3.9" >= "3.11" is True: the check this replaces said yes
+    ("3.100", ">=3.11", True),  # as strings "3.100" >= "3.11" is False
+    ("4.0", ">= 3.11", True), ("3.12", ">=3.11,<3.12", False),
+])
+def test_python_versions_compare_as_numbers(version, requires, ok):
+    assert python_satisfies(version, requires) is ok
 
 
 def test_environment_yml_installs_the_package_with_pyproject_extras():
@@ -12,7 +31,8 @@ def test_environment_yml_installs_the_package_with_pyproject_extras():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = env["dependencies"]
     python = next(d for d in deps if isinstance(d, str) and d.startswith("python"))
-    assert python.split("=")[-1] >= pyproject["project"]["requires-python"].lstrip(">=")
+    requires = pyproject["project"]["requires-python"]
+    assert python_satisfies(python.split("=")[-1], requires), f"environment.yml's {python} is not {requires}"
     pip_deps = next(d["pip"] for d in deps if isinstance(d, dict))
     extras = set(pyproject["project"]["optional-dependencies"])
     editable = [d for d in pip_deps if d.startswith("-e .")]
