@@ -1,12 +1,28 @@
 """CelerInfer Lab: random MiniMind models, a PyTorch reference with a named trace, and the tools
-to prove a C++ forward computes the same thing, op by op."""
-from .compare import Comparison, Report, compare, compare_decode
-from .config import PRESETS, ConfigError, ModelConfig, preset
-from .generate import generate_model
-from .modelfile import Model, ModelFileError, load_model, save_model, weight_shapes
-from .native import NativeCompileError, NativeEngine, NativeError, NativeModel, copy_cpp, edit_source, load_native
-from .reference import ForwardResult, KVCache, ReferenceModel, reference_forward
-from .trace import TracePoint, trace_names, trace_points
+to prove a C++ forward computes the same thing, op by op.
+
+The names below are imported on first use (PEP 562), so ``import celerinfer_lab`` (and the CLI's
+``--help``) loads none of torch, matplotlib, pandas or cppyy; ``celerinfer_lab.X`` and
+``from celerinfer_lab import X`` work as if everything had been imported here."""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+# public name -> the module (under celerinfer_lab) that defines it
+_EXPORTS = {
+    "Comparison": "compare", "Report": "compare", "compare": "compare", "compare_decode": "compare",
+    "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config", "preset": "config",
+    "generate_model": "generate",
+    "Model": "modelfile", "ModelFileError": "modelfile", "load_model": "reader", "save_model": "modelfile",
+    "weight_shapes": "modelfile",
+    "NativeCompileError": "native", "NativeEngine": "native", "NativeError": "native", "NativeModel": "native",
+    "copy_cpp": "native", "edit_source": "native", "load_native": "native",
+    "ForwardResult": "reference", "KVCache": "reference", "ReferenceModel": "reference",
+    "reference_forward": "reference",
+    "TracePoint": "trace", "trace_names": "trace", "trace_points": "trace",
+}
 
 __all__ = [
     "PRESETS", "ConfigError", "ModelConfig", "preset", "generate_model", "Model", "ModelFileError",
@@ -15,3 +31,32 @@ __all__ = [
     "load_native", "NativeEngine", "NativeModel", "NativeError", "NativeCompileError", "copy_cpp", "edit_source",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``compare`` names both a submodule and its main function. Importing a submodule sets the
+    package attribute of its name to the module; for ``compare`` the package keeps the function
+    instead, as the eager ``from .compare import compare`` used to (``celerinfer_lab.compare`` is
+    the function, ``sys.modules["celerinfer_lab.compare"]`` the module)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if (_EXPORTS.get(name) == name and isinstance(value, types.ModuleType)
+                and value.__name__ == f"{__name__}.{name}"):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

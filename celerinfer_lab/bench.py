@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from . import plots  # noqa: F401  (makes Figures display in Jupyter)
 from .config import ModelConfig
 from .generate import generate_model
 from .modelfile import Model
@@ -158,6 +156,10 @@ def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
     """Forward time against size (log-log), one line per side from sweep()'s table: the medians, with
     a band from the lower to the upper quartile (min to max when the table has no quartiles); noisy
     cases are marked with an open ring and named in the title."""
+    from matplotlib.figure import Figure
+
+    from .plots import show_figures_in_ipython
+    show_figures_in_ipython()  # a Figure made without pyplot displays in Jupyter once this is done
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     order = table.sort_values(x)
@@ -254,7 +256,7 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
 
     import torch
 
-    from .modelfile import load_model
+    from .reader import load_model
     from .native import load_native
     from .reference import ReferenceModel
     from .standalone import build_standalone, run_standalone

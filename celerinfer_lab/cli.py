@@ -111,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .modelfile import load_model
+    from .reader import load_model
     from .trace import trace_points
     model = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
     print(f"{args.model} ({model.source_format})")
@@ -162,7 +162,7 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import time_call
-    from .modelfile import load_model
+    from .reader import load_model
     from .reference import ReferenceModel
     path, dump_dir, warmup = _forward_inputs(args)
     if args.threads is not None and args.threads < 1:
@@ -186,7 +186,7 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .bench import time_call
-    from .modelfile import load_model
+    from .reader import load_model
     from .native import load_native
     path, dump_dir, warmup = _forward_inputs(args)
     model = load_model(path, allow_nonfinite=args.allow_nonfinite)
@@ -208,7 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .faults import FAULTS, get_fault, why_it_cannot_show
     from .flags import flags_for
-    from .modelfile import load_model
+    from .reader import load_model
     from .native import load_native
     if args.list_faults:
         for fault in FAULTS.values():

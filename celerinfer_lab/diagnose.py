@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .compare import MASKED_BELOW, MIN_FLOOR, Report, live_rows
+from .metrics import MASKED_BELOW, MIN_FLOOR, live_rows  # a Report (compare.py, above this module) is only named in annotations
 from .reference import apply_rope, repeat_kv, rms_norm
 from .trace import trace_points
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig
+from .flags import flag_for
+from .paths import copy_cpp, edit_source, include_dir
 
 
 from .errors import FaultError  # noqa: E402,F401  (defined in errors.py, re-exported here)
@@ -235,8 +237,7 @@ def _scratch_dir(name: str) -> Path:
 
 def apply_fault(fault: Fault, source: str | Path, dest: str | Path | None = None) -> Path:
     """Copy the C++ in ``source`` to ``dest`` (default: a scratch folder) and apply the fault's edits."""
-    from .native import _include_dir, copy_cpp, edit_source
-    include = _include_dir(Path(source))
+    include = include_dir(Path(source))
     dest = copy_cpp(Path(dest) if dest is not None else _scratch_dir(fault.name), include.parent)
     for edit in fault.edits:
         try:
@@ -248,7 +249,6 @@ def apply_fault(fault: Fault, source: str | Path, dest: str | Path | None = None
 
 def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask=None) -> list[str]:
     """What keeps ``fault`` from showing on a model: each reason names the generate flag that fixes it."""
-    from .flags import flag_for
     reasons = []
     for key, wanted in fault.model.items():
         have = getattr(config, key)

@@ -1,77 +1,29 @@
-"""Read and write the JSON model file (this project's format and the original CelerInfer layout).
+"""The JSON model file (this project's format and the original CelerInfer layout) in memory: ``Model``,
+its checks, tensor encoding, ``save_model``.
 
 A tensor is ``{name, shape, dtype, encoding: "base64", data, preview}``: ``data`` is the
 base64 of the raw little-endian C-order bytes, ``preview`` the first values for a human. The
 format is documented in docs/model-file.md and docs/model-file.schema.json.
 
-Writing (streamed, atomic) is in writer.py; ``write_model_file`` is re-exported here.
+The format's constants and the weights a config implies are in modelformat.py, writing (streamed,
+atomic) in writer.py: both re-exported here. Reading is reader.py's ``load_model`` (it builds a
+``Model``, so it sits above this module; ``celerinfer_lab.load_model`` is it).
 """
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .config import ConfigError, ModelConfig  # noqa: F401  (ConfigError re-exported)
-
-FORMAT_NAME = "celerinfer-lab"
-FORMAT_VERSION = 1
-PREVIEW_LEN = 16
-DTYPES = {  # file dtype name -> little-endian numpy dtype
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "float16": np.dtype("<f2"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-    "uint8": np.dtype("u1"),
-}
-
+from .modelformat import (DTYPES, FORMAT_NAME, FORMAT_VERSION, PREVIEW_LEN, _dumps, _preview,  # noqa: F401  (defined
+                          iter_weight_shapes, weight_shapes)  # in modelformat.py, re-exported here)
+from .writer import write_model_file
 
 from .errors import ModelFileError  # noqa: E402,F401  (defined in errors.py, re-exported here)
-
-
-# ---- the weights a config implies -------------------------------------------------------------
-def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """MiniMind state-dict names and shapes, in the order the file stores them (tied lm_head omitted)."""
-    return dict(iter_weight_shapes(config))
-
-
-def iter_weight_shapes(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """weight_shapes one at a time: a reader looks each up in a file without building them all."""
-    H, V = config.hidden_size, config.vocab_size
-    yield "model.embed_tokens.weight", (V, H)
-
-    def ffn(prefix: str, inter: int) -> Iterator[tuple[str, tuple[int, ...]]]:
-        yield f"{prefix}.gate_proj.weight", (inter, H)
-        yield f"{prefix}.up_proj.weight", (inter, H)
-        yield f"{prefix}.down_proj.weight", (H, inter)
-
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm.weight", (H,)
-        yield f"{p}.self_attn.q_proj.weight", (config.q_dim, H)
-        yield f"{p}.self_attn.k_proj.weight", (config.kv_dim, H)
-        yield f"{p}.self_attn.v_proj.weight", (config.kv_dim, H)
-        yield f"{p}.self_attn.o_proj.weight", (H, config.q_dim)
-        if config.qk_norm:
-            yield f"{p}.self_attn.q_norm.weight", (config.head_dim,)
-            yield f"{p}.self_attn.k_norm.weight", (config.head_dim,)
-        yield f"{p}.post_attention_layernorm.weight", (H,)
-        if config.use_moe:
-            yield f"{p}.mlp.gate.weight", (config.num_experts, H)
-            for e in range(config.num_experts):
-                yield from ffn(f"{p}.mlp.experts.{e}", config.moe_intermediate_size)
-            for s in range(config.n_shared_experts):
-                yield from ffn(f"{p}.mlp.shared_experts.{s}", config.moe_intermediate_size)
-        else:
-            yield from ffn(f"{p}.mlp", config.intermediate_size)
-    yield "model.norm.weight", (H,)
-    if not config.tie_word_embeddings:
-        yield "lm_head.weight", (V, H)
 
 
 # ---- the in-memory model -----------------------------------------------------------------------
@@ -120,14 +72,6 @@ class Model:
 
 
 # ---- tensors -------------------------------------------------------------------------------------
-def _preview(arr: np.ndarray) -> list:
-    """The first values, for people. NaN/Inf are written as null: a model file is strict JSON."""
-    flat = arr.reshape(-1)[:PREVIEW_LEN]
-    if arr.dtype.kind != "f":
-        return [int(v) for v in flat]
-    return [float(v) if np.isfinite(v) else None for v in flat]
-
-
 def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
     """The JSON object of one tensor (what the file holds for it)."""
     arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
@@ -135,14 +79,9 @@ def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
             "data": base64.b64encode(arr.tobytes()).decode("ascii"), "preview": _preview(arr)}
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
 # ---- writing -----------------------------------------------------------------------------------
 def save_model(model: Model, path: str | Path) -> None:
     """Write ``model`` in this project's format (version FORMAT_VERSION)."""
-    from .writer import write_model_file
     write_model_file(
         path, model.config, model.weights.items(), model.input_ids, model.attention_mask,
         model.rope_cos, model.rope_sin, model.meta,
@@ -195,17 +134,3 @@ def check_input_values(model: Model, where: str) -> None:
     if ids.shape[1] > config.max_position_embeddings:
         raise ModelFileError(
             f"{where}: seq_len {ids.shape[1]} is longer than max_position_embeddings {config.max_position_embeddings}")
-
-
-
-def load_model(path: str | Path, allow_nonfinite: bool = False) -> Model:
-    """Load and fully check a model file; see reader.load_model."""
-    from .reader import load_model as _load
-    return _load(path, allow_nonfinite)
-
-
-def __getattr__(name: str):  # writer.py imports this module: re-export its entry point lazily
-    if name == "write_model_file":
-        from .writer import write_model_file
-        return write_model_file
-    raise AttributeError(name)

@@ -16,25 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .faults import apply_fault, get_fault
 from .modelfile import Model
-from .reference import ForwardResult
-from .trace import trace_points
+from .paths import DEFAULT_CPP_DIR, HEADER, copy_cpp, edit_source  # noqa: F401  (defined in paths.py, re-exported here)
+from .paths import include_dir as _include_dir
+from .trace import ForwardResult, trace_points  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
-DEFAULT_CPP_DIR = Path(__file__).resolve().parents[1] / "cpp"
-HEADER = "celerinfer/celerinfer.hpp"
 _versions = itertools.count(1)  # namespaces are process-wide in cling
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
 from .errors import NativeCompileError, NativeError, UsageError, UsageTypeError  # noqa: E402,F401  (defined in errors.py, re-exported here)
-
-
-def _include_dir(cpp_dir: Path) -> Path:
-    """Accept the cpp/ folder or its include/ folder."""
-    for candidate in (cpp_dir / "include", cpp_dir):
-        if (candidate / HEADER).is_file():
-            return candidate
-    raise FileNotFoundError(f"{cpp_dir}: no {HEADER} under it or under its include/ folder")
 
 
 def assemble_source(include_dir: Path) -> str:
@@ -99,7 +91,6 @@ class NativeEngine:
 
     def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str | None = None,
                  extra_source: str = ""):
-        from .faults import apply_fault, get_fault
         self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
         self.fault = get_fault(fault)
         if self.fault is not None:
@@ -372,31 +363,3 @@ def _read_trace(recorder, config: ModelConfig, B: int, S: int, past_len: int = 0
         values = np.array(np.frombuffer(view, dtype=np.float32, count=n)).reshape(shape)
         out[name] = values.astype(np.int64) if dtypes.get(name) == "int64" else values
     return out
-
-
-def copy_cpp(dest: str | Path, source: str | Path | None = None) -> Path:
-    """Copy the C++ (headers, tools, CMakeLists.txt) to ``dest`` to edit it freely; returns dest.
-    An existing copy is overwritten with the project's current files."""
-    import shutil
-    source = Path(source) if source is not None else DEFAULT_CPP_DIR
-    dest = Path(dest)
-    if dest.resolve() == source.resolve():
-        raise UsageError(f"{dest}: copying the C++ onto itself")
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in ("include", "tools", "CMakeLists.txt"):
-        src = source / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, dirs_exist_ok=True)
-        elif src.is_file():
-            shutil.copy2(src, dest / item)
-    return dest
-
-
-def edit_source(path: str | Path, old: str, new: str) -> None:
-    """Replace the one occurrence of ``old`` in a source file by ``new`` (for notebooks and tests)."""
-    path = Path(path)
-    text = path.read_text()
-    count = text.count(old)
-    if count != 1:
-        raise UsageError(f"{path}: expected exactly one occurrence of {old!r}, found {count}")
-    path.write_text(text.replace(old, new))

@@ -7,11 +7,11 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-from .compare import MASKED_BELOW, Report
+from .metrics import MASKED_BELOW  # a Report (compare.py, above this module) is only named in annotations
 from .trace import trace_points
 
 
-def _show_figures_in_ipython() -> None:
+def show_figures_in_ipython() -> None:
     """Figures made without pyplot have no display hook of their own: in IPython/Jupyter, register
     the PNG formatter for Figure objects (what `%matplotlib inline` does)."""
     try:
@@ -24,7 +24,7 @@ def _show_figures_in_ipython() -> None:
         select_figure_formats(shell, {"png"})
 
 
-_show_figures_in_ipython()
+show_figures_in_ipython()  # this module's own Figures display in Jupyter (bench.plot_sweep calls it too)
 
 
 def _short(name: str) -> str:

@@ -19,7 +19,8 @@ import numpy as np
 
 from .config import ConfigError, ModelConfig
 from .errors import ModelFileError
-from .modelfile import DTYPES, FORMAT_NAME, FORMAT_VERSION, Model, check_input_values, iter_weight_shapes, weight_shapes
+from .modelfile import Model, check_input_values
+from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, iter_weight_shapes, weight_shapes
 from .sidecar import SidecarHeader, open_sidecar, sidecar_path
 from .strict_json import parse_strict_json
 

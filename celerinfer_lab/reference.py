@@ -26,12 +26,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .modelfile import Model
-
-
-@dataclass
-class ForwardResult:
-    logits: np.ndarray  # [B, S, V]
-    trace: dict[str, np.ndarray] | None  # trace point name -> output, in forward order
+from .trace import ForwardResult  # noqa: F401  (defined in trace.py, re-exported here)
 
 
 class _Tracer:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from .config import ModelConfig
 
 
 def rope_cache(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin), float32 [max_position_embeddings, head_dim]; YaRN applied when configured."""
+    import torch  # here, not at the top: importing the package (or `generate --help`) must not load torch
     dim, end, base = config.head_dim, config.max_position_embeddings, config.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     attn_factor = 1.0

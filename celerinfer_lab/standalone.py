@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .native import DEFAULT_CPP_DIR
+from .paths import DEFAULT_CPP_DIR
 
 
 from .errors import StandaloneError  # noqa: E402,F401  (defined in errors.py, re-exported here)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import ModelConfig
 
 
@@ -69,6 +71,14 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int, past_len: int = 
     points.append(TracePoint("model.norm", (B, S, H), "float", "final RMSNorm"))
     points.append(TracePoint("lm_head", (B, S, config.vocab_size), "float", "logits"))
     return points
+
+
+@dataclass
+class ForwardResult:
+    """What a forward returns, on either side (reference.py, native.py)."""
+
+    logits: np.ndarray  # [B, S, V]
+    trace: dict[str, np.ndarray] | None  # trace point name -> output, in forward order
 
 
 def trace_names(config: ModelConfig, batch: int = 1, seq_len: int = 1) -> list[str]:

@@ -25,7 +25,8 @@ from IPython.display import display
 
 from .config import TOPK_RENORM_RULES, ConfigError, ModelConfig
 from .faults import FAULTS, Fault, why_it_cannot_show
-from .native import DEFAULT_CPP_DIR, NativeEngine, _include_dir, assemble_source
+from .native import NativeEngine, assemble_source
+from .paths import DEFAULT_CPP_DIR, include_dir
 
 # ModelConfig field -> the controls a message about it belongs next to
 _FIELD_CONTROL = {
@@ -51,7 +52,7 @@ _engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile pe
 
 def engine_for(cpp_dir: str | Path, fault: str | None, extra_source: str = "") -> NativeEngine:
     """A compiled engine for the folder's current source (recompiled when a header changes)."""
-    source = assemble_source(_include_dir(Path(cpp_dir))) + extra_source
+    source = assemble_source(include_dir(Path(cpp_dir))) + extra_source
     key = (str(Path(cpp_dir).resolve()), fault, hashlib.sha1(source.encode()).hexdigest())
     if key not in _engines:
         _engines[key] = NativeEngine(cpp_dir, fault, extra_source=extra_source)

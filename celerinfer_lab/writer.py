@@ -40,7 +40,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ModelFileError, SidecarError, UsageError
-from .modelfile import DTYPES, FORMAT_NAME, FORMAT_VERSION, _dumps, _preview, weight_shapes
+from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, _dumps, _preview, weight_shapes
 
 try:
     import fcntl
