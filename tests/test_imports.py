@@ -37,8 +37,9 @@ LAYERS = [
     ["compare"],
     # timing
     ["bench"],
-    # entry points: the command line, the notebook explorer, the package's lazy names
-    ["cli", "widgets", "__init__"],
+    # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
+    # strategies the tests and scripts/tolerance_margin.py share
+    ["cli", "widgets", "__init__", "testing"],
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
