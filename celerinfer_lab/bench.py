@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from .config import ModelConfig
 from .generate import generate_model
 from .modelfile import Model
+
+if TYPE_CHECKING:  # matplotlib is imported by plot_sweep itself, when it runs
+    from matplotlib.figure import Figure
 
 
 # A timing is "noisy" (its ratios are not to be trusted) when its interquartile range is more than

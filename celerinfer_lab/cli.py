@@ -231,11 +231,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise FaultError(f"fault {fault.name!r} cannot show on {args.model}: " + "; ".join(reasons) +
                              (f". A model that shows it: celerinfer-lab generate {flags}" if flags else ""))
         kernels = shown
+    agrees = True
     for name in kernels:
         report = compare(model, engine, kernels=name)
         print(f"== {name} kernels{' (fault ' + fault.name + ')' if fault else ''}")
         print(report)
-        agrees = report.agrees if name == kernels[0] else agrees and report.agrees
+        agrees = agrees and report.agrees
     return 0 if agrees else 1
 
 

@@ -74,7 +74,7 @@ def _span(indices) -> tuple[int, int] | None:
 
 
 class _Context:
-    def __init__(self, report: Report):
+    def __init__(self, report: Report):  # noqa: F821 (compare's Report: a type hint only)
         self.report, self.culprit = report, report.culprit
         self.model, self.config = report.meta.get("model"), report.meta.get("config")
         self.oracle = report.runs["oracle"]
@@ -385,8 +385,8 @@ def _layout_variant(c: _Context) -> str | None:
     if n is None or n < 2 or not c.op.startswith("self_attn"):
         return None
     if c.matches(c.x.reshape(B, S, n, -1).transpose(0, 2, 1, 3).reshape(c.x.shape)):
-        return (f"layout transposed: y is the reference written [B, heads, T, head_dim] (head-major) where "
-                f"[B, T, heads, head_dim] belongs")
+        return ("layout transposed: y is the reference written [B, heads, T, head_dim] (head-major) where "
+                "[B, T, heads, head_dim] belongs")
     return None
 
 
@@ -497,7 +497,7 @@ def _columns(c: _Context) -> str | None:
 def _reduction_growth(c: _Context) -> str:
     """Whether the error grows with the number of terms each value sums."""
     cfg = c.config
-    H, I = cfg.hidden_size, (cfg.moe_intermediate_size if cfg.use_moe else cfg.intermediate_size)
+    H, I = cfg.hidden_size, (cfg.moe_intermediate_size if cfg.use_moe else cfg.intermediate_size)  # noqa: E741 (I: the FFN width, beside H)
     fixed = {"self_attn.q_proj": H, "self_attn.k_proj": H, "self_attn.v_proj": H, "self_attn.o_proj": cfg.q_dim,
              "mlp.gate_proj": H, "mlp.up_proj": H, "mlp.down_proj": I, "lm_head": H, "mlp.router_probs": H,
              "self_attn.scores": cfg.head_dim, "input_layernorm": H, "post_attention_layernorm": H, "model.norm": H,
@@ -656,7 +656,7 @@ CHECKS = (_nonfinite_origin, _broken_values, _masks,
           _positions)
 
 
-def diagnose(report: Report) -> str | None:
+def diagnose(report: Report) -> str | None:  # noqa: F821 (compare's Report: a type hint only)
     """A sentence naming the culprit's pattern, or None when no check recognises it."""
     if report.culprit is None or report.meta.get("model") is None:
         return None

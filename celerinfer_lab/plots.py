@@ -53,12 +53,12 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
         else:
             layer_of.append(None)
             kinds.append(parts[-1])
-    layers = sorted({l for l in layer_of if l is not None})
+    layers = sorted({layer for layer in layer_of if layer is not None})
     last = (layers[-1] + 1) if layers else 0
-    first_layer = next((i for i, l in enumerate(layer_of) if l is not None), len(names))
+    first_layer = next((i for i, layer in enumerate(layer_of) if layer is not None), len(names))
     groups: dict[object, list[int]] = {}
-    for i, l in enumerate(layer_of):
-        key = l if l is not None else ("embed" if i < first_layer else "out")
+    for i, layer in enumerate(layer_of):
+        key = layer if layer is not None else ("embed" if i < first_layer else "out")
         groups.setdefault(key, []).append(i)
     x = np.zeros(len(names))
     ticks = []
@@ -70,7 +70,7 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     return x, kinds, ticks
 
 
-def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:
+def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:  # noqa: F821 (compare's Report: a type hint only)
     """Relative L2 error at every trace point (log scale) against the layer it belongs to: one marker
     and colour per op kind (legend), the ops of a layer in forward order inside its band, accumulated
     error (filled markers on a grey line) and isolated error (black crosses), the tolerance band,
@@ -118,7 +118,7 @@ def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:
     return fig
 
 
-def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, isolated: bool = True,
+def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, isolated: bool = True,  # noqa: F821 (compare's Report: a type hint only)
                       figsize=(8, 3.5)) -> Figure:
     """Error per (position, head) of an attention trace point (default: the culprit if it is one,
     else layer 0's scores): mean |y - x| over the rest of each head's values."""
@@ -158,7 +158,7 @@ def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, 
 DENSITY_ABOVE = 10_000  # scatter plots with more points become hexbin density plots
 
 
-def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:
+def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:  # noqa: F821 (compare's Report: a type hint only)
     """Reference vs C++ values of one trace point (default: the culprit, else lm_head), and a
     histogram of their differences."""
     if point is None:
@@ -189,7 +189,7 @@ def scatter_and_histogram(report: Report, point: str | None = None, isolated: bo
     return fig
 
 
-def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
+def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:  # noqa: F821 (compare's Report: a type hint only)
     """Per token: KL(reference || C++) of the next-token distributions (log scale) and whether
     the top-1 token agrees."""
     lg = report.logits

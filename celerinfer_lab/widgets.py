@@ -410,7 +410,6 @@ class Explorer(W.VBox):
                                  f"<pre>{_escape(str(exc))}</pre>")
             self.result_html.value = f"<details><summary>traceback</summary><pre>{_escape(traceback.format_exc())}</pre></details>"
             return
-        t = self.timings
         verdicts = []
         for name, report in self.reports.items():
             step = f" at decode step {report.meta['step']}" if report.meta.get("step") else ""

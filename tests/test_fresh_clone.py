@@ -111,8 +111,8 @@ def test_setup_uses_an_active_environment_as_is(tmp_path):
 def _missing_debian_packages() -> list[str]:
     """The Debian packages scripts/setup.sh would apt-get install here (its DEBIAN_PACKAGES, read
     from the script so the two lists cannot drift)."""
-    line = next(l for l in (REPO / "scripts" / "setup.sh").read_text().splitlines()
-                if l.startswith("DEBIAN_PACKAGES=("))
+    line = next(text for text in (REPO / "scripts" / "setup.sh").read_text().splitlines()
+                if text.startswith("DEBIAN_PACKAGES=("))
     packages = line.split("(", 1)[1].split(")", 1)[0].split()
     assert packages, line
     return [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]

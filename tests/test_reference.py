@@ -196,7 +196,7 @@ def test_yarn_cache_follows_minimind():
     cfg = small_config(inference_rope_scaling=True, max_position_embeddings=128,
                        rope_scaling={"original_max_position_embeddings": 32, "factor": 4})
     plain = small_config(max_position_embeddings=128)
-    (c, s), (c0, s0) = rope_cache(cfg), rope_cache(plain)
+    (c, s), (c0, _) = rope_cache(cfg), rope_cache(plain)
     # High-frequency pairs keep their frequency; low-frequency ones are slowed by the factor.
     np.testing.assert_allclose(c[:, 0], c0[:, 0], atol=1e-6)
     dim = cfg.head_dim
