@@ -11,7 +11,7 @@ while the tiny default model (64/2/8/2/128, seq 5, batch 2) is timed:
 
 A second model big enough that the pool really splits its work (hidden 256, seq 64, batch 2: the
 tiny one runs every op on one thread, below the `parallel` thresholds) checks the pool itself: there
-the old pool's 2-thread median was 9-16x its 1-thread one under load; allowed here: POOL_SLACK (2.5x:
+the old pool's 2-thread median was 9-16x its 1-thread one under load; allowed here: POOL_SLACK (4x:
 a shared 2-core machine gives the second thread nothing, and a descheduled worker can still hold
 the chunk it claimed).
 
@@ -29,7 +29,8 @@ from celerinfer_lab.config import ModelConfig
 from celerinfer_lab.generate import generate_model
 
 SLACK = 1.5  # a ratio within this factor is noise, not a slowdown
-POOL_SLACK = 2.5  # the same for the model that dispatches to the pool (the old pool: 9-16x)
+POOL_SLACK = 4.0  # the same for the model that dispatches to the pool (the old pool: 9-16x; a noisy
+#                   idle CI run on 2026-11-28 measured 2.6x twice in a row, so 2.5x flaked)
 
 HOG = "import time\nend = time.time() + 60\nwhile time.time() < end: pass\n"
 
