@@ -24,7 +24,7 @@ import numpy as np
 from .errors import SidecarError
 from .strict_json import parse_strict_json
 
-__all__ = ["SidecarError", "SidecarHeader", "SidecarWatch", "read_header", "open_sidecar", "map_tensors", "read_safetensors",
+__all__ = ["SidecarError", "SidecarHeader", "SidecarWatch", "read_header", "open_sidecar", "map_tensors",
            "sidecar_path"]
 
 
@@ -155,9 +155,3 @@ def map_tensors(f, header: SidecarHeader) -> dict[str, np.ndarray]:
     base = header.data_start
     return {name: mapped[base + start: base + end].view("<f4").reshape(shape)
             for name, (shape, start, end) in header.tensors.items()}
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, checked as a model's sidecar is, memory-mapped."""
-    path = Path(path)
-    return open_sidecar(path, str(path))[1]

@@ -10,6 +10,7 @@ its own copy of the writer to kill itself there: each phase is hit for sure) and
 from outside; two more trials kill the real `celerinfer-lab generate` mid-write.
 """
 import errno
+import math
 import os
 import random
 import signal
@@ -415,3 +416,20 @@ def test_huge_models_are_refused_before_any_allocation(tmp_path, capsys):
         err = result[2]
         assert cases[name][1] in err or "does not fit in memory" in err or " free" in err, (name, err)
     assert time.monotonic() - start < 60 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(qk_norm=True), dict(tie_word_embeddings=False),
+    dict(use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=96),
+    dict(use_moe=True, num_experts=4, num_experts_per_tok=1, vocab_size=16),
+])
+def test_arithmetic_sizes_match_the_weight_table(overrides):
+    """tensor_count and largest_tensor count without enumerating (for huge configs); they must equal
+    what the weight table itself says."""
+    from celerinfer_lab.modelformat import weight_shapes
+    from celerinfer_lab.writer import largest_tensor, tensor_count
+    config = ModelConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32), **overrides})
+    shapes = weight_shapes(config)
+    assert tensor_count(config) == len(shapes)
+    assert largest_tensor(config)[2] == 4 * max(math.prod(s) for s in shapes.values())
