@@ -4,6 +4,7 @@ to prove a C++ forward computes the same thing, op by op.
 The names below are imported on first use (PEP 562), so ``import celerinfer_lab`` (and the CLI's
 ``--help``) loads none of torch, matplotlib, pandas or cppyy; ``celerinfer_lab.X`` and
 ``from celerinfer_lab import X`` work as if everything had been imported here."""
+
 from __future__ import annotations
 
 import importlib
@@ -12,23 +13,65 @@ import types
 
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
-    "Comparison": "compare", "Report": "compare", "compare": "compare", "compare_decode": "compare",
-    "PRESETS": "config", "ConfigError": "config", "ModelConfig": "config", "preset": "config",
+    "Comparison": "compare",
+    "Report": "compare",
+    "compare": "compare",
+    "compare_decode": "compare",
+    "PRESETS": "config",
+    "ConfigError": "config",
+    "ModelConfig": "config",
+    "preset": "config",
     "generate_model": "generate",
-    "Model": "modelfile", "ModelFileError": "modelfile", "load_model": "reader", "save_model": "modelfile",
+    "Model": "modelfile",
+    "ModelFileError": "modelfile",
+    "load_model": "reader",
+    "save_model": "modelfile",
     "weight_shapes": "modelfile",
-    "NativeCompileError": "native", "NativeEngine": "native", "NativeError": "native", "NativeModel": "native",
-    "copy_cpp": "native", "edit_source": "native", "load_native": "native",
-    "ForwardResult": "reference", "KVCache": "reference", "ReferenceModel": "reference",
+    "NativeCompileError": "native",
+    "NativeEngine": "native",
+    "NativeError": "native",
+    "NativeModel": "native",
+    "copy_cpp": "native",
+    "edit_source": "native",
+    "load_native": "native",
+    "ForwardResult": "reference",
+    "KVCache": "reference",
+    "ReferenceModel": "reference",
     "reference_forward": "reference",
-    "TracePoint": "trace", "trace_names": "trace", "trace_points": "trace",
+    "TracePoint": "trace",
+    "trace_names": "trace",
+    "trace_points": "trace",
 }
 
 __all__ = [
-    "PRESETS", "ConfigError", "ModelConfig", "preset", "generate_model", "Model", "ModelFileError",
-    "load_model", "save_model", "weight_shapes", "ForwardResult", "ReferenceModel", "reference_forward",
-    "KVCache", "TracePoint", "trace_names", "trace_points", "Report", "Comparison", "compare", "compare_decode",
-    "load_native", "NativeEngine", "NativeModel", "NativeError", "NativeCompileError", "copy_cpp", "edit_source",
+    "PRESETS",
+    "ConfigError",
+    "ModelConfig",
+    "preset",
+    "generate_model",
+    "Model",
+    "ModelFileError",
+    "load_model",
+    "save_model",
+    "weight_shapes",
+    "ForwardResult",
+    "ReferenceModel",
+    "reference_forward",
+    "KVCache",
+    "TracePoint",
+    "trace_names",
+    "trace_points",
+    "Report",
+    "Comparison",
+    "compare",
+    "compare_decode",
+    "load_native",
+    "NativeEngine",
+    "NativeModel",
+    "NativeError",
+    "NativeCompileError",
+    "copy_cpp",
+    "edit_source",
 ]
 __version__ = "0.1.0"
 
@@ -53,8 +96,11 @@ class _Package(types.ModuleType):
     the function, ``sys.modules["celerinfer_lab.compare"]`` the module)."""
 
     def __setattr__(self, name: str, value) -> None:
-        if (_EXPORTS.get(name) == name and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{__name__}.{name}"):
+        if (
+            _EXPORTS.get(name) == name
+            and isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+        ):
             value = getattr(value, name)
         super().__setattr__(name, value)
 

@@ -1,4 +1,5 @@
 """Timing both forwards: medians over repeats after warm-up, model loading excluded."""
+
 from __future__ import annotations
 
 import time
@@ -24,6 +25,7 @@ NOISY_SPREAD = 0.25
 def machine_load() -> tuple[float, int]:
     """(1-minute load average, cores); load -1.0 where the OS does not tell."""
     import os
+
     try:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):
@@ -79,19 +81,21 @@ class Timing:
         return other.median_ms / self.median_ms, self.noisy or other.noisy
 
     def ratio_text(self, other: "Timing") -> str:
-        """"3.20x faster" / "0.50x (2.0x slower)", with ", noisy" when either timing is."""
+        """ "3.20x faster" / "0.50x (2.0x slower)", with ", noisy" when either timing is."""
         value, noisy = self.ratio(other)
         text = f"{value:.2f}x" if value >= 1 else f"{value:.2f}x ({1 / value:.1f}x slower)"
         return text + (" — noisy" if noisy else "")
 
     def short(self) -> str:
-        """"0.123 ms (IQR 0.120–0.130 ms)" plus " — noisy (...)" when it is."""
+        """ "0.123 ms (IQR 0.120–0.130 ms)" plus " — noisy (...)" when it is."""
         text = f"{self.median_ms:.3g} ms ({self.spread})"
         return text + (f" — noisy ({self.noise_reason})" if self.noisy else "")
 
     def __str__(self) -> str:
-        text = (f"median {self.median_ms:.3f} ms ({self.spread}; min {self.min_ms:.3f}, max {self.max_ms:.3f}; "
-                f"{self.runs} runs)")
+        text = (
+            f"median {self.median_ms:.3f} ms ({self.spread}; min {self.min_ms:.3f}, max {self.max_ms:.3f}; "
+            f"{self.runs} runs)"
+        )
         return text + (f" — noisy: {self.noise_reason}" if self.noisy else "")
 
 
@@ -115,6 +119,7 @@ def time_call(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> Ti
 def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
     """The PyTorch reference as a user runs it: float32, inference mode, torch's default threads."""
     from .reference import ReferenceModel
+
     ref = ReferenceModel(model)
     return time_call(lambda: ref.forward(), warmup, repeat)
 
@@ -128,14 +133,20 @@ def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10, kernels: s
     return time_call(lambda: prepared.run(ids, mask, logits), warmup, repeat)
 
 
-def sweep(cases: Iterable[tuple[str, ModelConfig, int, int]], native=None, warmup: int = 1, repeat: int = 5,
-          progress: Callable[[str], None] | None = None):
+def sweep(
+    cases: Iterable[tuple[str, ModelConfig, int, int]],
+    native=None,
+    warmup: int = 1,
+    repeat: int = 5,
+    progress: Callable[[str], None] | None = None,
+):
     """Time both forwards for each (label, config, batch, seq_len); a pandas DataFrame, one row each:
     medians (torch_ms, cpp_ms), their quartiles (*_q1_ms, *_q3_ms), min and max, the speedup and
     whether it is noisy (see Timing.noisy)."""
     import pandas as pd
 
     from .native import load_native
+
     native = native or load_native(kernels="fast")
     rows = []
     for label, config, batch, seq_len in cases:
@@ -145,12 +156,21 @@ def sweep(cases: Iterable[tuple[str, ModelConfig, int, int]], native=None, warmu
         torch_t, cpp_t = time_torch(model, warmup, repeat), time_cpp(model, native, warmup, repeat)
         row = {"case": label, "parameters": config.num_parameters(), "tokens": batch * seq_len}
         for side, t in (("torch", torch_t), ("cpp", cpp_t)):
-            row.update({f"{side}_ms": t.median_ms, f"{side}_q1_ms": t.q1_ms, f"{side}_q3_ms": t.q3_ms,
-                        f"{side}_min_ms": t.min_ms, f"{side}_max_ms": t.max_ms})
+            row.update(
+                {
+                    f"{side}_ms": t.median_ms,
+                    f"{side}_q1_ms": t.q1_ms,
+                    f"{side}_q3_ms": t.q3_ms,
+                    f"{side}_min_ms": t.min_ms,
+                    f"{side}_max_ms": t.max_ms,
+                }
+            )
         speedup, noisy = cpp_t.ratio(torch_t)
-        row.update(speedup=speedup, noisy=noisy,
-                   note="; ".join(f"{side}: {t.noise_reason}" for side, t in (("torch", torch_t), ("cpp", cpp_t))
-                                  if t.noisy))
+        row.update(
+            speedup=speedup,
+            noisy=noisy,
+            note="; ".join(f"{side}: {t.noise_reason}" for side, t in (("torch", torch_t), ("cpp", cpp_t)) if t.noisy),
+        )
         rows.append(row)
     return pd.DataFrame(rows).set_index("case")
 
@@ -162,26 +182,48 @@ def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
     from matplotlib.figure import Figure
 
     from .plots import show_figures_in_ipython
+
     show_figures_in_ipython()  # a Figure made without pyplot displays in Jupyter once this is done
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.add_subplot()
     order = table.sort_values(x)
     for side, label, marker in (("torch", "PyTorch", "o"), ("cpp", "C++ (cppyy)", "s")):
-        line, = ax.plot(order[x], order[f"{side}_ms"], marker=marker, label=f"{label} (median)")
-        low, high = next(((order[f"{side}_{a}_ms"], order[f"{side}_{b}_ms"]) for a, b in (("q1", "q3"), ("min", "max"))
-                          if f"{side}_{a}_ms" in order), (None, None))
+        (line,) = ax.plot(order[x], order[f"{side}_ms"], marker=marker, label=f"{label} (median)")
+        low, high = next(
+            (
+                (order[f"{side}_{a}_ms"], order[f"{side}_{b}_ms"])
+                for a, b in (("q1", "q3"), ("min", "max"))
+                if f"{side}_{a}_ms" in order
+            ),
+            (None, None),
+        )
         if low is not None:
-            ax.fill_between(order[x], low.astype(float), high.astype(float), color=line.get_color(), alpha=0.25,
-                            linewidth=0, label=f"{label} ({'IQR' if f'{side}_q1_ms' in order else 'min–max'})")
+            ax.fill_between(
+                order[x],
+                low.astype(float),
+                high.astype(float),
+                color=line.get_color(),
+                alpha=0.25,
+                linewidth=0,
+                label=f"{label} ({'IQR' if f'{side}_q1_ms' in order else 'min–max'})",
+            )
     for label, row in order.iterrows():
         ax.annotate(str(label), (row[x], row["cpp_ms"]), xytext=(4, -10), textcoords="offset points", fontsize=8)
     noisy = order.index[order["noisy"].astype(bool)] if "noisy" in order else []
     if len(noisy):
-        ax.scatter(order.loc[noisy, x], order.loc[noisy, "cpp_ms"], s=160, facecolors="none", edgecolors="red",
-                   label="noisy (ratio unreliable)", zorder=3)
+        ax.scatter(
+            order.loc[noisy, x],
+            order.loc[noisy, "cpp_ms"],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            label="noisy (ratio unreliable)",
+            zorder=3,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     from matplotlib.ticker import NullFormatter
+
     ax.xaxis.set_minor_formatter(NullFormatter())  # "3x10^5 4x10^5" labels overlap
     ax.set_xlabel(x)
     ax.set_ylabel("forward time (ms)")
@@ -199,6 +241,7 @@ def machine_info(cpp_threads: int | None = None) -> dict:
     import platform
 
     import torch
+
     cpu = platform.processor() or "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -207,21 +250,39 @@ def machine_info(cpp_threads: int | None = None) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpp_threads": cpp_threads, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpp_threads": cpp_threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _stats(times: Timing, prefix: str) -> dict:
-    return {f"{prefix}_ms": times.median_ms, f"{prefix}_min_ms": times.min_ms, f"{prefix}_max_ms": times.max_ms,
-            f"{prefix}_q1_ms": times.q1_ms, f"{prefix}_q3_ms": times.q3_ms, f"{prefix}_noisy": times.noisy}
+    return {
+        f"{prefix}_ms": times.median_ms,
+        f"{prefix}_min_ms": times.min_ms,
+        f"{prefix}_max_ms": times.max_ms,
+        f"{prefix}_q1_ms": times.q1_ms,
+        f"{prefix}_q3_ms": times.q3_ms,
+        f"{prefix}_noisy": times.noisy,
+    }
 
 
 def decode_torch(model: Model, new_tokens: int) -> tuple[np.ndarray, float]:
     """Greedy decoding with PyTorch's KV cache: the new tokens and the decode time (prefill excluded)."""
     from .reference import ReferenceModel, greedy_generate
+
     marks: list[float] = []
-    tokens = greedy_generate(ReferenceModel(model), model.input_ids, model.attention_mask, new_tokens,
-                             after_prefill=lambda: marks.append(time.perf_counter()))
+    tokens = greedy_generate(
+        ReferenceModel(model),
+        model.input_ids,
+        model.attention_mask,
+        new_tokens,
+        after_prefill=lambda: marks.append(time.perf_counter()),
+    )
     return tokens, time.perf_counter() - marks[0]
 
 
@@ -244,10 +305,20 @@ def bench_kernel_sets(native, kernels: str | list[str] = "fast") -> list[str]:
     return [native.check_kernels(name) for name in names]
 
 
-def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, threads: int | None = None,
-              repeat: int = 10, warmup: int = 3, decode: int = 0, work_dir: str | None = None,
-              cpp_dir: str | None = None, log: Callable[[str], None] = print,
-              kernels: str | list[str] = "fast") -> dict:
+def run_bench(
+    config: ModelConfig,
+    batch: int,
+    seq_len: int,
+    seed: int = 123,
+    threads: int | None = None,
+    repeat: int = 10,
+    warmup: int = 3,
+    decode: int = 0,
+    work_dir: str | None = None,
+    cpp_dir: str | None = None,
+    log: Callable[[str], None] = print,
+    kernels: str | list[str] = "fast",
+) -> dict:
     """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
     the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all").
 
@@ -259,8 +330,8 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
 
     import torch
 
-    from .reader import load_model
     from .native import load_native
+    from .reader import load_model
     from .reference import ReferenceModel
     from .standalone import build_standalone, run_standalone
 
@@ -274,10 +345,17 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
         native.set_threads(threads)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"config": config.to_dict(), "batch": batch, "seq_len": seq_len, "parameters": config.num_parameters(),
-                    "kernels": sets}
-    log(f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
-        f"kernels {', '.join(sets)}; files in {work}")
+    result: dict = {
+        "config": config.to_dict(),
+        "batch": batch,
+        "seq_len": seq_len,
+        "parameters": config.num_parameters(),
+        "kernels": sets,
+    }
+    log(
+        f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
+        f"kernels {', '.join(sets)}; files in {work}"
+    )
 
     start = time.perf_counter()
     json_path = generate_model(config, batch, seq_len, seed, output=work / "model.json")
@@ -304,38 +382,55 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
         prepared = prepared_sets[name] = native.prepare(model, name)
         cpp_t = cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
         cpp_logits = cpp_logits_sets[name] = prepared.forward().logits
-        alone = run_standalone(binary, json_path, work / f"out_{name}", warmup, repeat,
-                               env={**env_threads, "KERNELS": name})
+        alone = run_standalone(
+            binary, json_path, work / f"out_{name}", warmup, repeat, env={**env_threads, "KERNELS": name}
+        )
         diff = np.abs(cpp_logits - torch_logits)[real]
-        per_set[name] = {**_stats(cpp_t, "cpp_forward"), "standalone_forward_ms": alone.forward_ms,
-                         "standalone_load_ms": alone.load_ms, "max_abs_diff": float(diff.max()),
-                         "standalone_max_abs_diff": float(np.abs(alone.logits - torch_logits)[real].max()),
-                         "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real]))}
+        per_set[name] = {
+            **_stats(cpp_t, "cpp_forward"),
+            "standalone_forward_ms": alone.forward_ms,
+            "standalone_load_ms": alone.load_ms,
+            "max_abs_diff": float(diff.max()),
+            "standalone_max_abs_diff": float(np.abs(alone.logits - torch_logits)[real].max()),
+            "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
+        }
     first = per_set[sets[0]]
     alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": sets[0]})
     result.update(first)
     result["standalone_load_sidecar_ms"] = alone_side.load_ms
     result["machine"] = machine_info(native.threads)
 
-    log(f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   ({torch_t.spread}; min {torch_t.min_ms:.3f}, "
-        f"max {torch_t.max_ms:.3f})" + (f" — noisy: {torch_t.noise_reason}" if torch_t.noisy else ""))
+    log(
+        f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   ({torch_t.spread}; min {torch_t.min_ms:.3f}, "
+        f"max {torch_t.max_ms:.3f})" + (f" — noisy: {torch_t.noise_reason}" if torch_t.noisy else "")
+    )
     for name in sets:
         cpp_t = cpp_timings[name]
-        for label, ms, spread in ((f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
-                                  (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], "")):
+        for label, ms, spread in (
+            (f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
+            (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
+        ):
             noisy = torch_t.noisy or (cpp_t.noisy and spread)
-            log(f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
-                + (" — noisy, ratio unreliable" if noisy else ""))
-    log(f"{'load, JSON only':28s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
-        f"{result['python_load_json_ms']:.1f} ms (Python)")
-    log(f"{'load, safetensors sidecar':28s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
-        f"{result['python_load_sidecar_ms']:.1f} ms (Python)")
+            log(
+                f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
+                + (" — noisy, ratio unreliable" if noisy else "")
+            )
+    log(
+        f"{'load, JSON only':28s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
+        f"{result['python_load_json_ms']:.1f} ms (Python)"
+    )
+    log(
+        f"{'load, safetensors sidecar':28s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
+        f"{result['python_load_sidecar_ms']:.1f} ms (Python)"
+    )
     for label, lg in (("torch", torch_logits), *((f"cpp ({name})", cpp_logits_sets[name]) for name in sets)):
         log(f"logits {label:16s}: shape {list(lg.shape)} min {lg.min():.6f} max {lg.max():.6f} mean {lg.mean():.6f}")
     for name in sets:
         r = per_set[name]
-        log(f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            f"standalone {r['standalone_max_abs_diff']:.3e}")
+        log(
+            f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
+            f"standalone {r['standalone_max_abs_diff']:.3e}"
+        )
 
     if decode:
         decode_torch(model, 3)  # warm-up
@@ -345,11 +440,15 @@ def run_bench(config: ModelConfig, batch: int, seq_len: int, seed: int = 123, th
         for name in sets:
             decode_cpp(prepared_sets[name], 3)  # warm-up
             cpp_tokens, cpp_s = decode_cpp(prepared_sets[name], decode)
-            per_set[name].update(cpp_decode_tok_s=steps / cpp_s, decode_tokens_equal=bool((torch_tokens == cpp_tokens).all()))
+            per_set[name].update(
+                cpp_decode_tok_s=steps / cpp_s, decode_tokens_equal=bool((torch_tokens == cpp_tokens).all())
+            )
             r = per_set[name]
-            log(f"decode {decode} tokens after {seq_len} ({name}): torch {result['torch_decode_tok_s']:.1f} tok/s, "
+            log(
+                f"decode {decode} tokens after {seq_len} ({name}): torch {result['torch_decode_tok_s']:.1f} tok/s, "
                 f"C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / result['torch_decode_tok_s']:.2f}x); "
-                f"same tokens: {r['decode_tokens_equal']}")
+                f"same tokens: {r['decode_tokens_equal']}"
+            )
         result.update(cpp_decode_tok_s=first["cpp_decode_tok_s"], decode_tokens_equal=first["decode_tokens_equal"])
     result["kernel_sets"] = per_set
     return result

@@ -3,6 +3,7 @@
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
 and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
 the command that needs them, not here."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,15 @@ PADDING_MODES = ("none", "left", "right", "mixed")  # generate.PADDING_MODES (a 
 REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 # The original CelerInfer generator's defaults.
-ORIGINAL_DEFAULTS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                         vocab_size=128, max_position_embeddings=128)
+ORIGINAL_DEFAULTS = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+)
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -30,9 +38,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="write a random MiniMind model file",
-                       description="Write a random model with inputs and RoPE cache. Without --preset the "
-                                   "original CelerInfer defaults apply (64/2/8/2/128, max-pos 128).")
+    g = sub.add_parser(
+        "generate",
+        help="write a random MiniMind model file",
+        description="Write a random model with inputs and RoPE cache. Without --preset the "
+        "original CelerInfer defaults apply (64/2/8/2/128, max-pos 128).",
+    )
     g.add_argument("--preset", choices=sorted(PRESETS), help="start from a released model's config")
     g.add_argument("--hidden", type=int), g.add_argument("--layers", type=int)
     g.add_argument("--heads", type=int), g.add_argument("--kvh", type=int, help="key/value heads")
@@ -47,7 +58,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--yarn-original-max-pos", type=int, help="YaRN original_max_position_embeddings (default 2048)")
     g.add_argument("--untied", action="store_true", default=None, help="a separate lm_head")
     g.add_argument("--moe", action="store_true", default=None, help="mixture-of-experts FFN")
-    g.add_argument("--experts", type=int, help="routed experts"), g.add_argument("--topk", type=int, help="experts per token")
+    (
+        g.add_argument("--experts", type=int, help="routed experts"),
+        g.add_argument("--topk", type=int, help="experts per token"),
+    )
     g.add_argument("--shared-experts", type=int), g.add_argument("--moe-intermediate", type=int)
     g.add_argument("--topk-renorm", choices=TOPK_RENORM_RULES)
     g.add_argument("--seq-len", type=int, default=5), g.add_argument("--batch-size", type=int, default=2)
@@ -55,12 +69,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--padding", choices=PADDING_MODES, default="none")
     g.add_argument("--pad-lengths", type=_int_list, help="pad tokens per row, e.g. 0,2")
     g.add_argument("--pad-id", type=int, default=0)
-    g.add_argument("--output", "-o", default="model.json",
-                   help="the model file (default model.json); missing folders are created")
+    g.add_argument(
+        "--output", "-o", default="model.json", help="the model file (default model.json); missing folders are created"
+    )
     g.add_argument("--force", action="store_true", help="overwrite an existing file (and its sidecar)")
-    g.add_argument("--sidecar", action="store_true", help="weights in a safetensors file beside the JSON (large models)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: on for models of 20M parameters and more)")
+    g.add_argument(
+        "--sidecar", action="store_true", help="weights in a safetensors file beside the JSON (large models)"
+    )
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: on for models of 20M parameters and more)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
@@ -72,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         fields["tie_word_embeddings"] = False
     if args.yarn_original_max_pos is not None:
         from .config import DEFAULT_YARN
+
         fields["rope_scaling"] = {**DEFAULT_YARN, "original_max_position_embeddings": args.yarn_original_max_pos}
     if args.preset:
         return preset(args.preset, **fields)
@@ -82,11 +104,14 @@ def _check_output(output: str, sidecar: bool, force: bool) -> Path:
     """The output path, refusing a folder, a .safetensors name with --sidecar, and an existing model
     (the file, or sidecars of its name the write would replace) unless ``force``."""
     from .writer import check_target, sidecars_of
+
     path = check_target(output, sidecar)
     existing = [str(t) for t in [path] + sidecars_of(path) if t.exists()]
     if existing and not force:
-        raise UsageError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
-                         "pass --force to overwrite, or choose another --output")
+        raise UsageError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+            "pass --force to overwrite, or choose another --output"
+        )
     return path
 
 
@@ -96,29 +121,45 @@ def _size(nbytes: int) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_model_file
+
     config = config_from_args(args)
     _check_output(args.output, args.sidecar, args.force)
     start = time.perf_counter()
-    written = generate_model_file(config, args.batch_size, args.seq_len, args.seed, args.padding, args.pad_lengths,
-                                  args.pad_id, output=args.output, progress=args.progress, sidecar=args.sidecar)
+    written = generate_model_file(
+        config,
+        args.batch_size,
+        args.seq_len,
+        args.seed,
+        args.padding,
+        args.pad_lengths,
+        args.pad_id,
+        output=args.output,
+        progress=args.progress,
+        sidecar=args.sidecar,
+    )
     elapsed = time.perf_counter() - start
     size = _size(written.json_bytes)  # what this run wrote (a concurrent writer may have replaced it since)
     if written.sidecar:
         size = f"{size} JSON + {_size(written.sidecar_bytes)} sidecar {written.sidecar.name}"
-    print(f"wrote {written.path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
-          f"{size} in {elapsed:.2f} s")
+    print(
+        f"wrote {written.path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
+        f"{size} in {elapsed:.2f} s"
+    )
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .reader import load_model
     from .trace import trace_points
+
     model = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
     print(f"{args.model} ({model.source_format})")
     for key, value in model.config.to_dict().items():
         print(f"  {key}: {value}")
     print(f"  parameters: {model.config.num_parameters():,}")
-    print(f"  inputs: batch {model.batch_size} x seq {model.seq_len}, padded positions {int((model.attention_mask == 0).sum())}")
+    print(
+        f"  inputs: batch {model.batch_size} x seq {model.seq_len}, padded positions {int((model.attention_mask == 0).sum())}"
+    )
     if args.trace_points:
         for point in trace_points(model.config, model.batch_size, model.seq_len):
             print(f"  {point.name:48s} {list(point.shape)}")
@@ -145,10 +186,12 @@ def _forward_inputs(args: argparse.Namespace) -> tuple[str, Path | None, int]:
     return path, Path(dump_dir) if dump_dir else None, warmup
 
 
-def _report(label: str, path: str, model, timing, warmup: int, logits,
-            dump_dir: Path | None, filename: str) -> None:
+def _report(label: str, path: str, model, timing, warmup: int, logits, dump_dir: Path | None, filename: str) -> None:
     import numpy as np
-    print(f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})")
+
+    print(
+        f"model: {path} ({model.config.num_parameters():,} parameters, batch {model.batch_size} x seq {model.seq_len})"
+    )
     print(f"{label}: {timing} after {warmup} warm-up")
     print(f"logits: shape {list(logits.shape)} min {logits.min():.6f} max {logits.max():.6f} mean {logits.mean():.6f}")
     if dump_dir:
@@ -164,6 +207,7 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
     from .bench import time_call
     from .reader import load_model
     from .reference import ReferenceModel
+
     path, dump_dir, warmup = _forward_inputs(args)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: must be 1 or more")
@@ -174,8 +218,16 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
     ref = ReferenceModel(model, dtype)
     times = time_call(lambda: ref.forward(), warmup, args.repeat)
     logits, trace = ref.forward(trace=args.save_trace)
-    _report(f"torch forward ({args.dtype}, {torch.get_num_threads()} threads)", path, model, times, warmup,
-            logits.numpy(), dump_dir, "logits_torch.npy")
+    _report(
+        f"torch forward ({args.dtype}, {torch.get_num_threads()} threads)",
+        path,
+        model,
+        times,
+        warmup,
+        logits.numpy(),
+        dump_dir,
+        "logits_torch.npy",
+    )
     if dump_dir and trace is not None:
         np.savez(dump_dir / "trace_torch.npz", **{k: v.numpy() for k, v in trace.items()})
         print(f"saved {dump_dir / 'trace_torch.npz'} ({len(trace)} trace points)")
@@ -186,8 +238,9 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .bench import time_call
-    from .reader import load_model
     from .native import load_native
+    from .reader import load_model
+
     path, dump_dir, warmup = _forward_inputs(args)
     model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     engine = load_native(args.cpp_dir)
@@ -196,8 +249,16 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     logits = np.zeros((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
     times = time_call(lambda: native.run(ids, mask, logits), warmup, args.repeat)
     result = native.forward(trace=args.save_trace)
-    _report(f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads)", path, model, times, warmup,
-            result.logits, dump_dir, "logits_cpp.npy")
+    _report(
+        f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads)",
+        path,
+        model,
+        times,
+        warmup,
+        result.logits,
+        dump_dir,
+        "logits_cpp.npy",
+    )
     if dump_dir and result.trace is not None:
         np.savez(dump_dir / "trace_cpp.npz", **result.trace)
         print(f"saved {dump_dir / 'trace_cpp.npz'} ({len(result.trace)} trace points)")
@@ -208,8 +269,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .faults import FAULTS, get_fault, why_it_cannot_show
     from .flags import flags_for
-    from .reader import load_model
     from .native import load_native
+    from .reader import load_model
+
     if args.list_faults:
         for fault in FAULTS.values():
             print(f"{fault.name:32s} {'+'.join(fault.kernels):14s} {fault.breaks}")
@@ -224,12 +286,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         reasons = why_it_cannot_show(fault, model.config, model.attention_mask)
         shown = [k for k in kernels if k in fault.kernels]
         if not shown:
-            reasons.append(f"it changes only the {' and '.join(fault.kernels)} kernels, and --kernels is {args.kernels}")
+            reasons.append(
+                f"it changes only the {' and '.join(fault.kernels)} kernels, and --kernels is {args.kernels}"
+            )
         if reasons:
             padding = fault.inputs.get("padding")
             flags = " ".join(filter(None, [flags_for(fault.model), f"--padding {padding}" if padding else ""]))
-            raise FaultError(f"fault {fault.name!r} cannot show on {args.model}: " + "; ".join(reasons) +
-                             (f". A model that shows it: celerinfer-lab generate {flags}" if flags else ""))
+            raise FaultError(
+                f"fault {fault.name!r} cannot show on {args.model}: "
+                + "; ".join(reasons)
+                + (f". A model that shows it: celerinfer-lab generate {flags}" if flags else "")
+            )
         kernels = shown
     agrees = True
     for name in kernels:
@@ -244,6 +311,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import run_bench
+
     for flag in ("repeat", "threads", "seq_len", "batch_size", "max_pos"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -253,7 +321,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: must be 0 or more")
     if args.preset and args.numbers:
-        raise ConfigError("give either --preset or the seven numbers (hidden layers heads kvh vocab seq batch), not both")
+        raise ConfigError(
+            "give either --preset or the seven numbers (hidden layers heads kvh vocab seq batch), not both"
+        )
     if args.numbers and len(args.numbers) != 7:
         raise ConfigError(f"expected 7 numbers: hidden layers heads kvh vocab seq_len batch, got {len(args.numbers)}")
     if args.preset:
@@ -262,12 +332,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         h, layers, heads, kvh, vocab, seq, batch = args.numbers or [64, 2, 8, 2, 128, 5, 2]
         seq_len, batch = args.seq_len or seq, args.batch_size or batch
-        config = ModelConfig(**{**ORIGINAL_DEFAULTS, "hidden_size": h, "num_hidden_layers": layers,
-                                "num_attention_heads": heads, "num_key_value_heads": kvh, "vocab_size": vocab,
-                                "max_position_embeddings": max(args.max_pos or 128, seq_len + args.decode)})
+        config = ModelConfig(
+            **{
+                **ORIGINAL_DEFAULTS,
+                "hidden_size": h,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kvh,
+                "vocab_size": vocab,
+                "max_position_embeddings": max(args.max_pos or 128, seq_len + args.decode),
+            }
+        )
     config.validate(seq_len=seq_len + max(args.decode - 1, 0))
-    result = run_bench(config, batch, seq_len, args.seed, args.threads, args.repeat, args.warmup, args.decode,
-                       args.work_dir, args.cpp_dir, kernels=args.kernels)
+    result = run_bench(
+        config,
+        batch,
+        seq_len,
+        args.seed,
+        args.threads,
+        args.repeat,
+        args.warmup,
+        args.decode,
+        args.work_dir,
+        args.cpp_dir,
+        kernels=args.kernels,
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -293,10 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
-    cf.add_argument("--kernels", default="fast", help="the kernel set to run: fast (default), readable, or one you registered")
-    bench = sub.add_parser("bench", help="generate, time PyTorch, C++ via cppyy and standalone, compare",
-                           description="The original benchmark.sh workflow: bench HIDDEN LAYERS HEADS KVH VOCAB SEQ BATCH "
-                                       "(default 64 2 8 2 128 5 2). Times are medians after warm-up, loading excluded.")
+    cf.add_argument(
+        "--kernels", default="fast", help="the kernel set to run: fast (default), readable, or one you registered"
+    )
+    bench = sub.add_parser(
+        "bench",
+        help="generate, time PyTorch, C++ via cppyy and standalone, compare",
+        description="The original benchmark.sh workflow: bench HIDDEN LAYERS HEADS KVH VOCAB SEQ BATCH "
+        "(default 64 2 8 2 128 5 2). Times are medians after warm-up, loading excluded.",
+    )
     bench.add_argument("numbers", nargs="*", type=int, help="hidden layers heads kvh vocab seq_len batch")
     bench.add_argument("--preset", choices=sorted(PRESETS))
     bench.add_argument("--seq-len", type=int, help="override the sequence length (with --preset: default 5)")
@@ -310,26 +404,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--work-dir", help="where the model files and builds go (default: a temporary folder)")
     bench.add_argument("--cpp-dir", help="a folder with your own copy of the C++")
-    bench.add_argument("--kernels", default="fast",
-                       help="the kernel set(s) to time: fast (default), readable, all (each in turn, fast first), "
-                            "or one registered in --cpp-dir")
-    cmp = sub.add_parser("compare", help="run both forwards and compare every trace point",
-                         description="Exit status: 0 all trace points agree, 1 they diverge, 2 bad input.")
+    bench.add_argument(
+        "--kernels",
+        default="fast",
+        help="the kernel set(s) to time: fast (default), readable, all (each in turn, fast first), "
+        "or one registered in --cpp-dir",
+    )
+    cmp = sub.add_parser(
+        "compare",
+        help="run both forwards and compare every trace point",
+        description="Exit status: 0 all trace points agree, 1 they diverge, 2 bad input.",
+    )
     cmp.add_argument("model", nargs="?")
     cmp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
     cmp.add_argument("--fault", help="compile one fault from the catalogue into the C++ (see --list-faults)")
     cmp.add_argument("--list-faults", action="store_true", help="print the fault catalogue, one per line")
-    cmp.add_argument("--kernels", default="all",
-                     help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered")
+    cmp.add_argument(
+        "--kernels",
+        default="all",
+        help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered",
+    )
     for p in (info, tf, cf, cmp):
-        p.add_argument("--allow-nonfinite", action="store_true",
-                       help="accept NaN/Inf in the file's weights and RoPE cache (refused by default), to study them")
-    lab = sub.add_parser("lab", help="open JupyterLab on the notebooks (extra arguments go to jupyter lab)",
-                         description="Start JupyterLab on DIR (default: this checkout's notebooks/), adding "
-                                     "--allow-root when run as root. Any other arguments (--no-browser, --port N, "
-                                     "--ip ...) are passed to jupyter lab.")
+        p.add_argument(
+            "--allow-nonfinite",
+            action="store_true",
+            help="accept NaN/Inf in the file's weights and RoPE cache (refused by default), to study them",
+        )
+    lab = sub.add_parser(
+        "lab",
+        help="open JupyterLab on the notebooks (extra arguments go to jupyter lab)",
+        description="Start JupyterLab on DIR (default: this checkout's notebooks/), adding "
+        "--allow-root when run as root. Any other arguments (--no-browser, --port N, "
+        "--ip ...) are passed to jupyter lab.",
+    )
     lab.add_argument("folder", nargs="?", metavar="DIR", help="the folder to open (default: the notebooks/ folder)")
-    lab.add_argument("--print-command", action="store_true", help="print the jupyter command line instead of running it")
+    lab.add_argument(
+        "--print-command", action="store_true", help="print the jupyter command line instead of running it"
+    )
     return parser
 
 
@@ -349,19 +460,28 @@ def lab_command(folder: str | Path | None = None, extra: list[str] = (), as_root
 
 def cmd_lab(args: argparse.Namespace) -> int:
     import importlib.util
+
     if importlib.util.find_spec("jupyterlab") is None:
         raise UsageError("JupyterLab is not installed: pip install -e '.[dev]' (or pip install jupyterlab)")
     command = lab_command(args.folder, args.extra)
     if args.print_command:
         import shlex
+
         print(shlex.join(command))
         return 0
     sys.stdout.flush(), sys.stderr.flush()
     os.execv(command[0], command)  # JupyterLab replaces this process: Ctrl-C and kill reach it directly
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "torch-forward": cmd_torch_forward,
-            "cpp-forward": cmd_cpp_forward, "compare": cmd_compare, "bench": cmd_bench, "lab": cmd_lab}
+COMMANDS = {
+    "generate": cmd_generate,
+    "info": cmd_info,
+    "torch-forward": cmd_torch_forward,
+    "cpp-forward": cmd_cpp_forward,
+    "compare": cmd_compare,
+    "bench": cmd_bench,
+    "lab": cmd_lab,
+}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -33,6 +33,7 @@ real one, and in float32 a fully masked score row is quantised to -1e9's grid (i
 noise in every float32 implementation, MiniMind's included). Masked scores (-inf, or <= -1e8 from
 the padding mask) are compared by class only: y must be masked the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UsageError
-from .metrics import (ABS_FLOOR, AMPLIFY, EPS32, FACTOR, FUSABLE, MASKED_BELOW, MIN_FLOOR,  # noqa: F401  (defined in
-                      Errors, errors, kl_per_token, live_rows)  # metrics.py, re-exported here)
+
+# defined in metrics.py, re-exported here
+from .metrics import (  # noqa: F401
+    ABS_FLOOR,
+    AMPLIFY,
+    EPS32,
+    FACTOR,
+    FUSABLE,
+    MASKED_BELOW,
+    MIN_FLOOR,
+    Errors,
+    errors,
+    kl_per_token,
+    live_rows,
+)
 from .trace import trace_points
 
 
@@ -112,19 +126,38 @@ class Report:
     def table(self):
         """A pandas DataFrame, one row per trace point in forward order."""
         import pandas as pd
-        rows = [{"trace point": p.name, "shape": str(list(p.shape)), "max_abs": p.max_abs, "rel_l2": p.rel_l2,
-                 "sqnr_db": p.sqnr_db, "cosine": p.cosine, "n_bad": p.n_bad, "floor": p.floor, "tol": p.tol,
-                 "own_rel_l2": p.own_rel_l2, "own_tol": p.own_tol, "status": p.label, "note": p.note}
-                for p in self.points]
+
+        rows = [
+            {
+                "trace point": p.name,
+                "shape": str(list(p.shape)),
+                "max_abs": p.max_abs,
+                "rel_l2": p.rel_l2,
+                "sqnr_db": p.sqnr_db,
+                "cosine": p.cosine,
+                "n_bad": p.n_bad,
+                "floor": p.floor,
+                "tol": p.tol,
+                "own_rel_l2": p.own_rel_l2,
+                "own_tol": p.own_tol,
+                "status": p.label,
+                "note": p.note,
+            }
+            for p in self.points
+        ]
         return pd.DataFrame(rows).set_index("trace point")
 
     def summary(self) -> str:
         lg = self.logits
-        lines = [f"logits: top-1 agreement {lg.top1_agreement:.4f}, KL per token mean {lg.kl_mean:.3e} "
-                 f"max {lg.kl_max:.3e} (float32 reference max {lg.floor_kl_max:.3e})"]
+        lines = [
+            f"logits: top-1 agreement {lg.top1_agreement:.4f}, KL per token mean {lg.kl_mean:.3e} "
+            f"max {lg.kl_max:.3e} (float32 reference max {lg.floor_kl_max:.3e})"
+        ]
         if self.agrees:
-            lines.append(f"all {len(self.points)} trace points agree (within {FACTOR:g}x the float32 reference's "
-                         f"own error against float64)")
+            lines.append(
+                f"all {len(self.points)} trace points agree (within {FACTOR:g}x the float32 reference's "
+                f"own error against float64)"
+            )
             return "\n".join(lines)
         first = self.first_divergent
         if first is not None:
@@ -136,13 +169,17 @@ class Report:
         return "\n".join(lines)
 
     def to_text(self) -> str:
-        head = (f"{'trace point':48s} {'shape':>16s} {'max_abs':>9s} {'rel_l2':>9s} {'sqnr_db':>7s} {'cosine':>10s} "
-                f"{'n_bad':>6s} {'tol':>8s} {'own_rel':>9s}  status")
+        head = (
+            f"{'trace point':48s} {'shape':>16s} {'max_abs':>9s} {'rel_l2':>9s} {'sqnr_db':>7s} {'cosine':>10s} "
+            f"{'n_bad':>6s} {'tol':>8s} {'own_rel':>9s}  status"
+        )
         rows = [head]
         for p in self.points:
-            rows.append(f"{p.name:48s} {str(list(p.shape)):>16s} {p.max_abs:9.2e} {p.rel_l2:9.2e} {p.sqnr_db:7.1f} "
-                        f"{p.cosine:10.7f} {p.n_bad:6d} {p.tol:8.1e} {p.own_rel_l2:9.2e}  {p.label}"
-                        f"{'  (' + p.note + ')' if p.note else ''}")
+            rows.append(
+                f"{p.name:48s} {str(list(p.shape)):>16s} {p.max_abs:9.2e} {p.rel_l2:9.2e} {p.sqnr_db:7.1f} "
+                f"{p.cosine:10.7f} {p.n_bad:6d} {p.tol:8.1e} {p.own_rel_l2:9.2e}  {p.label}"
+                f"{'  (' + p.note + ')' if p.note else ''}"
+            )
         return "\n".join(rows) + "\n" + self.summary()
 
     def __str__(self) -> str:
@@ -156,20 +193,29 @@ class Report:
         return f"<Report {self.subject}: {verdict}, {len(self.points)} trace points; print() for the table>"
 
     def _repr_html_(self) -> str:
-        colors = {"ok": "", "culprit": "background:#f8d0d0;font-weight:bold", "own error": "background:#f8d0d0",
-                  "propagated": "background:#fbeecb", "amplified": "background:#f6dcb4"}
+        colors = {
+            "ok": "",
+            "culprit": "background:#f8d0d0;font-weight:bold",
+            "own error": "background:#f8d0d0",
+            "propagated": "background:#fbeecb",
+            "amplified": "background:#f6dcb4",
+        }
         formats = {c: "{:.2e}" for c in ("max_abs", "rel_l2", "floor", "tol", "own_rel_l2", "own_tol")}
         formats.update(sqnr_db="{:.1f}", cosine="{:.7f}")
-        styled = self.table.style.format(formats).apply(
-            lambda row: [colors.get(row["status"], "")] * len(row), axis=1)
+        styled = self.table.style.format(formats).apply(lambda row: [colors.get(row["status"], "")] * len(row), axis=1)
         summary = "<br>".join(self.summary().splitlines())
         return f"<div><p><b>{summary}</b></p>{styled.to_html()}</div>"
 
     def plot(self, kind: str = "depth", **kwargs):
         """A matplotlib Figure: kind is 'depth', 'heatmap', 'scatter' or 'logits' (see plots.py)."""
         from . import plots
-        makers = {"depth": plots.error_along_depth, "heatmap": plots.attention_heatmap,
-                  "scatter": plots.scatter_and_histogram, "logits": plots.logits_agreement}
+
+        makers = {
+            "depth": plots.error_along_depth,
+            "heatmap": plots.attention_heatmap,
+            "scatter": plots.scatter_and_histogram,
+            "logits": plots.logits_agreement,
+        }
         if kind not in makers:
             raise ValueError(f"unknown plot kind {kind!r}; choose from {sorted(makers)}")
         return makers[kind](self, **kwargs)
@@ -190,8 +236,13 @@ def _rms(point, runs, mask) -> float:
 def _padded_nonfinite(x: np.ndarray, y: np.ndarray, token_axis: int, mask: np.ndarray) -> int:
     """NaN/Inf in y at padded token positions where the oracle x is finite (a masked score, -inf
     against -1e9, is the same class: not counted)."""
-    padded = ~np.moveaxis(np.broadcast_to(mask.astype(bool).reshape(mask.shape + (1,) * (x.ndim - 2)),
-                                          np.moveaxis(x, token_axis, 1).shape), 1, token_axis)
+    padded = ~np.moveaxis(
+        np.broadcast_to(
+            mask.astype(bool).reshape(mask.shape + (1,) * (x.ndim - 2)), np.moveaxis(x, token_axis, 1).shape
+        ),
+        1,
+        token_axis,
+    )
     masked = np.isneginf(y) & (x <= MASKED_BELOW)
     return int((~np.isfinite(y) & ~masked & np.isfinite(x) & padded).sum())
 
@@ -202,8 +253,9 @@ def _index_mismatches(point, runs, mask, key: str) -> int:
     return int((x != y).sum())
 
 
-def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask: np.ndarray,
-                 subject: str = "C++", past_len: int = 0) -> Report:
+def build_report(
+    runs: dict[str, dict[str, np.ndarray]], config, attention_mask: np.ndarray, subject: str = "C++", past_len: int = 0
+) -> Report:
     """Compare runs['cpp'] (and runs['cpp_own']) with runs['oracle'], floors from runs['ref32'] and
     runs['ref32_own']. attention_mask covers every key [B, past_len + S]; past_len > 0 for a
     decode step over S new tokens."""
@@ -216,23 +268,82 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
         missing = [k for k in ("cpp", "cpp_own") if point.name not in runs[k]]
         wrong = [k for k in ("cpp", "cpp_own") if k not in missing and runs[k][point.name].shape != point.shape]
         if len(missing) == 2 and point.name.endswith(FUSABLE):  # a fused kernel that does not expose it
-            reports.append(PointReport(point.name, point.shape, math.nan, math.nan, math.nan, math.nan, 0, math.nan,
-                                       math.nan, math.nan, math.nan, math.nan, math.nan, False, False,
-                                       label="not observed", note="fused: not observed by this kernel set"))
+            reports.append(
+                PointReport(
+                    point.name,
+                    point.shape,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    0,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    False,
+                    False,
+                    label="not observed",
+                    note="fused: not observed by this kernel set",
+                )
+            )
             continue
         if missing or wrong:
-            note = f"missing in the {subject} trace" if missing else \
-                f"shape {list(runs[wrong[0]][point.name].shape)} != {list(point.shape)}"
-            reports.append(PointReport(point.name, point.shape, math.inf, math.inf, -math.inf, math.nan, 0, 0, 0, 0,
-                                       math.inf, 0, 0, True, True, note=note))
+            note = (
+                f"missing in the {subject} trace"
+                if missing
+                else f"shape {list(runs[wrong[0]][point.name].shape)} != {list(point.shape)}"
+            )
+            reports.append(
+                PointReport(
+                    point.name,
+                    point.shape,
+                    math.inf,
+                    math.inf,
+                    -math.inf,
+                    math.nan,
+                    0,
+                    0,
+                    0,
+                    0,
+                    math.inf,
+                    0,
+                    0,
+                    True,
+                    True,
+                    note=note,
+                )
+            )
             continue
         if point.dtype == "int64":  # routing indices: equal, or no more mismatches than float32 has
             acc, own = _index_mismatches(point, runs, mask, "cpp"), _index_mismatches(point, runs, mask, "cpp_own")
-            floor, own_floor = _index_mismatches(point, runs, mask, "ref32"), _index_mismatches(point, runs, mask, "ref32_own")
+            floor, own_floor = (
+                _index_mismatches(point, runs, mask, "ref32"),
+                _index_mismatches(point, runs, mask, "ref32_own"),
+            )
             n = max(1, int(mask.sum()) * point.shape[-1])
-            reports.append(PointReport(point.name, point.shape, float(acc > 0), acc / n, math.nan, math.nan, acc,
-                                       floor / n, floor / n, 0.0, own / n, own_floor / n, own_floor / n,
-                                       acc > floor, own > own_floor, note=f"{acc} indices differ" if acc else ""))
+            reports.append(
+                PointReport(
+                    point.name,
+                    point.shape,
+                    float(acc > 0),
+                    acc / n,
+                    math.nan,
+                    math.nan,
+                    acc,
+                    floor / n,
+                    floor / n,
+                    0.0,
+                    own / n,
+                    own_floor / n,
+                    own_floor / n,
+                    acc > floor,
+                    own > own_floor,
+                    note=f"{acc} indices differ" if acc else "",
+                )
+            )
             continue
         e = _point_errors(point, runs, mask, "oracle", "cpp")
         f = _point_errors(point, runs, mask, "oracle", "ref32")
@@ -256,19 +367,42 @@ def build_report(runs: dict[str, dict[str, np.ndarray]], config, attention_mask:
             notes.append(f"{e.class_mismatch} masked on one side only")
         # Padded rows are left out of the metrics, but a NaN or Inf there is found where it starts:
         # one layer later it spreads into real rows (0 * NaN).
-        padded_bad, padded_own_bad = (_padded_nonfinite(runs["oracle"][point.name], runs[k][point.name],
-                                                        point.token_axis, mask) for k in ("cpp", "cpp_own"))
+        padded_bad, padded_own_bad = (
+            _padded_nonfinite(runs["oracle"][point.name], runs[k][point.name], point.token_axis, mask)
+            for k in ("cpp", "cpp_own")
+        )
         if padded_bad or padded_own_bad:
             notes.append(f"{max(padded_bad, padded_own_bad)} NaN/Inf in padded rows")
-        reports.append(PointReport(
-            point.name, point.shape, e.max_abs, e.rel_l2, e.sqnr_db, e.cosine, n_bad, f.rel_l2, tol, abs_tol,
-            own.rel_l2, own_f.rel_l2, own_tol,
-            diverges=(e.rel_l2 > tol and e.max_abs > abs_tol) or padded_bad > 0,
-            own_diverges=(own.rel_l2 > own_tol and own.max_abs > abs_tol) or padded_own_bad > 0,
-            note=", ".join(notes), nonfinite=e.nan + padded_bad))
+        reports.append(
+            PointReport(
+                point.name,
+                point.shape,
+                e.max_abs,
+                e.rel_l2,
+                e.sqnr_db,
+                e.cosine,
+                n_bad,
+                f.rel_l2,
+                tol,
+                abs_tol,
+                own.rel_l2,
+                own_f.rel_l2,
+                own_tol,
+                diverges=(e.rel_l2 > tol and e.max_abs > abs_tol) or padded_bad > 0,
+                own_diverges=(own.rel_l2 > own_tol and own.max_abs > abs_tol) or padded_own_bad > 0,
+                note=", ".join(notes),
+                nonfinite=e.nan + padded_bad,
+            )
+        )
     _label(reports)
-    return Report(reports, _logits_report(runs, mask), runs, mask, subject=subject,
-                  meta={"config": config, "key_mask": key_mask, "past_len": past_len})
+    return Report(
+        reports,
+        _logits_report(runs, mask),
+        runs,
+        mask,
+        subject=subject,
+        meta={"config": config, "key_mask": key_mask, "past_len": past_len},
+    )
 
 
 def _label(points: list[PointReport]) -> None:
@@ -299,9 +433,13 @@ def _logits_report(runs, mask) -> LogitsReport:
         kl_floor = np.where(real, kl_per_token(x, r), np.nan)
     top1 = float((x.argmax(-1) == y.argmax(-1))[real].mean()) if np.isfinite(y[real]).all() else 0.0
     finite_kl = kl[real]
-    return LogitsReport(top1, kl, float(np.nanmean(finite_kl)) if np.isfinite(finite_kl).any() else math.inf,
-                        float(np.max(finite_kl)) if np.isfinite(finite_kl).all() else math.inf,
-                        float(np.nanmax(kl_floor[real])))
+    return LogitsReport(
+        top1,
+        kl,
+        float(np.nanmean(finite_kl)) if np.isfinite(finite_kl).any() else math.inf,
+        float(np.max(finite_kl)) if np.isfinite(finite_kl).all() else math.inf,
+        float(np.nanmax(kl_floor[real])),
+    )
 
 
 # ---- running everything ------------------------------------------------------------------------
@@ -311,9 +449,13 @@ def reference_runs(model) -> dict[str, dict[str, np.ndarray]]:
     import torch
 
     from .reference import reference_forward
+
     oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
-    return {"oracle": oracle, "ref32": reference_forward(model, trace=True).trace,
-            "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).trace}
+    return {
+        "oracle": oracle,
+        "ref32": reference_forward(model, trace=True).trace,
+        "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).trace,
+    }
 
 
 def teacher_from(oracle: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -394,6 +536,7 @@ class Comparison:
 
 def _finish(report: Report, model) -> Report:
     from .diagnose import diagnose  # here: diagnose imports torch, and a Report is read without it
+
     report.meta["model"] = model
     report.diagnosis = diagnose(report)
     return report
@@ -402,8 +545,10 @@ def _finish(report: Report, model) -> Report:
 def _check_has_real_tokens(attention_mask: np.ndarray) -> None:
     """Only real tokens are compared: a file whose mask is all padding leaves nothing to compare."""
     if not np.asarray(attention_mask).any():
-        raise UsageError("attention_mask is 0 everywhere: every token is padding, so no position can be "
-                         "compared (set at least one token's mask to 1)")
+        raise UsageError(
+            "attention_mask is 0 everywhere: every token is padding, so no position can be "
+            "compared (set at least one token's mask to 1)"
+        )
 
 
 def compare(model, native=None, kernels: str | None = None, baseline: str = "torch") -> "Report | Comparison":
@@ -447,7 +592,9 @@ def compare_decode(model, native=None, steps: int = 3, kernels: str | None = Non
     runs = {
         "oracle": oracle,
         "ref32": [t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
-        "ref32_own": [t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)],
+        "ref32_own": [
+            t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
+        ],
         "cpp": [r.trace for r in prepared.decode_steps(feed, trace=True)],
         "cpp_own": [r.trace for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
     }
@@ -455,8 +602,13 @@ def compare_decode(model, native=None, steps: int = 3, kernels: str | None = Non
     for step in range(steps + 1):
         if step:
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        report = build_report({k: v[step] for k, v in runs.items()}, model.config, mask,
-                              subject=f"C++ ({prepared.kernels}) step {step}", past_len=past)
+        report = build_report(
+            {k: v[step] for k, v in runs.items()},
+            model.config,
+            mask,
+            subject=f"C++ ({prepared.kernels}) step {step}",
+            past_len=past,
+        )
         report.meta["step"] = step
         reports.append(_finish(report, model))
         past = mask.shape[1]

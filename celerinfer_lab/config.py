@@ -11,6 +11,7 @@ details that matter for exact reproduction; each such detail is an explicit fiel
 * ``topk_renorm``   when the MoE top-k weights are renormalised to sum to 1:
                     "always" (MiniMind-3), "k>1" (MiniMind2), or "never".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,16 @@ DEFAULT_YARN = {
 from .errors import ConfigError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 from .limits import FIELD_LIMITS  # noqa: E402
 
-_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "max_position_embeddings", "head_dim", "intermediate_size")
+_SIZE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+    "intermediate_size",
+)
 _FLAG_FIELDS = ("tie_word_embeddings", "qk_norm", "use_moe", "inference_rope_scaling")
 
 
@@ -249,29 +258,76 @@ def _check_size(name: str, value: Any, minimum: int = 1) -> None:
     limit = FIELD_LIMITS[name]
     if value > limit:
         shown = value if value < 10**20 else f"a {len(str(value))}-digit integer"
-        raise ConfigError(f"{name}={shown}: above {limit:,}, the limit for this field (no real model needs more; "
-                          f"celerinfer_lab/limits.py)")
+        raise ConfigError(
+            f"{name}={shown}: above {limit:,}, the limit for this field (no real model needs more; "
+            f"celerinfer_lab/limits.py)"
+        )
 
 
 # Presets for the released MiniMind models (vocab 6400, MiniMind's tokenizer).
 PRESETS: dict[str, dict[str, Any]] = {
-    "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                            num_key_value_heads=2, vocab_size=6400, max_position_embeddings=32768,
-                            sizing_rule="minimind2", rms_norm_eps=1e-5),
-    "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=6400, max_position_embeddings=32768,
-                      sizing_rule="minimind2", rms_norm_eps=1e-5),
-    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8,
-                          num_key_value_heads=2, vocab_size=6400, max_position_embeddings=32768,
-                          sizing_rule="minimind2", rms_norm_eps=1e-5, use_moe=True, num_experts=4,
-                          num_experts_per_tok=2, n_shared_experts=1, topk_renorm="k>1"),
-    "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=6400, max_position_embeddings=32768,
-                      sizing_rule="minimind3", rms_norm_eps=1e-6, qk_norm=True),
-    "minimind3-moe": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
-                          num_key_value_heads=4, vocab_size=6400, max_position_embeddings=32768,
-                          sizing_rule="minimind3", rms_norm_eps=1e-6, qk_norm=True, use_moe=True,
-                          num_experts=4, num_experts_per_tok=1, n_shared_experts=0, topk_renorm="always"),
+    "minimind2-small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=6400,
+        max_position_embeddings=32768,
+        sizing_rule="minimind2",
+        rms_norm_eps=1e-5,
+    ),
+    "minimind2": dict(
+        hidden_size=768,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=6400,
+        max_position_embeddings=32768,
+        sizing_rule="minimind2",
+        rms_norm_eps=1e-5,
+    ),
+    "minimind2-moe": dict(
+        hidden_size=640,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=6400,
+        max_position_embeddings=32768,
+        sizing_rule="minimind2",
+        rms_norm_eps=1e-5,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        topk_renorm="k>1",
+    ),
+    "minimind3": dict(
+        hidden_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=6400,
+        max_position_embeddings=32768,
+        sizing_rule="minimind3",
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+    ),
+    "minimind3-moe": dict(
+        hidden_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=6400,
+        max_position_embeddings=32768,
+        sizing_rule="minimind3",
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=1,
+        n_shared_experts=0,
+        topk_renorm="always",
+    ),
 }
 
 

@@ -30,6 +30,7 @@ Checks, first match wins:
 7. a permutation: heads swapped, or the pairs inside each head laid out the other way;
 8. a shift by one position; an error only from position t on; an error only at padded keys.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import MASKED_BELOW, MIN_FLOOR, live_rows  # a Report (compare.py, above this module) is only named in annotations
+from .metrics import (  # a Report (compare.py, above this module) is only named in annotations
+    MASKED_BELOW,
+    MIN_FLOOR,
+    live_rows,
+)
 from .reference import apply_rope, repeat_kv, rms_norm
 from .trace import trace_points
 
@@ -46,8 +51,15 @@ AGREE = 1e-4  # a part of y agrees with x: relative error below this (float32 no
 WRONG = 1e-2  # a part of y is wrong: relative error above this
 PRECISION_MAX = 1e3  # a precision loss stays within this many times the float32 floor
 # Points whose values are per attention head (a head's slice is the natural unit of a bug there).
-HEAD_OPS = ("self_attn.q_norm", "self_attn.k_norm", "self_attn.rope_q", "self_attn.rope_k", "self_attn.scores",
-            "self_attn.probs", "self_attn.context")
+HEAD_OPS = (
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "self_attn.rope_q",
+    "self_attn.rope_k",
+    "self_attn.scores",
+    "self_attn.probs",
+    "self_attn.context",
+)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,9 +137,11 @@ def _nonfinite_origin(c: _Context) -> str | None:
     if "NaN/Inf start here" not in p.note or p.own_rel_l2 > p.own_tol:
         return None
     where = "in padded rows" if "padded rows" in p.note else "in real rows"
-    return (f"NaN/Inf first appear here ({p.nonfinite} values, {where}), though this op is finite on the "
-            "oracle's inputs: an input differs from the reference in a way the metrics do not count, "
-            "such as -inf where MiniMind masks with -1e9")
+    return (
+        f"NaN/Inf first appear here ({p.nonfinite} values, {where}), though this op is finite on the "
+        "oracle's inputs: an input differs from the reference in a way the metrics do not count, "
+        "such as -inf where MiniMind masks with -1e9"
+    )
 
 
 def _broken_values(c: _Context) -> str | None:
@@ -166,8 +180,12 @@ def _masks(c: _Context) -> str | None:
 
 # ---- 3: known mistakes, recomputed from the oracle's inputs ------------------------------------
 def _norm_variants(c: _Context) -> str | None:
-    sources = {"input_layernorm": None, "post_attention_layernorm": "attn_residual",
-               "self_attn.q_norm": "self_attn.q_proj", "self_attn.k_norm": "self_attn.k_proj"}
+    sources = {
+        "input_layernorm": None,
+        "post_attention_layernorm": "attn_residual",
+        "self_attn.q_norm": "self_attn.q_proj",
+        "self_attn.k_norm": "self_attn.k_proj",
+    }
     if c.op == "model.norm":
         src, key = f"model.layers.{c.config.num_hidden_layers - 1}", "model.norm.weight"
     elif c.op in sources:
@@ -186,10 +204,12 @@ def _norm_variants(c: _Context) -> str | None:
         return "RMSNorm weight ignored (norm weight ignored): y = x / rms(x), never multiplied by w"
     n = x.shape[-1]
     for k in sorted({n % 16, n % 8} - {0}, reverse=True):
-        short = x[..., :n - k].pow(2).sum(-1, keepdim=True) / n
+        short = x[..., : n - k].pow(2).sum(-1, keepdim=True) / n
         if c.matches(w * (x * torch.rsqrt(short + eps))):
-            return (f"RMSNorm's sum of squares misses the last {k} of {n} elements: a vector loop's scalar "
-                    f"tail dropped ({n} % 16 = {n % 16})")
+            return (
+                f"RMSNorm's sum of squares misses the last {k} of {n} elements: a vector loop's scalar "
+                f"tail dropped ({n} % 16 = {n % 16})"
+            )
     for other, value in c.model.state_dict().items():
         if other != key and other.endswith("norm.weight") and value.shape == tuple(w.shape):
             if c.matches(rms_norm(x, c.weight(other), eps)):
@@ -206,19 +226,23 @@ def _rope_variant(c: _Context) -> str | None:
     start, S = c.past, x.shape[1]  # decode steps rotate by their own positions
     cos_all = torch.from_numpy(c.model.rope_cos.astype(np.float64))
     sin_all = torch.from_numpy(c.model.rope_sin.astype(np.float64))
-    cos, sin = cos_all[start:start + S], sin_all[start:start + S]
+    cos, sin = cos_all[start : start + S], sin_all[start : start + S]
     pairing = c.config.rope_pairing
     other = "interleaved" if pairing == "half" else "half"
     if c.matches(apply_rope(x, cos, sin, other)):
-        return (f"RoPE pairing swapped: matches {other} pairs, the model uses {pairing} "
-                f"(interleaved (2i, 2i+1) vs half-split (i, i + head_dim/2))")
+        return (
+            f"RoPE pairing swapped: matches {other} pairs, the model uses {pairing} "
+            f"(interleaved (2i, 2i+1) vs half-split (i, i + head_dim/2))"
+        )
     if c.matches(apply_rope(x, cos, -sin, pairing)):
         return "RoPE rotates the wrong way: y is the rotation by -theta (the sin terms have the wrong sign)"
     for at in range(0, min(start + 2, len(cos_all) - S) + 1):  # every earlier start, and one past
-        if at != start and c.matches(apply_rope(x, cos_all[at:at + S], sin_all[at:at + S], pairing)):
+        if at != start and c.matches(apply_rope(x, cos_all[at : at + S], sin_all[at : at + S], pairing)):
             hint = " (rotated as if at the start: the cache offset is ignored)" if at == 0 and start > 0 else ""
-            return (f"RoPE at the wrong position: the tokens at positions {start}..{start + S - 1} are rotated "
-                    f"as positions {at}..{at + S - 1}{hint}")
+            return (
+                f"RoPE at the wrong position: the tokens at positions {start}..{start + S - 1} are rotated "
+                f"as positions {at}..{at + S - 1}{hint}"
+            )
     return None
 
 
@@ -253,8 +277,10 @@ def _scores_variants(c: _Context) -> str | None:
     P = k.shape[1]
     for stride in range(-(-P // 16) * 16, -(-P // 16) * 16 + 64, 16):  # the cache's padded lengths
         if stride != P and c.matches(_scores(c, q, repeat_kv(_strided_keys(k, stride), cfg.n_rep), math.sqrt(hd))):
-            return (f"transposed key cache read with row stride P = {P} instead of its stride {stride}: each key "
-                    f"is assembled from other positions' dimensions")
+            return (
+                f"transposed key cache read with row stride P = {P} instead of its stride {stride}: each key "
+                f"is assembled from other positions' dimensions"
+            )
     return None
 
 
@@ -282,10 +308,16 @@ def _key_slot(c: _Context) -> str | None:
     moved = {j: next((k for k in range(P) if k != j and _err(cols_y[j], cols_x[k]) < AGREE), None) for j in wrong}
     if all(k is None for k in moved.values()):
         return None
-    held = "; ".join(f"key {j} scores as the reference's key {k}" if k is not None else
-                     f"key {j} holds none of the sequence's keys (an empty or stale slot)" for j, k in moved.items())
-    return (f"KV-cache slot: {held}: a new key was stored in the wrong slot of the key cache "
-            f"(past_len {c.past}; the new tokens belong at {c.past}..{P - 1})")
+    held = "; ".join(
+        f"key {j} scores as the reference's key {k}"
+        if k is not None
+        else f"key {j} holds none of the sequence's keys (an empty or stale slot)"
+        for j, k in moved.items()
+    )
+    return (
+        f"KV-cache slot: {held}: a new key was stored in the wrong slot of the key cache "
+        f"(past_len {c.past}; the new tokens belong at {c.past}..{P - 1})"
+    )
 
 
 def _value_slot(c: _Context) -> str | None:
@@ -300,17 +332,19 @@ def _value_slot(c: _Context) -> str | None:
     p = c.oracle[c.prefix("self_attn.probs")].astype(np.float64).reshape(B, nh, P)
     v_new = c.oracle[c.prefix("self_attn.v_proj")].astype(np.float64).reshape(B, cfg.num_key_value_heads, hd)
     v_new = np.repeat(v_new, cfg.n_rep, axis=1)  # [B, nh, hd], query head h reads kv head h // n_rep
-    missing = x - p[..., P - 1:] * v_new
+    missing = x - p[..., P - 1 :] * v_new
     if c.matches(missing):
         return "value cache slot: the new token's value is missing (y = x - p_new * v_new): it was never stored"
     for j in range(P - 1):
-        r = (y - missing - p[..., j:j + 1] * v_new).reshape(B, -1, cfg.n_rep, hd)  # = -p_j * v_j per head
+        r = (y - missing - p[..., j : j + 1] * v_new).reshape(B, -1, cfg.n_rep, hd)  # = -p_j * v_j per head
         pj = p[..., j].reshape(B, -1, cfg.n_rep, 1)
         v_j = -(pj * r).sum(2, keepdims=True) / np.maximum((pj * pj).sum(2, keepdims=True), 1e-300)  # least squares
-        if c.matches(missing + p[..., j:j + 1] * v_new - (pj * v_j).reshape(B, nh, hd)):
-            return (f"value cache slot: the context matches the reference with the new token's value at key {j} "
-                    f"instead of {P - 1} and nothing at {P - 1}: the new value was stored in the wrong slot, over "
-                    f"key {j}'s value")
+        if c.matches(missing + p[..., j : j + 1] * v_new - (pj * v_j).reshape(B, nh, hd)):
+            return (
+                f"value cache slot: the context matches the reference with the new token's value at key {j} "
+                f"instead of {P - 1} and nothing at {P - 1}: the new value was stored in the wrong slot, over "
+                f"key {j}'s value"
+            )
     return None
 
 
@@ -371,8 +405,10 @@ def _residual_variants(c: _Context) -> str | None:
         return f"residual added twice: y = {src} + 2 * ({' + '.join(parts)})"
     for name in parts:
         if ".shared_experts." in name and c.matches(c.t(c.name) - c.t(name)):
-            return (f"shared expert {name.rsplit('.', 1)[1]} dropped: y = reference - {name} "
-                    f"(computed, never added to the MoE output)")
+            return (
+                f"shared expert {name.rsplit('.', 1)[1]} dropped: y = reference - {name} "
+                f"(computed, never added to the MoE output)"
+            )
     return None
 
 
@@ -385,8 +421,10 @@ def _layout_variant(c: _Context) -> str | None:
     if n is None or n < 2 or not c.op.startswith("self_attn"):
         return None
     if c.matches(c.x.reshape(B, S, n, -1).transpose(0, 2, 1, 3).reshape(c.x.shape)):
-        return ("layout transposed: y is the reference written [B, heads, T, head_dim] (head-major) where "
-                "[B, T, heads, head_dim] belongs")
+        return (
+            "layout transposed: y is the reference written [B, heads, T, head_dim] (head-major) where "
+            "[B, T, heads, head_dim] belongs"
+        )
     return None
 
 
@@ -410,8 +448,10 @@ def _accumulated_onto(c: _Context) -> str | None:
             if (run == "oracle" and name == c.name) or value.size != c.y.size or value.dtype.kind != "f":
                 continue
             if _rel(d, c.live(value.reshape(c.y.shape).astype(np.float64))) < AGREE:
-                return (f"accumulator not cleared: y - x equals {label} {name}: the op added onto the value its "
-                        f"buffer held (from an earlier layer or forward) instead of starting from zero")
+                return (
+                    f"accumulator not cleared: y - x equals {label} {name}: the op added onto the value its "
+                    f"buffer held (from an earlier layer or forward) instead of starting from zero"
+                )
     return None
 
 
@@ -434,8 +474,10 @@ def _vector_tail(c: _Context) -> str | None:
     n = c.y.size
     for k in sorted({n % 16, n % 8} - {0}, reverse=True):
         if real[-k:].all() and _confined(y, x, np.arange(y.size) >= y.size - k):
-            return (f"error only in the last {k} of {n} elements (flattened: {_what(y[-k:])}; the rest agree): "
-                    f"a vector loop's scalar tail dropped or wrong ({n} % 16 = {n % 16})")
+            return (
+                f"error only in the last {k} of {n} elements (flattened: {_what(y[-k:])}; the rest agree): "
+                f"a vector loop's scalar tail dropped or wrong ({n} % 16 = {n % 16})"
+            )
     return None
 
 
@@ -456,8 +498,10 @@ def _heads(c: _Context) -> str | None:
         return None
     heads = [int(h) for h in np.flatnonzero(bad)]
     which = f"head {heads[0]}" if len(heads) == 1 else f"heads {heads}"
-    return (f"error only in {which} of {n} ({_what(y[bad])}; the other heads agree): a head skipped, or its slice "
-            f"written by the wrong loop")
+    return (
+        f"error only in {which} of {n} ({_what(y[bad])}; the other heads agree): a head skipped, or its slice "
+        f"written by the wrong loop"
+    )
 
 
 def _rows(c: _Context) -> str | None:
@@ -473,9 +517,11 @@ def _rows(c: _Context) -> str | None:
         return None
     first, last = span
     rows = f"token row {first}" if first == last else f"token rows {first}..{last}"
-    return (f"error only in {rows} of {B * S} (batch x position flattened: {_what(y[bad])}; the other rows agree): "
-            f"rows a blocked kernel skipped or left stale (a GEMM row tail, {B * S} % 6 = {B * S % 6}, or a "
-            f"row-chunk boundary)")
+    return (
+        f"error only in {rows} of {B * S} (batch x position flattened: {_what(y[bad])}; the other rows agree): "
+        f"rows a blocked kernel skipped or left stale (a GEMM row tail, {B * S} % 6 = {B * S % 6}, or a "
+        f"row-chunk boundary)"
+    )
 
 
 def _columns(c: _Context) -> str | None:
@@ -489,8 +535,10 @@ def _columns(c: _Context) -> str | None:
     if span is None or 2 * bad.sum() > n or not _confined(y, x, bad):
         return None
     first, last = span
-    return (f"error only in output columns {first}..{last} of {n} ({_what(y[bad])}; the other columns agree): "
-            f"outputs a blocked kernel skipped or left stale (a GEMM panel tail: panels of 16, {n} % 16 = {n % 16})")
+    return (
+        f"error only in output columns {first}..{last} of {n} ({_what(y[bad])}; the other columns agree): "
+        f"outputs a blocked kernel skipped or left stale (a GEMM panel tail: panels of 16, {n} % 16 = {n % 16})"
+    )
 
 
 # ---- 6: precision, sign and scale ----------------------------------------------------------------
@@ -498,18 +546,33 @@ def _reduction_growth(c: _Context) -> str:
     """Whether the error grows with the number of terms each value sums."""
     cfg = c.config
     H, I = cfg.hidden_size, (cfg.moe_intermediate_size if cfg.use_moe else cfg.intermediate_size)  # noqa: E741 (I: the FFN width, beside H)
-    fixed = {"self_attn.q_proj": H, "self_attn.k_proj": H, "self_attn.v_proj": H, "self_attn.o_proj": cfg.q_dim,
-             "mlp.gate_proj": H, "mlp.up_proj": H, "mlp.down_proj": I, "lm_head": H, "mlp.router_probs": H,
-             "self_attn.scores": cfg.head_dim, "input_layernorm": H, "post_attention_layernorm": H, "model.norm": H,
-             "self_attn.q_norm": cfg.head_dim, "self_attn.k_norm": cfg.head_dim}
+    fixed = {
+        "self_attn.q_proj": H,
+        "self_attn.k_proj": H,
+        "self_attn.v_proj": H,
+        "self_attn.o_proj": cfg.q_dim,
+        "mlp.gate_proj": H,
+        "mlp.up_proj": H,
+        "mlp.down_proj": I,
+        "lm_head": H,
+        "mlp.router_probs": H,
+        "self_attn.scores": cfg.head_dim,
+        "input_layernorm": H,
+        "post_attention_layernorm": H,
+        "model.norm": H,
+        "self_attn.q_norm": cfg.head_dim,
+        "self_attn.k_norm": cfg.head_dim,
+    }
     if c.op in fixed:
         return f"every value sums the same {fixed[c.op]} terms, so growth with the reduction length cannot show here"
     if c.op not in ("self_attn.probs", "self_attn.context"):
         return "an elementwise op (no reduction): a per-element approximation (exp, division, a rounding step)"
     B, S = c.mask.shape
-    keys = np.cumsum(c.key_mask, axis=1)[:, c.past:]  # real keys each query sees [B, S]
-    y, x = (a if c.op == "self_attn.probs" else a.reshape(B, S, c.config.num_attention_heads, -1).transpose(0, 2, 1, 3)
-            for a in (c.y, c.x))  # [B, nh, S, ...]
+    keys = np.cumsum(c.key_mask, axis=1)[:, c.past :]  # real keys each query sees [B, S]
+    y, x = (
+        a if c.op == "self_attn.probs" else a.reshape(B, S, c.config.num_attention_heads, -1).transpose(0, 2, 1, 3)
+        for a in (c.y, c.x)
+    )  # [B, nh, S, ...]
     rows = [(int(keys[b, i]), _err(y[b, :, i], x[b, :, i])) for b in range(B) for i in range(S) if c.mask[b, i]]
     lengths = sorted({n for n, _ in rows})
     if len(lengths) < 2:
@@ -517,8 +580,10 @@ def _reduction_growth(c: _Context) -> str:
     short = float(np.mean([e for n, e in rows if n == lengths[0]]))
     long = float(np.mean([e for n, e in rows if n == lengths[-1]]))
     grows = long > 2 * short
-    return (f"it {'grows' if grows else 'does not grow'} with the reduction length (rows over {lengths[0]} keys: "
-            f"{short:.1e}, over {lengths[-1]} keys: {long:.1e})")
+    return (
+        f"it {'grows' if grows else 'does not grow'} with the reduction length (rows over {lengths[0]} keys: "
+        f"{short:.1e}, over {lengths[-1]} keys: {long:.1e})"
+    )
 
 
 def _norms(c: _Context) -> tuple[float, float, float] | None:
@@ -539,9 +604,11 @@ def _precision(c: _Context) -> str | None:
     cosine, ratio, rel = found
     if rel > PRECISION_MAX * c.floor or abs(ratio - 1) > 0.5 * rel:  # far off, or off along x (a scale)
         return None
-    return (f"precision loss: rel_l2 {rel:.2e} is {rel / c.floor:.0f}x the float32 floor ({c.floor:.1e}), cosine "
-            f"{cosine:.8f}, norm ratio {ratio:.7f}: close to the reference but beyond tolerance (an approximation "
-            f"or a lower-precision step, not a wrong formula); {_reduction_growth(c)}")
+    return (
+        f"precision loss: rel_l2 {rel:.2e} is {rel / c.floor:.0f}x the float32 floor ({c.floor:.1e}), cosine "
+        f"{cosine:.8f}, norm ratio {ratio:.7f}: close to the reference but beyond tolerance (an approximation "
+        f"or a lower-precision step, not a wrong formula); {_reduction_growth(c)}"
+    )
 
 
 def _sign_and_scale(c: _Context) -> str | None:
@@ -554,8 +621,12 @@ def _sign_and_scale(c: _Context) -> str | None:
     if cosine > 0.99999 and abs(ratio - 1) > 100 * c.floor:  # a scale moves the norm far beyond rounding
         hint = ""
         hd = c.config.head_dim
-        for label, value in ((f"1/sqrt(head_dim={hd})", 1 / math.sqrt(hd)), (f"sqrt(head_dim={hd})", math.sqrt(hd)),
-                             ("2", 2.0), ("1/2", 0.5)):
+        for label, value in (
+            (f"1/sqrt(head_dim={hd})", 1 / math.sqrt(hd)),
+            (f"sqrt(head_dim={hd})", math.sqrt(hd)),
+            ("2", 2.0),
+            ("1/2", 0.5),
+        ):
             if abs(ratio / value - 1) < 1e-3:
                 hint = f" ~ {label}"
         return f"scale error: cosine {cosine:.6f} but ||y|| / ||x|| = {ratio:.6g}{hint}"
@@ -567,8 +638,10 @@ def _sign_and_scale(c: _Context) -> str | None:
         col_mean = np.nanmean(r, axis=0)
         spread = np.nanmax(np.abs(r - col_mean), axis=0)
         if np.isfinite(spread).all() and (spread < 1e-3 * np.abs(col_mean)).all() and np.ptp(col_mean) > 1e-3:
-            return ("per-channel scale: y / x is constant down each channel but differs between channels "
-                    "(a weight applied twice, ignored, or the wrong one)")
+            return (
+                "per-channel scale: y / x is constant down each channel but differs between channels "
+                "(a weight applied twice, ignored, or the wrong one)"
+            )
     return None
 
 
@@ -578,8 +651,7 @@ def _head_axis_view(c: _Context, array: np.ndarray) -> np.ndarray | None:
     cfg = c.config
     if c.point.token_axis == 2:  # attention [B, nh, S, S]
         return array.reshape(array.shape[0], array.shape[1], -1)
-    n = {cfg.q_dim: cfg.num_attention_heads, cfg.kv_dim: cfg.num_key_value_heads}.get(
-        int(np.prod(array.shape[2:])))
+    n = {cfg.q_dim: cfg.num_attention_heads, cfg.kv_dim: cfg.num_key_value_heads}.get(int(np.prod(array.shape[2:])))
     if n is None or n < 2 or c.op.startswith("mlp") or c.op in ("o_proj", "attn_residual"):
         return None
     return array.reshape(array.shape[0] * array.shape[1], n, -1)
@@ -593,8 +665,11 @@ def _permutation(c: _Context) -> str | None:
     if xv is not None:
         n = xv.shape[1]
         best = [min(range(n), key=lambda j, i=i: _rel(yv[:, i], xv[:, j])) for i in range(n)]
-        if best != list(range(n)) and sorted(best) == list(range(n)) and \
-                all(_rel(yv[:, i], xv[:, best[i]]) < 1e-4 for i in range(n)):
+        if (
+            best != list(range(n))
+            and sorted(best) == list(range(n))
+            and all(_rel(yv[:, i], xv[:, best[i]]) < 1e-4 for i in range(n))
+        ):
             return f"heads permuted: C++ head i holds reference head {best} [i]"
     hd = c.config.head_dim
     if c.x.shape[-1] == hd or (xv is not None and xv.shape[-1] == hd):
@@ -646,14 +721,31 @@ def _padded_keys_only(c: _Context) -> str | None:
     return None
 
 
-CHECKS = (_nonfinite_origin, _broken_values, _masks,
-          _norm_variants, _rope_variant, _scores_variants, _cache_slots, _probs_variant, _act_variants, _head_variant,
-          _topk_variant, _residual_variants, _layout_variant,
-          _equals_other_point, _accumulated_onto,
-          _vector_tail, _heads, _rows, _columns,
-          _precision, _sign_and_scale,
-          _permutation,
-          _positions)
+CHECKS = (
+    _nonfinite_origin,
+    _broken_values,
+    _masks,
+    _norm_variants,
+    _rope_variant,
+    _scores_variants,
+    _cache_slots,
+    _probs_variant,
+    _act_variants,
+    _head_variant,
+    _topk_variant,
+    _residual_variants,
+    _layout_variant,
+    _equals_other_point,
+    _accumulated_onto,
+    _vector_tail,
+    _heads,
+    _rows,
+    _columns,
+    _precision,
+    _sign_and_scale,
+    _permutation,
+    _positions,
+)
 
 
 def diagnose(report: Report) -> str | None:  # noqa: F821 (compare's Report: a type hint only)

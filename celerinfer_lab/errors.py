@@ -17,6 +17,7 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     │   └── NativeCompileError           the C++ did not compile
     └── StandaloneError (RuntimeError)   building or running base_line_micro failed
 """
+
 from __future__ import annotations
 
 
@@ -61,5 +62,15 @@ class StandaloneError(CelerInferError, RuntimeError):
     """Building or running base_line_micro failed; the message carries its output."""
 
 
-__all__ = ["CelerInferError", "UsageError", "UsageTypeError", "ConfigError", "ModelFileError", "SidecarError",
-           "FaultError", "NativeError", "NativeCompileError", "StandaloneError"]
+__all__ = [
+    "CelerInferError",
+    "UsageError",
+    "UsageTypeError",
+    "ConfigError",
+    "ModelFileError",
+    "SidecarError",
+    "FaultError",
+    "NativeError",
+    "NativeCompileError",
+    "StandaloneError",
+]

@@ -11,6 +11,7 @@ decode-only fault leaves the prefill exact, so only compare_decode finds it).
 tests/test_faults.py runs each fault on every kernel set: found and diagnosed where it applies,
 agreement where it does not.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -20,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ModelConfig
+from .errors import FaultError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 from .flags import flag_for
 from .paths import copy_cpp, edit_source, include_dir
-
-
-from .errors import FaultError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 
 
 @dataclass(frozen=True)
@@ -57,160 +56,446 @@ def _edit(file: str, old: str, new: str) -> tuple[Edit, ...]:
 
 CATALOGUE: list[Fault] = [
     # ---- the shared forward body and shared ops: every kernel set ------------------------------
-    Fault("rope_pairing_swapped", "RoPE rotates interleaved pairs where the model uses half-split ones (or the reverse)",
-          _edit("ops.hpp", "    const int half = hd / 2;\n    for (int b = 0; b < B; ++b)",
-                "    interleaved = !interleaved;\n    const int half = hd / 2;\n    for (int b = 0; b < B; ++b)"),
-          BOTH, L0 + "self_attn.rope_q", "RoPE pairing"),
-    Fault("gqa_modulo", "query head j reads kv head j % kv_heads instead of j // (heads / kv_heads)",
-          _edit("ops.hpp", "inline int kv_head(int h, const AttnDims& d) { return h / d.n_rep(); }",
-                "inline int kv_head(int h, const AttnDims& d) { return h % d.kv_heads; }"),
-          BOTH, L0 + "self_attn.scores", "kv head j % kv_heads", dict(num_attention_heads=8, num_key_value_heads=2)),
-    Fault("gate_up_swapped", "gate_proj and up_proj weights swapped",
-          (Edit("forward.hpp", "K.linear(ws.gate.data(), x, w.gate, rows, H, I);", "K.linear(ws.gate.data(), x, w.up, rows, H, I);"),
-           Edit("forward.hpp", "K.linear(ws.up.data(), x, w.up, rows, H, I);", "K.linear(ws.up.data(), x, w.gate, rows, H, I);")),
-          BOTH, L0 + "mlp.gate_proj", "mlp.up_proj"),
-    Fault("untied_head_as_embedding", "an untied lm_head is read as the embedding",
-          _edit("model.hpp", "const float* head() const { return config.tied ? embed : lm_head; }",
-                "const float* head() const { return embed; }"),
-          BOTH, "lm_head", "lm_head read as the embedding", dict(tie_word_embeddings=False)),
-    Fault("moe_topk_not_renormalised", "MoE top-k weights not divided by their sum",
-          _edit("ops.hpp", "        if (renormalise) {", "        if (false) {"),
-          BOTH, L0 + "mlp.topk_weight", "not renormalised",
-          dict(use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="always")),
-    Fault("output_never_written", "the logits buffer is never written (the original tool's all-zero logits)",
-          _edit("forward.hpp", "    K.linear(logits, x, m.head(), N, H, c.vocab);\n", ""),
-          BOTH, "lm_head", "never written"),
-    Fault("residual_missing", "the attention output replaces the residual stream instead of adding to it",
-          _edit("forward.hpp", "        add(h, h, ws.attn_out.data(), size_t(N) * H);",
-                "        std::memcpy(h, ws.attn_out.data(), sizeof(float) * size_t(N) * H);"),
-          BOTH, L0 + "attn_residual", "self_attn.o_proj"),
-    Fault("qk_norm_skipped", "the query RMSNorm (q_norm) is skipped",
-          _edit("forward.hpp", "            K.rmsnorm(ws.q.data(), ws.q.data(), L.q_norm, N * nh, hd, c.eps);\n", ""),
-          BOTH, L0 + "self_attn.q_norm", "self_attn.q_proj", dict(qk_norm=True)),
-    Fault("rope_wrong_direction", "RoPE rotates by -theta: the sin terms have the wrong sign",
-          _edit("ops.hpp", "                    v[i0] = x0 * c[i] - x1 * sn[i];\n                    v[i1] = x1 * c[i] + x0 * sn[i];",
-                "                    v[i0] = x0 * c[i] + x1 * sn[i];\n                    v[i1] = x1 * c[i] - x0 * sn[i];"),
-          BOTH, L0 + "self_attn.rope_q", "RoPE rotates the wrong way"),
-    Fault("rope_start_ignored", "decode rotates the new tokens as if they were at position 0 (rope_at drops `start`)",
-          _edit("ops.hpp", "rope(x, cos + size_t(start) * hd, sin + size_t(start) * hd, B, T, n_heads, hd, interleaved);",
-                "rope(x, cos, sin, B, T, n_heads, hd, interleaved);"),
-          BOTH, L0 + "self_attn.rope_q", "RoPE at the wrong position", step=1),
-    Fault("residual_added_twice", "the attention output is added to the residual stream twice (a duplicated line)",
-          _edit("forward.hpp", "        add(h, h, ws.attn_out.data(), size_t(N) * H);\n",
-                "        add(h, h, ws.attn_out.data(), size_t(N) * H);\n        add(h, h, ws.attn_out.data(), size_t(N) * H);\n"),
-          BOTH, L0 + "attn_residual", "residual added twice"),
-    Fault("shared_expert_dropped", "the shared expert is computed (and traced) but never added to the MoE output",
-          _edit("forward.hpp", "        add(y, y, ws.expert_out.data(), size_t(N) * H);\n", ""),
-          BOTH, "model.layers.0", "shared expert 0 dropped",
-          dict(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1)),
-    Fault("final_norm_wrong_weight", "the final RMSNorm uses the last layer's post-attention norm weight",
-          _edit("forward.hpp", "    K.rmsnorm(x, h, m.final_norm, N, H, c.eps);",
-                "    K.rmsnorm(x, h, m.layers[c.layers - 1].post_norm, N, H, c.eps);"),
-          BOTH, "model.norm", "post_attention_layernorm.weight"),
+    Fault(
+        "rope_pairing_swapped",
+        "RoPE rotates interleaved pairs where the model uses half-split ones (or the reverse)",
+        _edit(
+            "ops.hpp",
+            "    const int half = hd / 2;\n    for (int b = 0; b < B; ++b)",
+            "    interleaved = !interleaved;\n    const int half = hd / 2;\n    for (int b = 0; b < B; ++b)",
+        ),
+        BOTH,
+        L0 + "self_attn.rope_q",
+        "RoPE pairing",
+    ),
+    Fault(
+        "gqa_modulo",
+        "query head j reads kv head j % kv_heads instead of j // (heads / kv_heads)",
+        _edit(
+            "ops.hpp",
+            "inline int kv_head(int h, const AttnDims& d) { return h / d.n_rep(); }",
+            "inline int kv_head(int h, const AttnDims& d) { return h % d.kv_heads; }",
+        ),
+        BOTH,
+        L0 + "self_attn.scores",
+        "kv head j % kv_heads",
+        dict(num_attention_heads=8, num_key_value_heads=2),
+    ),
+    Fault(
+        "gate_up_swapped",
+        "gate_proj and up_proj weights swapped",
+        (
+            Edit(
+                "forward.hpp",
+                "K.linear(ws.gate.data(), x, w.gate, rows, H, I);",
+                "K.linear(ws.gate.data(), x, w.up, rows, H, I);",
+            ),
+            Edit(
+                "forward.hpp",
+                "K.linear(ws.up.data(), x, w.up, rows, H, I);",
+                "K.linear(ws.up.data(), x, w.gate, rows, H, I);",
+            ),
+        ),
+        BOTH,
+        L0 + "mlp.gate_proj",
+        "mlp.up_proj",
+    ),
+    Fault(
+        "untied_head_as_embedding",
+        "an untied lm_head is read as the embedding",
+        _edit(
+            "model.hpp",
+            "const float* head() const { return config.tied ? embed : lm_head; }",
+            "const float* head() const { return embed; }",
+        ),
+        BOTH,
+        "lm_head",
+        "lm_head read as the embedding",
+        dict(tie_word_embeddings=False),
+    ),
+    Fault(
+        "moe_topk_not_renormalised",
+        "MoE top-k weights not divided by their sum",
+        _edit("ops.hpp", "        if (renormalise) {", "        if (false) {"),
+        BOTH,
+        L0 + "mlp.topk_weight",
+        "not renormalised",
+        dict(use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="always"),
+    ),
+    Fault(
+        "output_never_written",
+        "the logits buffer is never written (the original tool's all-zero logits)",
+        _edit("forward.hpp", "    K.linear(logits, x, m.head(), N, H, c.vocab);\n", ""),
+        BOTH,
+        "lm_head",
+        "never written",
+    ),
+    Fault(
+        "residual_missing",
+        "the attention output replaces the residual stream instead of adding to it",
+        _edit(
+            "forward.hpp",
+            "        add(h, h, ws.attn_out.data(), size_t(N) * H);",
+            "        std::memcpy(h, ws.attn_out.data(), sizeof(float) * size_t(N) * H);",
+        ),
+        BOTH,
+        L0 + "attn_residual",
+        "self_attn.o_proj",
+    ),
+    Fault(
+        "qk_norm_skipped",
+        "the query RMSNorm (q_norm) is skipped",
+        _edit("forward.hpp", "            K.rmsnorm(ws.q.data(), ws.q.data(), L.q_norm, N * nh, hd, c.eps);\n", ""),
+        BOTH,
+        L0 + "self_attn.q_norm",
+        "self_attn.q_proj",
+        dict(qk_norm=True),
+    ),
+    Fault(
+        "rope_wrong_direction",
+        "RoPE rotates by -theta: the sin terms have the wrong sign",
+        _edit(
+            "ops.hpp",
+            "                    v[i0] = x0 * c[i] - x1 * sn[i];\n                    v[i1] = x1 * c[i] + x0 * sn[i];",
+            "                    v[i0] = x0 * c[i] + x1 * sn[i];\n                    v[i1] = x1 * c[i] - x0 * sn[i];",
+        ),
+        BOTH,
+        L0 + "self_attn.rope_q",
+        "RoPE rotates the wrong way",
+    ),
+    Fault(
+        "rope_start_ignored",
+        "decode rotates the new tokens as if they were at position 0 (rope_at drops `start`)",
+        _edit(
+            "ops.hpp",
+            "rope(x, cos + size_t(start) * hd, sin + size_t(start) * hd, B, T, n_heads, hd, interleaved);",
+            "rope(x, cos, sin, B, T, n_heads, hd, interleaved);",
+        ),
+        BOTH,
+        L0 + "self_attn.rope_q",
+        "RoPE at the wrong position",
+        step=1,
+    ),
+    Fault(
+        "residual_added_twice",
+        "the attention output is added to the residual stream twice (a duplicated line)",
+        _edit(
+            "forward.hpp",
+            "        add(h, h, ws.attn_out.data(), size_t(N) * H);\n",
+            "        add(h, h, ws.attn_out.data(), size_t(N) * H);\n        add(h, h, ws.attn_out.data(), size_t(N) * H);\n",
+        ),
+        BOTH,
+        L0 + "attn_residual",
+        "residual added twice",
+    ),
+    Fault(
+        "shared_expert_dropped",
+        "the shared expert is computed (and traced) but never added to the MoE output",
+        _edit("forward.hpp", "        add(y, y, ws.expert_out.data(), size_t(N) * H);\n", ""),
+        BOTH,
+        "model.layers.0",
+        "shared expert 0 dropped",
+        dict(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    ),
+    Fault(
+        "final_norm_wrong_weight",
+        "the final RMSNorm uses the last layer's post-attention norm weight",
+        _edit(
+            "forward.hpp",
+            "    K.rmsnorm(x, h, m.final_norm, N, H, c.eps);",
+            "    K.rmsnorm(x, h, m.layers[c.layers - 1].post_norm, N, H, c.eps);",
+        ),
+        BOTH,
+        "model.norm",
+        "post_attention_layernorm.weight",
+    ),
     # ---- the readable kernels (ops.hpp, readable.hpp) -------------------------------------------
-    Fault("causal_mask_missing", "no -inf above the diagonal: every token sees the future",
-          _edit("ops.hpp", "                    if (j > d.start() + i) s += neg_inf;\n", ""),
-          ("readable",), L0 + "self_attn.scores", "causal mask missing"),
-    Fault("padding_mask_ignored", "padded keys are not masked",
-          _edit("ops.hpp", "                    if (mask[size_t(b) * d.P + j] == 0) s += -1e9f;\n", ""),
-          ("readable",), L0 + "self_attn.scores", "padding mask ignored", inputs=dict(padding="left")),
-    Fault("rmsnorm_eps_outside_sqrt", "RMSNorm divides by sqrt(mean(x^2)) + eps instead of sqrt(mean(x^2) + eps)",
-          _edit("ops.hpp", "const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);",
-                "const float inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);"),
-          ("readable",), L0 + "input_layernorm", "eps outside the square root"),
-    Fault("rmsnorm_weight_ignored", "RMSNorm never multiplies by its weight",
-          _edit("ops.hpp", "yr[i] = weight[i] * (xr[i] * inv_rms);", "yr[i] = xr[i] * inv_rms;"),
-          ("readable",), L0 + "input_layernorm", "norm weight ignored"),
-    Fault("attention_scale_1_over_d", "scores divided by head_dim instead of sqrt(head_dim)",
-          _edit("ops.hpp", "    const float scale = float(std::sqrt(double(d.hd)));\n    const float neg_inf",
-                "    const float scale = float(d.hd);\n    const float neg_inf"),
-          ("readable",), L0 + "self_attn.scores", "scale error"),
-    Fault("silu_as_gelu", "GELU where SwiGLU's SiLU belongs",
-          _edit("ops.hpp", "for (size_t i = 0; i < n; ++i) act[i] = silu(gate[i]) * up[i];",
-                "for (size_t i = 0; i < n; ++i) act[i] = 0.5f * gate[i] * (1.0f + std::erf(gate[i] * 0.70710678f)) * up[i];"),
-          ("readable",), L0 + "mlp.act", "GELU"),
-    Fault("softmax_wrong_axis", "attention softmax over queries instead of keys",
-          _edit("readable.hpp", "        softmax(scores, int(rows), d.P);\n",
-                "        for (size_t blk = 0; blk < rows / d.T; ++blk)  // down each column of a (b, h) block\n"
-                "            for (int j = 0; j < d.P; ++j) {\n"
-                "                float* col = scores + blk * d.T * d.P + j;\n"
-                "                float max = col[0], sum = 0.0f;\n"
-                "                for (int i = 1; i < d.T; ++i) max = col[size_t(i) * d.P] > max ? col[size_t(i) * d.P] : max;\n"
-                "                for (int i = 0; i < d.T; ++i) sum += (col[size_t(i) * d.P] = std::exp(col[size_t(i) * d.P] - max));\n"
-                "                for (int i = 0; i < d.T; ++i) col[size_t(i) * d.P] /= sum;\n"
-                "            }\n"),
-          ("readable",), L0 + "self_attn.probs", "softmax over the wrong axis"),
-    Fault("causal_mask_off_by_one", "the causal mask also covers the diagonal: a token cannot see itself",
-          _edit("ops.hpp", "if (j > d.start() + i) s += neg_inf;", "if (j >= d.start() + i) s += neg_inf;"),
-          ("readable",), L0 + "self_attn.scores", "causal mask off by one"),
-    Fault("context_head_skipped", "the context loop stops one head early: the last head is never written",
-          _edit("ops.hpp", "            for (int h = 0; h < d.heads; ++h) {\n                float* out = context",
-                "            for (int h = 0; h < d.heads - 1; ++h) {\n                float* out = context"),
-          ("readable",), L0 + "self_attn.context", "only in head 7 of 8"),
-    Fault("context_layout_transposed", "the context is written [B, heads, T, hd] where o_proj reads [B, T, heads, hd]",
-          _edit("ops.hpp", "float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
-                "float* out = context + ((size_t(b) * d.heads + h) * d.T + i) * d.hd;"),
-          ("readable",), L0 + "self_attn.context", "layout transposed"),
+    Fault(
+        "causal_mask_missing",
+        "no -inf above the diagonal: every token sees the future",
+        _edit("ops.hpp", "                    if (j > d.start() + i) s += neg_inf;\n", ""),
+        ("readable",),
+        L0 + "self_attn.scores",
+        "causal mask missing",
+    ),
+    Fault(
+        "padding_mask_ignored",
+        "padded keys are not masked",
+        _edit("ops.hpp", "                    if (mask[size_t(b) * d.P + j] == 0) s += -1e9f;\n", ""),
+        ("readable",),
+        L0 + "self_attn.scores",
+        "padding mask ignored",
+        inputs=dict(padding="left"),
+    ),
+    Fault(
+        "rmsnorm_eps_outside_sqrt",
+        "RMSNorm divides by sqrt(mean(x^2)) + eps instead of sqrt(mean(x^2) + eps)",
+        _edit(
+            "ops.hpp",
+            "const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);",
+            "const float inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);",
+        ),
+        ("readable",),
+        L0 + "input_layernorm",
+        "eps outside the square root",
+    ),
+    Fault(
+        "rmsnorm_weight_ignored",
+        "RMSNorm never multiplies by its weight",
+        _edit("ops.hpp", "yr[i] = weight[i] * (xr[i] * inv_rms);", "yr[i] = xr[i] * inv_rms;"),
+        ("readable",),
+        L0 + "input_layernorm",
+        "norm weight ignored",
+    ),
+    Fault(
+        "attention_scale_1_over_d",
+        "scores divided by head_dim instead of sqrt(head_dim)",
+        _edit(
+            "ops.hpp",
+            "    const float scale = float(std::sqrt(double(d.hd)));\n    const float neg_inf",
+            "    const float scale = float(d.hd);\n    const float neg_inf",
+        ),
+        ("readable",),
+        L0 + "self_attn.scores",
+        "scale error",
+    ),
+    Fault(
+        "silu_as_gelu",
+        "GELU where SwiGLU's SiLU belongs",
+        _edit(
+            "ops.hpp",
+            "for (size_t i = 0; i < n; ++i) act[i] = silu(gate[i]) * up[i];",
+            "for (size_t i = 0; i < n; ++i) act[i] = 0.5f * gate[i] * (1.0f + std::erf(gate[i] * 0.70710678f)) * up[i];",
+        ),
+        ("readable",),
+        L0 + "mlp.act",
+        "GELU",
+    ),
+    Fault(
+        "softmax_wrong_axis",
+        "attention softmax over queries instead of keys",
+        _edit(
+            "readable.hpp",
+            "        softmax(scores, int(rows), d.P);\n",
+            "        for (size_t blk = 0; blk < rows / d.T; ++blk)  // down each column of a (b, h) block\n"
+            "            for (int j = 0; j < d.P; ++j) {\n"
+            "                float* col = scores + blk * d.T * d.P + j;\n"
+            "                float max = col[0], sum = 0.0f;\n"
+            "                for (int i = 1; i < d.T; ++i) max = col[size_t(i) * d.P] > max ? col[size_t(i) * d.P] : max;\n"
+            "                for (int i = 0; i < d.T; ++i) sum += (col[size_t(i) * d.P] = std::exp(col[size_t(i) * d.P] - max));\n"
+            "                for (int i = 0; i < d.T; ++i) col[size_t(i) * d.P] /= sum;\n"
+            "            }\n",
+        ),
+        ("readable",),
+        L0 + "self_attn.probs",
+        "softmax over the wrong axis",
+    ),
+    Fault(
+        "causal_mask_off_by_one",
+        "the causal mask also covers the diagonal: a token cannot see itself",
+        _edit("ops.hpp", "if (j > d.start() + i) s += neg_inf;", "if (j >= d.start() + i) s += neg_inf;"),
+        ("readable",),
+        L0 + "self_attn.scores",
+        "causal mask off by one",
+    ),
+    Fault(
+        "context_head_skipped",
+        "the context loop stops one head early: the last head is never written",
+        _edit(
+            "ops.hpp",
+            "            for (int h = 0; h < d.heads; ++h) {\n                float* out = context",
+            "            for (int h = 0; h < d.heads - 1; ++h) {\n                float* out = context",
+        ),
+        ("readable",),
+        L0 + "self_attn.context",
+        "only in head 7 of 8",
+    ),
+    Fault(
+        "context_layout_transposed",
+        "the context is written [B, heads, T, hd] where o_proj reads [B, T, heads, hd]",
+        _edit(
+            "ops.hpp",
+            "float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
+            "float* out = context + ((size_t(b) * d.heads + h) * d.T + i) * d.hd;",
+        ),
+        ("readable",),
+        L0 + "self_attn.context",
+        "layout transposed",
+    ),
     # The isolated (teacher-forced) run follows the plain run in the same workspace: at layer 0 the
     # context buffer still holds the plain run's last context, so layer 0 is where it shows.
-    Fault("context_accumulator_not_cleared", "the context accumulator is never zeroed: it adds onto the buffer's old value",
-          _edit("ops.hpp", "                for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;\n", ""),
-          ("readable",), L0 + "self_attn.context", "accumulator not cleared"),
+    Fault(
+        "context_accumulator_not_cleared",
+        "the context accumulator is never zeroed: it adds onto the buffer's old value",
+        _edit("ops.hpp", "                for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;\n", ""),
+        ("readable",),
+        L0 + "self_attn.context",
+        "accumulator not cleared",
+    ),
     # ---- the fast kernels (fast.hpp) -------------------------------------------------------------
-    Fault("fast_attention_scale", "the fused attention divides scores by head_dim instead of sqrt(head_dim)",
-          _edit("fast.hpp", "    const float scale = float(std::sqrt(double(d.hd)));\n    const vf16 vscale",
-                "    const float scale = float(d.hd);\n    const vf16 vscale"),
-          ("fast",), L0 + "self_attn.scores", "scale error"),
-    Fault("fast_rmsnorm_eps_outside_sqrt", "the fast RMSNorm adds eps outside the square root",
-          _edit("fast.hpp", "const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);",
-                "const float inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);"),
-          ("fast",), L0 + "input_layernorm", "eps outside the square root"),
-    Fault("fast_gemm_row_tail", "the GEMM's five-row tail runs the four-row tile: the last row is never computed",
-          _edit("fast.hpp", "case 5: gemm_tile<5, NP>(yr, xr, W, panel, W.out); break;",
-                "case 5: gemm_tile<4, NP>(yr, xr, W, panel, W.out); break;"),
-          ("fast",), L0 + "self_attn.q_proj", "only in token row 10 of 11", inputs=dict(batch_size=1, seq_len=11)),
-    Fault("fast_gemm_panel_tail", "a partial panel (out % 16 != 0) is never stored: the last outputs are left stale",
-          _edit("fast.hpp", "            } else {\n                float tmp[16];\n                vstore(tmp, acc[r][p]);\n"
-                "                std::memcpy(y + size_t(r) * ldy + o, tmp, sizeof(float) * valid);\n            }\n",
-                "            }\n"),
-          ("fast",), L0 + "mlp.gate_proj", "only in output columns 64..71", dict(intermediate_size=72)),
-    Fault("fast_gemm_panel_triples_floor", "panel triples rounded down: a matrix whose panels are not a multiple of 3 loses its last ones",
-          _edit("fast.hpp", "const int triples = (W.panels + 2) / 3;", "const int triples = W.panels / 3;"),
-          ("fast",), L0 + "self_attn.q_proj", "only in output columns 48..63"),
-    Fault("fast_gemm_row_chunk_end", "the last row chunk also stops at a multiple of 6: rows past it are never computed",
-          _edit("fast.hpp", "const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;",
-                "const int r1 = int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;"),
-          ("fast",), L0 + "self_attn.q_proj", "only in token rows 48..49 of 50", inputs=dict(batch_size=2, seq_len=25)),
-    Fault("fast_dot_tail_dropped", "fast::dot drops the scalar tail (n % 16 elements): RMSNorm's sum of squares is short",
-          _edit("fast.hpp", "    for (; i < n; ++i) s += a[i] * b[i];\n", ""),
-          ("fast",), L0 + "input_layernorm", "misses the last 8",
-          dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2)),
-    Fault("fast_swiglu_tail_dropped", "fast::swiglu drops its scalar tail: the last n % 16 activations are stale",
-          _edit("fast.hpp", "    for (size_t i = blocks * 16; i < n; ++i) act[i] = CELERINFER_NS::silu(gate[i]) * up[i];\n", ""),
-          ("fast",), L0 + "mlp.act", "only in the last 8", dict(intermediate_size=72), dict(batch_size=1, seq_len=7)),
-    Fault("fast_vexp_term_dropped", "vexp's polynomial loses a term: exp is a little off (a precision loss, not a wrong formula)",
-          _edit("fast.hpp", "    p = p * r + 4.1665795894e-2f;\n", ""),
-          ("fast",), L0 + "mlp.act", "precision loss"),
-    Fault("fast_padding_mask_ignored", "the fused attention's `padded` test is inverted: padded keys are never masked",
-          _edit("fast.hpp", "const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;",
-                "const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) == key_mask + d.P;"),
-          ("fast",), L0 + "self_attn.scores", "padding mask ignored", inputs=dict(padding="left")),
-    Fault("fast_causal_off_by_one", "the fused attention's causal key count is one short: the diagonal is masked",
-          _edit("fast.hpp", "const int n_keys = d.start() + i + 1;\n                if (padded)",
-                "const int n_keys = d.start() + i;\n                if (padded)"),
-          ("fast",), L0 + "self_attn.scores", "causal mask off by one"),
-    Fault("fast_key_cache_stride", "the fused attention reads the transposed key cache with row stride P instead of kt_stride",
-          _edit("fast.hpp", "std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);",
-                "std::memcpy(kblock + e * 16, kt + size_t(e) * d.P + j0, 64);"),
-          ("fast",), L0 + "self_attn.scores", "key cache read with row stride"),
-    Fault("fast_key_cache_slot", "new keys go to transposed-cache slot i instead of start + i: decode overwrites key 0",
-          _edit("fast.hpp", "d.hd * kt_stride + d.start() + i;", "d.hd * kt_stride + i;"),
-          ("fast",), L0 + "self_attn.scores", "KV-cache slot", step=1),
-    Fault("fast_value_cache_slot", "new values go to cache slot i instead of start + i: decode overwrites value 0",
-          _edit("fast.hpp", "        cache_store(ws.layer_v(layer), v, d);\n    }\n    void attention(",
-                "        cache_store(ws.layer_v(layer), v, AttnDims{d.B, d.T, d.T, d.max_len, d.heads, d.kv_heads, d.hd});\n"
-                "    }\n    void attention("),
-          ("fast",), L0 + "self_attn.context", "value cache slot", step=1),
+    Fault(
+        "fast_attention_scale",
+        "the fused attention divides scores by head_dim instead of sqrt(head_dim)",
+        _edit(
+            "fast.hpp",
+            "    const float scale = float(std::sqrt(double(d.hd)));\n    const vf16 vscale",
+            "    const float scale = float(d.hd);\n    const vf16 vscale",
+        ),
+        ("fast",),
+        L0 + "self_attn.scores",
+        "scale error",
+    ),
+    Fault(
+        "fast_rmsnorm_eps_outside_sqrt",
+        "the fast RMSNorm adds eps outside the square root",
+        _edit(
+            "fast.hpp",
+            "const float inv_rms = 1.0f / std::sqrt(dot(xr, xr, n) / float(n) + eps);",
+            "const float inv_rms = 1.0f / (std::sqrt(dot(xr, xr, n) / float(n)) + eps);",
+        ),
+        ("fast",),
+        L0 + "input_layernorm",
+        "eps outside the square root",
+    ),
+    Fault(
+        "fast_gemm_row_tail",
+        "the GEMM's five-row tail runs the four-row tile: the last row is never computed",
+        _edit(
+            "fast.hpp",
+            "case 5: gemm_tile<5, NP>(yr, xr, W, panel, W.out); break;",
+            "case 5: gemm_tile<4, NP>(yr, xr, W, panel, W.out); break;",
+        ),
+        ("fast",),
+        L0 + "self_attn.q_proj",
+        "only in token row 10 of 11",
+        inputs=dict(batch_size=1, seq_len=11),
+    ),
+    Fault(
+        "fast_gemm_panel_tail",
+        "a partial panel (out % 16 != 0) is never stored: the last outputs are left stale",
+        _edit(
+            "fast.hpp",
+            "            } else {\n                float tmp[16];\n                vstore(tmp, acc[r][p]);\n"
+            "                std::memcpy(y + size_t(r) * ldy + o, tmp, sizeof(float) * valid);\n            }\n",
+            "            }\n",
+        ),
+        ("fast",),
+        L0 + "mlp.gate_proj",
+        "only in output columns 64..71",
+        dict(intermediate_size=72),
+    ),
+    Fault(
+        "fast_gemm_panel_triples_floor",
+        "panel triples rounded down: a matrix whose panels are not a multiple of 3 loses its last ones",
+        _edit("fast.hpp", "const int triples = (W.panels + 2) / 3;", "const int triples = W.panels / 3;"),
+        ("fast",),
+        L0 + "self_attn.q_proj",
+        "only in output columns 48..63",
+    ),
+    Fault(
+        "fast_gemm_row_chunk_end",
+        "the last row chunk also stops at a multiple of 6: rows past it are never computed",
+        _edit(
+            "fast.hpp",
+            "const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;",
+            "const int r1 = int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;",
+        ),
+        ("fast",),
+        L0 + "self_attn.q_proj",
+        "only in token rows 48..49 of 50",
+        inputs=dict(batch_size=2, seq_len=25),
+    ),
+    Fault(
+        "fast_dot_tail_dropped",
+        "fast::dot drops the scalar tail (n % 16 elements): RMSNorm's sum of squares is short",
+        _edit("fast.hpp", "    for (; i < n; ++i) s += a[i] * b[i];\n", ""),
+        ("fast",),
+        L0 + "input_layernorm",
+        "misses the last 8",
+        dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    Fault(
+        "fast_swiglu_tail_dropped",
+        "fast::swiglu drops its scalar tail: the last n % 16 activations are stale",
+        _edit(
+            "fast.hpp",
+            "    for (size_t i = blocks * 16; i < n; ++i) act[i] = CELERINFER_NS::silu(gate[i]) * up[i];\n",
+            "",
+        ),
+        ("fast",),
+        L0 + "mlp.act",
+        "only in the last 8",
+        dict(intermediate_size=72),
+        dict(batch_size=1, seq_len=7),
+    ),
+    Fault(
+        "fast_vexp_term_dropped",
+        "vexp's polynomial loses a term: exp is a little off (a precision loss, not a wrong formula)",
+        _edit("fast.hpp", "    p = p * r + 4.1665795894e-2f;\n", ""),
+        ("fast",),
+        L0 + "mlp.act",
+        "precision loss",
+    ),
+    Fault(
+        "fast_padding_mask_ignored",
+        "the fused attention's `padded` test is inverted: padded keys are never masked",
+        _edit(
+            "fast.hpp",
+            "const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;",
+            "const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) == key_mask + d.P;",
+        ),
+        ("fast",),
+        L0 + "self_attn.scores",
+        "padding mask ignored",
+        inputs=dict(padding="left"),
+    ),
+    Fault(
+        "fast_causal_off_by_one",
+        "the fused attention's causal key count is one short: the diagonal is masked",
+        _edit(
+            "fast.hpp",
+            "const int n_keys = d.start() + i + 1;\n                if (padded)",
+            "const int n_keys = d.start() + i;\n                if (padded)",
+        ),
+        ("fast",),
+        L0 + "self_attn.scores",
+        "causal mask off by one",
+    ),
+    Fault(
+        "fast_key_cache_stride",
+        "the fused attention reads the transposed key cache with row stride P instead of kt_stride",
+        _edit(
+            "fast.hpp",
+            "std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);",
+            "std::memcpy(kblock + e * 16, kt + size_t(e) * d.P + j0, 64);",
+        ),
+        ("fast",),
+        L0 + "self_attn.scores",
+        "key cache read with row stride",
+    ),
+    Fault(
+        "fast_key_cache_slot",
+        "new keys go to transposed-cache slot i instead of start + i: decode overwrites key 0",
+        _edit("fast.hpp", "d.hd * kt_stride + d.start() + i;", "d.hd * kt_stride + i;"),
+        ("fast",),
+        L0 + "self_attn.scores",
+        "KV-cache slot",
+        step=1,
+    ),
+    Fault(
+        "fast_value_cache_slot",
+        "new values go to cache slot i instead of start + i: decode overwrites value 0",
+        _edit(
+            "fast.hpp",
+            "        cache_store(ws.layer_v(layer), v, d);\n    }\n    void attention(",
+            "        cache_store(ws.layer_v(layer), v, AttnDims{d.B, d.T, d.T, d.max_len, d.heads, d.kv_heads, d.hd});\n"
+            "    }\n    void attention(",
+        ),
+        ("fast",),
+        L0 + "self_attn.context",
+        "value cache slot",
+        step=1,
+    ),
 ]
 FAULTS: dict[str, Fault] = {f.name: f for f in CATALOGUE}
 
@@ -255,7 +540,9 @@ def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask=None) -
         if key == "num_key_value_heads":  # what matters is that query heads share kv heads
             if config.n_rep > 1:
                 continue
-            reasons.append(f"every query head has its own kv head (GQA bugs need heads > kv heads): {flag_for(key, wanted)}")
+            reasons.append(
+                f"every query head has its own kv head (GQA bugs need heads > kv heads): {flag_for(key, wanted)}"
+            )
         elif have != wanted:
             reasons.append(f"{key} is {have!r}, the fault needs {wanted!r}: {flag_for(key, wanted)}")
     padding = fault.inputs.get("padding", "none")

@@ -1,19 +1,35 @@
 """The ``generate`` flags that set ModelConfig fields: one table for the CLI and for every message
 that tells a user which flags would give a model they need."""
+
 from __future__ import annotations
 
 # flag (argparse dest) -> ModelConfig field, for flags that map one to one
 CONFIG_FLAGS = {
-    "hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
-    "kvh": "num_key_value_heads", "vocab": "vocab_size", "max_pos": "max_position_embeddings",
-    "head_dim": "head_dim", "intermediate": "intermediate_size", "sizing_rule": "sizing_rule",
-    "eps": "rms_norm_eps", "theta": "rope_theta", "rope_pairing": "rope_pairing",
-    "experts": "num_experts", "topk": "num_experts_per_tok", "shared_experts": "n_shared_experts",
-    "moe_intermediate": "moe_intermediate_size", "topk_renorm": "topk_renorm",
+    "hidden": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kvh": "num_key_value_heads",
+    "vocab": "vocab_size",
+    "max_pos": "max_position_embeddings",
+    "head_dim": "head_dim",
+    "intermediate": "intermediate_size",
+    "sizing_rule": "sizing_rule",
+    "eps": "rms_norm_eps",
+    "theta": "rope_theta",
+    "rope_pairing": "rope_pairing",
+    "experts": "num_experts",
+    "topk": "num_experts_per_tok",
+    "shared_experts": "n_shared_experts",
+    "moe_intermediate": "moe_intermediate_size",
+    "topk_renorm": "topk_renorm",
 }
 # boolean fields set by a switch: field -> (switch when True, switch when False)
-SWITCHES = {"qk_norm": ("--qk-norm", None), "use_moe": ("--moe", None),
-            "inference_rope_scaling": ("--yarn", None), "tie_word_embeddings": (None, "--untied")}
+SWITCHES = {
+    "qk_norm": ("--qk-norm", None),
+    "use_moe": ("--moe", None),
+    "inference_rope_scaling": ("--yarn", None),
+    "tie_word_embeddings": (None, "--untied"),
+}
 
 
 def flag_for(field: str, value) -> str:

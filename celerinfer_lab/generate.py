@@ -11,6 +11,7 @@ Initialisation (per tensor, from one seeded stream, in file order):
 Inputs come from a second stream, so changing the model's shape leaves the seed's meaning intact
 for the inputs' layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,8 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .errors import ModelFileError, UsageError
 from .modelfile import Model, weight_shapes
-from .writer import (Written, check_disk_room, check_target, human_bytes, largest_tensor, tensor_count,
-                     write_model_file)
 from .rope import rope_cache
+from .writer import Written, check_disk_room, check_target, human_bytes, largest_tensor, tensor_count, write_model_file
 
 PADDING_MODES = ("none", "left", "right", "mixed")
 _RESIDUAL_WRITERS = ("o_proj.weight", "down_proj.weight")
@@ -55,8 +55,15 @@ def random_weights(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.nda
         yield name, _init_tensor(rng, name, shape, config)
 
 
-def random_inputs(config: ModelConfig, batch_size: int, seq_len: int, seed: int, padding: str = "none",
-                  pad_lengths: list[int] | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_inputs(
+    config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    padding: str = "none",
+    pad_lengths: list[int] | None = None,
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """input_ids and attention_mask [B, S], int64.
 
     padding: "left" / "right" pad every row but the first (the longest sequence sets S);
@@ -84,7 +91,9 @@ def random_inputs(config: ModelConfig, batch_size: int, seq_len: int, seed: int,
         raise ConfigError(f"pad_lengths has {len(pad_lengths)} entries, batch_size is {batch_size}")
     for b, n in enumerate(pad_lengths):
         if not 0 <= n < seq_len:
-            raise ConfigError(f"pad_lengths[{b}]={n}: must be in [0, seq_len={seq_len}) (a row keeps at least one token)")
+            raise ConfigError(
+                f"pad_lengths[{b}]={n}: must be in [0, seq_len={seq_len}) (a row keeps at least one token)"
+            )
         left = padding == "left" or (padding == "mixed" and b % 2 == 0)
         cols = slice(0, n) if left else slice(seq_len - n, seq_len)
         ids[b, cols], mask[b, cols] = pad_id, 0
@@ -115,17 +124,30 @@ def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: b
     inputs = 2 * batch_size * seq_len * 8
     need = weights + rope + inputs
     if need > available:
-        what = (f"its largest tensor ({name} {list(shape)}, {human_bytes(largest)})" if streamed else
-                f"its weights ({config.num_parameters():,} parameters, {human_bytes(weights)})")
-        raise UsageError(f"this model does not fit in memory: {what}, the RoPE cache ([{config.max_position_embeddings}, "
-                         f"{config.head_dim}] x 2, {human_bytes(rope)}) and the inputs ({human_bytes(inputs)}) need "
-                         f"{human_bytes(need)}, {human_bytes(available)} is available")
+        what = (
+            f"its largest tensor ({name} {list(shape)}, {human_bytes(largest)})"
+            if streamed
+            else f"its weights ({config.num_parameters():,} parameters, {human_bytes(weights)})"
+        )
+        raise UsageError(
+            f"this model does not fit in memory: {what}, the RoPE cache ([{config.max_position_embeddings}, "
+            f"{config.head_dim}] x 2, {human_bytes(rope)}) and the inputs ({human_bytes(inputs)}) need "
+            f"{human_bytes(need)}, {human_bytes(available)} is available"
+        )
 
 
-def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
-                   padding: str = "none", pad_lengths: list[int] | None = None, pad_id: int = 0,
-                   output: str | Path | None = None, progress: bool | None = None,
-                   sidecar: bool = False) -> Model | Path:
+def generate_model(
+    config: ModelConfig,
+    batch_size: int = 2,
+    seq_len: int = 5,
+    seed: int = 123,
+    padding: str = "none",
+    pad_lengths: list[int] | None = None,
+    pad_id: int = 0,
+    output: str | Path | None = None,
+    progress: bool | None = None,
+    sidecar: bool = False,
+) -> Model | Path:
     """A random model with inputs. With ``output`` it is streamed to that file (one tensor in
     memory at a time) and the path is returned (missing parent folders are created; an existing
     model is replaced atomically: see writer.py); without, the Model is returned. ``sidecar``: the
@@ -135,15 +157,24 @@ def generate_model(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, s
     (UsageError), or in the output folder's free space (ModelFileError). An output that is a
     folder, or ends in .safetensors with a sidecar, is a UsageError; a file that cannot be written
     (a full disk, a read-only folder, a file in the way) is a ModelFileError naming it."""
-    result = generate_model_file(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id, output,
-                                 progress, sidecar)
+    result = generate_model_file(
+        config, batch_size, seq_len, seed, padding, pad_lengths, pad_id, output, progress, sidecar
+    )
     return result if isinstance(result, Model) else result.path
 
 
-def generate_model_file(config: ModelConfig, batch_size: int = 2, seq_len: int = 5, seed: int = 123,
-                        padding: str = "none", pad_lengths: list[int] | None = None, pad_id: int = 0,
-                        output: str | Path | None = None, progress: bool | None = None,
-                        sidecar: bool = False) -> Model | Written:
+def generate_model_file(
+    config: ModelConfig,
+    batch_size: int = 2,
+    seq_len: int = 5,
+    seed: int = 123,
+    padding: str = "none",
+    pad_lengths: list[int] | None = None,
+    pad_id: int = 0,
+    output: str | Path | None = None,
+    progress: bool | None = None,
+    sidecar: bool = False,
+) -> Model | Written:
     """generate_model, returning with ``output`` what was written (writer.Written: paths and sizes)."""
     _check_seed(seed)
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
@@ -158,8 +189,14 @@ def generate_model_file(config: ModelConfig, batch_size: int = 2, seq_len: int =
         check_disk_room(output, config, batch_size, seq_len, sidecar)
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
-    meta = {"generator": "celerinfer-lab", "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
-            "padding": padding, "num_parameters": config.num_parameters()}
+    meta = {
+        "generator": "celerinfer-lab",
+        "seed": seed,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "padding": padding,
+        "num_parameters": config.num_parameters(),
+    }
     weights = random_weights(config, seed)
     if output is None:
         return Model(config, dict(weights), input_ids, attention_mask, cos, sin, meta)
@@ -168,15 +205,27 @@ def generate_model_file(config: ModelConfig, batch_size: int = 2, seq_len: int =
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ModelFileError(f"cannot write {output}: {exc.strerror or exc}"
-                             + (f" ({exc.filename})" if exc.filename else "")) from exc
+        raise ModelFileError(
+            f"cannot write {output}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+        ) from exc
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=tensor_count(config), desc=f"writing {output.name}", unit="tensor")
     try:
-        return write_model_file(output, config, weights, input_ids, attention_mask, cos, sin, meta,
-                                on_tensor=(lambda _name: bar.update()) if bar else None, sidecar=sidecar)
+        return write_model_file(
+            output,
+            config,
+            weights,
+            input_ids,
+            attention_mask,
+            cos,
+            sin,
+            meta,
+            on_tensor=(lambda _name: bar.update()) if bar else None,
+            sidecar=sidecar,
+        )
     finally:
         if bar:
             bar.close()

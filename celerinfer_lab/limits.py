@@ -5,6 +5,7 @@ file cannot hold such a model. The C++ reader has the same numbers (cpp/tools/mo
 tests/test_cpp_fuzz.py checks they agree). Real models for scale: Llama-3 405B has hidden 16,384,
 126 layers, 128 heads, vocab 128,256; DeepSeek-V3 has 256 experts; Gemma-3 a 262,144 vocab.
 """
+
 from __future__ import annotations
 
 MAX_HIDDEN_SIZE = 65_536

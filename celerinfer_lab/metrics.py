@@ -1,6 +1,7 @@
 """The error metrics of a comparison and the constants of its tolerance (compare.py's docstring
 explains them). Numbers only: no engine, no report. Below compare.py, diagnose.py and plots.py, which
 all use them; compare.py re-exports every name here."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EPS32 = 2.0 ** -24
+EPS32 = 2.0**-24
 MIN_FLOOR = 4 * EPS32
 FACTOR = 10.0
 ABS_FLOOR = 1e-7
@@ -48,7 +49,7 @@ def errors(x: np.ndarray, y: np.ndarray) -> Errors:
     nx, ny, nd = (float(np.linalg.norm(v)) for v in (xs, ys, d))
     max_abs = float(np.abs(d).max()) if d.size else 0.0
     rel = nd / nx if nx > 0 else (0.0 if nd == 0 else math.inf)
-    sqnr = 10 * math.log10(nx ** 2 / nd ** 2) if nd > 0 and nx > 0 else (math.inf if nd == 0 else -math.inf)
+    sqnr = 10 * math.log10(nx**2 / nd**2) if nd > 0 and nx > 0 else (math.inf if nd == 0 else -math.inf)
     cosine = float(xs @ ys) / (nx * ny) if nx > 0 and ny > 0 else (1.0 if nx == ny else 0.0)
     if nan or mismatch:
         max_abs, rel, sqnr = math.inf, math.inf, -math.inf
@@ -57,9 +58,11 @@ def errors(x: np.ndarray, y: np.ndarray) -> Errors:
 
 def kl_per_token(x_logits: np.ndarray, y_logits: np.ndarray) -> np.ndarray:
     """KL(softmax(x) || softmax(y)) per token, in nats, float64."""
+
     def log_softmax(v):
         v = v.astype(np.float64)
         v = v - v.max(-1, keepdims=True)
         return v - np.log(np.exp(v).sum(-1, keepdims=True))
+
     lx, ly = log_softmax(x_logits), log_softmax(y_logits)
     return (np.exp(lx) * (lx - ly)).sum(-1)

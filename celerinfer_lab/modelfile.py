@@ -9,6 +9,7 @@ The format's constants and the weights a config implies are in modelformat.py, w
 atomic) in writer.py: both re-exported here. Reading is reader.py's ``load_model`` (it builds a
 ``Model``, so it sits above this module; ``celerinfer_lab.load_model`` is it).
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,11 +20,20 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, ModelConfig  # noqa: F401  (ConfigError re-exported)
-from .modelformat import (DTYPES, FORMAT_NAME, FORMAT_VERSION, PREVIEW_LEN, _dumps, _preview,  # noqa: F401  (defined
-                          iter_weight_shapes, weight_shapes)  # in modelformat.py, re-exported here)
-from .writer import write_model_file
-
 from .errors import ModelFileError  # noqa: E402,F401  (defined in errors.py, re-exported here)
+
+# defined in modelformat.py, re-exported here
+from .modelformat import (  # noqa: F401
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PREVIEW_LEN,
+    _dumps,
+    _preview,
+    iter_weight_shapes,
+    weight_shapes,
+)
+from .writer import write_model_file
 
 
 # ---- the in-memory model -----------------------------------------------------------------------
@@ -75,16 +85,28 @@ class Model:
 def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
     """The JSON object of one tensor (what the file holds for it)."""
     arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
-    return {"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64",
-            "data": base64.b64encode(arr.tobytes()).decode("ascii"), "preview": _preview(arr)}
+    return {
+        "name": name,
+        "shape": list(arr.shape),
+        "dtype": dtype,
+        "encoding": "base64",
+        "data": base64.b64encode(arr.tobytes()).decode("ascii"),
+        "preview": _preview(arr),
+    }
 
 
 # ---- writing -----------------------------------------------------------------------------------
 def save_model(model: Model, path: str | Path) -> None:
     """Write ``model`` in this project's format (version FORMAT_VERSION)."""
     write_model_file(
-        path, model.config, model.weights.items(), model.input_ids, model.attention_mask,
-        model.rope_cos, model.rope_sin, model.meta,
+        path,
+        model.config,
+        model.weights.items(),
+        model.input_ids,
+        model.attention_mask,
+        model.rope_cos,
+        model.rope_sin,
+        model.meta,
     )
 
 
@@ -111,7 +133,8 @@ def _check_model(model: Model, where: str, allow_nonfinite: bool = False) -> Non
     for name, array in (("rope cos", model.rope_cos), ("rope sin", model.rope_sin)):
         if tuple(array.shape) != rope_shape:
             raise ModelFileError(
-                f"{where}: {name} has shape {list(array.shape)}, expected [max_position_embeddings, head_dim] = {list(rope_shape)}")
+                f"{where}: {name} has shape {list(array.shape)}, expected [max_position_embeddings, head_dim] = {list(rope_shape)}"
+            )
 
 
 def check_input_values(model: Model, where: str) -> None:
@@ -126,11 +149,13 @@ def check_input_values(model: Model, where: str) -> None:
         b, s = bad[0]
         raise ModelFileError(
             f"{where}: input_ids[{b},{s}] = {ids[b, s]} is outside the vocabulary [0, {config.vocab_size}) "
-            f"({len(bad)} such ids)")
+            f"({len(bad)} such ids)"
+        )
     bad = np.argwhere((mask != 0) & (mask != 1))
     if len(bad):
         b, s = bad[0]
         raise ModelFileError(f"{where}: attention_mask[{b},{s}] = {mask[b, s]}; the mask must hold only 0 and 1")
     if ids.shape[1] > config.max_position_embeddings:
         raise ModelFileError(
-            f"{where}: seq_len {ids.shape[1]} is longer than max_position_embeddings {config.max_position_embeddings}")
+            f"{where}: seq_len {ids.shape[1]} is longer than max_position_embeddings {config.max_position_embeddings}"
+        )

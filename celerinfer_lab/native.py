@@ -6,6 +6,7 @@ compile error raises ``NativeCompileError`` with clang's message while the previ
 in use. Arrays pass to C++ without copies; every shape, dtype and value range is checked here
 first, so bad input is a Python exception, never a crash of the kernel.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,8 +48,14 @@ def assemble_source(include_dir: Path) -> str:
         text = path.read_text().replace("#pragma once", "")
         # "x.hpp" is looked up beside the including file, then in the include folder.
         return _LOCAL_INCLUDE.sub(
-            lambda m: inline(next((p for p in (path.parent / m.group(1), include_dir / m.group(1)) if p.is_file()),
-                                  path.parent / m.group(1))), text)
+            lambda m: inline(
+                next(
+                    (p for p in (path.parent / m.group(1), include_dir / m.group(1)) if p.is_file()),
+                    path.parent / m.group(1),
+                )
+            ),
+            text,
+        )
 
     return inline(include_dir / HEADER)
 
@@ -89,8 +96,13 @@ class NativeEngine:
     of ``cpp_dir``, and that copy is compiled.
     """
 
-    def __init__(self, cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str | None = None,
-                 extra_source: str = ""):
+    def __init__(
+        self,
+        cpp_dir: str | Path | None = None,
+        fault: str | None = None,
+        kernels: str | None = None,
+        extra_source: str = "",
+    ):
         self.cpp_dir = Path(cpp_dir) if cpp_dir is not None else DEFAULT_CPP_DIR
         self.fault = get_fault(fault)
         if self.fault is not None:
@@ -100,8 +112,11 @@ class NativeEngine:
         self.ns = None
         self.reload()
         if kernels is None:  # a fault's engine runs, by default, a kernel set the fault changes
-            kernels = DEFAULT_KERNELS if self.fault is None or DEFAULT_KERNELS in self.fault.kernels \
+            kernels = (
+                DEFAULT_KERNELS
+                if self.fault is None or DEFAULT_KERNELS in self.fault.kernels
                 else self.fault.kernels[0]
+            )
         self.kernels = self.check_kernels(kernels)
 
     def reload(self) -> None:
@@ -118,7 +133,15 @@ class NativeEngine:
         except SyntaxError as exc:
             raise NativeCompileError(f"C++ in {self.cpp_dir} did not compile:\n{exc}") from None
         ns = getattr(cppyy.gbl, namespace)
-        for name in ("run_forward", "make_kernels", "kernel_set_names", "Model", "Workspace", "Config", "TraceRecorder"):
+        for name in (
+            "run_forward",
+            "make_kernels",
+            "kernel_set_names",
+            "Model",
+            "Workspace",
+            "Config",
+            "TraceRecorder",
+        ):
             if not hasattr(ns, name):
                 raise NativeCompileError(f"C++ in {self.cpp_dir} compiled but defines no {namespace}::{name}")
         # A crash on the calling thread (a wild read or write) becomes a Python exception, not a dead
@@ -148,14 +171,21 @@ class NativeEngine:
     def prepare(self, model: Model, kernels: str | None = None) -> "NativeModel":
         return NativeModel(self, model, kernels or self.kernels)
 
-    def forward(self, model: Model, trace: bool = False, input_ids: np.ndarray | None = None,
-                attention_mask: np.ndarray | None = None, teacher: dict[str, np.ndarray] | None = None,
-                kernels: str | None = None) -> ForwardResult:
+    def forward(
+        self,
+        model: Model,
+        trace: bool = False,
+        input_ids: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+        teacher: dict[str, np.ndarray] | None = None,
+        kernels: str | None = None,
+    ) -> ForwardResult:
         return self.prepare(model, kernels).forward(input_ids, attention_mask, trace, teacher)
 
 
-def load_native(cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str | None = None,
-                extra_source: str = "") -> NativeEngine:
+def load_native(
+    cpp_dir: str | Path | None = None, fault: str | None = None, kernels: str | None = None, extra_source: str = ""
+) -> NativeEngine:
     """Compile the C++ forward (this project's cpp/, or a copy of it in ``cpp_dir``), optionally
     with one fault from the catalogue applied to a scratch copy; ``kernels`` picks the default
     kernel set, ``extra_source`` adds C++ (your own kernel set)."""
@@ -174,8 +204,11 @@ def _native_config(ns, config: ModelConfig):
     if config.use_moe:
         c.experts, c.topk = config.num_experts, config.num_experts_per_tok
         c.shared_experts, c.moe_intermediate = config.n_shared_experts, config.moe_intermediate_size
-        c.topk_renorm = {"never": ns.TopkRenorm.Never, "always": ns.TopkRenorm.Always,
-                         "k>1": ns.TopkRenorm.WhenKAbove1}[config.topk_renorm]
+        c.topk_renorm = {
+            "never": ns.TopkRenorm.Never,
+            "always": ns.TopkRenorm.Always,
+            "k>1": ns.TopkRenorm.WhenKAbove1,
+        }[config.topk_renorm]
     return c
 
 
@@ -223,7 +256,9 @@ class NativeModel:
         if mask.shape != ids.shape:
             raise UsageError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise UsageError(f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})")
+            raise UsageError(
+                f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})"
+            )
         if not np.isin(mask, (0, 1)).all():
             raise UsageError("attention_mask must hold only 0 and 1")
         self.config.validate(seq_len=int(ids.shape[1]))
@@ -235,8 +270,9 @@ class NativeModel:
             self._workspaces[key] = _call("workspace", self.ns.Workspace, self.cpp.config, B, T, max_len or T)
         return self._workspaces[key]
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None, start: int = 0,
-            workspace=None) -> None:
+    def run(
+        self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None, start: int = 0, workspace=None
+    ) -> None:
         """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
         ``start``: tokens already in ``workspace``'s KV cache (decode)."""
         B, T = ids.shape
@@ -244,11 +280,23 @@ class NativeModel:
         sink = recorder if recorder is not None else _cppyy().nullptr
         with self._lock:
             ws = workspace if workspace is not None else self.workspace(B, T)
-            _call(f"forward ({self.kernels} kernels)", self.ns.run_forward, self.kernel_set, self.cpp, ids, mask, T,
-                  start, ws, logits, sink)
+            _call(
+                f"forward ({self.kernels} kernels)",
+                self.ns.run_forward,
+                self.kernel_set,
+                self.cpp,
+                ids,
+                mask,
+                T,
+                start,
+                ws,
+                logits,
+                sink,
+            )
 
-    def forward(self, input_ids=None, attention_mask=None, trace: bool = False,
-                teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
+    def forward(
+        self, input_ids=None, attention_mask=None, trace: bool = False, teacher: dict[str, np.ndarray] | None = None
+    ) -> ForwardResult:
         """Logits and, with trace (or a teacher), every trace point.
 
         ``teacher``: trace point values that replace each op's output once recorded, so every op
@@ -270,8 +318,10 @@ class NativeModel:
         points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len)}
         for name, value in (teacher or {}).items():
             if name not in points or tuple(np.shape(value)) != points[name]:
-                raise UsageError(f"teacher value '{name}' has shape {list(np.shape(value))}; "
-                                 f"the trace point's shape is {list(points.get(name, ()))}")
+                raise UsageError(
+                    f"teacher value '{name}' has shape {list(np.shape(value))}; "
+                    f"the trace point's shape is {list(points.get(name, ()))}"
+                )
             array = _f32(value)
             kept.append(array)
             recorder.set_teacher(name, array, int(array.size))
@@ -288,11 +338,18 @@ class NativeModel:
                 after_prefill()
             tokens.append(np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
             return tokens[-1]
+
         self._decode(new_tokens, input_ids, attention_mask, greedy)
         return np.concatenate(tokens, axis=1)
 
-    def decode_steps(self, feed: np.ndarray, input_ids=None, attention_mask=None, trace: bool = False,
-                     teachers: list[dict[str, np.ndarray]] | None = None) -> list[ForwardResult]:
+    def decode_steps(
+        self,
+        feed: np.ndarray,
+        input_ids=None,
+        attention_mask=None,
+        trace: bool = False,
+        teachers: list[dict[str, np.ndarray]] | None = None,
+    ) -> list[ForwardResult]:
         """Prefill, then feed the tokens of ``feed`` [B, N] one step at a time with the KV cache; one
         result per forward (prefill first), with traces and teachers as for forward()."""
         feed = np.ascontiguousarray(feed, dtype=np.int64)
@@ -300,7 +357,8 @@ class NativeModel:
 
         def fed(step: int, logits: np.ndarray, points) -> np.ndarray | None:
             results.append(ForwardResult(logits.copy(), points))
-            return feed[:, step: step + 1] if step < feed.shape[1] else None
+            return feed[:, step : step + 1] if step < feed.shape[1] else None
+
         self._decode(feed.shape[1] + 1, input_ids, attention_mask, fed, trace, teachers)
         return results
 

@@ -1,6 +1,7 @@
 """The C++ source tree on disk: where this project's cpp/ is, how to find its headers in a folder,
 how to copy it and edit a file of the copy. Plain files only (no cppyy, no compiler): the engine
 (native.py), the fault catalogue (faults.py) and the standalone build (standalone.py) all use it."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,5 +1,6 @@
 """matplotlib figures from a comparison Report. Each function returns a Figure (no pyplot state),
 so notebooks display it and tests inspect its artists."""
+
 from __future__ import annotations
 
 import math
@@ -82,19 +83,41 @@ def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:  # noqa: F821 
     names = [p.name for p in report.points]
     x, kinds, ticks = depth_layout(names)
     tol = np.array([p.tol for p in report.points])
-    ax.fill_between(x, 1e-12, _clip(tol), color="tab:green", alpha=0.12, step="mid", label="tolerance (10x float32 floor)")
-    ax.plot(x, _clip([p.floor for p in report.points]), color="tab:green", lw=1, ls=":", label="float32 reference vs float64")
+    ax.fill_between(
+        x, 1e-12, _clip(tol), color="tab:green", alpha=0.12, step="mid", label="tolerance (10x float32 floor)"
+    )
+    ax.plot(
+        x,
+        _clip([p.floor for p in report.points]),
+        color="tab:green",
+        lw=1,
+        ls=":",
+        label="float32 reference vs float64",
+    )
     acc = _clip([p.rel_l2 for p in report.points])
     own = _clip([p.own_rel_l2 for p in report.points])
     ax.plot(x, acc, color="grey", lw=0.8, alpha=0.7, label=f"{report.subject} accumulated (markers: op kind)")
-    ax.plot(x, own, ls="none", marker="x", ms=4, color="black", alpha=0.6, label=f"{report.subject} isolated (own error)")
+    ax.plot(
+        x, own, ls="none", marker="x", ms=4, color="black", alpha=0.6, label=f"{report.subject} isolated (own error)"
+    )
     colours = matplotlib.colormaps["tab20"]
     kind_order = list(dict.fromkeys(kinds))
     kind_handles = []
     for j, kind in enumerate(kind_order):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        kind_handles.append(ax.scatter(x[idx], acc[idx], marker=_MARKERS[j % len(_MARKERS)], s=30,
-                                       color=colours(j % 20), edgecolors="black", linewidths=0.3, zorder=3, label=kind))
+        kind_handles.append(
+            ax.scatter(
+                x[idx],
+                acc[idx],
+                marker=_MARKERS[j % len(_MARKERS)],
+                s=30,
+                color=colours(j % 20),
+                edgecolors="black",
+                linewidths=0.3,
+                zorder=3,
+                label=kind,
+            )
+        )
     for k, (centre, _label) in enumerate(ticks):  # layer bands
         if k % 2:
             ax.axvspan(centre - 0.5, centre + 0.5, color="grey", alpha=0.07, lw=0)
@@ -102,13 +125,21 @@ def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:  # noqa: F821 
     if culprit is not None:
         cx = float(x[report.points.index(culprit)])
         ax.axvline(cx, color="tab:red", lw=1.5)
-        ax.annotate(f"culprit: {_short(culprit.name)}", (cx, _clip([culprit.own_rel_l2])[0]), xytext=(6, 6),
-                    textcoords="offset points", color="tab:red", fontsize=9)
+        ax.annotate(
+            f"culprit: {_short(culprit.name)}",
+            (cx, _clip([culprit.own_rel_l2])[0]),
+            xytext=(6, 6),
+            textcoords="offset points",
+            color="tab:red",
+            fontsize=9,
+        )
     ax.set_yscale("log")
     ax.set_ylim(1e-10, 1e2)
     ax.set_xticks([c for c, _ in ticks], [label for _, label in ticks], fontsize=9)
     ax.set_xlim(min(x) - 0.6, max(x) + 0.6)
-    ax.set_xlabel("layer (each layer's ops in forward order inside its band; embed before, final norm and lm_head after)")
+    ax.set_xlabel(
+        "layer (each layer's ops in forward order inside its band; embed before, final norm and lm_head after)"
+    )
     ax.set_ylabel("relative L2 error vs float64")
     ax.set_title("error along depth" + (f" — culprit {culprit.name}" if culprit else " — all points agree"))
     lines = [h for h in ax.get_legend_handles_labels()[0] if h not in kind_handles]
@@ -118,8 +149,13 @@ def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:  # noqa: F821 
     return fig
 
 
-def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, isolated: bool = True,  # noqa: F821 (compare's Report: a type hint only)
-                      figsize=(8, 3.5)) -> Figure:
+def attention_heatmap(
+    report: Report,  # noqa: F821 (compare's Report: a type hint only)
+    point: str | None = None,
+    batch: int = 0,
+    isolated: bool = True,
+    figsize=(8, 3.5),
+) -> Figure:
     """Error per (position, head) of an attention trace point (default: the culprit if it is one,
     else layer 0's scores): mean |y - x| over the rest of each head's values."""
     config = report.meta["config"]
@@ -151,7 +187,9 @@ def attention_heatmap(report: Report, point: str | None = None, batch: int = 0, 
         ax.axvline(s, color="cyan", lw=0.6, alpha=0.6)
     ax.set_xlabel("position" + (" (cyan: padding)" if len(pad) else ""))
     ax.set_ylabel("head")
-    ax.set_title(f"{'isolated' if isolated else 'accumulated'} error per (position, head): {_short(point)}, batch {batch}")
+    ax.set_title(
+        f"{'isolated' if isolated else 'accumulated'} error per (position, head): {_short(point)}, batch {batch}"
+    )
     return fig
 
 
@@ -212,7 +250,9 @@ def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:  # noqa: F821
     ax.set_ylim(1e-16, 1e3)
     ax.set_xlabel("token (batch-major; gaps are padding)")
     ax.set_ylabel("KL (nats)")
-    ax.set_title(f"logits: top-1 agreement {lg.top1_agreement:.3f}, KL mean {lg.kl_mean:.2e}"
-                 + ("" if math.isfinite(lg.kl_max) else " (non-finite)"))
+    ax.set_title(
+        f"logits: top-1 agreement {lg.top1_agreement:.3f}, KL mean {lg.kl_mean:.2e}"
+        + ("" if math.isfinite(lg.kl_max) else " (non-finite)")
+    )
     ax.legend(fontsize=8)
     return fig

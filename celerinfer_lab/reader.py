@@ -6,6 +6,7 @@ fuzz corpus to prove they accept the same files. A file first becomes a ``_Table
 the JSON object of every tensor, under MiniMind's names, in either layout); the table is checked
 against the config and the file's size; only then is anything decoded.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,6 +32,7 @@ _INT_DTYPES = [name for name, dtype in DTYPES.items() if dtype.kind in "iu"]
 @dataclass
 class _Table:
     """A parsed file before decoding: the config and each tensor's JSON object."""
+
     config: ModelConfig
     weights: dict[str, Any]  # state-dict name -> TENSOR object
     inputs: dict[str, Any]
@@ -59,8 +61,10 @@ def load_model(path: str | Path, allow_nonfinite: bool = False) -> Model:
     elif isinstance(doc.get("weights"), dict) and "layers" in doc["weights"]:
         table = _table_v0(doc, where)
     else:
-        raise ModelFileError(f"{where}: not a model file: no 'format_version' (this project's format) and no "
-                             f"'weights.layers' (original CelerInfer layout)")
+        raise ModelFileError(
+            f"{where}: not a model file: no 'format_version' (this project's format) and no "
+            f"'weights.layers' (original CelerInfer layout)"
+        )
     watch = None
     if table.sidecar is not None:
         expected_size = table.sidecar.get("bytes")
@@ -96,7 +100,8 @@ def _read_bytes(path: Path) -> bytes:
 
 def _json_type(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )
 
 
 def _section(doc: dict, key: str, where: str, required: bool = True) -> dict:
@@ -121,8 +126,9 @@ def _table_v1(doc: dict, where: str) -> _Table:
         raise ModelFileError(f"{where}: format is {_short(doc.get('format'))}, expected {FORMAT_NAME!r}")
     version = doc["format_version"]
     if not (type(version) is int and version == FORMAT_VERSION):
-        raise ModelFileError(f"{where}: format_version {_short(version)} is not supported "
-                             f"(this version reads {FORMAT_VERSION})")
+        raise ModelFileError(
+            f"{where}: format_version {_short(version)} is not supported (this version reads {FORMAT_VERSION})"
+        )
     meta = _section(doc, "meta", where, required=False)
     config = _config(_section(doc, "config", where), where)
     inputs, rope = _section(doc, "inputs", where), _section(doc, "rope", where)
@@ -130,10 +136,13 @@ def _table_v1(doc: dict, where: str) -> _Table:
     sidecar = None
     if "sidecar" in doc:
         sidecar = doc["sidecar"]
-        if not (isinstance(sidecar, dict) and set(sidecar) <= {"file", "format", "bytes"} and "file" in sidecar
-                and sidecar.get("format") == "safetensors"):
-            raise ModelFileError(f"{where}: sidecar must be {{\"file\": NAME, \"format\": \"safetensors\", "
-                                 f"\"bytes\": SIZE}}")
+        if not (
+            isinstance(sidecar, dict)
+            and set(sidecar) <= {"file", "format", "bytes"}
+            and "file" in sidecar
+            and sidecar.get("format") == "safetensors"
+        ):
+            raise ModelFileError(f'{where}: sidecar must be {{"file": NAME, "format": "safetensors", "bytes": SIZE}}')
         size = sidecar.get("bytes", 0)
         if not (type(size) is int and size >= 0):
             raise ModelFileError(f"{where}: sidecar.bytes {_short(size)} must be an integer >= 0")
@@ -143,9 +152,14 @@ def _table_v1(doc: dict, where: str) -> _Table:
 # Original CelerInfer names -> MiniMind state-dict names.
 _V0_TOP = {"tok_embedding": "model.embed_tokens.weight", "final_rms": "model.norm.weight", "lm_head": "lm_head.weight"}
 _V0_LAYER = {
-    "rms_attn": "input_layernorm.weight", "rms_ffn": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "rms_attn": "input_layernorm.weight",
+    "rms_ffn": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
 }
 
@@ -155,8 +169,14 @@ def _same_tensor(a: Any, b: Any) -> bool:
     lm_head as a copy). base64 strings that differ only in unused trailing bits hold the same bytes."""
     if not (isinstance(a, dict) and isinstance(b, dict) and all(k in a and k in b for k in ("dtype", "shape", "data"))):
         return False
-    if not (isinstance(a["dtype"], str) and a["dtype"] == b["dtype"] and _is_shape(a["shape"])
-            and a["shape"] == b["shape"] and isinstance(a["data"], str) and isinstance(b["data"], str)):
+    if not (
+        isinstance(a["dtype"], str)
+        and a["dtype"] == b["dtype"]
+        and _is_shape(a["shape"])
+        and a["shape"] == b["shape"]
+        and isinstance(a["data"], str)
+        and isinstance(b["data"], str)
+    ):
         return False
     if a["data"] == b["data"]:
         return True
@@ -179,8 +199,9 @@ def _table_v0(doc: dict, where: str) -> _Table:
     w = _section(doc, "weights", where)
     for key in w:
         if key not in _V0_TOP and key != "layers":
-            raise ModelFileError(f"{where}: unexpected tensor 'weights.{key}' (the original layout has "
-                                 f"{', '.join(_V0_TOP)} and layers)")
+            raise ModelFileError(
+                f"{where}: unexpected tensor 'weights.{key}' (the original layout has {', '.join(_V0_TOP)} and layers)"
+            )
     for key in ("tok_embedding", "final_rms"):
         if key not in w:
             raise ModelFileError(f"{where}: missing tensor 'weights.{key}'")
@@ -227,16 +248,20 @@ def _check_weight_table(table: _Table, where: str) -> None:
         for name in table.sidecar_header.tensors:
             obj = table.weights.get(name)
             if not (isinstance(obj, dict) and obj.get("encoding") == "sidecar"):
-                raise ModelFileError(f"{where}: the sidecar holds tensor {name!r}, which the model file does not "
-                                     f"mark as a sidecar tensor")
+                raise ModelFileError(
+                    f"{where}: the sidecar holds tensor {name!r}, which the model file does not "
+                    f"mark as a sidecar tensor"
+                )
 
 
 def _check_sidecar_entry(table: _Table, name: str, obj: dict, shape: tuple[int, ...], where: str) -> None:
     if table.sidecar_header is None:
         raise ModelFileError(f"{where}: encoding 'sidecar' but the file names no sidecar")
     if obj.get("dtype") != "float32" or obj.get("shape") != list(shape) or not _is_shape(obj.get("shape")):
-        raise ModelFileError(f"{where}: a sidecar tensor must say dtype float32 and shape {list(shape)}, the file "
-                             f"says {_short(obj.get('dtype'))} {_short(obj.get('shape'))}")
+        raise ModelFileError(
+            f"{where}: a sidecar tensor must say dtype float32 and shape {list(shape)}, the file "
+            f"says {_short(obj.get('dtype'))} {_short(obj.get('shape'))}"
+        )
     entry = table.sidecar_header.tensors.get(name)
     if entry is None:
         raise ModelFileError(f"{where}: not in the sidecar")
@@ -259,8 +284,10 @@ def _check_tensor_header(obj: Any, where: str, kind: str, shape: tuple[int, ...]
         raise ModelFileError(f"{where}: shape {_short(obj['shape'])} is not a list of non-negative integers")
     allowed = _FLOAT_DTYPES if kind == "float" else _INT_DTYPES
     if obj["dtype"] not in allowed:
-        raise ModelFileError(f"{where}: dtype {_short(obj['dtype'])} is not allowed here; "
-                             f"{'weights and the RoPE cache' if kind == 'float' else 'inputs'} take {', '.join(allowed)}")
+        raise ModelFileError(
+            f"{where}: dtype {_short(obj['dtype'])} is not allowed here; "
+            f"{'weights and the RoPE cache' if kind == 'float' else 'inputs'} take {', '.join(allowed)}"
+        )
     encoding = obj.get("encoding", "base64")
     if encoding != "base64":
         raise ModelFileError(f"{where}: unknown encoding {_short(encoding)}; only 'base64' is supported here")
@@ -271,8 +298,10 @@ def _check_tensor_header(obj: Any, where: str, kind: str, shape: tuple[int, ...]
     if not isinstance(data, str):
         raise ModelFileError(f"{where}: data must be a base64 string, got {_json_type(data)}")
     if len(data) != 4 * -(-nbytes // 3):
-        raise ModelFileError(f"{where}: data holds {len(data)} base64 characters but shape {obj['shape']} of "
-                             f"{obj['dtype']} needs {4 * -(-nbytes // 3)} ({nbytes} bytes)")
+        raise ModelFileError(
+            f"{where}: data holds {len(data)} base64 characters but shape {obj['shape']} of "
+            f"{obj['dtype']} needs {4 * -(-nbytes // 3)} ({nbytes} bytes)"
+        )
     return tuple(obj["shape"])
 
 
@@ -285,8 +314,9 @@ def _check_input_table(table: _Table, where: str) -> None:
     if len(ids) != 2 or ids[0] < 1 or ids[1] < 1:
         raise ModelFileError(f"{where}: input_ids has shape {list(ids)}, expected [batch >= 1, seq_len >= 1]")
     if ids[1] > config.max_position_embeddings:
-        raise ModelFileError(f"{where}: seq_len {ids[1]} is longer than max_position_embeddings "
-                             f"{config.max_position_embeddings}")
+        raise ModelFileError(
+            f"{where}: seq_len {ids[1]} is longer than max_position_embeddings {config.max_position_embeddings}"
+        )
     mask = _check_tensor_header(table.inputs["attention_mask"], f"{where}: tensor 'attention_mask'", "int", None)
     if mask != ids:
         raise ModelFileError(f"{where}: attention_mask has shape {list(mask)}, input_ids has {list(ids)}")
@@ -296,8 +326,10 @@ def _check_input_table(table: _Table, where: str) -> None:
             raise ModelFileError(f"{where}: missing tensor 'rope.{key}'")
         got = _check_tensor_header(table.rope[key], f"{where}: rope {key}", "float", None)
         if got != rope_shape:
-            raise ModelFileError(f"{where}: rope {key} has shape {list(got)}, expected "
-                                 f"[max_position_embeddings, head_dim] = {list(rope_shape)}")
+            raise ModelFileError(
+                f"{where}: rope {key} has shape {list(got)}, expected "
+                f"[max_position_embeddings, head_dim] = {list(rope_shape)}"
+            )
 
 
 # ---- step 6: decoding and values ------------------------------------------------------------------
@@ -309,8 +341,10 @@ def _decode(obj: dict, where: str) -> np.ndarray:
         raise ModelFileError(f"{where}: data is not valid base64 ({exc})") from None
     dtype = DTYPES[obj["dtype"]]
     if len(raw) != math.prod(obj["shape"]) * dtype.itemsize:
-        raise ModelFileError(f"{where}: data decodes to {len(raw)} bytes, shape {obj['shape']} of {obj['dtype']} "
-                             f"needs {math.prod(obj['shape']) * dtype.itemsize}")
+        raise ModelFileError(
+            f"{where}: data decodes to {len(raw)} bytes, shape {obj['shape']} of {obj['dtype']} "
+            f"needs {math.prod(obj['shape']) * dtype.itemsize}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(obj["shape"])
 
 
@@ -323,8 +357,10 @@ def _check_finite(array: np.ndarray, where: str, allow_nonfinite: bool) -> np.nd
         finite = np.isfinite(array.astype(np.float32, copy=False))
     if not finite.all():
         bad = np.argwhere(~finite)
-        raise ModelFileError(f"{where} contains NaN or Inf in float32 ({len(bad)} values, the first at {[int(i) for i in bad[0]]}); "
-                             f"load with allow_nonfinite=True (--allow-nonfinite) to study them")
+        raise ModelFileError(
+            f"{where} contains NaN or Inf in float32 ({len(bad)} values, the first at {[int(i) for i in bad[0]]}); "
+            f"load with allow_nonfinite=True (--allow-nonfinite) to study them"
+        )
     return array
 
 

@@ -15,6 +15,7 @@ them. Every line below is a MiniMind operation in MiniMind's order and precision
 ``dtype=torch.float64`` runs the same math in double precision: the oracle later issues use to
 set error floors. The trace (``trace=True``) records every point of ``trace.trace_points``.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(B, S, kvh, n_rep, hd).reshape(B, S, kvh * n_rep, hd)
 
 
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-           tr: _Tracer | None = None, prefix: str = "") -> torch.Tensor:
+def swiglu(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    tr: _Tracer | None = None,
+    prefix: str = "",
+) -> torch.Tensor:
     trace = tr if tr is not None else (lambda _name, value: value)
     gate = trace(f"{prefix}.gate_proj", F.linear(x, w_gate))
     up = trace(f"{prefix}.up_proj", F.linear(x, w_up))
@@ -138,9 +145,14 @@ class ReferenceModel:
         self.attention_mask = torch.from_numpy(np.array(model.attention_mask, dtype=np.int64))
 
     @torch.inference_mode()
-    def forward(self, input_ids=None, attention_mask=None,
-                trace: bool = False, teacher: dict[str, np.ndarray] | None = None, cache: KVCache | None = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        trace: bool = False,
+        teacher: dict[str, np.ndarray] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs.
 
         ``input_ids`` and ``attention_mask`` [B, S] may be torch tensors, numpy arrays (as the
@@ -158,22 +170,35 @@ class ReferenceModel:
         start = cache.length if cache is not None else 0
         self.config.validate(seq_len=start + ids.shape[1])
         if mask.shape != (ids.shape[0], start + ids.shape[1]):
-            raise ValueError(f"attention_mask has shape {list(mask.shape)}, expected [batch, past + new] = "
-                             f"{[ids.shape[0], start + ids.shape[1]]}")
+            raise ValueError(
+                f"attention_mask has shape {list(mask.shape)}, expected [batch, past + new] = "
+                f"{[ids.shape[0], start + ids.shape[1]]}"
+            )
         h = tr("model.embed_tokens", F.embedding(ids, w["model.embed_tokens.weight"]))
-        cos, sin = self.rope_cos[start: start + ids.shape[1]], self.rope_sin[start: start + ids.shape[1]]
+        cos, sin = self.rope_cos[start : start + ids.shape[1]], self.rope_sin[start : start + ids.shape[1]]
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
             x = tr(f"{p}.input_layernorm", rms_norm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps))
             attn = self._attention(x, mask, cos, sin, p, tr, cache, i)
             h = tr(f"{p}.attn_residual", h + attn)
-            x = tr(f"{p}.post_attention_layernorm",
-                   rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps))
+            x = tr(
+                f"{p}.post_attention_layernorm",
+                rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps),
+            )
             if cfg.use_moe:
                 mlp = self._moe(x, f"{p}.mlp", tr)
             else:
-                mlp = tr(f"{p}.mlp.down_proj", swiglu(x, w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"],
-                                                      w[f"{p}.mlp.down_proj.weight"], tr, f"{p}.mlp"))
+                mlp = tr(
+                    f"{p}.mlp.down_proj",
+                    swiglu(
+                        x,
+                        w[f"{p}.mlp.gate_proj.weight"],
+                        w[f"{p}.mlp.up_proj.weight"],
+                        w[f"{p}.mlp.down_proj.weight"],
+                        tr,
+                        f"{p}.mlp",
+                    ),
+                )
             h = tr(p, h + mlp)
         h = tr("model.norm", rms_norm(h, w["model.norm.weight"], cfg.rms_norm_eps))
         logits = tr("lm_head", F.linear(h, w["lm_head.weight"]))
@@ -183,17 +208,25 @@ class ReferenceModel:
         """ids [B, S] and mask [B, past + S] as int64 tensors (default: the file's inputs), checked."""
         if input_ids is None:
             ids = self.input_ids
-            mask = (self.attention_mask if attention_mask is None
-                    else _as_int64(attention_mask, "attention_mask", integer=False))
+            mask = (
+                self.attention_mask
+                if attention_mask is None
+                else _as_int64(attention_mask, "attention_mask", integer=False)
+            )
         else:
             ids = _as_int64(input_ids, "input_ids")
             if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
                 raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
             if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-                raise ValueError(f"input_ids hold {int(ids.min())}..{int(ids.max())}, outside the vocabulary "
-                                 f"[0, {self.config.vocab_size})")
-            mask = (torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.int64) if attention_mask is None
-                    else _as_int64(attention_mask, "attention_mask", integer=False))
+                raise ValueError(
+                    f"input_ids hold {int(ids.min())}..{int(ids.max())}, outside the vocabulary "
+                    f"[0, {self.config.vocab_size})"
+                )
+            mask = (
+                torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.int64)
+                if attention_mask is None
+                else _as_int64(attention_mask, "attention_mask", integer=False)
+            )
         return ids, mask
 
     def _attention(self, x, mask, cos, sin, p: str, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -225,8 +258,7 @@ class ReferenceModel:
         scores = scores + causal
         scores = scores + (1.0 - mask[:, None, None, :].to(scores.dtype)) * -1e9
         scores = tr(f"{p}.self_attn.scores", scores)
-        probs = tr(f"{p}.self_attn.probs",
-                   F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).type_as(q))
+        probs = tr(f"{p}.self_attn.probs", F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).type_as(q))
         context = tr(f"{p}.self_attn.context", (probs @ v).transpose(1, 2).reshape(B, S, nh * hd))
         return tr(f"{p}.self_attn.o_proj", F.linear(context, w[f"{p}.self_attn.o_proj.weight"]))
 
@@ -249,18 +281,27 @@ class ReferenceModel:
             if chosen.any():
                 tokens = chosen.any(dim=-1).nonzero().flatten()
                 weight = topk_weight[chosen].view(-1, 1)
-                e_out = swiglu(flat[tokens], *(w[f"{p}.experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+                e_out = swiglu(
+                    flat[tokens], *(w[f"{p}.experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+                )
                 routed.index_add_(0, tokens, e_out * weight)
         out = tr(f"{p}.routed_experts", routed.view(B, S, H))
         for s in range(cfg.n_shared_experts):  # MiniMind adds each shared expert in turn, weight 1
-            shared = swiglu(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+            shared = swiglu(
+                x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+            )
             out = out + tr(f"{p}.shared_experts.{s}", shared)
         return out
 
 
-def decode_steps(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, feed: np.ndarray,
-                 trace: bool = False, teachers: list[dict[str, np.ndarray]] | None = None,
-                 ) -> list[tuple[np.ndarray, dict[str, np.ndarray] | None]]:
+def decode_steps(
+    ref: "ReferenceModel",
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    feed: np.ndarray,
+    trace: bool = False,
+    teachers: list[dict[str, np.ndarray]] | None = None,
+) -> list[tuple[np.ndarray, dict[str, np.ndarray] | None]]:
     """Prefill the prompt, then feed the tokens of ``feed`` [B, N] one step at a time with the KV
     cache. One (logits, trace) per forward: the prefill, then N steps. ``teachers``: one teacher per
     forward (see ReferenceModel.forward)."""
@@ -274,13 +315,14 @@ def decode_steps(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: n
         logits, points = ref.forward(ids, mask, trace=trace, teacher=teacher, cache=cache)
         out.append((logits.numpy(), None if points is None else {k: v.numpy() for k, v in points.items()}))
         if step < feed.shape[1]:
-            ids = feed[:, step: step + 1]
+            ids = feed[:, step : step + 1]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     return out
 
 
-def greedy_generate(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int,
-                    after_prefill=None) -> np.ndarray:
+def greedy_generate(
+    ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int, after_prefill=None
+) -> np.ndarray:
     """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens].
     ``after_prefill()`` is called once the prompt is processed (benchmarks time the decode alone)."""
     cache = KVCache.empty()
@@ -297,8 +339,9 @@ def greedy_generate(ref: "ReferenceModel", input_ids: np.ndarray, attention_mask
     return torch.cat(tokens, dim=1).numpy()
 
 
-def reference_forward(model: Model, dtype: torch.dtype = torch.float32, trace: bool = False,
-                      teacher: dict[str, np.ndarray] | None = None) -> ForwardResult:
+def reference_forward(
+    model: Model, dtype: torch.dtype = torch.float32, trace: bool = False, teacher: dict[str, np.ndarray] | None = None
+) -> ForwardResult:
     """Run the reference on the model file's own inputs; numpy logits and trace."""
     logits, points = ReferenceModel(model, dtype).forward(trace=trace, teacher=teacher)
     return ForwardResult(

@@ -6,6 +6,7 @@ the file; the pairing (half-split or interleaved) only decides which dimensions 
 rotates. The arithmetic is MiniMind's, in torch float32, so a file made here carries the same
 bits a MiniMind model would compute.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ from .config import ModelConfig
 def rope_cache(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin), float32 [max_position_embeddings, head_dim]; YaRN applied when configured."""
     import torch  # here, not at the top: importing the package (or `generate --help`) must not load torch
+
     dim, end, base = config.head_dim, config.max_position_embeddings, config.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     attn_factor = 1.0
@@ -29,6 +31,7 @@ def rope_cache(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
         beta_slow = scaling.get("beta_slow", 1.0)
         attn_factor = scaling.get("attention_factor", 1.0)
         if end / orig_max > 1.0:  # MiniMind scales only when the cache reaches past orig_max
+
             def inv_dim(b: float) -> float:
                 return (dim * math.log(orig_max / (b * 2 * math.pi))) / (2 * math.log(base))
 

@@ -9,6 +9,7 @@ The map is watched: a sidecar truncated or rewritten on disk under a loaded mode
 (``SidecarWatch.check``) before a forward touches it, instead of killing the process (SIGBUS).
 Writing is in writer.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,15 @@ import numpy as np
 from .errors import SidecarError
 from .strict_json import parse_strict_json
 
-__all__ = ["SidecarError", "SidecarHeader", "SidecarWatch", "read_header", "open_sidecar", "map_tensors",
-           "sidecar_path"]
+__all__ = [
+    "SidecarError",
+    "SidecarHeader",
+    "SidecarWatch",
+    "read_header",
+    "open_sidecar",
+    "map_tensors",
+    "sidecar_path",
+]
 
 
 @dataclass(frozen=True)
@@ -50,18 +58,22 @@ def read_header(f, path: Path, where: str, expected_size: int | None = None) -> 
         raise SidecarError(f"{where}: sidecar {path.name} is not a regular file")
     size = info.st_size
     if expected_size is not None and size != expected_size:
-        raise SidecarError(f"{where}: sidecar {path.name} is {size} bytes, the model file says {expected_size} "
-                           f"(truncated, or not this model's sidecar)")
+        raise SidecarError(
+            f"{where}: sidecar {path.name} is {size} bytes, the model file says {expected_size} "
+            f"(truncated, or not this model's sidecar)"
+        )
     head = os.pread(f.fileno(), 8, 0)
     if len(head) < 8:
         raise SidecarError(f"{where}: sidecar {path.name} is too short to be a safetensors file")
     (n,) = struct.unpack("<Q", head)
     if n > size - 8:
-        raise SidecarError(f"{where}: sidecar {path.name}: header length {n} runs past the end of the file "
-                           f"({size} bytes)")
+        raise SidecarError(
+            f"{where}: sidecar {path.name}: header length {n} runs past the end of the file ({size} bytes)"
+        )
     if n % 8:
-        raise SidecarError(f"{where}: sidecar {path.name}: header length {n} is not a multiple of 8 "
-                           f"(the tensors would not be aligned)")
+        raise SidecarError(
+            f"{where}: sidecar {path.name}: header length {n} is not a multiple of 8 (the tensors would not be aligned)"
+        )
     raw = os.pread(f.fileno(), n, 8)
     header = parse_strict_json(raw, f"{where}: sidecar {path.name} header")
     return SidecarHeader(path, size, 8 + n, _check_entries(header, size - 8 - n, f"{where}: sidecar {path.name}"))
@@ -98,20 +110,30 @@ def _check_entries(header: object, data_size: int, where: str) -> dict[str, tupl
                 raise SidecarError(f"{where}: __metadata__ must be a JSON object")
             continue
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):  # more keys: ignored,
-            raise SidecarError(f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}")  # as safetensors does
+            raise SidecarError(
+                f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}"
+            )  # as safetensors does
         if info["dtype"] != "F32":
             raise SidecarError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}; model weights are F32")
         shape, offsets = info["shape"], info["data_offsets"]
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise SidecarError(f"{where}: tensor {name!r}: shape must be a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise SidecarError(f"{where}: tensor {name!r}: data_offsets {offsets!r} must be two integers "
-                               f"0 <= start <= end <= {data_size} (the data section's size)")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise SidecarError(
+                f"{where}: tensor {name!r}: data_offsets {offsets!r} must be two integers "
+                f"0 <= start <= end <= {data_size} (the data section's size)"
+            )
         start, end = offsets
         if end - start != 4 * math.prod(shape):
-            raise SidecarError(f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of F32 "
-                               f"needs {4 * math.prod(shape)}")
+            raise SidecarError(
+                f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of F32 "
+                f"needs {4 * math.prod(shape)}"
+            )
         entries[name] = (tuple(shape), start, end)
     position = 0  # the tensors, in file order, must tile the data section: no gap, no overlap
     for name, (_, start, end) in sorted(entries.items(), key=lambda item: (item[1][1], item[1][2])):
@@ -120,8 +142,10 @@ def _check_entries(header: object, data_size: int, where: str) -> dict[str, tupl
             raise SidecarError(f"{where}: tensor {name!r} at bytes {start}..{end} {what}")
         position = end
     if position != data_size:
-        raise SidecarError(f"{where}: the tensors end at byte {position} of the data, the file holds {data_size} "
-                           f"(trailing bytes, or a truncated header)")
+        raise SidecarError(
+            f"{where}: the tensors end at byte {position} of the data, the file holds {data_size} "
+            f"(trailing bytes, or a truncated header)"
+        )
     return entries
 
 
@@ -145,13 +169,17 @@ class SidecarWatch:
         info = os.fstat(self._fd)
         if (info.st_size, info.st_mtime_ns) != self._stamp:
             change = "truncated" if info.st_size < self._stamp[0] else "rewritten"
-            raise SidecarError(f"{self.where}: the sidecar {self.path.name} was {change} on disk after the model was "
-                               f"loaded; reading it now could crash the process: reload the model")
+            raise SidecarError(
+                f"{self.where}: the sidecar {self.path.name} was {change} on disk after the model was "
+                f"loaded; reading it now could crash the process: reload the model"
+            )
 
 
 def map_tensors(f, header: SidecarHeader) -> dict[str, np.ndarray]:
     """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped float32 array."""
     mapped = np.memmap(f, dtype=np.uint8, mode="r", shape=(header.size,))
     base = header.data_start
-    return {name: mapped[base + start: base + end].view("<f4").reshape(shape)
-            for name, (shape, start, end) in header.tensors.items()}
+    return {
+        name: mapped[base + start : base + end].view("<f4").reshape(shape)
+        for name, (shape, start, end) in header.tensors.items()
+    }

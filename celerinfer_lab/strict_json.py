@@ -6,6 +6,7 @@ RecursionError). A model file must mean the same thing to both readers, so this 
 what either would refuse, and nesting deeper than limits.MAX_NESTING (the C++ reader stops at the
 same depth while parsing, so deep files never reach a recursive copy).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,14 +57,16 @@ def parse_strict_json(raw: bytes, where: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ModelFileError(f"{where}: not UTF-8 text at byte {exc.start} ({exc.reason}); not a model file") from None
     try:
-        value = json.loads(text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float,
-                           parse_int=_int)
+        value = json.loads(
+            text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float, parse_int=_int
+        )
     except RecursionError:
         raise ModelFileError(f"{where}: JSON nested deeper than {MAX_NESTING} levels (limits.MAX_NESTING)") from None
     except json.JSONDecodeError as exc:
         raise ModelFileError(
             f"{where}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-            f"the file may be truncated or not a model file") from None
+            f"the file may be truncated or not a model file"
+        ) from None
     except _Refused as exc:
         raise ModelFileError(f"{where}: not strict JSON: {exc}") from None
     except ValueError as exc:  # an integer of more than 4300 digits
@@ -97,5 +100,6 @@ def _check_string(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ModelFileError(f"{where}: not strict JSON: a string holds a lone UTF-16 surrogate "
-                             f"({text[:40]!r})") from None
+        raise ModelFileError(
+            f"{where}: not strict JSON: a string holds a lone UTF-16 surrogate ({text[:40]!r})"
+        ) from None

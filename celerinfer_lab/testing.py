@@ -5,6 +5,7 @@ Imports hypothesis, so only tests and scripts import this module; the package it
     from celerinfer_lab.testing import model_cases
     @given(model=model_cases())
 """
+
 from __future__ import annotations
 
 from hypothesis import strategies as st
@@ -26,13 +27,23 @@ def model_cases(draw):
     yarn = draw(st.booleans())
     experts = draw(st.integers(1, 4))
     config = ModelConfig(
-        hidden_size=hidden, num_hidden_layers=draw(st.integers(1, 3)), num_attention_heads=kv_heads * n_rep,
-        num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=draw(st.integers(8, 96)),
-        max_position_embeddings=64, intermediate_size=draw(st.sampled_from([16, 40, 64])),
-        qk_norm=draw(st.booleans()), rope_pairing=draw(st.sampled_from(["half", "interleaved"])),
-        inference_rope_scaling=yarn, rope_scaling={"original_max_position_embeddings": 16, "factor": 4.0} if yarn else None,
-        tie_word_embeddings=draw(st.booleans()), use_moe=moe, num_experts=experts,
-        num_experts_per_tok=draw(st.integers(1, min(2, experts))), n_shared_experts=draw(st.integers(0, 2)),
+        hidden_size=hidden,
+        num_hidden_layers=draw(st.integers(1, 3)),
+        num_attention_heads=kv_heads * n_rep,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=draw(st.integers(8, 96)),
+        max_position_embeddings=64,
+        intermediate_size=draw(st.sampled_from([16, 40, 64])),
+        qk_norm=draw(st.booleans()),
+        rope_pairing=draw(st.sampled_from(["half", "interleaved"])),
+        inference_rope_scaling=yarn,
+        rope_scaling={"original_max_position_embeddings": 16, "factor": 4.0} if yarn else None,
+        tie_word_embeddings=draw(st.booleans()),
+        use_moe=moe,
+        num_experts=experts,
+        num_experts_per_tok=draw(st.integers(1, min(2, experts))),
+        n_shared_experts=draw(st.integers(0, 2)),
         topk_renorm=draw(st.sampled_from(["always", "k>1", "never"])),
     )
     batch, seq_len = draw(st.integers(1, 4)), draw(st.integers(1, 33))

@@ -6,6 +6,7 @@ line them up by name. Add a new op here once and both sides follow.
 Shapes use B (batch), S (new tokens), P (keys: cached + new), H (hidden_size), nh / kvh (query / kv heads),
 hd (head_dim), I (intermediate_size), E (num_experts), k (num_experts_per_tok), V (vocab).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int, past_len: int = 
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"
         add = lambda suffix, shape, doc, dtype="float", token_axis=1: points.append(  # noqa: E731
-            TracePoint(f"{p}.{suffix}" if suffix else p, shape, dtype, doc, token_axis))
+            TracePoint(f"{p}.{suffix}" if suffix else p, shape, dtype, doc, token_axis)
+        )
         add("input_layernorm", (B, S, H), "RMSNorm of the block input")
         add("self_attn.q_proj", (B, S, nh * hd), "x @ Wq^T")
         add("self_attn.k_proj", (B, S, kvh * hd), "x @ Wk^T")
@@ -46,8 +48,12 @@ def trace_points(config: ModelConfig, batch: int, seq_len: int, past_len: int = 
             add("self_attn.k_norm", (B, S, kvh, hd), "RMSNorm over each key head")
         add("self_attn.rope_q", (B, S, nh, hd), "queries after RoPE")
         add("self_attn.rope_k", (B, S, kvh, hd), "keys after RoPE")
-        add("self_attn.scores", (B, nh, S, P),
-            "q.k/sqrt(hd) + causal mask (-inf above the diagonal) + (1-mask)*-1e9, before softmax", token_axis=2)
+        add(
+            "self_attn.scores",
+            (B, nh, S, P),
+            "q.k/sqrt(hd) + causal mask (-inf above the diagonal) + (1-mask)*-1e9, before softmax",
+            token_axis=2,
+        )
         add("self_attn.probs", (B, nh, S, P), "softmax of the scores over keys", token_axis=2)
         add("self_attn.context", (B, S, nh * hd), "probs @ v, heads concatenated, before o_proj")
         add("self_attn.o_proj", (B, S, H), "context @ Wo^T")

@@ -13,6 +13,7 @@ controls to ones that show it, and the note under the fault says what was switch
 a control back afterwards and the note warns; Run switches again. A fault that needs a setting the
 explorer has no control for says why it cannot show.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,20 +31,39 @@ from .paths import DEFAULT_CPP_DIR, include_dir
 
 # ModelConfig field -> the controls a message about it belongs next to
 _FIELD_CONTROL = {
-    "hidden_size": ("hidden",), "num_hidden_layers": ("layers",), "num_attention_heads": ("heads",),
-    "num_key_value_heads": ("kv_heads",), "head_dim": ("heads", "head_dim"), "vocab_size": ("vocab",),
-    "seq_len": ("seq_len",), "num_experts": ("experts",), "num_experts_per_tok": ("topk",),
-    "n_shared_experts": ("shared",), "max_position_embeddings": ("seq_len",), "batch_size": ("batch",),
-    "topk_renorm": ("topk_renorm",), "intermediate_size": ("intermediate",),
+    "hidden_size": ("hidden",),
+    "num_hidden_layers": ("layers",),
+    "num_attention_heads": ("heads",),
+    "num_key_value_heads": ("kv_heads",),
+    "head_dim": ("heads", "head_dim"),
+    "vocab_size": ("vocab",),
+    "seq_len": ("seq_len",),
+    "num_experts": ("experts",),
+    "num_experts_per_tok": ("topk",),
+    "n_shared_experts": ("shared",),
+    "max_position_embeddings": ("seq_len",),
+    "batch_size": ("batch",),
+    "topk_renorm": ("topk_renorm",),
+    "intermediate_size": ("intermediate",),
 }
 # ModelConfig field -> the control that sets it, in the order a fault's overrides are applied (the
 # expert count before top-k, whose range follows it). tie_word_embeddings is the inverse of "untied".
 _FIELD_SETTER = {
-    "hidden_size": "hidden", "num_hidden_layers": "layers", "num_attention_heads": "heads",
-    "num_key_value_heads": "kv_heads", "head_dim": "head_dim", "vocab_size": "vocab",
-    "intermediate_size": "intermediate", "qk_norm": "qk_norm",
-    "rope_pairing": "rope", "tie_word_embeddings": "untied", "use_moe": "moe", "num_experts": "experts",
-    "num_experts_per_tok": "topk", "n_shared_experts": "shared", "topk_renorm": "topk_renorm",
+    "hidden_size": "hidden",
+    "num_hidden_layers": "layers",
+    "num_attention_heads": "heads",
+    "num_key_value_heads": "kv_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab",
+    "intermediate_size": "intermediate",
+    "qk_norm": "qk_norm",
+    "rope_pairing": "rope",
+    "tie_word_embeddings": "untied",
+    "use_moe": "moe",
+    "num_experts": "experts",
+    "num_experts_per_tok": "topk",
+    "n_shared_experts": "shared",
+    "topk_renorm": "topk_renorm",
 }
 _INPUT_SETTER = {"batch_size": "batch", "seq_len": "seq_len", "padding": "padding"}
 _DEFAULT_SETS = ["readable", "fast"]  # shown until a build reports its own registered sets
@@ -60,8 +80,16 @@ def engine_for(cpp_dir: str | Path, fault: str | None, extra_source: str = "") -
 
 
 def _slider(description: str, value: int, lo: int, hi: int, step: int = 1) -> W.IntSlider:
-    return W.IntSlider(value=value, min=lo, max=hi, step=step, description=description, continuous_update=False,
-                       style={"description_width": "90px"}, layout=W.Layout(width="360px"))
+    return W.IntSlider(
+        value=value,
+        min=lo,
+        max=hi,
+        step=step,
+        description=description,
+        continuous_update=False,
+        style={"description_width": "90px"},
+        layout=W.Layout(width="360px"),
+    )
 
 
 _STYLE = {"description_width": "90px"}
@@ -75,28 +103,37 @@ class Explorer(W.VBox):
         cpp_dir = str(cpp_dir or DEFAULT_CPP_DIR)
         sets = self._registered_sets(cpp_dir)
         self.controls = {
-            "hidden": _slider("hidden", 64, 16, 1024, 16), "layers": _slider("layers", 2, 1, 16),
-            "heads": _slider("heads", 8, 1, 16), "kv_heads": _slider("kv heads", 2, 1, 16),
-            "head_dim": W.BoundedIntText(value=0, min=0, max=512, step=2, description="head dim", style=_STYLE,
-                                         layout=W.Layout(width="200px")),
+            "hidden": _slider("hidden", 64, 16, 1024, 16),
+            "layers": _slider("layers", 2, 1, 16),
+            "heads": _slider("heads", 8, 1, 16),
+            "kv_heads": _slider("kv heads", 2, 1, 16),
+            "head_dim": W.BoundedIntText(
+                value=0, min=0, max=512, step=2, description="head dim", style=_STYLE, layout=W.Layout(width="200px")
+            ),
             "vocab": _slider("vocab", 128, 16, 8192, 16),
-            "intermediate": W.BoundedIntText(value=0, min=0, max=16384, step=8, description="FFN width", style=_STYLE,
-                                             layout=W.Layout(width="200px")),
+            "intermediate": W.BoundedIntText(
+                value=0, min=0, max=16384, step=8, description="FFN width", style=_STYLE, layout=W.Layout(width="200px")
+            ),
             "seq_len": _slider("seq len", 16, 1, 256),
-            "batch": _slider("batch", 2, 1, 8), "seed": W.IntText(value=123, description="seed", style=_STYLE),
+            "batch": _slider("batch", 2, 1, 8),
+            "seed": W.IntText(value=123, description="seed", style=_STYLE),
             "qk_norm": W.Checkbox(value=False, description="q/k norm"),
             "untied": W.Checkbox(value=False, description="untied head"),
             "rope": W.ToggleButtons(options=["half", "interleaved"], description="RoPE pairs"),
             "moe": W.Checkbox(value=False, description="MoE"),
-            "experts": _slider("experts", 4, 1, 8), "topk": _slider("top-k", 1, 1, 4),
+            "experts": _slider("experts", 4, 1, 8),
+            "topk": _slider("top-k", 1, 1, 4),
             "shared": _slider("shared", 0, 0, 2),
-            "topk_renorm": W.Dropdown(options=list(TOPK_RENORM_RULES), value="always", description="top-k renorm",
-                                      style=_STYLE),
+            "topk_renorm": W.Dropdown(
+                options=list(TOPK_RENORM_RULES), value="always", description="top-k renorm", style=_STYLE
+            ),
             "padding": W.Dropdown(options=["none", "left", "right", "mixed"], description="padding"),
-            "decode": W.BoundedIntText(value=0, min=0, max=16, description="decode steps", style=_STYLE,
-                                       layout=W.Layout(width="200px")),
-            "kernels": W.ToggleButtons(options=[*sets, "all"], value="fast" if "fast" in sets else sets[0],
-                                       description="kernels"),
+            "decode": W.BoundedIntText(
+                value=0, min=0, max=16, description="decode steps", style=_STYLE, layout=W.Layout(width="200px")
+            ),
+            "kernels": W.ToggleButtons(
+                options=[*sets, "all"], value="fast" if "fast" in sets else sets[0], description="kernels"
+            ),
             "fault": W.Dropdown(options=["none", *FAULTS], description="fault"),
             "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
@@ -133,13 +170,25 @@ class Explorer(W.VBox):
         def row(*names):  # each control with its note below it
             return W.VBox([W.VBox([W.HBox([c[n]]), self.notes[n]]) for n in names])  # HBox: keeps the readout
 
-        config_box = W.VBox([row("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "intermediate"),
-                             row("seq_len", "batch", "seed", "padding", "decode"),
-                             row("qk_norm", "untied", "rope", "moe", "experts", "topk", "shared", "topk_renorm")])
-        debug_box = W.VBox([row("kernels", "fault"), self.fault_note, row("cpp_dir"),
-                            W.HBox([self.run_button, self.progress]), self.status])
-        super().__init__([W.HTML("<h3>CelerInfer Lab explorer</h3>"), W.HBox([config_box, debug_box]),
-                          self.result_html, self.plots])
+        config_box = W.VBox(
+            [
+                row("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "intermediate"),
+                row("seq_len", "batch", "seed", "padding", "decode"),
+                row("qk_norm", "untied", "rope", "moe", "experts", "topk", "shared", "topk_renorm"),
+            ]
+        )
+        debug_box = W.VBox(
+            [
+                row("kernels", "fault"),
+                self.fault_note,
+                row("cpp_dir"),
+                W.HBox([self.run_button, self.progress]),
+                self.status,
+            ]
+        )
+        super().__init__(
+            [W.HTML("<h3>CelerInfer Lab explorer</h3>"), W.HBox([config_box, debug_box]), self.result_html, self.plots]
+        )
         self._clamp_topk()
         self.validate()
 
@@ -175,12 +224,23 @@ class Explorer(W.VBox):
     def config(self) -> ModelConfig:
         c = {k: w.value for k, w in self.controls.items()}
         return ModelConfig(
-            hidden_size=c["hidden"], num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-            num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"] or None, vocab_size=c["vocab"],
-            intermediate_size=c["intermediate"] or None, max_position_embeddings=max(128, c["seq_len"] + c["decode"]),
-            qk_norm=c["qk_norm"], rope_pairing=c["rope"],
-            use_moe=c["moe"], num_experts=c["experts"], num_experts_per_tok=c["topk"], n_shared_experts=c["shared"],
-            topk_renorm=c["topk_renorm"], tie_word_embeddings=not c["untied"])
+            hidden_size=c["hidden"],
+            num_hidden_layers=c["layers"],
+            num_attention_heads=c["heads"],
+            num_key_value_heads=c["kv_heads"],
+            head_dim=c["head_dim"] or None,
+            vocab_size=c["vocab"],
+            intermediate_size=c["intermediate"] or None,
+            max_position_embeddings=max(128, c["seq_len"] + c["decode"]),
+            qk_norm=c["qk_norm"],
+            rope_pairing=c["rope"],
+            use_moe=c["moe"],
+            num_experts=c["experts"],
+            num_experts_per_tok=c["topk"],
+            n_shared_experts=c["shared"],
+            topk_renorm=c["topk_renorm"],
+            tie_word_embeddings=not c["untied"],
+        )
 
     def validate(self) -> bool:
         """Show why the current combination is invalid next to the control concerned; disable Run."""
@@ -219,6 +279,7 @@ class Explorer(W.VBox):
     def _mask(self, config: ModelConfig):
         """The attention mask the current controls generate (cheap: inputs only, no weights)."""
         from .generate import random_inputs
+
         c = self.controls
         try:
             return random_inputs(config, c["batch"].value, c["seq_len"].value, c["seed"].value, c["padding"].value)[1]
@@ -237,8 +298,10 @@ class Explorer(W.VBox):
             return []
         reasons = why_it_cannot_show(fault, config, self._mask(config))
         if not set(self.chosen_sets()) & set(fault.kernels):
-            reasons.append(f"it changes only the {' and '.join(fault.kernels)} kernels, and the kernel set is "
-                           f"{self.controls['kernels'].value}")
+            reasons.append(
+                f"it changes only the {' and '.join(fault.kernels)} kernels, and the kernel set is "
+                f"{self.controls['kernels'].value}"
+            )
         for key in ("batch_size", "seq_len"):  # inputs the fault is tuned to (a kernel's row tail)
             control = self.controls[_INPUT_SETTER[key]]
             if key in fault.inputs and control.value != fault.inputs[key]:
@@ -306,13 +369,17 @@ class Explorer(W.VBox):
             if field not in _FIELD_SETTER and (config is None or getattr(config, field) != wanted):
                 left.append(f"the explorer has no control for {field}")
         if left:
-            self._switch_text = (f"<span style='color:#b00'>✗ It cannot show in the explorer: {_escape('; '.join(left))}"
-                                 f"{'' if not changes else ' (switched ' + _escape(', '.join(changes)) + ')'}. "
-                                 f"Outside the explorer: celerinfer-lab compare --fault {fault.name} on a model "
-                                 f"that shows it.</span>")
+            self._switch_text = (
+                f"<span style='color:#b00'>✗ It cannot show in the explorer: {_escape('; '.join(left))}"
+                f"{'' if not changes else ' (switched ' + _escape(', '.join(changes)) + ')'}. "
+                f"Outside the explorer: celerinfer-lab compare --fault {fault.name} on a model "
+                f"that shows it.</span>"
+            )
         else:
-            self._switch_text = (f"<span style='color:#05a'>↻ <b>Switched {_escape(', '.join(changes))}</b> so that "
-                                 f"the fault shows (as you had it, {_escape('; '.join(reasons))}).</span>")
+            self._switch_text = (
+                f"<span style='color:#05a'>↻ <b>Switched {_escape(', '.join(changes))}</b> so that "
+                f"the fault shows (as you had it, {_escape('; '.join(reasons))}).</span>"
+            )
         self.validate()
         return changes
 
@@ -321,12 +388,16 @@ class Explorer(W.VBox):
         if fault is None:
             self.fault_note.value = ""
             return
-        text = (f"<b>{fault.name}</b>: {_escape(fault.breaks)}. Changes the {' and '.join(fault.kernels)} kernels; "
-                f"the debugger should name <code>{fault.culprit}</code>.")
+        text = (
+            f"<b>{fault.name}</b>: {_escape(fault.breaks)}. Changes the {' and '.join(fault.kernels)} kernels; "
+            f"the debugger should name <code>{fault.culprit}</code>."
+        )
         problems = self.fault_problems(fault)
         if problems and not self._switch_text.startswith("<span style='color:#b00'>"):
-            text += (f"<br><span style='color:#a60'>⚠ It cannot show on these settings "
-                     f"({_escape('; '.join(problems))}): Run switches them to ones that show it.</span>")
+            text += (
+                f"<br><span style='color:#a60'>⚠ It cannot show on these settings "
+                f"({_escape('; '.join(problems))}): Run switches them to ones that show it.</span>"
+            )
         elif self._switch_text:
             text += "<br>" + self._switch_text
         self.fault_note.value = text
@@ -391,13 +462,16 @@ class Explorer(W.VBox):
                 self._step(f"comparing every trace point, prefill and {c['decode']} decode steps")
                 for name in sets:  # each set's first step that diverges, else its last
                     self.step_reports[name] = compare_decode(model, native, c["decode"], kernels=name)
-                    self.reports[name] = next((r for r in self.step_reports[name] if not r.agrees),
-                                              self.step_reports[name][-1])
+                    self.reports[name] = next(
+                        (r for r in self.step_reports[name] if not r.agrees), self.step_reports[name][-1]
+                    )
                 self.report = Comparison(self.reports) if chosen == "all" else self.reports[sets[0]]
             else:
                 self._step("comparing every trace point")
                 self.report = compare(model, native, kernels=chosen)
-                self.reports = dict(self.report.reports) if isinstance(self.report, Comparison) else {sets[0]: self.report}
+                self.reports = (
+                    dict(self.report.reports) if isinstance(self.report, Comparison) else {sets[0]: self.report}
+                )
             self._step("plotting")
             for report in self.reports.values():
                 self.figures += [report.plot("depth"), report.plot("logits")]
@@ -406,19 +480,26 @@ class Explorer(W.VBox):
         except Exception as exc:  # the widget shows every failure; the kernel lives on
             self.clear_results()  # nothing half-made or from an earlier run stays on screen
             self.message = f"{type(exc).__name__}: {exc}"
-            self.status.value = (f"<span style='color:#b00'><b>{type(exc).__name__}</b></span>"
-                                 f"<pre>{_escape(str(exc))}</pre>")
-            self.result_html.value = f"<details><summary>traceback</summary><pre>{_escape(traceback.format_exc())}</pre></details>"
+            self.status.value = (
+                f"<span style='color:#b00'><b>{type(exc).__name__}</b></span><pre>{_escape(str(exc))}</pre>"
+            )
+            self.result_html.value = (
+                f"<details><summary>traceback</summary><pre>{_escape(traceback.format_exc())}</pre></details>"
+            )
             return
         verdicts = []
         for name, report in self.reports.items():
             step = f" at decode step {report.meta['step']}" if report.meta.get("step") else ""
             if report.agrees:
-                verdicts.append(f"{name} kernels agree" + (f" (prefill and {c['decode']} decode steps)" if c["decode"] else ""))
+                verdicts.append(
+                    f"{name} kernels agree" + (f" (prefill and {c['decode']} decode steps)" if c["decode"] else "")
+                )
             else:
                 where = report.culprit or report.first_divergent
-                verdicts.append(f"{name} kernels: {'culprit' if report.culprit else 'first divergent'} "
-                                f"{where.name if where else '?'}{step}")
+                verdicts.append(
+                    f"{name} kernels: {'culprit' if report.culprit else 'first divergent'} "
+                    f"{where.name if where else '?'}{step}"
+                )
         self.message = f"{config.num_parameters():,} parameters; {', '.join(verdicts)}"
         if switched:
             self.message += f" (switched {', '.join(switched)} so that the fault shows)"
@@ -426,17 +507,19 @@ class Explorer(W.VBox):
             self.message += f" (the fault cannot show here: {'; '.join(self.fault_problems())})"
         times, warning = self.timing_html(split=True)
         self.status.value = f"{times} — {_escape(self.message)}{warning}"
-        shown = (f"<p>Decode step {self.report.meta['step']} of {c['decode']} (the first that diverges, else the last)"
-                 f"</p>" if c["decode"] and not isinstance(self.report, Comparison) else "")
+        shown = (
+            f"<p>Decode step {self.report.meta['step']} of {c['decode']} (the first that diverges, else the last)</p>"
+            if c["decode"] and not isinstance(self.report, Comparison)
+            else ""
+        )
         self.result_html.value = _TABLE_STYLE + shown + self.report._repr_html_()
         self.plots.clear_output()
         with self.plots:
             for fig in self.figures:
                 display(fig)
 
-
     def timing_html(self, split: bool = False):
-        """"PyTorch 1.234 ms (IQR ...), C++ fast 0.040 ms (IQR ...; 30.9x faster)", each ratio marked
+        """ "PyTorch 1.234 ms (IQR ...), C++ fast 0.040 ms (IQR ...; 30.9x faster)", each ratio marked
         noisy when bench.Timing says it is unreliable (a wide spread or a loaded machine)."""
         d = self.timing_details
         torch_t = d["torch_ms"]
@@ -452,16 +535,24 @@ class Explorer(W.VBox):
             if t.noisy:
                 noisy.append(f"{key[4:-3]}: {t.noise_reason}")
         text = "<b>" + ", ".join(parts) + "</b>"
-        warning = (f"<br><span style='color:#a60'>⚠ noisy timings, ratios unreliable "
-                   f"({_escape('; '.join(dict.fromkeys(noisy)))})</span>") if noisy else ""
+        warning = (
+            (
+                f"<br><span style='color:#a60'>⚠ noisy timings, ratios unreliable "
+                f"({_escape('; '.join(dict.fromkeys(noisy)))})</span>"
+            )
+            if noisy
+            else ""
+        )
         return (text, warning) if split else text + warning
 
 
 # Widget HTML is not styled like notebook output: keep the report tables' columns apart.
-_TABLE_STYLE = ("<style>.jupyter-widgets table td, .jupyter-widgets table th, .widget-html table td, "
-                ".widget-html table th {padding: 2px 10px; text-align: right; white-space: nowrap;} "
-                ".widget-html table {border-collapse: collapse;} "
-                ".widget-html table tr:nth-child(even) {background: rgba(0,0,0,0.04);}</style>")
+_TABLE_STYLE = (
+    "<style>.jupyter-widgets table td, .jupyter-widgets table th, .widget-html table td, "
+    ".widget-html table th {padding: 2px 10px; text-align: right; white-space: nowrap;} "
+    ".widget-html table {border-collapse: collapse;} "
+    ".widget-html table tr:nth-child(even) {background: rgba(0,0,0,0.04);}</style>"
+)
 
 
 def _shown(value) -> str:

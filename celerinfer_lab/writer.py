@@ -19,6 +19,7 @@ naming the new one, never a mix; concurrent writers to one path never interleave
 removes its own temporaries; any OSError (a full disk, a read-only folder) is a ModelFileError
 "cannot write PATH: reason".
 """
+
 from __future__ import annotations
 
 import base64
@@ -72,12 +73,16 @@ def tensor_count(config: ModelConfig) -> int:
 def largest_tensor(config: ModelConfig) -> tuple[str, tuple[int, int], int]:
     """(a name, shape, bytes) of the largest float32 weight."""
     H = config.hidden_size
-    candidates = [("model.embed_tokens.weight", (config.vocab_size, H)),
-                  ("model.layers.0.self_attn.q_proj.weight", (config.q_dim, H)),
-                  ("model.layers.0.self_attn.k_proj.weight", (config.kv_dim, H))]
+    candidates = [
+        ("model.embed_tokens.weight", (config.vocab_size, H)),
+        ("model.layers.0.self_attn.q_proj.weight", (config.q_dim, H)),
+        ("model.layers.0.self_attn.k_proj.weight", (config.kv_dim, H)),
+    ]
     if config.use_moe:
-        candidates += [("model.layers.0.mlp.gate.weight", (config.num_experts, H)),
-                       ("model.layers.0.mlp.experts.0.gate_proj.weight", (config.moe_intermediate_size, H))]
+        candidates += [
+            ("model.layers.0.mlp.gate.weight", (config.num_experts, H)),
+            ("model.layers.0.mlp.experts.0.gate_proj.weight", (config.moe_intermediate_size, H)),
+        ]
     else:
         candidates.append(("model.layers.0.mlp.gate_proj.weight", (config.intermediate_size, H)))
     name, shape = max(candidates, key=lambda c: c[1][0] * c[1][1])
@@ -119,8 +124,10 @@ def check_disk_room(path: str | Path, config: ModelConfig, batch_size: int, seq_
         return
     json_bytes, side_bytes = file_sizes(config, batch_size, seq_len, sidecar)
     if json_bytes + side_bytes > free:
-        raise ModelFileError(f"cannot write {path}: the model needs about {human_bytes(json_bytes + side_bytes)}, "
-                             f"{folder} has {human_bytes(free)} free")
+        raise ModelFileError(
+            f"cannot write {path}: the model needs about {human_bytes(json_bytes + side_bytes)}, "
+            f"{folder} has {human_bytes(free)} free"
+        )
 
 
 def check_target(path: str | Path, sidecar: bool) -> Path:
@@ -129,9 +136,11 @@ def check_target(path: str | Path, sidecar: bool) -> Path:
     if path.is_dir():
         raise UsageError(f"output={str(path)!r} is a folder: give a file name, e.g. {path / 'model.json'}")
     if sidecar and path.suffix.lower() == ".safetensors":
-        raise UsageError(f"output={str(path)!r} ends in .safetensors: with a sidecar that is the JSON file's name "
-                         f"(the weights go to {path.stem}.<hash>.safetensors beside it); give e.g. "
-                         f"{path.with_suffix('.json')}")
+        raise UsageError(
+            f"output={str(path)!r} ends in .safetensors: with a sidecar that is the JSON file's name "
+            f"(the weights go to {path.stem}.<hash>.safetensors beside it); give e.g. "
+            f"{path.with_suffix('.json')}"
+        )
     return path
 
 
@@ -176,9 +185,15 @@ def _named_by_siblings(path: Path, names: list[str]) -> set[str]:
     """The sidecars named by the other model files of ``path``'s stem in its folder (m.json and
     m.bak share the stem m: each keeps the sidecar it names)."""
     pattern, temps = _sidecar_pattern(path), _temp_pattern(path)
-    return {sidecar_named_by(path.parent / name) for name in names
-            if name != path.name and Path(name).stem == path.stem and not pattern.fullmatch(name)
-            and not temps.fullmatch(name) and (path.parent / name).is_file()} - {None}
+    return {
+        sidecar_named_by(path.parent / name)
+        for name in names
+        if name != path.name
+        and Path(name).stem == path.stem
+        and not pattern.fullmatch(name)
+        and not temps.fullmatch(name)
+        and (path.parent / name).is_file()
+    } - {None}
 
 
 def sidecars_of(path: str | Path, keep: Iterable[str] = ()) -> list[Path]:
@@ -217,8 +232,13 @@ def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str) -> None
     f.write(b'","preview":' + _dumps(_preview(arr)).encode() + b"}")
 
 
-def _stream_safetensors(f: BinaryIO, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
-                        on_tensor: Callable[[str], None] | None, where: Path) -> tuple[str, int]:
+def _stream_safetensors(
+    f: BinaryIO,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    on_tensor: Callable[[str], None] | None,
+    where: Path,
+) -> tuple[str, int]:
     """Write float32 tensors, in the order of ``shapes``, one at a time; (sha256 hex, size in bytes)."""
     header, offset = {}, 0
     for name, shape in shapes.items():
@@ -234,8 +254,10 @@ def _stream_safetensors(f: BinaryIO, shapes: dict[str, tuple[int, ...]], tensors
         want, shape = next(expected, (None, None))
         arr = np.ascontiguousarray(array, dtype="<f4")
         if name != want or tuple(arr.shape) != tuple(shape):
-            raise SidecarError(f"{where}: tensor {name} {list(arr.shape)} arrived where {want} "
-                               f"{list(shape) if shape else None} was declared")
+            raise SidecarError(
+                f"{where}: tensor {name} {list(arr.shape)} arrived where {want} "
+                f"{list(shape) if shape else None} was declared"
+            )
         out.write(arr.reshape(-1).view(np.uint8))
         if on_tensor:
             on_tensor(name)
@@ -245,8 +267,18 @@ def _stream_safetensors(f: BinaryIO, shapes: dict[str, tuple[int, ...]], tensors
     return out.sha.hexdigest(), out.size
 
 
-def _write_json(f: BinaryIO, config: ModelConfig, weights, input_ids, attention_mask, rope_cos, rope_sin,
-                meta: dict | None, on_tensor, side: tuple[str, int] | None) -> None:
+def _write_json(
+    f: BinaryIO,
+    config: ModelConfig,
+    weights,
+    input_ids,
+    attention_mask,
+    rope_cos,
+    rope_sin,
+    meta: dict | None,
+    on_tensor,
+    side: tuple[str, int] | None,
+) -> None:
     f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
     if side:  # at the head, so sidecar_named_by finds it without reading the file
         f.write(b'"sidecar":%s,\n' % _dumps({"file": side[0], "format": "safetensors", "bytes": side[1]}).encode())
@@ -265,10 +297,10 @@ def _write_json(f: BinaryIO, config: ModelConfig, weights, input_ids, attention_
     if side:  # the JSON keeps each weight's name and shape; the bytes are in the sidecar
         for i, (name, shape) in enumerate(weight_shapes(config).items()):
             entry = {"name": name, "shape": list(shape), "dtype": "float32", "encoding": "sidecar"}
-            f.write(b'%s\n%s:%s' % (b"," if i else b"", _dumps(name).encode(), _dumps(entry).encode()))
+            f.write(b"%s\n%s:%s" % (b"," if i else b"", _dumps(name).encode(), _dumps(entry).encode()))
     else:
         for i, (name, array) in enumerate(weights):
-            f.write(b'%s\n%s:' % (b"," if i else b"", _dumps(name).encode()))
+            f.write(b"%s\n%s:" % (b"," if i else b"", _dumps(name).encode()))
             _write_tensor(f, name, array, "float32")
             if on_tensor:
                 on_tensor(name)
@@ -417,8 +449,12 @@ def write_model_file(
     return Written(path, json_bytes, path.with_name(side_name), side[1])
 
 
-def write_safetensors(path: str | Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]],
-                      on_tensor: Callable[[str], None] | None = None) -> str:
+def write_safetensors(
+    path: str | Path,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    on_tensor: Callable[[str], None] | None = None,
+) -> str:
     """Write float32 tensors, in the order of ``shapes``, one at a time, atomically (a temporary
     renamed into place); returns the file's sha256 (hex)."""
     path = Path(path)

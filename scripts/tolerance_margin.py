@@ -8,6 +8,7 @@ FACTOR / the largest ratio.
 
     python scripts/tolerance_margin.py [EXAMPLES]    (default 300; --help for this text)
 """
+
 import argparse
 import sys
 

@@ -1,4 +1,5 @@
 """Shared test fixtures: the original CelerInfer fixture folder and small model factories."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ def v0_dir() -> Path:
 
 def small_config(**overrides) -> ModelConfig:
     """The original tool's default shape, with overrides."""
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                vocab_size=128, max_position_embeddings=128)
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=128,
+    )
     return ModelConfig(**{**base, **overrides})
 
 
@@ -40,6 +47,7 @@ def small_model(batch_size: int = 2, seq_len: int = 7, seed: int = 7, padding: s
 def native():
     """The project's C++ forward, JIT-compiled once per test session."""
     from celerinfer_lab.native import load_native
+
     return load_native()
 
 
@@ -47,6 +55,7 @@ def native():
 def cpp_copy(tmp_path):
     """A user's own copy of the C++ headers, free to edit."""
     import shutil
+
     dst = tmp_path / "my_cpp"
     shutil.copytree(REPO / "cpp" / "include", dst / "include")
     return dst
@@ -73,6 +82,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 def standalone_binary(tmp_path_factory) -> Path:
     """base_line_micro as the README builds it (CMake, Release)."""
     from celerinfer_lab.standalone import build_standalone
+
     return build_standalone(build_dir=tmp_path_factory.mktemp("standalone-build"))
 
 
@@ -80,11 +90,22 @@ def standalone_binary(tmp_path_factory) -> Path:
 def sanitized_binary(tmp_path_factory) -> Path:
     """base_line_micro under AddressSanitizer + UBSan (clang; g++ when clang is missing)."""
     import shutil
+
     build = tmp_path_factory.mktemp("sanitized-build")
     compiler = ["-DCMAKE_CXX_COMPILER=clang++"] if shutil.which("clang++") else []
-    for cmd in (["cmake", "-S", str(REPO / "cpp"), "-B", str(build), *compiler, "-DCELERINFER_SANITIZE=ON",
-                 "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", str(build), "--target", "base_line_micro", "-j", "2"]):
+    for cmd in (
+        [
+            "cmake",
+            "-S",
+            str(REPO / "cpp"),
+            "-B",
+            str(build),
+            *compiler,
+            "-DCELERINFER_SANITIZE=ON",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        ["cmake", "--build", str(build), "--target", "base_line_micro", "-j", "2"],
+    ):
         result = subprocess.run(cmd, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return build / "base_line_micro"

@@ -3,6 +3,7 @@
 Used by test_hostile_files.py (one test per measured bad-input class) and test_fuzz.py (the
 seed corpus the mutation fuzzers start from).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,14 @@ from celerinfer_lab import ModelConfig, generate_model
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                vocab_size=64, max_position_embeddings=16)
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=16,
+    )
     return ModelConfig(**{**base, **overrides})
 
 
@@ -39,7 +46,7 @@ def sidecar_of(path: Path) -> Path:
 def read_sidecar(path: Path) -> tuple[dict, bytes]:
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_sidecar(model_path: Path, header: dict, data: bytes, header_bytes: bytes | None = None) -> None:

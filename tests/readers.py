@@ -1,5 +1,6 @@
 """Both model-file readers as verdicts, for differential tests: Python's load_model and the C++
 reader through ``base_line_micro --check`` (tests/test_fuzz.py, tests/test_cpp_fuzz.py)."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def cpp_verdicts(binary: Path, files: list[Path]) -> dict[str, tuple[str, str]]:
     out = {}
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "halt_on_error=1"}
     for start in range(0, len(files), 200):
-        chunk = [str(f) for f in files[start:start + 200]]
+        chunk = [str(f) for f in files[start : start + 200]]
         run = subprocess.run([str(binary), "--check", *chunk], capture_output=True, text=True, env=env, timeout=600)
         assert run.returncode in (0, 2), f"base_line_micro --check crashed ({run.returncode}):\n{run.stderr[-4000:]}"
         assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-4000:]

@@ -5,6 +5,7 @@ registered kernel set and model case (dense, q/k norm, MoE with a shared expert)
 operator new calls of an untraced prefill and of untraced decode steps over a KV cache, after a
 warm-up. A traced forward must allocate (names, shapes, copies): that proves the counter counts.
 """
+
 import os
 import re
 import subprocess
@@ -18,7 +19,9 @@ CASES = ("dense", "qk_norm", "moe")
 
 def _run(cmd, **kw):
     result = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -34,8 +37,10 @@ def alloc_count(tmp_path_factory):
 def test_untraced_forward_allocates_nothing(alloc_count):
     result = subprocess.run([str(alloc_count)], capture_output=True, text=True, timeout=300)
     out = result.stdout
-    counts = {(s, c, what): int(n) for s, c, what, n in
-              re.findall(r"^(\S+) (\S+) (prefill|decode|traced) allocations=(\d+)", out, re.M)}
+    counts = {
+        (s, c, what): int(n)
+        for s, c, what, n in re.findall(r"^(\S+) (\S+) (prefill|decode|traced) allocations=(\d+)", out, re.M)
+    }
     sets = sorted({s for s, _, _ in counts})
     assert {"readable", "fast"} <= set(sets), out
     for kernel_set in sets:

@@ -9,6 +9,7 @@ so a trial costs milliseconds, not a 2 s interpreter start), at injected points 
 its own copy of the writer to kill itself there: each phase is hit for sure) and at random delays
 from outside; two more trials kill the real `celerinfer-lab generate` mid-write.
 """
+
 import errno
 import math
 import os
@@ -26,10 +27,22 @@ import pytest
 from celerinfer_lab import ModelConfig, cli, generate_model, load_model, writer
 from celerinfer_lab.errors import ModelFileError, UsageError
 
-TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-            max_position_embeddings=32)
-BIGGER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-              max_position_embeddings=64)  # 3.5M parameters: a write takes some 20-60 ms
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=32,
+)
+BIGGER = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=64,
+)  # 3.5M parameters: a write takes some 20-60 ms
 
 
 def make(seed: int, **shape):
@@ -37,15 +50,30 @@ def make(seed: int, **shape):
 
 
 def write(model, path, sidecar):
-    return writer.write_model_file(path, model.config, iter(model.weights.items()), model.input_ids,
-                                   model.attention_mask, model.rope_cos, model.rope_sin, model.meta, sidecar=sidecar)
+    return writer.write_model_file(
+        path,
+        model.config,
+        iter(model.weights.items()),
+        model.input_ids,
+        model.attention_mask,
+        model.rope_cos,
+        model.rope_sin,
+        model.meta,
+        sidecar=sidecar,
+    )
 
 
 def same(a, b) -> bool:
-    return (a.config == b.config and a.meta == b.meta and a.weights.keys() == b.weights.keys()
-            and all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
-            and np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.attention_mask, b.attention_mask)
-            and np.array_equal(a.rope_cos, b.rope_cos) and np.array_equal(a.rope_sin, b.rope_sin))
+    return (
+        a.config == b.config
+        and a.meta == b.meta
+        and a.weights.keys() == b.weights.keys()
+        and all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+        and np.array_equal(a.input_ids, b.input_ids)
+        and np.array_equal(a.attention_mask, b.attention_mask)
+        and np.array_equal(a.rope_cos, b.rope_cos)
+        and np.array_equal(a.rope_sin, b.rope_sin)
+    )
 
 
 def which(path, candidates) -> int:
@@ -90,6 +118,7 @@ def killed_at(obj, name: str, nth: int):
         if calls[0] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
+
     setattr(obj, name, wrapper)
 
 
@@ -123,6 +152,7 @@ def test_a_kill_at_any_point_leaves_the_old_or_the_new_model(tmp_path, sidecar):
         def killed_write():
             killed_at(obj, name, nth)
             write(new, path, sidecar)
+
         status = in_child(killed_write)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (phase, status)
         outcomes[phase] = ("old", "new")[which(path, [old, new])]  # loads, and is one of them entirely
@@ -154,13 +184,27 @@ def test_killing_the_command_mid_write(tmp_path):
     """The real command, SIGKILLed while its sidecar streams, then while its JSON streams."""
     path = tmp_path / "m.json"
     shape = ["--hidden", "512", "--layers", "4", "--heads", "4", "--kvh", "2", "--vocab", "512", "--max-pos", "64"]
-    old = generate_model(ModelConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                     vocab_size=512, max_position_embeddings=64), 2, 5, 1)
+    old = generate_model(
+        ModelConfig(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=64,
+        ),
+        2,
+        5,
+        1,
+    )
     for sidecar, phase in ((True, ".sidecar.tmp"), (False, ".m.json.")):
         write(old, path, sidecar)
-        proc = subprocess.Popen([sys.executable, "-m", "celerinfer_lab.cli", "generate", *shape, "--seed", "2",
-                                 "--force", "-o", str(path)] + (["--sidecar"] if sidecar else []),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celerinfer_lab.cli", "generate", *shape, "--seed", "2", "--force", "-o", str(path)]
+            + (["--sidecar"] if sidecar else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
         while not any(phase in name for name in os.listdir(tmp_path)) and proc.poll() is None:
             assert time.monotonic() < deadline
@@ -209,14 +253,38 @@ def test_concurrent_commands(tmp_path):
     the eight-writer rounds above are forked): all succeed, one of their models remains."""
     path = tmp_path / "m.json"
     shape = ["--hidden", "128", "--layers", "2", "--heads", "4", "--kvh", "2", "--vocab", "256", "--max-pos", "32"]
-    procs = [subprocess.Popen([sys.executable, "-m", "celerinfer_lab.cli", "generate", *shape, "--seed", str(seed),
-                               "--force", "--sidecar", "-o", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for seed in range(4)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celerinfer_lab.cli",
+                "generate",
+                *shape,
+                "--seed",
+                str(seed),
+                "--force",
+                "--sidecar",
+                "-o",
+                str(path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(4)
+    ]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and out.startswith(f"wrote {path}"), err
-    config = ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=256, max_position_embeddings=32)
+    config = ModelConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=32,
+    )
     which(path, [generate_model(config, 2, 5, seed) for seed in range(4)])
     only_the_model(path)
 
@@ -229,10 +297,12 @@ def test_sidecar_is_content_addressed_and_output_deterministic(tmp_path):
     side = writer.sidecar_named_by(a)
     assert side == writer.sidecar_named_by(b) and side.startswith("m.") and side.endswith(".safetensors")
     import hashlib
+
     data = (a.parent / side).read_bytes()
     assert side == f"m.{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
     assert a.read_bytes() == b.read_bytes() and data == (b.parent / side).read_bytes()
     import json
+
     assert json.loads(a.read_text())["sidecar"] == {"file": side, "format": "safetensors", "bytes": len(data)}
     mtime = (a.parent / side).stat().st_mtime_ns  # the same model again: the sidecar already there is kept
     generate_model(ModelConfig(**TINY), 2, 5, 7, output=a, sidecar=True)
@@ -275,6 +345,7 @@ def test_an_interrupted_write_removes_its_temporaries(tmp_path, monkeypatch):
 
     def interrupt(*_args):
         raise KeyboardInterrupt
+
     for name in ("_write_tensor", "_commit"):
         with monkeypatch.context() as patch:
             patch.setattr(writer, name, interrupt)
@@ -316,8 +387,11 @@ TINY_FLAGS = ["--hidden", "32", "--layers", "1", "--heads", "4", "--kvh", "2", "
 
 
 def test_output_names_refused(tmp_path, capsys):
-    one_line_error(call(capsys, "generate", *TINY_FLAGS, "--sidecar", "-o", tmp_path / "x.safetensors"),
-                   "x.safetensors", ".safetensors")
+    one_line_error(
+        call(capsys, "generate", *TINY_FLAGS, "--sidecar", "-o", tmp_path / "x.safetensors"),
+        "x.safetensors",
+        ".safetensors",
+    )
     one_line_error(call(capsys, "generate", *TINY_FLAGS, "-o", tmp_path), "is a folder")
     one_line_error(call(capsys, "generate", *TINY_FLAGS, "--sidecar", "-o", tmp_path), "is a folder")
     one_line_error(call(capsys, "generate", *TINY_FLAGS, "--seed", "-1", "-o", tmp_path / "m.json"), "seed=-1")
@@ -356,8 +430,11 @@ def small_disk(tmp_path):
 
 def test_a_model_larger_than_the_free_space_is_refused_before_writing(small_disk, capsys):
     path = small_disk / "m.json"
-    err = one_line_error(call(capsys, "generate", "--hidden", "256", "--layers", "2", "-o", path, "--sidecar"),
-                         f"cannot write {path}", "free")
+    err = one_line_error(
+        call(capsys, "generate", "--hidden", "256", "--layers", "2", "-o", path, "--sidecar"),
+        f"cannot write {path}",
+        "free",
+    )
     assert "MB" in err and os.listdir(small_disk) == []
 
 
@@ -366,11 +443,14 @@ def test_a_full_disk_mid_write_is_a_named_error(small_disk, capsys, monkeypatch)
     old = make(1)
     write(old, path, False)  # some 60 kB: the next write fills the disk
     from celerinfer_lab import generate
+
     for module in (writer, generate):  # get past the free-space check: a real ENOSPC
         monkeypatch.setattr(module, "check_disk_room", lambda *args: None)
     for sidecar in ([], ["--sidecar"]):
-        one_line_error(call(capsys, "generate", "--hidden", "256", "--layers", "1", "--force", "-o", path, *sidecar),
-                       f"error: cannot write {path}: No space left on device")
+        one_line_error(
+            call(capsys, "generate", "--hidden", "256", "--layers", "1", "--force", "-o", path, *sidecar),
+            f"error: cannot write {path}: No space left on device",
+        )
         assert which(path, [old]) == 0
         only_the_model(path)
 
@@ -383,6 +463,7 @@ def test_enospc_at_fsync_is_a_named_error(tmp_path, monkeypatch):
 
     def full(_fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(writer.os, "fsync", full)
     with pytest.raises(ModelFileError, match=f"cannot write {path}: No space left on device$"):
         write(make(2), path, True)
@@ -397,17 +478,39 @@ def test_huge_models_are_refused_before_any_allocation(tmp_path, capsys):
     cases = {  # the flags, and the words of the refusal
         "hidden": (["--hidden", "1000000000"], "hidden_size"),
         "layers": (["--layers", "100000000"], "num_hidden_layers"),
-        "memory": (["--hidden", "65536", "--heads", "64", "--kvh", "64", "--vocab", "4194304"], "does not fit in memory"),
+        "memory": (
+            ["--hidden", "65536", "--heads", "64", "--kvh", "64", "--vocab", "4194304"],
+            "does not fit in memory",
+        ),
         "disk": (["--hidden", "4096", "--heads", "32", "--kvh", "8", "--layers", "1024"], "free"),
         "batch": (["--batch-size", "1000000000"], "batch_size"),
     }
     start = time.monotonic()
-    procs = {name: subprocess.Popen(["prlimit", "--as=2000000000", sys.executable, "-m", "celerinfer_lab.cli",
-                                     "generate", *cases[name][0], "--sidecar", "-o", str(tmp_path / f"{name}.json")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in ("hidden", "layers")}
-    results = {name: call(capsys, "generate", *flags, "-o", tmp_path / f"{name}.json")
-               for name, (flags, _) in cases.items() if name not in procs}
+    procs = {
+        name: subprocess.Popen(
+            [
+                "prlimit",
+                "--as=2000000000",
+                sys.executable,
+                "-m",
+                "celerinfer_lab.cli",
+                "generate",
+                *cases[name][0],
+                "--sidecar",
+                "-o",
+                str(tmp_path / f"{name}.json"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("hidden", "layers")
+    }
+    results = {
+        name: call(capsys, "generate", *flags, "-o", tmp_path / f"{name}.json")
+        for name, (flags, _) in cases.items()
+        if name not in procs
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         results[name] = proc.returncode, out, err
@@ -418,18 +521,35 @@ def test_huge_models_are_refused_before_any_allocation(tmp_path, capsys):
     assert time.monotonic() - start < 60 and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, dict(qk_norm=True), dict(tie_word_embeddings=False),
-    dict(use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=96),
-    dict(use_moe=True, num_experts=4, num_experts_per_tok=1, vocab_size=16),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(qk_norm=True),
+        dict(tie_word_embeddings=False),
+        dict(use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=96),
+        dict(use_moe=True, num_experts=4, num_experts_per_tok=1, vocab_size=16),
+    ],
+)
 def test_arithmetic_sizes_match_the_weight_table(overrides):
     """tensor_count and largest_tensor count without enumerating (for huge configs); they must equal
     what the weight table itself says."""
     from celerinfer_lab.modelformat import weight_shapes
     from celerinfer_lab.writer import largest_tensor, tensor_count
-    config = ModelConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32), **overrides})
+
+    config = ModelConfig(
+        **{
+            **dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=64,
+                max_position_embeddings=32,
+            ),
+            **overrides,
+        }
+    )
     shapes = weight_shapes(config)
     assert tensor_count(config) == len(shapes)
     assert largest_tensor(config)[2] == 4 * max(math.prod(s) for s in shapes.values())

@@ -1,4 +1,5 @@
 """The benchmark workflow runs and its numbers are sane (never that a time is below a bound)."""
+
 import json
 import os
 import subprocess
@@ -19,17 +20,63 @@ def work(tmp_path_factory):
 
 def test_bench_command_runs_and_writes_json(tmp_path, work):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", "64", "2", "8", "2", "128", "5", "2",
-                        "--repeat", "3", "--warmup", "1", "--decode", "6", "--json", str(out),
-                        "--work-dir", str(work)], capture_output=True, text=True, env=os.environ)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celerinfer_lab.cli",
+            "bench",
+            "64",
+            "2",
+            "8",
+            "2",
+            "128",
+            "5",
+            "2",
+            "--repeat",
+            "3",
+            "--warmup",
+            "1",
+            "--decode",
+            "6",
+            "--json",
+            str(out),
+            "--work-dir",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    for words in ("PyTorch forward", "C++ via cppyy (fast)", "C++ standalone", "faster", "load, JSON only",
-                  "load, safetensors sidecar", "logits torch", "logits cpp", "max |cpp - torch|", "same tokens: True"):
+    for words in (
+        "PyTorch forward",
+        "C++ via cppyy (fast)",
+        "C++ standalone",
+        "faster",
+        "load, JSON only",
+        "load, safetensors sidecar",
+        "logits torch",
+        "logits cpp",
+        "max |cpp - torch|",
+        "same tokens: True",
+    ):
         assert words in r.stdout, words
     result = json.loads(out.read_text())
-    for key in ("torch_forward_ms", "cpp_forward_ms", "standalone_forward_ms", "standalone_load_ms", "max_abs_diff",
-                "torch_decode_tok_s", "cpp_decode_tok_s", "torch_forward_min_ms", "torch_forward_max_ms",
-                "standalone_load_sidecar_ms", "python_load_json_ms", "python_load_sidecar_ms"):
+    for key in (
+        "torch_forward_ms",
+        "cpp_forward_ms",
+        "standalone_forward_ms",
+        "standalone_load_ms",
+        "max_abs_diff",
+        "torch_decode_tok_s",
+        "cpp_decode_tok_s",
+        "torch_forward_min_ms",
+        "torch_forward_max_ms",
+        "standalone_load_sidecar_ms",
+        "python_load_json_ms",
+        "python_load_sidecar_ms",
+    ):
         assert key in result and result[key] > 0, key
     assert result["torch_forward_min_ms"] <= result["torch_forward_ms"] <= result["torch_forward_max_ms"]
     assert result["max_abs_diff"] < 1e-4 and result["decode_tokens_equal"] is True
@@ -40,20 +87,58 @@ def test_bench_command_runs_and_writes_json(tmp_path, work):
 
 def test_bench_times_every_kernel_set(tmp_path, work):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", "64", "2", "8", "2", "128", "5", "2",
-                        "--kernels", "all", "--repeat", "2", "--warmup", "1", "--decode", "4", "--json", str(out),
-                        "--work-dir", str(work)], capture_output=True, text=True, env=os.environ)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celerinfer_lab.cli",
+            "bench",
+            "64",
+            "2",
+            "8",
+            "2",
+            "128",
+            "5",
+            "2",
+            "--kernels",
+            "all",
+            "--repeat",
+            "2",
+            "--warmup",
+            "1",
+            "--decode",
+            "4",
+            "--json",
+            str(out),
+            "--work-dir",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("fast", "readable"):
-        for words in (f"C++ via cppyy ({name})", f"C++ standalone ({name})", f"logits cpp ({name})",
-                      f"max |cpp - torch| ({name})", f"({name}): torch"):
+        for words in (
+            f"C++ via cppyy ({name})",
+            f"C++ standalone ({name})",
+            f"logits cpp ({name})",
+            f"max |cpp - torch| ({name})",
+            f"({name}): torch",
+        ):
             assert words in r.stdout, words
     assert r.stdout.index("C++ via cppyy (fast)") < r.stdout.index("C++ via cppyy (readable)")  # fast first
     result = json.loads(out.read_text())
     assert result["kernels"] == ["fast", "readable"] and list(result["kernel_sets"]) == ["fast", "readable"]
     for name, per_set in result["kernel_sets"].items():
-        for key in ("cpp_forward_ms", "cpp_forward_min_ms", "cpp_forward_max_ms", "standalone_forward_ms",
-                    "standalone_load_ms", "cpp_decode_tok_s"):
+        for key in (
+            "cpp_forward_ms",
+            "cpp_forward_min_ms",
+            "cpp_forward_max_ms",
+            "standalone_forward_ms",
+            "standalone_load_ms",
+            "cpp_decode_tok_s",
+        ):
             assert per_set[key] > 0, (name, key)
         assert per_set["max_abs_diff"] < 1e-4 and per_set["standalone_max_abs_diff"] < 1e-4, name  # agrees with torch
         assert per_set["decode_tokens_equal"] is True, name
@@ -62,8 +147,13 @@ def test_bench_times_every_kernel_set(tmp_path, work):
 
 
 def test_bench_rejects_bad_arguments():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", "bench", *a],  # noqa: E731
-                                    capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "celerinfer_lab.cli", "bench", *a],
+            capture_output=True,
+            text=True,
+        )
+
     r = run("64", "2", "8")
     assert r.returncode == 2 and "expected 7 numbers" in r.stderr
     r = run("64", "2", "8", "3", "128", "5", "2")
@@ -96,8 +186,15 @@ def test_timing_says_noisy_from_spread_or_load():
 
 
 def test_sweep_and_plot():
-    cases = [(f"h{h}", preset("minimind2-small", hidden_size=h, num_hidden_layers=1, vocab_size=256,
-                              intermediate_size=2 * h), 1, 16) for h in (64, 128)]
+    cases = [
+        (
+            f"h{h}",
+            preset("minimind2-small", hidden_size=h, num_hidden_layers=1, vocab_size=256, intermediate_size=2 * h),
+            1,
+            16,
+        )
+        for h in (64, 128)
+    ]
     table = sweep(cases, load_native(kernels="fast"), warmup=1, repeat=2)
     assert list(table.index) == ["h64", "h128"] and (table[["torch_ms", "cpp_ms"]] > 0).all().all()
     assert np.allclose(table["speedup"], table["torch_ms"] / table["cpp_ms"])

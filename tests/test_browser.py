@@ -1,6 +1,7 @@
 """One real-browser test: JupyterLab on 127.0.0.1 in Debian's headless Chromium, driven by
 Playwright. It runs 01_quickstart, moves a slider of the explorer, clicks Run, checks that the
 output changed, and saves a screenshot to test-artifacts/."""
+
 import re
 import shutil
 import socket
@@ -10,7 +11,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import REPO, stop_process
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: a browser download cannot work here
@@ -29,15 +29,28 @@ def jupyterlab(tmp_path):
     port = _free_port()
     log = open(tmp_path / "jupyter.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         "--ServerApp.port_retries=0", "--allow-root", "--IdentityProvider.token=", "--ServerApp.password=",
-         f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=None",
-         # A workspace left by an earlier run reopens the notebook beside the one the URL opens, and
-         # the two can race into a "Select Kernel" dialog: start from empty settings every time.
-         f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}",
-         f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            "--ServerApp.port_retries=0",
+            "--allow-root",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--LabApp.news_url=None",
+            # A workspace left by an earlier run reopens the notebook beside the one the URL opens, and
+            # the two can race into a "Select Kernel" dialog: start from empty settings every time.
+            f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}",
+            f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -65,8 +78,10 @@ def _run_all(page) -> None:
     (every prompt stays `[ ]`), so try again until the first cell is queued or has run."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    started = ("() => { const p = document.querySelector('.jp-CodeCell .jp-InputPrompt');"
-               " return p !== null && p.textContent.trim() !== '[ ]:'; }")
+    started = (
+        "() => { const p = document.querySelector('.jp-CodeCell .jp-InputPrompt');"
+        " return p !== null && p.textContent.trim() !== '[ ]:'; }"
+    )
     for _attempt in range(5):
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_text("Run All Cells", exact=True).click()
@@ -95,9 +110,19 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
     assert shutil.which(CHROMIUM), "scripts/setup.sh installs Debian's chromium"
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
             page.goto(f"{jupyterlab}/lab/tree/01_quickstart.ipynb")
@@ -129,7 +154,8 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
                 handle.press("ArrowRight")  # hidden 64 -> 80
                 try:
                     page.wait_for_function(
-                        "() => document.querySelector('.widget-readout').textContent.trim() === '80'", timeout=10_000)
+                        "() => document.querySelector('.widget-readout').textContent.trim() === '80'", timeout=10_000
+                    )
                     break
                 except Exception:
                     continue
@@ -137,7 +163,10 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
             run.click()
             page.wait_for_function(
                 "(before) => [...document.querySelectorAll('.widget-html')].some("
-                "e => /PyTorch [\\d.]+ ms/.test(e.textContent) && e.textContent !== before)", arg=before, timeout=120_000)
+                "e => /PyTorch [\\d.]+ ms/.test(e.textContent) && e.textContent !== before)",
+                arg=before,
+                timeout=120_000,
+            )
             after = _status(page)
             assert after != before and "parameters" in after and "127,296" not in after
             page.screenshot(path=str(ARTIFACTS / "jupyterlab_explorer.png"), full_page=True)

@@ -6,15 +6,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import small_model
 
 from celerinfer_lab import load_model, reference_forward
 
-from conftest import small_model
-
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "celerinfer_lab.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_console_script_is_installed():
@@ -25,7 +28,17 @@ def test_console_script_is_installed():
 def test_torch_forward_prints_and_dumps(tmp_path):
     path = tmp_path / "m.json"
     small_model().save(path)
-    r = run("torch-forward", str(path), "--warmup", "1", "--repeat", "3", "--dump-dir", str(tmp_path / "out"), "--save-trace")
+    r = run(
+        "torch-forward",
+        str(path),
+        "--warmup",
+        "1",
+        "--repeat",
+        "3",
+        "--dump-dir",
+        str(tmp_path / "out"),
+        "--save-trace",
+    )
     assert r.returncode == 0, r.stderr
     assert "median" in r.stdout and "logits: shape [2, 7, 128]" in r.stdout
     logits = np.load(tmp_path / "out" / "logits_torch.npy")
@@ -37,8 +50,12 @@ def test_torch_forward_prints_and_dumps(tmp_path):
 def test_torch_forward_honours_original_environment(tmp_path, v0_dir):
     r = run("torch-forward", env={"JSON_PATH": str(v0_dir / "minimind.json"), "DUMP_DIR": str(tmp_path), "WARMUP": "0"})
     assert r.returncode == 0, r.stderr
-    assert re.search(r"runs\)(?: — noisy: [^\n]*)? after 0 warm-up", r.stdout), r.stdout  # a noisy machine says so between
-    np.testing.assert_allclose(np.load(tmp_path / "logits_torch.npy"), np.load(v0_dir / "logits_torch.npy"), rtol=0, atol=1e-6)
+    assert re.search(r"runs\)(?: — noisy: [^\n]*)? after 0 warm-up", r.stdout), (
+        r.stdout
+    )  # a noisy machine says so between
+    np.testing.assert_allclose(
+        np.load(tmp_path / "logits_torch.npy"), np.load(v0_dir / "logits_torch.npy"), rtol=0, atol=1e-6
+    )
 
 
 def test_bad_file_is_a_clear_error(tmp_path):
@@ -59,6 +76,7 @@ def test_info_lists_trace_points(tmp_path):
 
 def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     from conftest import edit_file
+
     path = tmp_path / "m.json"
     small_model(qk_norm=True).save(path)
     r = run("cpp-forward", str(path), "--dump-dir", str(tmp_path / "out"), "--warmup", "1", "--repeat", "3")
@@ -71,9 +89,16 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     r = run("compare", str(path))
     assert r.returncode == 0 and "== readable kernels" in r.stdout and "== fast kernels" in r.stdout
     assert r.stdout.count("all 41 trace points agree") == 2
-    assert r.stdout.index("model.embed_tokens") < r.stdout.index("model.layers.0.self_attn.q_norm") < r.stdout.index("lm_head")
-    edit_file(cpp_copy / "include/celerinfer/ops.hpp", "const float scale = float(std::sqrt(double(d.hd)));",
-              "const float scale = float(d.hd);")
+    assert (
+        r.stdout.index("model.embed_tokens")
+        < r.stdout.index("model.layers.0.self_attn.q_norm")
+        < r.stdout.index("lm_head")
+    )
+    edit_file(
+        cpp_copy / "include/celerinfer/ops.hpp",
+        "const float scale = float(std::sqrt(double(d.hd)));",
+        "const float scale = float(d.hd);",
+    )
     r = run("compare", str(path), "--cpp-dir", str(cpp_copy))
     readable, fast = r.stdout.split("== fast kernels")
     assert r.returncode == 1 and "culprit (own error): model.layers.0.self_attn.scores" in readable
@@ -87,6 +112,7 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
 
 def test_compare_list_faults_and_fault(tmp_path):
     from celerinfer_lab.faults import FAULTS
+
     r = run("compare", "--list-faults")
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0 and [line.split()[0] for line in lines] == list(FAULTS)

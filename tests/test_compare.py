@@ -1,16 +1,16 @@
 """Finding the divergence: metrics, float64-oracle tolerances, isolation, culprit, diagnosis, plots."""
+
 import math
 
 import numpy as np
 import pytest
+from conftest import edit_file, small_model
 from matplotlib.figure import Figure
 
 from celerinfer_lab.compare import build_report, compare, errors, kl_per_token, reference_runs, run_all
 from celerinfer_lab.diagnose import diagnose
 from celerinfer_lab.native import load_native
 from celerinfer_lab.trace import trace_points
-
-from conftest import edit_file, small_model
 
 
 def test_metric_definitions():
@@ -38,8 +38,20 @@ def test_kl_per_token():
     assert kl[0] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
 
 
-@pytest.mark.parametrize("variant", [{}, dict(qk_norm=True, use_moe=True, num_experts=4, num_experts_per_tok=2,
-                                              n_shared_experts=1, tie_word_embeddings=False)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        dict(
+            qk_norm=True,
+            use_moe=True,
+            num_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            tie_word_embeddings=False,
+        ),
+    ],
+)
 def test_correct_build_agrees_with_floors(native, variant):
     model = small_model(batch_size=3, seq_len=9, padding="mixed", **variant)
     report = compare(model, native)
@@ -53,7 +65,7 @@ def test_correct_build_agrees_with_floors(native, variant):
 # change to FACTOR, MIN_FLOOR or where the floor comes from fails these tests:
 #   floor = ||ref32 - oracle|| / ||oracle|| over the real token positions (masked scores left out)
 #   tol   = 10 * max(floor, 2**-22)
-RULE_FACTOR, RULE_MIN_FLOOR = 10.0, 2.0 ** -22
+RULE_FACTOR, RULE_MIN_FLOOR = 10.0, 2.0**-22
 
 
 def _real_rows(array, token_axis, mask):
@@ -75,7 +87,9 @@ def _assert_tolerances_follow_the_documented_rule(report, model):
             continue
         p = report.point(point.name)
         assert p.tol == pytest.approx(_expected_tol(report.runs, point, mask), rel=1e-9, abs=0), point.name
-        assert p.own_tol == pytest.approx(_expected_tol(report.runs, point, mask, "ref32_own"), rel=1e-9, abs=0), point.name
+        assert p.own_tol == pytest.approx(_expected_tol(report.runs, point, mask, "ref32_own"), rel=1e-9, abs=0), (
+            point.name
+        )
         checked += 1
     assert checked >= 10
 
@@ -106,13 +120,18 @@ def test_planted_error_just_above_the_tolerance_diverges_just_below_does_not(flo
         report = build_report({**runs, "cpp": {**runs["cpp"], name: planted}}, model.config, mask)
         p = report.point(name)
         assert p.rel_l2 == pytest.approx(k * tol, rel=1e-6)
-        assert p.diverges is diverges, f"k={k}: rel_l2 {p.rel_l2:.4e}, tol {p.tol:.4e}, abs {p.max_abs:.2e} vs {p.abs_tol:.2e}"
+        assert p.diverges is diverges, (
+            f"k={k}: rel_l2 {p.rel_l2:.4e}, tol {p.tol:.4e}, abs {p.max_abs:.2e} vs {p.abs_tol:.2e}"
+        )
 
 
 def test_isolation_separates_two_bugs(cpp_copy):
     """Two bugs: the first is the culprit; the second still shows its own error, the rest propagate."""
-    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "K.linear(logits, x, m.head(), N, H, c.vocab);",
-              "K.linear(logits, x, m.head(), N, H, c.vocab);\n    for (size_t i = 0; i < size_t(N) * c.vocab; ++i) logits[i] *= 1.5f;")
+    edit_file(
+        cpp_copy / "include/celerinfer/forward.hpp",
+        "K.linear(logits, x, m.head(), N, H, c.vocab);",
+        "K.linear(logits, x, m.head(), N, H, c.vocab);\n    for (size_t i = 0; i < size_t(N) * c.vocab; ++i) logits[i] *= 1.5f;",
+    )
     report = compare(small_model(), load_native(cpp_copy, fault="silu_as_gelu"))
     assert report.culprit.name == "model.layers.0.mlp.act"
     assert report.point("lm_head").label == "own error"
@@ -120,17 +139,41 @@ def test_isolation_separates_two_bugs(cpp_copy):
     assert report.point("model.layers.0.mlp.down_proj").label in ("propagated", "amplified")
 
 
-@pytest.mark.parametrize("old,new,culprit,words", [
-    ("y[size_t(r) * out + o] = dot(", "y[size_t(r) * out + o] = -dot(", "model.layers.0.self_attn.q_proj", "sign flip"),
-    ("y[size_t(r) * out + o] = dot(", "y[size_t(r) * out + o] = 2.0f * dot(", "model.layers.0.self_attn.q_proj", "~ 2"),
-    ("float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
-     "float* out = context + ((size_t(b) * d.T + i) * d.heads + (h + 1) % d.heads) * d.hd;",
-     "model.layers.0.self_attn.context", "heads permuted"),
-    ("const float* row = table + size_t(ids[t]) * hidden;",
-     "const float* row = table + size_t(ids[t > 0 ? t - 1 : 0]) * hidden;", "model.embed_tokens", "shifted by one position"),
-    ("float s = dot(qi, kj, d.hd) / scale;", "float s = dot(qi, kj, d.hd) / scale * (i >= 3 ? 1.5f : 1.0f);",
-     "model.layers.0.self_attn.scores", "from position 3 on"),
-])
+@pytest.mark.parametrize(
+    "old,new,culprit,words",
+    [
+        (
+            "y[size_t(r) * out + o] = dot(",
+            "y[size_t(r) * out + o] = -dot(",
+            "model.layers.0.self_attn.q_proj",
+            "sign flip",
+        ),
+        (
+            "y[size_t(r) * out + o] = dot(",
+            "y[size_t(r) * out + o] = 2.0f * dot(",
+            "model.layers.0.self_attn.q_proj",
+            "~ 2",
+        ),
+        (
+            "float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
+            "float* out = context + ((size_t(b) * d.T + i) * d.heads + (h + 1) % d.heads) * d.hd;",
+            "model.layers.0.self_attn.context",
+            "heads permuted",
+        ),
+        (
+            "const float* row = table + size_t(ids[t]) * hidden;",
+            "const float* row = table + size_t(ids[t > 0 ? t - 1 : 0]) * hidden;",
+            "model.embed_tokens",
+            "shifted by one position",
+        ),
+        (
+            "float s = dot(qi, kj, d.hd) / scale;",
+            "float s = dot(qi, kj, d.hd) / scale * (i >= 3 ? 1.5f : 1.0f);",
+            "model.layers.0.self_attn.scores",
+            "from position 3 on",
+        ),
+    ],
+)
 def test_diagnoses_of_a_users_own_bugs(cpp_copy, old, new, culprit, words):
     edited = 0
     for header in ("ops.hpp", "forward.hpp"):
@@ -165,9 +208,12 @@ def test_pair_permutation_and_padded_key_patterns(native):
 
     def pad_bug(v):  # a softmax that leaks probability onto padded keys
         v = v.copy()
-        leak = (model_mask == 0)[:, None, None, :] & (np.arange(8)[None, None, None, :] <= np.arange(8)[None, None, :, None])
+        leak = (model_mask == 0)[:, None, None, :] & (
+            np.arange(8)[None, None, None, :] <= np.arange(8)[None, None, :, None]
+        )
         v[np.broadcast_to(leak, v.shape)] += 0.01
         return v
+
     report = _forged(native, "model.layers.0.self_attn.probs", pad_bug)
     assert report.culprit.name == "model.layers.0.self_attn.probs"
     assert "error only at padded key positions" in diagnose(report)
@@ -187,10 +233,16 @@ def test_precision_loss_is_not_a_scale_error(native):
     def growing(v):  # relative noise proportional to the keys each query row sums
         keys = np.arange(1, v.shape[2] + 1, dtype=np.float32)[None, None, :, None]
         return v * (1 + 1e-5 * keys * rng.standard_normal(v.shape)).astype(np.float32)
+
     text = diagnose(_forged(native, "model.layers.0.self_attn.probs", growing))
     assert text.startswith("precision loss") and "it grows with the reduction length" in text, text
-    flat = diagnose(_forged(native, "model.layers.0.self_attn.probs",
-                            lambda v: v * (1 + 5e-5 * rng.standard_normal(v.shape)).astype(np.float32)))
+    flat = diagnose(
+        _forged(
+            native,
+            "model.layers.0.self_attn.probs",
+            lambda v: v * (1 + 5e-5 * rng.standard_normal(v.shape)).astype(np.float32),
+        )
+    )
     assert "does not grow with the reduction length" in flat, flat
 
 
@@ -198,7 +250,9 @@ def test_report_api_table_html_and_plots(native):
     report = compare(small_model(batch_size=2, seq_len=6, padding="left"), load_native(fault="gqa_modulo"))
     table = report.table
     assert list(table.index)[:2] == ["model.embed_tokens", "model.layers.0.input_layernorm"]
-    assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "n_bad", "floor", "tol", "own_rel_l2", "status"} <= set(table.columns)
+    assert {"max_abs", "rel_l2", "sqnr_db", "cosine", "n_bad", "floor", "tol", "own_rel_l2", "status"} <= set(
+        table.columns
+    )
     assert table.loc["model.layers.0.self_attn.scores", "status"] == "culprit"
     assert "culprit" in report._repr_html_() and "<table" in report._repr_html_()
     text = str(report)
@@ -214,6 +268,7 @@ def test_report_api_table_html_and_plots(native):
     kinds = [t.get_text() for t in depth.legends[0].get_texts()]
     assert {"q_proj", "scores", "layer output", "lm_head"} <= set(kinds) and len(kinds) < 30
     from celerinfer_lab.plots import depth_layout
+
     x, _, _ = depth_layout([p.name for p in report.points])
     culprit_x = x[report.points.index(report.culprit)]
     assert 0 <= culprit_x < 1  # layer 0's band
@@ -246,6 +301,7 @@ def test_repr_is_one_short_line(native):
 
 def test_large_scatter_becomes_a_density_plot(native):
     from celerinfer_lab import plots
+
     report = compare(small_model(batch_size=2, seq_len=6), native)
     before = plots.DENSITY_ABOVE
     plots.DENSITY_ABOVE = 100  # lm_head has 2*6*vocab values, far above 100

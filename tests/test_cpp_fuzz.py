@@ -10,6 +10,7 @@
 
 A fuzz input is the JSON text, then optionally b"\\n#SIDECAR#\\n" and the sidecar's bytes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,26 +26,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, fixtures_dir
+from readers import differential
 
 from celerinfer_lab import ModelConfig
 from celerinfer_lab.generate import generate_model
 
-from conftest import REPO, fixtures_dir
-from readers import differential
-
 CPP = REPO / "cpp"
 REGRESSIONS = REPO / "tests" / "fuzz_regressions" / "cpp"
 SEP = b"\n#SIDECAR#\n"
-TINY = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=16,
-            max_position_embeddings=8)
+TINY = dict(
+    hidden_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=16,
+    max_position_embeddings=8,
+)
 JOBS = "2"  # the machine is shared: never more
 
 needs_clang = pytest.mark.skipif(shutil.which("clang++") is None, reason="clang++ not installed (scripts/setup.sh)")
 
 
 def _build(src: Path, build: Path, target: str, *options: str) -> Path:
-    for cmd in (["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_CXX_COMPILER=clang++", *options],
-                ["cmake", "--build", str(build), "--target", target, "-j", JOBS]):
+    for cmd in (
+        ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_CXX_COMPILER=clang++", *options],
+        ["cmake", "--build", str(build), "--target", target, "-j", JOBS],
+    ):
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return build / target
@@ -77,23 +85,40 @@ def _sidecar_of(path: Path) -> Path:
     return path.parent / json.loads(path.read_text())["sidecar"]["file"]
 
 
-V0_NAMES = {"rms_attn": "input_layernorm.weight", "rms_ffn": "post_attention_layernorm.weight",
-            "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-            "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-            "w_down": "mlp.down_proj.weight"}
+V0_NAMES = {
+    "rms_attn": "input_layernorm.weight",
+    "rms_ffn": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+}
 
 
 def _tiny_v0(path: Path) -> Path:
     """A small file in the original CelerInfer layout (the fixture is 750 KB)."""
     d = json.loads(_tiny(path).read_text())
     w = d["weights"]
-    layers = [{old: w[f"model.layers.{i}.{new}"] for old, new in V0_NAMES.items()}
-              for i in range(d["config"]["num_hidden_layers"])]
+    layers = [
+        {old: w[f"model.layers.{i}.{new}"] for old, new in V0_NAMES.items()}
+        for i in range(d["config"]["num_hidden_layers"])
+    ]
     config = {k: v for k, v in d["config"].items() if k not in ("head_dim", "tie_word_embeddings")}
-    doc = {"meta": {"seed": 1, "B": 1, "S": 3, "head_dim": d["config"]["head_dim"]}, "config": config,
-           "inputs": d["inputs"], "rope": d["rope"],
-           "weights": {"tok_embedding": w["model.embed_tokens.weight"], "final_rms": w["model.norm.weight"],
-                       "lm_head": w["model.embed_tokens.weight"], "layers": layers}}
+    doc = {
+        "meta": {"seed": 1, "B": 1, "S": 3, "head_dim": d["config"]["head_dim"]},
+        "config": config,
+        "inputs": d["inputs"],
+        "rope": d["rope"],
+        "weights": {
+            "tok_embedding": w["model.embed_tokens.weight"],
+            "final_rms": w["model.norm.weight"],
+            "lm_head": w["model.embed_tokens.weight"],
+            "layers": layers,
+        },
+    }
     path.write_text(json.dumps(doc))
     return path
 
@@ -103,8 +128,9 @@ def seed_corpus(tmp_path_factory) -> Path:
     models, corpus = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("seeds")
     for name, overrides in {
         "dense": {},
-        "qknorm_moe": dict(qk_norm=True, use_moe=True, num_experts=2, num_experts_per_tok=1, n_shared_experts=1,
-                           intermediate_size=16),
+        "qknorm_moe": dict(
+            qk_norm=True, use_moe=True, num_experts=2, num_experts_per_tok=1, n_shared_experts=1, intermediate_size=16
+        ),
         "untied": dict(tie_word_embeddings=False, rope_pairing="interleaved"),
     }.items():
         shutil.copy(_tiny(models / f"{name}.json", **overrides), corpus / name)
@@ -115,10 +141,14 @@ def seed_corpus(tmp_path_factory) -> Path:
     def minimind2(d):  # MiniMind2's MoE names, a float16 weight, a float64 RoPE cache, uint8 inputs
         d["config"].update(n_routed_experts=d["config"].pop("num_experts"), norm_topk_prob=True)
         d["config"].pop("topk_renorm")
-        for t, dtype in ((d["weights"][W], np.float16), (d["rope"]["cos"], np.float64),
-                         (d["inputs"]["input_ids"], np.uint8)):
+        for t, dtype in (
+            (d["weights"][W], np.float16),
+            (d["rope"]["cos"], np.float64),
+            (d["inputs"]["input_ids"], np.uint8),
+        ):
             values = np.frombuffer(base64.b64decode(t["data"]), dtype=np.dtype(t["dtype"]))
             t.update(dtype=np.dtype(dtype).name, data=base64.b64encode(values.astype(dtype).tobytes()).decode())
+
     moe = dict(use_moe=True, num_experts=2, num_experts_per_tok=2, intermediate_size=16)
     shutil.copy(_edit(_tiny(models / "mm2.json", **moe), minimind2), corpus / "minimind2_f16")
     shutil.copy(fixtures_dir() / "celerinfer-v0" / "minimind.json", corpus / "minimind_v0")
@@ -130,9 +160,17 @@ def _fuzz(binary: Path, seeds: Path, work: Path, seconds: int) -> str:
     corpus, artifacts = work / "corpus", work / "artifacts"
     shutil.copytree(seeds, corpus)
     artifacts.mkdir()
-    cmd = [str(binary), f"-max_total_time={seconds}", "-timeout=20", "-malloc_limit_mb=512", "-rss_limit_mb=4096",
-           f"-dict={CPP / 'tests' / 'fuzz_model_file.dict'}", f"-artifact_prefix={artifacts}/", "-print_final_stats=1",
-           str(corpus)]
+    cmd = [
+        str(binary),
+        f"-max_total_time={seconds}",
+        "-timeout=20",
+        "-malloc_limit_mb=512",
+        "-rss_limit_mb=4096",
+        f"-dict={CPP / 'tests' / 'fuzz_model_file.dict'}",
+        f"-artifact_prefix={artifacts}/",
+        "-print_final_stats=1",
+        str(corpus),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600, cwd=work)
     found = sorted(p.name for p in artifacts.iterdir())
     assert r.returncode == 0 and not found, f"fuzzer exit {r.returncode}, artifacts {found}:\n{r.stderr[-6000:]}"
@@ -199,7 +237,11 @@ def _assert_no_crash(r: subprocess.CompletedProcess) -> None:
 
 
 def _regression_inputs() -> list[Path]:
-    return sorted(p for p in REGRESSIONS.iterdir() if p.is_file() and p.name != "README.md") if REGRESSIONS.is_dir() else []
+    return (
+        sorted(p for p in REGRESSIONS.iterdir() if p.is_file() and p.name != "README.md")
+        if REGRESSIONS.is_dir()
+        else []
+    )
 
 
 @needs_clang
@@ -209,7 +251,9 @@ def test_regression_replays(asan_binary, fuzz_binary, case, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     model = _unpack(case.read_bytes(), tmp_path)
     for flags in ([], ["--allow-nonfinite"]):
-        r = subprocess.run([str(asan_binary), *flags, "--check", str(model)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [str(asan_binary), *flags, "--check", str(model)], capture_output=True, text=True, timeout=300
+        )
         _assert_no_crash(r)
 
 
@@ -231,11 +275,11 @@ def _edit_header(side: Path, edit) -> None:
     """Rewrite a safetensors header (padded to a multiple of 8), keeping the data section."""
     raw = side.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    side.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    side.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 def _set_floats(tensor: dict, values: np.ndarray) -> None:
@@ -246,9 +290,11 @@ def _check(binary: Path, path: Path, *flags: str, limit_mb: int | None = None):
     def limit():
         if limit_mb:
             resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))
+
     start = time.monotonic()
-    r = subprocess.run([str(binary), *flags, "--check", str(path)], capture_output=True, text=True, timeout=120,
-                       preexec_fn=limit)
+    r = subprocess.run(
+        [str(binary), *flags, "--check", str(path)], capture_output=True, text=True, timeout=120, preexec_fn=limit
+    )
     return r, time.monotonic() - start
 
 
@@ -284,6 +330,7 @@ def test_sidecar_offsets(asan_binary, tmp_path, case):
             second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[1]
             s2, e2 = header[second]["data_offsets"]
             header[second]["data_offsets"] = [start, start + e2 - s2]
+
     _edit_header(_sidecar_of(path), edit)
     _edit(path, lambda d: d["sidecar"].pop("bytes"))  # the header changed size
     expected = {"wrapping": "data_offsets", "negative": "data_offsets", "overlap": "overlapping"}[case]
@@ -300,18 +347,32 @@ def test_deep_nesting_refused_while_parsing(asan_binary, tmp_path):
     raw = _sidecar_of(side).read_bytes()
     header = b'{"__metadata__":' + b"[" * depth + b"]" * depth + b"}"
     header += b" " * (-len(header) % 8)
-    _sidecar_of(side).write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + struct.unpack("<Q", raw[:8])[0]:])
+    _sidecar_of(side).write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + struct.unpack("<Q", raw[:8])[0] :])
     _edit(side, lambda d: d["sidecar"].pop("bytes"))
     _refused(asan_binary, side, "sidecar", "nested deeper than 32")
 
 
-@pytest.mark.parametrize("config,field", [
-    (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000: above 1,024"),
-    (dict(num_experts=10**6, use_moe=True), "num_experts=1000000: above 1,024"),
-    # within every limit, but far more than a 5 KB file holds: refused by arithmetic, never enumerated
-    (dict(num_hidden_layers=1024, hidden_size=65536, num_attention_heads=16, num_key_value_heads=16,
-          use_moe=True, num_experts=1024, n_shared_experts=64, intermediate_size=1048576), "more than the file can hold"),
-])
+@pytest.mark.parametrize(
+    "config,field",
+    [
+        (dict(num_hidden_layers=10**9), "num_hidden_layers=1000000000: above 1,024"),
+        (dict(num_experts=10**6, use_moe=True), "num_experts=1000000: above 1,024"),
+        # within every limit, but far more than a 5 KB file holds: refused by arithmetic, never enumerated
+        (
+            dict(
+                num_hidden_layers=1024,
+                hidden_size=65536,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                use_moe=True,
+                num_experts=1024,
+                n_shared_experts=64,
+                intermediate_size=1048576,
+            ),
+            "more than the file can hold",
+        ),
+    ],
+)
 def test_huge_config_refused_fast_in_bounded_memory(plain_binary, tmp_path, config, field):
     path = _tiny(tmp_path / "m.json")
     _edit(path, lambda d: (d["config"].update(config), d["weights"].clear(), d["rope"].clear()))
@@ -327,28 +388,39 @@ def _nan_in(section: str, key: str):
         values = np.frombuffer(base64.b64decode(t["data"]), dtype=np.float32).copy()
         values[1] = np.nan
         _set_floats(t, values)
+
     return edit
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (lambda d: d["config"].update(hidden_act="gelu"), "hidden_act='gelu'"),
-    (lambda d: d["config"].update(rms_norm_eps=-1e-5), "rms_norm_eps=-1e-05: must be a number > 0"),
-    (lambda d: d["config"].update(hidden_size=2**32 + 8), "hidden_size=4294967304: above 65,536"),
-    (lambda d: d["config"].update(qk_norm="yes"), "qk_norm='yes': must be true or false"),
-    (lambda d: d["config"].update(num_hidden_layers=1.0), "num_hidden_layers=1.0: must be an integer"),
-    (lambda d: d["config"].update(num_hidden_layers=True), "num_hidden_layers=true: must be an integer"),
-    (_nan_in("weights", W), f"tensor '{W}': contains NaN or Inf"),
-    (_nan_in("rope", "cos"), "tensor 'rope.cos': contains NaN or Inf"),
-    (lambda d: d["inputs"]["input_ids"].update(dtype="float32"), "input_ids': has dtype float32"),
-    (lambda d: d.update(format="something-else"), "format is 'something-else'"),
-    (lambda d: d.update(format_version=1.0), "format_version 1.0 is not supported"),
-    (lambda d: d["weights"][W].update(shape=[4, 8], dtype="float64"), "has shape [4, 8], the config implies [8, 8]"),
-    (lambda d: d["weights"][W].update(data=d["weights"][W]["data"][:-4] + "AA=A"), "not valid base64"),
-    (lambda d: d["weights"].pop(W), f"missing tensor '{W}'"),
-    (lambda d: d["weights"].update(extra=d["weights"][W]), "unexpected tensor 'extra'"),
-    (lambda d: d["inputs"]["input_ids"].update(data=base64.b64encode(np.array([[0, 1, 99]], np.int32).tobytes()).decode()),
-     "input_ids[0,2] = 99 is outside the vocabulary [0, 16)"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (lambda d: d["config"].update(hidden_act="gelu"), "hidden_act='gelu'"),
+        (lambda d: d["config"].update(rms_norm_eps=-1e-5), "rms_norm_eps=-1e-05: must be a number > 0"),
+        (lambda d: d["config"].update(hidden_size=2**32 + 8), "hidden_size=4294967304: above 65,536"),
+        (lambda d: d["config"].update(qk_norm="yes"), "qk_norm='yes': must be true or false"),
+        (lambda d: d["config"].update(num_hidden_layers=1.0), "num_hidden_layers=1.0: must be an integer"),
+        (lambda d: d["config"].update(num_hidden_layers=True), "num_hidden_layers=true: must be an integer"),
+        (_nan_in("weights", W), f"tensor '{W}': contains NaN or Inf"),
+        (_nan_in("rope", "cos"), "tensor 'rope.cos': contains NaN or Inf"),
+        (lambda d: d["inputs"]["input_ids"].update(dtype="float32"), "input_ids': has dtype float32"),
+        (lambda d: d.update(format="something-else"), "format is 'something-else'"),
+        (lambda d: d.update(format_version=1.0), "format_version 1.0 is not supported"),
+        (
+            lambda d: d["weights"][W].update(shape=[4, 8], dtype="float64"),
+            "has shape [4, 8], the config implies [8, 8]",
+        ),
+        (lambda d: d["weights"][W].update(data=d["weights"][W]["data"][:-4] + "AA=A"), "not valid base64"),
+        (lambda d: d["weights"].pop(W), f"missing tensor '{W}'"),
+        (lambda d: d["weights"].update(extra=d["weights"][W]), "unexpected tensor 'extra'"),
+        (
+            lambda d: d["inputs"]["input_ids"].update(
+                data=base64.b64encode(np.array([[0, 1, 99]], np.int32).tobytes()).decode()
+            ),
+            "input_ids[0,2] = 99 is outside the vocabulary [0, 16)",
+        ),
+    ],
+)
 @needs_clang
 def test_refused_naming_the_field(asan_binary, tmp_path, edit, expected):
     _refused(asan_binary, _edit(_tiny(tmp_path / "m.json"), edit), expected)
@@ -373,15 +445,26 @@ def test_allow_nonfinite(asan_binary, tmp_path):
     assert r.returncode == 0 and r.stdout == f"ok\t{path}\n", r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("edit", [
-    lambda d: d["meta"].update(head_dim=2),                       # meta.head_dim: only the original layout
-    lambda d: d["config"].pop("intermediate_size"),                # derived from sizing_rule
-    lambda d: d["config"].update(n_routed_experts=2, norm_topk_prob=True),  # MiniMind2 names (dense: unused)
-    lambda d: d["weights"][W].update(dtype="float16", data=base64.b64encode(
-        np.frombuffer(base64.b64decode(d["weights"][W]["data"]), np.float32).astype(np.float16).tobytes()).decode()),
-    lambda d: d["weights"][W].update(dtype="float64", data=base64.b64encode(
-        np.frombuffer(base64.b64decode(d["weights"][W]["data"]), np.float32).astype(np.float64).tobytes()).decode()),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["meta"].update(head_dim=2),  # meta.head_dim: only the original layout
+        lambda d: d["config"].pop("intermediate_size"),  # derived from sizing_rule
+        lambda d: d["config"].update(n_routed_experts=2, norm_topk_prob=True),  # MiniMind2 names (dense: unused)
+        lambda d: d["weights"][W].update(
+            dtype="float16",
+            data=base64.b64encode(
+                np.frombuffer(base64.b64decode(d["weights"][W]["data"]), np.float32).astype(np.float16).tobytes()
+            ).decode(),
+        ),
+        lambda d: d["weights"][W].update(
+            dtype="float64",
+            data=base64.b64encode(
+                np.frombuffer(base64.b64decode(d["weights"][W]["data"]), np.float32).astype(np.float64).tobytes()
+            ).decode(),
+        ),
+    ],
+)
 @needs_clang
 def test_accepted_variants(asan_binary, tmp_path, edit):
     path = _edit(_tiny(tmp_path / "m.json"), edit)
@@ -394,8 +477,14 @@ def test_accepted_variants(asan_binary, tmp_path, edit):
 def test_minimind2_moe_names(asan_binary, tmp_path):
     moe = dict(use_moe=True, num_experts=2, num_experts_per_tok=1, intermediate_size=16)
     path = _tiny(tmp_path / "m.json", **moe)
-    _edit(path, lambda d: (d["config"].pop("num_experts"), d["config"].pop("topk_renorm"),
-                           d["config"].update(n_routed_experts=2, norm_topk_prob=True)))
+    _edit(
+        path,
+        lambda d: (
+            d["config"].pop("num_experts"),
+            d["config"].pop("topk_renorm"),
+            d["config"].update(n_routed_experts=2, norm_topk_prob=True),
+        ),
+    )
     r, _ = _check(asan_binary, path)
     assert r.returncode == 0, r.stdout + r.stderr
     _edit(path, lambda d: d["config"].update(n_routed_experts=3))  # 3 experts: the file holds 2
@@ -438,6 +527,7 @@ def test_limits_equal_python():
     text = (CPP / "tools" / "model_file_limits.hpp").read_text()
     cpp = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int64_t (MAX_\w+) = (\d+);", text)}
     from celerinfer_lab import limits
+
     python = {name: getattr(limits, name) for name in dir(limits) if name.startswith("MAX_")}
     assert cpp == python
     assert len(cpp) == 10
@@ -453,15 +543,26 @@ def test_exit_codes(plain_binary, tmp_path):
     assert lines[0] == f"ok\t{good}" and lines[1].startswith(f"refused\t{bad}\t{bad}: config: hidden_act='gelu'")
     r = subprocess.run([str(plain_binary), str(bad), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "hidden_act='gelu'" in r.stderr
-    r = subprocess.run([str(plain_binary), str(tmp_path / "missing.json"), str(tmp_path / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(plain_binary), str(tmp_path / "missing.json"), str(tmp_path / "out")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "no such file" in r.stderr
     for args in ([], ["--check"], ["--bogus", str(good), "out"], [str(good)]):
         r = subprocess.run([str(plain_binary), *args], capture_output=True, text=True)
         assert r.returncode == 2 and "usage" in r.stderr, args
-    r = subprocess.run([str(plain_binary), str(good), str(tmp_path / "out")], capture_output=True, text=True,
-                       env={**os.environ, "REPEAT": "1", "WARMUP": "0", "THREADS": "1"})
+    r = subprocess.run(
+        [str(plain_binary), str(good), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "REPEAT": "1", "WARMUP": "0", "THREADS": "1"},
+    )
     assert r.returncode == 0 and "forward: median" in r.stdout and (tmp_path / "out" / "logits_cpp.npy").exists()
     if os.path.exists("/dev/full"):  # cannot write the output: 1, not 2
-        r = subprocess.run(f"{plain_binary} {good} {tmp_path / 'out'} > /dev/full", shell=True, capture_output=True,
-                           text=True, env={**os.environ, "REPEAT": "1", "WARMUP": "0", "THREADS": "1"})
+        r = subprocess.run(
+            f"{plain_binary} {good} {tmp_path / 'out'} > /dev/full",
+            shell=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "REPEAT": "1", "WARMUP": "0", "THREADS": "1"},
+        )
         assert r.returncode == 1, r.stderr

@@ -7,6 +7,7 @@ on what it printed. The children run in a folder whose .rootrc turns off cppyy's
 a fatal signal (about 8 s and pages of stderr per death); CPPYY_CRASH_QUIET=1 keeps a caught
 segfault quiet.
 """
+
 import os
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 Q_PROJ = "K.linear(ws.q.data(), x, L.wq, N, H, c.q_dim());"
 # A null weight the optimizer cannot see through (a volatile read): the readable linear reads W[0].
-NULL_Q_PROJ = "{ const float* volatile null_w = nullptr; K.linear(ws.q.data(), x, (const float*)null_w, N, H, c.q_dim()); }"
+NULL_Q_PROJ = (
+    "{ const float* volatile null_w = nullptr; K.linear(ws.q.data(), x, (const float*)null_w, N, H, c.q_dim()); }"
+)
 
 PRELUDE = f"""
 import sys
@@ -40,18 +43,26 @@ def run_child(tmp_path: Path, body: str, timeout: float = 240) -> subprocess.Com
     (tmp_path / ".rootrc").write_text("Root.Stacktrace: no\n")
     env = {**os.environ, "CPPYY_CRASH_QUIET": "1"}
     code = PRELUDE + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=timeout,
+    )
 
 
 def lines_starting(out: str, prefix: str) -> list[str]:
-    return [line[len(prefix):].strip() for line in out.splitlines() if line.startswith(prefix)]
+    return [line[len(prefix) :].strip() for line in out.splitlines() if line.startswith(prefix)]
 
 
 # ---- (a) a segfault on the calling thread ----------------------------------------------------------
 def test_null_weight_crashes_without_protection(tmp_path):
     """The control: the edited forward really segfaults; without __sig2exc__ the process dies."""
-    child = run_child(tmp_path, """
+    child = run_child(
+        tmp_path,
+        """
         engine = load_native(null_weight_copy(), kernels="readable")
         engine.ns.run_forward.__sig2exc__ = False  # what native.py turns on
         try:
@@ -60,14 +71,19 @@ def test_null_weight_crashes_without_protection(tmp_path):
         except Exception as exc:
             print("RAISED", type(exc).__name__)
         print("SURVIVED")
-    """)
-    assert child.returncode != 0, f"the null weight did not kill an unprotected process:\n{child.stdout}\n{child.stderr}"
+    """,
+    )
+    assert child.returncode != 0, (
+        f"the null weight did not kill an unprotected process:\n{child.stdout}\n{child.stderr}"
+    )
     assert "SURVIVED" not in child.stdout and "NO ERROR" not in child.stdout
     assert "segmentation violation" in child.stderr, child.stderr[-2000:]
 
 
 def test_segfault_is_native_error_and_process_survives(tmp_path):
-    child = run_child(tmp_path, """
+    child = run_child(
+        tmp_path,
+        """
         from celerinfer_lab.reference import reference_forward
         model = small_model()
         crashing = load_native(null_weight_copy(), kernels="readable")
@@ -83,7 +99,8 @@ def test_segfault_is_native_error_and_process_survives(tmp_path):
             logits = good.forward(model, kernels=kernels).logits
             print("GOOD", kernels, float(np.abs(logits - ref).max()))
         print("SURVIVED")
-    """)
+    """,
+    )
     assert child.returncode == 0, f"exit {child.returncode}\n{child.stdout}\n{child.stderr[-3000:]}"
     out = child.stdout
     assert "NO ERROR" not in out and out.rstrip().endswith("SURVIVED"), out
@@ -98,13 +115,19 @@ def test_segfault_is_native_error_and_process_survives(tmp_path):
         assert float(diff) < 1e-4, f"{kernels}: max |cpp - torch| = {diff} after the crash"
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "known limit: a segfault on a fast-kernel pool worker (not the calling thread) is not caught. "
-    "Measured: cppyy's handler jumps back into the caller's context on the worker thread, the "
-    "Python exception surfaces on the wrong thread ('cannot release un-acquired lock') and the "
-    "calling thread spins forever waiting for the job: the process hangs. Run with --runxfail."))
+@pytest.mark.xfail(
+    run=False,
+    reason=(
+        "known limit: a segfault on a fast-kernel pool worker (not the calling thread) is not caught. "
+        "Measured: cppyy's handler jumps back into the caller's context on the worker thread, the "
+        "Python exception surfaces on the wrong thread ('cannot release un-acquired lock') and the "
+        "calling thread spins forever waiting for the job: the process hangs. Run with --runxfail."
+    ),
+)
 def test_segfault_on_worker_thread_is_native_error(tmp_path):
-    child = run_child(tmp_path, """
+    child = run_child(
+        tmp_path,
+        """
         cpp = copy_cpp(work / "worker_crash")
         edit_source(cpp / "include" / "celerinfer" / "fast.hpp",
             "ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {",
@@ -118,7 +141,9 @@ def test_segfault_on_worker_thread_is_native_error(tmp_path):
         except NativeError as exc:
             print("CAUGHT", " ".join(str(exc).split()))
         print("SURVIVED")
-    """, timeout=60)
+    """,
+        timeout=60,
+    )
     assert child.returncode == 0 and "CAUGHT" in child.stdout and "SURVIVED" in child.stdout, child.stdout
 
 
@@ -139,7 +164,13 @@ GUARD_CASES = {
     # A loop that runs past the end of its inputs as well as its output copies the inputs' guard
     # sentinels (a NaN keeps its payload through silu and *) into act's guard: caught because each
     # buffer's guard has a NaN payload of its own.
-    "readable-act-overrun-copies-sentinel": ("ops.hpp", SWIGLU, SWIGLU.replace("i < n;", "i < n + 4;"), "readable", ACT),
+    "readable-act-overrun-copies-sentinel": (
+        "ops.hpp",
+        SWIGLU,
+        SWIGLU.replace("i < n;", "i < n + 4;"),
+        "readable",
+        ACT,
+    ),
 }
 BLIND_SPOTS: set[str] = set()
 
@@ -148,7 +179,9 @@ BLIND_SPOTS: set[str] = set()
 def guard_results(tmp_path_factory):
     """One child runs every guard case (each its own edited copy): case id -> what the forward did."""
     tmp_path = tmp_path_factory.mktemp("guards")
-    child = run_child(tmp_path, f"""
+    child = run_child(
+        tmp_path,
+        f"""
         cases = {GUARD_CASES!r}
         model = small_model()
         for name, (file, old, new, kernels, _) in cases.items():
@@ -160,15 +193,23 @@ def guard_results(tmp_path_factory):
             except NativeError as exc:
                 print("CASE", name, " ".join(str(exc).split()))
         print("SURVIVED")
-    """)
-    assert child.returncode == 0 and child.stdout.rstrip().endswith("SURVIVED"), \
+    """,
+    )
+    assert child.returncode == 0 and child.stdout.rstrip().endswith("SURVIVED"), (
         f"exit {child.returncode}\n{child.stdout}\n{child.stderr[-3000:]}"
+    )
     return dict(line.split(" ", 1) for line in lines_starting(child.stdout, "CASE"))
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="guards share one sentinel; see GUARD_CASES"))
-    if name in BLIND_SPOTS else name for name in GUARD_CASES])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="guards share one sentinel; see GUARD_CASES"))
+        if name in BLIND_SPOTS
+        else name
+        for name in GUARD_CASES
+    ],
+)
 def test_out_of_bounds_write_names_the_buffer(guard_results, case):
     _, _, _, kernels, expected = GUARD_CASES[case]
     message = guard_results[case]

@@ -1,5 +1,6 @@
 """Bad input to every command is one line `error: ...` and exit status 2, never a traceback; the
 error classes form one family; nothing is left behind or overwritten by surprise."""
+
 import os
 import resource
 import signal
@@ -10,17 +11,21 @@ import time
 import urllib.request
 
 import pytest
+from conftest import REPO, small_model, stop_process
 
 from celerinfer_lab import cli, errors
 from celerinfer_lab.errors import CelerInferError, UsageError
 from celerinfer_lab.writer import sidecar_named_by
 
-from conftest import REPO, stop_process, small_model
-
 
 def run(*args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "celerinfer_lab.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
 
 
 def call(capsys, *args):
@@ -53,14 +58,22 @@ def model_path(tmp_path):
 # ---- the family ------------------------------------------------------------------------------
 def test_one_family_keeps_the_old_bases_and_homes():
     from celerinfer_lab import config, faults, modelfile, native, sidecar, standalone
+
     assert config.ConfigError is errors.ConfigError and modelfile.ModelFileError is errors.ModelFileError
     assert sidecar.SidecarError is errors.SidecarError and faults.FaultError is errors.FaultError
     assert native.NativeError is errors.NativeError and native.NativeCompileError is errors.NativeCompileError
     assert standalone.StandaloneError is errors.StandaloneError
-    for cls, old in ((errors.ConfigError, ValueError), (errors.ModelFileError, ValueError), (errors.SidecarError, ValueError),
-                     (errors.FaultError, ValueError), (errors.UsageError, ValueError), (errors.NativeError, RuntimeError),
-                     (errors.NativeCompileError, RuntimeError), (errors.StandaloneError, RuntimeError),
-                     (errors.UsageTypeError, TypeError)):
+    for cls, old in (
+        (errors.ConfigError, ValueError),
+        (errors.ModelFileError, ValueError),
+        (errors.SidecarError, ValueError),
+        (errors.FaultError, ValueError),
+        (errors.UsageError, ValueError),
+        (errors.NativeError, RuntimeError),
+        (errors.NativeCompileError, RuntimeError),
+        (errors.StandaloneError, RuntimeError),
+        (errors.UsageTypeError, TypeError),
+    ):
         assert issubclass(cls, CelerInferError) and issubclass(cls, old), cls
     assert issubclass(errors.SidecarError, errors.ModelFileError)
     assert issubclass(errors.NativeCompileError, errors.NativeError)
@@ -70,15 +83,18 @@ def test_get_fault_and_check_inputs_raise_named_errors(native):
     import numpy as np
 
     from celerinfer_lab.faults import get_fault
+
     with pytest.raises(errors.FaultError, match="unknown fault"):
         get_fault("nonesuch")
     with pytest.raises(errors.FaultError):
         get_fault(["not", "a", "name"])
     prepared = native.prepare(small_model())
-    for ids, mask, cls, match in ((np.zeros(3, np.int64), None, UsageError, "shape"),
-                                  (np.zeros((2, 3), np.float32), None, TypeError, "integers"),
-                                  (np.zeros((2, 3), np.int64), np.ones((2, 4)), UsageError, "attention_mask has shape"),
-                                  (np.full((2, 3), 999), None, UsageError, "outside the vocabulary")):
+    for ids, mask, cls, match in (
+        (np.zeros(3, np.int64), None, UsageError, "shape"),
+        (np.zeros((2, 3), np.float32), None, TypeError, "integers"),
+        (np.zeros((2, 3), np.int64), np.ones((2, 4)), UsageError, "attention_mask has shape"),
+        (np.full((2, 3), 999), None, UsageError, "outside the vocabulary"),
+    ):
         with pytest.raises(cls, match=match) as info:
             prepared.check_inputs(ids, mask)
         assert isinstance(info.value, UsageError)
@@ -86,6 +102,7 @@ def test_get_fault_and_check_inputs_raise_named_errors(native):
 
 def test_cli_padding_modes_match_generate():
     from celerinfer_lab.generate import PADDING_MODES
+
     assert cli.PADDING_MODES == PADDING_MODES
 
 
@@ -105,7 +122,9 @@ def test_generate_bad_arguments(capsys, tmp_path):
     assert_usage_error(call(capsys, "generate", "--seq-len", "0", "-o", out), "seq_len")
     assert_usage_error(call(capsys, "generate", "--heads", "8", "--kvh", "3", "-o", out), "num_key_value_heads")
     assert_usage_error(call(capsys, "generate", "--pad-lengths", "a,b", "-o", out), "--pad-lengths", "comma-separated")
-    assert_usage_error(call(capsys, "generate", "--padding", "left", "--pad-lengths", "0,9", "-o", out), "pad_lengths[1]=9")
+    assert_usage_error(
+        call(capsys, "generate", "--padding", "left", "--pad-lengths", "0,9", "-o", out), "pad_lengths[1]=9"
+    )
     assert_usage_error(call(capsys, "generate", "--padding", "left", "--pad-lengths", "0", "-o", out), "pad_lengths")
     assert_usage_error(call(capsys, "generate", "--hidden", "x", "-o", out), "--hidden", "'x'")
     assert_usage_error(call(capsys, "generate", "--preset", "nonesuch"), "--preset")
@@ -130,7 +149,9 @@ def test_generate_reports_json_and_sidecar_sizes(capsys, tmp_path):
     code, stdout, _ = call(capsys, "generate", "-o", out, "--sidecar")
     side = out.with_name(sidecar_named_by(out))  # m.<16 hex of its sha256>.safetensors
     assert code == 0 and side.exists()
-    assert f"{out.stat().st_size / 1e3:.1f} kB JSON" in stdout and f"{side.stat().st_size / 1e6:.1f} MB sidecar" in stdout
+    assert (
+        f"{out.stat().st_size / 1e3:.1f} kB JSON" in stdout and f"{side.stat().st_size / 1e6:.1f} MB sidecar" in stdout
+    )
     assert "0.0 MB" not in stdout
     out.unlink()  # the sidecar alone is in the way too
     assert_usage_error(call(capsys, "generate", "-o", out, "--sidecar"), side.name, "--force")
@@ -140,6 +161,7 @@ def test_full_disk_is_a_named_error(tmp_path):
     def small_files():  # a file-size limit: writes past 100 kB fail with EFBIG, as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
     out = tmp_path / "m.json"
     r = run("generate", "-o", out, preexec_fn=small_files)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -174,7 +196,9 @@ def test_forward_bad_numbers(capsys, model_path, monkeypatch):
 
 def test_unknown_names(capsys, model_path):
     assert_usage_error(call(capsys, "compare", model_path, "--fault", "nonesuch"), "unknown fault 'nonesuch'")
-    assert_usage_error(call(capsys, "cpp-forward", model_path, "--kernels", "nonesuch"), "unknown kernel set 'nonesuch'")
+    assert_usage_error(
+        call(capsys, "cpp-forward", model_path, "--kernels", "nonesuch"), "unknown kernel set 'nonesuch'"
+    )
     assert_usage_error(call(capsys, "nonesuch"), "invalid choice")
     assert_usage_error(call(capsys, "info", model_path, "--bogus"), "unrecognized arguments: --bogus")
 
@@ -196,8 +220,23 @@ def test_one_line_even_through_a_subprocess(tmp_path):
 def test_bench_removes_its_temporary_folder(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    r = run("bench", 16, 1, 2, 1, 32, 3, 1, "--repeat", "1", "--warmup", "0", "--json", tmp_path / "b.json",
-            env={"TMPDIR": str(tmp)})
+    r = run(
+        "bench",
+        16,
+        1,
+        2,
+        1,
+        32,
+        3,
+        1,
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        tmp_path / "b.json",
+        env={"TMPDIR": str(tmp)},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list(tmp.glob("celerinfer-bench-*")), list(tmp.iterdir())  # (test_bench.py: --work-dir is kept)
 
@@ -209,8 +248,12 @@ def test_notebook_01_writes_into_scratch():
 
 
 def test_tolerance_margin_help():
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "tolerance_margin.py"), "--help"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "tolerance_margin.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "usage:" in r.stdout and "EXAMPLES" in r.stdout
 
 
@@ -232,10 +275,24 @@ def test_lab_serves_the_notebooks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celerinfer_lab.cli", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path)})
+        [
+            sys.executable,
+            "-m",
+            "celerinfer_lab.cli",
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            "--ServerApp.port_retries=0",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path)},
+    )
     try:
         deadline, page = time.monotonic() + 90, None
         while time.monotonic() < deadline and proc.poll() is None:

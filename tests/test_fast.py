@@ -1,16 +1,16 @@
 """The fast kernels and the KV cache: equal to the reference at every trace point, decode equals
 the full forward, greedy generation gives the same tokens on every side."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import small_model
 from hypothesis import HealthCheck, given, settings
 
 from celerinfer_lab import compare, load_native, reference_forward, trace_points
 from celerinfer_lab.compare import compare_decode
 from celerinfer_lab.reference import ReferenceModel, decode_steps, greedy_generate
 from celerinfer_lab.testing import model_cases
-
-from conftest import small_model
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,13 @@ def test_fast_kernels_equal_reference_at_every_trace_point(fast, model):
 
 
 @pytest.mark.parametrize("kernels", ["readable", "fast"])
-@pytest.mark.parametrize("variant", [dict(padding="mixed"), dict(use_moe=True, num_experts=3, num_experts_per_tok=2,
-                                                                 n_shared_experts=1, qk_norm=True, seq_len=20)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(padding="mixed"),
+        dict(use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=1, qk_norm=True, seq_len=20),
+    ],
+)
 def test_traced_runs_execute_the_untraced_kernels(fast, kernels, variant):
     """Observe, never substitute: traced and untraced logits are bit-identical, prefill and decode."""
     variant = {"batch_size": 2, "seq_len": 9, **variant}
@@ -71,8 +76,20 @@ def test_fast_judged_against_readable(fast):
 
 
 @pytest.mark.parametrize("kernels", ["readable", "fast"])
-@pytest.mark.parametrize("variant", [{}, dict(use_moe=True, num_experts=3, num_experts_per_tok=2, n_shared_experts=1,
-                                              qk_norm=True, rope_pairing="interleaved")])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        dict(
+            use_moe=True,
+            num_experts=3,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            qk_norm=True,
+            rope_pairing="interleaved",
+        ),
+    ],
+)
 def test_kv_cache_decode_equals_full_forward(fast, kernels, variant):
     model = small_model(batch_size=2, seq_len=12, padding="left", **variant)
     prompt, rest = model.input_ids[:, :7], model.input_ids[:, 7:]

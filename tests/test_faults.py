@@ -6,13 +6,13 @@ earlier steps agree, and the diagnosis holds the declared words; the sets it doe
 One compile per fault (cached below), on the smallest model and inputs that expose it (fault.model,
 fault.inputs; default: batch 2, 8 tokens, no padding).
 """
+
 import pytest
+from conftest import small_model
 
 from celerinfer_lab.compare import compare, compare_decode
 from celerinfer_lab.faults import BOTH, CATALOGUE, FAULTS, apply_fault
 from celerinfer_lab.native import DEFAULT_CPP_DIR, load_native
-
-from conftest import small_model
 
 KERNEL_SETS = ("readable", "fast")
 _engines: dict = {}
@@ -82,7 +82,7 @@ def test_fault_is_localized_and_diagnosed(name, kernels):
         assert report.diagnosis and fault.diagnosis in report.diagnosis, report.diagnosis
     at = report.points.index(report.culprit)
     assert all(p.label in ("ok", "not observed") for p in report.points[:at])
-    assert {p.label for p in report.points[at + 1:] if p.diverges} <= {"propagated", "amplified", "own error"}
+    assert {p.label for p in report.points[at + 1 :] if p.diverges} <= {"propagated", "amplified", "own error"}
 
 
 @pytest.mark.parametrize("name,kernels", [(f.name, k) for f in CATALOGUE for k in KERNEL_SETS if k not in f.kernels])

@@ -9,6 +9,7 @@ the readers accept exactly the same files. The default run takes about a minute;
 runs for FUZZ_SECONDS (default 1800). Every disagreement or crash found becomes a folder in
 tests/fuzz_regressions/python/ (the model file, its sidecar, and EXPECT: "ok" or "refused").
 """
+
 from __future__ import annotations
 
 import json
@@ -19,30 +20,90 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-
 from conftest import fixtures_dir
 from hostile import write_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from readers import differential, python_verdict
 
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions" / "python"
-AWKWARD = [0, -1, 1, 2, 3, 8, 1024, 1025, 65536, 65537, 2**31 - 1, 2**31, 2**32 + 8, 2**53 + 1, 2**63 - 1, 2**63,
-           2**64, 2**64 + 1, -2**63, 10**30, 0.5, 1.0, 64.0, -0.0, 1e308, True, False, None, "", "silu", "gelu",
-           "float32", "float16", "float64", "int32", "int64", "uint8", "F32", "F16", "sidecar", "base64",
-           "safetensors", "always", "k>1", "half", "interleaved", "celerinfer-lab", [], {}, [1], [64, 32], [2, 4],
-           {"a": 1}, "../m.json", "AAAA"]
+AWKWARD = [
+    0,
+    -1,
+    1,
+    2,
+    3,
+    8,
+    1024,
+    1025,
+    65536,
+    65537,
+    2**31 - 1,
+    2**31,
+    2**32 + 8,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64,
+    2**64 + 1,
+    -(2**63),
+    10**30,
+    0.5,
+    1.0,
+    64.0,
+    -0.0,
+    1e308,
+    True,
+    False,
+    None,
+    "",
+    "silu",
+    "gelu",
+    "float32",
+    "float16",
+    "float64",
+    "int32",
+    "int64",
+    "uint8",
+    "F32",
+    "F16",
+    "sidecar",
+    "base64",
+    "safetensors",
+    "always",
+    "k>1",
+    "half",
+    "interleaved",
+    "celerinfer-lab",
+    [],
+    {},
+    [1],
+    [64, 32],
+    [2, 4],
+    {"a": 1},
+    "../m.json",
+    "AAAA",
+]
 
 
 # ---- the seed corpus -------------------------------------------------------------------------------
 def seed_models(folder: Path) -> list[Path]:
     """The files the mutations start from: every layout the readers know."""
-    seeds = [write_model(folder / "dense", "m.json"),
-             write_model(folder / "dense_side", "m.json", sidecar=True),
-             write_model(folder / "moe", "m.json", qk_norm=True, use_moe=True, num_experts=3, num_experts_per_tok=2,
-                         n_shared_experts=1, tie_word_embeddings=False),
-             write_model(folder / "moe_side", "m.json", sidecar=True, use_moe=True, num_experts=2)]
+    seeds = [
+        write_model(folder / "dense", "m.json"),
+        write_model(folder / "dense_side", "m.json", sidecar=True),
+        write_model(
+            folder / "moe",
+            "m.json",
+            qk_norm=True,
+            use_moe=True,
+            num_experts=3,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            tie_word_embeddings=False,
+        ),
+        write_model(folder / "moe_side", "m.json", sidecar=True, use_moe=True, num_experts=2),
+    ]
     v0 = folder / "v0" / "m.json"
     v0.parent.mkdir()
     shutil.copy(fixtures_dir() / "celerinfer-v0" / "minimind.json", v0)
@@ -86,14 +147,34 @@ def _mutate_doc(data, doc: dict) -> None:
     if kind == "delete" and isinstance(parent, dict):
         del parent[key]
     elif kind == "add" and isinstance(value, dict):
-        value[data.draw(st.sampled_from(["x", "bytes", "encoding", "dtype", "head_dim", "lm_head", "sidecar",
-                                         "format", "format_version", "meta", "n_routed_experts", "norm_topk_prob"]))] = \
-            data.draw(st.sampled_from(AWKWARD))
+        value[
+            data.draw(
+                st.sampled_from(
+                    [
+                        "x",
+                        "bytes",
+                        "encoding",
+                        "dtype",
+                        "head_dim",
+                        "lm_head",
+                        "sidecar",
+                        "format",
+                        "format_version",
+                        "meta",
+                        "n_routed_experts",
+                        "norm_topk_prob",
+                    ]
+                )
+            )
+        ] = data.draw(st.sampled_from(AWKWARD))
     elif kind == "string" and isinstance(value, str) and value:
         i = data.draw(st.integers(0, len(value) - 1), label="at")
         op = data.draw(st.sampled_from(["cut", "char", "extend"]))
-        parent[key] = value[:i] if op == "cut" else value[:i] + data.draw(st.sampled_from("A=!/+\u00e9 ")) + \
-            value[i + (op == "char"):]
+        parent[key] = (
+            value[:i]
+            if op == "cut"
+            else value[:i] + data.draw(st.sampled_from("A=!/+\u00e9 ")) + value[i + (op == "char") :]
+        )
     else:
         parent[key] = data.draw(st.sampled_from(AWKWARD), label="value")
 
@@ -104,27 +185,35 @@ def _mutate_text(data, raw: bytes) -> bytes:
     if op == "cut":
         return raw[:i]
     if op == "flip":
-        return raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
+        return raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1 :]
     if op == "insert":
-        return raw[:i] + data.draw(st.sampled_from([b",", b"{", b"[", b"\"", b"\\", b"\x00", b"\xff", b"1e999"])) + raw[i:]
+        return (
+            raw[:i] + data.draw(st.sampled_from([b",", b"{", b"[", b'"', b"\\", b"\x00", b"\xff", b"1e999"])) + raw[i:]
+        )
     if op == "deep":
         depth = data.draw(st.sampled_from([31, 32, 33, 1000, 100_000]))
         return b'{"deep":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"," + raw.lstrip()[1:]
     if op == "literal":
-        return raw.replace(b'"meta":{', b'"meta":{"x":%s,' % data.draw(st.sampled_from([b"NaN", b"-Infinity", b"1e400",
-                                                                                          b'"\\udc00"', b"18446744073709551616"])), 1)
+        return raw.replace(
+            b'"meta":{',
+            b'"meta":{"x":%s,'
+            % data.draw(st.sampled_from([b"NaN", b"-Infinity", b"1e400", b'"\\udc00"', b"18446744073709551616"])),
+            1,
+        )
     return b"\xef\xbb\xbf" + raw
 
 
 def _mutate_sidecar(data, raw: bytes) -> bytes:
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     names = [k for k in header if k != "__metadata__"]
     name = data.draw(st.sampled_from(names), label="tensor")
     field = data.draw(st.sampled_from(["start", "end", "dtype", "shape", "drop", "truncate", "append", "n"]))
-    body = raw[8 + n:]
+    body = raw[8 + n :]
     if field in ("start", "end"):
-        header[name]["data_offsets"][field == "end"] += data.draw(st.sampled_from([-2**64, -64, -4, 4, 64, 2**64 - 4]))
+        header[name]["data_offsets"][field == "end"] += data.draw(
+            st.sampled_from([-(2**64), -64, -4, 4, 64, 2**64 - 4])
+        )
     elif field == "dtype":
         header[name]["dtype"] = data.draw(st.sampled_from(["F16", "F64", "BF16", "f32", 1]))
     elif field == "shape":
@@ -132,7 +221,7 @@ def _mutate_sidecar(data, raw: bytes) -> bytes:
     elif field == "drop":
         del header[name]
     elif field == "truncate":
-        return raw[:data.draw(st.integers(0, len(raw) - 1))]
+        return raw[: data.draw(st.integers(0, len(raw) - 1))]
     elif field == "append":
         return raw + b"\0" * 8
     else:
@@ -172,8 +261,9 @@ def fuzz(seeds, folder: Path, examples: int) -> dict[str, tuple[str, str]]:
     """Write ``examples`` mutants under ``folder``; return each one's Python verdict."""
     verdicts: dict[str, tuple[str, str]] = {}
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck)
+    )
     @given(st.data())
     def one(data):
         path = write_mutant(data, seeds, folder / f"{len(verdicts):06d}")
@@ -190,11 +280,65 @@ def test_mutants_get_a_verdict_and_both_readers_agree(seeds, sanitized_binary, t
     differential(sanitized_binary, [Path(f) for f in verdicts], verdicts)
 
 
-CONFIG_VALUES = [0, -1, 1, 2, 4, 8, 16, 64, 1024, 1025, 65537, 2**32 + 8, 2**63, 4.0, 0.5, -1e-6, 1e-30, True, False,
-                 None, "", "gelu", "silu", "minimind2", "minimind3", "k>1", "never", "interleaved", "yarn", [], {},
-                 {"factor": 4, "type": "yarn"}, {"factor": True}, {"x": 1}]
-TENSOR_VALUES = [None, "", "float32", "float16", "float64", "int32", "int64", "uint8", "sidecar", "base64", [],
-                 [0], [2, 4], [64, 32], [4, 2], [-1, 4], [2**62, 4], [2.0, 4], [True, 4], 1, {}]
+CONFIG_VALUES = [
+    0,
+    -1,
+    1,
+    2,
+    4,
+    8,
+    16,
+    64,
+    1024,
+    1025,
+    65537,
+    2**32 + 8,
+    2**63,
+    4.0,
+    0.5,
+    -1e-6,
+    1e-30,
+    True,
+    False,
+    None,
+    "",
+    "gelu",
+    "silu",
+    "minimind2",
+    "minimind3",
+    "k>1",
+    "never",
+    "interleaved",
+    "yarn",
+    [],
+    {},
+    {"factor": 4, "type": "yarn"},
+    {"factor": True},
+    {"x": 1},
+]
+TENSOR_VALUES = [
+    None,
+    "",
+    "float32",
+    "float16",
+    "float64",
+    "int32",
+    "int64",
+    "uint8",
+    "sidecar",
+    "base64",
+    [],
+    [0],
+    [2, 4],
+    [64, 32],
+    [4, 2],
+    [-1, 4],
+    [2**62, 4],
+    [2.0, 4],
+    [True, 4],
+    1,
+    {},
+]
 
 
 def _systematic_mutants(seeds, folder: Path) -> list[Path]:
@@ -202,12 +346,19 @@ def _systematic_mutants(seeds, folder: Path) -> list[Path]:
     the targeted half of the differential (random mutation rarely hits one field with one value)."""
     out = []
     for path, doc, side in seeds:
-        edits = [("config", key, value) for key in list(doc["config"]) + ["n_routed_experts", "norm_topk_prob"]
-                 for value in CONFIG_VALUES]
+        edits = [
+            ("config", key, value)
+            for key in list(doc["config"]) + ["n_routed_experts", "norm_topk_prob"]
+            for value in CONFIG_VALUES
+        ]
         tensors = [("inputs", "input_ids"), ("rope", "cos")]
         tensors.append(("weights", next(iter(doc["weights"]))) if "format_version" in doc else ("weights", "final_rms"))
-        edits += [(section, name, field, value) for section, name in tensors
-                  for field in ("shape", "dtype", "encoding") for value in TENSOR_VALUES]
+        edits += [
+            (section, name, field, value)
+            for section, name in tensors
+            for field in ("shape", "dtype", "encoding")
+            for value in TENSOR_VALUES
+        ]
         if side is not None:
             edits += [("sidecar", key, value) for key in ("file", "format", "bytes", "x") for value in CONFIG_VALUES]
         for edit in edits:
@@ -240,8 +391,11 @@ def test_regressions_keep_their_verdict(sanitized_binary):
         expect = (case / "EXPECT").read_text().strip()
         assert python_verdict(case / "m.json")[0] == expect, case.name
     if cases:
-        differential(sanitized_binary, [c / "m.json" for c in cases],
-                     {str(c / "m.json"): ((c / "EXPECT").read_text().strip(), "") for c in cases})
+        differential(
+            sanitized_binary,
+            [c / "m.json" for c in cases],
+            {str(c / "m.json"): ((c / "EXPECT").read_text().strip(), "") for c in cases},
+        )
 
 
 @pytest.mark.fuzz_long

@@ -4,11 +4,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import small_config, small_model
 
 from celerinfer_lab import ConfigError, generate_model, load_model, preset, reference_forward
 from celerinfer_lab.generate import random_inputs
-
-from conftest import small_config, small_model
 
 
 def cli(*args, **kwargs):
@@ -16,8 +15,27 @@ def cli(*args, **kwargs):
 
 
 def test_original_flags_and_byte_identical_output(tmp_path):
-    args = ["generate", "--hidden", "64", "--layers", "2", "--heads", "8", "--kvh", "2", "--vocab", "128",
-            "--seq-len", "5", "--batch-size", "2", "--seed", "123", "--max-pos", "128"]
+    args = [
+        "generate",
+        "--hidden",
+        "64",
+        "--layers",
+        "2",
+        "--heads",
+        "8",
+        "--kvh",
+        "2",
+        "--vocab",
+        "128",
+        "--seq-len",
+        "5",
+        "--batch-size",
+        "2",
+        "--seed",
+        "123",
+        "--max-pos",
+        "128",
+    ]
     for name in ("a.json", "b.json"):
         result = cli(*args, "--output", str(tmp_path / name))
         assert result.returncode == 0, result.stderr
@@ -32,15 +50,52 @@ def test_defaults_are_the_original_tools(tmp_path):
     assert cli("generate", "--output", str(tmp_path / "m.json")).returncode == 0
     m = load_model(tmp_path / "m.json")
     c = m.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size,
-            c.max_position_embeddings, m.batch_size, m.seq_len) == (64, 2, 8, 2, 128, 128, 2, 5)
+    assert (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        c.max_position_embeddings,
+        m.batch_size,
+        m.seq_len,
+    ) == (64, 2, 8, 2, 128, 128, 2, 5)
 
 
 def test_cli_variant_flags(tmp_path):
     out = tmp_path / "m.json"
-    r = cli("generate", "--preset", "minimind3-moe", "--hidden", "64", "--layers", "1", "--vocab", "50", "--max-pos", "64",
-            "--experts", "3", "--topk", "2", "--shared-experts", "1", "--untied", "--rope-pairing", "interleaved",
-            "--padding", "mixed", "--pad-lengths", "0,2,3", "--batch-size", "3", "--seq-len", "6", "--output", str(out))
+    r = cli(
+        "generate",
+        "--preset",
+        "minimind3-moe",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--vocab",
+        "50",
+        "--max-pos",
+        "64",
+        "--experts",
+        "3",
+        "--topk",
+        "2",
+        "--shared-experts",
+        "1",
+        "--untied",
+        "--rope-pairing",
+        "interleaved",
+        "--padding",
+        "mixed",
+        "--pad-lengths",
+        "0,2,3",
+        "--batch-size",
+        "3",
+        "--seq-len",
+        "6",
+        "--output",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     c = load_model(out).config
     assert c.use_moe and c.qk_norm and c.num_experts == 3 and c.num_experts_per_tok == 2 and c.n_shared_experts == 1
@@ -60,8 +115,17 @@ def test_every_parameter_matters():
     """Perturbing any single tensor changes the logits: nothing is ignored, no norm weight is all ones.
     (Elementwise, not a uniform scale: with q/k norm a uniformly scaled q_proj rightly changes nothing.)"""
     rng = np.random.default_rng(0)
-    model = small_model(batch_size=2, seq_len=16, qk_norm=True, tie_word_embeddings=False, use_moe=True,
-                        num_experts=3, num_experts_per_tok=2, n_shared_experts=1, num_hidden_layers=2)
+    model = small_model(
+        batch_size=2,
+        seq_len=16,
+        qk_norm=True,
+        tie_word_embeddings=False,
+        use_moe=True,
+        num_experts=3,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        num_hidden_layers=2,
+    )
     base = reference_forward(model).logits
     for name, array in model.weights.items():
         if array.ndim == 1:
@@ -129,5 +193,15 @@ def test_large_model_is_streamed(tmp_path):
 
 
 def test_progress_bar_for_large_models(tmp_path):
-    r = cli("generate", "--preset", "minimind2-small", "--seq-len", "4", "--batch-size", "1", "--output", str(tmp_path / "s.json"))
+    r = cli(
+        "generate",
+        "--preset",
+        "minimind2-small",
+        "--seq-len",
+        "4",
+        "--batch-size",
+        "1",
+        "--output",
+        str(tmp_path / "s.json"),
+    )
     assert r.returncode == 0 and "tensor" in r.stderr and "100%" in r.stderr

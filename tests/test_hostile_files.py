@@ -2,6 +2,7 @@
 exit 2 from the command line, bounded memory, and a sidecar changed under a loaded model reported
 before a forward touches it. The C++ reader's side is tests/test_cpp_fuzz.py; the two readers'
 agreement is tests/test_fuzz.py."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,12 @@ import sys
 
 import numpy as np
 import pytest
+from hostile import load_doc, read_sidecar, save_doc, sidecar_of, write_model, write_sidecar
 
 from celerinfer_lab import ModelFileError, load_model
 from celerinfer_lab.errors import SidecarError
 from celerinfer_lab.modelfile import encode_tensor
 from celerinfer_lab.reference import ReferenceModel
-
-from hostile import load_doc, read_sidecar, save_doc, sidecar_of, write_model, write_sidecar
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
@@ -73,8 +73,11 @@ def test_overlapping_and_gapped_sidecar_tensors_are_refused(side):
     header, data = read_sidecar(sidecar_of(side))
     names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
     first, second = names[0], names[1]
-    header[second]["data_offsets"] = header[first]["data_offsets"] if header[first]["shape"] == header[second]["shape"] \
+    header[second]["data_offsets"] = (
+        header[first]["data_offsets"]
+        if header[first]["shape"] == header[second]["shape"]
         else header[second]["data_offsets"]
+    )
     if header[first]["shape"] != header[second]["shape"]:  # shift the second back by 4 bytes: overlap
         s, e = header[second]["data_offsets"]
         header[second]["data_offsets"] = [s - 4, e - 4]
@@ -115,13 +118,16 @@ def test_a_sidecar_that_is_a_folder_or_missing_is_named(side):
 
 
 # ---- the JSON text -------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, fragment", [
-    ('{"meta": ' + "[" * 130_000 + "]" * 130_000 + "}", "nested deeper than 32"),
-    ('{"format_version": 1, "format_version": 1}', "appears twice"),
-    ('{"meta": {"x": NaN}}', "NaN is not JSON"),
-    ('{"meta": {"x": 1e400}}', "overflows a double"),
-    ('{"meta": {"x": "\\ud800"}}', "lone UTF-16 surrogate"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('{"meta": ' + "[" * 130_000 + "]" * 130_000 + "}", "nested deeper than 32"),
+        ('{"format_version": 1, "format_version": 1}', "appears twice"),
+        ('{"meta": {"x": NaN}}', "NaN is not JSON"),
+        ('{"meta": {"x": 1e400}}', "overflows a double"),
+        ('{"meta": {"x": "\\ud800"}}', "lone UTF-16 surrogate"),
+    ],
+)
 def test_json_text_that_either_parser_would_misread_is_refused(tmp_path, text, fragment):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -134,14 +140,17 @@ def test_a_byte_order_mark_is_accepted(plain):
 
 
 # ---- the config ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value, fragment", [
-    ("num_hidden_layers", 10**8, "num_hidden_layers=100000000: above 1,024"),
-    ("hidden_size", 2**32 + 8, "hidden_size=4294967304: above 65,536"),
-    ("hidden_act", "gelu", "hidden_act='gelu'"),
-    ("rms_norm_eps", -1e-6, "rms_norm_eps=-1e-06"),
-    ("qk_norm", 1, "qk_norm=1: must be true or false"),
-    ("num_attention_heads", 4.0, "num_attention_heads=4.0: must be an integer"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("num_hidden_layers", 10**8, "num_hidden_layers=100000000: above 1,024"),
+        ("hidden_size", 2**32 + 8, "hidden_size=4294967304: above 65,536"),
+        ("hidden_act", "gelu", "hidden_act='gelu'"),
+        ("rms_norm_eps", -1e-6, "rms_norm_eps=-1e-06"),
+        ("qk_norm", 1, "qk_norm=1: must be true or false"),
+        ("num_attention_heads", 4.0, "num_attention_heads=4.0: must be an integer"),
+    ],
+)
 def test_config_fields_are_refused_by_name(plain, field, value, fragment):
     _edit_doc(plain, lambda d: d["config"].update({field: value}))
     _refused(plain, "config: " + fragment)
@@ -155,14 +164,18 @@ def test_huge_experts_in_a_tiny_file_are_refused_before_any_allocation(plain):
 def test_a_config_the_file_does_not_hold_fails_fast_with_bounded_memory(plain):
     """Within every limit, but 1024 layers x 1024 experts: the reader looks names up one at a time
     and stops at the first missing one, instead of building three million names first."""
-    _edit_doc(plain, lambda d: d["config"].update(num_hidden_layers=1024, use_moe=True, num_experts=1024,
-                                                   num_experts_per_tok=1))
+    _edit_doc(
+        plain,
+        lambda d: d["config"].update(num_hidden_layers=1024, use_moe=True, num_experts=1024, num_experts_per_tok=1),
+    )
     # VmHWM, this process's own peak: ru_maxrss would also count the pytest parent's pages at fork.
-    code = ("from celerinfer_lab.reader import load_model\n"
-            "from celerinfer_lab.errors import ModelFileError\n"
-            f"try:\n    load_model({str(plain)!r})\nexcept ModelFileError as e:\n    print(e)\n"
-            "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
-            "print('peak_mb', int(peak.split()[1]) // 1024)\n")
+    code = (
+        "from celerinfer_lab.reader import load_model\n"
+        "from celerinfer_lab.errors import ModelFileError\n"
+        f"try:\n    load_model({str(plain)!r})\nexcept ModelFileError as e:\n    print(e)\n"
+        "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        "print('peak_mb', int(peak.split()[1]) // 1024)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "missing tensor 'model.layers.0.mlp.gate.weight'" in out.stdout, out.stdout + out.stderr
     peak = int(out.stdout.split("peak_mb")[1])
@@ -205,8 +218,9 @@ def test_data_length_is_checked_before_decoding(plain):
 def test_the_command_line_names_the_problem_and_exits_2(plain):
     _edit_doc(plain, lambda d: d["config"].update(hidden_act="gelu"))
     for command in (["info", str(plain)], ["compare", str(plain), "--kernels", "readable"]):
-        out = subprocess.run([sys.executable, "-m", "celerinfer_lab.cli", *command], capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "celerinfer_lab.cli", *command], capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith("error: ") and "hidden_act='gelu'" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
@@ -262,6 +276,7 @@ def test_compare_on_a_model_that_is_all_padding_is_a_named_error(plain):
     """Only real tokens are compared; a mask of zeros leaves nothing (was a ValueError from numpy)."""
     from celerinfer_lab import compare
     from celerinfer_lab.errors import UsageError
+
     model = load_model(plain)
     model.attention_mask[:] = 0
     with pytest.raises(UsageError, match="every token is padding"):

@@ -5,6 +5,7 @@
 (b) The import graph read from the source (every ``import``/``from`` of a celerinfer_lab module, at the
     top or inside a function) has no cycle, and every edge goes to the same layer or one below in LAYERS.
 """
+
 from __future__ import annotations
 
 import ast
@@ -78,7 +79,9 @@ def _imported(module: str, tree: ast.AST) -> set[str]:
             elif node.level == 0 and node.module and node.module.split(".")[0] == "celerinfer_lab":
                 add(node.module, names)
             elif node.level > 1:
-                pytest.fail(f"{module}.py: `from {'.' * node.level}{node.module or ''} import ...` reaches outside the package")
+                pytest.fail(
+                    f"{module}.py: `from {'.' * node.level}{node.module or ''} import ...` reaches outside the package"
+                )
     found.discard(module)
     return found
 
@@ -96,7 +99,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -111,30 +114,37 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_every_module_has_a_layer():
     missing = [m for m in _modules() if m not in LAYER]
-    assert not missing, (f"celerinfer_lab/{missing[0]}.py is in no layer: add it to LAYERS in tests/test_imports.py "
-                         f"(bottom first; a module may import only its own layer and those below)")
+    assert not missing, (
+        f"celerinfer_lab/{missing[0]}.py is in no layer: add it to LAYERS in tests/test_imports.py "
+        f"(bottom first; a module may import only its own layer and those below)"
+    )
     stale = [m for m in LAYER if m not in _modules()]
     assert not stale, f"LAYERS in tests/test_imports.py names modules that no longer exist: {stale}"
 
 
 def test_imports_point_down_and_have_no_cycle():
     graph = import_graph()
-    up = [f"{a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
-          for a, targets in sorted(graph.items()) for b in sorted(targets)
-          if a in LAYER and b in LAYER and LAYER[b] > LAYER[a]]
+    up = [
+        f"{a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if a in LAYER and b in LAYER and LAYER[b] > LAYER[a]
+    ]
     assert not up, "imports that point up (move the thing imported down, or the importer up):\n" + "\n".join(up)
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_the_graph_reader_sees_imports_inside_functions():
-    tree = ast.parse(textwrap.dedent("""
+    tree = ast.parse(
+        textwrap.dedent("""
         from .config import ModelConfig
         def f():
             from . import plots
             import celerinfer_lab.native
             from celerinfer_lab import load_model
-    """))
+    """)
+    )
     assert _imported("x", tree) == {"config", "plots", "native", "__init__"}
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
@@ -153,7 +163,8 @@ def test_each_module_imports_alone(module):
 
 
 def test_generate_help_loads_no_heavy_library():
-    out = _fresh(textwrap.dedent(f"""
+    out = _fresh(
+        textwrap.dedent(f"""
         import contextlib, io, sys, time
         start = time.perf_counter()
         from celerinfer_lab import cli
@@ -164,14 +175,16 @@ def test_generate_help_loads_no_heavy_library():
                 pass
         print(f"{{time.perf_counter() - start:.3f}}")
         print(" ".join(m for m in {HEAVY!r} if m in sys.modules))
-    """))
+    """)
+    )
     elapsed, loaded = (out.splitlines() + [""])[:2]
     print(f"generate --help: {elapsed} s in-process (import + parse); heavy modules loaded: {loaded or 'none'}")
     assert not loaded, f"generate --help imported {loaded}"
 
 
 def test_package_import_is_light_and_names_resolve():
-    out = _fresh(textwrap.dedent(f"""
+    out = _fresh(
+        textwrap.dedent(f"""
         import sys
         import celerinfer_lab as cl
         light = " ".join(m for m in {HEAVY!r} if m in sys.modules)
@@ -181,5 +194,6 @@ def test_package_import_is_light_and_names_resolve():
             assert getattr(cl, name) is not None, name
         assert set(cl.__all__) <= set(dir(cl))
         print(light)
-    """))
+    """)
+    )
     assert not out.strip(), f"import celerinfer_lab loaded {out.strip()}"

@@ -10,6 +10,7 @@ max_abs <= max(1e-7, 10 * 2**-22 * scale). Outputs start as NaN and end in a sen
 holds decoys at every position a kernel must not read: unwritten, out-of-bounds and misplaced all fail.
 The last tests prove the checks can fail: faulty builds and a broken registered set, each op named.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,6 +61,7 @@ def threads(eng, n: int):
 
 def make_kernels(eng, kernels: str):
     import cppyy
+
     return eng.ns.make_kernels(kernels, cppyy.nullptr)  # nothing prepared: prepare_linear per weight
 
 
@@ -67,9 +69,12 @@ def point_taps(eng, taps, scores: np.ndarray, probs: np.ndarray) -> None:
     """taps.scores, taps.probs = scores, probs. Through C++: cppyy's setter for a float* member
     keeps the size of the first array assigned and refuses a larger one ("buffer too large")."""
     import cppyy
+
     if not hasattr(cppyy.gbl, "celerinfer_test_point_taps"):
-        cppyy.cppdef("template <class Taps> void celerinfer_test_point_taps(Taps& t, float* s, float* p) "
-                     "{ t.scores = s; t.probs = p; }")
+        cppyy.cppdef(
+            "template <class Taps> void celerinfer_test_point_taps(Taps& t, float* s, float* p) "
+            "{ t.scores = s; t.probs = p; }"
+        )
     cppyy.gbl.celerinfer_test_point_taps[eng.ns.AttentionTaps](taps, scores, probs)
 
 
@@ -109,8 +114,9 @@ def rel_l2(y: np.ndarray, x: np.ndarray) -> float:
     return nd / nx if nx > 0 else (0.0 if nd == 0 else math.inf)
 
 
-def assert_matches(what: str, y: np.ndarray, ref32: np.ndarray, ref64: np.ndarray, scale: float,
-                   compared: np.ndarray | None = None) -> None:
+def assert_matches(
+    what: str, y: np.ndarray, ref32: np.ndarray, ref64: np.ndarray, scale: float, compared: np.ndarray | None = None
+) -> None:
     """The kernel's y against the float64 reference, compare.py's tolerance from the float32 one.
 
     No NaN/Inf where the reference is finite, anywhere (padding included); masked values (-inf, or
@@ -121,15 +127,18 @@ def assert_matches(what: str, y: np.ndarray, ref32: np.ndarray, ref64: np.ndarra
     nonfinite = np.isfinite(x) & ~np.isfinite(y)
     if nonfinite.any():
         first = tuple(int(i) for i in np.argwhere(nonfinite)[0])
-        raise AssertionError(f"{what}: {int(nonfinite.sum())} NaN/Inf where the reference is finite "
-                             f"(first at {first}: {y[first]})")
+        raise AssertionError(
+            f"{what}: {int(nonfinite.sum())} NaN/Inf where the reference is finite (first at {first}: {y[first]})"
+        )
     with np.errstate(invalid="ignore"):
         x_masked, y_masked = x <= MASKED_BELOW, y <= MASKED_BELOW  # a NaN is masked on neither side
     mismatch = x_masked != y_masked
     if mismatch.any():
         first = tuple(int(i) for i in np.argwhere(mismatch)[0])
-        raise AssertionError(f"{what}: {int(mismatch.sum())} values masked on one side only "
-                             f"(first at {first}: kernel {y[first]}, reference {x[first]})")
+        raise AssertionError(
+            f"{what}: {int(mismatch.sum())} values masked on one side only "
+            f"(first at {first}: kernel {y[first]}, reference {x[first]})"
+        )
     live = ~x_masked
     if compared is not None:
         live &= np.broadcast_to(compared, y.shape)
@@ -139,14 +148,16 @@ def assert_matches(what: str, y: np.ndarray, ref32: np.ndarray, ref64: np.ndarra
     abs_tol = max(ABS_FLOOR, FACTOR * MIN_FLOOR * scale)
     e = rel_l2(ys, xs)
     max_abs = float(np.abs(ys - xs).max(initial=0.0))
-    assert not (e > tol and max_abs > abs_tol), \
+    assert not (e > tol and max_abs > abs_tol), (
         f"{what}: rel_l2 {e:.2e} > tol {tol:.2e} (float32 floor {floor:.2e}) and max_abs {max_abs:.2e} > {abs_tol:.2e}"
+    )
 
 
 def refs(fn, *arrays: np.ndarray):
     """fn over torch tensors, in float32 and in float64: (ref32, ref64) as numpy."""
-    return tuple(fn(*(torch.from_numpy(np.asarray(a)).to(dt) for a in arrays)).numpy()
-                 for dt in (torch.float32, torch.float64))
+    return tuple(
+        fn(*(torch.from_numpy(np.asarray(a)).to(dt) for a in arrays)).numpy() for dt in (torch.float32, torch.float64)
+    )
 
 
 # ---- linear: y [rows, out] = x [rows, in] . W [out, in]^T ----------------------------------------
@@ -163,7 +174,7 @@ def check_linear(eng, kernels: str, rows: int, in_: int, out: int, seed: int = 0
     check_guard(what, y, rows * out)
     check_unchanged(what, x=(x, x0), W=(W, W0))
     r32, r64 = refs(F.linear, x, W)
-    assert_matches(what, y[:rows * out].reshape(rows, out), r32, r64, rms(x, r64))
+    assert_matches(what, y[: rows * out].reshape(rows, out), r32, r64, rms(x, r64))
 
 
 # ---- rmsnorm: y = w * x / sqrt(mean(x^2) + eps), per row of n -------------------------------------
@@ -180,7 +191,7 @@ def check_rmsnorm(eng, kernels: str, rows: int, n: int, scale: float = 1.0, eps:
     check_guard(what, y, rows * n)
     check_unchanged(what, x=(x, x0), w=(w, w0))
     r32, r64 = refs(lambda a, b: rms_norm(a, b, eps), x, w)
-    assert_matches(what, y[:rows * n].reshape(rows, n), r32, r64, rms(r64))
+    assert_matches(what, y[: rows * n].reshape(rows, n), r32, r64, rms(r64))
 
 
 # ---- swiglu: act = silu(gate) * up, elementwise ----------------------------------------------------
@@ -190,7 +201,7 @@ def check_swiglu(eng, kernels: str, n: int, seed: int = 0) -> None:
     gate = (3.0 * rng.standard_normal(n)).astype(np.float32)
     up = rng.standard_normal(n, np.float32)
     extremes = np.array([-100, -88, -87, -20, -0.0, 0, 20, 88, 89, 100], np.float32)  # exp's clamps
-    gate[:min(n, extremes.size)] = extremes[:n]
+    gate[: min(n, extremes.size)] = extremes[:n]
     gate0, up0 = gate.copy(), up.copy()
     ks = make_kernels(eng, kernels)
     act = out_buffer(n)
@@ -207,7 +218,7 @@ def key_mask(B: int, P: int, padding: str, rng) -> np.ndarray:
     mask = np.ones((B, P), np.int64)
     for b in range(1, B):
         if padding == "left":
-            mask[b, :min(3 if b == 1 else 1, P - 1)] = 0
+            mask[b, : min(3 if b == 1 else 1, P - 1)] = 0
         elif padding == "holes":
             mask[b, rng.random(P) < 0.3] = 0
     return mask
@@ -227,8 +238,19 @@ def ref_attention(q, k, v, mask, T: int, n_rep: int):
     return scores, probs, (probs @ vh).transpose(1, 2).reshape(B, T, h * hd)
 
 
-def check_attention(eng, kernels: str, B: int, T: int, P: int, max_len: int, heads: int, kv_heads: int, hd: int,
-                    padding: str = "left", seed: int = 0) -> None:
+def check_attention(
+    eng,
+    kernels: str,
+    B: int,
+    T: int,
+    P: int,
+    max_len: int,
+    heads: int,
+    kv_heads: int,
+    hd: int,
+    padding: str = "left",
+    seed: int = 0,
+) -> None:
     """T new queries at positions P-T ... P-1 over P keys in a cache of max_len, in layer 1 of 2.
 
     The P-T past keys are stored first (a call of their own, as a decode does), then the T new ones,
@@ -236,8 +258,10 @@ def check_attention(eng, kernels: str, B: int, T: int, P: int, max_len: int, hea
     position past P shows. attention runs without taps, then with them: the context must be
     bit-identical, and the recorded scores and probs must match the reference."""
     ns = eng.ns
-    what = (f"attention [{kernels}] B={B} T={T} P={P} max_len={max_len} heads={heads} kv_heads={kv_heads} hd={hd} "
-            f"padding={padding} threads={eng.threads}")
+    what = (
+        f"attention [{kernels}] B={B} T={T} P={P} max_len={max_len} heads={heads} kv_heads={kv_heads} hd={hd} "
+        f"padding={padding} threads={eng.threads}"
+    )
     cfg = ns.Config()
     cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim = heads * hd, 2, heads, kv_heads, hd
     cfg.vocab, cfg.intermediate, cfg.max_pos = 16, 16, max_len
@@ -263,10 +287,24 @@ def check_attention(eng, kernels: str, B: int, T: int, P: int, max_len: int, hea
             call(what + " (store_kv)", ks.store_kv, layer, decoy_k, decoy_v, dims(t, start + t), ws)
     past = P - T
     if past:
-        call(what + " (store_kv)", ks.store_kv, 1, np.ascontiguousarray(k[:, :past]), np.ascontiguousarray(v[:, :past]),
-             dims(past, past), ws)
-    call(what + " (store_kv)", ks.store_kv, 1, np.ascontiguousarray(k[:, past:]), np.ascontiguousarray(v[:, past:]),
-         dims(T, P), ws)
+        call(
+            what + " (store_kv)",
+            ks.store_kv,
+            1,
+            np.ascontiguousarray(k[:, :past]),
+            np.ascontiguousarray(v[:, :past]),
+            dims(past, past),
+            ws,
+        )
+    call(
+        what + " (store_kv)",
+        ks.store_kv,
+        1,
+        np.ascontiguousarray(k[:, past:]),
+        np.ascontiguousarray(v[:, past:]),
+        dims(T, P),
+        ws,
+    )
     call(what + " (store_kv, workspace guards)", ws.check_guards)
 
     n = B * T * heads * hd
@@ -286,8 +324,9 @@ def check_attention(eng, kernels: str, B: int, T: int, P: int, max_len: int, hea
 
     (s32, p32, c32), (s64, p64, c64) = (
         ref_attention(*(torch.from_numpy(a).to(dt) for a in (q, k, v)), torch.from_numpy(mask), T, heads // kv_heads)
-        for dt in (torch.float32, torch.float64))
-    real = mask[:, P - T:].astype(bool)  # [B, T]: the queries at real positions
+        for dt in (torch.float32, torch.float64)
+    )
+    real = mask[:, P - T :].astype(bool)  # [B, T]: the queries at real positions
     context = plain[:n].reshape(B, T, heads * hd)
     assert_matches(what, context, c32.numpy(), c64.numpy(), rms(c64.numpy(), v), real[:, :, None])
     differ = int((tapped[:n].view(np.uint32) != plain[:n].view(np.uint32)).sum())
@@ -300,10 +339,17 @@ def check_attention(eng, kernels: str, B: int, T: int, P: int, max_len: int, hea
     shape = (B, heads, T, P)
     # Scores on every row (masked keys by class: a padded query's row is all masked); probs on real
     # queries only: a fully masked float32 row is quantised to -1e9's grid, noise in every implementation.
-    assert_matches(what.replace("attention", "attention.scores", 1), rec_scores.reshape(shape), s32.numpy(),
-                   s64.numpy(), rms(q, k))
-    assert_matches(what.replace("attention", "attention.probs", 1), rec_probs.reshape(shape), p32.numpy(),
-                   p64.numpy(), 1.0 / P, real[:, None, :, None])
+    assert_matches(
+        what.replace("attention", "attention.scores", 1), rec_scores.reshape(shape), s32.numpy(), s64.numpy(), rms(q, k)
+    )
+    assert_matches(
+        what.replace("attention", "attention.probs", 1),
+        rec_probs.reshape(shape),
+        p32.numpy(),
+        p64.numpy(),
+        1.0 / P,
+        real[:, None, :, None],
+    )
 
 
 # ---- the cases -----------------------------------------------------------------------------------
@@ -357,8 +403,11 @@ ATTENTION_CASES = (
 
 
 @pytest.mark.parametrize("n_threads", (1, 2))
-@pytest.mark.parametrize("B,T,P,max_len,heads,kv_heads,hd,padding", ATTENTION_CASES,
-                         ids=[f"B{c[0]}-T{c[1]}-P{c[2]}-L{c[3]}-h{c[4]}-kv{c[5]}-hd{c[6]}-{c[7]}" for c in ATTENTION_CASES])
+@pytest.mark.parametrize(
+    "B,T,P,max_len,heads,kv_heads,hd,padding",
+    ATTENTION_CASES,
+    ids=[f"B{c[0]}-T{c[1]}-P{c[2]}-L{c[3]}-h{c[4]}-kv{c[5]}-hd{c[6]}-{c[7]}" for c in ATTENTION_CASES],
+)
 def test_attention(eng, kernels, B, T, P, max_len, heads, kv_heads, hd, padding, n_threads):
     with threads(eng, n_threads):
         check_attention(eng, kernels, B, T, P, max_len, heads, kv_heads, hd, padding)

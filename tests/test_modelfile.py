@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO, small_model
 
 from celerinfer_lab import ModelFileError, load_model, save_model, weight_shapes
 from celerinfer_lab.modelfile import encode_tensor
-
-from conftest import REPO, small_model
 
 
 @pytest.fixture
@@ -50,8 +49,14 @@ def test_tensor_objects_have_the_original_fields(model_file):
 
 def test_weight_names_are_minimind_state_dict_keys(model_file):
     sd = load_model(model_file).state_dict()
-    for key in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.q_norm.weight",
-                "model.layers.0.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"):
+    for key in (
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         assert key in sd
 
 
@@ -84,32 +89,69 @@ def _set(path, value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return edit
 
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (_drop("model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
-    (_set(["weights", Q], encode_tensor(Q, np.zeros((64, 32)), "float32")), f"tensor '{Q}' has shape [64, 32], the config implies [64, 64]"),
-    (_set(["weights", Q, "dtype"], "float8"), f"tensor '{Q}': dtype 'float8' is not allowed here"),
-    (lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-8]), f"tensor '{Q}': data holds 21840 base64 characters but shape [64, 64] of float32 needs 21848 (16384 bytes)"),
-    (lambda d: d["weights"][Q].update(data="!!" + d["weights"][Q]["data"][2:]), f"tensor '{Q}': data is not valid base64"),
-    (lambda d: d["weights"][Q].pop("shape"), f"tensor '{Q}': tensor has no 'shape' field"),
-    (_set(["weights", "model.layers.0.extra.weight"], encode_tensor("x", np.zeros(3), "float32")), "unexpected tensor 'model.layers.0.extra.weight'"),
-    (_set(["weights", Q], encode_tensor(Q, np.full((64, 64), np.nan), "float32")), f"tensor '{Q}' contains NaN or Inf"),
-    (_set(["inputs", "input_ids"], encode_tensor("input_ids", np.full((2, 7), 128), "int32")), "input_ids[0,0] = 128 is outside the vocabulary [0, 128)"),
-    (_set(["inputs", "input_ids"], encode_tensor("input_ids", np.full((2, 7), -1), "int32")), "outside the vocabulary"),
-    (_set(["inputs", "attention_mask"], encode_tensor("attention_mask", np.full((2, 7), 2), "uint8")), "attention_mask[0,0] = 2; the mask must hold only 0 and 1"),
-    (_set(["inputs", "attention_mask"], encode_tensor("attention_mask", np.ones((2, 6)), "uint8")), "attention_mask has shape [2, 6], input_ids has [2, 7]"),
-    (lambda d: d["inputs"].pop("attention_mask"), "missing tensor 'attention_mask'"),
-    (_set(["config", "num_key_value_heads"], 3), "config: num_attention_heads=8 is not a multiple of num_key_value_heads=3"),
-    (_set(["config", "max_position_embeddings"], 4), "seq_len 7 is longer than max_position_embeddings 4"),
-    (_set(["config", "max_position_embeddings"], 64), "rope cos has shape [128, 8], expected [max_position_embeddings, head_dim] = [64, 8]"),
-    (_set(["format_version"], 99), "format_version 99 is not supported"),
-    (lambda d: d.pop("config"), "missing field 'config'"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (_drop("model.layers.1.mlp.up_proj.weight"), "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+        (
+            _set(["weights", Q], encode_tensor(Q, np.zeros((64, 32)), "float32")),
+            f"tensor '{Q}' has shape [64, 32], the config implies [64, 64]",
+        ),
+        (_set(["weights", Q, "dtype"], "float8"), f"tensor '{Q}': dtype 'float8' is not allowed here"),
+        (
+            lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-8]),
+            f"tensor '{Q}': data holds 21840 base64 characters but shape [64, 64] of float32 needs 21848 (16384 bytes)",
+        ),
+        (
+            lambda d: d["weights"][Q].update(data="!!" + d["weights"][Q]["data"][2:]),
+            f"tensor '{Q}': data is not valid base64",
+        ),
+        (lambda d: d["weights"][Q].pop("shape"), f"tensor '{Q}': tensor has no 'shape' field"),
+        (
+            _set(["weights", "model.layers.0.extra.weight"], encode_tensor("x", np.zeros(3), "float32")),
+            "unexpected tensor 'model.layers.0.extra.weight'",
+        ),
+        (
+            _set(["weights", Q], encode_tensor(Q, np.full((64, 64), np.nan), "float32")),
+            f"tensor '{Q}' contains NaN or Inf",
+        ),
+        (
+            _set(["inputs", "input_ids"], encode_tensor("input_ids", np.full((2, 7), 128), "int32")),
+            "input_ids[0,0] = 128 is outside the vocabulary [0, 128)",
+        ),
+        (
+            _set(["inputs", "input_ids"], encode_tensor("input_ids", np.full((2, 7), -1), "int32")),
+            "outside the vocabulary",
+        ),
+        (
+            _set(["inputs", "attention_mask"], encode_tensor("attention_mask", np.full((2, 7), 2), "uint8")),
+            "attention_mask[0,0] = 2; the mask must hold only 0 and 1",
+        ),
+        (
+            _set(["inputs", "attention_mask"], encode_tensor("attention_mask", np.ones((2, 6)), "uint8")),
+            "attention_mask has shape [2, 6], input_ids has [2, 7]",
+        ),
+        (lambda d: d["inputs"].pop("attention_mask"), "missing tensor 'attention_mask'"),
+        (
+            _set(["config", "num_key_value_heads"], 3),
+            "config: num_attention_heads=8 is not a multiple of num_key_value_heads=3",
+        ),
+        (_set(["config", "max_position_embeddings"], 4), "seq_len 7 is longer than max_position_embeddings 4"),
+        (
+            _set(["config", "max_position_embeddings"], 64),
+            "rope cos has shape [128, 8], expected [max_position_embeddings, head_dim] = [64, 8]",
+        ),
+        (_set(["format_version"], 99), "format_version 99 is not supported"),
+        (lambda d: d.pop("config"), "missing field 'config'"),
+    ],
+)
 def test_bad_files_name_what_is_wrong(model_file, edit, expected):
     rewrite(model_file, edit)
     with pytest.raises(ModelFileError) as err:
@@ -124,10 +166,15 @@ def test_truncated_file(model_file):
         load_model(model_file)
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"hello", "not valid JSON"), (b"[1, 2]", "top level must be a JSON object"),
-    (b'{"a": 1}', "not a model file"), (b"\xff\xfe\x00", "not"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"hello", "not valid JSON"),
+        (b"[1, 2]", "top level must be a JSON object"),
+        (b'{"a": 1}', "not a model file"),
+        (b"\xff\xfe\x00", "not"),
+    ],
+)
 def test_not_a_model_file(tmp_path, content, expected):
     path = tmp_path / "x.json"
     path.write_bytes(content)

@@ -1,14 +1,14 @@
 """The C++ forward through cppyy equals the PyTorch reference at every trace point."""
+
 import numpy as np
 import pytest
+from conftest import edit_file, small_model
 from hypothesis import HealthCheck, given, settings
 
 from celerinfer_lab import ConfigError, load_model, reference_forward
 from celerinfer_lab.compare import compare
 from celerinfer_lab.native import NativeCompileError, NativeError, load_native
 from celerinfer_lab.testing import model_cases
-
-from conftest import edit_file, small_model
 
 # float32 agreement, stated: at every trace point, accumulated and isolated, the C++ error against
 # the float64 oracle is within 10x the float32 reference's own (compare.py); and logits relative L2
@@ -70,7 +70,10 @@ def test_bad_inputs_raise_before_any_call(native):
 def test_wrong_weight_shape_is_named(native):
     model = small_model()
     model.weights["model.layers.1.mlp.up_proj.weight"] = model.weights["model.layers.1.mlp.up_proj.weight"].T.copy()
-    with pytest.raises(NativeError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' has shape \[64, 256\], the config implies \[256, 64\]"):
+    with pytest.raises(
+        NativeError,
+        match=r"tensor 'model.layers.1.mlp.up_proj.weight' has shape \[64, 256\], the config implies \[256, 64\]",
+    ):
         native.prepare(model)
     del model.weights["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(NativeError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):

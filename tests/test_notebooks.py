@@ -1,26 +1,45 @@
 """Every notebook runs top to bottom, is committed without outputs, and shows what it promises."""
+
 import json
 import shutil
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import REPO
+from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 EXPECTED = {  # words each notebook's outputs must contain
-    "01_quickstart.ipynb": ["trace points:", "all 37 trace points agree", "PyTorch: median", "C++    : median",
-                            "application/vnd.jupyter.widget-view+json"],
-    "02_layer_debugging.ipynb": ["culprit (own error): model.layers.0.self_attn.scores", "GQA mapping wrong",
-                                 "culprit (own error): model.layers.0.self_attn.rope_q", "image/png"],
-    "03_edit_and_reload.ipynb": ["agrees: True", "celerinfer_jit_", "culprit (own error): model.layers.0.input_layernorm",
-                                 "did not compile", "still running"],
+    "01_quickstart.ipynb": [
+        "trace points:",
+        "all 37 trace points agree",
+        "PyTorch: median",
+        "C++    : median",
+        "application/vnd.jupyter.widget-view+json",
+    ],
+    "02_layer_debugging.ipynb": [
+        "culprit (own error): model.layers.0.self_attn.scores",
+        "GQA mapping wrong",
+        "culprit (own error): model.layers.0.self_attn.rope_q",
+        "image/png",
+    ],
+    "03_edit_and_reload.ipynb": [
+        "agrees: True",
+        "celerinfer_jit_",
+        "culprit (own error): model.layers.0.input_layernorm",
+        "did not compile",
+        "still running",
+    ],
     "04_benchmarks.ipynb": ["hidden 512", "speedup", "image/png"],
-    "05_your_own_kernels.ipynb": ["kernel sets: ['readable', 'fast', 'blocked']", "blocked agrees: True",
-                                  "blocked   median", "culprit: model.layers.0.self_attn.q_proj",
-                                  "16 rows, buggy blocked agrees: True", "image/png",
-                                  "application/vnd.jupyter.widget-view+json"],
+    "05_your_own_kernels.ipynb": [
+        "kernel sets: ['readable', 'fast', 'blocked']",
+        "blocked agrees: True",
+        "blocked   median",
+        "culprit: model.layers.0.self_attn.q_proj",
+        "16 rows, buggy blocked agrees: True",
+        "image/png",
+        "application/vnd.jupyter.widget-view+json",
+    ],
 }
 
 

@@ -15,6 +15,7 @@ Markers: an HTML comment (invisible on GitHub) on the line right before the fenc
 Keep them few and honest: ``test_markers_are_few_and_known`` counts them. To add a block, write it
 so it runs where it stands, after the blocks above it (generate the model it needs, or reuse one).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -60,8 +60,11 @@ def blocks(path: Path) -> list[Block]:
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         before = lines[i - 1].strip() if i > 0 else ""
         marker = MARKER.match(before)
-        out.append(Block(path, i + 1, fence.group(1), "\n".join(lines[i + 1:end]) + "\n",
-                         marker.group(1) if marker else None))
+        out.append(
+            Block(
+                path, i + 1, fence.group(1), "\n".join(lines[i + 1 : end]) + "\n", marker.group(1) if marker else None
+            )
+        )
         i = end + 1
     return out
 
@@ -89,10 +92,13 @@ def run_document(path: Path, tmp: Path, monkeypatch) -> dict:
             except Exception as exc:
                 raise AssertionError(f"{block.where}: python block failed: {exc!r}\n{block.code}") from exc
         else:
-            result = subprocess.run(["bash", "-e", "-c", block.code], cwd=folder, capture_output=True, text=True,
-                                    timeout=600)  # a server started by mistake fails instead of hanging
-            assert result.returncode == 0, (f"{block.where}: bash block exited {result.returncode}\n{block.code}\n"
-                                            f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+            result = subprocess.run(
+                ["bash", "-e", "-c", block.code], cwd=folder, capture_output=True, text=True, timeout=600
+            )  # a server started by mistake fails instead of hanging
+            assert result.returncode == 0, (
+                f"{block.where}: bash block exited {result.returncode}\n{block.code}\n"
+                f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+            )
         print(f"{block.where} ({block.lang}) ran in {time.perf_counter() - start:.1f} s")
     return namespace
 
@@ -106,19 +112,22 @@ def test_markers_are_few_and_known():
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             if line.strip().startswith("<!--") and ("long" in line or "not run" in line):
-                assert MARKER.match(line.strip()) and i + 1 < len(lines) and lines[i + 1].startswith("```"), \
+                assert MARKER.match(line.strip()) and i + 1 < len(lines) and lines[i + 1].startswith("```"), (
                     f"{path.name}:{i + 1}: write `<!-- long -->` or `<!-- not run: REASON -->` right before a fence"
+                )
 
 
 def test_snippets_import_only_the_package_top_level():
     """The snippets show the public API: names exported by celerinfer_lab, not its submodules."""
     import celerinfer_lab as cl
+
     for path in DOCUMENTS:
         for b in blocks(path):
             if b.lang != "python":
                 continue
-            assert not re.search(r"from celerinfer_lab\.\w+ import|import celerinfer_lab\.", b.code), \
+            assert not re.search(r"from celerinfer_lab\.\w+ import|import celerinfer_lab\.", b.code), (
                 f"{b.where}: import from celerinfer_lab itself"
+            )
             for names in re.findall(r"from celerinfer_lab import ([\w, ]+)", b.code):
                 for name in names.split(","):
                     assert name.strip() in cl.__all__, f"{b.where}: {name.strip()} is not exported"
@@ -131,8 +140,16 @@ def test_every_block_runs_as_written(path, tmp_path, monkeypatch):
     namespace = run_document(path, tmp_path, monkeypatch)
     if path.name == "README.md":  # what the snippets get back is a type the package exports
         import celerinfer_lab as cl
-        expected = {"native": cl.NativeEngine, "fast": cl.NativeModel, "result": cl.ForwardResult,
-                    "report": cl.Report, "both": cl.Comparison, "ref": cl.ReferenceModel, "model": cl.Model}
+
+        expected = {
+            "native": cl.NativeEngine,
+            "fast": cl.NativeModel,
+            "result": cl.ForwardResult,
+            "report": cl.Report,
+            "both": cl.Comparison,
+            "ref": cl.ReferenceModel,
+            "model": cl.Model,
+        }
         for name, kind in expected.items():
             assert isinstance(namespace.get(name), kind), f"README's `{name}` is {type(namespace.get(name))}"
         assert len(repr(namespace["report"])) < 200 and len(repr(namespace["both"])) < 200

@@ -1,15 +1,15 @@
 """The PyTorch reference: the original tool's logits, MiniMind's math, and the trace contract."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_config, small_model
 
 from celerinfer_lab import ReferenceModel, load_model, reference_forward, trace_points
 from celerinfer_lab.generate import random_inputs
-
-from conftest import small_config, small_model
 
 
 def logits_for(model, ids=None, mask=None, dtype=torch.float32):
@@ -112,7 +112,7 @@ def _mha_logits(model):
     cos, sin = torch.from_numpy(model.rope_cos[:S]), torch.from_numpy(model.rope_sin[:S])
 
     def rope(x):  # [B, nh, S, hd]
-        rot = torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), dim=-1)
+        rot = torch.cat((-x[..., hd // 2 :], x[..., : hd // 2]), dim=-1)
         return x * cos + rot * sin
 
     h = sd["model.embed_tokens.weight"][ids]
@@ -123,8 +123,10 @@ def _mha_logits(model):
         att = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         h = h + F.linear(att.transpose(1, 2).reshape(B, S, -1), sd[p + "self_attn.o_proj.weight"])
         x = norm(h, sd[p + "post_attention_layernorm.weight"])
-        h = h + F.linear(F.silu(F.linear(x, sd[p + "mlp.gate_proj.weight"])) * F.linear(x, sd[p + "mlp.up_proj.weight"]),
-                         sd[p + "mlp.down_proj.weight"])
+        h = h + F.linear(
+            F.silu(F.linear(x, sd[p + "mlp.gate_proj.weight"])) * F.linear(x, sd[p + "mlp.up_proj.weight"]),
+            sd[p + "mlp.down_proj.weight"],
+        )
     return F.linear(norm(h, sd["model.norm.weight"]), sd["lm_head.weight"]).numpy()
 
 
@@ -181,20 +183,30 @@ def test_interleaved_rope_equals_half_split_after_permuting_rows():
 
 
 def test_moe_routing_trace():
-    model = small_model(batch_size=2, seq_len=8, use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="never")
+    model = small_model(
+        batch_size=2, seq_len=8, use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="never"
+    )
     tr = reference_forward(model, trace=True).trace
     probs, idx, w = (tr[f"model.layers.0.mlp.{n}"] for n in ("router_probs", "topk_idx", "topk_weight"))
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(idx, np.argsort(-probs, axis=-1)[..., :2])
     np.testing.assert_array_equal(w, np.take_along_axis(probs, idx, -1))
-    renorm = small_model(batch_size=2, seq_len=8, use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="always")
-    np.testing.assert_allclose(reference_forward(renorm, trace=True).trace["model.layers.0.mlp.topk_weight"].sum(-1), 1.0, rtol=1e-6)
+    renorm = small_model(
+        batch_size=2, seq_len=8, use_moe=True, num_experts=4, num_experts_per_tok=2, topk_renorm="always"
+    )
+    np.testing.assert_allclose(
+        reference_forward(renorm, trace=True).trace["model.layers.0.mlp.topk_weight"].sum(-1), 1.0, rtol=1e-6
+    )
 
 
 def test_yarn_cache_follows_minimind():
     from celerinfer_lab.rope import rope_cache
-    cfg = small_config(inference_rope_scaling=True, max_position_embeddings=128,
-                       rope_scaling={"original_max_position_embeddings": 32, "factor": 4})
+
+    cfg = small_config(
+        inference_rope_scaling=True,
+        max_position_embeddings=128,
+        rope_scaling={"original_max_position_embeddings": 32, "factor": 4},
+    )
     plain = small_config(max_position_embeddings=128)
     (c, s), (c0, _) = rope_cache(cfg), rope_cache(plain)
     # High-frequency pairs keep their frequency; low-frequency ones are slowed by the factor.
@@ -203,8 +215,11 @@ def test_yarn_cache_follows_minimind():
     f_last = 1.0 / (cfg.rope_theta ** ((dim - 2) / dim))
     np.testing.assert_allclose(s[:, dim // 2 - 1], np.sin(np.arange(128) * f_last / 4), atol=1e-6)
     # Within the original range no scaling applies (MiniMind's end / orig_max > 1 rule).
-    short = small_config(inference_rope_scaling=True, max_position_embeddings=32,
-                         rope_scaling={"original_max_position_embeddings": 32, "factor": 4})
+    short = small_config(
+        inference_rope_scaling=True,
+        max_position_embeddings=32,
+        rope_scaling={"original_max_position_embeddings": 32, "factor": 4},
+    )
     np.testing.assert_array_equal(rope_cache(short)[0], rope_cache(small_config(max_position_embeddings=32))[0])
     assert math.isclose(float(c[0, 0]), 1.0)
 
@@ -221,8 +236,12 @@ def test_forward_takes_numpy_torch_and_lists_and_checks_them_as_the_cpp_side_doe
     ref = ReferenceModel(model)
     ids, mask = model.input_ids, model.attention_mask  # numpy, as the Model holds them
     expected = ref.forward()[0]
-    for given in [(ids, mask), (torch.from_numpy(ids), torch.from_numpy(mask)), (ids.tolist(), mask.tolist()),
-                  (ids.astype(np.int32), mask.astype(bool))]:
+    for given in [
+        (ids, mask),
+        (torch.from_numpy(ids), torch.from_numpy(mask)),
+        (ids.tolist(), mask.tolist()),
+        (ids.astype(np.int32), mask.astype(bool)),
+    ]:
         assert torch.equal(ref.forward(*given)[0], expected)
     real = ref.forward(ids[:1])[0]  # ids without a mask: every position is real
     assert torch.equal(real, ref.forward(ids[:1], np.ones((1, 6), np.int64))[0])

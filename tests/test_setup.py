@@ -1,12 +1,12 @@
 """The setup files agree with each other: environment.yml installs what pyproject declares, and
 .ci/run runs the README's test command."""
+
 import tomllib
 
 import pytest
 import yaml
-from packaging.specifiers import SpecifierSet
-
 from conftest import REPO
+from packaging.specifiers import SpecifierSet
 
 
 def python_satisfies(version: str, requires: str) -> bool:
@@ -15,13 +15,19 @@ def python_satisfies(version: str, requires: str) -> bool:
     return SpecifierSet(requires).contains(version)
 
 
-@pytest.mark.parametrize("version,requires,ok", [
-    ("3.11", ">=3.11", True), ("3.12", ">=3.11", True), ("3.11.7", ">=3.11", True),
-    ("3.10", ">=3.11", False),
-    ("3.9", ">=3.11", False),  # as strings "3.9" >= "3.11" is True: the check this replaces said yes
-    ("3.100", ">=3.11", True),  # as strings "3.100" >= "3.11" is False
-    ("4.0", ">= 3.11", True), ("3.12", ">=3.11,<3.12", False),
-])
+@pytest.mark.parametrize(
+    "version,requires,ok",
+    [
+        ("3.11", ">=3.11", True),
+        ("3.12", ">=3.11", True),
+        ("3.11.7", ">=3.11", True),
+        ("3.10", ">=3.11", False),
+        ("3.9", ">=3.11", False),  # as strings "3.9" >= "3.11" is True: the check this replaces said yes
+        ("3.100", ">=3.11", True),  # as strings "3.100" >= "3.11" is False
+        ("4.0", ">= 3.11", True),
+        ("3.12", ">=3.11,<3.12", False),
+    ],
+)
 def test_python_versions_compare_as_numbers(version, requires, ok):
     assert python_satisfies(version, requires) is ok
 

@@ -1,16 +1,15 @@
 """The safetensors sidecar: written as a stream, read memory-mapped by Python and base_line_micro."""
+
 import json
 import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import REPO, small_config
 
 from celerinfer_lab import ModelFileError, generate_model, load_model, load_native, preset
 from celerinfer_lab.standalone import run_standalone
-
 from celerinfer_lab.writer import sidecar_named_by
-
-from conftest import REPO, small_config
 
 
 def sidecar_of(path):
@@ -43,6 +42,7 @@ def test_sidecar_holds_the_same_model(pair):
 
 def test_sidecar_is_real_safetensors(pair):
     from safetensors.numpy import load_file
+
     tensors = load_file(sidecar_of(pair[1]))
     np.testing.assert_array_equal(tensors["lm_head.weight"], load_model(pair[0]).weights["lm_head.weight"])
 
@@ -60,7 +60,9 @@ def test_bad_sidecars_are_named(pair):
 
 def test_native_and_standalone_read_the_sidecar(pair, tmp_path, standalone_binary):
     native = load_native()
-    np.testing.assert_array_equal(native.forward(load_model(pair[1])).logits, native.forward(load_model(pair[0])).logits)
+    np.testing.assert_array_equal(
+        native.forward(load_model(pair[1])).logits, native.forward(load_model(pair[0])).logits
+    )
     binary = standalone_binary
     a = run_standalone(binary, pair[0], tmp_path / "a", 0, 1)
     b = run_standalone(binary, pair[1], tmp_path / "b", 0, 1)

@@ -1,14 +1,14 @@
 """base_line_micro: built with CMake from the same headers; same logits as the cppyy path."""
+
 import json
 import subprocess
 
 import numpy as np
 import pytest
+from conftest import small_model
 
 from celerinfer_lab import load_model
 from celerinfer_lab.standalone import run_standalone
-
-from conftest import small_model
 
 
 @pytest.fixture(scope="session")
@@ -16,17 +16,22 @@ def binary(standalone_binary):
     return standalone_binary
 
 
-@pytest.mark.parametrize("variant", [
-    {}, dict(qk_norm=True, rope_pairing="interleaved", tie_word_embeddings=False),
-    dict(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, topk_renorm="k>1"),
-    dict(inference_rope_scaling=True, rope_scaling={"original_max_position_embeddings": 16, "factor": 4.0}),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        dict(qk_norm=True, rope_pairing="interleaved", tie_word_embeddings=False),
+        dict(use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, topk_renorm="k>1"),
+        dict(inference_rope_scaling=True, rope_scaling={"original_max_position_embeddings": 16, "factor": 4.0}),
+    ],
+)
 def test_standalone_equals_cppyy(binary, native, tmp_path, variant):
     model = small_model(batch_size=3, seq_len=9, padding="mixed", **variant)
     model.save(tmp_path / "m.json")
     for kernels in ("readable", "fast"):
-        result = run_standalone(binary, tmp_path / "m.json", tmp_path / kernels, warmup=0, repeat=2,
-                                env={"KERNELS": kernels})
+        result = run_standalone(
+            binary, tmp_path / "m.json", tmp_path / kernels, warmup=0, repeat=2, env={"KERNELS": kernels}
+        )
         cppyy_logits = native.forward(load_model(tmp_path / "m.json"), kernels=kernels).logits
         if kernels == "readable":  # same headers, same summation order: g++ -O3 and cling give the same bits
             np.testing.assert_array_equal(result.logits, cppyy_logits)
@@ -50,16 +55,28 @@ def _mutate(path, edit):
 Q = "model.layers.0.self_attn.q_proj.weight"
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (lambda d: d["weights"].pop(Q), f"missing tensor '{Q}'"),
-    (lambda d: d["weights"][Q].update(shape=[32, 128]), f"tensor '{Q}' has shape [32, 128], the config implies [64, 64]"),
-    (lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-4]), "bytes but shape and dtype need 16384"),
-    (lambda d: d["weights"][Q].update(dtype="bfloat16"), "unknown dtype 'bfloat16'"),
-    (lambda d: d["weights"][Q].update(data="@" + d["weights"][Q]["data"][1:]), "not valid base64"),
-    (lambda d: d["config"].update(num_key_value_heads=3), "num_attention_heads=8 is not a multiple of num_key_value_heads=3"),
-    (lambda d: d["weights"].update({"model.layers.0.bogus.weight": d["weights"][Q]}), "unexpected tensor 'model.layers.0.bogus.weight'"),
-    (lambda d: d.pop("rope"), "missing field 'rope'"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (lambda d: d["weights"].pop(Q), f"missing tensor '{Q}'"),
+        (
+            lambda d: d["weights"][Q].update(shape=[32, 128]),
+            f"tensor '{Q}' has shape [32, 128], the config implies [64, 64]",
+        ),
+        (lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-4]), "bytes but shape and dtype need 16384"),
+        (lambda d: d["weights"][Q].update(dtype="bfloat16"), "unknown dtype 'bfloat16'"),
+        (lambda d: d["weights"][Q].update(data="@" + d["weights"][Q]["data"][1:]), "not valid base64"),
+        (
+            lambda d: d["config"].update(num_key_value_heads=3),
+            "num_attention_heads=8 is not a multiple of num_key_value_heads=3",
+        ),
+        (
+            lambda d: d["weights"].update({"model.layers.0.bogus.weight": d["weights"][Q]}),
+            "unexpected tensor 'model.layers.0.bogus.weight'",
+        ),
+        (lambda d: d.pop("rope"), "missing field 'rope'"),
+    ],
+)
 def test_standalone_bad_files(binary, tmp_path, edit, expected):
     path = tmp_path / "m.json"
     small_model().save(path)

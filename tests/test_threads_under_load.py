@@ -18,6 +18,7 @@ the chunk it claimed).
 Medians over many runs, 1- and 2-thread blocks interleaved so drifting load hits both alike, and one
 retry before failing. The ratios are printed (pytest -s).
 """
+
 import subprocess
 import sys
 import time
@@ -83,10 +84,16 @@ def test_fast_kernels_stay_fast(native, hogs, case):
         time.sleep(0.3 if hogs else 0)  # let the hogs take the cores
         for attempt in (1, 2):
             medians = _medians(native, model, settings, blocks, runs)
-            print(f"\n{case} model, {hogs} hogs, attempt {attempt}: "
-                  + ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items())
-                  + f"; 2 threads / 1 thread = {medians['fast/2'] / medians['fast/1']:.2f}x (allowed {slack}x)"
-                  + (f", readable / fast = {medians['readable/1'] / medians['fast/1']:.1f}x" if "readable/1" in medians else ""))
+            print(
+                f"\n{case} model, {hogs} hogs, attempt {attempt}: "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items())
+                + f"; 2 threads / 1 thread = {medians['fast/2'] / medians['fast/1']:.2f}x (allowed {slack}x)"
+                + (
+                    f", readable / fast = {medians['readable/1'] / medians['fast/1']:.1f}x"
+                    if "readable/1" in medians
+                    else ""
+                )
+            )
             problems = _check(medians, slack)
             if not problems:
                 break

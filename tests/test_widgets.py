@@ -1,4 +1,5 @@
 """The explorer's logic without a browser: set controls, click Run, read what it produced."""
+
 import pytest
 from matplotlib.figure import Figure
 
@@ -30,7 +31,9 @@ def test_the_report_is_for_the_kernel_set_it_times():
     e.controls["kernels"].value = "readable"
     e.run_button.click()
     assert e.report.subject == "C++ (readable)" and set(e.timings) == {"torch_ms", "cpp_readable_ms"}
-    assert "C++ readable" in e.status.value and "C++ fast" not in e.status.value and "readable kernels agree" in e.message
+    assert (
+        "C++ readable" in e.status.value and "C++ fast" not in e.status.value and "readable kernels agree" in e.message
+    )
     e.controls["kernels"].value = "all"
     e.run_button.click()
     assert isinstance(e.report, Comparison) and list(e.reports) == ["readable", "fast"] and e.report.agrees
@@ -112,12 +115,29 @@ def test_switch_examples():
 
 def test_a_fault_the_explorer_cannot_show_says_why(monkeypatch):
     edits = FAULTS["rmsnorm_weight_ignored"].edits
-    monkeypatch.setitem(FAULTS, "eps_only", Fault("eps_only", "needs a large eps", edits, ("readable",),
-                                                  "model.norm", None, model=dict(rms_norm_eps=1e-2)))
-    monkeypatch.setitem(FAULTS, "late", Fault("late", "shows late in decoding", edits, ("readable", "fast"),
-                                              "model.norm", None, step=40))
-    monkeypatch.setitem(FAULTS, "eps_default", Fault("eps_default", "needs the default eps", edits, ("readable",),
-                                                     "model.norm", None, model=dict(rms_norm_eps=1e-5)))
+    monkeypatch.setitem(
+        FAULTS,
+        "eps_only",
+        Fault("eps_only", "needs a large eps", edits, ("readable",), "model.norm", None, model=dict(rms_norm_eps=1e-2)),
+    )
+    monkeypatch.setitem(
+        FAULTS,
+        "late",
+        Fault("late", "shows late in decoding", edits, ("readable", "fast"), "model.norm", None, step=40),
+    )
+    monkeypatch.setitem(
+        FAULTS,
+        "eps_default",
+        Fault(
+            "eps_default",
+            "needs the default eps",
+            edits,
+            ("readable",),
+            "model.norm",
+            None,
+            model=dict(rms_norm_eps=1e-5),
+        ),
+    )
     e = explorer()
     e.controls["fault"].value = "eps_only"
     assert "cannot show in the explorer" in e.fault_note.value and "no control for rms_norm_eps" in e.fault_note.value
@@ -211,6 +231,7 @@ def test_a_decode_fault_runs_the_decode_steps():
 
 def test_timings_carry_their_spread_and_say_noisy():
     from celerinfer_lab.bench import Timing
+
     e = explorer()
     e.controls["seq_len"].value = 4
     e.run_button.click()
@@ -243,6 +264,7 @@ def test_stale_results_are_cleared_on_a_change_or_an_error(tmp_path):
 
 def test_tables_keep_their_columns_and_notes_sit_below_their_controls():
     import ipywidgets as W
+
     e = explorer()
     e.controls["seq_len"].value = 4
     e.run_button.click()
@@ -252,6 +274,7 @@ def test_tables_keep_their_columns_and_notes_sit_below_their_controls():
         yield widget
         for child in getattr(widget, "children", ()):
             yield from boxes(child)
+
     holders = [b for b in boxes(e) if isinstance(b, W.Box) and e.notes["kv_heads"] in b.children]
     assert len(holders) == 1 and isinstance(holders[0], W.VBox)  # the note below, not beside, its control
     first, note = holders[0].children
