@@ -1,5 +1,6 @@
 // base_line_micro [--allow-nonfinite] model.json out_dir
 // base_line_micro [--allow-nonfinite] --check FILE...
+// base_line_micro --print-config FILE
 //
 // Normal mode reads a model file, runs the C++ forward on its inputs, prints load and forward
 // times, and writes out_dir/logits_cpp.npy. Environment: WARMUP (default 1), REPEAT (default 10),
@@ -8,6 +9,9 @@
 // --check validates and loads each FILE fully (every check of docs/model-file.md, values
 // included; no forward) and prints one line per file: "ok<TAB>FILE" or
 // "refused<TAB>FILE<TAB>message".
+//
+// --print-config prints the C++ Config the file's config maps to, one "member=value" line each
+// (tests/test_config_mapping.py checks it against the Config native.py builds from ModelConfig).
 //
 // --allow-nonfinite accepts NaN/Inf in weights and the RoPE cache (for studying NaN behaviour).
 //
@@ -41,8 +45,9 @@ static int env_int(const char* name, int fallback) {
 static int usage(const char* argv0) {
     std::fprintf(stderr,
                  "usage: %s [--allow-nonfinite] model.json out_dir\n"
-                 "       %s [--allow-nonfinite] --check FILE...\n",
-                 argv0, argv0);
+                 "       %s [--allow-nonfinite] --check FILE...\n"
+                 "       %s --print-config FILE\n",
+                 argv0, argv0, argv0);
     return 2;
 }
 
@@ -70,7 +75,28 @@ static int check_files(const std::vector<std::string>& files, const ci::LoadOpti
     return status;
 }
 
+// Every member of ci::Config, under its C++ name (the enum as its integer value).
+static int print_config(const std::string& file) {
+    try {
+        const ci::Config c = ci::load_model_file(file, ci::LoadOptions{}).model->config;
+        std::printf("hidden=%d\nlayers=%d\nheads=%d\nkv_heads=%d\nhead_dim=%d\nvocab=%d\n", c.hidden, c.layers,
+                    c.heads, c.kv_heads, c.head_dim, c.vocab);
+        std::printf("intermediate=%d\nmax_pos=%d\neps=%.9g\nqk_norm=%d\nrope_interleaved=%d\ntied=%d\n",
+                    c.intermediate, c.max_pos, double(c.eps), int(c.qk_norm), int(c.rope_interleaved), int(c.tied));
+        std::printf("moe=%d\nexperts=%d\ntopk=%d\nshared_experts=%d\nmoe_intermediate=%d\ntopk_renorm=%d\n", int(c.moe),
+                    c.experts, c.topk, c.shared_experts, c.moe_intermediate, int(c.topk_renorm));
+        return std::fflush(stdout) == 0 ? 0 : 1;
+    } catch (const ci::ModelFileError& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
+
 int main(int argc, char** argv) {
+    if (argc == 3 && std::strcmp(argv[1], "--print-config") == 0) return print_config(argv[2]);
     ci::LoadOptions options;
     bool check = false;
     std::vector<std::string> args;
