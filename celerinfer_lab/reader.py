@@ -153,6 +153,7 @@ def _table_v1(doc: dict, where: str) -> _Table:
 # Original CelerInfer names -> MiniMind state-dict names (from the weight table).
 _V0_TOP = v0_top_names()
 _V0_LAYER = v0_layer_names()
+_V0_REQUIRED = v0_top_names(required=True)  # lm_head: only when untied
 
 
 def _same_tensor(a: Any, b: Any) -> bool:
@@ -193,7 +194,7 @@ def _table_v0(doc: dict, where: str) -> _Table:
             raise ModelFileError(
                 f"{where}: unexpected tensor 'weights.{key}' (the original layout has {', '.join(_V0_TOP)} and layers)"
             )
-    for key in ("tok_embedding", "final_rms"):
+    for key in _V0_REQUIRED:
         if key not in w:
             raise ModelFileError(f"{where}: missing tensor 'weights.{key}'")
     if "tie_word_embeddings" not in raw_config:

@@ -216,9 +216,14 @@ def largest_weight(config: Any) -> tuple[str, tuple[int, ...]]:
 
 
 # ---- the original CelerInfer layout ---------------------------------------------------------------
-def v0_top_names() -> dict[str, str]:
-    """Original name -> state-dict name, for the weights outside weights.layers."""
-    return {row.v0: row.suffix for row in WEIGHTS if row.v0 and row.scope == "model"}
+def v0_top_names(required: bool = False) -> dict[str, str]:
+    """Original name -> state-dict name, for the weights outside weights.layers (``required``: only
+    those every config has)."""
+    return {
+        row.v0: row.suffix
+        for row in WEIGHTS
+        if row.v0 and row.scope == "model" and (row.feature == "always" or not required)
+    }
 
 
 def v0_layer_names() -> dict[str, str]:
