@@ -1,6 +1,8 @@
 // The model: its config and a view of its weights. Weights are not owned: they point into
 // buffers the caller keeps alive (numpy arrays from Python, vectors in base_line_micro).
 // Matrices are in nn.Linear [out_features, in_features] order, contiguous row-major.
+// Which weights a config implies, their names, shapes and slots: weight_table.hpp, generated from
+// celerinfer_lab/schema.py; bind, check_complete and for_each_linear walk it (no list of names here).
 #pragma once
 #include <algorithm>
 #include <cstddef>
