@@ -1,6 +1,6 @@
 """The model file's format, shared by the reader and the writer: its name and version, the dtypes a
-tensor may have, the weights a config implies (schema.py's, re-exported), the JSON text of small objects. Below writer.py,
-reader.py and modelfile.py (which re-exports every name here)."""
+tensor may have, the weights a config implies (schema.py's, re-exported), the JSON text of small
+objects. Below writer.py, reader.py and modelfile.py (which re-exports every name here)."""
 
 from __future__ import annotations
 
