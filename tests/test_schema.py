@@ -69,24 +69,53 @@ def cpp_weights(engine, config) -> list[tuple[str, tuple[int, ...], bool]]:
     return [(name, tuple(int(d) for d in shape.split(",")[:-1]), linear == "1") for name, shape, linear in rows]
 
 
-def bind_all(engine, config, weights) -> None:
-    """Bind each (name, shape) to a zero array in a fresh C++ Model, then check_complete."""
+def bind_all(engine, config, weights) -> tuple[object, dict[str, np.ndarray]]:
+    """Bind each (name, shape) to its own zero array in a fresh C++ Model, then check_complete."""
     model = engine.ns.Model(_native_config(engine.ns, config))
     arrays = {name: np.zeros(shape, np.float32) for name, shape in weights}
-    arrays["rope.cos"] = arrays["rope.sin"] = np.zeros((config.max_position_embeddings, config.head_dim), np.float32)
+    arrays["rope.cos"] = np.zeros((config.max_position_embeddings, config.head_dim), np.float32)
+    arrays["rope.sin"] = arrays["rope.cos"].copy()
     try:
         for name, array in arrays.items():
             model.bind(name, array, [int(d) for d in array.shape])
         model.check_complete()
     except Exception as exc:  # cppyy raises the C++ std::runtime_error type
         raise NativeError(str(exc)) from None
+    return model, arrays
+
+
+def cpp_linears(engine, model) -> list[tuple[int, int, int]]:
+    """(address, out, in) of every weight Model::for_each_linear hands a kernel set to pack."""
+    import cppyy
+
+    ns, fn = engine.namespace, f"schema_test_linears_{engine.namespace}"
+    if not hasattr(cppyy.gbl, fn):
+        cppyy.cppdef(f"""
+            std::vector<int64_t> {fn}(const {ns}::Model& m) {{
+                std::vector<int64_t> out;
+                m.for_each_linear([&](const float* W, int rows, int cols) {{
+                    out.insert(out.end(), {{int64_t(reinterpret_cast<uintptr_t>(W)), rows, cols}});
+                }});
+                return out;
+            }}""")
+    flat = [int(x) for x in getattr(cppyy.gbl, fn)(model)]
+    return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+
+
+def python_linears(config, arrays: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
+    """(address, out, in) of the nn.Linear rows' arrays, in file order, then a tied head."""
+    linear = [(arrays[name].ctypes.data, *shape) for name, shape, is_linear in python_weights(config) if is_linear]
+    if config.tie_word_embeddings:  # the head is the embedding, packed as the head's linear
+        linear.append((arrays["model.embed_tokens.weight"].ctypes.data, config.vocab_size, config.hidden_size))
+    return linear
 
 
 @pytest.mark.parametrize("case", CONFIGS)
 def test_cpp_walks_the_weights_python_implies(native, case):
     config = small_config(**CONFIGS[case])
     assert cpp_weights(native, config) == python_weights(config)
-    bind_all(native, config, schema.iter_weight_shapes(config))  # C++ accepts every one and needs no other
+    model, arrays = bind_all(native, config, schema.iter_weight_shapes(config))  # C++ accepts each, needs no other
+    assert cpp_linears(native, model) == python_linears(config, arrays)
 
 
 @pytest.mark.parametrize("case", CONFIGS)
@@ -103,20 +132,23 @@ def test_cpp_requires_each_weight_and_refuses_others(native, case):
 
 
 def test_a_cpp_table_that_differs_is_caught(cpp_copy):
-    """Plant a discrepancy in the C++ (the k_norm row gone from a copy's header): both checks fail."""
+    """Plant discrepancies in a copy's header (the k_norm row gone, o_proj not an nn.Linear): caught."""
+    table = cpp_copy / "include/celerinfer/weight_table.hpp"
     edit_file(
-        cpp_copy / "include/celerinfer/weight_table.hpp",
+        table,
         '{Scope::Layer, "self_attn.k_norm.weight", nullptr, &LayerWeights::k_norm, nullptr, 1, '
         "{Dim::HeadDim, Dim::None}, Feature::QkNorm, false, nullptr},",
         "",
     )
+    edit_file(table, 'Feature::Always, true, "wo"}', 'Feature::Always, false, "wo"}')
     engine = load_native(cpp_copy, kernels="readable")
     config = small_config(qk_norm=True)
     assert cpp_weights(engine, config) != python_weights(config)
     with pytest.raises(NativeError, match="unknown tensor 'model.layers.0.self_attn.k_norm.weight'"):
         bind_all(engine, config, schema.iter_weight_shapes(config))
     dense = small_config()
-    assert cpp_weights(engine, dense) == python_weights(dense)  # untouched where the row does not apply
+    model, arrays = bind_all(engine, dense, schema.iter_weight_shapes(dense))  # binds, but packs too little
+    assert cpp_linears(engine, model) != python_linears(dense, arrays)
 
 
 # ---- sizes and the original layout -----------------------------------------------------------------
