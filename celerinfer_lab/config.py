@@ -36,6 +36,7 @@ DEFAULT_YARN = {
 
 from .errors import ConfigError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 from .limits import FIELD_LIMITS  # noqa: E402
+from .schema import num_parameters  # noqa: E402
 
 _SIZE_FIELDS = (
     "hidden_size",
@@ -224,18 +225,8 @@ class ModelConfig:
         return cls(**kwargs, extra=extra)
 
     def num_parameters(self) -> int:
-        h, layers = self.hidden_size, self.num_hidden_layers
-        attn = h * self.q_dim * 2 + h * self.kv_dim * 2
-        qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        if self.use_moe:
-            experts = self.num_experts + self.n_shared_experts
-            mlp = experts * 3 * h * self.moe_intermediate_size + self.num_experts * h
-        else:
-            mlp = 3 * h * self.intermediate_size
-        per_layer = attn + qk_norm + mlp + 2 * h
-        embed = self.vocab_size * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return embed + layers * per_layer + h + head
+        """The weights' total size, counted from the weight table (schema.py), tied lm_head once."""
+        return num_parameters(self)
 
 
 def _is_pos_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ from .config import ConfigError, ModelConfig
 from .errors import ModelFileError
 from .modelfile import Model, check_input_values
 from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, iter_weight_shapes, weight_shapes
+from .schema import v0_layer_names, v0_top_names
 from .sidecar import SidecarHeader, open_sidecar, sidecar_path
 from .strict_json import parse_strict_json
 
@@ -149,19 +150,10 @@ def _table_v1(doc: dict, where: str) -> _Table:
     return _Table(config, dict(weights), inputs, rope, meta, FORMAT_NAME, sidecar)
 
 
-# Original CelerInfer names -> MiniMind state-dict names.
-_V0_TOP = {"tok_embedding": "model.embed_tokens.weight", "final_rms": "model.norm.weight", "lm_head": "lm_head.weight"}
-_V0_LAYER = {
-    "rms_attn": "input_layernorm.weight",
-    "rms_ffn": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-}
+# Original CelerInfer names -> MiniMind state-dict names (from the weight table).
+_V0_TOP = v0_top_names()
+_V0_LAYER = v0_layer_names()
+_V0_REQUIRED = v0_top_names(required=True)  # lm_head: only when untied
 
 
 def _same_tensor(a: Any, b: Any) -> bool:
@@ -202,7 +194,7 @@ def _table_v0(doc: dict, where: str) -> _Table:
             raise ModelFileError(
                 f"{where}: unexpected tensor 'weights.{key}' (the original layout has {', '.join(_V0_TOP)} and layers)"
             )
-    for key in ("tok_embedding", "final_rms"):
+    for key in _V0_REQUIRED:
         if key not in w:
             raise ModelFileError(f"{where}: missing tensor 'weights.{key}'")
     if "tie_word_embeddings" not in raw_config:

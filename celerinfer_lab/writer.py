@@ -39,6 +39,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import schema
 from .config import ModelConfig
 from .errors import ModelFileError, SidecarError, UsageError
 from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, _dumps, _preview, weight_shapes
@@ -62,31 +63,16 @@ class Written:
     sidecar_bytes: int = 0
 
 
-# ---- sizes, computed arithmetically (a config of a million layers is never enumerated) --------
+# ---- sizes, counted per row of the weight table (a config of a million layers is never enumerated) --
 def tensor_count(config: ModelConfig) -> int:
     """How many weights ``weight_shapes(config)`` holds."""
-    per_layer = 6 + (2 if config.qk_norm else 0)
-    per_layer += 1 + 3 * (config.num_experts + config.n_shared_experts) if config.use_moe else 3
-    return 2 + config.num_hidden_layers * per_layer + (0 if config.tie_word_embeddings else 1)
+    return schema.tensor_count(config)
 
 
-def largest_tensor(config: ModelConfig) -> tuple[str, tuple[int, int], int]:
+def largest_tensor(config: ModelConfig) -> tuple[str, tuple[int, ...], int]:
     """(a name, shape, bytes) of the largest float32 weight."""
-    H = config.hidden_size
-    candidates = [
-        ("model.embed_tokens.weight", (config.vocab_size, H)),
-        ("model.layers.0.self_attn.q_proj.weight", (config.q_dim, H)),
-        ("model.layers.0.self_attn.k_proj.weight", (config.kv_dim, H)),
-    ]
-    if config.use_moe:
-        candidates += [
-            ("model.layers.0.mlp.gate.weight", (config.num_experts, H)),
-            ("model.layers.0.mlp.experts.0.gate_proj.weight", (config.moe_intermediate_size, H)),
-        ]
-    else:
-        candidates.append(("model.layers.0.mlp.gate_proj.weight", (config.intermediate_size, H)))
-    name, shape = max(candidates, key=lambda c: c[1][0] * c[1][1])
-    return name, shape, shape[0] * shape[1] * 4
+    name, shape = schema.largest_weight(config)
+    return name, shape, math.prod(shape) * 4
 
 
 def _b64(nbytes: int) -> int:

@@ -31,6 +31,7 @@ from readers import differential
 
 from celerinfer_lab import ModelConfig
 from celerinfer_lab.generate import generate_model
+from celerinfer_lab.schema import v0_layer_names
 
 CPP = REPO / "cpp"
 REGRESSIONS = REPO / "tests" / "fuzz_regressions" / "cpp"
@@ -85,17 +86,7 @@ def _sidecar_of(path: Path) -> Path:
     return path.parent / json.loads(path.read_text())["sidecar"]["file"]
 
 
-V0_NAMES = {
-    "rms_attn": "input_layernorm.weight",
-    "rms_ffn": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-}
+V0_NAMES = v0_layer_names()  # original name -> name within model.layers.{i}, from the weight table
 
 
 def _tiny_v0(path: Path) -> Path:

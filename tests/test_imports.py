@@ -23,8 +23,8 @@ HEAVY = ("torch", "matplotlib", "pandas", "cppyy", "ipywidgets")
 # Bottom first. A module may import modules of its own layer (the graph stays acyclic) or of a lower one,
 # never of a higher one.
 LAYERS = [
-    # the ground: errors, limits, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is
-    ["errors", "limits", "flags", "config", "trace", "paths"],
+    # the ground: errors, limits, the weight table, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is
+    ["errors", "limits", "schema", "flags", "config", "trace", "paths"],
     # model files and inputs: format, strict JSON, sidecar, writer, Model, reader, RoPE cache, random models;
     # the fault catalogue (source edits to a copy of cpp/)
     ["modelformat", "strict_json", "sidecar", "writer", "modelfile", "reader", "rope", "generate", "faults"],
@@ -38,9 +38,9 @@ LAYERS = [
     ["compare"],
     # timing
     ["bench"],
-    # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
+    # entry points: the command line, the C++ table generator, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
-    ["cli", "widgets", "__init__", "testing"],
+    ["cli", "cpp_tables", "widgets", "__init__", "testing"],
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -102,36 +102,10 @@ static OwnedModel make_model(const ci::Config& c, unsigned seed) {
         for (float& x : v) x = ones ? 1.0f + normal(rng) : normal(rng);
         out.model->bind(name, v.data(), shape);
     };
-    const int64_t H = c.hidden, hd = c.head_dim;
-    add("model.embed_tokens.weight", {c.vocab, H});
-    add("model.norm.weight", {H}, true);
-    if (!c.tied) add("lm_head.weight", {c.vocab, H});
-    for (int l = 0; l < c.layers; ++l) {
-        const std::string p = "model.layers." + std::to_string(l) + ".";
-        add(p + "input_layernorm.weight", {H}, true);
-        add(p + "post_attention_layernorm.weight", {H}, true);
-        add(p + "self_attn.q_proj.weight", {c.q_dim(), H});
-        add(p + "self_attn.k_proj.weight", {c.kv_dim(), H});
-        add(p + "self_attn.v_proj.weight", {c.kv_dim(), H});
-        add(p + "self_attn.o_proj.weight", {H, c.q_dim()});
-        if (c.qk_norm) {
-            add(p + "self_attn.q_norm.weight", {hd}, true);
-            add(p + "self_attn.k_norm.weight", {hd}, true);
-        }
-        auto ffn = [&](const std::string& q, int64_t I) {
-            add(q + "gate_proj.weight", {I, H});
-            add(q + "up_proj.weight", {I, H});
-            add(q + "down_proj.weight", {H, I});
-        };
-        if (!c.moe) {
-            ffn(p + "mlp.", c.intermediate);
-            continue;
-        }
-        add(p + "mlp.gate.weight", {c.experts, H});
-        for (int e = 0; e < c.experts; ++e) ffn(p + "mlp.experts." + std::to_string(e) + ".", c.moe_intermediate);
-        for (int s = 0; s < c.shared_experts; ++s)
-            ffn(p + "mlp.shared_experts." + std::to_string(s) + ".", c.moe_intermediate);
-    }
+    const int64_t hd = c.head_dim;
+    ci::for_each_weight(c, [&](const ci::WeightRow& row, int layer, int index) {
+        add(ci::weight_name(row, layer, index), ci::row_shape(c, row), row.rank == 1);  // norm weights around 1
+    });
     // RoPE cache as MiniMind computes it (theta 1e6), frequency i at columns i and i + hd/2.
     std::vector<float>& cos = out.tensors["rope.cos"];
     std::vector<float>& sin = out.tensors["rope.sin"];

@@ -67,56 +67,40 @@ namespace model_file_detail {
 struct Implied {  // one tensor the config implies
     std::string name;
     std::vector<int64_t> shape;
+    const WeightRow* row;
+    int layer;  // -1: not in a layer
 };
 
+// How many tensors a row of the weight table stands for (0 when its feature is off).
+inline int64_t row_instances(const Config& c, const WeightRow& row) {
+    if (!has_feature(c, row.feature)) return 0;
+    return row.scope == Scope::Model ? 1 : int64_t(c.layers) * scope_copies(c, row.scope);
+}
+
 inline int64_t tensors_implied(const Config& c) {
-    const int64_t ffn = c.moe ? 1 + 3 * (int64_t(c.experts) + c.shared_experts) : 3;
-    const int64_t per_layer = 6 + (c.qk_norm ? 2 : 0) + ffn;
-    return 2 + int64_t(c.layers) * per_layer + (c.tied ? 0 : 1);
+    int64_t n = 0;
+    for (const WeightRow& row : kWeightRows) n += row_instances(c, row);
+    return n;
 }
 
 // Elements of all implied weights (the limits keep this far below 2^63; __int128 regardless).
 inline __int128 elements_implied(const Config& c) {
-    const __int128 H = c.hidden, V = c.vocab, q = c.q_dim(), kv = c.kv_dim();
-    __int128 mlp = c.moe ? (__int128(c.experts) + c.shared_experts) * 3 * H * c.moe_intermediate + __int128(c.experts) * H
-                         : 3 * H * c.intermediate;
-    const __int128 per_layer = 2 * H * q + 2 * H * kv + (c.qk_norm ? 2 * c.head_dim : 0) + 2 * H + mlp;
-    return V * H * (c.tied ? 1 : 2) + H + __int128(c.layers) * per_layer;
+    __int128 n = 0;
+    for (const WeightRow& row : kWeightRows) {
+        __int128 numel = row_instances(c, row);
+        for (int d = 0; d < row.rank; ++d) numel *= dim_size(c, row.shape[d]);
+        n += numel;
+    }
+    return n;
 }
 
-// MiniMind state-dict names and shapes (celerinfer_lab.modelfile.weight_shapes). Only called once
-// the file is known to hold about as many entries.
+// MiniMind state-dict names and shapes (celerinfer_lab.modelfile.weight_shapes), from the weight
+// table. Only called once the file is known to hold about as many entries.
 inline std::vector<Implied> weights_implied(const Config& c) {
-    const int64_t H = c.hidden, V = c.vocab;
     std::vector<Implied> out;
-    out.push_back({"model.embed_tokens.weight", {V, H}});
-    auto ffn = [&](const std::string& p, int64_t inter) {
-        out.push_back({p + ".gate_proj.weight", {inter, H}});
-        out.push_back({p + ".up_proj.weight", {inter, H}});
-        out.push_back({p + ".down_proj.weight", {H, inter}});
-    };
-    for (int i = 0; i < c.layers; ++i) {
-        const std::string p = "model.layers." + std::to_string(i);
-        out.push_back({p + ".input_layernorm.weight", {H}});
-        out.push_back({p + ".self_attn.q_proj.weight", {c.q_dim(), H}});
-        out.push_back({p + ".self_attn.k_proj.weight", {c.kv_dim(), H}});
-        out.push_back({p + ".self_attn.v_proj.weight", {c.kv_dim(), H}});
-        out.push_back({p + ".self_attn.o_proj.weight", {H, c.q_dim()}});
-        if (c.qk_norm) {
-            out.push_back({p + ".self_attn.q_norm.weight", {c.head_dim}});
-            out.push_back({p + ".self_attn.k_norm.weight", {c.head_dim}});
-        }
-        out.push_back({p + ".post_attention_layernorm.weight", {H}});
-        if (c.moe) {
-            out.push_back({p + ".mlp.gate.weight", {c.experts, H}});
-            for (int e = 0; e < c.experts; ++e) ffn(p + ".mlp.experts." + std::to_string(e), c.moe_intermediate);
-            for (int s = 0; s < c.shared_experts; ++s) ffn(p + ".mlp.shared_experts." + std::to_string(s), c.moe_intermediate);
-        } else {
-            ffn(p + ".mlp", c.intermediate);
-        }
-    }
-    out.push_back({"model.norm.weight", {H}});
-    if (!c.tied) out.push_back({"lm_head.weight", {V, H}});
+    for_each_weight(c, [&](const WeightRow& row, int layer, int index) {
+        out.push_back({weight_name(row, layer, index), row_shape(c, row), &row, layer});
+    });
     return out;
 }
 
@@ -127,13 +111,12 @@ inline const json& section(const json& doc, const char* key, const std::string& 
     return *v;
 }
 
-// Original CelerInfer names -> MiniMind state-dict names.
-inline const std::vector<std::pair<std::string, std::string>>& v0_layer_names() {
-    static const std::vector<std::pair<std::string, std::string>> names = {
-        {"rms_attn", "input_layernorm.weight"}, {"wq", "self_attn.q_proj.weight"}, {"wk", "self_attn.k_proj.weight"},
-        {"wv", "self_attn.v_proj.weight"},      {"wo", "self_attn.o_proj.weight"}, {"rms_ffn", "post_attention_layernorm.weight"},
-        {"w_gate", "mlp.gate_proj.weight"},     {"w_up", "mlp.up_proj.weight"},    {"w_down", "mlp.down_proj.weight"}};
-    return names;
+// Whether a key is an original CelerInfer name (the weight table's v0) outside weights.layers
+// (Scope::Model) or in a weights.layers entry (any other scope).
+inline bool is_v0_name(Scope where, const std::string& key) {
+    for (const WeightRow& row : kWeightRows)
+        if ((row.scope == Scope::Model) == (where == Scope::Model) && row.v0 && key == row.v0) return true;
+    return false;
 }
 
 // Whether two (not yet checked) tensor objects hold the same dtype, shape and bytes.
@@ -322,12 +305,16 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
     std::optional<bool> tie_override;
     const json* head_dim_fallback = nullptr;
     if (v0) {
+        std::string top;  // the original names outside weights.layers, for the message
+        for (const WeightRow& row : kWeightRows)
+            if (row.scope == Scope::Model && row.v0) top += cat(row.v0, ", ");
         for (auto it = weights.begin(); it != weights.end(); ++it)
-            if (it.key() != "tok_embedding" && it.key() != "final_rms" && it.key() != "lm_head" && it.key() != "layers")
+            if (it.key() != "layers" && !is_v0_name(Scope::Model, it.key()))
                 refuse(where, "unexpected tensor 'weights.", strict_json_detail::printable(it.key()),
-                       "' (the original layout has tok_embedding, final_rms, lm_head and layers)");
-        for (const char* key : {"tok_embedding", "final_rms"})
-            if (!find(weights, key)) refuse(where, "missing tensor '", key, "'");
+                       "' (the original layout has ", top.substr(0, top.size() - 2), " and layers)");
+        for (const WeightRow& row : kWeightRows)  // those every config needs (lm_head: only untied)
+            if (row.scope == Scope::Model && row.v0 && row.feature == Feature::Always && !find(weights, row.v0))
+                refuse(where, "missing tensor '", row.v0, "'");
         v0_layers = find(weights, "layers");
         if (!v0_layers->is_array()) refuse(where, "weights.layers must be a list, got ", type_name(*v0_layers));
         if (meta) head_dim_fallback = find(*meta, "head_dim");
@@ -364,11 +351,9 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
             const json& layer = (*v0_layers)[i];
             const std::string lw = cat(where, ": weights.layers[", i, "]");
             if (!layer.is_object()) refuse(lw, "must be a JSON object, got ", type_name(layer));
-            for (auto it = layer.begin(); it != layer.end(); ++it) {
-                bool known = false;
-                for (const auto& kv : v0_layer_names()) known = known || it.key() == kv.first;
-                if (!known) refuse(lw, "unexpected tensor '", strict_json_detail::printable(it.key()), "'");
-            }
+            for (auto it = layer.begin(); it != layer.end(); ++it)
+                if (!is_v0_name(Scope::Layer, it.key()))
+                    refuse(lw, "unexpected tensor '", strict_json_detail::printable(it.key()), "'");
         }
         if (c.tied && v0_head && !same_tensor(*v0_head, weights["tok_embedding"]))
             refuse(where, "tie_word_embeddings is true but lm_head differs from tok_embedding");
@@ -384,20 +369,14 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
     }
     for (Implied& t : weights_implied(c)) {
         Slot s{t.name, std::move(t.shape), nullptr, "", {}, where, t.name};
-        if (v0) {
-            if (t.name == "model.embed_tokens.weight") s.label = "tok_embedding";
-            else if (t.name == "model.norm.weight") s.label = "final_rms";
-            else if (t.name == "lm_head.weight") s.label = "lm_head";
-            if (s.label != t.name) {
-                s.obj = find(weights, s.label.c_str());
-            } else {  // model.layers.{i}.{rest}; dense, no qk_norm (checked above)
-                const size_t dot = t.name.find('.', 13);
-                const size_t i = size_t(std::stoul(t.name.substr(13, dot - 13)));
-                const std::string rest = t.name.substr(dot + 1);
-                for (const auto& kv : v0_layer_names())
-                    if (kv.second == rest) s.label = kv.first;
-                s.section = cat(where, ": weights.layers[", i, "]");
-                s.obj = find((*v0_layers)[i], s.label.c_str());
+        if (v0) {  // dense, no qk_norm (checked above): each weight the table implies has an original name
+            if (!t.row->v0) refuse(where, "the original layout has no name for tensor '", t.name, "'");
+            s.label = t.row->v0;
+            if (t.layer < 0) {
+                s.obj = find(weights, t.row->v0);
+            } else {
+                s.section = cat(where, ": weights.layers[", t.layer, "]");
+                s.obj = find((*v0_layers)[size_t(t.layer)], t.row->v0);
             }
         } else {
             s.obj = find(weights, t.name.c_str());

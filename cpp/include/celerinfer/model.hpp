@@ -1,11 +1,13 @@
 // The model: its config and a view of its weights. Weights are not owned: they point into
 // buffers the caller keeps alive (numpy arrays from Python, vectors in base_line_micro).
 // Matrices are in nn.Linear [out_features, in_features] order, contiguous row-major.
+// Which weights a config implies, their names, shapes and slots: weight_table.hpp, generated from
+// celerinfer_lab/schema.py; bind, check_complete and for_each_linear walk it (no list of names here).
 #pragma once
 #include <algorithm>
 #include <cstddef>
-#include <initializer_list>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -64,6 +66,8 @@ struct LayerWeights {
     std::vector<FFNWeights> experts, shared_experts;
 };
 
+struct WeightRow;  // a row of the weight table (weight_table.hpp, generated from celerinfer_lab/schema.py)
+
 struct Model {
     Config config;
     const float* embed = nullptr;       // [vocab, H]
@@ -84,125 +88,27 @@ struct Model {
 
     // Point the tensor named by MiniMind's state-dict key (or "rope.cos" / "rope.sin") at data.
     // shape must be the one the config implies; unknown names and wrong shapes throw.
-    void bind(const std::string& name, const float* data, const std::vector<int64_t>& shape) {
-        CI_CHECK(data != nullptr, "tensor '", name, "': null data");
-        const Config& c = config;
-        const int64_t H = c.hidden;
-        auto slot = [&](const float*& target, std::initializer_list<int64_t> expected) {
-            if (!std::equal(shape.begin(), shape.end(), expected.begin(), expected.end()))
-                fail("tensor '", name, "' has shape ", shape_str(shape), ", the config implies ",
-                     shape_str(std::vector<int64_t>(expected)));
-            target = data;
-        };
-        if (name == "model.embed_tokens.weight") return slot(embed, {c.vocab, H});
-        if (name == "model.norm.weight") return slot(final_norm, {H});
-        if (name == "lm_head.weight") return slot(lm_head, {c.vocab, H});
-        if (name == "rope.cos") return slot(rope_cos, {c.max_pos, c.head_dim});
-        if (name == "rope.sin") return slot(rope_sin, {c.max_pos, c.head_dim});
-        const std::string prefix = "model.layers.";
-        CI_CHECK(name.compare(0, prefix.size(), prefix) == 0, "unknown tensor '", name, "'");
-        size_t pos = prefix.size(), end = name.find('.', pos);
-        CI_CHECK(end != std::string::npos, "unknown tensor '", name, "'");
-        int l = parse_index(name, pos, end);
-        CI_CHECK(l >= 0 && l < c.layers, "tensor '", name, "': layer ", l, " out of range (", c.layers, " layers)");
-        LayerWeights& L = layers[l];
-        const std::string rest = name.substr(end + 1);
-        const int64_t q = c.q_dim(), kv = c.kv_dim(), I = c.intermediate, hd = c.head_dim;
-        if (rest == "input_layernorm.weight") return slot(L.input_norm, {H});
-        if (rest == "post_attention_layernorm.weight") return slot(L.post_norm, {H});
-        if (rest == "self_attn.q_proj.weight") return slot(L.wq, {q, H});
-        if (rest == "self_attn.k_proj.weight") return slot(L.wk, {kv, H});
-        if (rest == "self_attn.v_proj.weight") return slot(L.wv, {kv, H});
-        if (rest == "self_attn.o_proj.weight") return slot(L.wo, {H, q});
-        if (c.qk_norm && rest == "self_attn.q_norm.weight") return slot(L.q_norm, {hd});
-        if (c.qk_norm && rest == "self_attn.k_norm.weight") return slot(L.k_norm, {hd});
-        if (!c.moe) {
-            if (rest == "mlp.gate_proj.weight") return slot(L.ffn.gate, {I, H});
-            if (rest == "mlp.up_proj.weight") return slot(L.ffn.up, {I, H});
-            if (rest == "mlp.down_proj.weight") return slot(L.ffn.down, {H, I});
-            fail("unknown tensor '", name, "'");
-        }
-        if (rest == "mlp.gate.weight") return slot(L.router, {c.experts, H});
-        for (const char* group : {"mlp.experts.", "mlp.shared_experts."}) {
-            const std::string g = group;
-            if (rest.compare(0, g.size(), g) != 0) continue;
-            size_t e_end = rest.find('.', g.size());
-            CI_CHECK(e_end != std::string::npos, "unknown tensor '", name, "'");
-            int e = parse_index(rest, g.size(), e_end);
-            auto& list = g == "mlp.experts." ? L.experts : L.shared_experts;
-            CI_CHECK(e >= 0 && e < int(list.size()), "tensor '", name, "': expert ", e, " out of range");
-            const std::string proj = rest.substr(e_end + 1);
-            const int64_t Im = c.moe_intermediate;
-            if (proj == "gate_proj.weight") return slot(list[e].gate, {Im, H});
-            if (proj == "up_proj.weight") return slot(list[e].up, {Im, H});
-            if (proj == "down_proj.weight") return slot(list[e].down, {H, Im});
-        }
-        fail("unknown tensor '", name, "'");
-    }
+    void bind(const std::string& name, const float* data, const std::vector<int64_t>& shape);
 
-    // Throw naming the first tensor that was never bound.
-    void check_complete() const {
-        auto need = [](const float* p, const std::string& what) {
-            CI_CHECK(p != nullptr, "missing tensor '", what, "'");
-        };
-        need(embed, "model.embed_tokens.weight");
-        need(final_norm, "model.norm.weight");
-        need(rope_cos, "rope.cos");
-        need(rope_sin, "rope.sin");
-        if (!config.tied) need(lm_head, "lm_head.weight");
-        for (int l = 0; l < config.layers; ++l) {
-            const LayerWeights& L = layers[l];
-            const std::string p = "model.layers." + std::to_string(l) + ".";
-            need(L.input_norm, p + "input_layernorm.weight");
-            need(L.wq, p + "self_attn.q_proj.weight");
-            need(L.wk, p + "self_attn.k_proj.weight");
-            need(L.wv, p + "self_attn.v_proj.weight");
-            need(L.wo, p + "self_attn.o_proj.weight");
-            if (config.qk_norm) {
-                need(L.q_norm, p + "self_attn.q_norm.weight");
-                need(L.k_norm, p + "self_attn.k_norm.weight");
-            }
-            need(L.post_norm, p + "post_attention_layernorm.weight");
-            auto need_ffn = [&](const FFNWeights& f, const std::string& q) {
-                need(f.gate, q + "gate_proj.weight");
-                need(f.up, q + "up_proj.weight");
-                need(f.down, q + "down_proj.weight");
-            };
-            if (!config.moe) {
-                need_ffn(L.ffn, p + "mlp.");
-                continue;
-            }
-            need(L.router, p + "mlp.gate.weight");
-            for (size_t e = 0; e < L.experts.size(); ++e) need_ffn(L.experts[e], p + "mlp.experts." + std::to_string(e) + ".");
-            for (size_t s = 0; s < L.shared_experts.size(); ++s)
-                need_ffn(L.shared_experts[s], p + "mlp.shared_experts." + std::to_string(s) + ".");
-        }
-    }
+    // Throw naming the first tensor (in file order) that was never bound.
+    void check_complete() const;
 
     const float* head() const { return config.tied ? embed : lm_head; }
 
     // f(W, out, in) for every nn.Linear weight of the model (kernel sets pack them once).
     template <class F>
-    void for_each_linear(F&& f) const {
-        const Config& c = config;
-        auto ffn = [&](const FFNWeights& w, int inter) {
-            f(w.gate, inter, c.hidden); f(w.up, inter, c.hidden); f(w.down, c.hidden, inter);
-        };
-        for (const LayerWeights& L : layers) {
-            f(L.wq, c.q_dim(), c.hidden); f(L.wk, c.kv_dim(), c.hidden); f(L.wv, c.kv_dim(), c.hidden);
-            f(L.wo, c.hidden, c.q_dim());
-            if (!c.moe) {
-                ffn(L.ffn, c.intermediate);
-                continue;
-            }
-            f(L.router, c.experts, c.hidden);
-            for (const FFNWeights& e : L.experts) ffn(e, c.moe_intermediate);
-            for (const FFNWeights& e : L.shared_experts) ffn(e, c.moe_intermediate);
-        }
-        f(head(), c.vocab, c.hidden);
-    }
+    void for_each_linear(F&& f) const;
 
 private:
+    struct Found {  // a row of the weight table and which copy of it a name refers to
+        const WeightRow* row = nullptr;
+        int layer = -1, index = -1;
+    };
+    Found find_weight(const std::string& name) const;
+    void bind_slot(const std::string& name, const float*& target, const float* data, const std::vector<int64_t>& shape,
+                   const std::vector<int64_t>& expected);
+    template <class M>
+    static auto& slot_of(M& m, const WeightRow& row, int layer, int index);
     static std::string shape_str(const std::vector<int64_t>& shape) {
         std::string out = "[";
         for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
@@ -218,5 +124,132 @@ private:
         return v;
     }
 };
+
+}  // namespace CELERINFER_NS
+
+#include "weight_table.hpp"
+
+namespace CELERINFER_NS {
+
+// visit(row, layer, index) for every weight a config implies, in file order (layer and index -1
+// where the row's scope has none): model rows before and after one block of per-layer rows, and
+// within a layer, an expert scope's consecutive rows once per expert.
+template <class Visit>
+void for_each_weight(const Config& c, Visit&& visit) {
+    const int n = int(std::size(kWeightRows));
+    int i = 0;
+    for (; i < n && kWeightRows[i].scope == Scope::Model; ++i)
+        if (has_feature(c, kWeightRows[i].feature)) visit(kWeightRows[i], -1, -1);
+    const int block = i;
+    while (i < n && kWeightRows[i].scope != Scope::Model) ++i;
+    for (int l = 0; l < c.layers; ++l)
+        for (int run = block; run < i;) {
+            int end = run + 1;
+            while (end < i && kWeightRows[end].scope == kWeightRows[run].scope) ++end;
+            const bool indexed = kScopes[int(kWeightRows[run].scope)].indexed;
+            for (int64_t e = 0; e < scope_copies(c, kWeightRows[run].scope); ++e)
+                for (int r = run; r < end; ++r)
+                    if (has_feature(c, kWeightRows[r].feature)) visit(kWeightRows[r], l, indexed ? int(e) : -1);
+            run = end;
+        }
+    for (; i < n; ++i)
+        if (has_feature(c, kWeightRows[i].feature)) visit(kWeightRows[i], -1, -1);
+}
+
+// The shape a row has under a config.
+inline std::vector<int64_t> row_shape(const Config& c, const WeightRow& row) {
+    std::vector<int64_t> shape;
+    for (int d = 0; d < row.rank; ++d) shape.push_back(dim_size(c, row.shape[d]));
+    return shape;
+}
+
+// The state-dict name of a row's copy (layer, index: as for_each_weight gives them).
+inline std::string weight_name(const WeightRow& row, int layer, int index) {
+    if (row.scope == Scope::Model) return row.suffix;
+    std::string name = "model.layers." + std::to_string(layer) + "." + kScopes[int(row.scope)].in_layer;
+    if (index >= 0) name += std::to_string(index) + ".";
+    return name + row.suffix;
+}
+
+template <class M>
+auto& Model::slot_of(M& m, const WeightRow& row, int layer, int index) {
+    switch (row.scope) {
+        case Scope::Model: return m.*row.model_slot;
+        case Scope::Layer: return m.layers[layer].*row.layer_slot;
+        case Scope::Mlp: return m.layers[layer].ffn.*row.ffn_slot;
+        case Scope::Expert: return m.layers[layer].experts[index].*row.ffn_slot;
+        case Scope::SharedExpert: return m.layers[layer].shared_experts[index].*row.ffn_slot;
+    }
+    fail("weight table: bad scope");
+}
+
+// The row a name refers to: "model.layers.{l}." + the scope's part (+ "{index}.") + the row's suffix,
+// or a model row's suffix. Throws for unknown names and indices past the config's sizes.
+inline Model::Found Model::find_weight(const std::string& name) const {
+    static const std::string prefix = "model.layers.";
+    if (name.compare(0, prefix.size(), prefix) != 0) {
+        for (const WeightRow& row : kWeightRows)
+            if (row.scope == Scope::Model && name == row.suffix) return {&row, -1, -1};
+        fail("unknown tensor '", name, "'");
+    }
+    const size_t end = name.find('.', prefix.size());
+    CI_CHECK(end != std::string::npos, "unknown tensor '", name, "'");
+    const int l = parse_index(name, prefix.size(), end);
+    CI_CHECK(l >= 0 && l < config.layers, "tensor '", name, "': layer ", l, " out of range (", config.layers, " layers)");
+    const std::string rest = name.substr(end + 1);
+    for (const WeightRow& row : kWeightRows) {
+        if (row.scope == Scope::Model) continue;
+        const std::string part = kScopes[int(row.scope)].in_layer;
+        if (rest.compare(0, part.size(), part) != 0) continue;
+        if (!kScopes[int(row.scope)].indexed) {
+            if (rest.compare(part.size(), std::string::npos, row.suffix) == 0) return {&row, l, -1};
+            continue;
+        }
+        const size_t dot = rest.find('.', part.size());  // an expert scope: "{index}." comes first
+        if (dot == std::string::npos || rest.compare(dot + 1, std::string::npos, row.suffix) != 0) continue;
+        return {&row, l, parse_index(rest, part.size(), dot)};
+    }
+    fail("unknown tensor '", name, "'");
+}
+
+inline void Model::bind_slot(const std::string& name, const float*& target, const float* data,
+                             const std::vector<int64_t>& shape, const std::vector<int64_t>& expected) {
+    if (shape != expected)
+        fail("tensor '", name, "' has shape ", shape_str(shape), ", the config implies ", shape_str(expected));
+    target = data;
+}
+
+inline void Model::bind(const std::string& name, const float* data, const std::vector<int64_t>& shape) {
+    CI_CHECK(data != nullptr, "tensor '", name, "': null data");
+    const Config& c = config;
+    if (name == "rope.cos" || name == "rope.sin")  // the RoPE cache: not a weight of the file's table
+        return bind_slot(name, name == "rope.cos" ? rope_cos : rope_sin, data, shape, {c.max_pos, c.head_dim});
+    const Found w = find_weight(name);
+    const WeightRow& row = *w.row;
+    CI_CHECK(has_feature(c, row.feature), "unknown tensor '", name, "' (a weight only when ", feature_rule(row.feature),
+             ")");
+    if (w.index >= 0) {
+        const int64_t n = scope_copies(c, row.scope);
+        CI_CHECK(w.index < n, "tensor '", name, "': ", kScopes[int(row.scope)].label, " ", w.index, " out of range (", n,
+                 " ", kScopes[int(row.scope)].label, "s)");
+    }
+    bind_slot(name, slot_of(*this, row, w.layer, w.index), data, shape, row_shape(c, row));
+}
+
+inline void Model::check_complete() const {
+    for_each_weight(config, [&](const WeightRow& row, int layer, int index) {
+        CI_CHECK(slot_of(*this, row, layer, index) != nullptr, "missing tensor '", weight_name(row, layer, index), "'");
+    });
+    CI_CHECK(rope_cos != nullptr, "missing tensor 'rope.cos'");
+    CI_CHECK(rope_sin != nullptr, "missing tensor 'rope.sin'");
+}
+
+template <class F>
+void Model::for_each_linear(F&& f) const {
+    for_each_weight(config, [&](const WeightRow& row, int layer, int index) {
+        if (row.linear) f(slot_of(*this, row, layer, index), int(dim_size(config, row.shape[0])), int(dim_size(config, row.shape[1])));
+    });
+    if (head() != lm_head) f(head(), config.vocab, config.hidden);  // the tied head is the embedding, read as a linear
+}
 
 }  // namespace CELERINFER_NS
