@@ -159,7 +159,7 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
 // accumulators: three FMAs per broadcast). Work is split over the thread pool by panel triples
 // and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
 // equal shares.
-inline void gemm(float* y, const float* x, const PackedMatrix& W, int rows) {
+inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = (W.panels + 2) / 3;
     const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
     // Below these sizes a dispatch costs more than it saves; decode (few rows) is bound by
@@ -372,7 +372,7 @@ struct FastKernels {
 
     void prepare_linear(const float* W, int out, int in) { weights.add(W, out, in); }
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
-        fast::gemm(y, x, weights.at(W, out, in), rows);
+        fast::linear(y, x, weights.at(W, out, in), rows);
     }
     void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const {
         fast::rmsnorm(y, x, w, rows, n, eps);
