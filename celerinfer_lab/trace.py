@@ -38,10 +38,6 @@ SYMBOLS: dict[str, tuple[str | None, str]] = {
     "V": ("vocab_size", "d.config.vocab"),
 }
 
-# Which models have a point: every model, or only those with the feature. "shared_expert" points
-# repeat once per shared expert, named with its index.
-FEATURES = ("always", "qk_norm", "dense", "moe", "shared_expert")
-
 
 @dataclass(frozen=True)
 class PointSpec:
@@ -53,6 +49,8 @@ class PointSpec:
     shape: tuple[str, ...]  # symbols, one per axis
     doc: str
     in_layer: bool = True
+    # Which models have the point: "always", or "qk_norm" / "dense" / "moe" / "shared_expert" (has_feature);
+    # a "shared_expert" point repeats once per shared expert, its name ending in the expert's index.
     feature: str = "always"
     dtype: str = "float"  # "float" (the forward's float type) or "int64"
     token_axis: int = 1  # the axis of token positions (2 for attention [B, nh, query, key]); axis 0 is batch
