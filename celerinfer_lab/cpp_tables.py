@@ -1,17 +1,20 @@
-"""Write the C++ headers generated from Python tables: ``python -m celerinfer_lab.cpp_tables``.
+"""The C++ headers generated from Python tables, and the command that writes them.
 
 Each entry of ``GENERATED`` is a header under cpp/include/celerinfer/ and the function that returns
-its text; tests/test_schema.py checks that the committed files equal what these return.
+its text: ``weight_table.hpp`` from schema.py (rendered here), ``trace_points.hpp`` from trace.py.
+``python -m celerinfer_lab.cpp_tables`` rewrites them all; tests/test_schema.py and
+tests/test_trace_schema.py fail while a committed header differs from its generator's output.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import schema
 from .paths import DEFAULT_CPP_DIR
+from .trace import trace_points_header
 
 GENERATED_DIR = DEFAULT_CPP_DIR / "include" / "celerinfer"
 
@@ -130,16 +133,33 @@ def weight_table_header() -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATED = {"weight_table.hpp": weight_table_header}
+GENERATED: dict[str, Callable[[], str]] = {
+    "weight_table.hpp": weight_table_header,
+    "trace_points.hpp": trace_points_header,
+}
 
 
-def main() -> None:
-    for name, text_of in GENERATED.items():
-        path = GENERATED_DIR / name
-        tmp = Path(f"{path}.tmp{os.getpid()}")
-        tmp.write_text(text_of())
-        os.replace(tmp, path)  # atomic: a compile running meanwhile reads the old or the new table
-        print(f"wrote {path}", file=sys.stderr)
+def header_path(name: str, cpp_dir: Path = DEFAULT_CPP_DIR) -> Path:
+    return cpp_dir / "include" / "celerinfer" / name
+
+
+def stale_headers(cpp_dir: Path = DEFAULT_CPP_DIR) -> list[str]:
+    """The generated headers whose file under ``cpp_dir`` differs from their generator's output."""
+    stale = []
+    for name, generate in GENERATED.items():
+        path = header_path(name, cpp_dir)
+        if not path.is_file() or path.read_text() != generate():
+            stale.append(name)
+    return stale
+
+
+def main(cpp_dir: Path = DEFAULT_CPP_DIR) -> None:
+    for name, generate in GENERATED.items():
+        path = header_path(name, cpp_dir)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a build never reads half a header
+        tmp.write_text(generate())
+        os.replace(tmp, path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -165,11 +165,11 @@ CATALOGUE: list[Fault] = [
     ),
     Fault(
         "rope_start_ignored",
-        "decode rotates the new tokens as if they were at position 0 (rope_at drops `start`)",
+        "decode rotates the new tokens as if they were at position 0 (rope drops `start`)",
         _edit(
             "ops.hpp",
-            "rope(x, cos + size_t(start) * hd, sin + size_t(start) * hd, B, T, n_heads, hd, interleaved);",
-            "rope(x, cos, sin, B, T, n_heads, hd, interleaved);",
+            "            const float* c = cos + size_t(start + s) * hd;\n            const float* sn = sin + size_t(start + s) * hd;",
+            "            const float* c = cos + size_t(s) * hd;\n            const float* sn = sin + size_t(s) * hd;",
         ),
         BOTH,
         L0 + "self_attn.rope_q",
@@ -277,13 +277,13 @@ CATALOGUE: list[Fault] = [
         _edit(
             "readable.hpp",
             "        softmax(scores, int(rows), d.P);\n",
-            "        for (size_t blk = 0; blk < rows / d.T; ++blk)  // down each column of a (b, h) block\n"
+            "        for (size_t blk = 0; blk < rows / d.S; ++blk)  // down each column of a (b, h) block\n"
             "            for (int j = 0; j < d.P; ++j) {\n"
-            "                float* col = scores + blk * d.T * d.P + j;\n"
+            "                float* col = scores + blk * d.S * d.P + j;\n"
             "                float max = col[0], sum = 0.0f;\n"
-            "                for (int i = 1; i < d.T; ++i) max = col[size_t(i) * d.P] > max ? col[size_t(i) * d.P] : max;\n"
-            "                for (int i = 0; i < d.T; ++i) sum += (col[size_t(i) * d.P] = std::exp(col[size_t(i) * d.P] - max));\n"
-            "                for (int i = 0; i < d.T; ++i) col[size_t(i) * d.P] /= sum;\n"
+            "                for (int i = 1; i < d.S; ++i) max = col[size_t(i) * d.P] > max ? col[size_t(i) * d.P] : max;\n"
+            "                for (int i = 0; i < d.S; ++i) sum += (col[size_t(i) * d.P] = std::exp(col[size_t(i) * d.P] - max));\n"
+            "                for (int i = 0; i < d.S; ++i) col[size_t(i) * d.P] /= sum;\n"
             "            }\n",
         ),
         ("readable",),
@@ -312,11 +312,11 @@ CATALOGUE: list[Fault] = [
     ),
     Fault(
         "context_layout_transposed",
-        "the context is written [B, heads, T, hd] where o_proj reads [B, T, heads, hd]",
+        "the context is written [B, heads, S, hd] where o_proj reads [B, S, heads, hd]",
         _edit(
             "ops.hpp",
-            "float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
-            "float* out = context + ((size_t(b) * d.heads + h) * d.T + i) * d.hd;",
+            "float* out = context + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;",
+            "float* out = context + ((size_t(b) * d.heads + h) * d.S + i) * d.hd;",
         ),
         ("readable",),
         L0 + "self_attn.context",
@@ -488,7 +488,7 @@ CATALOGUE: list[Fault] = [
         _edit(
             "fast.hpp",
             "        cache_store(ws.layer_v(layer), v, d);\n    }\n    void attention(",
-            "        cache_store(ws.layer_v(layer), v, AttnDims{d.B, d.T, d.T, d.max_len, d.heads, d.kv_heads, d.hd});\n"
+            "        cache_store(ws.layer_v(layer), v, AttnDims{d.B, d.S, d.S, d.max_len, d.heads, d.kv_heads, d.hd});\n"
             "    }\n    void attention(",
         ),
         ("fast",),

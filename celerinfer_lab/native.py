@@ -264,10 +264,10 @@ class NativeModel:
         self.config.validate(seq_len=int(ids.shape[1]))
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 
-    def workspace(self, B: int, T: int, max_len: int | None = None):
-        key = (B, T, max_len or T)
+    def workspace(self, B: int, S: int, max_len: int | None = None):
+        key = (B, S, max_len or S)
         if key not in self._workspaces:
-            self._workspaces[key] = _call("workspace", self.ns.Workspace, self.cpp.config, B, T, max_len or T)
+            self._workspaces[key] = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, max_len or S)
         return self._workspaces[key]
 
     def run(
@@ -275,11 +275,11 @@ class NativeModel:
     ) -> None:
         """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
         ``start``: tokens already in ``workspace``'s KV cache (decode)."""
-        B, T = ids.shape
+        B, S = ids.shape
         self.model.check_sidecar()  # a sidecar truncated under the model: an error here, not SIGBUS in C++
         sink = recorder if recorder is not None else _cppyy().nullptr
         with self._lock:
-            ws = workspace if workspace is not None else self.workspace(B, T)
+            ws = workspace if workspace is not None else self.workspace(B, S)
             _call(
                 f"forward ({self.kernels} kernels)",
                 self.ns.run_forward,
@@ -287,7 +287,7 @@ class NativeModel:
                 self.cpp,
                 ids,
                 mask,
-                T,
+                S,
                 start,
                 ws,
                 logits,
@@ -374,18 +374,18 @@ class NativeModel:
             self._decode_locked(forwards, ids, mask, next_token, trace, teachers)
 
     def _decode_locked(self, forwards: int, ids, mask, next_token, trace: bool, teachers) -> None:
-        B, S = ids.shape
-        ws = self.workspace(B, S, S + forwards - 1)
+        B, prompt_len = ids.shape
+        ws = self.workspace(B, prompt_len, prompt_len + forwards - 1)
         start = 0
         for step in range(forwards):
-            T = ids.shape[1]
-            logits, guarded = _guarded_logits(B, T, self.config.vocab_size)
-            recorder = self._recorder(trace, teachers[step] if teachers else None, B, T, start)
+            S = ids.shape[1]  # new tokens this step: the prompt, then one
+            logits, guarded = _guarded_logits(B, S, self.config.vocab_size)
+            recorder = self._recorder(trace, teachers[step] if teachers else None, B, S, start)
             self.run(ids, mask, logits, recorder, start=start, workspace=ws)
             _check_guard(guarded, logits.size)
-            points = _read_trace(recorder, self.config, B, T, start) if trace else None
+            points = _read_trace(recorder, self.config, B, S, start) if trace else None
             ids = next_token(step, logits, points)
-            start += T
+            start += S
             if ids is None or step == forwards - 1:
                 break
             ids = np.ascontiguousarray(ids, dtype=np.int64)  # a column slice is not contiguous
@@ -396,13 +396,13 @@ _GUARD = 16
 _SENTINEL = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]  # a NaN payload no workspace guard uses
 
 
-def _guarded_logits(B: int, T: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [B, T, vocab] inside a buffer with a guard tail. NaN-filled: a forward that never
+def _guarded_logits(B: int, S: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [B, S, vocab] inside a buffer with a guard tail. NaN-filled: a forward that never
     writes its output shows up as NaN, not as plausible zeros."""
-    n = B * T * vocab
+    n = B * S * vocab
     buffer = np.full(n + _GUARD, np.nan, dtype=np.float32)
     buffer[n:] = _SENTINEL
-    return buffer[:n].reshape(B, T, vocab), buffer
+    return buffer[:n].reshape(B, S, vocab), buffer
 
 
 def _check_guard(buffer: np.ndarray, n: int) -> None:

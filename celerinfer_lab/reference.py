@@ -8,12 +8,14 @@ them. Every line below is a MiniMind operation in MiniMind's order and precision
 * grouped-query attention: query head j reads kv head j // (heads / kv_heads);
 * scores = q.k / sqrt(head_dim) + causal -inf above the diagonal + (1 - mask) * -1e9, so a row
   whose every key is masked stays finite; softmax in float32 (or wider);
-* SwiGLU ``down(silu(gate(x)) * up(x))``, or MoE (softmax router, top-k, optional
+* the MLP ``down(swiglu(gate(x), up(x)))`` with ``swiglu(g, u) = silu(g) * u``, or MoE (softmax router, top-k, optional
   renormalisation, experts summed in expert order, shared experts added with weight 1);
 * final RMSNorm and a tied or untied lm_head.
 
 ``dtype=torch.float64`` runs the same math in double precision: the oracle later issues use to
-set error floors. The trace (``trace=True``) records every point of ``trace.trace_points``.
+set error floors. The trace (``trace=True``) records every point of ``trace.trace_points``, each
+through its ``trace.Point`` (``tr(Point.rope_q, value, layer)``): no name is spelled here. Function
+names are the C++ ones (README "One name per concept"): ``rmsnorm``, ``rope``, ``swiglu``, ``mlp``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .modelfile import Model
-from .trace import ForwardResult  # noqa: F401  (defined in trace.py, re-exported here)
+from .trace import ForwardResult, Point, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
 
 class _Tracer:
-    """Collects named op outputs; a disabled tracer records nothing and copies nothing.
+    """Collects op outputs under their trace names; a disabled tracer records nothing and copies nothing.
 
     With a teacher (trace point name -> value), each op's output is recorded and then replaced by
     the teacher's value, so the next op runs on the teacher's inputs: the recorded value is the
@@ -42,9 +44,12 @@ class _Tracer:
         self.points: dict[str, torch.Tensor] | None = {} if enabled or teacher else None
         self.teacher = teacher
 
-    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, point: Point, value: torch.Tensor, layer: int | None = None, index: int | None = None
+    ) -> torch.Tensor:
         if self.points is None:
             return value
+        name = point_name(point, layer, index)
         self.points[name] = value.detach().clone()
         if self.teacher is not None and name in self.teacher:
             return self.teacher[name].to(value.dtype).reshape(value.shape)
@@ -56,7 +61,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(_compute_dtype(x.dtype))
     return (weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).type_as(x)
 
@@ -66,8 +71,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
-    """x [B, S, n, hd]; cos/sin [S, hd] with the halves concatenated."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str) -> torch.Tensor:
+    """x [B, S, n, hd] rotated; cos/sin [S, hd] (the new tokens' rows) with the halves concatenated."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     if pairing == "half":
         return (x * cos + rotate_half(x) * sin).to(x.dtype)
@@ -86,18 +91,25 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(B, S, kvh, n_rep, hd).reshape(B, S, kvh * n_rep, hd)
 
 
-def swiglu(
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation, silu(gate) * up, elementwise."""
+    return F.silu(gate) * up
+
+
+def mlp(
     x: torch.Tensor,
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     tr: _Tracer | None = None,
-    prefix: str = "",
+    layer: int | None = None,
 ) -> torch.Tensor:
-    trace = tr if tr is not None else (lambda _name, value: value)
-    gate = trace(f"{prefix}.gate_proj", F.linear(x, w_gate))
-    up = trace(f"{prefix}.up_proj", F.linear(x, w_up))
-    act = trace(f"{prefix}.act", F.silu(gate) * up)
+    """The whole feed-forward, down(swiglu(gate(x), up(x))); traces gate/up/act of ``layer`` when given ``tr``
+    (experts are not traced one by one)."""
+    trace = tr if tr is not None else (lambda _point, value, _layer: value)
+    gate = trace(Point.gate_proj, F.linear(x, w_gate), layer)
+    up = trace(Point.up_proj, F.linear(x, w_up), layer)
+    act = trace(Point.act, swiglu(gate, up), layer)
     return F.linear(act, w_down)
 
 
@@ -174,34 +186,26 @@ class ReferenceModel:
                 f"attention_mask has shape {list(mask.shape)}, expected [batch, past + new] = "
                 f"{[ids.shape[0], start + ids.shape[1]]}"
             )
-        h = tr("model.embed_tokens", F.embedding(ids, w["model.embed_tokens.weight"]))
+        h = tr(Point.embed_tokens, F.embedding(ids, w["model.embed_tokens.weight"]))
         cos, sin = self.rope_cos[start : start + ids.shape[1]], self.rope_sin[start : start + ids.shape[1]]
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}"
-            x = tr(f"{p}.input_layernorm", rms_norm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps))
-            attn = self._attention(x, mask, cos, sin, p, tr, cache, i)
-            h = tr(f"{p}.attn_residual", h + attn)
+            x = tr(Point.input_layernorm, rmsnorm(h, w[f"{p}.input_layernorm.weight"], cfg.rms_norm_eps), i)
+            attn = self._attention(x, mask, cos, sin, tr, cache, i)
+            h = tr(Point.attn_residual, h + attn, i)
             x = tr(
-                f"{p}.post_attention_layernorm",
-                rms_norm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps),
+                Point.post_attention_layernorm,
+                rmsnorm(h, w[f"{p}.post_attention_layernorm.weight"], cfg.rms_norm_eps),
+                i,
             )
             if cfg.use_moe:
-                mlp = self._moe(x, f"{p}.mlp", tr)
+                y = self._moe(x, tr, i)
             else:
-                mlp = tr(
-                    f"{p}.mlp.down_proj",
-                    swiglu(
-                        x,
-                        w[f"{p}.mlp.gate_proj.weight"],
-                        w[f"{p}.mlp.up_proj.weight"],
-                        w[f"{p}.mlp.down_proj.weight"],
-                        tr,
-                        f"{p}.mlp",
-                    ),
-                )
-            h = tr(p, h + mlp)
-        h = tr("model.norm", rms_norm(h, w["model.norm.weight"], cfg.rms_norm_eps))
-        logits = tr("lm_head", F.linear(h, w["lm_head.weight"]))
+                weights = (w[f"{p}.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+                y = tr(Point.down_proj, mlp(x, *weights, tr, i), i)
+            h = tr(Point.block, h + y, i)
+        h = tr(Point.norm, rmsnorm(h, w["model.norm.weight"], cfg.rms_norm_eps))
+        logits = tr(Point.lm_head, F.linear(h, w["lm_head.weight"]))
         return logits, tr.points
 
     def _inputs(self, input_ids, attention_mask, past: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,19 +233,20 @@ class ReferenceModel:
             )
         return ids, mask
 
-    def _attention(self, x, mask, cos, sin, p: str, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
-        cfg, w = self.config, self.w
+    def _attention(self, x, mask, cos, sin, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
+        cfg, w, i = self.config, self.w, layer
+        p = f"model.layers.{layer}.self_attn"
         B, S, _ = x.shape
         nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = tr(f"{p}.self_attn.q_proj", F.linear(x, w[f"{p}.self_attn.q_proj.weight"]))
-        k = tr(f"{p}.self_attn.k_proj", F.linear(x, w[f"{p}.self_attn.k_proj.weight"]))
-        v = tr(f"{p}.self_attn.v_proj", F.linear(x, w[f"{p}.self_attn.v_proj.weight"]))
+        q = tr(Point.q_proj, F.linear(x, w[f"{p}.q_proj.weight"]), i)
+        k = tr(Point.k_proj, F.linear(x, w[f"{p}.k_proj.weight"]), i)
+        v = tr(Point.v_proj, F.linear(x, w[f"{p}.v_proj.weight"]), i)
         q, k, v = q.view(B, S, nh, hd), k.view(B, S, kvh, hd), v.view(B, S, kvh, hd)
         if cfg.qk_norm:
-            q = tr(f"{p}.self_attn.q_norm", rms_norm(q, w[f"{p}.self_attn.q_norm.weight"], cfg.rms_norm_eps))
-            k = tr(f"{p}.self_attn.k_norm", rms_norm(k, w[f"{p}.self_attn.k_norm.weight"], cfg.rms_norm_eps))
-        q = tr(f"{p}.self_attn.rope_q", apply_rope(q, cos, sin, cfg.rope_pairing))
-        k = tr(f"{p}.self_attn.rope_k", apply_rope(k, cos, sin, cfg.rope_pairing))
+            q = tr(Point.q_norm, rmsnorm(q, w[f"{p}.q_norm.weight"], cfg.rms_norm_eps), i)
+            k = tr(Point.k_norm, rmsnorm(k, w[f"{p}.k_norm.weight"], cfg.rms_norm_eps), i)
+        q = tr(Point.rope_q, rope(q, cos, sin, cfg.rope_pairing), i)
+        k = tr(Point.rope_k, rope(k, cos, sin, cfg.rope_pairing), i)
         if cache is not None:  # decode: the new keys/values join the cached ones
             if layer < len(cache.keys):
                 k, v = torch.cat([cache.keys[layer], k], dim=1), torch.cat([cache.values[layer], v], dim=1)
@@ -257,13 +262,14 @@ class ReferenceModel:
         causal[:, -S:] = torch.full((S, S), float("-inf"), dtype=scores.dtype).triu(1)
         scores = scores + causal
         scores = scores + (1.0 - mask[:, None, None, :].to(scores.dtype)) * -1e9
-        scores = tr(f"{p}.self_attn.scores", scores)
-        probs = tr(f"{p}.self_attn.probs", F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).type_as(q))
-        context = tr(f"{p}.self_attn.context", (probs @ v).transpose(1, 2).reshape(B, S, nh * hd))
-        return tr(f"{p}.self_attn.o_proj", F.linear(context, w[f"{p}.self_attn.o_proj.weight"]))
+        scores = tr(Point.scores, scores, i)
+        probs = tr(Point.probs, F.softmax(scores.to(_compute_dtype(scores.dtype)), dim=-1).type_as(q), i)
+        context = tr(Point.context, (probs @ v).transpose(1, 2).reshape(B, S, nh * hd), i)
+        return tr(Point.o_proj, F.linear(context, w[f"{p}.o_proj.weight"]), i)
 
-    def _moe(self, x: torch.Tensor, p: str, tr: _Tracer) -> torch.Tensor:
-        cfg, w = self.config, self.w
+    def _moe(self, x: torch.Tensor, tr: _Tracer, layer: int) -> torch.Tensor:
+        cfg, w, i = self.config, self.w, layer
+        p = f"model.layers.{layer}.mlp"
         B, S, H = x.shape
         k = cfg.num_experts_per_tok
         flat = x.reshape(-1, H)
@@ -272,25 +278,23 @@ class ReferenceModel:
         topk_weight, topk_idx = torch.topk(router_probs, k=k, dim=-1, sorted=True)
         if cfg.uses_topk_renorm:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        router_probs = tr(f"{p}.router_probs", router_probs.view(B, S, -1)).reshape(-1, cfg.num_experts)
-        topk_idx = tr(f"{p}.topk_idx", topk_idx.view(B, S, k)).reshape(-1, k).long()
-        topk_weight = tr(f"{p}.topk_weight", topk_weight.view(B, S, k)).reshape(-1, k)
+        router_probs = tr(Point.router_probs, router_probs.view(B, S, -1), i).reshape(-1, cfg.num_experts)
+        topk_idx = tr(Point.topk_idx, topk_idx.view(B, S, k), i).reshape(-1, k).long()
+        topk_weight = tr(Point.topk_weight, topk_weight.view(B, S, k), i).reshape(-1, k)
         routed = torch.zeros_like(flat)
         for e in range(cfg.num_experts):  # in expert order, as MiniMind accumulates
             chosen = topk_idx == e
             if chosen.any():
                 tokens = chosen.any(dim=-1).nonzero().flatten()
                 weight = topk_weight[chosen].view(-1, 1)
-                e_out = swiglu(
+                e_out = mlp(
                     flat[tokens], *(w[f"{p}.experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
                 )
                 routed.index_add_(0, tokens, e_out * weight)
-        out = tr(f"{p}.routed_experts", routed.view(B, S, H))
+        out = tr(Point.routed_experts, routed.view(B, S, H), i)
         for s in range(cfg.n_shared_experts):  # MiniMind adds each shared expert in turn, weight 1
-            shared = swiglu(
-                x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-            )
-            out = out + tr(f"{p}.shared_experts.{s}", shared)
+            shared = mlp(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+            out = out + tr(Point.shared_expert, shared, i, s)
         return out
 
 

@@ -155,8 +155,8 @@ def test_isolation_separates_two_bugs(cpp_copy):
             "~ 2",
         ),
         (
-            "float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;",
-            "float* out = context + ((size_t(b) * d.T + i) * d.heads + (h + 1) % d.heads) * d.hd;",
+            "float* out = context + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;",
+            "float* out = context + ((size_t(b) * d.S + i) * d.heads + (h + 1) % d.heads) * d.hd;",
             "model.layers.0.self_attn.context",
             "heads permuted",
         ),

@@ -26,8 +26,19 @@ LAYERS = [
     # the ground: errors, limits, the weight table, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is
     ["errors", "limits", "schema", "flags", "config", "trace", "paths"],
     # model files and inputs: format, strict JSON, sidecar, writer, Model, reader, RoPE cache, random models;
-    # the fault catalogue (source edits to a copy of cpp/)
-    ["modelformat", "strict_json", "sidecar", "writer", "modelfile", "reader", "rope", "generate", "faults"],
+    # the fault catalogue (source edits to a copy of cpp/); the C++ headers generated from Python tables
+    [
+        "modelformat",
+        "strict_json",
+        "sidecar",
+        "writer",
+        "modelfile",
+        "reader",
+        "rope",
+        "generate",
+        "faults",
+        "cpp_tables",
+    ],
     # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary
     ["reference", "native", "standalone"],
     # compare's parts: metrics and tolerance constants
@@ -40,7 +51,7 @@ LAYERS = [
     ["bench"],
     # entry points: the command line, the C++ table generator, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
-    ["cli", "cpp_tables", "widgets", "__init__", "testing"],
+    ["cli", "widgets", "__init__", "testing"],
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

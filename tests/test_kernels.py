@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from celerinfer_lab.compare import ABS_FLOOR, FACTOR, MASKED_BELOW, MIN_FLOOR
 from celerinfer_lab.native import load_native
-from celerinfer_lab.reference import repeat_kv, rms_norm
+from celerinfer_lab.reference import repeat_kv, rmsnorm
 
 GUARD = 16  # sentinel floats after every output buffer (as workspace.hpp's GuardedBuffer)
 SENTINEL = np.uint32(0x7FC0DEAD)  # a quiet NaN no float op produces
@@ -190,7 +190,7 @@ def check_rmsnorm(eng, kernels: str, rows: int, n: int, scale: float = 1.0, eps:
     call(what, ks.rmsnorm, y, x, w, rows, n, float(eps))
     check_guard(what, y, rows * n)
     check_unchanged(what, x=(x, x0), w=(w, w0))
-    r32, r64 = refs(lambda a, b: rms_norm(a, b, eps), x, w)
+    r32, r64 = refs(lambda a, b: rmsnorm(a, b, eps), x, w)
     assert_matches(what, y[: rows * n].reshape(rows, n), r32, r64, rms(r64))
 
 

@@ -159,7 +159,7 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
 // accumulators: three FMAs per broadcast). Work is split over the thread pool by panel triples
 // and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
 // equal shares.
-inline void gemm(float* y, const float* x, const PackedMatrix& W, int rows) {
+inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = (W.panels + 2) / 3;
     const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
     // Below these sizes a dispatch costs more than it saves; decode (few rows) is bound by
@@ -213,7 +213,7 @@ inline void rmsnorm(float* y, const float* x, const float* weight, int rows, int
 }
 
 // Attention per (batch, head), causal keys only (the keys after a query have probability exactly
-// 0), in three blocked passes over a per-thread [T][kt_stride] score tile:
+// 0), in three blocked passes over a per-thread [S][kt_stride] score tile:
 // 1. scores 16 keys at a time: the 16 keys' transposed block [hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
 //    rows are 4 KB apart and would thrash L1 if read per query), eight queries per block;
@@ -223,10 +223,10 @@ inline void attention_scores_block(float* S, int kt_stride, const float* kblock,
                                    const AttnDims& d) {
     const float scale = float(std::sqrt(double(d.hd)));
     const vf16 vscale = opaque(vsplat(scale));
-    auto q_row = [&](int i) { return q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd; };
+    auto q_row = [&](int i) { return q + ((size_t(b) * d.S + i) * d.heads + h) * d.hd; };
     int i = std::max(0, j0 - d.start());  // queries before the block's first key see none of it
     constexpr int QB = 8;  // queries per block: independent FMA chains that share each key load
-    for (; i + QB <= d.T; i += QB) {
+    for (; i + QB <= d.S; i += QB) {
         const float* qs[QB];
         vf16 acc[QB];
         for (int r = 0; r < QB; ++r) { qs[r] = q_row(i + r); acc[r] = vf16{}; }
@@ -236,7 +236,7 @@ inline void attention_scores_block(float* S, int kt_stride, const float* kblock,
         }
         for (int r = 0; r < QB; ++r) vstore(S + size_t(i + r) * kt_stride + j0, acc[r] / vscale);
     }
-    for (; i < d.T; ++i) {
+    for (; i < d.S; ++i) {
         const float* qi = q_row(i);
         vf16 acc{};
         for (int e = 0; e < d.hd; ++e) acc += vload(kblock + e * 16) * qi[e];
@@ -273,14 +273,14 @@ inline void softmax_row(float* s, int n) {
 inline void attention_context_block(float* context, const float* S, int kt_stride, const float* v_cache, int b, int h,
                                     int i, const AttnDims& d) {
     constexpr int CQ = 8;  // queries together: they share each value row
-    const int g = kv_head(h, d), nq = std::min(CQ, d.T - i);
+    const int g = kv_head(h, d), nq = std::min(CQ, d.S - i);
     const float* s_rows[CQ];
     float* outs[CQ];
     int n_keys[CQ];
     for (int r = 0; r < CQ; ++r) {
         const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
         s_rows[r] = S + size_t(qi) * kt_stride;
-        outs[r] = context + ((size_t(b) * d.T + qi) * d.heads + h) * d.hd;
+        outs[r] = context + ((size_t(b) * d.S + qi) * d.heads + h) * d.hd;
         n_keys[r] = d.start() + qi + 1;
     }
     for (int e0 = 0; e0 < d.hd; e0 += 16) {
@@ -310,7 +310,7 @@ inline void attention_context_block(float* context, const float* S, int kt_strid
 
 inline void attention(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                       const int64_t* mask, const AttnDims& d, float* scratch, const AttentionTaps& taps) {
-    const size_t tile = size_t(d.T) * kt_stride;
+    const size_t tile = size_t(d.S) * kt_stride;
     ThreadPool::instance().parallel_for(d.B * d.heads, [&](int begin, int end, int thread) {
         float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 16);
         float* kblock = S + tile;  // [hd][16]
@@ -323,28 +323,28 @@ inline void attention(float* context, const float* q, const float* kt_cache, int
             }
             const int64_t* key_mask = mask + size_t(b) * d.P;
             const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;
-            for (int i = 0; i < d.T; ++i) {  // 2. mask and softmax over the causal keys
+            for (int i = 0; i < d.S; ++i) {  // 2. mask and softmax over the causal keys
                 float* s = S + size_t(i) * kt_stride;
                 const int n_keys = d.start() + i + 1;
                 if (padded)
                     for (int j = 0; j < n_keys; ++j)
                         if (key_mask[j] == 0) s[j] += -1e9f;
-                const size_t row = (size_t(b) * d.heads + h) * d.T + i;
+                const size_t row = (size_t(b) * d.heads + h) * d.S + i;
                 taps.scores_row(row, s, n_keys, d.P);
                 softmax_row(s, n_keys);
                 taps.probs_row(row, s, n_keys, d.P);
             }
-            for (int i = 0; i < d.T; i += 8) attention_context_block(context, S, kt_stride, v_cache, b, h, i, d);  // 3.
+            for (int i = 0; i < d.S; i += 8) attention_context_block(context, S, kt_stride, v_cache, b, h, i, d);  // 3.
         }
-    }, double(d.B) * d.heads * d.T * d.P * d.hd > 1.0e5);
+    }, double(d.B) * d.heads * d.S * d.P * d.hd > 1.0e5);
 }
 
-// Keys of the new tokens [B, T, kv_heads, hd] into the transposed cache [B][kv_heads][hd][stride].
+// Keys of the new tokens [B, S, kv_heads, hd] into the transposed cache [B][kv_heads][hd][stride].
 inline void store_keys_transposed(float* kt_cache, int kt_stride, const float* k, const AttnDims& d) {
     for (int b = 0; b < d.B; ++b)
-        for (int i = 0; i < d.T; ++i)
+        for (int i = 0; i < d.S; ++i)
             for (int g = 0; g < d.kv_heads; ++g) {
-                const float* src = k + ((size_t(b) * d.T + i) * d.kv_heads + g) * d.hd;
+                const float* src = k + ((size_t(b) * d.S + i) * d.kv_heads + g) * d.hd;
                 float* dst = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride + d.start() + i;
                 for (int e = 0; e < d.hd; ++e) dst[size_t(e) * kt_stride] = src[e];
             }
@@ -372,7 +372,7 @@ struct FastKernels {
 
     void prepare_linear(const float* W, int out, int in) { weights.add(W, out, in); }
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
-        fast::gemm(y, x, weights.at(W, out, in), rows);
+        fast::linear(y, x, weights.at(W, out, in), rows);
     }
     void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const {
         fast::rmsnorm(y, x, w, rows, n, eps);
@@ -387,7 +387,7 @@ struct FastKernels {
                    const AttentionTaps& taps) const {
         // One score tile per thread: set_num_threads() may have raised the count since the
         // workspace was made (then, and only then, the scratch grows).
-        float* scratch = ws.scratch(size_t(num_threads()) * (size_t(d.T) * ws.kt_stride + size_t(d.hd) * 16));
+        float* scratch = ws.scratch(size_t(num_threads()) * (size_t(d.S) * ws.kt_stride + size_t(d.hd) * 16));
         fast::attention(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, scratch, taps);
     }
 };

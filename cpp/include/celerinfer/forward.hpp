@@ -1,8 +1,8 @@
 // The forward pass, top to bottom, one op per line, in trace order, written once over any kernel
-// set (readable.hpp, fast.hpp, or your own: see kernel_set.hpp).
+// set (readable.hpp, fast.hpp, or your own: see kernel_set.hpp). Each op is followed by its
+// trace_point: the Point names the output, and its shape comes from trace_points.hpp.
 #pragma once
 #include <cstdint>
-#include <string>
 
 #include "check.hpp"
 #include "model.hpp"
@@ -12,34 +12,35 @@
 
 namespace CELERINFER_NS {
 
-// y = down(silu(gate(x)) * up(x)) for `rows` rows; traces gate/up/act under `layer` when given.
+// The whole feed-forward, y = down(swiglu(gate(x), up(x))), for `rows` rows; traces gate/up/act
+// under `layer` when given a sink (experts are not traced one by one).
 template <class Kernels>
-inline void ffn(const Kernels& K, float* y, const float* x, const FFNWeights& w, int rows, int H, int I, Workspace& ws,
-                TraceSink* trace = nullptr, int layer = -1, int B = 0, int T = 0) {
+inline void mlp(const Kernels& K, float* y, const float* x, const FFNWeights& w, int rows, int H, int I, Workspace& ws,
+                TraceSink* trace, int layer, const TraceDims& dims) {
     K.linear(ws.gate.data(), x, w.gate, rows, H, I);
-    trace_point(trace, layer, "mlp.gate_proj", ws.gate.data(), {B, T, I});
+    trace_point(trace, layer, Point::gate_proj, ws.gate.data(), dims);
     K.linear(ws.up.data(), x, w.up, rows, H, I);
-    trace_point(trace, layer, "mlp.up_proj", ws.up.data(), {B, T, I});
+    trace_point(trace, layer, Point::up_proj, ws.up.data(), dims);
     K.swiglu(ws.act.data(), ws.gate.data(), ws.up.data(), size_t(rows) * I);
-    trace_point(trace, layer, "mlp.act", ws.act.data(), {B, T, I});
+    trace_point(trace, layer, Point::act, ws.act.data(), dims);
     K.linear(y, ws.act.data(), w.down, rows, I, H);
 }
 
 // Mixture of experts: softmax router, top-k, experts summed in expert order, shared experts added.
 template <class Kernels>
-inline void moe(const Kernels& K, float* y, const float* x, const LayerWeights& L, const Config& c, int T,
-                Workspace& ws, TraceSink* trace, int layer) {
-    const int B = ws.B, N = B * T, H = c.hidden, E = c.experts, topk = c.topk, I = c.moe_intermediate;
+inline void moe(const Kernels& K, float* y, const float* x, const LayerWeights& L, const Config& c, Workspace& ws,
+                TraceSink* trace, int layer, const TraceDims& dims) {
+    const int N = int(dims.B * dims.S), H = c.hidden, E = c.experts, topk = c.topk, I = c.moe_intermediate;
     K.linear(ws.router_probs.data(), x, L.router, N, H, E);
     softmax(ws.router_probs.data(), N, E);
-    trace_point(trace, layer, "mlp.router_probs", ws.router_probs.data(), {B, T, E});
+    trace_point(trace, layer, Point::router_probs, ws.router_probs.data(), dims);
     CELERINFER_NS::topk(ws.topk_idx.data(), ws.topk_weight.data(), ws.router_probs.data(), N, E, topk, c.renormalises_topk());
     if (trace) {  // the trace holds floats: record the indices as floats, read back a teacher's
         for (int i = 0; i < N * topk; ++i) ws.topk_idx_f[i] = float(ws.topk_idx[i]);
-        trace_point(trace, layer, "mlp.topk_idx", ws.topk_idx_f.data(), {B, T, topk});
+        trace_point(trace, layer, Point::topk_idx, ws.topk_idx_f.data(), dims);
         for (int i = 0; i < N * topk; ++i) ws.topk_idx[i] = int64_t(ws.topk_idx_f[i]);
     }
-    trace_point(trace, layer, "mlp.topk_weight", ws.topk_weight.data(), {B, T, topk});
+    trace_point(trace, layer, Point::topk_weight, ws.topk_weight.data(), dims);
     for (size_t i = 0; i < size_t(N) * H; ++i) y[i] = 0.0f;
     for (int e = 0; e < E; ++e) {
         int n = 0;  // gather the tokens routed to expert e
@@ -51,20 +52,17 @@ inline void moe(const Kernels& K, float* y, const float* x, const LayerWeights& 
                     ++n;
                 }
         if (n == 0) continue;
-        ffn(K, ws.expert_out.data(), ws.expert_in.data(), L.experts[e], n, H, I, ws);
+        mlp(K, ws.expert_out.data(), ws.expert_in.data(), L.experts[e], n, H, I, ws, nullptr, layer, dims);
         for (int r = 0; r < n; ++r) {
             const int t = ws.expert_rows[r] / topk;
             const float w = ws.topk_weight[ws.expert_rows[r]];
             for (int i = 0; i < H; ++i) y[size_t(t) * H + i] += ws.expert_out[size_t(r) * H + i] * w;
         }
     }
-    trace_point(trace, layer, "mlp.routed_experts", y, {B, T, H});
+    trace_point(trace, layer, Point::routed_experts, y, dims);
     for (size_t s = 0; s < L.shared_experts.size(); ++s) {  // MiniMind adds each in turn, weight 1
-        ffn(K, ws.expert_out.data(), x, L.shared_experts[s], N, H, I, ws);
-        if (trace) {
-            const std::string suffix = "mlp.shared_experts." + std::to_string(s);
-            trace_point(trace, layer, suffix.c_str(), ws.expert_out.data(), {B, T, H});
-        }
+        mlp(K, ws.expert_out.data(), x, L.shared_experts[s], N, H, I, ws, nullptr, layer, dims);
+        trace_point(trace, layer, Point::shared_expert, ws.expert_out.data(), dims, int(s));
         add(y, y, ws.expert_out.data(), size_t(N) * H);
     }
 }
@@ -73,85 +71,85 @@ inline void moe(const Kernels& K, float* y, const float* x, const LayerWeights& 
 // replaced by a teacher's) through the taps; points the kernel does not observe stay out of the trace.
 template <class Kernels>
 inline void attention_traced(const Kernels& K, float* context, const float* q, int l, const int64_t* mask,
-                             const AttnDims& d, Workspace& ws, TraceSink* trace) {
+                             const AttnDims& d, Workspace& ws, TraceSink* trace, const TraceDims& dims) {
     AttentionTaps taps;
     if (!trace) return K.attention(context, q, l, mask, d, ws, taps);
-    const size_t n = size_t(d.B) * d.heads * d.T * d.P;
+    const size_t n = size_t(d.B) * d.heads * d.S * d.P;
     if (ws.trace_scores.size() < n) ws.trace_scores.resize(n);
     if (ws.trace_probs.size() < n) ws.trace_probs.resize(n);
     taps.scores = ws.trace_scores.data();
     taps.probs = ws.trace_probs.data();
-    const std::string scores = point_name(l, "self_attn.scores"), probs = point_name(l, "self_attn.probs");
+    const std::string scores = point_name(Point::scores, l), probs = point_name(Point::probs, l);
     taps.scores_teacher = trace->teacher(scores, n);
     taps.probs_teacher = trace->teacher(probs, n);
     K.attention(context, q, l, mask, d, ws, taps);
-    const std::vector<int64_t> shape{d.B, d.heads, d.T, d.P};
-    if (taps.wrote_scores) trace->record(scores, taps.scores, shape);
-    if (taps.wrote_probs) trace->record(probs, taps.probs, shape);
+    if (taps.wrote_scores) trace->record(scores, taps.scores, point_shape(Point::scores, dims));
+    if (taps.wrote_probs) trace->record(probs, taps.probs, point_shape(Point::probs, dims));
 }
 
-// logits [B, T, vocab] for T new tokens input_ids [B, T] at positions start ... start + T - 1;
-// mask [B, start + T] covers the cached keys and the new ones (1 = token, 0 = padding).
+// logits [B, S, vocab] for S new tokens input_ids [B, S] at positions start ... start + S - 1;
+// mask [B, start + S] covers the cached keys and the new ones (1 = token, 0 = padding).
 // The new keys and values join the workspace's KV cache.
 template <class Kernels>
-inline void forward_tokens(const Model& m, const Kernels& K, const int64_t* input_ids, const int64_t* mask, int T,
+inline void forward_tokens(const Model& m, const Kernels& K, const int64_t* input_ids, const int64_t* mask, int S,
                            int start, Workspace& ws, float* logits, TraceSink* trace = nullptr) {
     const Config& c = m.config;
-    const int B = ws.B, N = B * T, H = c.hidden, hd = c.head_dim;
+    const int B = ws.B, N = B * S, H = c.hidden, hd = c.head_dim;
     const int nh = c.heads, kvh = c.kv_heads, I = c.intermediate;
-    CI_CHECK(T >= 1 && T <= ws.T, "forward: ", T, " new tokens, the workspace holds up to ", ws.T);
-    CI_CHECK(start >= 0 && start + T <= ws.max_len, "forward: positions up to ", start + T,
+    CI_CHECK(S >= 1 && S <= ws.S, "forward: ", S, " new tokens, the workspace holds up to ", ws.S);
+    CI_CHECK(start >= 0 && start + S <= ws.max_len, "forward: positions up to ", start + S,
              " exceed the workspace's KV cache of ", ws.max_len);
-    const AttnDims dims{B, T, start + T, ws.max_len, nh, kvh, hd};
+    const AttnDims attn_dims{B, S, start + S, ws.max_len, nh, kvh, hd};
+    const TraceDims dims{B, S, start + S, c};
     float* h = ws.h.data();
     float* x = ws.x.data();
 
     embed(h, input_ids, m.embed, N, c.vocab, H);
-    trace_point(trace, -1, "model.embed_tokens", h, {B, T, H});
+    trace_point(trace, -1, Point::embed_tokens, h, dims);
     for (int l = 0; l < c.layers; ++l) {
         const LayerWeights& L = m.layers[l];
         // --- attention ---
         K.rmsnorm(x, h, L.input_norm, N, H, c.eps);
-        trace_point(trace, l, "input_layernorm", x, {B, T, H});
+        trace_point(trace, l, Point::input_layernorm, x, dims);
         K.linear(ws.q.data(), x, L.wq, N, H, c.q_dim());
-        trace_point(trace, l, "self_attn.q_proj", ws.q.data(), {B, T, c.q_dim()});
+        trace_point(trace, l, Point::q_proj, ws.q.data(), dims);
         K.linear(ws.k.data(), x, L.wk, N, H, c.kv_dim());
-        trace_point(trace, l, "self_attn.k_proj", ws.k.data(), {B, T, c.kv_dim()});
+        trace_point(trace, l, Point::k_proj, ws.k.data(), dims);
         K.linear(ws.v.data(), x, L.wv, N, H, c.kv_dim());
-        trace_point(trace, l, "self_attn.v_proj", ws.v.data(), {B, T, c.kv_dim()});
+        trace_point(trace, l, Point::v_proj, ws.v.data(), dims);
         if (c.qk_norm) {
             K.rmsnorm(ws.q.data(), ws.q.data(), L.q_norm, N * nh, hd, c.eps);
-            trace_point(trace, l, "self_attn.q_norm", ws.q.data(), {B, T, nh, hd});
+            trace_point(trace, l, Point::q_norm, ws.q.data(), dims);
             K.rmsnorm(ws.k.data(), ws.k.data(), L.k_norm, N * kvh, hd, c.eps);
-            trace_point(trace, l, "self_attn.k_norm", ws.k.data(), {B, T, kvh, hd});
+            trace_point(trace, l, Point::k_norm, ws.k.data(), dims);
         }
-        rope_at(ws.q.data(), m.rope_cos, m.rope_sin, B, T, start, nh, hd, c.rope_interleaved);
-        trace_point(trace, l, "self_attn.rope_q", ws.q.data(), {B, T, nh, hd});
-        rope_at(ws.k.data(), m.rope_cos, m.rope_sin, B, T, start, kvh, hd, c.rope_interleaved);
-        trace_point(trace, l, "self_attn.rope_k", ws.k.data(), {B, T, kvh, hd});
-        K.store_kv(l, ws.k.data(), ws.v.data(), dims, ws);
-        attention_traced(K, ws.context.data(), ws.q.data(), l, mask, dims, ws, trace);
-        trace_point(trace, l, "self_attn.context", ws.context.data(), {B, T, c.q_dim()});
+        rope(ws.q.data(), m.rope_cos, m.rope_sin, B, S, start, nh, hd, c.rope_interleaved);
+        trace_point(trace, l, Point::rope_q, ws.q.data(), dims);
+        rope(ws.k.data(), m.rope_cos, m.rope_sin, B, S, start, kvh, hd, c.rope_interleaved);
+        trace_point(trace, l, Point::rope_k, ws.k.data(), dims);
+        K.store_kv(l, ws.k.data(), ws.v.data(), attn_dims, ws);
+        attention_traced(K, ws.context.data(), ws.q.data(), l, mask, attn_dims, ws, trace, dims);
+        trace_point(trace, l, Point::context, ws.context.data(), dims);
         K.linear(ws.attn_out.data(), ws.context.data(), L.wo, N, c.q_dim(), H);
-        trace_point(trace, l, "self_attn.o_proj", ws.attn_out.data(), {B, T, H});
+        trace_point(trace, l, Point::o_proj, ws.attn_out.data(), dims);
         add(h, h, ws.attn_out.data(), size_t(N) * H);
-        trace_point(trace, l, "attn_residual", h, {B, T, H});
+        trace_point(trace, l, Point::attn_residual, h, dims);
         // --- feed-forward ---
         K.rmsnorm(x, h, L.post_norm, N, H, c.eps);
-        trace_point(trace, l, "post_attention_layernorm", x, {B, T, H});
+        trace_point(trace, l, Point::post_attention_layernorm, x, dims);
         if (c.moe) {
-            moe(K, ws.mlp_out.data(), x, L, c, T, ws, trace, l);
+            moe(K, ws.mlp_out.data(), x, L, c, ws, trace, l, dims);
         } else {
-            ffn(K, ws.mlp_out.data(), x, L.ffn, N, H, I, ws, trace, l, B, T);
-            trace_point(trace, l, "mlp.down_proj", ws.mlp_out.data(), {B, T, H});
+            mlp(K, ws.mlp_out.data(), x, L.ffn, N, H, I, ws, trace, l, dims);
+            trace_point(trace, l, Point::down_proj, ws.mlp_out.data(), dims);
         }
         add(h, h, ws.mlp_out.data(), size_t(N) * H);
-        trace_point(trace, l, "", h, {B, T, H});
+        trace_point(trace, l, Point::block, h, dims);
     }
     K.rmsnorm(x, h, m.final_norm, N, H, c.eps);
-    trace_point(trace, -1, "model.norm", x, {B, T, H});
+    trace_point(trace, -1, Point::norm, x, dims);
     K.linear(logits, x, m.head(), N, H, c.vocab);
-    trace_point(trace, -1, "lm_head", logits, {B, T, c.vocab});
+    trace_point(trace, -1, Point::lm_head, logits, dims);
 }
 
 }  // namespace CELERINFER_NS

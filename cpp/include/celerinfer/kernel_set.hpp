@@ -32,7 +32,7 @@ struct KernelSet {
     virtual ~KernelSet() = default;
     virtual void prepare(const Model& m) = 0;  // every linear weight of m, before its first forward
     virtual void prepare_linear(const float* W, int out, int in) = 0;
-    virtual void forward(const Model& m, const int64_t* ids, const int64_t* mask, int T, int start, Workspace& ws,
+    virtual void forward(const Model& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                          float* logits, TraceSink* trace) const = 0;
     virtual void linear(float* y, const float* x, const float* W, int rows, int in, int out) const = 0;
     virtual void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const = 0;
@@ -49,9 +49,9 @@ struct KernelSetOf final : KernelSet {
         m.for_each_linear([&](const float* W, int out, int in) { k.prepare_linear(W, out, in); });
     }
     void prepare_linear(const float* W, int out, int in) override { k.prepare_linear(W, out, in); }
-    void forward(const Model& m, const int64_t* ids, const int64_t* mask, int T, int start, Workspace& ws,
+    void forward(const Model& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                  float* logits, TraceSink* trace) const override {
-        forward_tokens(m, k, ids, mask, T, start, ws, logits, trace);
+        forward_tokens(m, k, ids, mask, S, start, ws, logits, trace);
     }
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const override {
         k.linear(y, x, W, rows, in, out);
@@ -108,9 +108,9 @@ inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Mo
 
 // The entry point every caller uses: one forward, then the workspace guards are checked, so an
 // out-of-bounds write is an error naming the buffer instead of silent corruption.
-inline void run_forward(const KernelSet& K, const Model& m, const int64_t* ids, const int64_t* mask, int T, int start,
+inline void run_forward(const KernelSet& K, const Model& m, const int64_t* ids, const int64_t* mask, int S, int start,
                         Workspace& ws, float* logits, TraceSink* trace) {
-    K.forward(m, ids, mask, T, start, ws, logits, trace);
+    K.forward(m, ids, mask, S, start, ws, logits, trace);
     ws.check_guards();
 }
 

@@ -51,15 +51,16 @@ inline void embed(float* h, const int64_t* ids, const float* table, int tokens, 
     }
 }
 
-// Rotate x [B, S, n_heads, hd] in place by position s (0-based within the sequence).
-// cos/sin rows hold frequency i at columns i and i + hd/2. Half-split pairs (i, i + hd/2);
+// Rotate x [B, S, n_heads, hd] in place: new token s sits at position start + s. cos/sin rows
+// [max_pos, hd] hold frequency i at columns i and i + hd/2. Half-split pairs (i, i + hd/2);
 // interleaved pairs (2i, 2i+1).
-inline void rope(float* x, const float* cos, const float* sin, int B, int S, int n_heads, int hd, bool interleaved) {
+inline void rope(float* x, const float* cos, const float* sin, int B, int S, int start, int n_heads, int hd,
+                 bool interleaved) {
     const int half = hd / 2;
     for (int b = 0; b < B; ++b)
         for (int s = 0; s < S; ++s) {
-            const float* c = cos + size_t(s) * hd;
-            const float* sn = sin + size_t(s) * hd;
+            const float* c = cos + size_t(start + s) * hd;
+            const float* sn = sin + size_t(start + s) * hd;
             for (int h = 0; h < n_heads; ++h) {
                 float* v = x + ((size_t(b) * S + s) * n_heads + h) * hd;
                 for (int i = 0; i < half; ++i) {
@@ -72,12 +73,12 @@ inline void rope(float* x, const float* cos, const float* sin, int B, int S, int
         }
 }
 
-// The shape of one attention call: T new queries at positions P - T ... P - 1 attend to P keys,
-// read from a KV cache laid out [B, max_len, kv_heads, hd] (prefill: P == T == max_len).
+// The shape of one attention call: S new queries at positions P - S ... P - 1 attend to P keys,
+// read from a KV cache laid out [B, max_len, kv_heads, hd] (prefill: P == S == max_len).
 struct AttnDims {
-    int B, T, P, max_len, heads, kv_heads, hd;
+    int B, S, P, max_len, heads, kv_heads, hd;
     int n_rep() const { return heads / kv_heads; }
-    int start() const { return P - T; }
+    int start() const { return P - S; }
 };
 
 // The kv head that query head h reads: h / (heads / kv_heads), MiniMind's repeat_kv layout.
@@ -91,9 +92,9 @@ inline void attention_scores(float* scores, const float* q, const float* k_cache
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int b = 0; b < d.B; ++b)
         for (int h = 0; h < d.heads; ++h)
-            for (int i = 0; i < d.T; ++i) {
-                float* row = scores + ((size_t(b) * d.heads + h) * d.T + i) * d.P;
-                const float* qi = q + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
+            for (int i = 0; i < d.S; ++i) {
+                float* row = scores + ((size_t(b) * d.heads + h) * d.S + i) * d.P;
+                const float* qi = q + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
                 for (int j = 0; j < d.P; ++j) {
                     const float* kj = k_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d)) * d.hd;
                     float s = dot(qi, kj, d.hd) / scale;
@@ -122,10 +123,10 @@ inline void softmax(float* x, int rows, int n) {
 // context[b, i, h, :] = sum_j probs[b, h, i, j] * v[b, j, h / n_rep, :]
 inline void attention_context(float* context, const float* probs, const float* v_cache, const AttnDims& d) {
     for (int b = 0; b < d.B; ++b)
-        for (int i = 0; i < d.T; ++i)
+        for (int i = 0; i < d.S; ++i)
             for (int h = 0; h < d.heads; ++h) {
-                float* out = context + ((size_t(b) * d.T + i) * d.heads + h) * d.hd;
-                const float* p = probs + ((size_t(b) * d.heads + h) * d.T + i) * d.P;
+                float* out = context + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
+                const float* p = probs + ((size_t(b) * d.heads + h) * d.S + i) * d.P;
                 for (int e = 0; e < d.hd; ++e) out[e] = 0.0f;
                 for (int j = 0; j < d.P; ++j) {
                     const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + kv_head(h, d)) * d.hd;
@@ -134,26 +135,20 @@ inline void attention_context(float* context, const float* probs, const float* v
             }
 }
 
-// Write the new tokens' keys or values [B, T, kv_dim] into the cache [B, max_len, kv_dim] at T's positions.
+// Write the new tokens' keys or values [B, S, kv_dim] into the cache [B, max_len, kv_dim] at their positions.
 inline void cache_store(float* cache, const float* fresh, const AttnDims& d) {
     const size_t row = size_t(d.kv_heads) * d.hd;
     for (int b = 0; b < d.B; ++b)
-        for (int i = 0; i < d.T; ++i) {
-            const float* src = fresh + (size_t(b) * d.T + i) * row;
+        for (int i = 0; i < d.S; ++i) {
+            const float* src = fresh + (size_t(b) * d.S + i) * row;
             float* dst = cache + (size_t(b) * d.max_len + d.start() + i) * row;
             for (size_t e = 0; e < row; ++e) dst[e] = src[e];
         }
 }
 
-// rope() for T new tokens at positions start ... start + T - 1.
-inline void rope_at(float* x, const float* cos, const float* sin, int B, int T, int start, int n_heads, int hd,
-                    bool interleaved) {
-    rope(x, cos + size_t(start) * hd, sin + size_t(start) * hd, B, T, n_heads, hd, interleaved);
-}
-
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
-// act = silu(gate) * up, elementwise
+// act = silu(gate) * up, elementwise: SwiGLU's activation (mlp() in forward.hpp is the whole feed-forward)
 inline void swiglu(float* act, const float* gate, const float* up, size_t n) {
     for (size_t i = 0; i < n; ++i) act[i] = silu(gate[i]) * up[i];
 }

@@ -26,17 +26,17 @@ struct ReadableKernels {
     }
     void swiglu(float* act, const float* gate, const float* up, size_t n) const { CELERINFER_NS::swiglu(act, gate, up, n); }
 
-    // The new tokens' keys and values [B, T, kv_dim] into layer's KV cache, at positions start ... P-1.
+    // The new tokens' keys and values [B, S, kv_dim] into layer's KV cache, at positions start ... P-1.
     void store_kv(int layer, const float* k, const float* v, const AttnDims& d, Workspace& ws) const {
         cache_store(ws.layer_k(layer), k, d);
         cache_store(ws.layer_v(layer), v, d);
     }
-    // context [B, T, heads*hd] for queries q [B, T, heads, hd] over the layer's cached keys: scores,
+    // context [B, S, heads*hd] for queries q [B, S, heads, hd] over the layer's cached keys: scores,
     // softmax and context in three passes, each observed through the taps.
     void attention(float* context, const float* q, int layer, const int64_t* mask, const AttnDims& d, Workspace& ws,
                    const AttentionTaps& taps) const {
         float* scores = ws.scores.data();
-        const size_t rows = size_t(d.B) * d.heads * d.T;
+        const size_t rows = size_t(d.B) * d.heads * d.S;
         attention_scores(scores, q, ws.layer_k(layer), mask, d);
         for (size_t r = 0; r < rows; ++r) taps.scores_row(r, scores + r * d.P, d.P, d.P);
         softmax(scores, int(rows), d.P);

@@ -1,6 +1,7 @@
-// The trace hook: the forward reports each op's output under the names of
-// celerinfer_lab/trace.py. With no sink (nullptr) nothing is built, copied or kept: the names are
-// C strings until a sink asks for them, so an untraced forward allocates nothing.
+// The trace hook: the forward reports each op's output as a Point of trace_points.hpp (generated
+// from celerinfer_lab/trace.py), named and shaped by that table. With no sink (nullptr) nothing is
+// built, copied or kept: names and shapes are built only for a sink, so an untraced forward
+// allocates nothing.
 // A sink may also hold teacher values: after an op's output is recorded it is overwritten by the
 // teacher's, so the next op runs on exact inputs (teacher forcing, to isolate each op's own error).
 // Tracing observes the kernels that run; it never swaps in another implementation.
@@ -8,7 +9,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <map>
 #include <string>
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "trace_points.hpp"
 
 namespace CELERINFER_NS {
 
@@ -56,24 +57,33 @@ struct TraceRecorder : TraceSink {
     const std::string& name(size_t i) const { return names.at(i); }
 };
 
-// "model.layers.{layer}.{suffix}", or `suffix` alone when layer < 0 (built only when tracing).
-inline std::string point_name(int layer, const char* suffix) {
-    if (layer < 0) return suffix;
-    return "model.layers." + std::to_string(layer) + (*suffix ? "." : "") + suffix;
+// The name of point p (trace_points.hpp): "model.layers.{layer}.{suffix}" for a layer's point
+// ("model.layers.{layer}" for the block output), with ".{index}" for a shared expert; the suffix
+// alone for a model-level point. Built only when tracing.
+inline std::string point_name(Point p, int layer, int index = -1) {
+    const PointInfo& info = point_info(p);
+    CI_CHECK(info.in_layer == (layer >= 0), "trace point '", info.suffix, "' ", info.in_layer ? "needs" : "takes no",
+             " layer index");
+    CI_CHECK(info.indexed == (index >= 0), "trace point '", info.suffix, "' ", info.indexed ? "needs" : "takes no",
+             " shared-expert index");
+    if (!info.in_layer) return info.suffix;
+    std::string name = "model.layers." + std::to_string(layer) + (*info.suffix ? "." : "") + info.suffix;
+    return info.indexed ? name + "." + std::to_string(index) : name;
 }
 
-inline size_t numel_of(std::initializer_list<int64_t> shape) {
+inline size_t numel_of(const std::vector<int64_t>& shape) {
     size_t n = 1;
     for (int64_t d : shape) n *= size_t(d);
     return n;
 }
 
-// Record `data` under its point name, then replace it by the sink's teacher value if it has one.
-inline void trace_point(TraceSink* sink, int layer, const char* suffix, float* data,
-                        std::initializer_list<int64_t> shape) {
+// Record `data` as point p of `layer` (-1 for a model-level point), its shape from the table, then
+// replace it by the sink's teacher value if it has one.
+inline void trace_point(TraceSink* sink, int layer, Point p, float* data, const TraceDims& dims, int index = -1) {
     if (!sink) return;
-    const std::string name = point_name(layer, suffix);
-    sink->record(name, data, std::vector<int64_t>(shape));
+    const std::string name = point_name(p, layer, index);
+    const std::vector<int64_t> shape = point_shape(p, dims);
+    sink->record(name, data, shape);
     if (const float* forced = sink->teacher(name, numel_of(shape))) std::memcpy(data, forced, numel_of(shape) * sizeof(float));
 }
 
@@ -82,8 +92,8 @@ inline void trace_point(TraceSink* sink, int layer, const char* suffix, float* d
 // (keys the kernel skipped as causally masked are written as -inf / 0: they take no part), then
 // replaced by the teacher's row. All pointers null when not tracing: the calls do nothing.
 struct AttentionTaps {
-    float* scores = nullptr;  // record, [B, heads, T, P]
-    float* probs = nullptr;   // record, [B, heads, T, P]
+    float* scores = nullptr;  // record, [B, heads, S, P]
+    float* probs = nullptr;   // record, [B, heads, S, P]
     const float* scores_teacher = nullptr;
     const float* probs_teacher = nullptr;
     // Set by the kernel when it wrote a record: a kernel set that does not call the taps leaves

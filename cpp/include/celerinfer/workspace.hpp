@@ -46,10 +46,10 @@ private:
     std::vector<float> v_;
 };
 
-// Up to T new tokens per call for a batch of B, and a KV cache of max_len positions (prefill
-// alone: max_len == T).
+// Up to S new tokens per call for a batch of B, and a KV cache of max_len positions (prefill
+// alone: max_len == S).
 struct Workspace {
-    int B, T, max_len;
+    int B, S, max_len;
     int layers = 0;
     size_t kv_dim = 0;
     GuardedBuffer h, x, q, k, v, scores, context, attn_out, gate, up, act, mlp_out;
@@ -63,17 +63,17 @@ struct Workspace {
     std::vector<int> expert_rows;
     GuardedBuffer trace_scores, trace_probs;  // attention's records, sized on the first traced call
 
-    Workspace(const Config& c, int B_, int T_, int max_len_ = 0) : B(B_), T(T_), max_len(max_len_ ? max_len_ : T_) {
-        CI_CHECK(B > 0 && T > 0, "workspace: batch and sequence length must be >= 1");
-        CI_CHECK(max_len >= T, "workspace: max_len ", max_len, " is shorter than T ", T);
+    Workspace(const Config& c, int B_, int S_, int max_len_ = 0) : B(B_), S(S_), max_len(max_len_ ? max_len_ : S_) {
+        CI_CHECK(B > 0 && S > 0, "workspace: batch and sequence length must be >= 1");
+        CI_CHECK(max_len >= S, "workspace: max_len ", max_len, " is shorter than S ", S);
         CI_CHECK(max_len <= c.max_pos, "sequence length ", max_len, " is longer than max_position_embeddings ", c.max_pos);
-        const size_t N = size_t(B) * T, H = c.hidden;
+        const size_t N = size_t(B) * S, H = c.hidden;
         layers = c.layers;
         kv_dim = c.kv_dim();
         for (GuardedBuffer* b : {&h, &x, &attn_out, &mlp_out}) b->resize(N * H);
         q.resize(N * c.q_dim()); k.resize(N * kv_dim); v.resize(N * kv_dim);
         context.resize(N * c.q_dim());
-        scores.resize(size_t(B) * c.heads * T * max_len);
+        scores.resize(size_t(B) * c.heads * S * max_len);
         k_cache.resize(size_t(layers) * B * max_len * kv_dim);
         v_cache.resize(k_cache.size());
         kt_stride = (max_len + 15) / 16 * 16;
