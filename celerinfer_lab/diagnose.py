@@ -39,12 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import (  # a Report (compare.py, above this module) is only named in annotations
-    MASKED_BELOW,
-    MIN_FLOOR,
-    live_rows,
-)
+from .metrics import MASKED_BELOW, live_rows
 from .reference import apply_rope, repeat_kv, rms_norm
+from .report import Report
 from .trace import trace_points
 
 AGREE = 1e-4  # a part of y agrees with x: relative error below this (float32 noise is ~1e-7)
@@ -86,7 +83,7 @@ def _span(indices) -> tuple[int, int] | None:
 
 
 class _Context:
-    def __init__(self, report: Report):  # noqa: F821 (compare's Report: a type hint only)
+    def __init__(self, report: Report):
         self.report, self.culprit = report, report.culprit
         self.model, self.config = report.meta.get("model"), report.meta.get("config")
         self.oracle = report.runs["oracle"]
@@ -100,7 +97,8 @@ class _Context:
         self.point = next(p for p in trace_points(self.config, B, S, self.past) if p.name == self.name)
         self.base_error = _rel(self.y, self.x)
         own_floor = self.culprit.own_floor
-        self.floor = max(own_floor if math.isfinite(own_floor) else 0.0, MIN_FLOOR)  # float32's own error here
+        min_floor = report.tolerances.at(self.name).min_floor
+        self.floor = max(own_floor if math.isfinite(own_floor) else 0.0, min_floor)  # float32's own error here
         parts = self.name.split(".")
         self.layer = int(parts[2]) if self.name.startswith("model.layers.") else None
         self.op = ".".join(parts[3:]) if self.layer is not None else self.name
@@ -748,7 +746,7 @@ CHECKS = (
 )
 
 
-def diagnose(report: Report) -> str | None:  # noqa: F821 (compare's Report: a type hint only)
+def diagnose(report: Report) -> str | None:
     """A sentence naming the culprit's pattern, or None when no check recognises it."""
     if report.culprit is None or report.meta.get("model") is None:
         return None
