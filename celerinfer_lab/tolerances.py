@@ -10,6 +10,7 @@ and says why next to it::
 
     Tolerances(overrides={"self_attn.probs": {"factor": 30, "reason": "my softmax uses exp2"}})
     Tolerances(overrides={"model.layers.1.mlp.act": 100})  # a number: the factor
+    Tolerances(overrides={"lm_head": PointTolerance(factor=20, abs_floor=1e-6)})  # a whole rule
 
 A key matches a trace point named exactly so, or ending in "." + key (every layer's point); when
 several match, the longest key wins."""
@@ -17,7 +18,7 @@ several match, the longest key wins."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -59,9 +60,14 @@ def _override_fields(key, value) -> dict:
     """An override as the PointTolerance fields it changes (a number is the factor)."""
     if not isinstance(key, str) or not key:
         raise UsageError(f"tolerance override key {key!r}: must be a trace point name or suffix")
+    if isinstance(value, PointTolerance):  # a whole rule
+        return asdict(value)
     changes = {"factor": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if not isinstance(changes, Mapping):
-        raise UsageError(f"tolerance override {key!r}: give a number (the factor) or a dict of {_NUMBERS} and reason")
+        raise UsageError(
+            f"tolerance override {key!r}: give a number (the factor), a dict of {_NUMBERS} and reason, "
+            f"or a PointTolerance"
+        )
     unknown = sorted(set(changes) - {f.name for f in fields(PointTolerance)})
     if unknown:
         raise UsageError(f"tolerance override {key!r}: unknown field(s) {unknown}; known: {[*_NUMBERS, 'reason']}")

@@ -65,6 +65,8 @@ def test_the_longest_matching_key_wins():
     assert rule.at("model.layers.1.mlp.down_proj").factor == 3
     assert rule.at("model.layers.1.mlp.up_proj") == rule.default
     assert rule.override_for("model.layers.0.xmlp.down_proj") is None  # a suffix matches after a dot only
+    whole = Tolerances(factor=12, overrides={"lm_head": PointTolerance(abs_floor=1e-6)})
+    assert whole.at("lm_head") == PointTolerance(factor=10.0, abs_floor=1e-6)  # a whole rule: its own factor
 
 
 def test_bad_rules_are_refused_by_name(planted):
@@ -75,7 +77,7 @@ def test_bad_rules_are_refused_by_name(planted):
         (dict(factor=0), "factor=0: must be a finite number > 0"),
         (dict(amplify=float("nan")), "amplify=nan"),
         (dict(overrides={"lm_head": {"factr": 3}}), "unknown field(s) ['factr']"),
-        (dict(overrides={"lm_head": "loose"}), "give a number (the factor) or a dict"),
+        (dict(overrides={"lm_head": "loose"}), "give a number (the factor), a dict"),
         (dict(overrides={"lm_head": {"abs_floor": -1}}), "overrides['lm_head'].abs_floor=-1"),
     ):
         with pytest.raises(UsageError) as info:
