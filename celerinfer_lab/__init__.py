@@ -14,7 +14,8 @@ import types
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
     "Comparison": "compare",
-    "Report": "compare",
+    "Report": "report",
+    "Tolerances": "tolerances",
     "compare": "compare",
     "compare_decode": "compare",
     "PRESETS": "config",
@@ -62,6 +63,7 @@ __all__ = [
     "trace_names",
     "trace_points",
     "Report",
+    "Tolerances",
     "Comparison",
     "compare",
     "compare_decode",

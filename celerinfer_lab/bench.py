@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
@@ -305,6 +307,200 @@ def bench_kernel_sets(native, kernels: str | list[str] = "fast") -> list[str]:
     return [native.check_kernels(name) for name in names]
 
 
+@dataclass
+class BenchResult:
+    """What a bench measured: ``record``, the flat JSON the CLI writes (see run_bench), and the
+    timings and logits statistics the printed summary reads."""
+
+    record: dict
+    torch_forward: Timing
+    cpp_forward: dict[str, Timing]  # kernel set -> its cppyy forward
+    logits_stats: dict[str, tuple[list[int], float, float, float]]  # "torch", "cpp (set)" -> shape, min, max, mean
+
+    @property
+    def sets(self) -> list[str]:
+        return self.record["kernels"]
+
+
+def _logits_stats(logits: np.ndarray) -> tuple[list[int], float, float, float]:
+    return list(logits.shape), float(logits.min()), float(logits.max()), float(logits.mean())
+
+
+def _load_times(config: ModelConfig, batch: int, seq_len: int, seed: int, work) -> tuple[dict, Model, Path, Path]:
+    """Write the model twice (JSON, and JSON with a safetensors sidecar) and time Python's load of
+    each: (timings, the sidecar model, the JSON path, the sidecar path)."""
+    from .reader import load_model
+
+    times = {}
+    start = time.perf_counter()
+    json_path = generate_model(config, batch, seq_len, seed, output=work / "model.json")
+    side_path = generate_model(config, batch, seq_len, seed, output=work / "model_sidecar.json", sidecar=True)
+    times["generate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    load_model(json_path)
+    times["python_load_json_ms"] = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    model = load_model(side_path)
+    times["python_load_sidecar_ms"] = (time.perf_counter() - start) * 1e3
+    return times, model, json_path, side_path
+
+
+def _decode_rates(model: Model, prepared_sets: dict, decode: int, batch: int) -> tuple[float, dict[str, dict]]:
+    """Greedy decoding of ``decode`` tokens, after a warm-up of 3: PyTorch's tokens/s, and per kernel
+    set its tokens/s and whether it produced PyTorch's tokens."""
+    decode_torch(model, 3)  # warm-up
+    torch_tokens, torch_s = decode_torch(model, decode)
+    steps = batch * (decode - 1)
+    per_set = {}
+    for name, prepared in prepared_sets.items():
+        decode_cpp(prepared, 3)  # warm-up
+        cpp_tokens, cpp_s = decode_cpp(prepared, decode)
+        per_set[name] = {
+            "cpp_decode_tok_s": steps / cpp_s,
+            "decode_tokens_equal": bool((torch_tokens == cpp_tokens).all()),
+        }
+    return steps / torch_s, per_set
+
+
+def measure_bench(
+    config: ModelConfig,
+    batch: int,
+    seq_len: int,
+    seed: int = 123,
+    threads: int | None = None,
+    repeat: int = 10,
+    warmup: int = 3,
+    decode: int = 0,
+    work_dir: str | Path = ".",
+    cpp_dir: str | None = None,
+    kernels: str | list[str] = "fast",
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
+    the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all"); the model files and
+    builds in ``work_dir``. ``progress`` hears what is about to be measured. Prints nothing."""
+    import torch
+
+    from .native import load_native
+    from .reference import ReferenceModel
+    from .standalone import build_standalone, run_standalone
+
+    native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
+    sets = bench_kernel_sets(native, kernels)
+    if threads:
+        torch.set_num_threads(threads)
+        native.set_threads(threads)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    record: dict = {
+        "config": config.to_dict(),
+        "batch": batch,
+        "seq_len": seq_len,
+        "parameters": config.num_parameters(),
+        "kernels": sets,
+    }
+    if progress:
+        progress(
+            f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
+            f"kernels {', '.join(sets)}; files in {work}"
+        )
+    times, model, json_path, side_path = _load_times(config, batch, seq_len, seed, work)
+    record.update(times)
+
+    ref = ReferenceModel(model)
+    torch_t = time_call(lambda: ref.forward(), warmup, repeat)
+    torch_logits = ref.forward()[0].numpy()
+    record.update(_stats(torch_t, "torch_forward"))
+    real = model.attention_mask.astype(bool)
+    stats = {"torch": _logits_stats(torch_logits)}
+
+    binary = build_standalone(cpp_dir, build_dir=work / "build")
+    env_threads = {"THREADS": str(threads)} if threads else {}
+    per_set: dict[str, dict] = {}
+    prepared_sets, cpp_timings = {}, {}
+    for name in sets:
+        prepared = prepared_sets[name] = native.prepare(model, name)
+        cpp_t = cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
+        cpp_logits = prepared.forward().logits
+        stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
+        alone = run_standalone(
+            binary, json_path, work / f"out_{name}", warmup, repeat, env={**env_threads, "KERNELS": name}
+        )
+        diff = np.abs(cpp_logits - torch_logits)[real]
+        per_set[name] = {
+            **_stats(cpp_t, "cpp_forward"),
+            "standalone_forward_ms": alone.forward_ms,
+            "standalone_load_ms": alone.load_ms,
+            "max_abs_diff": float(diff.max()),
+            "standalone_max_abs_diff": float(np.abs(alone.logits - torch_logits)[real].max()),
+            "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
+        }
+    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": sets[0]})
+    record.update(per_set[sets[0]])
+    record["standalone_load_sidecar_ms"] = alone_side.load_ms
+    record["machine"] = machine_info(native.threads)
+
+    if decode:
+        torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch)
+        record.update(decode_tokens=decode, torch_decode_tok_s=torch_rate)
+        for name in sets:
+            per_set[name].update(decode_sets[name])
+        record.update(
+            cpp_decode_tok_s=per_set[sets[0]]["cpp_decode_tok_s"],
+            decode_tokens_equal=per_set[sets[0]]["decode_tokens_equal"],
+        )
+    record["kernel_sets"] = per_set
+    return BenchResult(record, torch_t, cpp_timings, stats)
+
+
+def bench_lines(result: BenchResult) -> list[str]:
+    """The bench's summary as printed: each forward's time and ratio to PyTorch, load times, logits
+    statistics, the largest difference from PyTorch per set, and the decode rates."""
+    record, torch_t, sets = result.record, result.torch_forward, result.sets
+    per_set = record["kernel_sets"]
+    lines = [
+        f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   ({torch_t.spread}; min {torch_t.min_ms:.3f}, "
+        f"max {torch_t.max_ms:.3f})" + (f" — noisy: {torch_t.noise_reason}" if torch_t.noisy else "")
+    ]
+    for name in sets:
+        cpp_t = result.cpp_forward[name]
+        for label, ms, spread in (
+            (f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
+            (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
+        ):
+            noisy = torch_t.noisy or (cpp_t.noisy and spread)
+            lines.append(
+                f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
+                + (" — noisy, ratio unreliable" if noisy else "")
+            )
+    lines.append(
+        f"{'load, JSON only':28s} {record['standalone_load_ms']:10.1f} ms (base_line_micro), "
+        f"{record['python_load_json_ms']:.1f} ms (Python)"
+    )
+    lines.append(
+        f"{'load, safetensors sidecar':28s} {record['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
+        f"{record['python_load_sidecar_ms']:.1f} ms (Python)"
+    )
+    for label, (shape, low, high, mean) in result.logits_stats.items():
+        lines.append(f"logits {label:16s}: shape {shape} min {low:.6f} max {high:.6f} mean {mean:.6f}")
+    for name in sets:
+        r = per_set[name]
+        lines.append(
+            f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
+            f"standalone {r['standalone_max_abs_diff']:.3e}"
+        )
+    if "decode_tokens" in record:
+        torch_rate = record["torch_decode_tok_s"]
+        for name in sets:
+            r = per_set[name]
+            lines.append(
+                f"decode {record['decode_tokens']} tokens after {record['seq_len']} ({name}): torch {torch_rate:.1f} "
+                f"tok/s, C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / torch_rate:.2f}x); "
+                f"same tokens: {r['decode_tokens_equal']}"
+            )
+    return lines
+
+
 def run_bench(
     config: ModelConfig,
     batch: int,
@@ -319,136 +515,21 @@ def run_bench(
     log: Callable[[str], None] = print,
     kernels: str | list[str] = "fast",
 ) -> dict:
-    """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
-    the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all").
+    """``celerinfer-lab bench``: measure_bench, then its summary to ``log`` line by line; returns the
+    record (the JSON the CLI writes).
 
-    The result's flat keys (cpp_forward_ms, standalone_forward_ms, max_abs_diff, cpp_decode_tok_s,
-    ...) are the first set's; ``result["kernel_sets"]`` holds every set's, by name. The model files
-    and builds go to ``work_dir`` (kept), or to a temporary folder removed on return."""
+    The record's flat keys (cpp_forward_ms, standalone_forward_ms, max_abs_diff, cpp_decode_tok_s,
+    ...) are the first set's; ``record["kernel_sets"]`` holds every set's, by name. The model files
+    and builds go to ``work_dir`` (kept), or to a temporary folder removed on return (hundreds of MB
+    for large presets)."""
     import tempfile
-    from pathlib import Path
 
-    import torch
-
-    from .native import load_native
-    from .reader import load_model
-    from .reference import ReferenceModel
-    from .standalone import build_standalone, run_standalone
-
-    if work_dir is None:  # a temporary folder, removed at the end (hundreds of MB for large presets)
-        with tempfile.TemporaryDirectory(prefix="celerinfer-bench-") as tmp:
-            return run_bench(config, batch, seq_len, seed, threads, repeat, warmup, decode, tmp, cpp_dir, log, kernels)
-    native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
-    sets = bench_kernel_sets(native, kernels)
-    if threads:
-        torch.set_num_threads(threads)
-        native.set_threads(threads)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    result: dict = {
-        "config": config.to_dict(),
-        "batch": batch,
-        "seq_len": seq_len,
-        "parameters": config.num_parameters(),
-        "kernels": sets,
-    }
-    log(
-        f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
-        f"kernels {', '.join(sets)}; files in {work}"
-    )
-
-    start = time.perf_counter()
-    json_path = generate_model(config, batch, seq_len, seed, output=work / "model.json")
-    side_path = generate_model(config, batch, seq_len, seed, output=work / "model_sidecar.json", sidecar=True)
-    result["generate_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    load_model(json_path)
-    result["python_load_json_ms"] = (time.perf_counter() - start) * 1e3
-    start = time.perf_counter()
-    model = load_model(side_path)
-    result["python_load_sidecar_ms"] = (time.perf_counter() - start) * 1e3
-
-    ref = ReferenceModel(model)
-    torch_t = time_call(lambda: ref.forward(), warmup, repeat)
-    torch_logits = ref.forward()[0].numpy()
-    result.update(_stats(torch_t, "torch_forward"))
-    real = model.attention_mask.astype(bool)
-
-    binary = build_standalone(cpp_dir, build_dir=work / "build")
-    env_threads = {"THREADS": str(threads)} if threads else {}
-    per_set: dict[str, dict] = {}
-    prepared_sets, cpp_logits_sets, cpp_timings = {}, {}, {}
-    for name in sets:
-        prepared = prepared_sets[name] = native.prepare(model, name)
-        cpp_t = cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
-        cpp_logits = cpp_logits_sets[name] = prepared.forward().logits
-        alone = run_standalone(
-            binary, json_path, work / f"out_{name}", warmup, repeat, env={**env_threads, "KERNELS": name}
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="celerinfer-bench-"))
+        result = measure_bench(
+            config, batch, seq_len, seed, threads, repeat, warmup, decode, work_dir, cpp_dir, kernels, progress=log
         )
-        diff = np.abs(cpp_logits - torch_logits)[real]
-        per_set[name] = {
-            **_stats(cpp_t, "cpp_forward"),
-            "standalone_forward_ms": alone.forward_ms,
-            "standalone_load_ms": alone.load_ms,
-            "max_abs_diff": float(diff.max()),
-            "standalone_max_abs_diff": float(np.abs(alone.logits - torch_logits)[real].max()),
-            "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
-        }
-    first = per_set[sets[0]]
-    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": sets[0]})
-    result.update(first)
-    result["standalone_load_sidecar_ms"] = alone_side.load_ms
-    result["machine"] = machine_info(native.threads)
-
-    log(
-        f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   ({torch_t.spread}; min {torch_t.min_ms:.3f}, "
-        f"max {torch_t.max_ms:.3f})" + (f" — noisy: {torch_t.noise_reason}" if torch_t.noisy else "")
-    )
-    for name in sets:
-        cpp_t = cpp_timings[name]
-        for label, ms, spread in (
-            (f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
-            (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
-        ):
-            noisy = torch_t.noisy or (cpp_t.noisy and spread)
-            log(
-                f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
-                + (" — noisy, ratio unreliable" if noisy else "")
-            )
-    log(
-        f"{'load, JSON only':28s} {result['standalone_load_ms']:10.1f} ms (base_line_micro), "
-        f"{result['python_load_json_ms']:.1f} ms (Python)"
-    )
-    log(
-        f"{'load, safetensors sidecar':28s} {result['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
-        f"{result['python_load_sidecar_ms']:.1f} ms (Python)"
-    )
-    for label, lg in (("torch", torch_logits), *((f"cpp ({name})", cpp_logits_sets[name]) for name in sets)):
-        log(f"logits {label:16s}: shape {list(lg.shape)} min {lg.min():.6f} max {lg.max():.6f} mean {lg.mean():.6f}")
-    for name in sets:
-        r = per_set[name]
-        log(
-            f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            f"standalone {r['standalone_max_abs_diff']:.3e}"
-        )
-
-    if decode:
-        decode_torch(model, 3)  # warm-up
-        torch_tokens, torch_s = decode_torch(model, decode)
-        steps = batch * (decode - 1)
-        result.update(decode_tokens=decode, torch_decode_tok_s=steps / torch_s)
-        for name in sets:
-            decode_cpp(prepared_sets[name], 3)  # warm-up
-            cpp_tokens, cpp_s = decode_cpp(prepared_sets[name], decode)
-            per_set[name].update(
-                cpp_decode_tok_s=steps / cpp_s, decode_tokens_equal=bool((torch_tokens == cpp_tokens).all())
-            )
-            r = per_set[name]
-            log(
-                f"decode {decode} tokens after {seq_len} ({name}): torch {result['torch_decode_tok_s']:.1f} tok/s, "
-                f"C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / result['torch_decode_tok_s']:.2f}x); "
-                f"same tokens: {r['decode_tokens_equal']}"
-            )
-        result.update(cpp_decode_tok_s=first["cpp_decode_tok_s"], decode_tokens_equal=first["decode_tokens_equal"])
-    result["kernel_sets"] = per_set
-    return result
+    for line in bench_lines(result):
+        log(line)
+    return result.record

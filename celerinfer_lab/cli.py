@@ -14,20 +14,13 @@ from pathlib import Path
 
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .errors import CelerInferError, FaultError, ModelFileError, UsageError
-from .flags import CONFIG_FLAGS
+from .flags import CONFIG_FLAGS, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
 PADDING_MODES = ("none", "left", "right", "mixed")  # generate.PADDING_MODES (a test keeps them equal)
 REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
-# The original CelerInfer generator's defaults.
-ORIGINAL_DEFAULTS = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=128,
-)
+# The original CelerInfer generator's defaults: ModelConfig's own (config.py).
+TINY = ModelConfig()
 
 
 def _int_list(text: str) -> list[int]:
@@ -41,8 +34,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser(
         "generate",
         help="write a random MiniMind model file",
-        description="Write a random model with inputs and RoPE cache. Without --preset the "
-        "original CelerInfer defaults apply (64/2/8/2/128, max-pos 128).",
+        description="Write a random model with inputs and RoPE cache. Without --preset the original CelerInfer "
+        f"defaults apply ({TINY.hidden_size}/{TINY.num_hidden_layers}/{TINY.num_attention_heads}/"
+        f"{TINY.num_key_value_heads}/{TINY.vocab_size}, max-pos {TINY.max_position_embeddings}).",
     )
     g.add_argument("--preset", choices=sorted(PRESETS), help="start from a released model's config")
     g.add_argument("--hidden", type=int), g.add_argument("--layers", type=int)
@@ -64,7 +58,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--shared-experts", type=int), g.add_argument("--moe-intermediate", type=int)
     g.add_argument("--topk-renorm", choices=TOPK_RENORM_RULES)
-    g.add_argument("--seq-len", type=int, default=5), g.add_argument("--batch-size", type=int, default=2)
+    g.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--padding", choices=PADDING_MODES, default="none")
     g.add_argument("--pad-lengths", type=_int_list, help="pad tokens per row, e.g. 0,2")
@@ -97,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         fields["rope_scaling"] = {**DEFAULT_YARN, "original_max_position_embeddings": args.yarn_original_max_pos}
     if args.preset:
         return preset(args.preset, **fields)
-    return ModelConfig(**{**ORIGINAL_DEFAULTS, **fields})
+    return ModelConfig(**fields)
 
 
 def _check_output(output: str, sidecar: bool, force: bool) -> Path:
@@ -328,20 +323,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"expected 7 numbers: hidden layers heads kvh vocab seq_len batch, got {len(args.numbers)}")
     if args.preset:
         config = preset(args.preset, **({"max_position_embeddings": args.max_pos} if args.max_pos else {}))
-        seq_len, batch = args.seq_len or 5, args.batch_size or 2
+        seq_len, batch = args.seq_len or DEFAULT_SEQ_LEN, args.batch_size or DEFAULT_BATCH_SIZE
     else:
-        h, layers, heads, kvh, vocab, seq, batch = args.numbers or [64, 2, 8, 2, 128, 5, 2]
+        h, layers, heads, kvh, vocab, seq, batch = args.numbers or [
+            *(TINY.hidden_size, TINY.num_hidden_layers, TINY.num_attention_heads, TINY.num_key_value_heads),
+            *(TINY.vocab_size, DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE),
+        ]
         seq_len, batch = args.seq_len or seq, args.batch_size or batch
         config = ModelConfig(
-            **{
-                **ORIGINAL_DEFAULTS,
-                "hidden_size": h,
-                "num_hidden_layers": layers,
-                "num_attention_heads": heads,
-                "num_key_value_heads": kvh,
-                "vocab_size": vocab,
-                "max_position_embeddings": max(args.max_pos or 128, seq_len + args.decode),
-            }
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kvh,
+            vocab_size=vocab,
+            max_position_embeddings=max(args.max_pos or TINY.max_position_embeddings, seq_len + args.decode),
         )
     config.validate(seq_len=seq_len + max(args.decode - 1, 0))
     result = run_bench(
@@ -393,8 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("numbers", nargs="*", type=int, help="hidden layers heads kvh vocab seq_len batch")
     bench.add_argument("--preset", choices=sorted(PRESETS))
-    bench.add_argument("--seq-len", type=int, help="override the sequence length (with --preset: default 5)")
-    bench.add_argument("--batch-size", type=int, help="override the batch (with --preset: default 2)")
+    bench.add_argument(
+        "--seq-len", type=int, help=f"override the sequence length (with --preset: default {DEFAULT_SEQ_LEN})"
+    )
+    bench.add_argument(
+        "--batch-size", type=int, help=f"override the batch (with --preset: default {DEFAULT_BATCH_SIZE})"
+    )
     bench.add_argument("--max-pos", type=int, help="max_position_embeddings")
     bench.add_argument("--threads", type=int, help="threads for both sides (default: each side's own, all cores)")
     bench.add_argument("--repeat", type=int, default=10)

@@ -39,14 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import (  # a Report (compare.py, above this module) is only named in annotations
-    MASKED_BELOW,
-    MIN_FLOOR,
-    live_rows,
-)
-from .reference import repeat_kv
-from .reference import rmsnorm as rms_norm  # old local names kept (helper P owns this file): rename the calls
-from .reference import rope as apply_rope
+from .metrics import MASKED_BELOW, live_rows
+from .reference import repeat_kv, rmsnorm, rope
+from .report import Report
 from .trace import trace_points
 
 AGREE = 1e-4  # a part of y agrees with x: relative error below this (float32 noise is ~1e-7)
@@ -88,7 +83,7 @@ def _span(indices) -> tuple[int, int] | None:
 
 
 class _Context:
-    def __init__(self, report: Report):  # noqa: F821 (compare's Report: a type hint only)
+    def __init__(self, report: Report):
         self.report, self.culprit = report, report.culprit
         self.model, self.config = report.meta.get("model"), report.meta.get("config")
         self.oracle = report.runs["oracle"]
@@ -102,7 +97,8 @@ class _Context:
         self.point = next(p for p in trace_points(self.config, B, S, self.past) if p.name == self.name)
         self.base_error = _rel(self.y, self.x)
         own_floor = self.culprit.own_floor
-        self.floor = max(own_floor if math.isfinite(own_floor) else 0.0, MIN_FLOOR)  # float32's own error here
+        min_floor = report.tolerances.at(self.name).min_floor
+        self.floor = max(own_floor if math.isfinite(own_floor) else 0.0, min_floor)  # float32's own error here
         parts = self.name.split(".")
         self.layer = int(parts[2]) if self.name.startswith("model.layers.") else None
         self.op = ".".join(parts[3:]) if self.layer is not None else self.name
@@ -202,7 +198,7 @@ def _norm_variants(c: _Context) -> str | None:
     w, eps = c.weight(key), c.config.rms_norm_eps
     if c.matches(w * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + eps)):
         return "RMSNorm eps outside the square root: y = w * x / (sqrt(mean(x^2)) + eps)"
-    if c.matches(rms_norm(x, torch.ones_like(w), eps)):
+    if c.matches(rmsnorm(x, torch.ones_like(w), eps)):
         return "RMSNorm weight ignored (norm weight ignored): y = x / rms(x), never multiplied by w"
     n = x.shape[-1]
     for k in sorted({n % 16, n % 8} - {0}, reverse=True):
@@ -214,7 +210,7 @@ def _norm_variants(c: _Context) -> str | None:
             )
     for other, value in c.model.state_dict().items():
         if other != key and other.endswith("norm.weight") and value.shape == tuple(w.shape):
-            if c.matches(rms_norm(x, c.weight(other), eps)):
+            if c.matches(rmsnorm(x, c.weight(other), eps)):
                 return f"RMSNorm with the wrong weight: y matches {other} where {key} belongs"
     return None
 
@@ -231,15 +227,15 @@ def _rope_variant(c: _Context) -> str | None:
     cos, sin = cos_all[start : start + S], sin_all[start : start + S]
     pairing = c.config.rope_pairing
     other = "interleaved" if pairing == "half" else "half"
-    if c.matches(apply_rope(x, cos, sin, other)):
+    if c.matches(rope(x, cos, sin, other)):
         return (
             f"RoPE pairing swapped: matches {other} pairs, the model uses {pairing} "
             f"(interleaved (2i, 2i+1) vs half-split (i, i + head_dim/2))"
         )
-    if c.matches(apply_rope(x, cos, -sin, pairing)):
+    if c.matches(rope(x, cos, -sin, pairing)):
         return "RoPE rotates the wrong way: y is the rotation by -theta (the sin terms have the wrong sign)"
     for at in range(0, min(start + 2, len(cos_all) - S) + 1):  # every earlier start, and one past
-        if at != start and c.matches(apply_rope(x, cos_all[at : at + S], sin_all[at : at + S], pairing)):
+        if at != start and c.matches(rope(x, cos_all[at : at + S], sin_all[at : at + S], pairing)):
             hint = " (rotated as if at the start: the cache offset is ignored)" if at == 0 and start > 0 else ""
             return (
                 f"RoPE at the wrong position: the tokens at positions {start}..{start + S - 1} are rotated "
@@ -750,7 +746,7 @@ CHECKS = (
 )
 
 
-def diagnose(report: Report) -> str | None:  # noqa: F821 (compare's Report: a type hint only)
+def diagnose(report: Report) -> str | None:
     """A sentence naming the culprit's pattern, or None when no check recognises it."""
     if report.culprit is None or report.meta.get("model") is None:
         return None

@@ -3,6 +3,11 @@ that tells a user which flags would give a model they need."""
 
 from __future__ import annotations
 
+# The inputs of a model without --batch-size/--seq-len (generate_model's too); the tiny model shape
+# itself is ModelConfig's defaults (config.py: the original CelerInfer generator's 64/2/8/2/128).
+DEFAULT_BATCH_SIZE = 2
+DEFAULT_SEQ_LEN = 5
+
 # flag (argparse dest) -> ModelConfig field, for flags that map one to one
 CONFIG_FLAGS = {
     "hidden": "hidden_size",

@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import ConfigError, ModelConfig
 from .errors import ModelFileError, UsageError
+from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from .modelfile import Model, weight_shapes
 from .rope import rope_cache
 from .writer import Written, check_disk_room, check_target, human_bytes, largest_tensor, tensor_count, write_model_file
@@ -138,8 +139,8 @@ def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: b
 
 def generate_model(
     config: ModelConfig,
-    batch_size: int = 2,
-    seq_len: int = 5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 123,
     padding: str = "none",
     pad_lengths: list[int] | None = None,
@@ -165,8 +166,8 @@ def generate_model(
 
 def generate_model_file(
     config: ModelConfig,
-    batch_size: int = 2,
-    seq_len: int = 5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 123,
     padding: str = "none",
     pad_lengths: list[int] | None = None,

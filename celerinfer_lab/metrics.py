@@ -1,6 +1,6 @@
 """The error metrics of a comparison and the constants of its tolerance (compare.py's docstring
-explains them). Numbers only: no engine, no report. Below compare.py, diagnose.py and plots.py, which
-all use them; compare.py re-exports every name here."""
+explains them). Numbers only: no engine, no report. The constants are the defaults of
+tolerances.Tolerances, the rule as a value; compare.py re-exports every name here."""
 
 from __future__ import annotations
 

@@ -137,24 +137,31 @@ def _check_model(model: Model, where: str, allow_nonfinite: bool = False) -> Non
             )
 
 
-def check_input_values(model: Model, where: str) -> None:
-    """Token ids inside the vocabulary, a 0/1 mask of the ids' shape, seq_len within the RoPE cache."""
-    ids, mask, config = model.input_ids, model.attention_mask, model.config
+def input_problem(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> str | None:
+    """What is wrong with token ids and attention mask [B, S], or None: the one check of inputs,
+    for a model file (check_input_values) and for arrays given to the C++ (NativeModel.check_inputs);
+    each caller raises it as its own error."""
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-        raise ModelFileError(f"{where}: input_ids has shape {list(ids.shape)}, expected [batch >= 1, seq_len >= 1]")
+        return f"input_ids has shape {list(ids.shape)}, expected [batch >= 1, seq_len >= 1]"  # as the C++ reader says
     if mask.shape != ids.shape:
-        raise ModelFileError(f"{where}: attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
-    bad = np.argwhere((ids < 0) | (ids >= config.vocab_size))
+        return f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}"
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if len(bad):
         b, s = bad[0]
-        raise ModelFileError(
-            f"{where}: input_ids[{b},{s}] = {ids[b, s]} is outside the vocabulary [0, {config.vocab_size}) "
-            f"({len(bad)} such ids)"
-        )
+        return f"input_ids[{b},{s}] = {ids[b, s]} is outside the vocabulary [0, {vocab_size}) ({len(bad)} such ids)"
     bad = np.argwhere((mask != 0) & (mask != 1))
     if len(bad):
         b, s = bad[0]
-        raise ModelFileError(f"{where}: attention_mask[{b},{s}] = {mask[b, s]}; the mask must hold only 0 and 1")
+        return f"attention_mask[{b},{s}] = {mask[b, s]}; the mask must hold only 0 and 1"
+    return None
+
+
+def check_input_values(model: Model, where: str) -> None:
+    """Token ids inside the vocabulary, a 0/1 mask of the ids' shape, seq_len within the RoPE cache."""
+    ids, mask, config = model.input_ids, model.attention_mask, model.config
+    problem = input_problem(ids, mask, config.vocab_size)
+    if problem:
+        raise ModelFileError(f"{where}: {problem}")
     if ids.shape[1] > config.max_position_embeddings:
         raise ModelFileError(
             f"{where}: seq_len {ids.shape[1]} is longer than max_position_embeddings {config.max_position_embeddings}"

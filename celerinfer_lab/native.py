@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .faults import apply_fault, get_fault
-from .modelfile import Model
+from .modelfile import Model, input_problem
 from .paths import DEFAULT_CPP_DIR, HEADER, copy_cpp, edit_source  # noqa: F401  (defined in paths.py, re-exported here)
 from .paths import include_dir as _include_dir
 from .trace import ForwardResult, trace_points  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
@@ -249,18 +249,11 @@ class NativeModel:
             mask = self.model.attention_mask if input_ids is None else np.ones(ids.shape[:2], np.int64)
         else:
             mask = np.asarray(attention_mask)
-        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise UsageError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise UsageTypeError(f"input_ids must be integers, got {ids.dtype}")
-        if mask.shape != ids.shape:
-            raise UsageError(f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise UsageError(
-                f"input_ids hold {ids.min()}..{ids.max()}, outside the vocabulary [0, {self.config.vocab_size})"
-            )
-        if not np.isin(mask, (0, 1)).all():
-            raise UsageError("attention_mask must hold only 0 and 1")
+        problem = input_problem(ids, mask, self.config.vocab_size)
+        if problem:
+            raise UsageError(problem)
         self.config.validate(seq_len=int(ids.shape[1]))
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 

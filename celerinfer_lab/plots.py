@@ -4,12 +4,16 @@ so notebooks display it and tests inspect its artists."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .metrics import MASKED_BELOW  # a Report (compare.py, above this module) is only named in annotations
+from .metrics import MASKED_BELOW
 from .trace import trace_points
+
+if TYPE_CHECKING:  # Report.plot imports this module: the type, not the module, is needed here
+    from .report import Report
 
 
 def show_figures_in_ipython() -> None:
@@ -71,7 +75,7 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     return x, kinds, ticks
 
 
-def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:  # noqa: F821 (compare's Report: a type hint only)
+def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:
     """Relative L2 error at every trace point (log scale) against the layer it belongs to: one marker
     and colour per op kind (legend), the ops of a layer in forward order inside its band, accumulated
     error (filled markers on a grey line) and isolated error (black crosses), the tolerance band,
@@ -150,7 +154,7 @@ def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:  # noqa: F821 
 
 
 def attention_heatmap(
-    report: Report,  # noqa: F821 (compare's Report: a type hint only)
+    report: Report,
     point: str | None = None,
     batch: int = 0,
     isolated: bool = True,
@@ -196,7 +200,7 @@ def attention_heatmap(
 DENSITY_ABOVE = 10_000  # scatter plots with more points become hexbin density plots
 
 
-def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:  # noqa: F821 (compare's Report: a type hint only)
+def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:
     """Reference vs C++ values of one trace point (default: the culprit, else lm_head), and a
     histogram of their differences."""
     if point is None:
@@ -227,7 +231,7 @@ def scatter_and_histogram(report: Report, point: str | None = None, isolated: bo
     return fig
 
 
-def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:  # noqa: F821 (compare's Report: a type hint only)
+def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
     """Per token: KL(reference || C++) of the next-token distributions (log scale) and whether
     the top-1 token agrees."""
     lg = report.logits
@@ -256,3 +260,16 @@ def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:  # noqa: F821
     )
     ax.legend(fontsize=8)
     return fig
+
+
+def plot(report: Report, kind: str = "depth", **kwargs) -> Figure:
+    """The figure of one ``kind`` (Report.plot): 'depth', 'heatmap', 'scatter' or 'logits'."""
+    makers = {
+        "depth": error_along_depth,
+        "heatmap": attention_heatmap,
+        "scatter": scatter_and_histogram,
+        "logits": logits_agreement,
+    }
+    if kind not in makers:
+        raise ValueError(f"unknown plot kind {kind!r}; choose from {sorted(makers)}")
+    return makers[kind](report, **kwargs)

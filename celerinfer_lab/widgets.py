@@ -26,6 +26,7 @@ from IPython.display import display
 
 from .config import TOPK_RENORM_RULES, ConfigError, ModelConfig
 from .faults import FAULTS, Fault, why_it_cannot_show
+from .flags import DEFAULT_BATCH_SIZE
 from .native import NativeEngine, assemble_source
 from .paths import DEFAULT_CPP_DIR, include_dir
 
@@ -93,6 +94,7 @@ def _slider(description: str, value: int, lo: int, hi: int, step: int = 1) -> W.
 
 
 _STYLE = {"description_width": "90px"}
+TINY = ModelConfig()  # the sliders start at the CLI's default model (config.py's defaults)
 
 
 class Explorer(W.VBox):
@@ -103,19 +105,19 @@ class Explorer(W.VBox):
         cpp_dir = str(cpp_dir or DEFAULT_CPP_DIR)
         sets = self._registered_sets(cpp_dir)
         self.controls = {
-            "hidden": _slider("hidden", 64, 16, 1024, 16),
-            "layers": _slider("layers", 2, 1, 16),
-            "heads": _slider("heads", 8, 1, 16),
-            "kv_heads": _slider("kv heads", 2, 1, 16),
+            "hidden": _slider("hidden", TINY.hidden_size, 16, 1024, 16),
+            "layers": _slider("layers", TINY.num_hidden_layers, 1, 16),
+            "heads": _slider("heads", TINY.num_attention_heads, 1, 16),
+            "kv_heads": _slider("kv heads", TINY.num_key_value_heads, 1, 16),
             "head_dim": W.BoundedIntText(
                 value=0, min=0, max=512, step=2, description="head dim", style=_STYLE, layout=W.Layout(width="200px")
             ),
-            "vocab": _slider("vocab", 128, 16, 8192, 16),
+            "vocab": _slider("vocab", TINY.vocab_size, 16, 8192, 16),
             "intermediate": W.BoundedIntText(
                 value=0, min=0, max=16384, step=8, description="FFN width", style=_STYLE, layout=W.Layout(width="200px")
             ),
             "seq_len": _slider("seq len", 16, 1, 256),
-            "batch": _slider("batch", 2, 1, 8),
+            "batch": _slider("batch", DEFAULT_BATCH_SIZE, 1, 8),
             "seed": W.IntText(value=123, description="seed", style=_STYLE),
             "qk_norm": W.Checkbox(value=False, description="q/k norm"),
             "untied": W.Checkbox(value=False, description="untied head"),
@@ -231,7 +233,7 @@ class Explorer(W.VBox):
             head_dim=c["head_dim"] or None,
             vocab_size=c["vocab"],
             intermediate_size=c["intermediate"] or None,
-            max_position_embeddings=max(128, c["seq_len"] + c["decode"]),
+            max_position_embeddings=max(TINY.max_position_embeddings, c["seq_len"] + c["decode"]),
             qk_norm=c["qk_norm"],
             rope_pairing=c["rope"],
             use_moe=c["moe"],

@@ -4,6 +4,8 @@
     torch, matplotlib, pandas, cppyy (the time it takes is printed, not asserted: the machine is shared).
 (b) The import graph read from the source (every ``import``/``from`` of a celerinfer_lab module, at the
     top or inside a function) has no cycle, and every edge goes to the same layer or one below in LAYERS.
+    Imports under ``if TYPE_CHECKING:`` are left out: they never run (a view names the Report type that
+    imports it), and they may name only classes for annotations, which the runtime graph cannot see.
 """
 
 from __future__ import annotations
@@ -41,15 +43,20 @@ LAYERS = [
     ],
     # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary
     ["reference", "native", "standalone"],
-    # compare's parts: metrics and tolerance constants
-    ["metrics"],
-    # what reads a Report: the diagnosis, the figures
-    ["diagnose", "plots"],
-    # compare: runs both forwards, builds the Report, diagnoses it, plots it
+    # the comparison's numbers: the metrics and the tolerance rule as a value
+    ["metrics", "tolerances"],
+    # the views of a Report (text/table/HTML, figures): Report's methods call them, so they name the
+    # Report type only for annotations (under TYPE_CHECKING, which never runs)
+    ["rendering", "plots"],
+    # the Report and how it is built from runs; the runs themselves (engines passed in)
+    ["report", "runs"],
+    # what reads a Report: the diagnosis
+    ["diagnose"],
+    # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
     # timing
     ["bench"],
-    # entry points: the command line, the C++ table generator, the notebook explorer, the package's lazy names; the hypothesis
+    # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "__init__", "testing"],
 ]
@@ -58,6 +65,16 @@ LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 def _modules() -> list[str]:
     return sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) without an else: code for the type checker only."""
+    if not isinstance(node, ast.If) or node.orelse:
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imported(module: str, tree: ast.AST) -> set[str]:
@@ -76,7 +93,10 @@ def _imported(module: str, tree: ast.AST) -> set[str]:
             for name in names:
                 found.add(name if name in modules else "__init__")
 
+    type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block) for n in ast.walk(block)}
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "celerinfer_lab" or alias.name.startswith("celerinfer_lab."):
@@ -157,6 +177,20 @@ def test_the_graph_reader_sees_imports_inside_functions():
     """)
     )
     assert _imported("x", tree) == {"config", "plots", "native", "__init__"}
+    typed = ast.parse(
+        textwrap.dedent("""
+        from typing import TYPE_CHECKING
+        if TYPE_CHECKING:
+            from .report import Report
+        if TYPE_CHECKING:
+            from .compare import Comparison
+        else:
+            from .runs import run_all
+        def f():
+            from .plots import plot
+    """)
+    )
+    assert _imported("x", typed) == {"compare", "runs", "plots"}  # an if with an else runs: counted
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 

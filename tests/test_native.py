@@ -52,7 +52,7 @@ def test_bad_inputs_raise_before_any_call(native):
     model = small_model()
     nm = native.prepare(model)
     ids = model.input_ids
-    with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, seq_len\]"):
+    with pytest.raises(ValueError, match=r"input_ids has shape \[7\], expected \[batch >= 1, seq_len >= 1\]"):
         nm.forward(ids[0])
     with pytest.raises(ValueError, match="attention_mask has shape"):
         nm.forward(ids, np.ones((2, 3), dtype=np.int64))
@@ -112,3 +112,23 @@ def test_users_copy_and_reload(cpp_copy):
 def test_missing_header_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no celerinfer/celerinfer.hpp"):
         load_native(tmp_path)
+
+
+def test_arrays_and_model_files_are_checked_by_one_rule(native):
+    """NativeModel.check_inputs and a model file's check say the same thing about the same inputs."""
+    from celerinfer_lab.errors import ModelFileError, UsageError
+    from celerinfer_lab.modelfile import check_input_values
+
+    model = small_model()
+    for ids, mask in (
+        (np.where(model.input_ids == model.input_ids[0, 1], 999, model.input_ids), model.attention_mask),
+        (model.input_ids, np.full_like(model.attention_mask, 2)),
+        (model.input_ids[:, :3], model.attention_mask),
+    ):
+        with pytest.raises(UsageError) as from_arrays:
+            native.prepare(model).check_inputs(ids, mask)
+        bad = small_model()
+        bad.input_ids, bad.attention_mask = ids, mask
+        with pytest.raises(ModelFileError) as from_file:
+            check_input_values(bad, "m.json")
+        assert str(from_file.value) == f"m.json: {from_arrays.value}"

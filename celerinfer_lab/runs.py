@@ -1,0 +1,63 @@
+"""The traced runs a Report is built from, each a dict trace point -> array:
+
+    oracle     the reference in float64
+    ref32      the float32 baseline whose error sets the floors (the reference, or the readable C++)
+    ref32_own  the same, teacher forced on the oracle (the isolated floors)
+    cpp        the C++ with one kernel set
+    cpp_own    the same, teacher forced on the oracle (each op's own error)
+
+Running is kept apart from judging (report.py), as Polygraphy keeps Comparator.run apart from
+compare_accuracy: the engine is an argument (``native``: a NativeEngine) and nothing here compares."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UsageError
+
+Runs = dict[str, dict[str, np.ndarray]]
+
+
+def teacher_from(oracle: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The oracle's values as float32: what a teacher-forced run is fed."""
+    return {k: v.astype(np.float32) for k, v in oracle.items()}
+
+
+def reference_runs(model) -> Runs:
+    """The runs every comparison shares: the float64 oracle and the float32 reference, plain
+    (ref32) and teacher-forced (ref32_own), whose errors against the oracle set the floors."""
+    import torch  # here: a Report is read without torch
+
+    from .reference import reference_forward
+
+    oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
+    return {
+        "oracle": oracle,
+        "ref32": reference_forward(model, trace=True).trace,
+        "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).trace,
+    }
+
+
+def kernel_runs(model, native, kernels: str, oracle: dict[str, np.ndarray]) -> Runs:
+    """One kernel set's two traced runs: plain (cpp) and teacher-forced on the oracle (cpp_own)."""
+    prepared = native.prepare(model, kernels)  # bound (and packed) once for both runs
+    return {"cpp": prepared.forward(trace=True).trace, "cpp_own": prepared.forward(teacher=teacher_from(oracle)).trace}
+
+
+def floor_runs(model, native, baseline: str = "torch") -> Runs:
+    """reference_runs, with the floors from the readable C++ instead when baseline="readable"."""
+    if baseline not in ("torch", "readable"):
+        raise UsageError(f"baseline={baseline!r}: 'torch' or 'readable'")
+    runs = reference_runs(model)
+    if baseline == "readable":
+        readable = kernel_runs(model, native, "readable", runs["oracle"])
+        runs.update(ref32=readable["cpp"], ref32_own=readable["cpp_own"])
+    return runs
+
+
+def run_all(model, native, kernels: str | None = None, baseline: str = "torch") -> Runs:
+    """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
+    sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
+    cpp_own (the C++ with ``kernels``)."""
+    runs = floor_runs(model, native, baseline)
+    return {**runs, **kernel_runs(model, native, kernels or native.kernels, runs["oracle"])}
