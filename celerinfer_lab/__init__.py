@@ -10,6 +10,17 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors (tests/test_typecheck.py: in step)
+    from .compare import Comparison, Report, compare, compare_decode
+    from .config import PRESETS, ConfigError, ModelConfig, preset
+    from .generate import generate_model
+    from .modelfile import Model, ModelFileError, save_model, weight_shapes
+    from .native import NativeCompileError, NativeEngine, NativeError, NativeModel, copy_cpp, edit_source, load_native
+    from .reader import load_model
+    from .reference import ForwardResult, KVCache, ReferenceModel, reference_forward
+    from .trace import TracePoint, trace_names, trace_points
 
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
@@ -78,7 +89,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -97,7 +108,7 @@ class _Package(types.ModuleType):
     instead, as the eager ``from .compare import compare`` used to (``celerinfer_lab.compare`` is
     the function, ``sys.modules["celerinfer_lab.compare"]`` the module)."""
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         if (
             _EXPORTS.get(name) == name
             and isinstance(value, types.ModuleType)

@@ -11,10 +11,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .errors import CelerInferError, FaultError, ModelFileError, UsageError
 from .flags import CONFIG_FLAGS, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+
+if TYPE_CHECKING:  # for annotations only: the commands import what they run when they run
+    import numpy as np
+
+    from .bench import Timing
+    from .modelfile import Model
 
 PADDING_MODES = ("none", "left", "right", "mixed")  # generate.PADDING_MODES (a test keeps them equal)
 REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -181,7 +188,16 @@ def _forward_inputs(args: argparse.Namespace) -> tuple[str, Path | None, int]:
     return path, Path(dump_dir) if dump_dir else None, warmup
 
 
-def _report(label: str, path: str, model, timing, warmup: int, logits, dump_dir: Path | None, filename: str) -> None:
+def _report(
+    label: str,
+    path: str,
+    model: Model,
+    timing: Timing,
+    warmup: int,
+    logits: np.ndarray,
+    dump_dir: Path | None,
+    filename: str,
+) -> None:
     import numpy as np
 
     print(
@@ -224,7 +240,7 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
         "logits_torch.npy",
     )
     if dump_dir and trace is not None:
-        np.savez(dump_dir / "trace_torch.npz", **{k: v.numpy() for k, v in trace.items()})
+        np.savez(dump_dir / "trace_torch.npz", allow_pickle=False, **{k: v.numpy() for k, v in trace.items()})
         print(f"saved {dump_dir / 'trace_torch.npz'} ({len(trace)} trace points)")
     return 0
 
@@ -255,7 +271,7 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
         "logits_cpp.npy",
     )
     if dump_dir and result.trace is not None:
-        np.savez(dump_dir / "trace_cpp.npz", **result.trace)
+        np.savez(dump_dir / "trace_cpp.npz", allow_pickle=False, **result.trace)
         print(f"saved {dump_dir / 'trace_cpp.npz'} ({len(result.trace)} trace points)")
     return 0
 
@@ -268,8 +284,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .reader import load_model
 
     if args.list_faults:
-        for fault in FAULTS.values():
-            print(f"{fault.name:32s} {'+'.join(fault.kernels):14s} {fault.breaks}")
+        for listed in FAULTS.values():
+            print(f"{listed.name:32s} {'+'.join(listed.kernels):14s} {listed.breaks}")
         return 0
     if not args.model:
         raise ModelFileError("no model file given")
@@ -443,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lab_command(folder: str | Path | None = None, extra: list[str] = (), as_root: bool | None = None) -> list[str]:
+def lab_command(folder: str | Path | None = None, extra: Sequence[str] = (), as_root: bool | None = None) -> list[str]:
     """The JupyterLab command line ``celerinfer-lab lab`` runs: the Python running this, on ``folder``
     (default: this checkout's notebooks/), with --allow-root when run as root, then ``extra``."""
     folder = Path(folder) if folder is not None else REPO_NOTEBOOKS

@@ -19,11 +19,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
 from .errors import FaultError  # noqa: E402,F401  (defined in errors.py, re-exported here)
 from .flags import flag_for
 from .paths import copy_cpp, edit_source, include_dir
+
+if TYPE_CHECKING:  # for annotations only: the catalogue itself needs no numpy
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -532,7 +536,7 @@ def apply_fault(fault: Fault, source: str | Path, dest: str | Path | None = None
     return dest
 
 
-def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask=None) -> list[str]:
+def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask: np.ndarray | None = None) -> list[str]:
     """What keeps ``fault`` from showing on a model: each reason names the generate flag that fixes it."""
     reasons = []
     for key, wanted in fault.model.items():

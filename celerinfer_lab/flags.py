@@ -37,7 +37,7 @@ SWITCHES = {
 }
 
 
-def flag_for(field: str, value) -> str:
+def flag_for(field: str, value: object) -> str:
     """The generate flag(s) that give ``field`` = ``value``, e.g. '--untied' or '--heads 8'."""
     if field in SWITCHES:
         switch = SWITCHES[field][0 if value else 1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, cast, overload
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def _init_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], co
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
 
-def _check_seed(seed) -> None:
+def _check_seed(seed: object) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UsageError(f"seed={seed!r}: must be an integer >= 0")
 
@@ -121,7 +121,7 @@ def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: b
         return
     name, shape, largest = largest_tensor(config)
     weights = largest if streamed else config.num_parameters() * 4
-    rope = 2 * config.max_position_embeddings * config.head_dim * 4
+    rope = 2 * config.max_position_embeddings * cast(int, config.head_dim) * 4  # set by __post_init__
     inputs = 2 * batch_size * seq_len * 8
     need = weights + rope + inputs
     if need > available:
@@ -137,6 +137,34 @@ def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: b
         )
 
 
+# For type checkers: the result follows ``output``, a Model without it, the Path written with it (by keyword).
+@overload
+def generate_model(
+    config: ModelConfig,
+    batch_size: int = 2,
+    seq_len: int = 5,
+    seed: int = 123,
+    padding: str = "none",
+    pad_lengths: list[int] | None = None,
+    pad_id: int = 0,
+    output: None = None,
+    progress: bool | None = None,
+    sidecar: bool = False,
+) -> Model: ...
+@overload
+def generate_model(
+    config: ModelConfig,
+    batch_size: int = 2,
+    seq_len: int = 5,
+    seed: int = 123,
+    padding: str = "none",
+    pad_lengths: list[int] | None = None,
+    pad_id: int = 0,
+    *,
+    output: str | Path,
+    progress: bool | None = None,
+    sidecar: bool = False,
+) -> Path: ...
 def generate_model(
     config: ModelConfig,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -158,10 +186,25 @@ def generate_model(
     (UsageError), or in the output folder's free space (ModelFileError). An output that is a
     folder, or ends in .safetensors with a sidecar, is a UsageError; a file that cannot be written
     (a full disk, a read-only folder, a file in the way) is a ModelFileError naming it."""
-    result = generate_model_file(
-        config, batch_size, seq_len, seed, padding, pad_lengths, pad_id, output, progress, sidecar
-    )
-    return result if isinstance(result, Model) else result.path
+    if output is not None:
+        written = generate_model_file(
+            config,
+            batch_size,
+            seq_len,
+            seed,
+            padding,
+            pad_lengths,
+            pad_id,
+            output=output,
+            progress=progress,
+            sidecar=sidecar,
+        )
+        return written.path
+    _check_request(config, batch_size, seq_len, seed, streamed=False)
+    input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
+    cos, sin = rope_cache(config)
+    meta = _meta(config, batch_size, seq_len, seed, padding)
+    return Model(config, dict(random_weights(config, seed)), input_ids, attention_mask, cos, sin, meta)
 
 
 def generate_model_file(
@@ -172,35 +215,22 @@ def generate_model_file(
     padding: str = "none",
     pad_lengths: list[int] | None = None,
     pad_id: int = 0,
-    output: str | Path | None = None,
+    *,
+    output: str | Path,
     progress: bool | None = None,
     sidecar: bool = False,
-) -> Model | Written:
-    """generate_model, returning with ``output`` what was written (writer.Written: paths and sizes)."""
-    _check_seed(seed)
-    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-        raise ConfigError(f"batch_size={batch_size!r}: must be an integer >= 1")
-    config.validate(seq_len=seq_len)
-    check_memory(config, batch_size, seq_len, streamed=output is not None)
-    if output is not None:
-        output = check_target(output, sidecar)
-        blocking = next((parent for parent in output.parents if parent.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            raise ModelFileError(f"cannot write {output}: {blocking} is a file, not a folder")
-        check_disk_room(output, config, batch_size, seq_len, sidecar)
+) -> Written:
+    """generate_model with ``output``, returning what was written (writer.Written: paths and sizes)."""
+    _check_request(config, batch_size, seq_len, seed, streamed=True)
+    output = check_target(output, sidecar)
+    blocking = next((parent for parent in output.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ModelFileError(f"cannot write {output}: {blocking} is a file, not a folder")
+    check_disk_room(output, config, batch_size, seq_len, sidecar)
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
-    meta = {
-        "generator": "celerinfer-lab",
-        "seed": seed,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "padding": padding,
-        "num_parameters": config.num_parameters(),
-    }
+    meta = _meta(config, batch_size, seq_len, seed, padding)
     weights = random_weights(config, seed)
-    if output is None:
-        return Model(config, dict(weights), input_ids, attention_mask, cos, sin, meta)
     if progress is None:
         progress = config.num_parameters() >= 20_000_000
     try:
@@ -230,3 +260,24 @@ def generate_model_file(
     finally:
         if bar:
             bar.close()
+
+
+def _check_request(config: ModelConfig, batch_size: int, seq_len: int, seed: int, streamed: bool) -> None:
+    """Refuse a bad seed, batch size or config, or a model that does not fit in memory (see check_memory)."""
+    _check_seed(seed)
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise ConfigError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    config.validate(seq_len=seq_len)
+    check_memory(config, batch_size, seq_len, streamed=streamed)
+
+
+def _meta(config: ModelConfig, batch_size: int, seq_len: int, seed: int, padding: str) -> dict[str, object]:
+    """What the file's meta records of how the model was made."""
+    return {
+        "generator": "celerinfer-lab",
+        "seed": seed,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "padding": padding,
+        "num_parameters": config.num_parameters(),
+    }

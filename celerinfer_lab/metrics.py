@@ -59,7 +59,7 @@ def errors(x: np.ndarray, y: np.ndarray) -> Errors:
 def kl_per_token(x_logits: np.ndarray, y_logits: np.ndarray) -> np.ndarray:
     """KL(softmax(x) || softmax(y)) per token, in nats, float64."""
 
-    def log_softmax(v):
+    def log_softmax(v: np.ndarray) -> np.ndarray:
         v = v.astype(np.float64)
         v = v - v.max(-1, keepdims=True)
         return v - np.log(np.exp(v).sum(-1, keepdims=True))

@@ -19,6 +19,7 @@ import struct
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def sidecar_path(folder: Path, name: object, where: str) -> Path:
     return folder / name
 
 
-def read_header(f, path: Path, where: str, expected_size: int | None = None) -> SidecarHeader:
+def read_header(f: BinaryIO, path: Path, where: str, expected_size: int | None = None) -> SidecarHeader:
     """Read and check the header of the open sidecar ``f`` (only its first 8 + N bytes are read)."""
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):
@@ -79,7 +80,9 @@ def read_header(f, path: Path, where: str, expected_size: int | None = None) -> 
     return SidecarHeader(path, size, 8 + n, _check_entries(header, size - 8 - n, f"{where}: sidecar {path.name}"))
 
 
-def open_sidecar(path: Path, where: str, expected_size: int | None = None):
+def open_sidecar(
+    path: Path, where: str, expected_size: int | None = None
+) -> tuple[SidecarHeader, dict[str, np.ndarray], SidecarWatch]:
     """Open, check and map the sidecar at ``path``: (header, name -> read-only float32 array, watch).
 
     One open file serves the check, the map and the watch, so the file checked is the file mapped."""
@@ -158,7 +161,7 @@ class SidecarWatch:
     modification time with those at load.
     """
 
-    def __init__(self, f, path: Path, where: str):
+    def __init__(self, f: BinaryIO, path: Path, where: str) -> None:
         self.path, self.where = path, where
         self._fd = os.dup(f.fileno())
         weakref.finalize(self, os.close, self._fd)
@@ -175,7 +178,7 @@ class SidecarWatch:
             )
 
 
-def map_tensors(f, header: SidecarHeader) -> dict[str, np.ndarray]:
+def map_tensors(f: BinaryIO, header: SidecarHeader) -> dict[str, np.ndarray]:
     """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped float32 array."""
     mapped = np.memmap(f, dtype=np.uint8, mode="r", shape=(header.size,))
     base = header.data_start

@@ -24,10 +24,18 @@ class _Refused(ValueError):
 def _object(pairs: list[tuple[str, Any]]) -> dict:
     out = dict(pairs)
     if len(out) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Refused(f"the key {duplicate[:80]!r} appears twice in one object")
+        raise _Refused(f"the key {_repeated_key(pairs)[:80]!r} appears twice in one object")
     return out
+
+
+def _repeated_key(pairs: list[tuple[str, Any]]) -> str:
+    """The key whose second occurrence comes first (one pass: a hostile object may have millions)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise ValueError("no key appears twice")
 
 
 def _constant(name: str) -> Any:

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from .config import ModelConfig
 from .generate import generate_model
+from .modelfile import Model
 
 
 @st.composite
-def model_cases(draw):
+def model_cases(draw: st.DrawFn) -> Model:
     """A random small model (a Model: config, weights, input_ids, attention_mask) over the property
     grid: GQA ratios, head_dim independent of hidden, MoE, YaRN, qk_norm, both RoPE pairings, tied
     or not, and mixed left and right padding row by row."""

@@ -20,6 +20,7 @@ import hashlib
 import re
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ipywidgets as W
 from IPython.display import display
@@ -29,6 +30,12 @@ from .faults import FAULTS, Fault, why_it_cannot_show
 from .flags import DEFAULT_BATCH_SIZE
 from .native import NativeEngine, assemble_source
 from .paths import DEFAULT_CPP_DIR, include_dir
+
+if TYPE_CHECKING:  # for annotations only: Run imports what it runs when it runs
+    import numpy as np
+
+    from .bench import Timing
+    from .compare import Comparison, Report
 
 # ModelConfig field -> the controls a message about it belongs next to
 _FIELD_CONTROL = {
@@ -148,12 +155,12 @@ class Explorer(W.VBox):
         self.result_html = W.HTML()
         self.result_html.add_class("jp-RenderedHTMLCommon")  # JupyterLab's table styling inside the widget
         self.plots = W.Output()
-        self.report = None  # a Report (one kernel set) or a Comparison ("all")
-        self.reports: dict = {}  # kernel set -> Report, for either (with decode steps: the step shown)
-        self.step_reports: dict = {}  # with decode steps: kernel set -> one Report per forward
-        self.figures: list = []
+        self.report: Report | Comparison | None = None  # a Report (one kernel set) or a Comparison ("all")
+        self.reports: dict[str, Report] = {}  # kernel set -> Report, for either (with decode steps: the step shown)
+        self.step_reports: dict[str, list[Report]] = {}  # with decode steps: kernel set -> one Report per forward
+        self.figures: list = []  # matplotlib figures
         self.timings: dict[str, float] = {}  # torch_ms, cpp_<set>_ms (medians)
-        self.timing_details: dict = {}  # the same keys: bench.Timing (spread, noisy)
+        self.timing_details: dict[str, Timing] = {}  # the same keys: spread, noisy
         self._running = False
         self.message = ""
         self.switched: list[str] = []  # the last switch: "padding none → left", ...
@@ -169,7 +176,7 @@ class Explorer(W.VBox):
         c["fault"].observe(lambda _change: self.show_fault(), names="value")
         self.run_button.on_click(lambda _button: self.run())
 
-        def row(*names):  # each control with its note below it
+        def row(*names: str) -> W.VBox:  # each control with its note below it
             return W.VBox([W.VBox([W.HBox([c[n]]), self.notes[n]]) for n in names])  # HBox: keeps the readout
 
         config_box = W.VBox(
@@ -219,7 +226,7 @@ class Explorer(W.VBox):
         return self.kernel_sets if value == "all" else [value]
 
     # ---- validation ------------------------------------------------------------------------
-    def _clamp_topk(self, _change=None) -> None:
+    def _clamp_topk(self, _change: object = None) -> None:
         """top-k can never exceed the expert count: the slider's range follows it."""
         self.controls["topk"].max = self.controls["experts"].value
 
@@ -278,7 +285,7 @@ class Explorer(W.VBox):
         name = self.controls["fault"].value
         return None if name == "none" else FAULTS[name]
 
-    def _mask(self, config: ModelConfig):
+    def _mask(self, config: ModelConfig) -> np.ndarray | None:
         """The attention mask the current controls generate (cheap: inputs only, no weights)."""
         from .generate import random_inputs
 
@@ -320,12 +327,12 @@ class Explorer(W.VBox):
         fault = self._fault()
         self._switch_text, self.switched = "", []
         reasons = self.fault_problems(fault) if fault is not None else []
-        if not reasons:
+        if fault is None or not reasons:
             self._render_fault_note()
             return []
         c, changes = self.controls, []
 
-        def put(name: str, value) -> None:
+        def put(name: str, value: object) -> None:
             old = c[name].value
             if old != value:
                 c[name].value = value
@@ -416,7 +423,7 @@ class Explorer(W.VBox):
         self.status.value = status
         self.progress.value = 0
 
-    def _settings_changed(self, _change=None) -> None:
+    def _settings_changed(self, _change: object = None) -> None:
         if self._running or self._switching or not (self.report is not None or self.result_html.value):
             return
         self.clear_results("<span style='color:#666'>settings changed: press Run for new results</span>")
@@ -428,17 +435,17 @@ class Explorer(W.VBox):
     def run(self) -> None:
         """Generate, run both forwards, time them, compare, plot, for the chosen kernel set(s).
         Errors land in the widget."""
+        self._running = True
+        try:
+            self._run()
+        finally:
+            self._running = False
+
+    def _run(self) -> None:
         from .bench import time_cpp, time_torch
         from .compare import Comparison, compare, compare_decode
         from .generate import generate_model
 
-        self._running = True
-        try:
-            self._run(time_cpp, time_torch, Comparison, compare, compare_decode, generate_model)
-        finally:
-            self._running = False
-
-    def _run(self, time_cpp, time_torch, Comparison, compare, compare_decode, generate_model) -> None:
         self.clear_results()
         switched = self.show_fault() if self.fault_problems() else []
         if not self.validate():
@@ -467,13 +474,14 @@ class Explorer(W.VBox):
                     self.reports[name] = next(
                         (r for r in self.step_reports[name] if not r.agrees), self.step_reports[name][-1]
                     )
-                self.report = Comparison(self.reports) if chosen == "all" else self.reports[sets[0]]
+                shown_report = Comparison(self.reports) if chosen == "all" else self.reports[sets[0]]
             else:
                 self._step("comparing every trace point")
-                self.report = compare(model, native, kernels=chosen)
+                shown_report = compare(model, native, kernels=chosen)
                 self.reports = (
-                    dict(self.report.reports) if isinstance(self.report, Comparison) else {sets[0]: self.report}
+                    dict(shown_report.reports) if isinstance(shown_report, Comparison) else {sets[0]: shown_report}
                 )
+            self.report = shown_report
             self._step("plotting")
             for report in self.reports.values():
                 self.figures += [report.plot("depth"), report.plot("logits")]
@@ -507,26 +515,31 @@ class Explorer(W.VBox):
             self.message += f" (switched {', '.join(switched)} so that the fault shows)"
         if self.fault_problems():
             self.message += f" (the fault cannot show here: {'; '.join(self.fault_problems())})"
-        times, warning = self.timing_html(split=True)
+        times, warning = self._timing_parts()
         self.status.value = f"{times} — {_escape(self.message)}{warning}"
         shown = (
-            f"<p>Decode step {self.report.meta['step']} of {c['decode']} (the first that diverges, else the last)</p>"
-            if c["decode"] and not isinstance(self.report, Comparison)
+            f"<p>Decode step {shown_report.meta['step']} of {c['decode']} (the first that diverges, else the last)</p>"
+            if c["decode"] and not isinstance(shown_report, Comparison)
             else ""
         )
-        self.result_html.value = _TABLE_STYLE + shown + self.report._repr_html_()
+        self.result_html.value = _TABLE_STYLE + shown + shown_report._repr_html_()
         self.plots.clear_output()
         with self.plots:
             for fig in self.figures:
                 display(fig)
 
-    def timing_html(self, split: bool = False):
+    def timing_html(self) -> str:
         """ "PyTorch 1.234 ms (IQR ...), C++ fast 0.040 ms (IQR ...; 30.9x faster)", each ratio marked
         noisy when bench.Timing says it is unreliable (a wide spread or a loaded machine)."""
+        times, warning = self._timing_parts()
+        return times + warning
+
+    def _timing_parts(self) -> tuple[str, str]:
+        """timing_html's times and its noise warning ("" when the timings are reliable)."""
         d = self.timing_details
         torch_t = d["torch_ms"]
         parts = [f"PyTorch {torch_t.median_ms:.3f} ms <small>({torch_t.spread})</small>"]
-        noisy = [torch_t.noise_reason] if torch_t.noisy else []
+        noisy = [torch_t.noise_reason] if torch_t.noise_reason else []  # noisy: has a reason
         for key, t in d.items():
             if key == "torch_ms":
                 continue
@@ -534,7 +547,7 @@ class Explorer(W.VBox):
             faster = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
             flag = " <span style='color:#a60'>noisy</span>" if unreliable else ""
             parts.append(f"C++ {key[4:-3]} {t.median_ms:.3f} ms <small>({t.spread})</small> ({faster}{flag})")
-            if t.noisy:
+            if t.noise_reason:
                 noisy.append(f"{key[4:-3]}: {t.noise_reason}")
         text = "<b>" + ", ".join(parts) + "</b>"
         warning = (
@@ -545,7 +558,7 @@ class Explorer(W.VBox):
             if noisy
             else ""
         )
-        return (text, warning) if split else text + warning
+        return text, warning
 
 
 # Widget HTML is not styled like notebook output: keep the report tables' columns apart.
@@ -557,7 +570,7 @@ _TABLE_STYLE = (
 )
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 

@@ -35,7 +35,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator, cast
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, _dumps, _preview, 
 try:
     import fcntl
 except ImportError:  # not POSIX: commits are not serialised between processes
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # mypy checks the POSIX branch, where the module exists
 
 HEX = 16  # hex digits of the sha256 in a sidecar's name
 LOCK_FILE = ".celerinfer-lab.lock"  # only where a folder cannot be flock'ed (some network filesystems)
@@ -82,7 +82,7 @@ def _b64(nbytes: int) -> int:
 def file_sizes(config: ModelConfig, batch_size: int, seq_len: int, sidecar: bool) -> tuple[int, int]:
     """Upper estimates of the JSON's and the sidecar's sizes in bytes (0 for no sidecar)."""
     n, weights = tensor_count(config), config.num_parameters() * 4
-    rope = config.max_position_embeddings * config.head_dim * 4
+    rope = config.max_position_embeddings * cast(int, config.head_dim) * 4  # head_dim: set by __post_init__
     tokens = batch_size * seq_len
     json_bytes = 8192 + _b64(tokens * 4) + _b64(tokens) + 2 * (_b64(rope) + 1024)  # head, inputs, rope
     if sidecar:
@@ -171,7 +171,7 @@ def _named_by_siblings(path: Path, names: list[str]) -> set[str]:
     """The sidecars named by the other model files of ``path``'s stem in its folder (m.json and
     m.bak share the stem m: each keeps the sidecar it names)."""
     pattern, temps = _sidecar_pattern(path), _temp_pattern(path)
-    return {
+    named = {
         sidecar_named_by(path.parent / name)
         for name in names
         if name != path.name
@@ -179,7 +179,8 @@ def _named_by_siblings(path: Path, names: list[str]) -> set[str]:
         and not pattern.fullmatch(name)
         and not temps.fullmatch(name)
         and (path.parent / name).is_file()
-    } - {None}
+    }
+    return {name for name in named if name is not None}
 
 
 def sidecars_of(path: str | Path, keep: Iterable[str] = ()) -> list[Path]:
@@ -202,7 +203,7 @@ class _Hashing:
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
 
-    def write(self, data) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         self.sha.update(view)
         self.f.write(view)
@@ -211,10 +212,10 @@ class _Hashing:
 
 def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str) -> None:
     """Write encode_tensor's object straight to f, with no copy of the data besides its base64."""
-    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+    arr = np.ascontiguousarray(array, dtype=cast(np.dtype, DTYPES[dtype]))  # DTYPES: typed dict[str, object]
     head = _dumps({"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64"})
     f.write(head[:-1].encode() + b',"data":"')
-    f.write(base64.b64encode(arr.reshape(-1).view(np.uint8)))
+    f.write(base64.b64encode(arr.reshape(-1).view(np.uint8).data))  # .data: the array's bytes as a memoryview
     f.write(b'","preview":' + _dumps(_preview(arr)).encode() + b"}")
 
 
@@ -237,14 +238,14 @@ def _stream_safetensors(
     out.write(struct.pack("<Q", len(raw)) + raw)
     expected = iter(shapes.items())
     for name, array in tensors:
-        want, shape = next(expected, (None, None))
+        want, shape = next(expected, (None, ()))
         arr = np.ascontiguousarray(array, dtype="<f4")
         if name != want or tuple(arr.shape) != tuple(shape):
             raise SidecarError(
                 f"{where}: tensor {name} {list(arr.shape)} arrived where {want} "
                 f"{list(shape) if shape else None} was declared"
             )
-        out.write(arr.reshape(-1).view(np.uint8))
+        out.write(arr.reshape(-1).view(np.uint8).data)
         if on_tensor:
             on_tensor(name)
     missing = next(expected, None)
@@ -256,13 +257,13 @@ def _stream_safetensors(
 def _write_json(
     f: BinaryIO,
     config: ModelConfig,
-    weights,
-    input_ids,
-    attention_mask,
-    rope_cos,
-    rope_sin,
+    weights: Iterable[tuple[str, np.ndarray]],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    rope_cos: np.ndarray,
+    rope_sin: np.ndarray,
     meta: dict | None,
-    on_tensor,
+    on_tensor: Callable[[str], None] | None,
     side: tuple[str, int] | None,
 ) -> None:
     f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
@@ -312,7 +313,7 @@ def _temporary(path: Path, temps: list[Path], kind: str = "") -> Iterator[Binary
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[int | None]:
+def _folder_lock(folder: Path) -> Iterator[int]:
     """An exclusive flock on the folder itself (no lock file to leave behind or to race over);
     where the filesystem refuses to flock a folder, on a lock file in it. Yields the folder's fd."""
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -359,12 +360,14 @@ def _clean(path: Path, keep: set[str]) -> None:
             leftover.unlink()
 
 
-def _commit(path: Path, json_tmp: Path, side_tmp: Path | None, side_name: str | None) -> None:
+def _commit(path: Path, json_tmp: Path, side: tuple[Path, str] | None) -> None:
+    """Rename the sidecar's temporary (``side``: it and its final name) and the JSON's into place, then clean up."""
+    side_name = side[1] if side else None
     with _folder_lock(path.parent) as folder_fd:
         legacy = path.with_suffix(".safetensors").name  # the name this writer used before sidecars were hashed
         replaced_legacy = path.is_file() and sidecar_named_by(path) == legacy
-        if side_tmp is not None:
-            final = path.with_name(side_name)
+        if side is not None:
+            side_tmp, final = side[0], path.with_name(side[1])
             if final.is_file() and final.stat().st_size == side_tmp.stat().st_size:
                 side_tmp.unlink()  # content-addressed: these bytes are already there (keep a reader's map valid)
             else:
@@ -414,16 +417,17 @@ def write_model_file(
     check_disk_room(path, config, int(np.shape(input_ids)[0]), int(np.shape(input_ids)[-1]), sidecar)
     temps: list[Path] = []
     try:
-        side_tmp = side_name = side = None
+        staged: tuple[Path, str] | None = None  # the sidecar's temporary and final name
+        side: tuple[str, int] | None = None  # the sidecar's name and size, as the JSON records them
         if sidecar:
             with _temporary(path, temps, ".sidecar") as f:
                 digest, size = _stream_safetensors(f, weight_shapes(config), weights, on_tensor, path)
-            side_tmp, side_name = temps[-1], f"{path.stem}.{digest[:HEX]}.safetensors"
-            side = (side_name, size)
+            side_name = f"{path.stem}.{digest[:HEX]}.safetensors"
+            staged, side = (temps[-1], side_name), (side_name, size)
         with _temporary(path, temps) as f:
             _write_json(f, config, weights, input_ids, attention_mask, rope_cos, rope_sin, meta, on_tensor, side)
             json_bytes = f.tell()
-        _commit(path, temps[-1], side_tmp, side_name)
+        _commit(path, temps[-1], staged)
     except OSError as exc:
         raise _cannot_write(path, exc, temps) from exc
     finally:  # committed temporaries are gone already; a failed or interrupted write's are removed
@@ -432,7 +436,7 @@ def write_model_file(
                 tmp.unlink(missing_ok=True)
     if side is None:
         return Written(path, json_bytes)
-    return Written(path, json_bytes, path.with_name(side_name), side[1])
+    return Written(path, json_bytes, path.with_name(side[0]), side[1])
 
 
 def write_safetensors(
