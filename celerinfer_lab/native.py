@@ -137,7 +137,7 @@ class NativeEngine:
             "run_forward",
             "make_kernels",
             "kernel_set_names",
-            "Model",
+            "ModelWeights",
             "Workspace",
             "Config",
             "TraceRecorder",
@@ -233,7 +233,7 @@ class NativeModel:
         self.config = model.config
         self._arrays = {name: _f32(a) for name, a in model.weights.items()}  # no copy for float32
         self._arrays["rope.cos"], self._arrays["rope.sin"] = _f32(model.rope_cos), _f32(model.rope_sin)
-        self.cpp = _call("model setup", self.ns.Model, _native_config(self.ns, model.config))
+        self.cpp = _call("model setup", self.ns.ModelWeights, _native_config(self.ns, model.config))
         for name, array in self._arrays.items():
             _call(f"binding '{name}'", self.cpp.bind, name, array, [int(d) for d in array.shape])
         _call("model check", self.cpp.check_complete)

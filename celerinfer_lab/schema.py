@@ -3,7 +3,7 @@
 Everything that lists weights reads ``WEIGHTS``: the model file's names and shapes in file order
 (``iter_weight_shapes``), ``ModelConfig.num_parameters``, the writer's tensor count, the original
 CelerInfer layout's names (reader.py), and, through the generated
-``cpp/include/celerinfer/weight_table.hpp``, C++'s ``Model::bind``, ``check_complete``,
+``cpp/include/celerinfer/weight_table.hpp``, C++'s ``ModelWeights::bind``, ``check_complete``,
 ``for_each_linear`` and the C++ model-file reader. Adding a weight: add its row here, run
 ``python -m celerinfer_lab.cpp_tables``, write the op that uses it (tests/test_schema.py fails until
 the header is regenerated).
@@ -68,7 +68,7 @@ class Scope(NamedTuple):
 
 
 SCOPES = {
-    "model": Scope("", "Model"),
+    "model": Scope("", "ModelWeights"),
     "layer": Scope(LAYER_PREFIX, "LayerWeights"),
     "mlp": Scope(LAYER_PREFIX + "mlp.", "FFNWeights"),  # a dense layer's FFN: LayerWeights::ffn
     "expert": Scope(LAYER_PREFIX + "mlp.experts.{index}.", "FFNWeights", "experts", "moe"),

@@ -71,7 +71,7 @@ def cpp_weights(engine, config) -> list[tuple[str, tuple[int, ...], bool]]:
 
 def bind_all(engine, config, weights) -> tuple[object, dict[str, np.ndarray]]:
     """Bind each (name, shape) to its own zero array in a fresh C++ Model, then check_complete."""
-    model = engine.ns.Model(_native_config(engine.ns, config))
+    model = engine.ns.ModelWeights(_native_config(engine.ns, config))
     arrays = {name: np.zeros(shape, np.float32) for name, shape in weights}
     arrays["rope.cos"] = np.zeros((config.max_position_embeddings, config.head_dim), np.float32)
     arrays["rope.sin"] = arrays["rope.cos"].copy()
@@ -85,7 +85,7 @@ def bind_all(engine, config, weights) -> tuple[object, dict[str, np.ndarray]]:
 
 
 def cpp_linears(engine, model) -> list[tuple[int, int, int]]:
-    """(address, out, in) of every weight Model::for_each_linear hands a kernel set to pack."""
+    """(address, out, in) of every weight ModelWeights::for_each_linear hands a kernel set to pack."""
     import cppyy
 
     ns, fn = engine.namespace, f"schema_test_linears_{engine.namespace}"

@@ -85,13 +85,13 @@ static long count_news(F&& f) {
 namespace ci = celerinfer;
 
 struct OwnedModel {
-    std::map<std::string, std::vector<float>> tensors;  // owns what the Model's views point at
-    std::unique_ptr<ci::Model> model;
+    std::map<std::string, std::vector<float>> tensors;  // owns what the ModelWeights views point at
+    std::unique_ptr<ci::ModelWeights> model;
 };
 
 static OwnedModel make_model(const ci::Config& c, unsigned seed) {
     OwnedModel out;
-    out.model = std::make_unique<ci::Model>(c);
+    out.model = std::make_unique<ci::ModelWeights>(c);
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 0.02f);
     auto add = [&](const std::string& name, std::vector<int64_t> shape, bool ones = false) {
@@ -191,7 +191,7 @@ int main() {
         for (const std::string& set_name : ci::kernel_set_names()) {
             for (const Case& cs : cases) {
                 OwnedModel owned = make_model(cs.config, 1234);
-                const ci::Model& m = *owned.model;
+                const ci::ModelWeights& m = *owned.model;
                 const std::unique_ptr<ci::KernelSet> set = ci::make_kernels(set_name, &m);
                 Inputs in = make_inputs(cs.config, B, T, max_len, 99);
                 ci::Workspace prefill_ws(cs.config, B, T);

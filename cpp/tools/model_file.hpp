@@ -1,5 +1,5 @@
 // Read a model file (this project's format 1 or the original CelerInfer layout) into owned
-// buffers and a bound celerinfer::Model, checking everything docs/model-file.md ("What a reader
+// buffers and a bound celerinfer::ModelWeights, checking everything docs/model-file.md ("What a reader
 // checks, in order") lists, in that order, and nothing else: the same files as
 // celerinfer_lab.modelfile.load_model. Every refusal is a celerinfer::ModelFileError
 // "PATH: field-or-tensor: what is wrong"; nothing is sized from the config before the file is
@@ -53,10 +53,10 @@ struct SidecarBytes {
 // the file is missing or not a regular file.
 using SidecarProvider = std::function<SidecarBytes(const std::string& name)>;
 
-// A loaded model: the buffers the Model's pointers refer to live as long as this object.
+// A loaded model: the buffers the ModelWeights pointers refer to live as long as this object.
 struct LoadedModel {
     std::shared_ptr<const void> sidecar;  // the sidecar mapping, when there is one
-    std::unique_ptr<Model> model;
+    std::unique_ptr<ModelWeights> model;
     std::map<std::string, std::vector<float>> weights;  // decoded base64 tensors (and the RoPE cache)
     std::vector<int64_t> input_ids, attention_mask;
     int batch = 0, seq_len = 0;
@@ -457,7 +457,7 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
     out.seq_len = int(S);
 
     // Everything checked: size the model and bind its weights.
-    out.model = std::make_unique<Model>(c);
+    out.model = std::make_unique<ModelWeights>(c);
     for (auto& [name, view] : bound) out.model->bind(name, view.first, view.second);
     out.model->check_complete();
     return out;

@@ -91,7 +91,7 @@ inline void attention_traced(const Kernels& K, float* context, const float* q, i
 // mask [B, start + S] covers the cached keys and the new ones (1 = token, 0 = padding).
 // The new keys and values join the workspace's KV cache.
 template <class Kernels>
-inline void forward_tokens(const Model& m, const Kernels& K, const int64_t* input_ids, const int64_t* mask, int S,
+inline void forward_tokens(const ModelWeights& m, const Kernels& K, const int64_t* input_ids, const int64_t* mask, int S,
                            int start, Workspace& ws, float* logits, TraceSink* trace = nullptr) {
     const Config& c = m.config;
     const int B = ws.B, N = B * S, H = c.hidden, hd = c.head_dim;

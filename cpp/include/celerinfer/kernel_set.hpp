@@ -30,9 +30,9 @@ namespace CELERINFER_NS {
 // A kernel set behind one interface: the whole forward, and each op on its own (for tests).
 struct KernelSet {
     virtual ~KernelSet() = default;
-    virtual void prepare(const Model& m) = 0;  // every linear weight of m, before its first forward
+    virtual void prepare(const ModelWeights& m) = 0;  // every linear weight of m, before its first forward
     virtual void prepare_linear(const float* W, int out, int in) = 0;
-    virtual void forward(const Model& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
+    virtual void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                          float* logits, TraceSink* trace) const = 0;
     virtual void linear(float* y, const float* x, const float* W, int rows, int in, int out) const = 0;
     virtual void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const = 0;
@@ -45,11 +45,11 @@ struct KernelSet {
 template <class K>
 struct KernelSetOf final : KernelSet {
     K k;
-    void prepare(const Model& m) override {
+    void prepare(const ModelWeights& m) override {
         m.for_each_linear([&](const float* W, int out, int in) { k.prepare_linear(W, out, in); });
     }
     void prepare_linear(const float* W, int out, int in) override { k.prepare_linear(W, out, in); }
-    void forward(const Model& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
+    void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                  float* logits, TraceSink* trace) const override {
         forward_tokens(m, k, ids, mask, S, start, ws, logits, trace);
     }
@@ -94,7 +94,7 @@ inline std::vector<std::string> kernel_set_names() {
 }
 
 // The kernel set `name`, prepared for model m (or for nothing yet: m == nullptr, as the op tests use).
-inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Model* m) {
+inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const ModelWeights* m) {
     for (const auto& entry : kernel_registry())
         if (entry.first == name) {
             std::unique_ptr<KernelSet> set = entry.second();
@@ -108,7 +108,7 @@ inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Mo
 
 // The entry point every caller uses: one forward, then the workspace guards are checked, so an
 // out-of-bounds write is an error naming the buffer instead of silent corruption.
-inline void run_forward(const KernelSet& K, const Model& m, const int64_t* ids, const int64_t* mask, int S, int start,
+inline void run_forward(const KernelSet& K, const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start,
                         Workspace& ws, float* logits, TraceSink* trace) {
     K.forward(m, ids, mask, S, start, ws, logits, trace);
     ws.check_guards();

@@ -1,5 +1,6 @@
-// The model: its config and a view of its weights. Weights are not owned: they point into
-// buffers the caller keeps alive (numpy arrays from Python, vectors in base_line_micro).
+// ModelWeights: the C++ view of a model, its config and its weights (in Python a Model is the whole model
+// file, inputs included). Weights are not owned: they point into buffers the caller keeps alive (numpy
+// arrays from Python, vectors in base_line_micro).
 // Matrices are in nn.Linear [out_features, in_features] order, contiguous row-major.
 // Which weights a config implies, their names, shapes and slots: weight_table.hpp, generated from
 // celerinfer_lab/schema.py; bind, check_complete and for_each_linear walk it (no list of names here).
@@ -68,7 +69,7 @@ struct LayerWeights {
 
 struct WeightRow;  // a row of the weight table (weight_table.hpp, generated from celerinfer_lab/schema.py)
 
-struct Model {
+struct ModelWeights {
     Config config;
     const float* embed = nullptr;       // [vocab, H]
     std::vector<LayerWeights> layers;
@@ -77,7 +78,7 @@ struct Model {
     const float* rope_cos = nullptr;    // [max_pos, hd], frequency i at columns i and i + hd/2
     const float* rope_sin = nullptr;
 
-    explicit Model(const Config& c) : config(c) {
+    explicit ModelWeights(const Config& c) : config(c) {
         config.validate();
         layers.resize(config.layers);
         for (auto& layer : layers) {
@@ -172,7 +173,7 @@ inline std::string weight_name(const WeightRow& row, int layer, int index) {
 }
 
 template <class M>
-auto& Model::slot_of(M& m, const WeightRow& row, int layer, int index) {
+auto& ModelWeights::slot_of(M& m, const WeightRow& row, int layer, int index) {
     switch (row.scope) {
         case Scope::Model: return m.*row.model_slot;
         case Scope::Layer: return m.layers[layer].*row.layer_slot;
@@ -185,7 +186,7 @@ auto& Model::slot_of(M& m, const WeightRow& row, int layer, int index) {
 
 // The row a name refers to: "model.layers.{l}." + the scope's part (+ "{index}.") + the row's suffix,
 // or a model row's suffix. Throws for unknown names and indices past the config's sizes.
-inline Model::Found Model::find_weight(const std::string& name) const {
+inline ModelWeights::Found ModelWeights::find_weight(const std::string& name) const {
     static const std::string prefix = "model.layers.";
     if (name.compare(0, prefix.size(), prefix) != 0) {
         for (const WeightRow& row : kWeightRows)
@@ -212,14 +213,14 @@ inline Model::Found Model::find_weight(const std::string& name) const {
     fail("unknown tensor '", name, "'");
 }
 
-inline void Model::bind_slot(const std::string& name, const float*& target, const float* data,
+inline void ModelWeights::bind_slot(const std::string& name, const float*& target, const float* data,
                              const std::vector<int64_t>& shape, const std::vector<int64_t>& expected) {
     if (shape != expected)
         fail("tensor '", name, "' has shape ", shape_str(shape), ", the config implies ", shape_str(expected));
     target = data;
 }
 
-inline void Model::bind(const std::string& name, const float* data, const std::vector<int64_t>& shape) {
+inline void ModelWeights::bind(const std::string& name, const float* data, const std::vector<int64_t>& shape) {
     CI_CHECK(data != nullptr, "tensor '", name, "': null data");
     const Config& c = config;
     if (name == "rope.cos" || name == "rope.sin")  // the RoPE cache: not a weight of the file's table
@@ -236,7 +237,7 @@ inline void Model::bind(const std::string& name, const float* data, const std::v
     bind_slot(name, slot_of(*this, row, w.layer, w.index), data, shape, row_shape(c, row));
 }
 
-inline void Model::check_complete() const {
+inline void ModelWeights::check_complete() const {
     for_each_weight(config, [&](const WeightRow& row, int layer, int index) {
         CI_CHECK(slot_of(*this, row, layer, index) != nullptr, "missing tensor '", weight_name(row, layer, index), "'");
     });
@@ -245,7 +246,7 @@ inline void Model::check_complete() const {
 }
 
 template <class F>
-void Model::for_each_linear(F&& f) const {
+void ModelWeights::for_each_linear(F&& f) const {
     for_each_weight(config, [&](const WeightRow& row, int layer, int index) {
         if (row.linear) f(slot_of(*this, row, layer, index), int(dim_size(config, row.shape[0])), int(dim_size(config, row.shape[1])));
     });
