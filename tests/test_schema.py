@@ -91,7 +91,7 @@ def cpp_linears(engine, model) -> list[tuple[int, int, int]]:
     ns, fn = engine.namespace, f"schema_test_linears_{engine.namespace}"
     if not hasattr(cppyy.gbl, fn):
         cppyy.cppdef(f"""
-            std::vector<int64_t> {fn}(const {ns}::Model& m) {{
+            std::vector<int64_t> {fn}(const {ns}::ModelWeights& m) {{
                 std::vector<int64_t> out;
                 m.for_each_linear([&](const float* W, int rows, int cols) {{
                     out.insert(out.end(), {{int64_t(reinterpret_cast<uintptr_t>(W)), rows, cols}});
