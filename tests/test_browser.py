@@ -103,6 +103,12 @@ def _status(page) -> str:
     return page.locator(".widget-html", has_text="PyTorch").first.inner_text()
 
 
+# The same element as _status, read as textContent (inner_text turns the noise warning's line break into
+# "\n", textContent does not: comparing one with the other made the wait below pass at once on a loaded
+# machine, before the second run had finished).
+_STATUS_JS = "[...document.querySelectorAll('.widget-html')].find(e => e.textContent.includes('PyTorch'))"
+
+
 def test_quickstart_explorer_in_a_real_browser(jupyterlab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
@@ -160,11 +166,12 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
                 except Exception:
                     continue
             assert readout.inner_text() == "80"
+            before_text = page.evaluate(f"() => {_STATUS_JS}.textContent")
             run.click()
-            page.wait_for_function(
-                "(before) => [...document.querySelectorAll('.widget-html')].some("
-                "e => /PyTorch [\\d.]+ ms/.test(e.textContent) && e.textContent !== before)",
-                arg=before,
+            page.wait_for_function(  # the final status of the new run (the progress line has no "parameters")
+                f"(before) => {{ const e = {_STATUS_JS}; return !!e && /PyTorch [\\d.]+ ms/.test(e.textContent)"
+                " && e.textContent.includes('parameters') && e.textContent !== before; }",
+                arg=before_text,
                 timeout=120_000,
             )
             after = _status(page)

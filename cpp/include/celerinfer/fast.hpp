@@ -2,9 +2,9 @@
 // The functions mirror the readable names (ops.hpp) inside namespace fast.
 //
 // * ThreadPool (threadpool.hpp): persistent workers shared by every loaded version.
-// * Packed weights: each nn.Linear matrix [out, in] is repacked once into panels of 16 outputs,
-//   k-major ([panel][k][16]), so the GEMM micro-kernel streams three contiguous panels and
-//   broadcasts activations: 6 token rows x 48 outputs = 18 vector accumulators, no reductions.
+// * Packed weights (packing.hpp): each nn.Linear matrix [out, in] is repacked once into panels of
+//   16 outputs, k-major ([panel][k][16]), so the GEMM micro-kernel streams three contiguous panels
+//   and broadcasts activations: 6 token rows x 48 outputs = 18 vector accumulators, no reductions.
 // * vexp: a vectorized exp (Cephes-style range reduction + degree-6 polynomial, ~1 ulp) for SiLU
 //   and softmax, where std::exp per element would cost more than the matrix products.
 // * Fused attention: per (batch, head), scores, softmax and context over only the causal keys, in
@@ -18,12 +18,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <unordered_map>
 #include <vector>
 
 #include "check.hpp"
 #include "model.hpp"
 #include "ops.hpp"
+#include "packing.hpp"
 #include "threadpool.hpp"
 #include "trace.hpp"
 #include "workspace.hpp"
@@ -91,23 +91,7 @@ CI_VINLINE vf16 vexp(vf16 x) {
 }
 
 
-// ---- packed GEMM --------------------------------------------------------------------------------
-struct PackedMatrix {
-    int out = 0, in = 0, panels = 0;
-    std::vector<float> data;  // [panel][k][16], outputs past `out` are zero
-};
-
-inline PackedMatrix pack(const float* W, int out, int in) {
-    PackedMatrix P;
-    P.out = out;
-    P.in = in;
-    P.panels = (out + 15) / 16;
-    P.data.assign(size_t(P.panels) * in * 16, 0.0f);
-    for (int o = 0; o < out; ++o)
-        for (int k = 0; k < in; ++k) P.data[(size_t(o / 16) * in + k) * 16 + o % 16] = W[size_t(o) * in + k];
-    return P;
-}
-
+// ---- packed GEMM (the layout: packing.hpp) -------------------------------------------------------
 // y[r, panel outputs] for R rows starting at x, over NP (1 or 2) panels starting at `panel`.
 template <int R, int NP>
 inline void gemm_tile(float* y, const float* x, const PackedMatrix& W, int panel, int ldy) {
@@ -351,20 +335,6 @@ inline void store_keys_transposed(float* kt_cache, int kt_stride, const float* k
 }
 
 }  // namespace fast
-
-// Every linear weight of a model, packed once for the fast GEMM (keyed by the weight's address).
-struct PackedWeights {
-    std::unordered_map<const float*, fast::PackedMatrix> packed;
-    void add(const float* W, int out, int in) {
-        if (W && !packed.count(W)) packed[W] = fast::pack(W, out, in);
-    }
-    const fast::PackedMatrix& at(const float* W, int out, int in) const {
-        auto it = packed.find(W);
-        CI_CHECK(it != packed.end(), "fast kernels: a weight was not packed (was the model rebound after packing?)");
-        CI_CHECK(it->second.in == in && it->second.out == out, "fast kernels: packed shape mismatch");
-        return it->second;
-    }
-};
 
 // The fast kernel set: packed, vectorized, threaded; attention fused.
 struct FastKernels {
