@@ -191,19 +191,13 @@ def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
     order = table.sort_values(x)
     for side, label, marker in (("torch", "PyTorch", "o"), ("cpp", "C++ (cppyy)", "s")):
         (line,) = ax.plot(order[x], order[f"{side}_ms"], marker=marker, label=f"{label} (median)")
-        low, high = next(
-            (
-                (order[f"{side}_{a}_ms"], order[f"{side}_{b}_ms"])
-                for a, b in (("q1", "q3"), ("min", "max"))
-                if f"{side}_{a}_ms" in order
-            ),
-            (None, None),
-        )
-        if low is not None:
+        bands = (("q1", "q3"), ("min", "max"))  # the IQR when measured, else the range
+        band = next(((f"{side}_{a}_ms", f"{side}_{b}_ms") for a, b in bands if f"{side}_{a}_ms" in order), None)
+        if band is not None:
             ax.fill_between(
                 order[x],
-                low.astype(float),
-                high.astype(float),
+                order[band[0]].astype(float),
+                order[band[1]].astype(float),
                 color=line.get_color(),
                 alpha=0.25,
                 linewidth=0,

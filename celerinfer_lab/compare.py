@@ -65,6 +65,7 @@ from .metrics import (
 from .report import LogitsReport, PointReport, Report, build_report
 from .runs import floor_runs, kernel_runs, reference_runs, run_all, teacher_from
 from .tolerances import PointTolerance, Tolerances
+from .trace import recorded
 
 __all__ = [
     "compare",
@@ -199,17 +200,17 @@ def compare_decode(
     native = native or load_native()
     ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
     feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
-    oracle = [t for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
+    oracle = [recorded(t) for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
     teachers = [teacher_from(t) for t in oracle]
     prepared = native.prepare(model, kernels)
     runs = {
         "oracle": oracle,
-        "ref32": [t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
+        "ref32": [recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
         "ref32_own": [
-            t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
+            recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
         ],
-        "cpp": [r.trace for r in prepared.decode_steps(feed, trace=True)],
-        "cpp_own": [r.trace for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
+        "cpp": [r.points for r in prepared.decode_steps(feed, trace=True)],
+        "cpp_own": [r.points for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
     }
     reports, mask, past = [], model.attention_mask, 0
     for step in range(steps + 1):

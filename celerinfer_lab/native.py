@@ -13,6 +13,7 @@ import itertools
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class NativeEngine:
             self.cpp_dir = apply_fault(self.fault, self.cpp_dir)
         self.extra_source = extra_source
         self.namespace: str | None = None
-        self.ns = None
+        self.ns: Any = None  # the compiled namespace (a cppyy scope): its attributes are the C++ names
         self.reload()
         if kernels is None:  # a fault's engine runs, by default, a kernel set the fault changes
             kernels = (

@@ -4,7 +4,7 @@ so notebooks display it and tests inspect its artists."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -49,7 +49,8 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     forward order across [layer, layer + 0.8]; the embedding at -1, the final norm and lm_head after
     the last layer), its op kind ("q_proj", "scores", "layer output", ...) and the group ticks
     [(x, "embed"), (0, "0"), (1, "1"), ..., (L, "out")]."""
-    layer_of, kinds = [], []
+    layer_of: list[int | None] = []
+    kinds: list[str] = []
     for name in names:
         parts = name.split(".")
         if name.startswith("model.layers.") and len(parts) >= 3 and parts[2].isdigit():
@@ -61,7 +62,7 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     layers = sorted({layer for layer in layer_of if layer is not None})
     last = (layers[-1] + 1) if layers else 0
     first_layer = next((i for i, layer in enumerate(layer_of) if layer is not None), len(names))
-    groups: dict[object, list[int]] = {}
+    groups: dict[int | str, list[int]] = {}  # a layer, or "embed" / "out"
     for i, layer in enumerate(layer_of):
         key = layer if layer is not None else ("embed" if i < first_layer else "out")
         groups.setdefault(key, []).append(i)
@@ -264,7 +265,7 @@ def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
 
 def plot(report: Report, kind: str = "depth", **kwargs) -> Figure:
     """The figure of one ``kind`` (Report.plot): 'depth', 'heatmap', 'scatter' or 'logits'."""
-    makers = {
+    makers: dict[str, Callable[..., Figure]] = {
         "depth": error_along_depth,
         "heatmap": attention_heatmap,
         "scatter": scatter_and_histogram,

@@ -113,6 +113,11 @@ def mlp(
     return F.linear(act, w_down)
 
 
+def _mlp_weights(w: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate, up and down weights of the feed-forward (or expert) at ``prefix``, in mlp()'s order."""
+    return w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"], w[f"{prefix}.down_proj.weight"]
+
+
 @dataclass
 class KVCache:
     """Keys (after RoPE) and values of every layer so far, [B, P, kv_heads, head_dim] each."""
@@ -201,8 +206,7 @@ class ReferenceModel:
             if cfg.use_moe:
                 y = self._moe(x, tr, i)
             else:
-                weights = (w[f"{p}.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                y = tr(Point.down_proj, mlp(x, *weights, tr, i), i)
+                y = tr(Point.down_proj, mlp(x, *_mlp_weights(w, f"{p}.mlp"), tr, i), i)
             h = tr(Point.block, h + y, i)
         h = tr(Point.norm, rmsnorm(h, w["model.norm.weight"], cfg.rms_norm_eps))
         logits = tr(Point.lm_head, F.linear(h, w["lm_head.weight"]))
@@ -287,13 +291,11 @@ class ReferenceModel:
             if chosen.any():
                 tokens = chosen.any(dim=-1).nonzero().flatten()
                 weight = topk_weight[chosen].view(-1, 1)
-                e_out = mlp(
-                    flat[tokens], *(w[f"{p}.experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                )
+                e_out = mlp(flat[tokens], *_mlp_weights(w, f"{p}.experts.{e}"))
                 routed.index_add_(0, tokens, e_out * weight)
         out = tr(Point.routed_experts, routed.view(B, S, H), i)
         for s in range(cfg.n_shared_experts):  # MiniMind adds each shared expert in turn, weight 1
-            shared = mlp(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+            shared = mlp(x, *_mlp_weights(w, f"{p}.shared_experts.{s}"))
             out = out + tr(Point.shared_expert, shared, i, s)
         return out
 
@@ -312,14 +314,14 @@ def decode_steps(
     cache = KVCache.empty()
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
-    feed = torch.from_numpy(np.asarray(feed, dtype=np.int64))
+    tokens = torch.from_numpy(np.asarray(feed, dtype=np.int64))
     out = []
-    for step in range(feed.shape[1] + 1):
+    for step in range(tokens.shape[1] + 1):
         teacher = teachers[step] if teachers else None
         logits, points = ref.forward(ids, mask, trace=trace, teacher=teacher, cache=cache)
         out.append((logits.numpy(), None if points is None else {k: v.numpy() for k, v in points.items()}))
-        if step < feed.shape[1]:
-            ids = feed[:, step : step + 1]
+        if step < tokens.shape[1]:
+            ids = tokens[:, step : step + 1]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     return out
 

@@ -30,18 +30,21 @@ def reference_runs(model) -> Runs:
 
     from .reference import reference_forward
 
-    oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
+    oracle = reference_forward(model, dtype=torch.float64, trace=True).points
     return {
         "oracle": oracle,
-        "ref32": reference_forward(model, trace=True).trace,
-        "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).trace,
+        "ref32": reference_forward(model, trace=True).points,
+        "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).points,
     }
 
 
 def kernel_runs(model, native, kernels: str, oracle: dict[str, np.ndarray]) -> Runs:
     """One kernel set's two traced runs: plain (cpp) and teacher-forced on the oracle (cpp_own)."""
     prepared = native.prepare(model, kernels)  # bound (and packed) once for both runs
-    return {"cpp": prepared.forward(trace=True).trace, "cpp_own": prepared.forward(teacher=teacher_from(oracle)).trace}
+    return {
+        "cpp": prepared.forward(trace=True).points,
+        "cpp_own": prepared.forward(teacher=teacher_from(oracle)).points,
+    }
 
 
 def floor_runs(model, native, baseline: str = "torch") -> Runs:
