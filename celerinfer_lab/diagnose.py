@@ -34,6 +34,7 @@ Checks, first match wins:
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def _err(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if diff == 0 else (diff / nb if nb > 0 else math.inf)
 
 
-def _span(indices) -> tuple[int, int] | None:
+def _span(indices: Iterable[int]) -> tuple[int, int] | None:
     """(first, last) when the sorted indices are consecutive, else None."""
     idx = [int(i) for i in indices]
     return (idx[0], idx[-1]) if idx and idx[-1] - idx[0] + 1 == len(idx) else None
@@ -109,7 +110,7 @@ class _Context:
     def live(self, array: np.ndarray) -> np.ndarray:
         return live_rows(array, self.point.token_axis, self.mask)
 
-    def matches(self, candidate) -> bool:
+    def matches(self, candidate: np.ndarray | torch.Tensor) -> bool:
         """y is candidate (to float32 noise), and much closer to it than to the reference."""
         cand = np.asarray(candidate, np.float64).reshape(self.y.shape)
         err = _rel(self.live(self.y), self.live(cand))

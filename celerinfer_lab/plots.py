@@ -4,9 +4,10 @@ so notebooks display it and tests inspect its artists."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import numpy.typing as npt
 from matplotlib.figure import Figure
 
 from .metrics import MASKED_BELOW
@@ -36,7 +37,7 @@ def _short(name: str) -> str:
     return name.replace("model.layers.", "L").replace("self_attn.", "").replace("model.", "")
 
 
-def _clip(values, low=1e-12, high=1e3) -> np.ndarray:
+def _clip(values: npt.ArrayLike, low: float = 1e-12, high: float = 1e3) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     return np.clip(np.where(np.isfinite(v), v, high), low, high)
 
@@ -76,7 +77,7 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     return x, kinds, ticks
 
 
-def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:
+def error_along_depth(report: Report, figsize: tuple[float, float] = (12, 5)) -> Figure:
     """Relative L2 error at every trace point (log scale) against the layer it belongs to: one marker
     and colour per op kind (legend), the ops of a layer in forward order inside its band, accumulated
     error (filled markers on a grey line) and isolated error (black crosses), the tolerance band,
@@ -159,7 +160,7 @@ def attention_heatmap(
     point: str | None = None,
     batch: int = 0,
     isolated: bool = True,
-    figsize=(8, 3.5),
+    figsize: tuple[float, float] = (8, 3.5),
 ) -> Figure:
     """Error per (position, head) of an attention trace point (default: the culprit if it is one,
     else layer 0's scores): mean |y - x| over the rest of each head's values."""
@@ -201,7 +202,9 @@ def attention_heatmap(
 DENSITY_ABOVE = 10_000  # scatter plots with more points become hexbin density plots
 
 
-def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:
+def scatter_and_histogram(
+    report: Report, point: str | None = None, isolated: bool = False, figsize: tuple[float, float] = (10, 4)
+) -> Figure:
     """Reference vs C++ values of one trace point (default: the culprit, else lm_head), and a
     histogram of their differences."""
     if point is None:
@@ -232,7 +235,7 @@ def scatter_and_histogram(report: Report, point: str | None = None, isolated: bo
     return fig
 
 
-def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
+def logits_agreement(report: Report, figsize: tuple[float, float] = (10, 3.5)) -> Figure:
     """Per token: KL(reference || C++) of the next-token distributions (log scale) and whether
     the top-1 token agrees."""
     lg = report.logits
@@ -263,7 +266,7 @@ def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
     return fig
 
 
-def plot(report: Report, kind: str = "depth", **kwargs) -> Figure:
+def plot(report: Report, kind: str = "depth", **kwargs: Any) -> Figure:
     """The figure of one ``kind`` (Report.plot): 'depth', 'heatmap', 'scatter' or 'logits'."""
     makers: dict[str, Callable[..., Figure]] = {
         "depth": error_along_depth,

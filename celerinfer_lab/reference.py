@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
 from .modelfile import Model
 from .trace import ForwardResult, Point, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
+
+# Token ids or a mask [B, S] as a caller gives them: a torch tensor, a numpy array or nested lists.
+Tokens = torch.Tensor | npt.ArrayLike
 
 
 class _Tracer:
@@ -134,7 +139,7 @@ class KVCache:
         return int(self.keys[0].shape[1]) if self.keys else 0
 
 
-def _as_int64(value, name: str, integer: bool = True) -> torch.Tensor:
+def _as_int64(value: Tokens, name: str, integer: bool = True) -> torch.Tensor:
     """A torch tensor, numpy array or nested list as an int64 tensor; ``integer``: refuse other dtypes
     (ids must be integers; a mask of 0.0/1.0 or booleans is accepted, as on the C++ side)."""
     t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
@@ -164,8 +169,8 @@ class ReferenceModel:
     @torch.inference_mode()
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
+        input_ids: Tokens | None = None,
+        attention_mask: Tokens | None = None,
         trace: bool = False,
         teacher: dict[str, np.ndarray] | None = None,
         cache: KVCache | None = None,
@@ -212,7 +217,9 @@ class ReferenceModel:
         logits = tr(Point.lm_head, F.linear(h, w["lm_head.weight"]))
         return logits, tr.points
 
-    def _inputs(self, input_ids, attention_mask, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(
+        self, input_ids: Tokens | None, attention_mask: Tokens | None, past: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, S] and mask [B, past + S] as int64 tensors (default: the file's inputs), checked."""
         if input_ids is None:
             ids = self.input_ids
@@ -237,7 +244,16 @@ class ReferenceModel:
             )
         return ids, mask
 
-    def _attention(self, x, mask, cos, sin, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def _attention(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        tr: _Tracer,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
         cfg, w, i = self.config, self.w, layer
         p = f"model.layers.{layer}.self_attn"
         B, S, _ = x.shape
@@ -327,7 +343,11 @@ def decode_steps(
 
 
 def greedy_generate(
-    ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int, after_prefill=None
+    ref: "ReferenceModel",
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    new_tokens: int,
+    after_prefill: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens].
     ``after_prefill()`` is called once the prompt is processed (benchmarks time the decode alone)."""

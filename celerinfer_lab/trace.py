@@ -4,8 +4,9 @@ Both forwards (PyTorch reference and C++) record exactly these points, so the de
 them up by name. ``POINTS`` below is the one list: reference.py records through ``Point`` (its
 members), and the C++ forward through the generated ``cpp/include/celerinfer/trace_points.hpp``
 (``trace_points_header``; regenerate with ``python -m celerinfer_lab.cpp_tables``). To add a point:
-one row here, the op, and one ``tr(Point.x, ...)`` / ``trace_point(trace, l, Point::x, ...)`` call
-beside it on each side.
+one row here and its id as a ``Point`` member at the same place (``x = enum.auto()``; the module refuses
+to import when the two differ), the op, and one ``tr(Point.x, ...)`` / ``trace_point(trace, l, Point::x,
+...)`` call beside it on each side.
 
 Shapes are written once, as symbols (``SYMBOLS``): B (batch), S (new tokens), P (keys: cached +
 new), H (hidden_size), nh / kvh (query / kv heads), hd (head_dim), I (intermediate_size),
