@@ -50,7 +50,7 @@ def test_mypy_catches_planted_errors(tmp_path):
     assert 'Unsupported operand types for * ("None" and "int")' in out, out
     assert "celerinfer_lab/cli.py" in out and "Function is missing a type annotation" in out, out
     assert "celerinfer_lab/_planted.py" in out and 'Argument 1 to "len" has incompatible type "int"' in out, out
-    assert "celerinfer_lab/_planted.py:4: error: Function is missing a return type annotation" in out, out
+    assert "celerinfer_lab/_planted.py:3: error: Function is missing a return type annotation" in out, out
 
 
 # ---- the lazy names: what mypy sees is what __getattr__ returns ----------------------------------
