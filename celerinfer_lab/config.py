@@ -114,6 +114,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_attention_heads"):  # the defaults below derive from these
             _check_size(name, getattr(self, name))
+        # The DerivedSize fields read as int, but here, before they are derived, None means "derive it".
         if self.head_dim is None and _is_pos_int(self.hidden_size) and _is_pos_int(self.num_attention_heads):
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
