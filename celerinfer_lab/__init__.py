@@ -13,13 +13,15 @@ import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors (tests/test_typecheck.py: in step)
-    from .compare import Comparison, Report, compare, compare_decode
+    from .compare import Comparison, compare, compare_decode
     from .config import PRESETS, ConfigError, ModelConfig, preset
     from .generate import generate_model
     from .modelfile import Model, ModelFileError, save_model, weight_shapes
     from .native import NativeCompileError, NativeEngine, NativeError, NativeModel, copy_cpp, edit_source, load_native
     from .reader import load_model
     from .reference import ForwardResult, KVCache, ReferenceModel, reference_forward
+    from .report import Report
+    from .tolerances import Tolerances
     from .trace import TracePoint, trace_names, trace_points
 
 # public name -> the module (under celerinfer_lab) that defines it

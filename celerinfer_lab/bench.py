@@ -14,8 +14,11 @@ from .config import ModelConfig
 from .generate import generate_model
 from .modelfile import Model
 
-if TYPE_CHECKING:  # matplotlib is imported by plot_sweep itself, when it runs
+if TYPE_CHECKING:  # matplotlib, pandas and the engine load only in the functions that use them
+    import pandas as pd
     from matplotlib.figure import Figure
+
+    from .native import NativeEngine, NativeModel
 
 
 # A timing is "noisy" (its ratios are not to be trusted) when its interquartile range is more than
@@ -126,7 +129,9 @@ def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
     return time_call(lambda: ref.forward(), warmup, repeat)
 
 
-def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10, kernels: str | None = None) -> Timing:
+def time_cpp(
+    model: Model, native: NativeEngine, warmup: int = 2, repeat: int = 10, kernels: str | None = None
+) -> Timing:
     """The C++ forward through cppyy (``kernels``, default the engine's): inputs checked and logits
     allocated once, outside the timing."""
     prepared = native.prepare(model, kernels)
@@ -137,11 +142,11 @@ def time_cpp(model: Model, native, warmup: int = 2, repeat: int = 10, kernels: s
 
 def sweep(
     cases: Iterable[tuple[str, ModelConfig, int, int]],
-    native=None,
+    native: NativeEngine | None = None,
     warmup: int = 1,
     repeat: int = 5,
     progress: Callable[[str], None] | None = None,
-):
+) -> pd.DataFrame:
     """Time both forwards for each (label, config, batch, seq_len); a pandas DataFrame, one row each:
     medians (torch_ms, cpp_ms), their quartiles (*_q1_ms, *_q3_ms), min and max, the speedup and
     whether it is noisy (see Timing.noisy)."""
@@ -177,7 +182,7 @@ def sweep(
     return pd.DataFrame(rows).set_index("case")
 
 
-def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
+def plot_sweep(table: pd.DataFrame, x: str = "parameters", figsize: tuple[float, float] = (8, 4)) -> Figure:
     """Forward time against size (log-log), one line per side from sweep()'s table: the medians, with
     a band from the lower to the upper quartile (min to max when the table has no quartiles); noisy
     cases are marked with an open ring and named in the title."""
@@ -191,19 +196,13 @@ def plot_sweep(table, x: str = "parameters", figsize=(8, 4)) -> Figure:
     order = table.sort_values(x)
     for side, label, marker in (("torch", "PyTorch", "o"), ("cpp", "C++ (cppyy)", "s")):
         (line,) = ax.plot(order[x], order[f"{side}_ms"], marker=marker, label=f"{label} (median)")
-        low, high = next(
-            (
-                (order[f"{side}_{a}_ms"], order[f"{side}_{b}_ms"])
-                for a, b in (("q1", "q3"), ("min", "max"))
-                if f"{side}_{a}_ms" in order
-            ),
-            (None, None),
-        )
-        if low is not None:
+        bands = (("q1", "q3"), ("min", "max"))  # the IQR when measured, else the range
+        band = next(((f"{side}_{a}_ms", f"{side}_{b}_ms") for a, b in bands if f"{side}_{a}_ms" in order), None)
+        if band is not None:
             ax.fill_between(
                 order[x],
-                low.astype(float),
-                high.astype(float),
+                order[band[0]].astype(float),
+                order[band[1]].astype(float),
                 color=line.get_color(),
                 alpha=0.25,
                 linewidth=0,
@@ -288,14 +287,14 @@ def decode_torch(model: Model, new_tokens: int) -> tuple[np.ndarray, float]:
     return tokens, time.perf_counter() - marks[0]
 
 
-def decode_cpp(prepared, new_tokens: int) -> tuple[np.ndarray, float]:
+def decode_cpp(prepared: NativeModel, new_tokens: int) -> tuple[np.ndarray, float]:
     """Greedy decoding with the C++ KV cache: the new tokens and the decode time (prefill excluded)."""
     marks: list[float] = []
     tokens = prepared.generate(new_tokens, after_prefill=lambda: marks.append(time.perf_counter()))
     return tokens, time.perf_counter() - marks[0]
 
 
-def bench_kernel_sets(native, kernels: str | list[str] = "fast") -> list[str]:
+def bench_kernel_sets(native: NativeEngine, kernels: str | list[str] = "fast") -> list[str]:
     """The kernel sets a bench times: one name, a list, or "all" (every registered set, the fast
     set first, so the flat JSON keys keep meaning the fast kernels)."""
     if kernels == "all":
@@ -326,7 +325,7 @@ def _logits_stats(logits: np.ndarray) -> tuple[list[int], float, float, float]:
     return list(logits.shape), float(logits.min()), float(logits.max()), float(logits.mean())
 
 
-def _load_times(config: ModelConfig, batch: int, seq_len: int, seed: int, work) -> tuple[dict, Model, Path, Path]:
+def _load_times(config: ModelConfig, batch: int, seq_len: int, seed: int, work: Path) -> tuple[dict, Model, Path, Path]:
     """Write the model twice (JSON, and JSON with a safetensors sidecar) and time Python's load of
     each: (timings, the sidecar model, the JSON path, the sidecar path)."""
     from .reader import load_model

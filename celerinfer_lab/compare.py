@@ -43,6 +43,7 @@ compare() and compare_decode(), which run, judge and diagnose in one call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -65,6 +66,11 @@ from .metrics import (
 from .report import LogitsReport, PointReport, Report, build_report
 from .runs import floor_runs, kernel_runs, reference_runs, run_all, teacher_from
 from .tolerances import PointTolerance, Tolerances
+from .trace import recorded
+
+if TYPE_CHECKING:  # the engine loads when a comparison runs, not when a Report is read
+    from .modelfile import Model
+    from .native import NativeEngine
 
 __all__ = [
     "compare",
@@ -104,7 +110,7 @@ class Comparison:
     def __getitem__(self, kernels: str) -> Report:
         return self.reports[kernels]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.reports)
 
     @property
@@ -142,7 +148,7 @@ class Comparison:
         return "".join(f"<h4>{k} kernels</h4>{r._repr_html_()}" for k, r in self.reports.items())
 
 
-def _finish(report: Report, model) -> Report:
+def _finish(report: Report, model: Model) -> Report:
     from .diagnose import diagnose  # here: diagnose imports torch, and a Report is read without it
 
     report.meta["model"] = model
@@ -160,7 +166,11 @@ def _check_has_real_tokens(attention_mask: np.ndarray) -> None:
 
 
 def compare(
-    model, native=None, kernels: str | None = None, baseline: str = "torch", tolerances: Tolerances | None = None
+    model: Model,
+    native: NativeEngine | None = None,
+    kernels: str | None = None,
+    baseline: str = "torch",
+    tolerances: Tolerances | None = None,
 ) -> Report | Comparison:
     """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
     project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
@@ -184,7 +194,11 @@ def compare(
 
 
 def compare_decode(
-    model, native=None, steps: int = 3, kernels: str | None = None, tolerances: Tolerances | None = None
+    model: Model,
+    native: NativeEngine | None = None,
+    steps: int = 3,
+    kernels: str | None = None,
+    tolerances: Tolerances | None = None,
 ) -> list[Report]:
     """Compare a KV-cache decode step by step: the prefill, then ``steps`` single-token steps fed
     with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
@@ -199,17 +213,17 @@ def compare_decode(
     native = native or load_native()
     ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
     feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
-    oracle = [t for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
+    oracle = [recorded(t) for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
     teachers = [teacher_from(t) for t in oracle]
     prepared = native.prepare(model, kernels)
     runs = {
         "oracle": oracle,
-        "ref32": [t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
+        "ref32": [recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
         "ref32_own": [
-            t for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
+            recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
         ],
-        "cpp": [r.trace for r in prepared.decode_steps(feed, trace=True)],
-        "cpp_own": [r.trace for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
+        "cpp": [r.points for r in prepared.decode_steps(feed, trace=True)],
+        "cpp_own": [r.points for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
     }
     reports, mask, past = [], model.attention_mask, 0
     for step in range(steps + 1):

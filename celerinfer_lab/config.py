@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 SIZING_RULES = ("minimind2", "minimind3")
 ROPE_PAIRINGS = ("half", "interleaved")
@@ -51,6 +51,29 @@ _SIZE_FIELDS = (
 _FLAG_FIELDS = ("tie_word_embeddings", "qk_norm", "use_moe", "inference_rope_scaling")
 
 
+class DerivedSize:
+    """A size field that may be given as None ("derive it") and is an int once __post_init__ has
+    derived it: the constructor takes ``int | None``, every read gets ``int`` (no None check at each
+    use). The value lives in the instance's ``__dict__`` under ``_<name>``; the dataclass default,
+    read from the class, is None."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> None: ...
+    @overload
+    def __get__(self, obj: ModelConfig, owner: type) -> int: ...
+    def __get__(self, obj: ModelConfig | None, owner: type) -> int | None:
+        if obj is None:
+            return None
+        value: int = obj.__dict__[self.slot]
+        return value
+
+    def __set__(self, obj: ModelConfig, value: int | None) -> None:
+        obj.__dict__[self.slot] = value
+
+
 def intermediate_size_for(hidden_size: int, sizing_rule: str) -> int:
     """MiniMind's default FFN width for a hidden size."""
     if sizing_rule == "minimind2":
@@ -68,8 +91,8 @@ class ModelConfig:
     num_key_value_heads: int = 2
     vocab_size: int = 128
     max_position_embeddings: int = 128
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    intermediate_size: int | None = None  # None: from sizing_rule
+    head_dim: DerivedSize = DerivedSize()  # None: hidden_size // num_attention_heads
+    intermediate_size: DerivedSize = DerivedSize()  # None: from sizing_rule
     sizing_rule: str = "minimind3"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1e6
@@ -83,7 +106,7 @@ class ModelConfig:
     num_experts: int = 4  # routed experts (MiniMind2 calls it n_routed_experts)
     num_experts_per_tok: int = 1
     n_shared_experts: int = 0
-    moe_intermediate_size: int | None = None  # None: intermediate_size
+    moe_intermediate_size: DerivedSize = DerivedSize()  # None: intermediate_size
     topk_renorm: str = "always"
     hidden_act: str = "silu"
     extra: dict = field(default_factory=dict)  # unknown fields from a file, kept for round trips
@@ -91,6 +114,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_attention_heads"):  # the defaults below derive from these
             _check_size(name, getattr(self, name))
+        # The DerivedSize fields read as int, but here, before they are derived, None means "derive it".
         if self.head_dim is None and _is_pos_int(self.hidden_size) and _is_pos_int(self.num_attention_heads):
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(

@@ -34,14 +34,17 @@ Checks, first match wins:
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import ModelConfig
 from .metrics import MASKED_BELOW, live_rows
+from .modelfile import Model
 from .reference import repeat_kv, rmsnorm, rope
-from .report import Report
+from .report import PointReport, Report
 from .trace import trace_points
 
 AGREE = 1e-4  # a part of y agrees with x: relative error below this (float32 noise is ~1e-7)
@@ -76,16 +79,17 @@ def _err(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if diff == 0 else (diff / nb if nb > 0 else math.inf)
 
 
-def _span(indices) -> tuple[int, int] | None:
+def _span(indices: Iterable[int]) -> tuple[int, int] | None:
     """(first, last) when the sorted indices are consecutive, else None."""
     idx = [int(i) for i in indices]
     return (idx[0], idx[-1]) if idx and idx[-1] - idx[0] + 1 == len(idx) else None
 
 
 class _Context:
-    def __init__(self, report: Report):
-        self.report, self.culprit = report, report.culprit
-        self.model, self.config = report.meta.get("model"), report.meta.get("config")
+    """What every check reads: the culprit's isolated value y and the oracle's x, the model and its config."""
+
+    def __init__(self, report: Report, culprit: PointReport, model: Model, config: ModelConfig):
+        self.report, self.culprit, self.model, self.config = report, culprit, model, config
         self.oracle = report.runs["oracle"]
         self.name = self.culprit.name
         self.x = self.oracle[self.name].astype(np.float64)
@@ -106,7 +110,7 @@ class _Context:
     def live(self, array: np.ndarray) -> np.ndarray:
         return live_rows(array, self.point.token_axis, self.mask)
 
-    def matches(self, candidate) -> bool:
+    def matches(self, candidate: np.ndarray | torch.Tensor) -> bool:
         """y is candidate (to float32 noise), and much closer to it than to the reference."""
         cand = np.asarray(candidate, np.float64).reshape(self.y.shape)
         err = _rel(self.live(self.y), self.live(cand))
@@ -120,6 +124,12 @@ class _Context:
 
     def prefix(self, suffix: str) -> str:
         return f"model.layers.{self.layer}.{suffix}"
+
+    def block_input(self) -> str:
+        """What the culprit's layer reads: the embedding, or the previous layer's output."""
+        if self.layer is None:
+            raise ValueError(f"{self.name} is not in a layer")
+        return "model.embed_tokens" if self.layer == 0 else f"model.layers.{self.layer - 1}"
 
     def heads_of(self, size: int) -> int | None:
         """The number of heads a per-token size holds (q_dim: query heads, kv_dim: kv heads)."""
@@ -179,19 +189,16 @@ def _masks(c: _Context) -> str | None:
 # ---- 3: known mistakes, recomputed from the oracle's inputs ------------------------------------
 def _norm_variants(c: _Context) -> str | None:
     sources = {
-        "input_layernorm": None,
         "post_attention_layernorm": "attn_residual",
         "self_attn.q_norm": "self_attn.q_proj",
         "self_attn.k_norm": "self_attn.k_proj",
     }
     if c.op == "model.norm":
         src, key = f"model.layers.{c.config.num_hidden_layers - 1}", "model.norm.weight"
+    elif c.op == "input_layernorm":
+        src, key = c.block_input(), c.prefix(c.op + ".weight")
     elif c.op in sources:
-        if c.op == "input_layernorm":
-            src = "model.embed_tokens" if c.layer == 0 else f"model.layers.{c.layer - 1}"
-        else:
-            src = c.prefix(sources[c.op])
-        key = c.prefix(c.op + ".weight")
+        src, key = c.prefix(sources[c.op]), c.prefix(c.op + ".weight")
     else:
         return None
     x = c.t(src).reshape(c.y.shape)
@@ -392,7 +399,7 @@ def _residual_variants(c: _Context) -> str | None:
         return None
     cfg = c.config
     if c.op == "attn_residual":
-        src = "model.embed_tokens" if c.layer == 0 else f"model.layers.{c.layer - 1}"
+        src = c.block_input()
         parts = [c.prefix("self_attn.o_proj")]
     else:
         src = c.prefix("attn_residual")
@@ -483,13 +490,12 @@ def _heads(c: _Context) -> str | None:
     if c.op not in HEAD_OPS:
         return None
     if c.point.token_axis == 2:  # [B, nh, S, P]: real queries
-        per_head = np.moveaxis(c.y, 1, 0)[:, c.mask.astype(bool)], np.moveaxis(c.x, 1, 0)[:, c.mask.astype(bool)]
+        y, x = np.moveaxis(c.y, 1, 0)[:, c.mask.astype(bool)], np.moveaxis(c.x, 1, 0)[:, c.mask.astype(bool)]
     else:
         n = c.heads_of(int(np.prod(c.x.shape[2:])))
         if n is None:
             return None
-        per_head = tuple(np.moveaxis(c.live(a).reshape(-1, n, c.config.head_dim), 1, 0) for a in (c.y, c.x))
-    y, x = per_head
+        y, x = (np.moveaxis(c.live(a).reshape(-1, n, c.config.head_dim), 1, 0) for a in (c.y, c.x))
     n = y.shape[0]
     bad = np.array([_err(y[h], x[h]) > WRONG for h in range(n)])
     if not _confined(y, x, bad):
@@ -655,14 +661,20 @@ def _head_axis_view(c: _Context, array: np.ndarray) -> np.ndarray | None:
     return array.reshape(array.shape[0] * array.shape[1], n, -1)
 
 
+def _closest_heads(yv: np.ndarray, xv: np.ndarray) -> list[int]:
+    """For each head i of yv [rows, heads, rest], the head of xv it is closest to."""
+    n = xv.shape[1]
+    return [min(range(n), key=lambda j: _rel(yv[:, i], xv[:, j])) for i in range(n)]
+
+
 def _permutation(c: _Context) -> str | None:
     xv, yv = _head_axis_view(c, c.x), _head_axis_view(c, c.y)
-    if xv is not None and c.point.token_axis == 1:
-        real = c.mask.reshape(-1).astype(bool)
-        xv, yv = xv[real], yv[real]
-    if xv is not None:
-        n = xv.shape[1]
-        best = [min(range(n), key=lambda j, i=i: _rel(yv[:, i], xv[:, j])) for i in range(n)]
+    if xv is not None and yv is not None:
+        if c.point.token_axis == 1:
+            real = c.mask.reshape(-1).astype(bool)
+            xv, yv = xv[real], yv[real]
+        best = _closest_heads(yv, xv)
+        n = len(best)
         if (
             best != list(range(n))
             and sorted(best) == list(range(n))
@@ -748,9 +760,12 @@ CHECKS = (
 
 def diagnose(report: Report) -> str | None:
     """A sentence naming the culprit's pattern, or None when no check recognises it."""
-    if report.culprit is None or report.meta.get("model") is None:
+    culprit, model, config = report.culprit, report.meta.get("model"), report.meta.get("config")
+    if culprit is None or model is None:
         return None
-    c = _Context(report)
+    if config is None:
+        raise ValueError("the report's meta has no config: diagnose reads a report made by build_report")
+    c = _Context(report, culprit, model, config)
     for check in CHECKS:
         found = check(c)
         if found:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator, cast, overload
+from typing import Iterator, overload
 
 import numpy as np
 
@@ -121,7 +121,7 @@ def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: b
         return
     name, shape, largest = largest_tensor(config)
     weights = largest if streamed else config.num_parameters() * 4
-    rope = 2 * config.max_position_embeddings * cast(int, config.head_dim) * 4  # set by __post_init__
+    rope = 2 * config.max_position_embeddings * config.head_dim * 4
     inputs = 2 * batch_size * seq_len * 8
     need = weights + rope + inputs
     if need > available:

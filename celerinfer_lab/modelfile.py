@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class Model:
 # ---- tensors -------------------------------------------------------------------------------------
 def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
     """The JSON object of one tensor (what the file holds for it)."""
-    arr = np.ascontiguousarray(array, dtype=cast(np.dtype, DTYPES[dtype]))  # DTYPES: typed dict[str, object]
+    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
     return {
         "name": name,
         "shape": list(arr.shape),

@@ -14,7 +14,7 @@ from .schema import iter_weight_shapes, weight_shapes  # noqa: F401  (defined in
 FORMAT_NAME = "celerinfer-lab"
 FORMAT_VERSION = 1
 PREVIEW_LEN = 16
-DTYPES = {  # file dtype name -> little-endian numpy dtype
+DTYPES: dict[str, np.dtype] = {  # file dtype name -> little-endian numpy dtype
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "float16": np.dtype("<f2"),
@@ -25,7 +25,7 @@ DTYPES = {  # file dtype name -> little-endian numpy dtype
 
 
 # ---- tensors -------------------------------------------------------------------------------------
-def _preview(arr: np.ndarray) -> list:
+def _preview(arr: np.ndarray) -> list[int | float | None]:
     """The first values, for people. NaN/Inf are written as null: a model file is strict JSON."""
     flat = arr.reshape(-1)[:PREVIEW_LEN]
     if arr.dtype.kind != "f":

@@ -13,8 +13,10 @@ import itertools
 import re
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ModelConfig
 from .faults import apply_fault, get_fault
@@ -24,6 +26,10 @@ from .paths import include_dir as _include_dir
 from .trace import ForwardResult, trace_points  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
 _versions = itertools.count(1)  # namespaces are process-wide in cling
+# A cppyy proxy (a C++ object, function or namespace): cppyy ships no types, its attributes are the C++ names.
+Cpp = Any
+# What a decode calls after each forward: (step, logits, trace or None) -> the next tokens [B, 1], or None to stop.
+NextToken = Callable[[int, np.ndarray, "dict[str, np.ndarray] | None"], "np.ndarray | None"]
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 
 
@@ -60,7 +66,7 @@ def assemble_source(include_dir: Path) -> str:
     return inline(include_dir / HEADER)
 
 
-def _cppyy():
+def _cppyy() -> Cpp:
     import cppyy  # imported lazily: 0.5 s, and only the C++ side needs it
 
     return cppyy
@@ -109,7 +115,7 @@ class NativeEngine:
             self.cpp_dir = apply_fault(self.fault, self.cpp_dir)
         self.extra_source = extra_source
         self.namespace: str | None = None
-        self.ns = None
+        self.ns: Cpp = None  # the compiled namespace
         self.reload()
         if kernels is None:  # a fault's engine runs, by default, a kernel set the fault changes
             kernels = (
@@ -192,7 +198,7 @@ def load_native(
     return NativeEngine(cpp_dir, fault, kernels, extra_source)
 
 
-def _native_config(ns, config: ModelConfig):
+def _native_config(ns: Cpp, config: ModelConfig) -> Cpp:
     c = ns.Config()
     c.hidden, c.layers = config.hidden_size, config.num_hidden_layers
     c.heads, c.kv_heads, c.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -212,7 +218,7 @@ def _native_config(ns, config: ModelConfig):
     return c
 
 
-def _call(what: str, fn, *args):
+def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a C++ call; its exception (any type) becomes NativeError with the C++ message."""
     try:
         return fn(*args)
@@ -242,7 +248,9 @@ class NativeModel:
         # Workspaces (and a decode's KV cache) are reused across calls: one caller at a time.
         self._lock = threading.RLock()
 
-    def check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    def check_inputs(
+        self, input_ids: npt.ArrayLike | None, attention_mask: npt.ArrayLike | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Check ids and mask [B, S] (default: the model file's); return them as contiguous int64."""
         ids = self.model.input_ids if input_ids is None else np.asarray(input_ids)
         if attention_mask is None:
@@ -257,14 +265,20 @@ class NativeModel:
         self.config.validate(seq_len=int(ids.shape[1]))
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 
-    def workspace(self, B: int, S: int, max_len: int | None = None):
+    def workspace(self, B: int, S: int, max_len: int | None = None) -> Cpp:
         key = (B, S, max_len or S)
         if key not in self._workspaces:
             self._workspaces[key] = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, max_len or S)
         return self._workspaces[key]
 
     def run(
-        self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, recorder=None, start: int = 0, workspace=None
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        logits: np.ndarray,
+        recorder: Cpp = None,
+        start: int = 0,
+        workspace: Cpp = None,
     ) -> None:
         """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
         ``start``: tokens already in ``workspace``'s KV cache (decode)."""
@@ -288,7 +302,11 @@ class NativeModel:
             )
 
     def forward(
-        self, input_ids=None, attention_mask=None, trace: bool = False, teacher: dict[str, np.ndarray] | None = None
+        self,
+        input_ids: npt.ArrayLike | None = None,
+        attention_mask: npt.ArrayLike | None = None,
+        trace: bool = False,
+        teacher: dict[str, np.ndarray] | None = None,
     ) -> ForwardResult:
         """Logits and, with trace (or a teacher), every trace point.
 
@@ -303,7 +321,7 @@ class NativeModel:
         _check_guard(guarded, logits.size)
         return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if recorder else None)
 
-    def _recorder(self, trace: bool, teacher, B: int, S: int, past_len: int):
+    def _recorder(self, trace: bool, teacher: dict[str, np.ndarray] | None, B: int, S: int, past_len: int) -> Cpp:
         """A TraceRecorder holding the teacher's values (kept alive on it), or None for no trace."""
         if not trace and teacher is None:
             return None
@@ -321,12 +339,18 @@ class NativeModel:
         recorder._kept = kept  # C++ holds pointers into these: alive as long as the recorder
         return recorder
 
-    def generate(self, new_tokens: int, input_ids=None, attention_mask=None, after_prefill=None) -> np.ndarray:
+    def generate(
+        self,
+        new_tokens: int,
+        input_ids: npt.ArrayLike | None = None,
+        attention_mask: npt.ArrayLike | None = None,
+        after_prefill: Callable[[], object] | None = None,
+    ) -> np.ndarray:
         """Greedy decoding with the KV cache: prefill the prompt, then one token per step; the new
         tokens [B, new_tokens]. ``after_prefill()`` is called once the prompt is processed."""
         tokens: list[np.ndarray] = []
 
-        def greedy(step: int, logits: np.ndarray, _trace) -> np.ndarray:
+        def greedy(step: int, logits: np.ndarray, _trace: dict[str, np.ndarray] | None) -> np.ndarray:
             if step == 0 and after_prefill is not None:
                 after_prefill()
             tokens.append(np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
@@ -338,8 +362,8 @@ class NativeModel:
     def decode_steps(
         self,
         feed: np.ndarray,
-        input_ids=None,
-        attention_mask=None,
+        input_ids: npt.ArrayLike | None = None,
+        attention_mask: npt.ArrayLike | None = None,
         trace: bool = False,
         teachers: list[dict[str, np.ndarray]] | None = None,
     ) -> list[ForwardResult]:
@@ -348,14 +372,22 @@ class NativeModel:
         feed = np.ascontiguousarray(feed, dtype=np.int64)
         results: list[ForwardResult] = []
 
-        def fed(step: int, logits: np.ndarray, points) -> np.ndarray | None:
+        def fed(step: int, logits: np.ndarray, points: dict[str, np.ndarray] | None) -> np.ndarray | None:
             results.append(ForwardResult(logits.copy(), points))
             return feed[:, step : step + 1] if step < feed.shape[1] else None
 
         self._decode(feed.shape[1] + 1, input_ids, attention_mask, fed, trace, teachers)
         return results
 
-    def _decode(self, forwards: int, input_ids, attention_mask, next_token, trace: bool = False, teachers=None) -> None:
+    def _decode(
+        self,
+        forwards: int,
+        input_ids: npt.ArrayLike | None,
+        attention_mask: npt.ArrayLike | None,
+        next_token: NextToken,
+        trace: bool = False,
+        teachers: list[dict[str, np.ndarray]] | None = None,
+    ) -> None:
         """Run up to ``forwards`` forwards over one KV cache: the prompt first, then each token that
         next_token(step, logits, trace or None) returns (None stops)."""
         ids, mask = self.check_inputs(input_ids, attention_mask)
@@ -366,7 +398,15 @@ class NativeModel:
         with self._lock:  # the KV cache lives in the workspace from the prefill to the last step
             self._decode_locked(forwards, ids, mask, next_token, trace, teachers)
 
-    def _decode_locked(self, forwards: int, ids, mask, next_token, trace: bool, teachers) -> None:
+    def _decode_locked(
+        self,
+        forwards: int,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        next_token: NextToken,
+        trace: bool,
+        teachers: list[dict[str, np.ndarray]] | None,
+    ) -> None:
         B, prompt_len = ids.shape
         ws = self.workspace(B, prompt_len, prompt_len + forwards - 1)
         start = 0
@@ -377,11 +417,11 @@ class NativeModel:
             self.run(ids, mask, logits, recorder, start=start, workspace=ws)
             _check_guard(guarded, logits.size)
             points = _read_trace(recorder, self.config, B, S, start) if trace else None
-            ids = next_token(step, logits, points)
+            chosen = next_token(step, logits, points)
             start += S
-            if ids is None or step == forwards - 1:
+            if chosen is None or step == forwards - 1:
                 break
-            ids = np.ascontiguousarray(ids, dtype=np.int64)  # a column slice is not contiguous
+            ids = np.ascontiguousarray(chosen, dtype=np.int64)  # a column slice is not contiguous
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
 
 
@@ -403,7 +443,7 @@ def _check_guard(buffer: np.ndarray, n: int) -> None:
         raise NativeError(f"out-of-bounds write: the forward wrote past the end of the logits ({n} floats)")
 
 
-def _read_trace(recorder, config: ModelConfig, B: int, S: int, past_len: int = 0) -> dict[str, np.ndarray]:
+def _read_trace(recorder: Cpp, config: ModelConfig, B: int, S: int, past_len: int = 0) -> dict[str, np.ndarray]:
     """Copy the recorded points out of C++, with the contract's dtypes (topk_idx is int64)."""
     dtypes = {p.name: p.dtype for p in trace_points(config, B, S, past_len)}
     out: dict[str, np.ndarray] = {}

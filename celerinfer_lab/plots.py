@@ -4,9 +4,10 @@ so notebooks display it and tests inspect its artists."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import numpy.typing as npt
 from matplotlib.figure import Figure
 
 from .metrics import MASKED_BELOW
@@ -36,7 +37,7 @@ def _short(name: str) -> str:
     return name.replace("model.layers.", "L").replace("self_attn.", "").replace("model.", "")
 
 
-def _clip(values, low=1e-12, high=1e3) -> np.ndarray:
+def _clip(values: npt.ArrayLike, low: float = 1e-12, high: float = 1e3) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     return np.clip(np.where(np.isfinite(v), v, high), low, high)
 
@@ -49,7 +50,8 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     forward order across [layer, layer + 0.8]; the embedding at -1, the final norm and lm_head after
     the last layer), its op kind ("q_proj", "scores", "layer output", ...) and the group ticks
     [(x, "embed"), (0, "0"), (1, "1"), ..., (L, "out")]."""
-    layer_of, kinds = [], []
+    layer_of: list[int | None] = []
+    kinds: list[str] = []
     for name in names:
         parts = name.split(".")
         if name.startswith("model.layers.") and len(parts) >= 3 and parts[2].isdigit():
@@ -61,7 +63,7 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     layers = sorted({layer for layer in layer_of if layer is not None})
     last = (layers[-1] + 1) if layers else 0
     first_layer = next((i for i, layer in enumerate(layer_of) if layer is not None), len(names))
-    groups: dict[object, list[int]] = {}
+    groups: dict[int | str, list[int]] = {}  # a layer, or "embed" / "out"
     for i, layer in enumerate(layer_of):
         key = layer if layer is not None else ("embed" if i < first_layer else "out")
         groups.setdefault(key, []).append(i)
@@ -75,7 +77,7 @@ def depth_layout(names: list[str]) -> tuple[np.ndarray, list[str], list[tuple[fl
     return x, kinds, ticks
 
 
-def error_along_depth(report: Report, figsize=(12, 5)) -> Figure:
+def error_along_depth(report: Report, figsize: tuple[float, float] = (12, 5)) -> Figure:
     """Relative L2 error at every trace point (log scale) against the layer it belongs to: one marker
     and colour per op kind (legend), the ops of a layer in forward order inside its band, accumulated
     error (filled markers on a grey line) and isolated error (black crosses), the tolerance band,
@@ -158,7 +160,7 @@ def attention_heatmap(
     point: str | None = None,
     batch: int = 0,
     isolated: bool = True,
-    figsize=(8, 3.5),
+    figsize: tuple[float, float] = (8, 3.5),
 ) -> Figure:
     """Error per (position, head) of an attention trace point (default: the culprit if it is one,
     else layer 0's scores): mean |y - x| over the rest of each head's values."""
@@ -200,7 +202,9 @@ def attention_heatmap(
 DENSITY_ABOVE = 10_000  # scatter plots with more points become hexbin density plots
 
 
-def scatter_and_histogram(report: Report, point: str | None = None, isolated: bool = False, figsize=(10, 4)) -> Figure:
+def scatter_and_histogram(
+    report: Report, point: str | None = None, isolated: bool = False, figsize: tuple[float, float] = (10, 4)
+) -> Figure:
     """Reference vs C++ values of one trace point (default: the culprit, else lm_head), and a
     histogram of their differences."""
     if point is None:
@@ -231,7 +235,7 @@ def scatter_and_histogram(report: Report, point: str | None = None, isolated: bo
     return fig
 
 
-def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
+def logits_agreement(report: Report, figsize: tuple[float, float] = (10, 3.5)) -> Figure:
     """Per token: KL(reference || C++) of the next-token distributions (log scale) and whether
     the top-1 token agrees."""
     lg = report.logits
@@ -262,9 +266,9 @@ def logits_agreement(report: Report, figsize=(10, 3.5)) -> Figure:
     return fig
 
 
-def plot(report: Report, kind: str = "depth", **kwargs) -> Figure:
+def plot(report: Report, kind: str = "depth", **kwargs: Any) -> Figure:
     """The figure of one ``kind`` (Report.plot): 'depth', 'heatmap', 'scatter' or 'logits'."""
-    makers = {
+    makers: dict[str, Callable[..., Figure]] = {
         "depth": error_along_depth,
         "heatmap": attention_heatmap,
         "scatter": scatter_and_histogram,

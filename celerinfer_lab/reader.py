@@ -14,7 +14,7 @@ import binascii
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +26,8 @@ from .schema import v0_layer_names, v0_top_names
 from .sidecar import SidecarHeader, open_sidecar, sidecar_path
 from .strict_json import parse_strict_json
 
-# DTYPES, typed: modelformat's dict literal of numpy dtypes is inferred as dict[str, object].
-_DTYPES = cast("dict[str, np.dtype]", DTYPES)
-_FLOAT_DTYPES = [name for name, dtype in _DTYPES.items() if dtype.kind == "f"]
-_INT_DTYPES = [name for name, dtype in _DTYPES.items() if dtype.kind in "iu"]
+_FLOAT_DTYPES = [name for name, dtype in DTYPES.items() if dtype.kind == "f"]
+_INT_DTYPES = [name for name, dtype in DTYPES.items() if dtype.kind in "iu"]
 
 
 @dataclass
@@ -287,7 +285,7 @@ def _check_tensor_header(obj: Any, where: str, kind: str, shape: tuple[int, ...]
         raise ModelFileError(f"{where}: unknown encoding {_short(encoding)}; only 'base64' is supported here")
     if shape is not None and tuple(obj["shape"]) != shape:
         raise ModelFileError(f"{where} has shape {obj['shape']}, the config implies {list(shape)}")
-    nbytes = math.prod(obj["shape"]) * _DTYPES[obj["dtype"]].itemsize
+    nbytes = math.prod(obj["shape"]) * DTYPES[obj["dtype"]].itemsize
     data = obj["data"]
     if not isinstance(data, str):
         raise ModelFileError(f"{where}: data must be a base64 string, got {_json_type(data)}")
@@ -333,7 +331,7 @@ def _decode(obj: dict, where: str) -> np.ndarray:
         raw = base64.b64decode(obj["data"], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ModelFileError(f"{where}: data is not valid base64 ({exc})") from None
-    dtype = _DTYPES[obj["dtype"]]
+    dtype = DTYPES[obj["dtype"]]
     if len(raw) != math.prod(obj["shape"]) * dtype.itemsize:
         raise ModelFileError(
             f"{where}: data decodes to {len(raw)} bytes, shape {obj['shape']} of {obj['dtype']} "

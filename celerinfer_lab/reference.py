@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
 from .modelfile import Model
 from .trace import ForwardResult, Point, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
+
+# Token ids or a mask [B, S] as a caller gives them: a torch tensor, a numpy array or nested lists.
+Tokens = torch.Tensor | npt.ArrayLike
 
 
 class _Tracer:
@@ -113,6 +118,11 @@ def mlp(
     return F.linear(act, w_down)
 
 
+def _mlp_weights(w: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate, up and down weights of the feed-forward (or expert) at ``prefix``, in mlp()'s order."""
+    return w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"], w[f"{prefix}.down_proj.weight"]
+
+
 @dataclass
 class KVCache:
     """Keys (after RoPE) and values of every layer so far, [B, P, kv_heads, head_dim] each."""
@@ -129,7 +139,7 @@ class KVCache:
         return int(self.keys[0].shape[1]) if self.keys else 0
 
 
-def _as_int64(value, name: str, integer: bool = True) -> torch.Tensor:
+def _as_int64(value: Tokens, name: str, integer: bool = True) -> torch.Tensor:
     """A torch tensor, numpy array or nested list as an int64 tensor; ``integer``: refuse other dtypes
     (ids must be integers; a mask of 0.0/1.0 or booleans is accepted, as on the C++ side)."""
     t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
@@ -159,8 +169,8 @@ class ReferenceModel:
     @torch.inference_mode()
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
+        input_ids: Tokens | None = None,
+        attention_mask: Tokens | None = None,
         trace: bool = False,
         teacher: dict[str, np.ndarray] | None = None,
         cache: KVCache | None = None,
@@ -201,14 +211,15 @@ class ReferenceModel:
             if cfg.use_moe:
                 y = self._moe(x, tr, i)
             else:
-                weights = (w[f"{p}.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                y = tr(Point.down_proj, mlp(x, *weights, tr, i), i)
+                y = tr(Point.down_proj, mlp(x, *_mlp_weights(w, f"{p}.mlp"), tr, i), i)
             h = tr(Point.block, h + y, i)
         h = tr(Point.norm, rmsnorm(h, w["model.norm.weight"], cfg.rms_norm_eps))
         logits = tr(Point.lm_head, F.linear(h, w["lm_head.weight"]))
         return logits, tr.points
 
-    def _inputs(self, input_ids, attention_mask, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(
+        self, input_ids: Tokens | None, attention_mask: Tokens | None, past: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, S] and mask [B, past + S] as int64 tensors (default: the file's inputs), checked."""
         if input_ids is None:
             ids = self.input_ids
@@ -233,7 +244,16 @@ class ReferenceModel:
             )
         return ids, mask
 
-    def _attention(self, x, mask, cos, sin, tr: _Tracer, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def _attention(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        tr: _Tracer,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
         cfg, w, i = self.config, self.w, layer
         p = f"model.layers.{layer}.self_attn"
         B, S, _ = x.shape
@@ -287,13 +307,11 @@ class ReferenceModel:
             if chosen.any():
                 tokens = chosen.any(dim=-1).nonzero().flatten()
                 weight = topk_weight[chosen].view(-1, 1)
-                e_out = mlp(
-                    flat[tokens], *(w[f"{p}.experts.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                )
+                e_out = mlp(flat[tokens], *_mlp_weights(w, f"{p}.experts.{e}"))
                 routed.index_add_(0, tokens, e_out * weight)
         out = tr(Point.routed_experts, routed.view(B, S, H), i)
         for s in range(cfg.n_shared_experts):  # MiniMind adds each shared expert in turn, weight 1
-            shared = mlp(x, *(w[f"{p}.shared_experts.{s}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+            shared = mlp(x, *_mlp_weights(w, f"{p}.shared_experts.{s}"))
             out = out + tr(Point.shared_expert, shared, i, s)
         return out
 
@@ -312,20 +330,24 @@ def decode_steps(
     cache = KVCache.empty()
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
-    feed = torch.from_numpy(np.asarray(feed, dtype=np.int64))
+    tokens = torch.from_numpy(np.asarray(feed, dtype=np.int64))
     out = []
-    for step in range(feed.shape[1] + 1):
+    for step in range(tokens.shape[1] + 1):
         teacher = teachers[step] if teachers else None
         logits, points = ref.forward(ids, mask, trace=trace, teacher=teacher, cache=cache)
         out.append((logits.numpy(), None if points is None else {k: v.numpy() for k, v in points.items()}))
-        if step < feed.shape[1]:
-            ids = feed[:, step : step + 1]
+        if step < tokens.shape[1]:
+            ids = tokens[:, step : step + 1]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     return out
 
 
 def greedy_generate(
-    ref: "ReferenceModel", input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int, after_prefill=None
+    ref: "ReferenceModel",
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    new_tokens: int,
+    after_prefill: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens].
     ``after_prefill()`` is called once the prompt is processed (benchmarks time the decode alone)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # report.py imports this module: the type, not the module, is needed here
+    import pandas as pd
+
     from .report import Report
 
 # The row colour of each label in the HTML table
@@ -20,7 +22,7 @@ LABEL_STYLES = {
 }
 
 
-def table(report: Report):
+def table(report: Report) -> pd.DataFrame:
     """A pandas DataFrame, one row per trace point in forward order."""
     import pandas as pd
 

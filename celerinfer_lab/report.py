@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import rendering
+from .config import ModelConfig
 from .metrics import FUSABLE, MASKED_BELOW, Errors, errors, kl_per_token, live_rows
+from .runs import Runs
 from .tolerances import PointTolerance, Tolerances
 from .trace import TracePoint, trace_points
+
+if TYPE_CHECKING:  # the views' types: pandas and matplotlib load only when a view is asked for
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 @dataclass(kw_only=True)
@@ -84,7 +91,7 @@ class Report:
         raise KeyError(f"no trace point {name!r}; see report.table")
 
     @property
-    def table(self):
+    def table(self) -> pd.DataFrame:
         """A pandas DataFrame, one row per trace point in forward order."""
         return rendering.table(self)
 
@@ -107,7 +114,7 @@ class Report:
     def _repr_html_(self) -> str:
         return rendering.html(self)
 
-    def plot(self, kind: str = "depth", **kwargs):
+    def plot(self, kind: str = "depth", **kwargs: Any) -> Figure:
         """A matplotlib Figure: kind is 'depth', 'heatmap', 'scatter' or 'logits' (see plots.py)."""
         from . import plots  # here: matplotlib loads only when a figure is asked for
 
@@ -115,12 +122,12 @@ class Report:
 
 
 # ---- building a report -------------------------------------------------------------------------
-def _point_errors(point, runs, mask, key_x: str, key_y: str) -> Errors:
-    x, y = runs[key_x][point.name], runs[key_y].get(point.name)
+def _point_errors(point: TracePoint, runs: Runs, mask: np.ndarray, key_x: str, key_y: str) -> Errors:
+    x, y = runs[key_x][point.name], runs[key_y][point.name]  # build_report checked both are there
     return errors(live_rows(x, point.token_axis, mask), live_rows(y, point.token_axis, mask))
 
 
-def _rms(point, runs, mask) -> float:
+def _rms(point: TracePoint, runs: Runs, mask: np.ndarray) -> float:
     x = live_rows(runs["oracle"][point.name], point.token_axis, mask).astype(np.float64)
     x = x[np.isfinite(x) & (x > MASKED_BELOW)]
     return float(np.sqrt(np.mean(x * x))) if x.size else 0.0
@@ -140,7 +147,7 @@ def _padded_nonfinite(x: np.ndarray, y: np.ndarray, token_axis: int, mask: np.nd
     return int((~np.isfinite(y) & ~masked & np.isfinite(x) & padded).sum())
 
 
-def _index_mismatches(point, runs, mask, key: str) -> int:
+def _index_mismatches(point: TracePoint, runs: Runs, mask: np.ndarray, key: str) -> int:
     x = live_rows(runs["oracle"][point.name], point.token_axis, mask)
     y = live_rows(runs[key][point.name], point.token_axis, mask)
     return int((x != y).sum())
@@ -192,7 +199,7 @@ def _absent(point: TracePoint, note: str) -> PointReport:
     )
 
 
-def _index_point(point: TracePoint, runs, mask) -> PointReport:
+def _index_point(point: TracePoint, runs: Runs, mask: np.ndarray) -> PointReport:
     """Routing indices: equal, or no more mismatches than float32 has."""
     acc, own = _index_mismatches(point, runs, mask, "cpp"), _index_mismatches(point, runs, mask, "cpp_own")
     floor, own_floor = _index_mismatches(point, runs, mask, "ref32"), _index_mismatches(point, runs, mask, "ref32_own")
@@ -217,7 +224,7 @@ def _index_point(point: TracePoint, runs, mask) -> PointReport:
     )
 
 
-def _n_bad(point: TracePoint, runs, mask, rule: PointTolerance, class_mismatch: int) -> int:
+def _n_bad(point: TracePoint, runs: Runs, mask: np.ndarray, rule: PointTolerance, class_mismatch: int) -> int:
     """Elements whose error exceeds the factor times float32's largest elementwise error there."""
     x = live_rows(runs["oracle"][point.name], point.token_axis, mask).astype(np.float64)
     y = live_rows(runs["cpp"][point.name], point.token_axis, mask).astype(np.float64)
@@ -228,7 +235,9 @@ def _n_bad(point: TracePoint, runs, mask, rule: PointTolerance, class_mismatch: 
         return int((~(np.abs(y - x) <= elem_tol) & finite).sum()) + class_mismatch
 
 
-def _float_point(point: TracePoint, runs, mask, rule: PointTolerance, scale: float, override: str) -> PointReport:
+def _float_point(
+    point: TracePoint, runs: Runs, mask: np.ndarray, rule: PointTolerance, scale: float, override: str
+) -> PointReport:
     """A float trace point judged by ``rule``; ``scale``: the RMS the op combines (for abs_tol)."""
     e = _point_errors(point, runs, mask, "oracle", "cpp")
     f = _point_errors(point, runs, mask, "oracle", "ref32")
@@ -272,8 +281,8 @@ def _float_point(point: TracePoint, runs, mask, rule: PointTolerance, scale: flo
 
 
 def build_report(
-    runs: dict[str, dict[str, np.ndarray]],
-    config,
+    runs: Runs,
+    config: ModelConfig,
     attention_mask: np.ndarray,
     subject: str = "C++",
     past_len: int = 0,
@@ -341,7 +350,7 @@ def _label(points: list[PointReport], amplify: float) -> None:
             worst_before = max(worst_before, p.rel_l2)
 
 
-def _logits_report(runs, mask) -> LogitsReport:
+def _logits_report(runs: Runs, mask: np.ndarray) -> LogitsReport:
     x, y, r = runs["oracle"]["lm_head"], runs["cpp"]["lm_head"], runs["ref32"]["lm_head"]
     real = mask.astype(bool)
     with np.errstate(all="ignore"):

@@ -10,7 +10,6 @@ bits a MiniMind model would compute.
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import numpy as np
 
@@ -21,8 +20,7 @@ def rope_cache(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin), float32 [max_position_embeddings, head_dim]; YaRN applied when configured."""
     import torch  # here, not at the top: importing the package (or `generate --help`) must not load torch
 
-    # head_dim is set by ModelConfig.__post_init__; the field is typed int | None until config.py says so.
-    dim, end, base = cast(int, config.head_dim), config.max_position_embeddings, config.rope_theta
+    dim, end, base = config.head_dim, config.max_position_embeddings, config.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
     attn_factor = 1.0
     scaling = config.rope_scaling if config.inference_rope_scaling else None

@@ -11,9 +11,15 @@ compare_accuracy: the engine is an argument (``native``: a NativeEngine) and not
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # the engines load when runs are made, not when a Report is read
+    from .modelfile import Model
+    from .native import NativeEngine
 
 Runs = dict[str, dict[str, np.ndarray]]
 
@@ -23,28 +29,31 @@ def teacher_from(oracle: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in oracle.items()}
 
 
-def reference_runs(model) -> Runs:
+def reference_runs(model: Model) -> Runs:
     """The runs every comparison shares: the float64 oracle and the float32 reference, plain
     (ref32) and teacher-forced (ref32_own), whose errors against the oracle set the floors."""
     import torch  # here: a Report is read without torch
 
     from .reference import reference_forward
 
-    oracle = reference_forward(model, dtype=torch.float64, trace=True).trace
+    oracle = reference_forward(model, dtype=torch.float64, trace=True).points
     return {
         "oracle": oracle,
-        "ref32": reference_forward(model, trace=True).trace,
-        "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).trace,
+        "ref32": reference_forward(model, trace=True).points,
+        "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle)).points,
     }
 
 
-def kernel_runs(model, native, kernels: str, oracle: dict[str, np.ndarray]) -> Runs:
+def kernel_runs(model: Model, native: NativeEngine, kernels: str, oracle: dict[str, np.ndarray]) -> Runs:
     """One kernel set's two traced runs: plain (cpp) and teacher-forced on the oracle (cpp_own)."""
     prepared = native.prepare(model, kernels)  # bound (and packed) once for both runs
-    return {"cpp": prepared.forward(trace=True).trace, "cpp_own": prepared.forward(teacher=teacher_from(oracle)).trace}
+    return {
+        "cpp": prepared.forward(trace=True).points,
+        "cpp_own": prepared.forward(teacher=teacher_from(oracle)).points,
+    }
 
 
-def floor_runs(model, native, baseline: str = "torch") -> Runs:
+def floor_runs(model: Model, native: NativeEngine, baseline: str = "torch") -> Runs:
     """reference_runs, with the floors from the readable C++ instead when baseline="readable"."""
     if baseline not in ("torch", "readable"):
         raise UsageError(f"baseline={baseline!r}: 'torch' or 'readable'")
@@ -55,7 +64,7 @@ def floor_runs(model, native, baseline: str = "torch") -> Runs:
     return runs
 
 
-def run_all(model, native, kernels: str | None = None, baseline: str = "torch") -> Runs:
+def run_all(model: Model, native: NativeEngine, kernels: str | None = None, baseline: str = "torch") -> Runs:
     """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
     sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
     cpp_own (the C++ with ``kernels``)."""

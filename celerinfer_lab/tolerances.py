@@ -51,12 +51,12 @@ class PointTolerance:
 _NUMBERS = ("factor", "min_floor", "abs_floor")
 
 
-def _check_number(where: str, value) -> None:
+def _check_number(where: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise UsageError(f"{where}={value!r}: must be a finite number > 0")
 
 
-def _override_fields(key, value) -> dict:
+def _override_fields(key: object, value: object) -> dict[str, object]:
     """An override as the PointTolerance fields it changes (a number is the factor)."""
     if not isinstance(key, str) or not key:
         raise UsageError(f"tolerance override key {key!r}: must be a trace point name or suffix")

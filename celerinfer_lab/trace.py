@@ -4,8 +4,9 @@ Both forwards (PyTorch reference and C++) record exactly these points, so the de
 them up by name. ``POINTS`` below is the one list: reference.py records through ``Point`` (its
 members), and the C++ forward through the generated ``cpp/include/celerinfer/trace_points.hpp``
 (``trace_points_header``; regenerate with ``python -m celerinfer_lab.cpp_tables``). To add a point:
-one row here, the op, and one ``tr(Point.x, ...)`` / ``trace_point(trace, l, Point::x, ...)`` call
-beside it on each side.
+one row here and its id as a ``Point`` member at the same place (``x = enum.auto()``; the module refuses
+to import when the two differ), the op, and one ``tr(Point.x, ...)`` / ``trace_point(trace, l, Point::x,
+...)`` call beside it on each side.
 
 Shapes are written once, as symbols (``SYMBOLS``): B (batch), S (new tokens), P (keys: cached +
 new), H (hidden_size), nh / kvh (query / kv heads), hd (head_dim), I (intermediate_size),
@@ -17,6 +18,7 @@ from __future__ import annotations
 import enum
 import textwrap
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -122,8 +124,57 @@ POINTS: tuple[PointSpec, ...] = (
     PointSpec("lm_head", "lm_head", ("B", "S", "V"), "logits", in_layer=False),
 )
 
-# The points as identifiers, in table order: Point.rope_q.value is its PointSpec.
-Point = enum.Enum("Point", {spec.id: spec for spec in POINTS})
+_ROWS_BY_ID = {spec.id: spec for spec in POINTS}
+
+
+class Point(enum.Enum):
+    """The points as identifiers, in table order: Point.rope_q.value is its PointSpec. The members are
+    spelled out (not built from POINTS) so that a type checker knows them; each takes its row by id,
+    and the check below refuses a module where the members and the rows differ."""
+
+    _value_: PointSpec
+
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list[Any]) -> PointSpec:
+        return _ROWS_BY_ID[name]
+
+    embed_tokens = enum.auto()
+    input_layernorm = enum.auto()
+    q_proj = enum.auto()
+    k_proj = enum.auto()
+    v_proj = enum.auto()
+    q_norm = enum.auto()
+    k_norm = enum.auto()
+    rope_q = enum.auto()
+    rope_k = enum.auto()
+    scores = enum.auto()
+    probs = enum.auto()
+    context = enum.auto()
+    o_proj = enum.auto()
+    attn_residual = enum.auto()
+    post_attention_layernorm = enum.auto()
+    router_probs = enum.auto()
+    topk_idx = enum.auto()
+    topk_weight = enum.auto()
+    routed_experts = enum.auto()
+    shared_expert = enum.auto()
+    gate_proj = enum.auto()
+    up_proj = enum.auto()
+    act = enum.auto()
+    down_proj = enum.auto()
+    block = enum.auto()
+    norm = enum.auto()
+    lm_head = enum.auto()
+
+
+def members_out_of_step(rows: tuple[PointSpec, ...], members: list[Point]) -> list[str]:
+    """How the Point members depart from the table rows: both must list the same ids in the same order."""
+    row_ids, member_ids = [row.id for row in rows], [member.name for member in members]
+    return [] if row_ids == member_ids else [f"POINTS lists {row_ids}", f"Point has {member_ids}"]
+
+
+if members_out_of_step(POINTS, list(Point)):
+    raise ImportError("trace.Point and trace.POINTS differ: " + "; ".join(members_out_of_step(POINTS, list(Point))))
 
 
 def point_name(point: Point, layer: int | None = None, index: int | None = None) -> str:
@@ -263,6 +314,18 @@ class ForwardResult:
 
     logits: np.ndarray  # [B, S, V]
     trace: dict[str, np.ndarray] | None  # trace point name -> output, in forward order
+
+    @property
+    def points(self) -> dict[str, np.ndarray]:
+        """The trace, of a forward that recorded one (trace=True or a teacher)."""
+        return recorded(self.trace)
+
+
+def recorded(trace: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A trace that a forward was asked to record; None (a forward without trace=True) is an error here."""
+    if trace is None:
+        raise ValueError("this forward recorded no trace: run it with trace=True (or a teacher)")
+    return trace
 
 
 def trace_names(config: ModelConfig, batch: int = 1, seq_len: int = 1) -> list[str]:

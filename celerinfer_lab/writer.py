@@ -35,7 +35,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, cast
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def _b64(nbytes: int) -> int:
 def file_sizes(config: ModelConfig, batch_size: int, seq_len: int, sidecar: bool) -> tuple[int, int]:
     """Upper estimates of the JSON's and the sidecar's sizes in bytes (0 for no sidecar)."""
     n, weights = tensor_count(config), config.num_parameters() * 4
-    rope = config.max_position_embeddings * cast(int, config.head_dim) * 4  # head_dim: set by __post_init__
+    rope = config.max_position_embeddings * config.head_dim * 4
     tokens = batch_size * seq_len
     json_bytes = 8192 + _b64(tokens * 4) + _b64(tokens) + 2 * (_b64(rope) + 1024)  # head, inputs, rope
     if sidecar:
@@ -212,7 +212,7 @@ class _Hashing:
 
 def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str) -> None:
     """Write encode_tensor's object straight to f, with no copy of the data besides its base64."""
-    arr = np.ascontiguousarray(array, dtype=cast(np.dtype, DTYPES[dtype]))  # DTYPES: typed dict[str, object]
+    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
     head = _dumps({"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64"})
     f.write(head[:-1].encode() + b',"data":"')
     f.write(base64.b64encode(arr.reshape(-1).view(np.uint8).data))  # .data: the array's bytes as a memoryview

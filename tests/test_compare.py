@@ -218,6 +218,10 @@ def test_pair_permutation_and_padded_key_patterns(native):
     assert report.culprit.name == "model.layers.0.self_attn.probs"
     assert "error only at padded key positions" in diagnose(report)
 
+    del report.meta["config"]  # diagnose reads the config build_report records: without it, a clear error
+    with pytest.raises(ValueError, match="has no config"):
+        diagnose(report)
+
 
 def test_precision_loss_is_not_a_scale_error(native):
     """Noise a few hundred times float32's is a precision loss (how many times the floor, whether it

@@ -120,3 +120,17 @@ def test_from_dict_reads_minimind2_and_minimind3_names():
 def test_round_trip_through_dict():
     cfg = preset("minimind2-moe", inference_rope_scaling=True)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_derived_sizes_are_ints_once_built_and_none_as_defaults():
+    """head_dim, intermediate_size and moe_intermediate_size: None given (or left out) means derived;
+    the built config holds ints, and the dataclass defaults stay None (the JSON round trip as before)."""
+    import dataclasses
+
+    derived = ("head_dim", "intermediate_size", "moe_intermediate_size")
+    config = ModelConfig(hidden_size=48, num_attention_heads=4, head_dim=None, intermediate_size=None)
+    assert (config.head_dim, config.intermediate_size, config.moe_intermediate_size) == (12, 192, 192)
+    assert {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in derived} == dict.fromkeys(derived)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig(head_dim=6).to_dict()["head_dim"] == 6
+    assert dataclasses.replace(config, head_dim=None).head_dim == 12  # replace re-derives a size set to None

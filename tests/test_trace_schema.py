@@ -66,6 +66,23 @@ def test_a_changed_table_makes_the_header_stale(monkeypatch):
     assert cpp_tables.stale_headers() == ["trace_points.hpp"]
 
 
+def test_point_members_are_the_table_rows():
+    """Point (spelled out for the type checker) lists POINTS' ids in order; a row without a member,
+    or two members in the other order, is reported."""
+    assert trace.members_out_of_step(trace.POINTS, list(trace.Point)) == []
+    extra = dataclasses.replace(trace.POINTS[0], id="new_point")
+    assert trace.members_out_of_step((*trace.POINTS, extra), list(trace.Point))
+    swapped = [trace.Point.q_proj, trace.Point.embed_tokens, *list(trace.Point)[2:]]
+    assert trace.members_out_of_step(trace.POINTS, swapped)
+
+
+def test_a_forward_without_trace_has_no_points():
+    """ForwardResult.points: the trace of a traced forward; asking an untraced one is a clear error."""
+    assert list(trace.ForwardResult(np.zeros(1), {"lm_head": np.zeros(1)}).points) == ["lm_head"]
+    with pytest.raises(ValueError, match="recorded no trace"):
+        trace.ForwardResult(np.zeros(1), None).points
+
+
 def test_main_writes_every_generated_header(tmp_path):
     (tmp_path / "include" / "celerinfer").mkdir(parents=True)
     assert cpp_tables.stale_headers(tmp_path) == list(cpp_tables.GENERATED)

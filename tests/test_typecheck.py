@@ -30,9 +30,9 @@ def test_mypy_finds_nothing():
 PLANTED = {
     # the basics: an Optional used as if it could not be None
     "writer.py": "def _planted_optional(size: int | None) -> int:\n    return size * 2\n",
-    # disallow_untyped_defs, in a module whose annotations are complete
+    # disallow_untyped_defs, in an existing module
     "cli.py": "def _planted_untyped(args):\n    return args\n",
-    # check_untyped_defs: the body of an unannotated function, in a module with no override
+    # check_untyped_defs: the body of an unannotated function is checked; and a new module must be annotated too
     "_planted.py": "def planted_body():\n    return len(1)\n",
 }
 
@@ -50,6 +50,7 @@ def test_mypy_catches_planted_errors(tmp_path):
     assert 'Unsupported operand types for * ("None" and "int")' in out, out
     assert "celerinfer_lab/cli.py" in out and "Function is missing a type annotation" in out, out
     assert "celerinfer_lab/_planted.py" in out and 'Argument 1 to "len" has incompatible type "int"' in out, out
+    assert "celerinfer_lab/_planted.py:3: error: Function is missing a return type annotation" in out, out
 
 
 # ---- the lazy names: what mypy sees is what __getattr__ returns ----------------------------------
