@@ -137,13 +137,17 @@ def _check_model(model: Model, where: str, allow_nonfinite: bool = False) -> Non
             )
 
 
-def input_problem(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> str | None:
-    """What is wrong with token ids and attention mask [B, S], or None: the one check of inputs,
-    for a model file (check_input_values) and for arrays given to the C++ (NativeModel.check_inputs);
+def input_problem(ids: np.ndarray, mask: np.ndarray, vocab_size: int, past: int = 0) -> str | None:
+    """What is wrong with token ids [B, S] and attention mask [B, past + S] (``past``: tokens already
+    in a KV cache), or None: the one check of inputs, for a model file (check_input_values), for
+    arrays given to the C++ (NativeModel.check_inputs) and to the reference (ReferenceModel.forward);
     each caller raises it as its own error."""
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         return f"input_ids has shape {list(ids.shape)}, expected [batch >= 1, seq_len >= 1]"  # as the C++ reader says
-    if mask.shape != ids.shape:
+    expected = (ids.shape[0], past + ids.shape[1])
+    if mask.shape != expected:
+        if past:
+            return f"attention_mask has shape {list(mask.shape)}, expected [batch, past + new] = {list(expected)}"
         return f"attention_mask has shape {list(mask.shape)}, input_ids has {list(ids.shape)}"
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if len(bad):

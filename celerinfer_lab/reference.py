@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .modelfile import Model
+from .errors import UsageError
+from .modelfile import Model, input_problem
 from .trace import ForwardResult, Point, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
 # Token ids or a mask [B, S] as a caller gives them: a torch tensor, a numpy array or nested lists.
@@ -191,11 +192,6 @@ class ReferenceModel:
         cfg, w, tr = self.config, self.w, _Tracer(trace, forced)
         start = cache.length if cache is not None else 0
         self.config.validate(seq_len=start + ids.shape[1])
-        if mask.shape != (ids.shape[0], start + ids.shape[1]):
-            raise ValueError(
-                f"attention_mask has shape {list(mask.shape)}, expected [batch, past + new] = "
-                f"{[ids.shape[0], start + ids.shape[1]]}"
-            )
         h = tr(Point.embed_tokens, F.embedding(ids, w["model.embed_tokens.weight"]))
         cos, sin = self.rope_cos[start : start + ids.shape[1]], self.rope_sin[start : start + ids.shape[1]]
         for i in range(cfg.num_hidden_layers):
@@ -220,28 +216,20 @@ class ReferenceModel:
     def _inputs(
         self, input_ids: Tokens | None, attention_mask: Tokens | None, past: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [B, S] and mask [B, past + S] as int64 tensors (default: the file's inputs), checked."""
-        if input_ids is None:
-            ids = self.input_ids
+        """ids [B, S] and mask [B, past + S] as int64 tensors (default: the file's inputs), checked by
+        modelfile.input_problem, the rule the C++ side and the model file follow too."""
+        ids = self.input_ids if input_ids is None else _as_int64(input_ids, "input_ids")
+        if attention_mask is not None:
+            mask = _as_int64(attention_mask, "attention_mask", integer=False)
+        elif input_ids is None:
+            mask = self.attention_mask
+        else:  # ids without a mask: every position is real
             mask = (
-                self.attention_mask
-                if attention_mask is None
-                else _as_int64(attention_mask, "attention_mask", integer=False)
-            )
-        else:
-            ids = _as_int64(input_ids, "input_ids")
-            if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-                raise ValueError(f"input_ids must have shape [batch, seq_len], got {list(ids.shape)}")
-            if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-                raise ValueError(
-                    f"input_ids hold {int(ids.min())}..{int(ids.max())}, outside the vocabulary "
-                    f"[0, {self.config.vocab_size})"
-                )
-            mask = (
-                torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.int64)
-                if attention_mask is None
-                else _as_int64(attention_mask, "attention_mask", integer=False)
-            )
+                torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.int64) if ids.ndim == 2 else ids[:0]
+            )  # bad ids: reported first
+        problem = input_problem(ids.numpy(), mask.numpy(), self.config.vocab_size, past)
+        if problem:
+            raise UsageError(problem)
         return ids, mask
 
     def _attention(
