@@ -7,7 +7,10 @@
 //
 // The core, parse_model_file(), reads bytes (the JSON text and a sidecar provider) so a fuzz
 // target drives it without files; load_model_file(path, options) is the file wrapper (the sidecar
-// memory-mapped, no copy).
+// memory-mapped, no copy). parse_model_file is the six steps, one function each, defined below in
+// that order: 1 parse_json_text, 2 check_layout (+ check_original_layout), 3 read_model_config
+// (model_file_config.hpp), 4 check_tensor_table (after open_sidecar and check_file_room; each
+// tensor object: check_tensor in model_file_tensor.hpp), 5 check_sidecar, 6 read_values.
 #pragma once
 #include <algorithm>
 #include <array>
@@ -470,6 +473,19 @@ inline json parse_sidecar_header(const SidecarBytes& bytes, uint64_t n, const st
     return header;
 }
 
+// An entry's shape, into `out`; returns the bytes it needs in F32 (UINT64_MAX when past 2^64).
+inline uint64_t read_sidecar_shape(const json& shape, std::vector<int64_t>& out, const std::string& tw) {
+    if (!shape.is_array()) refuse(tw, "shape must be a list of non-negative integers");
+    uint64_t bytes_needed = 4;
+    for (const json& d : shape) {
+        int64_t x = 0;
+        if (as_int(d, x) != IntKind::Ok || x < 0) refuse(tw, "shape must be a list of non-negative integers");
+        out.push_back(x);
+        if (__builtin_mul_overflow(bytes_needed, uint64_t(x), &bytes_needed)) bytes_needed = UINT64_MAX;
+    }
+    return bytes_needed;
+}
+
 // One header entry: {"dtype": "F32", "shape": [...], "data_offsets": [start, end]} (more keys are
 // ignored, as the safetensors package does), its bytes those of its shape, inside the data section.
 inline SidecarEntry read_sidecar_entry(const std::string& name, const json& info, uint64_t data_size,
@@ -481,14 +497,7 @@ inline SidecarEntry read_sidecar_entry(const std::string& name, const json& info
         refuse(tw, "has dtype ", short_repr(*dtype), "; readable: 'F32'");
     SidecarEntry e;
     e.name = name;
-    if (!shape->is_array()) refuse(tw, "shape must be a list of non-negative integers");
-    uint64_t bytes_needed = 4;
-    for (const json& d : *shape) {
-        int64_t x = 0;
-        if (as_int(d, x) != IntKind::Ok || x < 0) refuse(tw, "shape must be a list of non-negative integers");
-        e.shape.push_back(x);
-        if (__builtin_mul_overflow(bytes_needed, uint64_t(x), &bytes_needed)) bytes_needed = UINT64_MAX;
-    }
+    const uint64_t bytes_needed = read_sidecar_shape(*shape, e.shape, tw);
     int64_t start = 0, end = 0;
     if (!offsets->is_array() || offsets->size() != 2 || as_int((*offsets)[0], start) != IntKind::Ok ||
         as_int((*offsets)[1], end) != IntKind::Ok || start < 0 || end < start)
