@@ -75,17 +75,12 @@ static int check_files(const std::vector<std::string>& files, const ci::LoadOpti
     return status;
 }
 
-// Every member of ci::Config, under its C++ name (the enum as its integer value).
-static int print_config(const std::string& file) {
+// Runs `body` and returns its exit code; a refused model file: 2, any other failure: 1, the message
+// on stderr.
+template <typename Body>
+static int reporting_errors(Body&& body) {
     try {
-        const ci::Config c = ci::load_model_file(file, ci::LoadOptions{}).model->config;
-        std::printf("hidden=%d\nlayers=%d\nheads=%d\nkv_heads=%d\nhead_dim=%d\nvocab=%d\n", c.hidden, c.layers,
-                    c.heads, c.kv_heads, c.head_dim, c.vocab);
-        std::printf("intermediate=%d\nmax_pos=%d\neps=%.9g\nqk_norm=%d\nrope_interleaved=%d\ntied=%d\n",
-                    c.intermediate, c.max_pos, double(c.eps), int(c.qk_norm), int(c.rope_interleaved), int(c.tied));
-        std::printf("moe=%d\nexperts=%d\ntopk=%d\nshared_experts=%d\nmoe_intermediate=%d\ntopk_renorm=%d\n", int(c.moe),
-                    c.experts, c.topk, c.shared_experts, c.moe_intermediate, int(c.topk_renorm));
-        return std::fflush(stdout) == 0 ? 0 : 1;
+        return body();
     } catch (const ci::ModelFileError& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 2;
@@ -95,69 +90,112 @@ static int print_config(const std::string& file) {
     }
 }
 
-int main(int argc, char** argv) {
-    if (argc == 3 && std::strcmp(argv[1], "--print-config") == 0) return print_config(argv[2]);
+// Every member of ci::Config, under its C++ name (the enum as its integer value).
+static int print_config(const std::string& file) {
+    const ci::Config c = ci::load_model_file(file, ci::LoadOptions{}).model->config;
+    std::printf("hidden=%d\nlayers=%d\nheads=%d\nkv_heads=%d\nhead_dim=%d\nvocab=%d\n", c.hidden, c.layers, c.heads,
+                c.kv_heads, c.head_dim, c.vocab);
+    std::printf("intermediate=%d\nmax_pos=%d\neps=%.9g\nqk_norm=%d\nrope_interleaved=%d\ntied=%d\n", c.intermediate,
+                c.max_pos, double(c.eps), int(c.qk_norm), int(c.rope_interleaved), int(c.tied));
+    std::printf("moe=%d\nexperts=%d\ntopk=%d\nshared_experts=%d\nmoe_intermediate=%d\ntopk_renorm=%d\n", int(c.moe),
+                c.experts, c.topk, c.shared_experts, c.moe_intermediate, int(c.topk_renorm));
+    return std::fflush(stdout) == 0 ? 0 : 1;
+}
+
+// The command line: --allow-nonfinite and --check before the files; `usage` when it is not one of
+// the three forms.
+struct Args {
     ci::LoadOptions options;
     bool check = false;
-    std::vector<std::string> args;
+    bool usage = false;
+    std::vector<std::string> files;  // --check: the files; else model.json and out_dir
+};
+
+static Args parse_args(int argc, char** argv) {
+    Args out;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
-        if (!check && a == "--allow-nonfinite") options.allow_nonfinite = true;
-        else if (!check && a == "--check") check = true;
-        else if (!check && a.size() > 1 && a[0] == '-' && a[1] == '-') return usage(argv[0]);
-        else args.push_back(a);
-    }
-    if (check) {
-        if (args.empty()) return usage(argv[0]);
-        return check_files(args, options);
-    }
-    if (args.size() != 2) return usage(argv[0]);
-    const std::string model_path = args[0], out_dir = args[1];
-    try {
-        auto start = Clock::now();
-        ci::LoadedModel loaded = ci::load_model_file(model_path, options);
-        const double load_ms = ms_since(start);
-        const ci::Config& c = loaded.model->config;
-        const char* kernels_env = std::getenv("KERNELS");
-        const std::string kernels = kernels_env && *kernels_env ? kernels_env : "fast";
-        if (env_int("THREADS", 0) > 0) ci::set_num_threads(env_int("THREADS", 0));
-        start = Clock::now();
-        const std::unique_ptr<ci::KernelSet> set = ci::make_kernels(kernels, loaded.model.get());
-        const double pack_ms = ms_since(start);
-        ci::Workspace ws(c, loaded.batch, loaded.seq_len);
-        std::vector<float> logits(size_t(loaded.batch) * loaded.seq_len * c.vocab);
-        auto run = [&] {
-            ci::run_forward(*set, *loaded.model, loaded.input_ids.data(), loaded.attention_mask.data(), loaded.seq_len,
-                            0, ws, logits.data(), nullptr);
-        };
-        for (int i = 0, n = env_int("WARMUP", 1); i < n; ++i) run();
-        std::vector<double> times;
-        for (int i = 0, n = std::max(1, env_int("REPEAT", 10)); i < n; ++i) {
-            start = Clock::now();
-            run();
-            times.push_back(ms_since(start));
+        if (!out.check && a == "--allow-nonfinite") out.options.allow_nonfinite = true;
+        else if (!out.check && a == "--check") out.check = true;
+        else if (!out.check && a.size() > 1 && a[0] == '-' && a[1] == '-') {
+            out.usage = true;
+            return out;
+        } else {
+            out.files.push_back(a);
         }
-        std::sort(times.begin(), times.end());
-        const double median = times[times.size() / 2];
-        float lo = logits[0], hi = logits[0];
-        double sum = 0;
-        for (float v : logits) { lo = std::min(lo, v); hi = std::max(hi, v); sum += v; }
-        std::filesystem::create_directories(out_dir);
-        const std::string out = out_dir + "/logits_cpp.npy";
-        ci::write_npy(out, logits.data(), {loaded.batch, loaded.seq_len, c.vocab});
-        std::printf("model: %s (batch %d x seq %d)\n", model_path.c_str(), loaded.batch, loaded.seq_len);
-        std::printf("load: %.3f ms\n", load_ms);
-        std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
-        std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", median, times.front(), times.back(), times.size());
-        std::printf("logits: shape [%d, %d, %d] min %.6f max %.6f mean %.6f\n", loaded.batch, loaded.seq_len, c.vocab,
-                    lo, hi, sum / double(logits.size()));
-        std::printf("saved %s\n", out.c_str());
-        return std::fflush(stdout) == 0 ? 0 : 1;
-    } catch (const ci::ModelFileError& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
-        return 2;
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "error: %s\n", e.what());
-        return 1;
     }
+    out.usage = out.check ? out.files.empty() : out.files.size() != 2;
+    return out;
+}
+
+// WARMUP untimed runs, then REPEAT (at least 1) timed ones; their times in ms, sorted.
+template <typename Run>
+static std::vector<double> time_runs(Run&& run) {
+    for (int i = 0, n = env_int("WARMUP", 1); i < n; ++i) run();
+    std::vector<double> times;
+    for (int i = 0, n = std::max(1, env_int("REPEAT", 10)); i < n; ++i) {
+        const auto start = Clock::now();
+        run();
+        times.push_back(ms_since(start));
+    }
+    std::sort(times.begin(), times.end());
+    return times;
+}
+
+struct Summary {
+    float lo, hi;
+    double mean;
+};
+
+static Summary summarize(const std::vector<float>& logits) {
+    Summary s{logits[0], logits[0], 0};
+    for (float v : logits) {
+        s.lo = std::min(s.lo, v);
+        s.hi = std::max(s.hi, v);
+        s.mean += v;
+    }
+    s.mean /= double(logits.size());
+    return s;
+}
+
+// The normal mode: load, prepare the kernel set, time the forwards, write the logits, print the report.
+static int run_model(const std::string& model_path, const std::string& out_dir, const ci::LoadOptions& options) {
+    auto start = Clock::now();
+    ci::LoadedModel loaded = ci::load_model_file(model_path, options);
+    const double load_ms = ms_since(start);
+    const ci::Config& c = loaded.model->config;
+    const char* kernels_env = std::getenv("KERNELS");
+    const std::string kernels = kernels_env && *kernels_env ? kernels_env : "fast";
+    if (env_int("THREADS", 0) > 0) ci::set_num_threads(env_int("THREADS", 0));
+    start = Clock::now();
+    const std::unique_ptr<ci::KernelSet> set = ci::make_kernels(kernels, loaded.model.get());
+    const double pack_ms = ms_since(start);
+    ci::Workspace ws(c, loaded.batch, loaded.seq_len);
+    std::vector<float> logits(size_t(loaded.batch) * loaded.seq_len * c.vocab);
+    const std::vector<double> times = time_runs([&] {
+        ci::run_forward(*set, *loaded.model, loaded.input_ids.data(), loaded.attention_mask.data(), loaded.seq_len, 0,
+                        ws, logits.data(), nullptr);
+    });
+    const Summary sum = summarize(logits);
+    std::filesystem::create_directories(out_dir);
+    const std::string out = out_dir + "/logits_cpp.npy";
+    ci::write_npy(out, logits.data(), {loaded.batch, loaded.seq_len, c.vocab});
+    std::printf("model: %s (batch %d x seq %d)\n", model_path.c_str(), loaded.batch, loaded.seq_len);
+    std::printf("load: %.3f ms\n", load_ms);
+    std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
+    std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", times[times.size() / 2], times.front(),
+                times.back(), times.size());
+    std::printf("logits: shape [%d, %d, %d] min %.6f max %.6f mean %.6f\n", loaded.batch, loaded.seq_len, c.vocab,
+                sum.lo, sum.hi, sum.mean);
+    std::printf("saved %s\n", out.c_str());
+    return std::fflush(stdout) == 0 ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+    if (argc == 3 && std::strcmp(argv[1], "--print-config") == 0)
+        return reporting_errors([&] { return print_config(argv[2]); });
+    const Args args = parse_args(argc, argv);
+    if (args.usage) return usage(argv[0]);
+    if (args.check) return check_files(args.files, args.options);
+    return reporting_errors([&] { return run_model(args.files[0], args.files[1], args.options); });
 }

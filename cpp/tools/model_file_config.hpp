@@ -179,113 +179,174 @@ inline int64_t intermediate_size_for(int64_t hidden, size_t sizing_rule) {
     return 64 * int64_t(std::ceil(double(hidden) * 3.14159265358979323846 / 64.0));
 }
 
-// Read and validate a config object. head_dim_fallback: the original layout's meta.head_dim, used
-// when the config has no head_dim key. tie_override: the original layout's inferred tie, used
-// when the config has no tie_word_embeddings key.
+namespace model_file_detail {
+
+// from_dict: MiniMind2's names for the MoE fields (n_routed_experts for num_experts, norm_topk_prob).
+struct MoeNames {
+    const json* experts = nullptr;   // num_experts, else n_routed_experts
+    const json* n_routed = nullptr;  // n_routed_experts
+    const json* norm_topk = nullptr;  // norm_topk_prob, a boolean
+};
+
+inline MoeNames read_moe_names(const ConfigReader& r) {
+    MoeNames m;
+    m.n_routed = find(r.raw(), "n_routed_experts");
+    m.experts = find(r.raw(), "num_experts");
+    if (!m.experts) m.experts = m.n_routed;
+    m.norm_topk = find(r.raw(), "norm_topk_prob");
+    if (m.norm_topk && !m.norm_topk->is_boolean()) r.bad("norm_topk_prob=", short_repr(*m.norm_topk), ": must be true or false");
+    return m;
+}
+
+// __post_init__: what the derived sizes are derived from (a null value counts as absent).
+struct DimSources {
+    int64_t hidden = 0, heads = 0;
+    const json* head_dim = nullptr;          // else hidden_size / num_attention_heads
+    const json* intermediate = nullptr;      // else intermediate_size_for(hidden, sizing)
+    size_t sizing = 0;                       // sizing_rule
+    const json* moe_intermediate = nullptr;  // else intermediate_size
+};
+
+inline const json* unless_null(const json* v) { return v && v->is_null() ? nullptr : v; }
+
+inline DimSources read_dim_sources(const ConfigReader& r, const json* head_dim_fallback) {
+    static const char* const kSizing[] = {"minimind2", "minimind3"};
+    DimSources d;
+    d.hidden = r.size("hidden_size", 64, 1, MAX_HIDDEN_SIZE);
+    d.heads = r.size("num_attention_heads", 8, 1, MAX_HEADS);
+    const json* head_dim = find(r.raw(), "head_dim");
+    d.head_dim = unless_null(head_dim ? head_dim : head_dim_fallback);
+    if (!d.head_dim && d.hidden % d.heads)
+        r.bad("hidden_size=", d.hidden, " is not divisible by num_attention_heads=", d.heads,
+              ": head_dim cannot be derived (set head_dim explicitly)");
+    d.intermediate = unless_null(find(r.raw(), "intermediate_size"));
+    d.sizing = r.choice("sizing_rule", kSizing, 1);
+    d.moe_intermediate = unless_null(find(r.raw(), "moe_intermediate_size"));
+    return d;
+}
+
+// validate: the sizes, given or derived, each within its limit.
+inline void read_sizes(const ConfigReader& r, const DimSources& d, Config& c) {
+    c.hidden = int(d.hidden);
+    c.layers = int(r.size("num_hidden_layers", 2, 1, MAX_LAYERS));
+    c.heads = int(d.heads);
+    c.kv_heads = int(r.size("num_key_value_heads", 2, 1, MAX_HEADS));
+    c.vocab = int(r.size("vocab_size", 128, 1, MAX_VOCAB));
+    c.max_pos = int(r.size("max_position_embeddings", 128, 1, MAX_POSITIONS));
+    const int64_t head_dim = d.head_dim ? r.size("head_dim", d.head_dim, 0, 1, MAX_HEAD_DIM) : d.hidden / d.heads;
+    r.check_limit("head_dim", head_dim, MAX_HEAD_DIM);
+    c.head_dim = int(head_dim);
+    const int64_t inter = d.intermediate ? r.size("intermediate_size", d.intermediate, 0, 1, MAX_INTERMEDIATE)
+                                         : intermediate_size_for(d.hidden, d.sizing);
+    r.check_limit("intermediate_size", inter, MAX_INTERMEDIATE);
+    c.intermediate = int(inter);
+}
+
+// The flags; returns inference_rope_scaling (it decides whether rope_scaling is read).
+inline bool read_flags(const ConfigReader& r, std::optional<bool> tie_override, Config& c) {
+    c.tied = tie_override && !find(r.raw(), "tie_word_embeddings") ? *tie_override : r.flag("tie_word_embeddings", true);
+    c.qk_norm = r.flag("qk_norm", false);
+    c.moe = r.flag("use_moe", false);
+    return r.flag("inference_rope_scaling", false);
+}
+
+inline void check_head_layout(const ConfigReader& r, const Config& c) {
+    if (c.heads % c.kv_heads)
+        r.bad("num_attention_heads=", c.heads, " is not a multiple of num_key_value_heads=", c.kv_heads,
+              " (grouped-query attention needs an equal number of query heads per kv head)");
+    if (c.head_dim % 2) r.bad("head_dim=", c.head_dim, ": RoPE rotates pairs of dimensions, head_dim must be even");
+}
+
+// rms_norm_eps > 0, rope_theta > 1, the RoPE pairing, and the one activation the forwards compute.
+inline void read_norm_rope_act(const ConfigReader& r, Config& c) {
+    static const char* const kPairing[] = {"half", "interleaved"};
+    static const char* const kAct[] = {"silu"};
+    const double eps = r.number("rms_norm_eps", 1e-5);
+    if (!(eps > 0)) r.bad("rms_norm_eps=", short_repr(r.raw()["rms_norm_eps"]), ": must be a number > 0");
+    c.eps = float(eps);
+    const double theta = r.number("rope_theta", 1e6);
+    if (!(theta > 1)) r.bad("rope_theta=", short_repr(r.raw()["rope_theta"]), ": must be a number > 1");
+    c.rope_interleaved = r.choice("rope_pairing", kPairing, 0) == 1;
+    r.choice("hidden_act", kAct, 0);
+}
+
+// _validate_yarn: rope_scaling absent, null, or a dict of known YaRN keys with positive sizes.
+inline void check_rope_scaling(const ConfigReader& r) {
+    const json* s = find(r.raw(), "rope_scaling");
+    if (!s || s->is_null()) return;
+    if (!s->is_object()) r.bad("rope_scaling=", short_repr(*s), ": must be a dict of YaRN parameters");
+    static const char* const kKnown[] = {"beta_fast", "beta_slow", "factor", "original_max_position_embeddings",
+                                         "attention_factor", "type"};
+    for (auto it = s->begin(); it != s->end(); ++it) {
+        bool known = false;
+        for (const char* k : kKnown) known = known || it.key() == k;
+        if (!known) r.bad("rope_scaling has unknown key '", strict_json_detail::printable(it.key()), "'");
+    }
+    const json* type = find(*s, "type");
+    if (type && !(type->is_string() && type->get_ref<const std::string&>() == "yarn"))
+        r.bad("rope_scaling.type=", short_repr(*type), ": only 'yarn' is supported");
+    for (const char* key : {"factor", "original_max_position_embeddings"}) {
+        const json* v = find(*s, key);
+        if (v && !(v->is_number() && v->get<double>() > 0))
+            r.bad("rope_scaling.", key, "=", short_repr(*v), ": must be a number > 0");
+    }
+}
+
+// num_experts_per_tok: an integer in [1, num_experts]; absent: 1.
+inline int64_t read_topk(const ConfigReader& r, int64_t experts) {
+    int64_t topk = 1;
+    const json* v = find(r.raw(), "num_experts_per_tok");
+    if (!v) return topk;
+    const IntKind kind = as_int(*v, topk);
+    if (kind == IntKind::NotInt || (kind == IntKind::Ok && topk < 1))
+        r.bad("num_experts_per_tok=", short_repr(*v), ": must be an integer >= 1");
+    if (kind == IntKind::TooLarge || topk > experts)
+        r.bad("num_experts_per_tok=", short_repr(*v), " is above num_experts=", experts,
+              " (top-k cannot pick more experts than exist)");
+    return topk;
+}
+
+// topk_renorm when given; else MiniMind2's norm_topk_prob (false: never; true: k>1 with
+// n_routed_experts, always without); else always.
+inline TopkRenorm read_topk_renorm(const ConfigReader& r, const MoeNames& m) {
+    static const char* const kRenorm[] = {"always", "k>1", "never"};
+    size_t renorm = 0;  // always
+    if (find(r.raw(), "topk_renorm")) renorm = r.choice("topk_renorm", kRenorm, 0);
+    else if (m.norm_topk) renorm = !m.norm_topk->get<bool>() ? 2 : m.n_routed ? 1 : 0;
+    return renorm == 0 ? TopkRenorm::Always : renorm == 1 ? TopkRenorm::WhenKAbove1 : TopkRenorm::Never;
+}
+
+// _validate_moe (only read when use_moe is true).
+inline void read_moe(const ConfigReader& r, const MoeNames& m, const DimSources& d, Config& c) {
+    const int64_t experts = r.size("num_experts", m.experts, 4, 1, MAX_EXPERTS);
+    c.topk = int(read_topk(r, experts));
+    c.experts = int(experts);
+    c.shared_experts = int(r.size("n_shared_experts", 0, 0, MAX_SHARED_EXPERTS));
+    c.moe_intermediate = d.moe_intermediate ? int(r.size("moe_intermediate_size", d.moe_intermediate, 0, 1, MAX_INTERMEDIATE))
+                                            : c.intermediate;
+    c.topk_renorm = read_topk_renorm(r, m);
+}
+
+}  // namespace model_file_detail
+
+// Read and validate a config object, in ModelConfig's order: from_dict, __post_init__, validate.
+// head_dim_fallback: the original layout's meta.head_dim, used when the config has no head_dim key.
+// tie_override: the original layout's inferred tie, used when the config has no
+// tie_word_embeddings key.
 inline Config read_model_config(const json& cfg, const std::string& where, const json* head_dim_fallback,
                                 std::optional<bool> tie_override) {
     using namespace model_file_detail;
     if (!cfg.is_object()) refuse(where, "config: must be a JSON object, got ", type_name(cfg));
     const ConfigReader r(cfg, where);
-    static const char* const kSizing[] = {"minimind2", "minimind3"};
-    static const char* const kPairing[] = {"half", "interleaved"};
-    static const char* const kRenorm[] = {"always", "k>1", "never"};
-    static const char* const kAct[] = {"silu"};
-
-    // from_dict: MiniMind2's names for the MoE fields.
-    const json* n_routed = find(cfg, "n_routed_experts");
-    const json* experts_v = find(cfg, "num_experts");
-    if (!experts_v) experts_v = n_routed;
-    const json* norm_topk = find(cfg, "norm_topk_prob");
-    if (norm_topk && !norm_topk->is_boolean()) r.bad("norm_topk_prob=", short_repr(*norm_topk), ": must be true or false");
-
-    // __post_init__: the defaults derived from hidden_size and num_attention_heads.
-    const int64_t hidden = r.size("hidden_size", 64, 1, MAX_HIDDEN_SIZE);
-    const int64_t heads = r.size("num_attention_heads", 8, 1, MAX_HEADS);
-    const json* head_dim_v = find(cfg, "head_dim");
-    if (!head_dim_v) head_dim_v = head_dim_fallback;
-    if (head_dim_v && head_dim_v->is_null()) head_dim_v = nullptr;
-    if (!head_dim_v && hidden % heads)
-        r.bad("hidden_size=", hidden, " is not divisible by num_attention_heads=", heads,
-              ": head_dim cannot be derived (set head_dim explicitly)");
-    const json* inter_v = find(cfg, "intermediate_size");
-    if (inter_v && inter_v->is_null()) inter_v = nullptr;
-    const size_t sizing = r.choice("sizing_rule", kSizing, 1);
-    const json* moe_inter_v = find(cfg, "moe_intermediate_size");
-    if (moe_inter_v && moe_inter_v->is_null()) moe_inter_v = nullptr;
-
-    // validate
+    const MoeNames moe_names = read_moe_names(r);
+    const DimSources dims = read_dim_sources(r, head_dim_fallback);
     Config c;
-    c.hidden = int(hidden);
-    c.layers = int(r.size("num_hidden_layers", 2, 1, MAX_LAYERS));
-    c.heads = int(heads);
-    c.kv_heads = int(r.size("num_key_value_heads", 2, 1, MAX_HEADS));
-    c.vocab = int(r.size("vocab_size", 128, 1, MAX_VOCAB));
-    c.max_pos = int(r.size("max_position_embeddings", 128, 1, MAX_POSITIONS));
-    const int64_t head_dim = head_dim_v ? r.size("head_dim", head_dim_v, 0, 1, MAX_HEAD_DIM) : hidden / heads;
-    r.check_limit("head_dim", head_dim, MAX_HEAD_DIM);
-    c.head_dim = int(head_dim);
-    const int64_t inter =
-        inter_v ? r.size("intermediate_size", inter_v, 0, 1, MAX_INTERMEDIATE) : intermediate_size_for(hidden, sizing);
-    r.check_limit("intermediate_size", inter, MAX_INTERMEDIATE);
-    c.intermediate = int(inter);
-    c.tied = tie_override && !find(cfg, "tie_word_embeddings") ? *tie_override : r.flag("tie_word_embeddings", true);
-    c.qk_norm = r.flag("qk_norm", false);
-    c.moe = r.flag("use_moe", false);
-    const bool scaling = r.flag("inference_rope_scaling", false);
-    if (c.heads % c.kv_heads)
-        r.bad("num_attention_heads=", c.heads, " is not a multiple of num_key_value_heads=", c.kv_heads,
-              " (grouped-query attention needs an equal number of query heads per kv head)");
-    if (c.head_dim % 2) r.bad("head_dim=", c.head_dim, ": RoPE rotates pairs of dimensions, head_dim must be even");
-    const double eps = r.number("rms_norm_eps", 1e-5);
-    if (!(eps > 0)) r.bad("rms_norm_eps=", short_repr(cfg["rms_norm_eps"]), ": must be a number > 0");
-    c.eps = float(eps);
-    const double theta = r.number("rope_theta", 1e6);
-    if (!(theta > 1)) r.bad("rope_theta=", short_repr(cfg["rope_theta"]), ": must be a number > 1");
-    c.rope_interleaved = r.choice("rope_pairing", kPairing, 0) == 1;
-    r.choice("hidden_act", kAct, 0);
-    if (scaling) {  // _validate_yarn
-        const json* s = find(cfg, "rope_scaling");
-        if (s && !s->is_null()) {
-            if (!s->is_object()) r.bad("rope_scaling=", short_repr(*s), ": must be a dict of YaRN parameters");
-            static const char* const kKnown[] = {"beta_fast", "beta_slow", "factor", "original_max_position_embeddings",
-                                                 "attention_factor", "type"};
-            for (auto it = s->begin(); it != s->end(); ++it) {
-                bool known = false;
-                for (const char* k : kKnown) known = known || it.key() == k;
-                if (!known) r.bad("rope_scaling has unknown key '", strict_json_detail::printable(it.key()), "'");
-            }
-            const json* type = find(*s, "type");
-            if (type && !(type->is_string() && type->get_ref<const std::string&>() == "yarn"))
-                r.bad("rope_scaling.type=", short_repr(*type), ": only 'yarn' is supported");
-            for (const char* key : {"factor", "original_max_position_embeddings"}) {
-                const json* v = find(*s, key);
-                if (v && !(v->is_number() && v->get<double>() > 0))
-                    r.bad("rope_scaling.", key, "=", short_repr(*v), ": must be a number > 0");
-            }
-        }
-    }
-    if (c.moe) {  // _validate_moe
-        const int64_t experts = r.size("num_experts", experts_v, 4, 1, MAX_EXPERTS);
-        int64_t topk = 1;
-        if (const json* v = find(cfg, "num_experts_per_tok")) {
-            const IntKind kind = as_int(*v, topk);
-            if (kind == IntKind::NotInt || (kind == IntKind::Ok && topk < 1))
-                r.bad("num_experts_per_tok=", short_repr(*v), ": must be an integer >= 1");
-            if (kind == IntKind::TooLarge || topk > experts)
-                r.bad("num_experts_per_tok=", short_repr(*v), " is above num_experts=", experts,
-                      " (top-k cannot pick more experts than exist)");
-        }
-        c.experts = int(experts);
-        c.topk = int(topk);
-        c.shared_experts = int(r.size("n_shared_experts", 0, 0, MAX_SHARED_EXPERTS));
-        c.moe_intermediate = moe_inter_v ? int(r.size("moe_intermediate_size", moe_inter_v, 0, 1, MAX_INTERMEDIATE))
-                                         : c.intermediate;
-        size_t renorm = 0;  // always
-        if (find(cfg, "topk_renorm")) renorm = r.choice("topk_renorm", kRenorm, 0);
-        else if (norm_topk) renorm = !norm_topk->get<bool>() ? 2 : n_routed ? 1 : 0;
-        c.topk_renorm = renorm == 0 ? TopkRenorm::Always : renorm == 1 ? TopkRenorm::WhenKAbove1 : TopkRenorm::Never;
-    }
+    read_sizes(r, dims, c);
+    const bool scaling = read_flags(r, tie_override, c);
+    check_head_layout(r, c);
+    read_norm_rope_act(r, c);
+    if (scaling) check_rope_scaling(r);
+    if (c.moe) read_moe(r, moe_names, dims, c);
     return c;
 }
 

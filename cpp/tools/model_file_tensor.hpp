@@ -111,61 +111,58 @@ inline float half_to_float(uint16_t h) {
     return out;
 }
 
-// The layout of one tensor object (step 4). `expected`: the shape the config implies (or, with
-// `other`, the shape of the tensor named `other`). No value is decoded.
-inline TensorRef check_tensor(const json& obj, const std::string& where, const std::vector<int64_t>* expected,
-                              TensorKind kind, bool sidecar_ok, const char* other = nullptr) {
-    TensorRef t;
-    if (!obj.is_object()) refuse(where, "a tensor must be a JSON object, got ", type_name(obj));
-    const json *shape = find(obj, "shape"), *dtype = find(obj, "dtype"), *enc = find(obj, "encoding"), *data = find(obj, "data");
-    for (const auto& [key, v] : {std::pair<const char*, const json*>{"shape", shape}, {"dtype", dtype}})
-        if (!v) refuse(where, "tensor has no '", key, "' field");
-    bool shape_ok = shape->is_array();
+// The shape field: a list of non-negative integers.
+inline std::vector<int64_t> read_shape(const json& shape, const std::string& where) {
+    std::vector<int64_t> out;
+    bool shape_ok = shape.is_array();
     if (shape_ok)
-        for (const json& d : *shape) {
+        for (const json& d : shape) {
             int64_t x = 0;
             if (as_int(d, x) != IntKind::Ok || x < 0) {
                 shape_ok = false;
                 break;
             }
-            t.shape.push_back(x);
+            out.push_back(x);
         }
     if (!shape_ok) refuse(where, "shape is not a list of non-negative integers");
-    static const char* const names[] = {"float32", "float64", "float16", "int32", "int64", "uint8"};
+    return out;
+}
+
+// The dtype field: a known name, a float type for weights and RoPE, an integer type for inputs.
+inline DType read_dtype(const json& dtype, TensorKind kind, const std::string& where) {
     int found = -1;
-    if (dtype->is_string())
+    if (dtype.is_string())
         for (int i = 0; i < 6; ++i)
-            if (dtype->get_ref<const std::string&>() == names[i]) found = i;
-    if (found < 0) refuse(where, "unknown dtype ", short_repr(*dtype), "; known: float32, float64, float16, int32, int64, uint8");
-    t.dtype = DType(found);
+            if (dtype.get_ref<const std::string&>() == dtype_name(DType(i))) found = i;
+    if (found < 0) refuse(where, "unknown dtype ", short_repr(dtype), "; known: float32, float64, float16, int32, int64, uint8");
     const bool is_float = found < 3;
     if (kind == TensorKind::Float && !is_float)
-        refuse(where, "has dtype ", names[found], ", weights and the RoPE cache must be floating point");
+        refuse(where, "has dtype ", dtype_name(DType(found)), ", weights and the RoPE cache must be floating point");
     if (kind == TensorKind::Int && is_float)
-        refuse(where, "has dtype ", names[found], ", input_ids and attention_mask must be integers");
-    if (expected && t.shape != *expected) {
-        if (other) throw ModelFileError(cat(where, " has shape ", shape_str(t.shape), ", ", other, " ", shape_str(*expected)));
-        throw ModelFileError(cat(where, " has shape ", shape_str(t.shape), ", the config implies ", shape_str(*expected)));
-    }
+        refuse(where, "has dtype ", dtype_name(DType(found)), ", input_ids and attention_mask must be integers");
+    return DType(found);
+}
+
+// The shape the config implies (or, with `other`, the shape of the tensor named `other`).
+inline void check_shape(const std::vector<int64_t>& shape, const std::vector<int64_t>* expected, const char* other,
+                        const std::string& where) {
+    if (!expected || shape == *expected) return;
+    if (other) throw ModelFileError(cat(where, " has shape ", shape_str(shape), ", ", other, " ", shape_str(*expected)));
+    throw ModelFileError(cat(where, " has shape ", shape_str(shape), ", the config implies ", shape_str(*expected)));
+}
+
+// numel and nbytes without overflow, nbytes small enough for its base64 length to fit int64.
+inline void count_elements(TensorRef& t, const std::string& where) {
     int64_t numel = 1;
     for (int64_t d : t.shape)
         if (__builtin_mul_overflow(numel, d, &numel)) refuse(where, "shape ", shape_str(t.shape), " is too large");
     if (__builtin_mul_overflow(numel, int64_t(dtype_size(t.dtype)), &t.nbytes) || t.nbytes > (INT64_MAX / 4 - 4))
         refuse(where, "shape ", shape_str(t.shape), " is too large");
     t.numel = numel;
-    std::string encoding = "base64";
-    if (enc) {
-        if (!enc->is_string()) refuse(where, "unknown encoding ", short_repr(*enc));
-        encoding = enc->get<std::string>();
-    }
-    if (encoding == "sidecar" && sidecar_ok) {
-        if (t.dtype != DType::F32) refuse(where, "encoding 'sidecar' needs dtype float32, the JSON says ", names[found]);
-        t.sidecar = true;
-        return t;
-    }
-    if (encoding != "base64")
-        refuse(where, "unknown encoding ", short_repr(*enc), "; only 'base64'", sidecar_ok ? " and 'sidecar' are" : " is",
-               " supported here");
+}
+
+// The data field: a string of exactly the base64 length the tensor's bytes need (not yet decoded).
+inline const std::string& check_base64_length(const json* data, const TensorRef& t, const std::string& where) {
     if (!data) refuse(where, "tensor has no 'data' field");
     if (!data->is_string()) refuse(where, "data must be a base64 string");
     const std::string& text = data->get_ref<const std::string&>();
@@ -174,10 +171,36 @@ inline TensorRef check_tensor(const json& obj, const std::string& where, const s
         int64_t pad = 0;
         while (pad < 2 && pad < int64_t(text.size()) && text[text.size() - 1 - size_t(pad)] == '=') ++pad;
         const int64_t held = int64_t(text.size()) / 4 * 3 - (text.size() % 4 ? 0 : pad);
-        refuse(where, "data holds ", held, " bytes but shape and dtype need ", t.nbytes, " (", numel, " elements x ",
+        refuse(where, "data holds ", held, " bytes but shape and dtype need ", t.nbytes, " (", t.numel, " elements x ",
                dtype_size(t.dtype), " bytes; ", need, " base64 characters, the data has ", text.size(), ")");
     }
-    t.data = &text;
+    return text;
+}
+
+// The layout of one tensor object (step 4): shape, dtype, shape against `expected`, size, encoding
+// ("sidecar" only where `sidecar_ok`, and float32), base64 length. No value is decoded.
+inline TensorRef check_tensor(const json& obj, const std::string& where, const std::vector<int64_t>* expected,
+                              TensorKind kind, bool sidecar_ok, const char* other = nullptr) {
+    if (!obj.is_object()) refuse(where, "a tensor must be a JSON object, got ", type_name(obj));
+    const json *shape = find(obj, "shape"), *dtype = find(obj, "dtype"), *enc = find(obj, "encoding"), *data = find(obj, "data");
+    for (const auto& [key, v] : {std::pair<const char*, const json*>{"shape", shape}, {"dtype", dtype}})
+        if (!v) refuse(where, "tensor has no '", key, "' field");
+    TensorRef t;
+    t.shape = read_shape(*shape, where);
+    t.dtype = read_dtype(*dtype, kind, where);
+    check_shape(t.shape, expected, other, where);
+    count_elements(t, where);
+    if (enc && !enc->is_string()) refuse(where, "unknown encoding ", short_repr(*enc));
+    const std::string encoding = enc ? enc->get<std::string>() : "base64";
+    if (encoding == "sidecar" && sidecar_ok) {
+        if (t.dtype != DType::F32) refuse(where, "encoding 'sidecar' needs dtype float32, the JSON says ", dtype_name(t.dtype));
+        t.sidecar = true;
+        return t;
+    }
+    if (encoding != "base64")
+        refuse(where, "unknown encoding ", short_repr(*enc), "; only 'base64'", sidecar_ok ? " and 'sidecar' are" : " is",
+               " supported here");
+    t.data = &check_base64_length(data, t, where);
     return t;
 }
 
