@@ -361,6 +361,42 @@ def _decode_rates(model: Model, prepared_sets: dict, decode: int, batch: int) ->
     return steps / torch_s, per_set
 
 
+def _measure_torch(model: Model, warmup: int, repeat: int) -> tuple[Timing, np.ndarray]:
+    """The PyTorch reference's forward time and its logits."""
+    from .reference import ReferenceModel
+
+    ref = ReferenceModel(model)
+    timing = time_call(lambda: ref.forward(), warmup, repeat)
+    return timing, ref.forward()[0].numpy()
+
+
+def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray) -> dict:
+    """How far the C++ logits (cppyy and the standalone binary) are from PyTorch's, over real tokens."""
+    real = model.attention_mask.astype(bool)
+    diff = np.abs(cpp_logits - torch_logits)[real]
+    return {
+        "max_abs_diff": float(diff.max()),
+        "standalone_max_abs_diff": float(np.abs(alone_logits - torch_logits)[real].max()),
+        "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
+    }
+
+
+def _measure_decode(
+    model: Model, prepared_sets: dict[str, NativeModel], decode: int, batch: int, per_set: dict[str, dict]
+) -> dict:
+    """Decode rates: each kernel set's go into ``per_set``; PyTorch's and the first set's are returned."""
+    torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch)
+    for name, figures in decode_sets.items():
+        per_set[name].update(figures)
+    first = per_set[next(iter(prepared_sets))]
+    return {
+        "decode_tokens": decode,
+        "torch_decode_tok_s": torch_rate,
+        "cpp_decode_tok_s": first["cpp_decode_tok_s"],
+        "decode_tokens_equal": first["decode_tokens_equal"],
+    }
+
+
 def measure_bench(
     config: ModelConfig,
     batch: int,
@@ -381,7 +417,6 @@ def measure_bench(
     import torch
 
     from .native import load_native
-    from .reference import ReferenceModel
     from .standalone import build_standalone, run_standalone
 
     native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
@@ -406,11 +441,8 @@ def measure_bench(
     times, model, json_path, side_path = _load_times(config, batch, seq_len, seed, work)
     record.update(times)
 
-    ref = ReferenceModel(model)
-    torch_t = time_call(lambda: ref.forward(), warmup, repeat)
-    torch_logits = ref.forward()[0].numpy()
+    torch_t, torch_logits = _measure_torch(model, warmup, repeat)
     record.update(_stats(torch_t, "torch_forward"))
-    real = model.attention_mask.astype(bool)
     stats = {"torch": _logits_stats(torch_logits)}
 
     binary = build_standalone(cpp_dir, build_dir=work / "build")
@@ -418,21 +450,18 @@ def measure_bench(
     per_set: dict[str, dict] = {}
     prepared_sets, cpp_timings = {}, {}
     for name in sets:
-        prepared = prepared_sets[name] = native.prepare(model, name)
-        cpp_t = cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
-        cpp_logits = prepared.forward().logits
+        prepared_sets[name] = native.prepare(model, name)
+        cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
+        cpp_logits = prepared_sets[name].forward().logits
         stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
         alone = run_standalone(
-            binary, json_path, work / f"out_{name}", warmup, repeat, env={**env_threads, "KERNELS": name}
+            binary, json_path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name}
         )
-        diff = np.abs(cpp_logits - torch_logits)[real]
         per_set[name] = {
-            **_stats(cpp_t, "cpp_forward"),
+            **_stats(cpp_timings[name], "cpp_forward"),
             "standalone_forward_ms": alone.forward_ms,
             "standalone_load_ms": alone.load_ms,
-            "max_abs_diff": float(diff.max()),
-            "standalone_max_abs_diff": float(np.abs(alone.logits - torch_logits)[real].max()),
-            "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
+            **_agreement(model, torch_logits, cpp_logits, alone.logits),
         }
     alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": sets[0]})
     record.update(per_set[sets[0]])
@@ -440,14 +469,7 @@ def measure_bench(
     record["machine"] = machine_info(native.threads)
 
     if decode:
-        torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch)
-        record.update(decode_tokens=decode, torch_decode_tok_s=torch_rate)
-        for name in sets:
-            per_set[name].update(decode_sets[name])
-        record.update(
-            cpp_decode_tok_s=per_set[sets[0]]["cpp_decode_tok_s"],
-            decode_tokens_equal=per_set[sets[0]]["decode_tokens_equal"],
-        )
+        record.update(_measure_decode(model, prepared_sets, decode, batch, per_set))
     record["kernel_sets"] = per_set
     return BenchResult(record, torch_t, cpp_timings, stats)
 
