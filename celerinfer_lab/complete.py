@@ -106,8 +106,11 @@ class Completion:
 
 
 def _shown(text: str, width: int = TAIL) -> str:
-    """The end of ``text`` on one line, newlines as ⏎, padded to ``width``."""
-    flat = text.replace("\r", "").replace("\n", "⏎").replace("\t", " ")
+    """The end of ``text`` on one line, padded to ``width``: newlines as ⏎, other control characters
+    escaped (a random model's vertical tab would break the columns)."""
+    flat = "".join(
+        "⏎" if c == "\n" else c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
     return (("…" + flat[-(width - 1) :]) if len(flat) > width else flat).ljust(width)
 
 
