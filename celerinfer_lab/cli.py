@@ -321,12 +321,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_complete(args: argparse.Namespace) -> int:
     from .complete import complete
     from .native import load_native
+    from .reader import load_model
     from .tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)  # before the C++ compiles: a model without one fails at once
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)  # before the C++ compiles: fails at once
     engine = load_native(args.cpp_dir, fault=args.fault)
     result = complete(
-        args.model,
+        model,
         args.prompt,
         args.max_new_tokens,
         chat=args.chat,

@@ -198,8 +198,8 @@ def complete(
     from .tokenizer import load_tokenizer
 
     if isinstance(model, (str, Path)):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model)
+        path, model = model, load_model(model)
+        tokenizer = tokenizer or load_tokenizer(path, model.config.vocab_size)
     elif tokenizer is None:
         raise UsageError("complete(Model, ...) needs tokenizer=...; a model file path brings its own")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

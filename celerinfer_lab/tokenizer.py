@@ -180,9 +180,11 @@ def _config_dict(text: str, where: str) -> dict[str, Any]:
     return value
 
 
-def _check_fits(tokenizer: Tokenizer, model_path: Path) -> None:
-    """The tokenizer's ids must all be ids of the model (a larger model vocabulary is fine: MiniMind pads)."""
-    vocab = load_model(model_path, allow_nonfinite=True).config.vocab_size
+def _check_fits(tokenizer: Tokenizer, model_path: Path, vocab: int | None = None) -> None:
+    """The tokenizer's ids must all be ids of the model (a larger model vocabulary is fine: MiniMind
+    pads). ``vocab``: the model's vocab_size, when the caller has the model loaded already."""
+    if vocab is None:
+        vocab = load_model(model_path, allow_nonfinite=True).config.vocab_size
     if tokenizer.vocab_size > vocab:
         raise TokenizerError(
             f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
@@ -234,9 +236,10 @@ def attach_tokenizer(
     return tok_path
 
 
-def load_tokenizer(model_path: str | Path) -> Tokenizer:
+def load_tokenizer(model_path: str | Path, vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer kept with the model file ``model_path`` (see attach_tokenizer). A model without
-    one, or a malformed one, is a TokenizerError naming the file."""
+    one, or a malformed one, is a TokenizerError naming the file. ``vocab_size``: the model's, when
+    it is loaded already (else the model file is read to check the tokenizer fits it)."""
     model = Path(model_path)
     tok_path, config_path = tokenizer_paths(model)
     if not tok_path.is_file():
@@ -250,7 +253,7 @@ def load_tokenizer(model_path: str | Path) -> Tokenizer:
         else {}
     )
     tokenizer = Tokenizer(_backend(_read_text(tok_path, "tokenizer.json"), str(tok_path)), config, str(tok_path))
-    _check_fits(tokenizer, model)
+    _check_fits(tokenizer, model, vocab_size)
     return tokenizer
 
 

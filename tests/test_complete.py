@@ -71,6 +71,11 @@ def test_attach_refuses_a_tokenizer_that_does_not_fit(tmp_path, trained):
     with pytest.raises(TokenizerError, match="chat_template does not compile"):
         attach_tokenizer(small, trained[0], {"chat_template": "{% for %}"})
     assert not tokenizer_paths(small)[0].exists()  # nothing attached by a refused call
+    # a model generated again with a smaller vocabulary: its old tokenizer no longer fits
+    path = _model_with_tokenizer(tmp_path, trained, "again.json")
+    generate_model(small_config(vocab_size=128), 1, 4).save(path)
+    with pytest.raises(TokenizerError, match="belongs to another model"):
+        load_tokenizer(path)
 
 
 def test_complete_gives_identical_tokens_on_both_sides(model_path, native):
@@ -158,3 +163,18 @@ def test_chat_template_path(model_path, tmp_path, trained, native):
     with pytest.raises(TokenizerError, match="no chat_template"):
         complete(plain, "hello", 2, chat=True, native=native)
     assert cli.main(["complete", str(plain), "--prompt", "hello", "--chat"]) == 2
+
+
+def test_compare_decode_feeds_the_tokens_given(native):
+    """complete() compares the step that diverged on the tokens both sides agreed on (feed=...)."""
+    from celerinfer_lab import compare_decode
+    from celerinfer_lab.errors import UsageError
+
+    model = generate_model(small_config(), 1, 5, seed=3)
+    feed = np.array([[5, 9, 5]])
+    reports = compare_decode(model, native, steps=1, feed=feed)  # feed wins over steps
+    assert len(reports) == 4 and all(r.agrees for r in reports)
+    fed = reports[-1].runs["oracle"]["model.embed_tokens"][0, 0]
+    assert np.array_equal(fed, model.weights["model.embed_tokens.weight"][5])  # the last step embedded token 5
+    with pytest.raises(UsageError, match=r"feed has shape \[3\]; expected \[1, N\]"):
+        compare_decode(model, native, feed=np.array([5, 9, 5]))
