@@ -216,7 +216,13 @@ def complete(
         text, ids = prompt, tokenizer.encode(prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens: give some text")
-    model.config.validate(seq_len=len(ids) + max_new_tokens - 1)
+    positions = len(ids) + max_new_tokens - 1  # the last token chosen is never fed back
+    if positions > model.config.max_position_embeddings:
+        raise UsageError(
+            f"the prompt ({len(ids)} tokens) and max_new_tokens={max_new_tokens} need {positions} positions; "
+            f"the model has max_position_embeddings={model.config.max_position_embeddings}"
+        )
+    model.config.validate(seq_len=positions)
     prompt_ids = np.array([ids], dtype=np.int64)
     run_model = dataclasses.replace(model, input_ids=prompt_ids, attention_mask=np.ones_like(prompt_ids))
     native = native or load_native()

@@ -157,8 +157,10 @@ class Tokenizer:
                     **{k: v for k, v in specials.items() if v is not None},
                 )
             )
-        except TemplateError as exc:
-            raise TokenizerError(f"{self.source}: the chat template failed: {exc}") from None
+        except TokenizerError:  # raise_exception() called by the template
+            raise
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:  # jinja passes these through
+            raise TokenizerError(f"{self.source}: the chat template failed: {type(exc).__name__}: {exc}") from None
 
 
 def _read_text(path: Path, what: str) -> str:

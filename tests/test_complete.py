@@ -150,6 +150,20 @@ def test_a_model_without_a_tokenizer_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("error:") and "no tokenizer kept with this model" in err and "bare.tokenizer.json" in err
 
 
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens=0: must be a whole number >= 1"),
+        (["--max-new-tokens", "500"], "need 503 positions; the model has max_position_embeddings=128"),
+        (["--kernels", "nope"], "unknown kernel set 'nope'"),
+    ],
+)
+def test_bad_complete_arguments_exit_2(model_path, capsys, flags, words):
+    code = cli.main(["complete", str(model_path), "--prompt", "All:\n", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and words in err, err
+
+
 def test_chat_template_path(model_path, tmp_path, trained, native):
     result = complete(model_path, "Who art thou?", 4, chat=True, native=native, stop_at_eos=False)
     assert result.prompt == "<|im_start|>user\nWho art thou?<|im_end|>\n<|im_start|>assistant\n"
