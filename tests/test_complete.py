@@ -192,3 +192,16 @@ def test_compare_decode_feeds_the_tokens_given(native):
     assert np.array_equal(fed, model.weights["model.embed_tokens.weight"][5])  # the last step embedded token 5
     with pytest.raises(UsageError, match=r"feed has shape \[3\]; expected \[1, N\]"):
         compare_decode(model, native, feed=np.array([5, 9, 5]))
+
+
+def test_both_sides_stop_after_the_eos_token(tmp_path, trained, native):
+    """Made the eos_token the third token the model chooses, generation stops right after it."""
+    path = _model_with_tokenizer(tmp_path, trained)
+    free = complete(path, PROMPT, 6, native=native, stop_at_eos=False)
+    eos_id = free.cpp_ids[2]
+    config = {**json.loads(trained[1].read_text()), "eos_token": load_tokenizer(path).backend.id_to_token(eos_id)}
+    attach_tokenizer(path, trained[0], config)
+    stopped = complete(path, PROMPT, 6, native=native)
+    n = free.cpp_ids.index(eos_id) + 1
+    assert stopped.identical and stopped.cpp_ids == free.cpp_ids[:n] and stopped.divergence is None
+    assert complete(path, PROMPT, 6, native=native, stop_at_eos=False).cpp_ids == free.cpp_ids  # --ignore-eos
