@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors (tests/test_typecheck.py: in step)
     from .compare import Comparison, compare, compare_decode
+    from .complete import Completion, complete
     from .config import PRESETS, ConfigError, ModelConfig, preset
     from .generate import generate_model
     from .modelfile import Model, ModelFileError, save_model, weight_shapes
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
     from .reader import load_model
     from .reference import ForwardResult, KVCache, ReferenceModel, reference_forward
     from .report import Report
+    from .tokenizer import Tokenizer, attach_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
     from .tolerances import Tolerances
     from .trace import TracePoint, trace_names, trace_points
 
@@ -31,6 +33,13 @@ _EXPORTS = {
     "Tolerances": "tolerances",
     "compare": "compare",
     "compare_decode": "compare",
+    "Completion": "complete",
+    "complete": "complete",
+    "Tokenizer": "tokenizer",
+    "attach_tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "save_tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
     "PRESETS": "config",
     "ConfigError": "config",
     "ModelConfig": "config",
@@ -80,6 +89,13 @@ __all__ = [
     "Comparison",
     "compare",
     "compare_decode",
+    "complete",
+    "Completion",
+    "attach_tokenizer",
+    "load_tokenizer",
+    "Tokenizer",
+    "train_tokenizer",
+    "save_tokenizer",
     "load_native",
     "NativeEngine",
     "NativeModel",
@@ -105,7 +121,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """``compare`` names both a submodule and its main function. Importing a submodule sets the
+    """``compare`` (and ``complete``) names both a submodule and its main function. Importing a submodule sets the
     package attribute of its name to the module; for ``compare`` the package keeps the function
     instead, as the eager ``from .compare import compare`` used to (``celerinfer_lab.compare`` is
     the function, ``sys.modules["celerinfer_lab.compare"]`` the module)."""

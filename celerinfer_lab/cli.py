@@ -1,4 +1,4 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, bench, lab.
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench, lab.
 
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
 and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
@@ -318,6 +318,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if agrees else 1
 
 
+def cmd_complete(args: argparse.Namespace) -> int:
+    from .complete import complete
+    from .native import load_native
+    from .reader import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)  # before the C++ compiles: fails at once
+    engine = load_native(args.cpp_dir, fault=args.fault)
+    result = complete(
+        model,
+        args.prompt,
+        args.max_new_tokens,
+        chat=args.chat,
+        kernels=args.kernels,
+        native=engine,
+        tokenizer=tokenizer,
+        stop_at_eos=not args.ignore_eos,
+        on_line=lambda line: print(line, flush=True),
+    )
+    if result.divergence is None:
+        return 0
+    return 1 if result.divergence.verdict == "bug" else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -439,6 +464,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered",
     )
+    comp = sub.add_parser(
+        "complete",
+        help="greedy text generation on both sides, side by side; the first divergence diagnosed",
+        description="Encode the prompt with the tokenizer kept with the model file (attach one with "
+        "celerinfer_lab.attach_tokenizer), decode greedily with the KV cache in PyTorch and in C++, print both "
+        "texts as they grow, and at the first step where the tokens differ compare that step op by op. "
+        "Exit status: 0 identical (or a near-tie), 1 a bug found, 2 bad input.",
+    )
+    comp.add_argument("model")
+    comp.add_argument("--prompt", required=True, help="the text (with --chat: the user message)")
+    comp.add_argument("--max-new-tokens", type=int, default=32)
+    comp.add_argument("--chat", action="store_true", help="render the prompt with the tokenizer's chat template")
+    comp.add_argument("--kernels", default="fast", help="the C++ kernel set: fast (default), readable, or yours")
+    comp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
+    comp.add_argument("--fault", help="compile one fault from the catalogue into the C++ (see compare --list-faults)")
+    comp.add_argument("--ignore-eos", action="store_true", help="go on after the tokenizer's eos_token")
     for p in (info, tf, cf, cmp):
         p.add_argument(
             "--allow-nonfinite",
@@ -494,6 +535,7 @@ COMMANDS = {
     "torch-forward": cmd_torch_forward,
     "cpp-forward": cmd_cpp_forward,
     "compare": cmd_compare,
+    "complete": cmd_complete,
     "bench": cmd_bench,
     "lab": cmd_lab,
 }

@@ -199,11 +199,14 @@ def compare_decode(
     steps: int = 3,
     kernels: str | None = None,
     tolerances: Tolerances | None = None,
+    feed: np.ndarray | None = None,
 ) -> list[Report]:
     """Compare a KV-cache decode step by step: the prefill, then ``steps`` single-token steps fed
     with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
     the isolated run is teacher forced at every step, so its cache holds the oracle's keys.
-    ``kernels``: one kernel set (default: the engine's); ``tolerances``: as for compare()."""
+    ``kernels``: one kernel set (default: the engine's); ``tolerances``: as for compare().
+    ``feed`` [B, N]: the tokens to feed instead (e.g. a generation both sides agreed on); then
+    ``steps`` is N."""
     _check_has_real_tokens(model.attention_mask)
     import torch
 
@@ -212,7 +215,13 @@ def compare_decode(
 
     native = native or load_native()
     ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
-    feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
+    if feed is None:
+        feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
+    else:
+        feed = np.asarray(feed, dtype=np.int64)
+        if feed.ndim != 2 or feed.shape[0] != model.batch_size:
+            raise UsageError(f"feed has shape {list(feed.shape)}; expected [{model.batch_size}, N]")
+        steps = int(feed.shape[1])
     oracle = [recorded(t) for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
     teachers = [teacher_from(t) for t in oracle]
     prepared = native.prepare(model, kernels)

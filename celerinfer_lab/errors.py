@@ -12,6 +12,7 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     ├── ConfigError (ValueError)         a config field breaks a rule
     ├── ModelFileError (ValueError)      a malformed or unwritable model file
     │   └── SidecarError                 the safetensors sidecar is missing, truncated or disagrees
+    ├── TokenizerError (ValueError)      no tokenizer kept with the model, or a malformed one
     ├── FaultError (ValueError)          an unknown fault, or one that no longer applies
     ├── NativeError (RuntimeError)       the C++ refused an input or failed
     │   └── NativeCompileError           the C++ did not compile
@@ -46,6 +47,11 @@ class SidecarError(ModelFileError):
     """The sidecar is missing, truncated or disagrees with the JSON file."""
 
 
+class TokenizerError(CelerInferError, ValueError):
+    """No tokenizer is kept with the model file, or its tokenizer.json / tokenizer_config.json is
+    malformed or does not fit the model. The message names the file and what is wrong."""
+
+
 class FaultError(CelerInferError, ValueError):
     """An unknown fault, or one whose edit no longer matches the C++ source."""
 
@@ -69,6 +75,7 @@ __all__ = [
     "ConfigError",
     "ModelFileError",
     "SidecarError",
+    "TokenizerError",
     "FaultError",
     "NativeError",
     "NativeCompileError",

@@ -345,15 +345,19 @@ class NativeModel:
         input_ids: npt.ArrayLike | None = None,
         attention_mask: npt.ArrayLike | None = None,
         after_prefill: Callable[[], object] | None = None,
+        on_token: Callable[[int, np.ndarray], bool] | None = None,
     ) -> np.ndarray:
         """Greedy decoding with the KV cache: prefill the prompt, then one token per step; the new
-        tokens [B, new_tokens]. ``after_prefill()`` is called once the prompt is processed."""
+        tokens [B, new_tokens]. ``after_prefill()`` is called once the prompt is processed;
+        ``on_token(step, tokens [B, 1])`` after each choice: False stops the decode there (fewer tokens)."""
         tokens: list[np.ndarray] = []
 
-        def greedy(step: int, logits: np.ndarray, _trace: dict[str, np.ndarray] | None) -> np.ndarray:
+        def greedy(step: int, logits: np.ndarray, _trace: dict[str, np.ndarray] | None) -> np.ndarray | None:
             if step == 0 and after_prefill is not None:
                 after_prefill()
             tokens.append(np.ascontiguousarray(logits[:, -1].argmax(-1)[:, None], dtype=np.int64))
+            if on_token is not None and on_token(step, tokens[-1]) is False:
+                return None
             return tokens[-1]
 
         self._decode(new_tokens, input_ids, attention_mask, greedy)

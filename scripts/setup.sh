@@ -86,4 +86,4 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "$TORCH"
   fi
 fi
-"$PY" -m pip install -q -e '.[test]'
+"$PY" -m pip install -q -e '.[test,real]'

@@ -40,6 +40,7 @@ LAYERS = [
         "generate",
         "faults",
         "cpp_tables",
+        "tokenizer",
     ],
     # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary
     ["reference", "native", "standalone"],
@@ -54,8 +55,8 @@ LAYERS = [
     ["diagnose"],
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
-    # timing
-    ["bench"],
+    # timing; text generation on both sides with the first divergence compared
+    ["bench", "complete"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "__init__", "testing"],
