@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
     from .tokenizer import Tokenizer, attach_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
     from .tolerances import Tolerances
     from .trace import TracePoint, trace_names, trace_points
+    from .train import save_trained, train_small_model
 
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
@@ -40,6 +41,8 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer",
     "save_tokenizer": "tokenizer",
     "train_tokenizer": "tokenizer",
+    "train_small_model": "train",
+    "save_trained": "train",
     "PRESETS": "config",
     "ConfigError": "config",
     "ModelConfig": "config",
@@ -96,6 +99,8 @@ __all__ = [
     "Tokenizer",
     "train_tokenizer",
     "save_tokenizer",
+    "train_small_model",
+    "save_trained",
     "load_native",
     "NativeEngine",
     "NativeModel",

@@ -189,7 +189,18 @@ class ReferenceModel:
         """
         ids, mask = self._inputs(input_ids, attention_mask, cache.length if cache is not None else 0)
         forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
-        cfg, w, tr = self.config, self.w, _Tracer(trace, forced)
+        return self._forward(ids, mask, _Tracer(trace, forced), cache)
+
+    def training_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] for ids [B, S] (no padding) outside inference mode, so that gradients
+        reach weights set to require them: the same forward, for train.py."""
+        ids, mask = self._inputs(input_ids, None, 0)
+        return self._forward(ids, mask, _Tracer(False), None)[0]
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, tr: _Tracer, cache: KVCache | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        cfg, w = self.config, self.w
         start = cache.length if cache is not None else 0
         self.config.validate(seq_len=start + ids.shape[1])
         h = tr(Point.embed_tokens, F.embedding(ids, w["model.embed_tokens.weight"]))

@@ -56,7 +56,7 @@ LAYERS = [
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
     # timing; text generation on both sides with the first divergence compared
-    ["bench", "complete"],
+    ["bench", "complete", "train"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "__init__", "testing"],

@@ -1,0 +1,77 @@
+"""A small trained model (celerinfer_lab/train.py): training lowers the loss, the result is a model file
+with its tokenizer, and greedy generation on it is identical on both sides for 64 tokens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import celerinfer_lab as cl
+from celerinfer_lab.errors import UsageError
+from celerinfer_lab.train import save_trained, small_config, train_small_model
+
+STEPS = 30  # enough to leave random weights well behind; a step count, not a time: the same on any machine
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model, tokenizer, losses = train_small_model(steps=STEPS, seconds=None, seed=0)
+    path = save_trained(model, tokenizer, tmp_path_factory.mktemp("trained") / "small.json")
+    return model, tokenizer, losses, path
+
+
+def test_training_lowers_the_loss(trained):
+    model, tokenizer, losses, _ = trained
+    assert model.config == small_config(tokenizer.vocab_size)
+    assert 800_000 < model.config.num_parameters() < 1_200_000
+    # Random weights start near ln(vocab) or above; a trained model is well below where it started.
+    assert losses[0] > np.log(tokenizer.vocab_size) - 0.5
+    assert len(losses) == STEPS
+    assert np.mean(losses[-3:]) < 0.75 * losses[0], losses
+
+
+def test_the_trained_weights_are_not_the_random_ones(trained):
+    model, *_ = trained
+    start = cl.generate_model(model.config, batch_size=1, seq_len=64, seed=0)
+    moved = [n for n in model.weights if not np.array_equal(model.weights[n], start.weights[n])]
+    assert moved == list(model.weights)
+
+
+def test_the_trained_model_agrees_and_generates_the_same_text(trained):
+    *_, path = trained
+    assert cl.compare(cl.load_model(path)).agrees
+    done = cl.complete(path, "First Citizen:", max_new_tokens=64, stop_at_eos=False)
+    assert len(done.torch_ids) == 64 and done.identical and done.divergence is None
+    assert done.torch_text == done.cpp_text
+
+
+def test_the_cli_completes_the_trained_model(trained):
+    *_, path = trained
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celerinfer_lab.cli",
+            "complete",
+            str(path),
+            "--prompt",
+            "MENENIUS:",
+            "--max-new-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MENENIUS:" in result.stdout
+
+
+def test_too_little_text_is_refused(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("First Citizen: speak.")
+    with pytest.raises(UsageError, match="too few"):
+        train_small_model(steps=1, text_path=short, tokenizer=cl.train_tokenizer())
