@@ -13,6 +13,7 @@ import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors (tests/test_typecheck.py: in step)
+    from .checkpoint import export_checkpoint, import_checkpoint
     from .compare import Comparison, compare, compare_decode
     from .config import PRESETS, ConfigError, ModelConfig, preset
     from .generate import generate_model
@@ -26,6 +27,8 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
 
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
+    "import_checkpoint": "checkpoint",
+    "export_checkpoint": "checkpoint",
     "Comparison": "compare",
     "Report": "report",
     "Tolerances": "tolerances",
@@ -67,6 +70,8 @@ __all__ = [
     "ModelFileError",
     "load_model",
     "save_model",
+    "import_checkpoint",
+    "export_checkpoint",
     "weight_shapes",
     "ForwardResult",
     "ReferenceModel",

@@ -11,7 +11,9 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     │   └── UsageTypeError (TypeError)   ... of the wrong type
     ├── ConfigError (ValueError)         a config field breaks a rule
     ├── ModelFileError (ValueError)      a malformed or unwritable model file
-    │   └── SidecarError                 the safetensors sidecar is missing, truncated or disagrees
+    │   ├── SidecarError                 the safetensors sidecar is missing, truncated or disagrees
+    │   └── CheckpointError              a checkpoint to import (or a model to export) is malformed,
+    │                                    unsupported or ambiguous
     ├── FaultError (ValueError)          an unknown fault, or one that no longer applies
     ├── NativeError (RuntimeError)       the C++ refused an input or failed
     │   └── NativeCompileError           the C++ did not compile
@@ -46,6 +48,11 @@ class SidecarError(ModelFileError):
     """The sidecar is missing, truncated or disagrees with the JSON file."""
 
 
+class CheckpointError(ModelFileError):
+    """A checkpoint to import (or a model to export) is malformed, holds a feature this project does
+    not run, or fits more than one MiniMind era. The message names the file, the tensor or field."""
+
+
 class FaultError(CelerInferError, ValueError):
     """An unknown fault, or one whose edit no longer matches the C++ source."""
 
@@ -69,6 +76,7 @@ __all__ = [
     "ConfigError",
     "ModelFileError",
     "SidecarError",
+    "CheckpointError",
     "FaultError",
     "NativeError",
     "NativeCompileError",
