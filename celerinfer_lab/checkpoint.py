@@ -231,11 +231,7 @@ class _Tensors:
                     raise
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError (code in the pickle), a truncated zip, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{where}: not loadable as plain tensors with torch.load(weights_only=True), which never runs "
-                f"code from the file: {first}"
-            ) from exc
+            raise CheckpointError(f"{where}: {_load_failure(exc)}") from exc
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
@@ -251,6 +247,25 @@ class _Tensors:
             shape = tuple(tensor.shape)
             self._add(str(name), shape, _lazy(_tensor_to_numpy, tensor), where)
 
+    def split_fused_experts(self, where: str) -> None:
+        """transformers 5 keeps a MoE layer's experts fused: ``mlp.experts.gate_up_proj`` [E, 2I, H]
+        (gate rows first) and ``mlp.experts.down_proj`` [E, H, I]; seen as per-expert tensors here."""
+        for name in [n for n in self.shapes if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]:
+            shape = self.shapes.pop(name)
+            get = self._get.pop(name)
+            if len(shape) != 3 or (name.endswith("gate_up_proj") and shape[1] % 2):
+                raise CheckpointError(f"{where}: fused expert tensor '{name}' has shape {list(shape)}")
+            prefix = name.rsplit(".", 1)[0]
+            if name.endswith("down_proj"):
+                parts = [("down_proj", 0, shape[1])]
+            else:
+                parts = [("gate_proj", 0, shape[1] // 2), ("up_proj", shape[1] // 2, shape[1])]
+            for e in range(shape[0]):
+                for part, lo, hi in parts:
+                    key = f"{prefix}.{e}.{part}.weight"
+                    self.shapes[key] = (hi - lo, shape[2])
+                    self._get[key] = _lazy(_slice, get, e, lo, hi)
+
     def _add(self, name: str, shape: tuple[int, ...], get: Callable[[], np.ndarray], where: str) -> None:
         name = _strip_prefix(name)
         if name in self.shapes:
@@ -261,6 +276,29 @@ class _Tensors:
 def _lazy(fn: Callable[..., np.ndarray], *args: Any) -> Callable[[], np.ndarray]:
     """``fn(*args)`` when called: a tensor decoded only when the writer asks for it."""
     return lambda: fn(*args)
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to load it unsafely."""
+    import pickle
+
+    text = str(exc)
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", text)
+    if found or (isinstance(exc, pickle.UnpicklingError) and "Unsupported operand" not in text):
+        what = f" ({found[1]})" if found else ""
+        return (
+            f"the pickle holds objects other than tensors{what}: building them would run code from the file, "
+            "so it is refused (torch.load(weights_only=True)); only plain state dicts of tensors are read"
+        )
+    lines = [
+        x for x in text.splitlines() if x.strip() and not x.startswith(("Weights only load failed", "Check the doc"))
+    ]
+    first = lines[0].strip() if lines else type(exc).__name__
+    return f"not a torch checkpoint torch.load(weights_only=True) can read: {first}"
+
+
+def _slice(get: Callable[[], np.ndarray], e: int, lo: int, hi: int) -> np.ndarray:
+    return np.ascontiguousarray(get()[e, lo:hi])
 
 
 def _tensor_to_numpy(tensor: Any) -> np.ndarray:
@@ -430,6 +468,7 @@ def _plan(
             tensors.add_safetensors(src)
         else:
             tensors.add_pickle(src)
+    tensors.split_fused_experts(where)
     cfg_path = folder / "config.json"
     cfg: dict[str, Any] | None = None
     if cfg_path.is_file():

@@ -269,7 +269,7 @@ class _Evil:
         ("config_bias", "attention_bias=True: biases"),
         ("rope", "rope_type='linear'"),
         ("activation", "hidden_act='gelu'"),
-        ("code", "weights_only"),
+        ("code", r"objects other than tensors \(posix.system\)"),
         ("truncated", "not a safetensors file|past the end|does not fit"),
     ],
 )
