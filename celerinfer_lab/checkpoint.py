@@ -291,7 +291,7 @@ def _load_failure(exc: Exception) -> str:
             "so it is refused (torch.load(weights_only=True)); only plain state dicts of tensors are read"
         )
     lines = [
-        x for x in text.splitlines() if x.strip() and not x.startswith(("Weights only load failed", "Check the doc"))
+        x for x in text.splitlines() if x.strip() and not x.startswith(("Weights only", "Check the doc", "Please file"))
     ]
     first = lines[0].strip() if lines else type(exc).__name__
     return f"not a torch checkpoint torch.load(weights_only=True) can read: {first}"
