@@ -407,7 +407,7 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> tuple[str
             )
         fields.update(
             use_moe=True,
-            num_experts=cfg["num_experts"],
+            num_experts=cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"],  # v5's name
             num_experts_per_tok=cfg["num_experts_per_tok"],
             moe_intermediate_size=cfg["moe_intermediate_size"],
             topk_renorm="always" if cfg.get("norm_topk_prob", False) else "never",
@@ -636,6 +636,7 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
     if c.use_moe:
         out.update(
             num_experts=c.num_experts,
+            num_local_experts=c.num_experts,  # transformers 5's name for it
             num_experts_per_tok=c.num_experts_per_tok,
             moe_intermediate_size=c.moe_intermediate_size,
             norm_topk_prob=c.topk_renorm == "always",
