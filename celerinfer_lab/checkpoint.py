@@ -525,6 +525,11 @@ def _plan(
     ):
         rename["model.embed_tokens.weight"] = rename.pop("lm_head.weight")  # a tied model saved under the head's name
     elif tied_pair:
+        if fields.get("tie_word_embeddings") is True:  # said tied, holds a head of its own: which one runs?
+            raise CheckpointError(
+                f"{where}: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight "
+                "(transformers would ignore the head; set tie_word_embeddings to false if the head is meant)"
+            )
         fields["tie_word_embeddings"] = False
     try:
         config = ModelConfig.from_dict(fields)

@@ -319,3 +319,23 @@ def test_good_folder_passes_the_cli_and_export_cli(tmp_path):
     cl.generate_model(cl.ModelConfig(**SMALL, rope_pairing="interleaved"), 1, 4).save(interleaved)
     r = run_cli("export", str(interleaved), "-o", str(tmp_path / "out2"))
     assert r.returncode == 2 and "interleaved" in r.stderr
+
+
+@pytest.mark.parametrize("field,value", [("rope_theta", 500.0), ("rms_norm_eps", 1e-2), ("tie_word_embeddings", True)])
+def test_the_oracle_sees_a_wrongly_mapped_field(tmp_path, field, value):
+    """The companion of the oracle tests: a folder whose config.json says something else than the model
+    transformers ran (a theta, an eps, a tied head) imports, and its logits are caught beyond 2e-5."""
+    hf = hf_model("qwen3")
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update({field: value})
+    if field == "rope_theta":
+        cfg["rope_parameters"]["rope_theta"] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    if field == "tie_word_embeddings":  # a tied config with both tensors saved: the head that differs is named
+        with pytest.raises(CheckpointError, match="tie_word_embeddings is true but lm_head.weight differs"):
+            import_checkpoint(tmp_path / "hf")
+        return
+    model = import_checkpoint(tmp_path / "hf", batch_size=3, seq_len=9)
+    with pytest.raises(AssertionError, match="reference - transformers"):
+        assert_logits_match(model, hf_logits(hf, model))
