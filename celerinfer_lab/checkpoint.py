@@ -581,6 +581,7 @@ def import_checkpoint(
 
     if output is not None:
         write_model_file(output, cfg, weights(), ids, mask, cos, sin, meta, sidecar=sidecar)
+        del tensors  # unmap the checkpoint before the model file's weights are mapped and checked
         return load_model(output)
     model = Model(cfg, dict(weights()), ids, mask, cos, sin, meta)
     try:
