@@ -26,6 +26,7 @@ under ``"celerinfer_lab"``, so ``import_checkpoint(export_checkpoint(m))`` gives
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -364,8 +365,12 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> tuple[str
             f"{where}: unknown model_type {model_type!r}; supported: {', '.join(ARCHITECTURES.values())}"
         )
     if model_type == "minimind":  # MiniMind's config uses this project's field names (config.py)
-        mm = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "auto_map")}
-        mm.update(mm.pop("celerinfer_lab", None) or {})
+        if cfg.get("scoring_func", "softmax") != "softmax":
+            raise _refuse(where, "scoring_func", cfg["scoring_func"], "only a softmax router is supported")
+        known = {f.name for f in dataclasses.fields(ModelConfig)} | {"n_routed_experts", "norm_topk_prob"}
+        # the rest (dropout, flash_attn, aux_loss_alpha, bos/eos ids, torch_dtype, ...) does not change the forward
+        mm = {k: v for k, v in cfg.items() if k in known}
+        mm.update(cfg.get("celerinfer_lab") or {})
         return model_type, mm
     for field in ("attention_bias", "mlp_bias"):
         if cfg.get(field):

@@ -339,3 +339,60 @@ def test_the_oracle_sees_a_wrongly_mapped_field(tmp_path, field, value):
     model = import_checkpoint(tmp_path / "hf", batch_size=3, seq_len=9)
     with pytest.raises(AssertionError, match="reference - transformers"):
         assert_logits_match(model, hf_logits(hf, model))
+
+
+# MiniMind's own config.json, as its MiniMindConfig writes it (model_minimind.py of each era)
+MINIMIND2_CONFIG = {
+    "architectures": ["MiniMindForCausalLM"],
+    "auto_map": {"AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"},
+    "model_type": "minimind",
+    "aux_loss_alpha": 0.1,
+    "bos_token_id": 1,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "flash_attn": True,
+    "hidden_act": "silu",
+    "intermediate_size": None,
+    "max_position_embeddings": 256,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_experts_per_tok": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "inference_rope_scaling": False,
+    "rope_theta": 1000000.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "torch_dtype": "float32",
+    "transformers_version": "4.57.1",
+}
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_minimind2_hf_folder_as_minimind_writes_it(tmp_path, moe):
+    """A MiniMind2 folder (config.json with MiniMind's bookkeeping fields, intermediate_size null: the
+    8h/3 rule) imports as the model it is; a field that clashes with the tensors is named."""
+    model = era_model("minimind2", moe)
+    folder = tmp_path / "MiniMind2"
+    folder.mkdir()
+    cfg = dict(MINIMIND2_CONFIG, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
+    cfg.update(vocab_size=96, use_moe=moe, num_experts_per_tok=1)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    # era_model sized the FFN by MiniMind-3's rule; MiniMind2's config says null (8h/3): name the clash
+    with pytest.raises(CheckpointError, match="gate_proj.weight' has shape"):
+        import_checkpoint(folder)
+    cfg["intermediate_size"] = model.config.intermediate_size
+    (folder / "config.json").write_text(json.dumps(cfg))
+    back = import_checkpoint(folder, tmp_path / "m.json")
+    assert back.meta["era"] == "minimind2" and back.config.rope_pairing == "half"
+    assert back.config.topk_renorm == "k>1" and back.config.use_moe == moe
+    ids, mask = model.input_ids, model.attention_mask
+    np.testing.assert_array_equal(
+        cl.ReferenceModel(back).forward(ids, mask)[0], cl.ReferenceModel(model).forward(ids, mask)[0]
+    )
+    cfg["scoring_func"] = "sigmoid"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="scoring_func='sigmoid'"):
+        import_checkpoint(folder)
