@@ -503,7 +503,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     era = model.meta.get("era") or model.meta.get("architecture")
     print(
         f"imported {args.src} ({era}): {c.num_parameters():,} parameters, {c.num_hidden_layers} layers, "
-        f"hidden {c.hidden_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, rope {c.rope_pairing}"
+        f"hidden {c.hidden_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, rope {c.rope_pairing} "
+        f"theta {c.rope_theta:g}, eps {c.rms_norm_eps:g}, {c.max_position_embeddings} positions"
         + (f", MoE {c.num_experts}x top-{c.num_experts_per_tok} ({c.topk_renorm})" if c.use_moe else "")
         + f" -> {args.output}"
     )
