@@ -124,15 +124,22 @@ def test_export_loads_in_transformers_and_round_trips_bit_for_bit(tmp_path):
         assert np.array_equal(back.rope_cos, model.rope_cos) and np.array_equal(back.rope_sin, model.rope_sin)
 
 
-def test_minimind_format_round_trips(tmp_path):
-    model = cl.generate_model(
-        cl.preset("minimind2-moe", hidden_size=64, num_hidden_layers=2, vocab_size=96, max_position_embeddings=64),
-        batch_size=2,
-        seq_len=6,
-    )
-    back = import_checkpoint(export_checkpoint(model, tmp_path / "mm", fmt="minimind"))
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("minimind2-moe", dict(max_position_embeddings=64)),  # shared expert, the k>1 rule
+        ("minimind3", dict(max_position_embeddings=4096, inference_rope_scaling=True)),  # q/k norm, MiniMind's YaRN
+    ],
+)
+def test_minimind_format_round_trips(tmp_path, name, overrides):
+    config = cl.preset(name, hidden_size=64, num_hidden_layers=2, vocab_size=96, **overrides)
+    model = cl.generate_model(config, batch_size=2, seq_len=6)
+    folder = export_checkpoint(model, tmp_path / "mm", fmt="minimind")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["MiniMindForCausalLM"]
+    back = import_checkpoint(folder)
     assert back.config.to_dict() == model.config.to_dict()
     assert all(np.array_equal(back.weights[n], a) for n, a in model.weights.items())
+    assert np.array_equal(back.rope_cos, model.rope_cos)
 
 
 @pytest.mark.parametrize(
@@ -272,6 +279,7 @@ class _Evil:
         ("activation", "hidden_act='gelu'"),
         ("code", r"objects other than tensors \(posix.system\)"),
         ("truncated", "not a safetensors file|past the end|does not fit"),
+        ("shard", r"names shard 'model-0000\d-of-0000\d.safetensors', which is not in"),
     ],
 )
 def test_bad_checkpoints_are_named(tmp_path, case, words):
@@ -292,6 +300,11 @@ def test_bad_checkpoints_are_named(tmp_path, case, words):
     elif case == "code":
         src = tmp_path / "evil.pth"
         torch.save({"tok_embeddings.weight": torch.zeros(4, 4), "x": _Evil()}, src)
+    elif case == "shard":
+        src = tmp_path / "sharded"
+        hf_model("llama").save_pretrained(src, max_shard_size="60KB")
+        shards = sorted(set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        (src / shards[-1]).unlink()
     else:
         hf_model("llama").save_pretrained(tmp_path / "t")
         src = tmp_path / "t"
