@@ -459,99 +459,132 @@ def _is_tied(tensors: _Tensors, embed: str, head: str) -> bool:
     return tensors.shapes[embed] == tensors.shapes[head] and np.array_equal(tensors.get(embed), tensors.get(head))
 
 
-def _plan(
-    src: Path, era_name: str | None, given: dict[str, Any]
-) -> tuple[ModelConfig, dict[str, str], _Tensors, dict[str, Any]]:
-    """(config, model-file name -> checkpoint name, the tensors, meta) for ``src``, nothing decoded yet."""
-    where = str(src)
+def _open(src: Path) -> _Tensors:
+    """The tensors of a folder or a single checkpoint file (nothing decoded yet)."""
     if not src.exists():
-        raise CheckpointError(f"{where}: no such file or folder")
-    folder = src if src.is_dir() else src.parent
-    tensors = _read_folder(src) if src.is_dir() else _Tensors()
-    if src.is_file():
+        raise CheckpointError(f"{src}: no such file or folder")
+    if src.is_dir():
+        tensors = _read_folder(src)
+    else:
+        tensors = _Tensors()
         if src.suffix == ".safetensors":
             tensors.add_safetensors(src)
         else:
             tensors.add_pickle(src)
-    tensors.split_fused_experts(where)
-    cfg_path = folder / "config.json"
-    cfg: dict[str, Any] | None = None
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{cfg_path}: not JSON: {exc}") from exc
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path}: not a JSON object")
+    tensors.split_fused_experts(str(src))
+    return tensors
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """The config.json beside a checkpoint, or None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return cfg
+
+
+def _hf_names(tensors: _Tensors, where: str) -> dict[str, str]:
+    """HF name -> the checkpoint's name, for every weight (buffers left out, biases refused)."""
     names = [n for n in tensors.shapes if not _IGNORED.match(n)]
     for name in names:
         if _BIAS.match(name):
             raise CheckpointError(
                 f"{where}: tensor '{name}': biases are not supported (MiniMind's projections have none)"
             )
-    naming = _naming(names)
-    rename: dict[str, str] = {}  # HF name -> checkpoint name
-    for name in names:
-        new = _rename_v1(name, where) if naming == {"v1"} else name
-        rename[new] = name
-    hf_shapes = {new: tensors.shapes[old] for new, old in rename.items()}
-    meta: dict[str, Any] = {"imported_from": where}
-    if cfg is not None and (cfg.get("architectures") or cfg.get("model_type") in ARCHITECTURES.values()):
-        model_type, fields = config_from_hf(cfg, str(cfg_path))
-        meta["architecture"] = model_type
-        if model_type == "minimind":
-            era = ERAS[era_name or detect_era(list(tensors.shapes), {}, where)]
-            fields.setdefault("rope_pairing", era.rope_pairing)
-            fields.setdefault("sizing_rule", "minimind3" if era is ERAS["minimind3"] else "minimind2")
-            fields.setdefault("qk_norm", "model.layers.0.self_attn.q_norm.weight" in hf_shapes)
-            if "topk_renorm" not in fields and "norm_topk_prob" not in fields:
-                fields["topk_renorm"] = era.topk_renorm
-            meta["era"] = era_name or detect_era(list(tensors.shapes), {}, where)
-        fields.update(given)
-    else:  # a bare state dict: sizes from the shapes, the rest from the era (and config.json's fields, if any)
+    v1 = _naming(names) == {"v1"}
+    return {(_rename_v1(name, where) if v1 else name): name for name in names}
+
+
+def _fields(
+    src: Path, tensors: _Tensors, rename: dict[str, str], era_name: str | None, given: dict[str, Any], meta: dict
+) -> dict[str, Any]:
+    """ModelConfig fields: from a HF config.json, or (a bare state dict) from the shapes, the era and
+    any config.json fields; ``given`` wins. Records the architecture or era in ``meta``."""
+    where = str(src)
+    cfg_path = (src if src.is_dir() else src.parent) / "config.json"
+    cfg = _read_config(cfg_path)
+    if cfg is None or not (cfg.get("architectures") or cfg.get("model_type") in ARCHITECTURES.values()):
         given = {**(cfg or {}), **given}
-        name = era_name or detect_era(list(tensors.shapes), given, where)
-        if name not in ERAS:
-            raise CheckpointError(f"era={name!r}: unknown; known eras: {', '.join(ERAS)}")
-        meta["era"] = name
-        fields = _shapes_config(hf_shapes, given, ERAS[name], where)
-    tied_pair = "model.embed_tokens.weight" in rename and "lm_head.weight" in rename
-    if (
-        tied_pair
-        and fields.get("tie_word_embeddings", True)
-        and _is_tied(tensors, rename["model.embed_tokens.weight"], rename["lm_head.weight"])
-    ):
-        del rename["lm_head.weight"]
-        fields["tie_word_embeddings"] = True
-    elif (
-        "lm_head.weight" in rename
-        and "model.embed_tokens.weight" not in rename
-        and fields.get("tie_word_embeddings", True)
-    ):
-        rename["model.embed_tokens.weight"] = rename.pop("lm_head.weight")  # a tied model saved under the head's name
-    elif tied_pair:
-        if fields.get("tie_word_embeddings") is True:  # said tied, holds a head of its own: which one runs?
+        meta["era"] = era_name or detect_era(list(tensors.shapes), given, where)
+        return _shapes_config(
+            {new: tensors.shapes[old] for new, old in rename.items()}, given, ERAS[meta["era"]], where
+        )
+    try:
+        model_type, fields = config_from_hf(cfg, str(cfg_path))
+    except KeyError as exc:
+        raise CheckpointError(f"{cfg_path}: missing field {exc}") from exc
+    except TypeError as exc:
+        raise CheckpointError(f"{cfg_path}: a field of the wrong type: {exc}") from exc
+    meta["architecture"] = model_type
+    if model_type == "minimind":  # what MiniMind's config does not say, its era (from the tensors) does
+        meta["era"] = era_name or detect_era(list(tensors.shapes), {}, where)
+        era = ERAS[meta["era"]]
+        fields.setdefault("rope_pairing", era.rope_pairing)
+        fields.setdefault("sizing_rule", "minimind3" if meta["era"] == "minimind3" else "minimind2")
+        fields.setdefault("qk_norm", "model.layers.0.self_attn.q_norm.weight" in rename)
+        if "topk_renorm" not in fields and "norm_topk_prob" not in fields:
+            fields["topk_renorm"] = era.topk_renorm
+    return {**fields, **given}
+
+
+def _resolve_tie(rename: dict[str, str], fields: dict[str, Any], tensors: _Tensors, where: str) -> None:
+    """Tied or not, from the config and the tensors: a tied model's state dict may hold the embedding
+    twice (v1, torch.save) or only under the head's name; a head of its own means untied."""
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    said = fields.get("tie_word_embeddings")
+    if head in rename and embed not in rename and said is not False:
+        rename[embed] = rename.pop(head)  # a tied model saved under the head's name
+    elif head in rename and embed in rename and said is not False:
+        if _is_tied(tensors, rename[embed], rename[head]):
+            del rename[head]
+            fields["tie_word_embeddings"] = True
+        elif said is True:  # said tied, holds a head of its own: which one runs?
             raise CheckpointError(
                 f"{where}: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight "
                 "(transformers would ignore the head; set tie_word_embeddings to false if the head is meant)"
             )
-        fields["tie_word_embeddings"] = False
-    try:
-        config = ModelConfig.from_dict(fields)
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{where}: {exc}") from exc
+        else:
+            fields["tie_word_embeddings"] = False
+
+
+def _check_tensors(config: ModelConfig, rename: dict[str, str], tensors: _Tensors, where: str) -> dict[str, str]:
+    """Every weight the config implies is there with its shape, and nothing else: model-file name ->
+    checkpoint name, in file order."""
     expected = weight_shapes(config)
     for name, shape in expected.items():
         if name not in rename:
             raise CheckpointError(f"{where}: missing tensor '{name}' (the config needs it, shape {list(shape)})")
-        if tuple(tensors.shapes[rename[name]]) != shape:
+        actual = tuple(tensors.shapes[rename[name]])
+        if actual != shape:
             raise CheckpointError(
-                f"{where}: tensor '{rename[name]}' has shape {list(tensors.shapes[rename[name]])}, the config implies {list(shape)}"
+                f"{where}: tensor '{rename[name]}' has shape {list(actual)}, the config implies {list(shape)}"
             )
     extra = sorted(set(rename) - set(expected))
     if extra:
         raise CheckpointError(f"{where}: unexpected tensor '{rename[extra[0]]}' (not a weight of this config)")
-    return config, {name: rename[name] for name in expected}, tensors, meta
+    return {name: rename[name] for name in expected}
+
+
+def _plan(
+    src: Path, era_name: str | None, given: dict[str, Any]
+) -> tuple[ModelConfig, dict[str, str], _Tensors, dict[str, Any]]:
+    """(config, model-file name -> checkpoint name, the tensors, meta) for ``src``, nothing decoded yet."""
+    where = str(src)
+    tensors = _open(src)
+    rename = _hf_names(tensors, where)
+    meta: dict[str, Any] = {"imported_from": where}
+    fields = _fields(src, tensors, rename, era_name, given, meta)
+    _resolve_tie(rename, fields, tensors, where)
+    try:
+        config = ModelConfig.from_dict(fields)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    return config, _check_tensors(config, rename, tensors, where), tensors, meta
 
 
 def import_checkpoint(

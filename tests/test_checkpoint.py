@@ -277,6 +277,7 @@ class _Evil:
         ("config_bias", "attention_bias=True: biases"),
         ("rope", "rope_type='linear'"),
         ("activation", "hidden_act='gelu'"),
+        ("config_field", "missing field 'num_hidden_layers'"),
         ("code", r"objects other than tensors \(posix.system\)"),
         ("truncated", "not a safetensors file|past the end|does not fit"),
         ("shard", r"names shard 'model-0000\d-of-0000\d.safetensors', which is not in"),
@@ -295,6 +296,8 @@ def test_bad_checkpoints_are_named(tmp_path, case, words):
         src = _folder(tmp_path, config_edit=lambda c: c.update(attention_bias=True))
     elif case == "rope":
         src = _folder(tmp_path, config_edit=lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": 2.0}))
+    elif case == "config_field":
+        src = _folder(tmp_path, config_edit=lambda c: c.pop("num_hidden_layers"))
     elif case == "activation":
         src = _folder(tmp_path, config_edit=lambda c: c.update(hidden_act="gelu"))
     elif case == "code":
