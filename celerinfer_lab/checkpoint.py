@@ -112,7 +112,8 @@ _V1_LAYER: list[tuple[str, Callable[[re.Match[str]], str]]] = [
     (r"feed_forward\.(experts\.\d+\.)?w([123])\.weight", lambda m: f"mlp.{m[1] or ''}{_W123[m[2]]}.weight"),
     (r"feed_forward\.shared_experts\.w([123])\.weight", lambda m: f"mlp.shared_experts.0.{_W123[m[1]]}.weight"),
 ]
-_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin|pos_cis|attention\.mask)$")
+# buffers, not weights: RoPE caches, the v1 causal mask, HF's position ids (recomputed here, or unused)
+_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|freqs_cos|freqs_sin|pos_cis|attention\.mask|position_ids)$")
 _BIAS = re.compile(r".*\.bias$")
 
 
@@ -211,6 +212,11 @@ class _Tensors:
                 dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: tensor '{name}': malformed header entry {entry!r}") from exc
+            if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise CheckpointError(f"{where}: tensor '{name}' has shape {list(shape)}: not a list of sizes")
+            if _IGNORED.match(name):
+                self.shapes[name] = shape  # a buffer: seen (for the era), never decoded
+                continue
             if dtype not in _ST_DTYPES:
                 raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtype}; supported: {sorted(_ST_DTYPES)}")
             size = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize
@@ -241,6 +247,9 @@ class _Tensors:
         for name, tensor in sd.items():
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointError(f"{where}: '{name}' is a {type(tensor).__name__}, not a tensor")
+            if _IGNORED.match(_strip_prefix(str(name))):
+                self.shapes[_strip_prefix(str(name))] = tuple(tensor.shape)  # a buffer: seen, never decoded
+                continue
             if not tensor.is_floating_point():
                 raise CheckpointError(
                     f"{where}: tensor '{name}' has dtype {tensor.dtype}; weights must be floating point"

@@ -280,6 +280,7 @@ class _Evil:
         ("config_field", "missing field 'num_hidden_layers'"),
         ("code", r"objects other than tensors \(posix.system\)"),
         ("truncated", "not a safetensors file|past the end|does not fit"),
+        ("header", r"weight' has shape \[-64\]: not a list of sizes"),
         ("shard", r"names shard 'model-0000\d-of-0000\d.safetensors', which is not in"),
     ],
 )
@@ -303,6 +304,14 @@ def test_bad_checkpoints_are_named(tmp_path, case, words):
     elif case == "code":
         src = tmp_path / "evil.pth"
         torch.save({"tok_embeddings.weight": torch.zeros(4, 4), "x": _Evil()}, src)
+    elif case == "header":
+        src = tmp_path / "h"
+        hf_model("llama").save_pretrained(src)
+        data = (src / "model.safetensors").read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + n].replace(b'"shape":[64]', b'"shape":[-64]', 1)
+        assert len(header) == n + 1
+        (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
     elif case == "shard":
         src = tmp_path / "sharded"
         hf_model("llama").save_pretrained(src, max_shard_size="60KB")
@@ -324,8 +333,9 @@ def test_bad_checkpoints_are_named(tmp_path, case, words):
 
 
 def test_good_folder_passes_the_cli_and_export_cli(tmp_path):
-    """The companion of the bad cases: the same folder unedited imports, exit 0; export writes a folder."""
-    src = _folder(tmp_path)
+    """The companion of the bad cases: the same folder unedited imports, exit 0 (an int64 buffer of
+    position ids, as older transformers saved, is left out); export writes a folder."""
+    src = _folder(tmp_path, lambda sd: sd.update({"model.position_ids": torch.arange(8)[None]}))
     r = run_cli("import", str(src), "-o", str(tmp_path / "m.json"), "--sidecar")
     assert r.returncode == 0, r.stderr
     r = run_cli("export", str(tmp_path / "m.json"), "-o", str(tmp_path / "out"))
