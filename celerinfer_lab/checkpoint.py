@@ -624,7 +624,10 @@ def import_checkpoint(
 
     def weights() -> Iterator[tuple[str, np.ndarray]]:
         for name, old in names.items():
-            yield name, tensors.get(old)
+            array = tensors.get(old)
+            if not np.isfinite(array).all():  # refused before the writer commits: nothing is left behind
+                raise CheckpointError(f"{src}: tensor '{old}' contains NaN or Inf")
+            yield name, array
 
     if output is not None:
         write_model_file(output, cfg, weights(), ids, mask, cos, sin, meta, sidecar=sidecar)

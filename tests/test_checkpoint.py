@@ -270,6 +270,7 @@ class _Evil:
 @pytest.mark.parametrize(
     "case,words",
     [
+        ("nan", r"tensor 'model.layers.1.self_attn.v_proj.weight' contains NaN or Inf"),
         ("missing", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
         ("shape", r"model.layers.0.self_attn.k_proj.weight' has shape \[16, 64\]"),
         ("architecture", "unknown architecture 'GPT2LMHeadModel'"),
@@ -285,7 +286,9 @@ class _Evil:
     ],
 )
 def test_bad_checkpoints_are_named(tmp_path, case, words):
-    if case == "missing":
+    if case == "nan":
+        src = _folder(tmp_path, lambda sd: sd["model.layers.1.self_attn.v_proj.weight"].view(-1)[5].fill_(float("nan")))
+    elif case == "missing":
         src = _folder(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     elif case == "shape":
         src = _folder(tmp_path, lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 64)}))
