@@ -13,6 +13,7 @@ import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors (tests/test_typecheck.py: in step)
+    from .checkpoint import export_checkpoint, import_checkpoint
     from .compare import Comparison, compare, compare_decode
     from .complete import Completion, complete
     from .config import PRESETS, ConfigError, ModelConfig, preset
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
 
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
+    "import_checkpoint": "checkpoint",
+    "export_checkpoint": "checkpoint",
     "Comparison": "compare",
     "Report": "report",
     "Tolerances": "tolerances",
@@ -79,6 +82,8 @@ __all__ = [
     "ModelFileError",
     "load_model",
     "save_model",
+    "import_checkpoint",
+    "export_checkpoint",
     "weight_shapes",
     "ForwardResult",
     "ReferenceModel",

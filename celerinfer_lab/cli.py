@@ -404,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="celerinfer-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_import_export(sub)
     info = sub.add_parser("info", help="describe a model file")
     info.add_argument("model")
     info.add_argument("--trace-points", action="store_true", help="list the trace points with their shapes")
@@ -529,7 +530,77 @@ def cmd_lab(args: argparse.Namespace) -> int:
     os.execv(command[0], command)  # JupyterLab replaces this process: Ctrl-C and kill reach it directly
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .checkpoint import import_checkpoint
+
+    _check_output(args.output, args.sidecar, args.force)
+    given: dict[str, object] = {}
+    for flag, field in _IMPORT_FIELDS:
+        value = getattr(args, flag)
+        if value is not None:
+            given[field] = value
+    model = import_checkpoint(args.src, args.output, era=args.era, config=given, sidecar=args.sidecar)
+    c = model.config
+    era = model.meta.get("era") or model.meta.get("architecture")
+    print(
+        f"imported {args.src} ({era}): {c.num_parameters():,} parameters, {c.num_hidden_layers} layers, "
+        f"hidden {c.hidden_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, rope {c.rope_pairing} "
+        f"theta {c.rope_theta:g}, eps {c.rms_norm_eps:g}, {c.max_position_embeddings} positions"
+        + (f", MoE {c.num_experts}x top-{c.num_experts_per_tok} ({c.topk_renorm})" if c.use_moe else "")
+        + f" -> {args.output}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_checkpoint
+    from .reader import load_model
+
+    out = export_checkpoint(load_model(args.model), args.output, fmt=args.format)
+    print(f"exported {args.model} -> {out} (config.json, model.safetensors; format {args.format})")
+    return 0
+
+
+# import flags that set config fields a bare state dict cannot tell: (argparse dest, ModelConfig field)
+_IMPORT_FIELDS = (
+    ("heads", "num_attention_heads"),
+    ("eps", "rms_norm_eps"),
+    ("theta", "rope_theta"),
+    ("max_pos", "max_position_embeddings"),
+    ("topk", "num_experts_per_tok"),
+)
+
+
+def _add_import_export(sub: argparse._SubParsersAction) -> None:
+    imp = sub.add_parser("import", help="import a HF folder or a MiniMind .pth as a model file")
+    imp.add_argument(
+        "src", help="a HF folder (config.json + model.safetensors / pytorch_model.bin) or a .pth/.bin/.safetensors file"
+    )
+    imp.add_argument("-o", "--output", required=True, help="the model file to write")
+    imp.add_argument("--sidecar", action="store_true", help="weights in a safetensors sidecar beside the JSON")
+    imp.add_argument("--force", action="store_true", help="replace an existing model file")
+    imp.add_argument(
+        "--era", help="MiniMind era of a .pth: v1, minimindlm, minimind2, minimind3 (default: from the tensor names)"
+    )
+    imp.add_argument("--heads", type=int, help="num_attention_heads (a .pth does not record it)")
+    imp.add_argument("--eps", type=float, help="rms_norm_eps")
+    imp.add_argument("--theta", type=float, help="rope_theta")
+    imp.add_argument("--max-pos", type=int, help="max_position_embeddings")
+    imp.add_argument("--topk", type=int, help="num_experts_per_tok (MoE)")
+    exp = sub.add_parser("export", help="export a model file as a Hugging Face folder")
+    exp.add_argument("model")
+    exp.add_argument("-o", "--output", required=True, help="the folder to write")
+    exp.add_argument(
+        "--format",
+        choices=("hf", "minimind"),
+        default="hf",
+        help="hf: Llama/Qwen3/Qwen3-MoE; minimind: MiniMindForCausalLM",
+    )
+
+
 COMMANDS = {
+    "import": cmd_import,
+    "export": cmd_export,
     "generate": cmd_generate,
     "info": cmd_info,
     "torch-forward": cmd_torch_forward,

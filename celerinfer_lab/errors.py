@@ -11,7 +11,9 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     │   └── UsageTypeError (TypeError)   ... of the wrong type
     ├── ConfigError (ValueError)         a config field breaks a rule
     ├── ModelFileError (ValueError)      a malformed or unwritable model file
-    │   └── SidecarError                 the safetensors sidecar is missing, truncated or disagrees
+    │   ├── SidecarError                 the safetensors sidecar is missing, truncated or disagrees
+    │   └── CheckpointError              a checkpoint to import (or a model to export) is malformed,
+    │                                    unsupported or ambiguous
     ├── TokenizerError (ValueError)      no tokenizer kept with the model, or a malformed one
     ├── FaultError (ValueError)          an unknown fault, or one that no longer applies
     ├── NativeError (RuntimeError)       the C++ refused an input or failed
@@ -47,6 +49,11 @@ class SidecarError(ModelFileError):
     """The sidecar is missing, truncated or disagrees with the JSON file."""
 
 
+class CheckpointError(ModelFileError):
+    """A checkpoint to import (or a model to export) is malformed, holds a feature this project does
+    not run, or fits more than one MiniMind era. The message names the file, the tensor or field."""
+
+
 class TokenizerError(CelerInferError, ValueError):
     """No tokenizer is kept with the model file, or its tokenizer.json / tokenizer_config.json is
     malformed or does not fit the model. The message names the file and what is wrong."""
@@ -75,6 +82,7 @@ __all__ = [
     "ConfigError",
     "ModelFileError",
     "SidecarError",
+    "CheckpointError",
     "TokenizerError",
     "FaultError",
     "NativeError",

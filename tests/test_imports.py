@@ -27,7 +27,8 @@ HEAVY = ("torch", "matplotlib", "pandas", "cppyy", "ipywidgets")
 LAYERS = [
     # the ground: errors, limits, the weight table, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is
     ["errors", "limits", "schema", "flags", "config", "trace", "paths"],
-    # model files and inputs: format, strict JSON, sidecar, writer, Model, reader, RoPE cache, random models;
+    # model files and inputs: format, strict JSON, sidecar, writer, Model, reader, RoPE cache, random models,
+    # checkpoints imported and exported (HF folders, MiniMind .pth);
     # the fault catalogue (source edits to a copy of cpp/); the C++ headers generated from Python tables
     [
         "modelformat",
@@ -38,6 +39,7 @@ LAYERS = [
         "reader",
         "rope",
         "generate",
+        "checkpoint",
         "faults",
         "cpp_tables",
         "tokenizer",
