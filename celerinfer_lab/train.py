@@ -34,14 +34,14 @@ def small_config(vocab_size: int) -> ModelConfig:
 
 
 def train_small_model(
-    steps: int | None = None,
+    steps: int | None = 300,
     seconds: float | None = 60.0,
     text_path: str | Path = SAMPLE_TEXT,
     tokenizer: Tokenizer | None = None,
     config: ModelConfig | None = None,
     seq_len: int = 64,
     batch: int = 16,
-    learning_rate: float = 3e-3,
+    learning_rate: float = 1e-2,
     seed: int = 0,
 ) -> tuple[Model, Tokenizer, list[float]]:
     """Train from the generator's random weights for ``steps`` optimizer steps or ``seconds``, whichever

@@ -40,10 +40,18 @@ EXPECTED = {  # words each notebook's outputs must contain
         "image/png",
         "application/vnd.jupyter.widget-view+json",
     ],
+    "06_real_model.ipynb": [
+        "935,296 parameters",
+        "round trip bit for bit: True",
+        "trace points agree",
+        "identical: True",
+        "culprit: model.layers.0.attn_residual",
+        "image/png",
+    ],
 }
 
 
-def test_there_are_five_notebooks():
+def test_there_are_six_notebooks():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
 
 
