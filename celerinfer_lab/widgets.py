@@ -30,6 +30,7 @@ from .faults import FAULTS, Fault, why_it_cannot_show
 from .flags import DEFAULT_BATCH_SIZE
 from .native import NativeEngine, assemble_source
 from .paths import DEFAULT_CPP_DIR, include_dir
+from .text_panel import TextPanel
 
 if TYPE_CHECKING:  # for annotations only: Run imports what it runs when it runs
     import numpy as np
@@ -195,8 +196,15 @@ class Explorer(W.VBox):
                 self.status,
             ]
         )
+        self.text = TextPanel(self._text_source)  # greedy text on both sides for the same model
         super().__init__(
-            [W.HTML("<h3>CelerInfer Lab explorer</h3>"), W.HBox([config_box, debug_box]), self.result_html, self.plots]
+            [
+                W.HTML("<h3>CelerInfer Lab explorer</h3>"),
+                W.HBox([config_box, debug_box]),
+                self.text,
+                self.result_html,
+                self.plots,
+            ]
         )
         self._clamp_topk()
         self.validate()
@@ -279,6 +287,18 @@ class Explorer(W.VBox):
         if not self._switching:
             self._render_fault_note()
         return ok
+
+    def _text_source(self) -> tuple[ModelConfig, int, NativeEngine, str] | str:
+        """What the text row runs: the controls' model and seed, the engine with the chosen fault, the
+        first chosen kernel set; or why it cannot run (an invalid config, a C++ that does not compile)."""
+        if not self.validate():
+            return f"the config is invalid: {self.message}"
+        fault = self._fault()
+        try:
+            native = engine_for(self.controls["cpp_dir"].value, fault.name if fault else None, self.extra_source)
+        except Exception as exc:  # noqa: BLE001 (shown in the widget)
+            return f"the C++ did not load: {exc}"
+        return self.config(), self.controls["seed"].value, native, self.chosen_sets()[0]
 
     # ---- faults: run each where it shows ---------------------------------------------------
     def _fault(self) -> Fault | None:

@@ -61,7 +61,7 @@ LAYERS = [
     ["bench", "complete", "train"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
-    ["cli", "widgets", "__init__", "testing"],
+    ["cli", "widgets", "text_panel", "__init__", "testing"],
 ]
 LAYER = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

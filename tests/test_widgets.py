@@ -281,3 +281,31 @@ def test_tables_keep_their_columns_and_notes_sit_below_their_controls():
     assert note is e.notes["kv_heads"] and list(first.children) == [e.controls["kv_heads"]]
     e.controls["kv_heads"].value = 3  # invalid: 8 heads are not a multiple of 3
     assert "not a multiple" in e.notes["kv_heads"].value and e.run_button.disabled
+
+
+def test_the_text_row_generates_on_both_sides():
+    e = explorer()
+    e.controls["vocab"].value = 384  # the byte-level tokenizer needs 256 bytes and the specials
+    e.text.new_tokens.value = 8
+    e.text.button.click()
+    done = e.text.completion
+    assert done is not None and done.identical and len(done.torch_ids) == 8 and done.kernels == "fast"
+    assert "identical: 8 tokens, the same on both sides" in e.text.output.value and "<pre" in e.text.output.value
+
+
+def test_the_text_row_finds_a_fault_and_explains_what_it_cannot_do():
+    e = explorer()
+    e.controls["vocab"].value = 384
+    e.controls["fault"].value = "residual_added_twice"
+    e.text.new_tokens.value = 8
+    e.text.button.click()
+    assert e.text.completion is not None and e.text.completion.divergence is not None
+    assert "culprit: model.layers.0.attn_residual" in e.text.output.value and "color:#a00" in e.text.output.value
+    e.controls["fault"].value = "none"
+    e.controls["vocab"].value = 128
+    e.text.button.click()
+    assert e.text.completion is None and "at least 260 ids" in e.text.output.value
+    e.controls["vocab"].value = 384
+    e.controls["heads"].value = 3  # not a multiple of 2 kv heads: the text row says so, nothing runs
+    e.text.button.click()
+    assert e.text.completion is None and "the config is invalid" in e.text.output.value
