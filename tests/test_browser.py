@@ -148,6 +148,8 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
             # The final status ("PyTorch 0.754 ms, ..."), not the progress line ("timing PyTorch ...").
             page.locator(".widget-html", has_text=re.compile(r"PyTorch [\d.]+ ms")).first.wait_for(timeout=120_000)
             before = _status(page)
+            # read now: moving the slider below clears the status ("settings changed") until the next Run
+            before_text = page.evaluate(f"() => {_STATUS_JS}.textContent")
             assert "127,296 parameters" in before and "agree" in before
 
             news = page.get_by_role("button", name="No", exact=True)  # the "Jupyter news?" toast, if shown
@@ -166,7 +168,6 @@ def test_quickstart_explorer_in_a_real_browser(jupyterlab):
                 except Exception:
                     continue
             assert readout.inner_text() == "80"
-            before_text = page.evaluate(f"() => {_STATUS_JS}.textContent")
             run.click()
             page.wait_for_function(  # the final status of the new run (the progress line has no "parameters")
                 f"(before) => {{ const e = {_STATUS_JS}; return !!e && /PyTorch [\\d.]+ ms/.test(e.textContent)"
