@@ -18,6 +18,10 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("bench-work")
 
 
+# the original tool's positional arguments for the tiny default model: hidden layers heads kvh vocab seq batch
+TINY_ARGS = ("64", "2", "8", "2", "128", "5", "2")
+
+
 def test_bench_command_runs_and_writes_json(tmp_path, work):
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -26,13 +30,7 @@ def test_bench_command_runs_and_writes_json(tmp_path, work):
             "-m",
             "celerinfer_lab.cli",
             "bench",
-            "64",
-            "2",
-            "8",
-            "2",
-            "128",
-            "5",
-            "2",
+            *TINY_ARGS,
             "--repeat",
             "3",
             "--warmup",
@@ -93,13 +91,7 @@ def test_bench_times_every_kernel_set(tmp_path, work):
             "-m",
             "celerinfer_lab.cli",
             "bench",
-            "64",
-            "2",
-            "8",
-            "2",
-            "128",
-            "5",
-            "2",
+            *TINY_ARGS,
             "--kernels",
             "all",
             "--repeat",
@@ -158,7 +150,7 @@ def test_bench_rejects_bad_arguments():
     assert r.returncode == 2 and "expected 7 numbers" in r.stderr
     r = run("64", "2", "8", "3", "128", "5", "2")
     assert r.returncode == 2 and "num_key_value_heads=3" in r.stderr
-    r = run("--preset", "minimind2-small", "64", "2", "8", "2", "128", "5", "2")
+    r = run("--preset", "minimind2-small", *TINY_ARGS)
     assert r.returncode == 2 and "either --preset or the seven numbers" in r.stderr
     r = run("--kernels", "fastest", "--repeat", "1", "--warmup", "0")
     assert r.returncode == 2 and "unknown kernel set 'fastest'" in r.stderr and "readable, fast" in r.stderr
