@@ -45,6 +45,8 @@ def _weight_row(row: schema.Weight) -> str:
         "{" + ", ".join(dims) + "}",
         f"Feature::{_camel(row.feature)}",
         "true" if row.linear else "false",
+        "true" if row.reduced else "false",
+        f"Feature::{_camel(row.reduced or 'always')}",
         _c_string(row.v0),
     ]
     return "    {" + ", ".join(fields) + "},"
@@ -121,6 +123,8 @@ def weight_table_header() -> str:
         "    Dim shape[2];",
         "    Feature feature;",
         "    bool linear;",
+        "    bool reducible;        // a bf16/q8 model may store it in that format ...",
+        "    Feature reduced_when;  // ... when this holds (else it is float32 in every model)",
         "    const char* v0;  // nullptr: the original layout has no such weight",
         "};",
         "",

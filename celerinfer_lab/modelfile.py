@@ -13,6 +13,7 @@ atomic) in writer.py: both re-exported here. Reading is reader.py's ``load_model
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from .modelformat import (  # noqa: F401
     iter_weight_shapes,
     weight_shapes,
 )
+from .quantize import check_weight_format, decode, encode
+from .schema import reduced_weights
 from .writer import write_model_file
 
 
@@ -51,6 +54,12 @@ class Model:
     source_format: str = FORMAT_NAME
     # Loaded with a sidecar: watches the mapped file (sidecar.SidecarWatch); None otherwise.
     sidecar_watch: Any = field(default=None, repr=False, compare=False)
+    # The format of the reduced weights (schema.reduced_weights): "f32", "bf16" or "q8" (quantize.py).
+    # In a bf16/q8 model, ``stored`` holds each reduced weight as the file stores it (bf16 bits, uint16
+    # of the weight's shape; Q8_0 bytes, uint8 [out, ceil(in/32) * 34]) and ``weights`` its float32
+    # decoding (exact for bf16, rounded once per weight for q8), for everything that reads float32.
+    weight_format: str = "f32"
+    stored: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Weights keyed by MiniMind's state-dict names; a tied lm_head is the embedding itself."""
@@ -69,6 +78,27 @@ class Model:
 
     def save(self, path: str | Path) -> None:
         save_model(self, path)
+
+    def weight_values(self, name: str, dtype: type = np.float32) -> np.ndarray:
+        """A weight's values in ``dtype``: decoded from its stored form when it has one (exact in
+        float64, which is what the precision-matched oracle runs on), else the float32 array."""
+        if name in self.stored:
+            return decode(self.stored[name], self.weight_format, tuple(self.weights[name].shape), dtype)
+        return np.asarray(self.weights[name]).astype(dtype, copy=False)
+
+    def as_format(self, fmt: str) -> Model:
+        """This model with its reduced weights in ``fmt`` ("f32", "bf16" or "q8"); itself when already so.
+        From float32 each reduced weight is encoded; to float32 the decoded values are kept; between
+        bf16 and q8 the decoded values are encoded again (a second rounding: quantize from float32)."""
+        check_weight_format(fmt)
+        if fmt == self.weight_format:
+            return self
+        weights, stored = dict(self.weights), {}
+        if fmt != "f32":
+            for name, shape in reduced_weights(self.config):
+                stored[name] = encode(self.weights[name], fmt, name)
+                weights[name] = decode(stored[name], fmt, shape)
+        return dataclasses.replace(self, weights=weights, stored=stored, weight_format=fmt)
 
     def check(self, where: str = "model", allow_nonfinite: bool = False) -> None:
         """Check every tensor against the config; raise ModelFileError naming what is wrong."""

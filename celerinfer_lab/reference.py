@@ -158,8 +158,11 @@ class ReferenceModel:
         model.check_sidecar()  # the copies below read every page of a memory-mapped sidecar
         self.config: ModelConfig = model.config
         self.dtype = dtype
-        # np.array copies: the loaded arrays are read-only views of the decoded file bytes.
-        self.w = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in model.weights.items()}
+        # np.array copies: the loaded arrays are read-only views of the decoded file bytes. A bf16/q8
+        # model's reduced weights are decoded from their stored form in float64 (exact) when the forward
+        # runs in float64: the precision-matched oracle of the reduced-precision kernel sets.
+        exact = np.float64 if dtype == torch.float64 else np.float32
+        self.w = {k: torch.from_numpy(np.array(model.weight_values(k, exact))).to(dtype) for k in model.weights}
         if self.config.tie_word_embeddings:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.rope_cos = torch.from_numpy(np.array(model.rope_cos)).to(dtype)

@@ -54,6 +54,7 @@ FEATURES = {
     "dense": Feature("use_moe", False, "!c.moe"),
     "moe": Feature("use_moe", True, "c.moe"),
     "untied": Feature("tie_word_embeddings", False, "!c.tied"),
+    "tied": Feature("tie_word_embeddings", True, "c.tied"),
 }
 
 
@@ -83,33 +84,39 @@ class Weight(NamedTuple):
     feature: str  # a FEATURES key
     slot: str  # the member of the scope's C++ struct (model.hpp) that points at it
     linear: bool  # an nn.Linear weight: kernel sets pack it (prepare_linear)
+    # When a bf16/q8 model stores it in that format (a FEATURES key), None: always float32. The matrices
+    # a forward streams are reduced; norms stay float32, and so does the MoE router (as llama.cpp keeps
+    # ffn_gate_inp: top-k near-ties would flip); the embedding only when tied, since it is then the head.
+    reduced: str | None
     v0: str | None = None  # its name in the original CelerInfer layout, when that layout has it
 
 
 # In file order. Model-scope rows come before and after one block of per-layer rows; within a layer,
 # an expert scope's consecutive rows repeat per expert (expert 0's three, then expert 1's, ...).
 WEIGHTS = (
-    Weight("model", "model.embed_tokens.weight", ("vocab", "hidden"), "always", "embed", False, "tok_embedding"),
-    Weight("layer", "input_layernorm.weight", ("hidden",), "always", "input_norm", False, "rms_attn"),
-    Weight("layer", "self_attn.q_proj.weight", ("q_dim", "hidden"), "always", "wq", True, "wq"),
-    Weight("layer", "self_attn.k_proj.weight", ("kv_dim", "hidden"), "always", "wk", True, "wk"),
-    Weight("layer", "self_attn.v_proj.weight", ("kv_dim", "hidden"), "always", "wv", True, "wv"),
-    Weight("layer", "self_attn.o_proj.weight", ("hidden", "q_dim"), "always", "wo", True, "wo"),
-    Weight("layer", "self_attn.q_norm.weight", ("head_dim",), "qk_norm", "q_norm", False),
-    Weight("layer", "self_attn.k_norm.weight", ("head_dim",), "qk_norm", "k_norm", False),
-    Weight("layer", "post_attention_layernorm.weight", ("hidden",), "always", "post_norm", False, "rms_ffn"),
-    Weight("mlp", "gate_proj.weight", ("intermediate", "hidden"), "dense", "gate", True, "w_gate"),
-    Weight("mlp", "up_proj.weight", ("intermediate", "hidden"), "dense", "up", True, "w_up"),
-    Weight("mlp", "down_proj.weight", ("hidden", "intermediate"), "dense", "down", True, "w_down"),
-    Weight("layer", "mlp.gate.weight", ("experts", "hidden"), "moe", "router", True),
-    Weight("expert", "gate_proj.weight", ("moe_intermediate", "hidden"), "moe", "gate", True),
-    Weight("expert", "up_proj.weight", ("moe_intermediate", "hidden"), "moe", "up", True),
-    Weight("expert", "down_proj.weight", ("hidden", "moe_intermediate"), "moe", "down", True),
-    Weight("shared_expert", "gate_proj.weight", ("moe_intermediate", "hidden"), "moe", "gate", True),
-    Weight("shared_expert", "up_proj.weight", ("moe_intermediate", "hidden"), "moe", "up", True),
-    Weight("shared_expert", "down_proj.weight", ("hidden", "moe_intermediate"), "moe", "down", True),
-    Weight("model", "model.norm.weight", ("hidden",), "always", "final_norm", False, "final_rms"),
-    Weight("model", "lm_head.weight", ("vocab", "hidden"), "untied", "lm_head", True, "lm_head"),
+    Weight(
+        "model", "model.embed_tokens.weight", ("vocab", "hidden"), "always", "embed", False, "tied", "tok_embedding"
+    ),
+    Weight("layer", "input_layernorm.weight", ("hidden",), "always", "input_norm", False, None, "rms_attn"),
+    Weight("layer", "self_attn.q_proj.weight", ("q_dim", "hidden"), "always", "wq", True, "always", "wq"),
+    Weight("layer", "self_attn.k_proj.weight", ("kv_dim", "hidden"), "always", "wk", True, "always", "wk"),
+    Weight("layer", "self_attn.v_proj.weight", ("kv_dim", "hidden"), "always", "wv", True, "always", "wv"),
+    Weight("layer", "self_attn.o_proj.weight", ("hidden", "q_dim"), "always", "wo", True, "always", "wo"),
+    Weight("layer", "self_attn.q_norm.weight", ("head_dim",), "qk_norm", "q_norm", False, None),
+    Weight("layer", "self_attn.k_norm.weight", ("head_dim",), "qk_norm", "k_norm", False, None),
+    Weight("layer", "post_attention_layernorm.weight", ("hidden",), "always", "post_norm", False, None, "rms_ffn"),
+    Weight("mlp", "gate_proj.weight", ("intermediate", "hidden"), "dense", "gate", True, "always", "w_gate"),
+    Weight("mlp", "up_proj.weight", ("intermediate", "hidden"), "dense", "up", True, "always", "w_up"),
+    Weight("mlp", "down_proj.weight", ("hidden", "intermediate"), "dense", "down", True, "always", "w_down"),
+    Weight("layer", "mlp.gate.weight", ("experts", "hidden"), "moe", "router", True, None),
+    Weight("expert", "gate_proj.weight", ("moe_intermediate", "hidden"), "moe", "gate", True, "always"),
+    Weight("expert", "up_proj.weight", ("moe_intermediate", "hidden"), "moe", "up", True, "always"),
+    Weight("expert", "down_proj.weight", ("hidden", "moe_intermediate"), "moe", "down", True, "always"),
+    Weight("shared_expert", "gate_proj.weight", ("moe_intermediate", "hidden"), "moe", "gate", True, "always"),
+    Weight("shared_expert", "up_proj.weight", ("moe_intermediate", "hidden"), "moe", "up", True, "always"),
+    Weight("shared_expert", "down_proj.weight", ("hidden", "moe_intermediate"), "moe", "down", True, "always"),
+    Weight("model", "model.norm.weight", ("hidden",), "always", "final_norm", False, None, "final_rms"),
+    Weight("model", "lm_head.weight", ("vocab", "hidden"), "untied", "lm_head", True, "always", "lm_head"),
 )
 
 
@@ -120,7 +127,8 @@ def check_table(rows: tuple[Weight, ...]) -> None:
     if block and block != list(range(block[0], block[-1] + 1)):
         raise ValueError(f"per-layer rows must be consecutive; row {rows[block[-1]].suffix!r} is after a model row")
     for row in rows:
-        unknown = [d for d in row.shape if d not in DIMS] + [f for f in (row.feature,) if f not in FEATURES]
+        features = (row.feature,) + ((row.reduced,) if row.reduced else ())
+        unknown = [d for d in row.shape if d not in DIMS] + [f for f in features if f not in FEATURES]
         if row.scope not in SCOPES or unknown or not 1 <= len(row.shape) <= 2:
             raise ValueError(f"weight {row.suffix!r}: scope, shape (1 or 2 of DIMS) or feature unknown: {row}")
         if row.v0 and SCOPES[row.scope].copies:
@@ -191,6 +199,13 @@ def iter_weight_shapes(config: Any) -> Iterator[tuple[str, tuple[int, ...]]]:
     """weight_shapes one at a time: a reader looks each up in a file without building them all."""
     for row, layer, index in iter_weights(config):
         yield weight_name(row, layer, index), shape_of(config, row)
+
+
+def reduced_weights(config: Any) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of the weights a bf16 or q8 model stores in that format (the rest stay float32)."""
+    for row, layer, index in iter_weights(config):
+        if row.reduced and has_feature(config, row.reduced):
+            yield weight_name(row, layer, index), shape_of(config, row)
 
 
 def weight_shapes(config: Any) -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ import torch
 
 from celerinfer_lab import quantize as q
 from celerinfer_lab.errors import ConfigError
+from celerinfer_lab.schema import reduced_weights
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 BF16 = gguf.GGMLQuantizationType.BF16
@@ -109,3 +110,32 @@ def test_encode_decode_round_trip_every_format() -> None:
     assert (error <= 0.5 * step + 127 * (step * 2**-11 + 2**-25)).all()
     with pytest.raises(ConfigError, match="must be one of f32, bf16, q8"):
         q.encode(w, "q4")
+
+
+# ---- a model in a reduced format (Model.as_format, Model.weight_values) -------------------------
+def test_as_format_reduces_the_streamed_matrices_only() -> None:
+    from celerinfer_lab import ModelConfig, generate_model
+
+    config = ModelConfig(use_moe=True, num_experts=4, n_shared_experts=1, qk_norm=True, tie_word_embeddings=True)
+    model = generate_model(config, seed=3)
+    reduced = model.as_format("q8")
+    assert reduced.weight_format == "q8" and model.weight_format == "f32" and not model.stored
+    assert "model.embed_tokens.weight" in reduced.stored  # tied: it is the head
+    assert "model.layers.0.mlp.gate.weight" not in reduced.stored  # the router stays float32
+    assert not any("norm" in name for name in reduced.stored)
+    assert set(reduced.stored) == {n for n, _ in reduced_weights(config)}
+    untied = generate_model(ModelConfig(tie_word_embeddings=False), seed=3).as_format("bf16")
+    assert "model.embed_tokens.weight" not in untied.stored and "lm_head.weight" in untied.stored
+    for name, stored in reduced.stored.items():
+        shape = model.weights[name].shape
+        exact = reduced.weight_values(name, np.float64)
+        assert np.array_equal(exact, q.from_q8(stored, shape[1], np.float64))
+        assert np.array_equal(reduced.weights[name], exact.astype(np.float32))
+    assert reduced.as_format("q8") is reduced
+    back = reduced.as_format("f32")
+    assert not back.stored and back.weights is not reduced.weights
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(back.weights[name], reduced.weights[name])
+    assert not np.array_equal(back.weights[name], model.weights[name])  # q8 changed the weights
+    with pytest.raises(ConfigError, match="must be one of"):
+        model.as_format("int4")

@@ -38,7 +38,7 @@ def test_a_changed_table_makes_the_header_stale(monkeypatch):
     row = schema.WEIGHTS[2]._replace(shape=("kv_dim", "hidden"))
     monkeypatch.setattr(schema, "WEIGHTS", (*schema.WEIGHTS[:2], row, *schema.WEIGHTS[3:]))
     assert stale_headers() == ["weight_table.hpp"]
-    assert '{Dim::KvDim, Dim::Hidden}, Feature::Always, true, "wq"}' in weight_table_header()
+    assert '{Dim::KvDim, Dim::Hidden}, Feature::Always, true, true, Feature::Always, "wq"}' in weight_table_header()
 
 
 # ---- C++ agrees with Python ------------------------------------------------------------------------
@@ -137,10 +137,10 @@ def test_a_cpp_table_that_differs_is_caught(cpp_copy):
     edit_file(
         table,
         '{Scope::Layer, "self_attn.k_norm.weight", nullptr, &LayerWeights::k_norm, nullptr, 1, '
-        "{Dim::HeadDim, Dim::None}, Feature::QkNorm, false, nullptr},",
+        "{Dim::HeadDim, Dim::None}, Feature::QkNorm, false, false, Feature::Always, nullptr},",
         "",
     )
-    edit_file(table, 'Feature::Always, true, "wo"}', 'Feature::Always, false, "wo"}')
+    edit_file(table, 'Feature::Always, true, true, Feature::Always, "wo"}', 'Feature::Always, false, true, Feature::Always, "wo"}')
     engine = load_native(cpp_copy, kernels="readable")
     config = small_config(qk_norm=True)
     assert cpp_weights(engine, config) != python_weights(config)

@@ -8,7 +8,7 @@
 namespace CELERINFER_NS {
 
 enum class Dim { None, Vocab, Hidden, QDim, KvDim, HeadDim, Intermediate, MoeIntermediate, Experts, SharedExperts };
-enum class Feature { Always, QkNorm, Dense, Moe, Untied };
+enum class Feature { Always, QkNorm, Dense, Moe, Untied, Tied };
 enum class Scope { Model, Layer, Mlp, Expert, SharedExpert };
 
 inline int64_t dim_size(const Config& c, Dim x) {
@@ -34,13 +34,14 @@ inline bool has_feature(const Config& c, Feature x) {
         case Feature::Dense: return !c.moe;
         case Feature::Moe: return c.moe;
         case Feature::Untied: return !c.tied;
+        case Feature::Tied: return c.tied;
     }
     fail("has_feature: bad value");
 }
 
 // The config field and value a feature needs (for messages).
 inline const char* feature_rule(Feature f) {
-    static const char* const rules[] = {"always", "qk_norm is true", "use_moe is false", "use_moe is true", "tie_word_embeddings is false"};
+    static const char* const rules[] = {"always", "qk_norm is true", "use_moe is false", "use_moe is true", "tie_word_embeddings is false", "tie_word_embeddings is true"};
     return rules[int(f)];
 }
 
@@ -79,31 +80,33 @@ struct WeightRow {
     Dim shape[2];
     Feature feature;
     bool linear;
+    bool reducible;        // a bf16/q8 model may store it in that format ...
+    Feature reduced_when;  // ... when this holds (else it is float32 in every model)
     const char* v0;  // nullptr: the original layout has no such weight
 };
 
 inline constexpr WeightRow kWeightRows[] = {
-    {Scope::Model, "model.embed_tokens.weight", &ModelWeights::embed, nullptr, nullptr, 2, {Dim::Vocab, Dim::Hidden}, Feature::Always, false, "tok_embedding"},
-    {Scope::Layer, "input_layernorm.weight", nullptr, &LayerWeights::input_norm, nullptr, 1, {Dim::Hidden, Dim::None}, Feature::Always, false, "rms_attn"},
-    {Scope::Layer, "self_attn.q_proj.weight", nullptr, &LayerWeights::wq, nullptr, 2, {Dim::QDim, Dim::Hidden}, Feature::Always, true, "wq"},
-    {Scope::Layer, "self_attn.k_proj.weight", nullptr, &LayerWeights::wk, nullptr, 2, {Dim::KvDim, Dim::Hidden}, Feature::Always, true, "wk"},
-    {Scope::Layer, "self_attn.v_proj.weight", nullptr, &LayerWeights::wv, nullptr, 2, {Dim::KvDim, Dim::Hidden}, Feature::Always, true, "wv"},
-    {Scope::Layer, "self_attn.o_proj.weight", nullptr, &LayerWeights::wo, nullptr, 2, {Dim::Hidden, Dim::QDim}, Feature::Always, true, "wo"},
-    {Scope::Layer, "self_attn.q_norm.weight", nullptr, &LayerWeights::q_norm, nullptr, 1, {Dim::HeadDim, Dim::None}, Feature::QkNorm, false, nullptr},
-    {Scope::Layer, "self_attn.k_norm.weight", nullptr, &LayerWeights::k_norm, nullptr, 1, {Dim::HeadDim, Dim::None}, Feature::QkNorm, false, nullptr},
-    {Scope::Layer, "post_attention_layernorm.weight", nullptr, &LayerWeights::post_norm, nullptr, 1, {Dim::Hidden, Dim::None}, Feature::Always, false, "rms_ffn"},
-    {Scope::Mlp, "gate_proj.weight", nullptr, nullptr, &FFNWeights::gate, 2, {Dim::Intermediate, Dim::Hidden}, Feature::Dense, true, "w_gate"},
-    {Scope::Mlp, "up_proj.weight", nullptr, nullptr, &FFNWeights::up, 2, {Dim::Intermediate, Dim::Hidden}, Feature::Dense, true, "w_up"},
-    {Scope::Mlp, "down_proj.weight", nullptr, nullptr, &FFNWeights::down, 2, {Dim::Hidden, Dim::Intermediate}, Feature::Dense, true, "w_down"},
-    {Scope::Layer, "mlp.gate.weight", nullptr, &LayerWeights::router, nullptr, 2, {Dim::Experts, Dim::Hidden}, Feature::Moe, true, nullptr},
-    {Scope::Expert, "gate_proj.weight", nullptr, nullptr, &FFNWeights::gate, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, nullptr},
-    {Scope::Expert, "up_proj.weight", nullptr, nullptr, &FFNWeights::up, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, nullptr},
-    {Scope::Expert, "down_proj.weight", nullptr, nullptr, &FFNWeights::down, 2, {Dim::Hidden, Dim::MoeIntermediate}, Feature::Moe, true, nullptr},
-    {Scope::SharedExpert, "gate_proj.weight", nullptr, nullptr, &FFNWeights::gate, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, nullptr},
-    {Scope::SharedExpert, "up_proj.weight", nullptr, nullptr, &FFNWeights::up, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, nullptr},
-    {Scope::SharedExpert, "down_proj.weight", nullptr, nullptr, &FFNWeights::down, 2, {Dim::Hidden, Dim::MoeIntermediate}, Feature::Moe, true, nullptr},
-    {Scope::Model, "model.norm.weight", &ModelWeights::final_norm, nullptr, nullptr, 1, {Dim::Hidden, Dim::None}, Feature::Always, false, "final_rms"},
-    {Scope::Model, "lm_head.weight", &ModelWeights::lm_head, nullptr, nullptr, 2, {Dim::Vocab, Dim::Hidden}, Feature::Untied, true, "lm_head"},
+    {Scope::Model, "model.embed_tokens.weight", &ModelWeights::embed, nullptr, nullptr, 2, {Dim::Vocab, Dim::Hidden}, Feature::Always, false, true, Feature::Tied, "tok_embedding"},
+    {Scope::Layer, "input_layernorm.weight", nullptr, &LayerWeights::input_norm, nullptr, 1, {Dim::Hidden, Dim::None}, Feature::Always, false, false, Feature::Always, "rms_attn"},
+    {Scope::Layer, "self_attn.q_proj.weight", nullptr, &LayerWeights::wq, nullptr, 2, {Dim::QDim, Dim::Hidden}, Feature::Always, true, true, Feature::Always, "wq"},
+    {Scope::Layer, "self_attn.k_proj.weight", nullptr, &LayerWeights::wk, nullptr, 2, {Dim::KvDim, Dim::Hidden}, Feature::Always, true, true, Feature::Always, "wk"},
+    {Scope::Layer, "self_attn.v_proj.weight", nullptr, &LayerWeights::wv, nullptr, 2, {Dim::KvDim, Dim::Hidden}, Feature::Always, true, true, Feature::Always, "wv"},
+    {Scope::Layer, "self_attn.o_proj.weight", nullptr, &LayerWeights::wo, nullptr, 2, {Dim::Hidden, Dim::QDim}, Feature::Always, true, true, Feature::Always, "wo"},
+    {Scope::Layer, "self_attn.q_norm.weight", nullptr, &LayerWeights::q_norm, nullptr, 1, {Dim::HeadDim, Dim::None}, Feature::QkNorm, false, false, Feature::Always, nullptr},
+    {Scope::Layer, "self_attn.k_norm.weight", nullptr, &LayerWeights::k_norm, nullptr, 1, {Dim::HeadDim, Dim::None}, Feature::QkNorm, false, false, Feature::Always, nullptr},
+    {Scope::Layer, "post_attention_layernorm.weight", nullptr, &LayerWeights::post_norm, nullptr, 1, {Dim::Hidden, Dim::None}, Feature::Always, false, false, Feature::Always, "rms_ffn"},
+    {Scope::Mlp, "gate_proj.weight", nullptr, nullptr, &FFNWeights::gate, 2, {Dim::Intermediate, Dim::Hidden}, Feature::Dense, true, true, Feature::Always, "w_gate"},
+    {Scope::Mlp, "up_proj.weight", nullptr, nullptr, &FFNWeights::up, 2, {Dim::Intermediate, Dim::Hidden}, Feature::Dense, true, true, Feature::Always, "w_up"},
+    {Scope::Mlp, "down_proj.weight", nullptr, nullptr, &FFNWeights::down, 2, {Dim::Hidden, Dim::Intermediate}, Feature::Dense, true, true, Feature::Always, "w_down"},
+    {Scope::Layer, "mlp.gate.weight", nullptr, &LayerWeights::router, nullptr, 2, {Dim::Experts, Dim::Hidden}, Feature::Moe, true, false, Feature::Always, nullptr},
+    {Scope::Expert, "gate_proj.weight", nullptr, nullptr, &FFNWeights::gate, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, true, Feature::Always, nullptr},
+    {Scope::Expert, "up_proj.weight", nullptr, nullptr, &FFNWeights::up, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, true, Feature::Always, nullptr},
+    {Scope::Expert, "down_proj.weight", nullptr, nullptr, &FFNWeights::down, 2, {Dim::Hidden, Dim::MoeIntermediate}, Feature::Moe, true, true, Feature::Always, nullptr},
+    {Scope::SharedExpert, "gate_proj.weight", nullptr, nullptr, &FFNWeights::gate, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, true, Feature::Always, nullptr},
+    {Scope::SharedExpert, "up_proj.weight", nullptr, nullptr, &FFNWeights::up, 2, {Dim::MoeIntermediate, Dim::Hidden}, Feature::Moe, true, true, Feature::Always, nullptr},
+    {Scope::SharedExpert, "down_proj.weight", nullptr, nullptr, &FFNWeights::down, 2, {Dim::Hidden, Dim::MoeIntermediate}, Feature::Moe, true, true, Feature::Always, nullptr},
+    {Scope::Model, "model.norm.weight", &ModelWeights::final_norm, nullptr, nullptr, 1, {Dim::Hidden, Dim::None}, Feature::Always, false, false, Feature::Always, "final_rms"},
+    {Scope::Model, "lm_head.weight", &ModelWeights::lm_head, nullptr, nullptr, 2, {Dim::Vocab, Dim::Hidden}, Feature::Untied, true, true, Feature::Always, "lm_head"},
 };
 
 }  // namespace CELERINFER_NS
