@@ -140,7 +140,11 @@ def test_a_cpp_table_that_differs_is_caught(cpp_copy):
         "{Dim::HeadDim, Dim::None}, Feature::QkNorm, false, false, Feature::Always, nullptr},",
         "",
     )
-    edit_file(table, 'Feature::Always, true, true, Feature::Always, "wo"}', 'Feature::Always, false, true, Feature::Always, "wo"}')
+    edit_file(
+        table,
+        'Feature::Always, true, true, Feature::Always, "wo"}',
+        'Feature::Always, false, true, Feature::Always, "wo"}',
+    )
     engine = load_native(cpp_copy, kernels="readable")
     config = small_config(qk_norm=True)
     assert cpp_weights(engine, config) != python_weights(config)
