@@ -8,19 +8,18 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TRAINED_STEPS
 
 import celerinfer_lab as cl
 from celerinfer_lab.errors import UsageError
-from celerinfer_lab.train import save_trained, small_config, train_small_model
+from celerinfer_lab.train import small_config, train_small_model
 
-STEPS = 30  # enough to leave random weights well behind; a step count, not a time: the same on any machine
+STEPS = TRAINED_STEPS
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    model, tokenizer, losses = train_small_model(steps=STEPS, seconds=None, seed=0)
-    path = save_trained(model, tokenizer, tmp_path_factory.mktemp("trained") / "small.json")
-    return model, tokenizer, losses, path
+@pytest.fixture
+def trained(trained_small):
+    return trained_small
 
 
 def test_training_lowers_the_loss(trained):
