@@ -1,4 +1,5 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench, lab.
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench, train,
+import, export, lab.
 
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
 and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
@@ -343,6 +344,62 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 1 if result.divergence.verdict == "bug" else 0
 
 
+TRAIN_STEPS, TRAIN_SECONDS = 300, 60.0  # train_small_model's defaults: about a minute on 2 cores
+MIN_TRAIN_VOCAB = 258  # byte-level BPE: 256 byte tokens and the two ChatML specials
+
+
+def train_limits(steps: int | None, seconds: float | None) -> tuple[int | None, float | None]:
+    """``train``'s stopping rule: --steps alone trains exactly that many steps (the same model on any
+    machine), --seconds alone trains for that long, both stop at whichever comes first, neither is
+    the defaults (300 steps or 60 s)."""
+    import math
+
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps {steps}: must be 1 or more")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--seconds {seconds}: must be a number of seconds above 0")
+    if steps is None and seconds is None:
+        return TRAIN_STEPS, TRAIN_SECONDS
+    return steps, seconds
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    steps, seconds = train_limits(args.steps, args.seconds)
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be 0 or more")
+    if args.vocab_size < MIN_TRAIN_VOCAB:
+        raise UsageError(
+            f"--vocab-size {args.vocab_size}: must be at least {MIN_TRAIN_VOCAB} (the byte-level BPE's 256 bytes "
+            "and the two chat specials)"
+        )
+    path = _check_output(args.output, False, args.force)
+    from .tokenizer import tokenizer_paths
+
+    kept = [str(t) for t in tokenizer_paths(path) if t.exists()]
+    if kept and not args.force:
+        raise UsageError(f"{' and '.join(kept)} already exist: pass --force to overwrite, or choose another --output")
+    from .tokenizer import train_tokenizer
+    from .train import save_trained, train_small_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)  # before training: a folder that cannot be made fails at once
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(vocab_size=args.vocab_size)
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"tokenizer: {tokenizer.vocab_size} ids (the text has no merges for {args.vocab_size})")
+    model, tokenizer, losses = train_small_model(steps=steps, seconds=seconds, tokenizer=tokenizer, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    save_trained(model, tokenizer, path)
+    last = losses[-10:]
+    print(
+        f"trained {model.config.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}: "
+        f"{len(losses)} steps in {elapsed:.1f} s"
+    )
+    print(f"loss: {losses[0]:.3f} at the start, {sum(last) / len(last):.3f} at the end (mean of the last {len(last)})")
+    tok_json, tok_config = tokenizer_paths(path)
+    print(f"wrote {path} with its tokenizer ({tok_json.name}, {tok_config.name})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -487,6 +544,21 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="accept NaN/Inf in the file's weights and RoPE cache (refused by default), to study them",
         )
+    tr = sub.add_parser(
+        "train",
+        help="train the small model (about a million parameters) on the shipped text; write it with its tokenizer",
+        description="Train a byte-level BPE tokenizer and a MiniMind-3-shaped model of about a million parameters "
+        "on the shipped Coriolanus excerpt (celerinfer_lab/train.py) and write the model file with its tokenizer "
+        "beside it (<stem>.tokenizer.json, <stem>.tokenizer_config.json). --steps alone: exactly N steps (the "
+        "same model on any machine); --seconds alone: that long; both: whichever ends first; neither: "
+        f"{TRAIN_STEPS} steps or {TRAIN_SECONDS:g} s.",
+    )
+    tr.add_argument("-o", "--output", required=True, help="the model file to write; missing folders are created")
+    tr.add_argument("--steps", type=int, help="optimizer steps")
+    tr.add_argument("--seconds", type=float, help="time budget in seconds")
+    tr.add_argument("--seed", type=int, default=0, help="the starting weights and the batches (default 0)")
+    tr.add_argument("--vocab-size", type=int, default=384, help="the tokenizer's ids (default 384)")
+    tr.add_argument("--force", action="store_true", help="overwrite an existing model file and its tokenizer")
     lab = sub.add_parser(
         "lab",
         help="open JupyterLab on the notebooks (extra arguments go to jupyter lab)",
@@ -608,6 +680,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "complete": cmd_complete,
     "bench": cmd_bench,
+    "train": cmd_train,
     "lab": cmd_lab,
 }
 

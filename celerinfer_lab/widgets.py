@@ -12,6 +12,11 @@ readable-kernel bug with the fast kernels chosen, a KV-cache bug without decode 
 controls to ones that show it, and the note under the fault says what was switched and why. Change
 a control back afterwards and the note warns; Run switches again. A fault that needs a setting the
 explorer has no control for says why it cannot show.
+
+``explorer(model="small.json")`` (a path, or a loaded ``Model``) works on that model instead of a
+random one: the config controls show the file's config and inputs and are disabled (the weights fix
+them), Run compares the file's model, and the Text row uses the tokenizer kept with the file. A file
+that does not load is shown as its error in the explorer, never raised.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ from .faults import FAULTS, Fault, why_it_cannot_show
 from .flags import DEFAULT_BATCH_SIZE
 from .native import NativeEngine, assemble_source
 from .paths import DEFAULT_CPP_DIR, include_dir
-from .text_panel import TextPanel
+from .text_panel import MIN_VOCAB, TextJob, TextPanel
 
 if TYPE_CHECKING:  # for annotations only: Run imports what it runs when it runs
     import numpy as np
 
     from .bench import Timing
     from .compare import Comparison, Report
+    from .modelfile import Model
+    from .tokenizer import Tokenizer
 
 # ModelConfig field -> the controls a message about it belongs next to
 _FIELD_CONTROL = {
@@ -75,6 +82,8 @@ _FIELD_SETTER = {
     "topk_renorm": "topk_renorm",
 }
 _INPUT_SETTER = {"batch_size": "batch", "seq_len": "seq_len", "padding": "padding"}
+# What a model file fixes: its config and its inputs (the rest, decode steps to C++ folder, stays free).
+_FILE_CONTROLS = (*_FIELD_SETTER.values(), "seq_len", "batch", "seed", "padding")
 _DEFAULT_SETS = ["readable", "fast"]  # shown until a build reports its own registered sets
 _engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text, fault and extra source
 
@@ -108,7 +117,9 @@ TINY = ModelConfig()  # the sliders start at the CLI's default model (config.py'
 class Explorer(W.VBox):
     """Controls, a Run button and the results of the last run."""
 
-    def __init__(self, cpp_dir: str | Path | None = None, extra_source: str = ""):
+    def __init__(
+        self, cpp_dir: str | Path | None = None, extra_source: str = "", model: str | Path | Model | None = None
+    ):
         self.extra_source = extra_source  # C++ compiled after the headers: your own kernel set
         cpp_dir = str(cpp_dir or DEFAULT_CPP_DIR)
         sets = self._registered_sets(cpp_dir)
@@ -167,6 +178,12 @@ class Explorer(W.VBox):
         self.switched: list[str] = []  # the last switch: "padding none → left", ...
         self._switch_text = ""  # shown under the fault until the fault changes
         self._switching = False
+        self.model: Model | None = None  # explorer(model=...): the model file's model, run instead of a random one
+        self.model_path: Path | None = None  # its file (None for a Model given in memory)
+        self.model_error = ""  # why the model file did not load ("" when it did, or when there is none)
+        self.tokenizer: Tokenizer | None = None  # the tokenizer kept with the model file
+        self.tokenizer_error = ""  # why the kept tokenizer did not load
+        self.model_note = W.HTML(layout=W.Layout(max_width="900px"))  # which model; why the sliders are off
 
         c = self.controls
         c["experts"].observe(self._clamp_topk, names="value")
@@ -200,6 +217,7 @@ class Explorer(W.VBox):
         super().__init__(
             [
                 W.HTML("<h3>CelerInfer Lab explorer</h3>"),
+                *([self.model_note] if model is not None else []),
                 W.HBox([config_box, debug_box]),
                 self.text,
                 self.result_html,
@@ -207,7 +225,121 @@ class Explorer(W.VBox):
             ]
         )
         self._clamp_topk()
+        if model is not None:
+            self._open_model(model)
         self.validate()
+
+    # ---- a model file -----------------------------------------------------------------------
+    def _open_model(self, model: str | Path | Model) -> None:
+        """Load the model (any failure is kept as its named error, shown, never raised), show its
+        config and inputs on the controls and disable them, and find its tokenizer."""
+        from .modelfile import Model
+        from .reader import load_model
+
+        name = "the Model given" if isinstance(model, Model) else str(model)
+        try:
+            if isinstance(model, Model):
+                model.check(name)
+                loaded = model
+            else:
+                loaded = load_model(model)
+                self.model_path = Path(model)
+        except Exception as exc:  # noqa: BLE001 (a file that does not load is shown, the kernel lives on)
+            self.model_path = None
+            self.model_error = f"{type(exc).__name__}: {exc}"
+            for control in self.controls.values():
+                control.disabled = True
+            self.text.button.disabled = True
+            self.message = self.model_error
+            text = f"<span style='color:#b00'><b>{_escape(name)} did not load</b>: {_escape(self.model_error)}</span>"
+            self.model_note.value = self.status.value = text
+            self.text.note.value = text
+            return
+        self.model = loaded
+        self._switching = True  # showing the file's values is not a user's change
+        try:
+            self._show_file_values(loaded)
+        finally:
+            self._switching = False
+        config = loaded.config
+        self.model_note.value = (
+            f"<b>Model: {_escape(name)}</b> ({config.num_parameters():,} parameters, inputs batch "
+            f"{loaded.batch_size} x seq {loaded.seq_len}). <span style='color:#666'>The config and input "
+            f"controls show the file's values and are off: its weights fix them. Decode steps, kernels, "
+            f"fault and C++ folder apply.</span>"
+        )
+        self._open_tokenizer()
+
+    def _show_file_values(self, model: Model) -> None:
+        config, c = model.config, self.controls
+        values: dict[str, object] = {
+            "hidden": config.hidden_size,
+            "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "vocab": config.vocab_size,
+            "intermediate": config.intermediate_size,
+            "qk_norm": config.qk_norm,
+            "rope": config.rope_pairing,
+            "untied": not config.tie_word_embeddings,
+            "moe": config.use_moe,
+            "experts": config.num_experts,
+            "topk": config.num_experts_per_tok,
+            "shared": config.n_shared_experts,
+            "topk_renorm": config.topk_renorm,
+            "seq_len": model.seq_len,
+            "batch": model.batch_size,
+            "padding": _padding_of(model.attention_mask),
+        }
+        seed = model.meta.get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            values["seed"] = seed
+        for name, value in values.items():
+            control = c[name]
+            if isinstance(value, int) and not isinstance(value, bool) and hasattr(control, "max"):
+                control.max = max(control.max, value)  # a file may be larger than the sliders' range
+                control.min = min(control.min, value)
+            control.value = value
+        for name in _FILE_CONTROLS:
+            c[name].disabled = True
+
+    def _open_tokenizer(self) -> None:
+        """The tokenizer kept with the model file; without one, the Text row says so and uses the one
+        trained here (if the vocabulary fits); a malformed one is said and Complete refuses."""
+        from .errors import TokenizerError
+        from .tokenizer import load_tokenizer, tokenizer_paths
+
+        assert self.model is not None
+        vocab = self.model.config.vocab_size
+        if self.model_path is not None and tokenizer_paths(self.model_path)[0].is_file():
+            try:
+                self.tokenizer = load_tokenizer(self.model_path, vocab)
+            except TokenizerError as exc:
+                self.tokenizer_error = f"the tokenizer kept with {self.model_path.name} did not load: {exc}"
+                self.text.note.value = f"<span style='color:#a00'>{_escape(self.tokenizer_error)}</span>"
+                return
+            self.text.note.value = (
+                f"<span style='color:#666'>tokenizer: the one kept with {_escape(self.model_path.name)} "
+                f"({self.tokenizer.vocab_size} ids)</span>"
+            )
+            return
+        where = (
+            f"no tokenizer kept with {self.model_path.name}"
+            if self.model_path is not None
+            else "a Model given in memory has no tokenizer kept with it"
+        )
+        if vocab >= MIN_VOCAB:
+            self.text.note.value = (
+                f"<span style='color:#a60'>{_escape(where)}: the text uses the byte-level BPE trained here at "
+                f"the model's vocabulary (not the ids it learned: the text is noise, but both sides must "
+                f"still agree)</span>"
+            )
+        else:
+            self.text.note.value = (
+                f"<span style='color:#a00'>{_escape(where)}, and its vocabulary ({vocab} ids) is too small "
+                f"for the one trained here (at least {MIN_VOCAB})</span>"
+            )
 
     def _registered_sets(self, cpp_dir: str) -> list[str]:
         """The kernel sets the folder (plus extra_source) registers; a folder that does not compile
@@ -239,6 +371,8 @@ class Explorer(W.VBox):
         self.controls["topk"].max = self.controls["experts"].value
 
     def config(self) -> ModelConfig:
+        if self.model is not None:
+            return self.model.config  # every field, those without a control too (eps, theta, YaRN, ...)
         c = {k: w.value for k, w in self.controls.items()}
         return ModelConfig(
             hidden_size=c["hidden"],
@@ -263,12 +397,18 @@ class Explorer(W.VBox):
         """Show why the current combination is invalid next to the control concerned; disable Run."""
         for note in self.notes.values():
             note.value = ""
+        if self.model_error:
+            self.run_button.disabled = True
+            self.message = self.model_error
+            return False
         moe = self.controls["moe"].value
         for name in ("experts", "topk", "shared", "topk_renorm"):
-            self.controls[name].disabled = not moe
+            self.controls[name].disabled = not moe or self.model is not None
         try:
             config = self.config()
-            config.validate(seq_len=self.controls["seq_len"].value)
+            # a model file's positions must hold its inputs and the decode steps (random models grow to fit)
+            extra = self.controls["decode"].value if self.model is not None else 0
+            config.validate(seq_len=self.controls["seq_len"].value + extra)
             ok = True
             grey = "<span style='color:#666'>{}</span>"
             if not self.controls["head_dim"].value:
@@ -279,7 +419,8 @@ class Explorer(W.VBox):
                 self.notes["decode"].value = grey.format("0: compare the prefill only")
         except ConfigError as exc:
             named = [f for f in re.findall(r"(\w+)=", str(exc)) if f in _FIELD_CONTROL] or ["hidden_size"]
-            for target in dict.fromkeys(t for f in named for t in _FIELD_CONTROL[f]):  # every control the rule names
+            targets = [t for f in named for t in _FIELD_CONTROL[f]] if self.model is None else ["decode"]
+            for target in dict.fromkeys(targets):  # every control the rule names
                 self.notes[target].value = f"<span style='color:#b00'>✗ {_escape(str(exc))}</span>"
             self.message = str(exc)
             ok = False
@@ -288,17 +429,23 @@ class Explorer(W.VBox):
             self._render_fault_note()
         return ok
 
-    def _text_source(self) -> tuple[ModelConfig, int, NativeEngine, str] | str:
-        """What the text row runs: the controls' model and seed, the engine with the chosen fault, the
-        first chosen kernel set; or why it cannot run (an invalid config, a C++ that does not compile)."""
-        if not self.validate():
+    def _text_source(self) -> TextJob | str:
+        """What the text row runs: the controls' model and seed (or the model file and its tokenizer),
+        the engine with the chosen fault, the first chosen kernel set; or why it cannot run (a model file
+        that did not load, an invalid config, a C++ that does not compile)."""
+        if self.model_error:
+            return f"the model did not load: {self.model_error}"
+        if self.tokenizer_error:
+            return self.tokenizer_error
+        if self.model is None and not self.validate():
             return f"the config is invalid: {self.message}"
         fault = self._fault()
         try:
             native = engine_for(self.controls["cpp_dir"].value, fault.name if fault else None, self.extra_source)
         except Exception as exc:  # noqa: BLE001 (shown in the widget)
             return f"the C++ did not load: {exc}"
-        return self.config(), self.controls["seed"].value, native, self.chosen_sets()[0]
+        model = self.model if self.model is not None else self.config()
+        return TextJob(model, self.controls["seed"].value, native, self.chosen_sets()[0], self.tokenizer)
 
     # ---- faults: run each where it shows ---------------------------------------------------
     def _fault(self) -> Fault | None:
@@ -306,9 +453,12 @@ class Explorer(W.VBox):
         return None if name == "none" else FAULTS[name]
 
     def _mask(self, config: ModelConfig) -> np.ndarray | None:
-        """The attention mask the current controls generate (cheap: inputs only, no weights)."""
+        """The attention mask the current controls generate (cheap: inputs only, no weights); the
+        file's own with a model file."""
         from .generate import random_inputs
 
+        if self.model is not None:
+            return self.model.attention_mask
         c = self.controls
         try:
             return random_inputs(config, c["batch"].value, c["seq_len"].value, c["seed"].value, c["padding"].value)[1]
@@ -358,9 +508,14 @@ class Explorer(W.VBox):
                 c[name].value = value
                 changes.append(f"{c[name].description} {_shown(old)} → {_shown(c[name].value)}")
 
+        fixed = self.model is not None  # a model file fixes the config and inputs: only decode and kernels switch
         self._switching = True
         try:
-            for field in sorted(fault.model, key=lambda f: list(_FIELD_SETTER).index(f) if f in _FIELD_SETTER else 99):
+            for field in (
+                []
+                if fixed
+                else sorted(fault.model, key=lambda f: list(_FIELD_SETTER).index(f) if f in _FIELD_SETTER else 99)
+            ):
                 wanted = fault.model[field]
                 if field not in _FIELD_SETTER:
                     continue  # stays a reason below
@@ -372,7 +527,7 @@ class Explorer(W.VBox):
                     continue  # query heads already share kv heads: what a GQA bug needs
                 if config is None or getattr(config, field) != wanted:
                     put(_FIELD_SETTER[field], (not wanted) if field == "tie_word_embeddings" else wanted)
-            for key, wanted in fault.inputs.items():
+            for key, wanted in [] if fixed else fault.inputs.items():
                 if key == "padding":
                     if c["padding"].value == "none":
                         put("padding", wanted)
@@ -395,11 +550,14 @@ class Explorer(W.VBox):
         except ConfigError:
             config = None
         for field, wanted in fault.model.items():
+            if fixed:
+                break  # why_it_cannot_show named the file's fields already
             if field not in _FIELD_SETTER and (config is None or getattr(config, field) != wanted):
                 left.append(f"the explorer has no control for {field}")
         if left:
+            where = "on this model file" if fixed else "in the explorer"
             self._switch_text = (
-                f"<span style='color:#b00'>✗ It cannot show in the explorer: {_escape('; '.join(left))}"
+                f"<span style='color:#b00'>✗ It cannot show {where}: {_escape('; '.join(left))}"
                 f"{'' if not changes else ' (switched ' + _escape(', '.join(changes)) + ')'}. "
                 f"Outside the explorer: celerinfer-lab compare --fault {fault.name} on a model "
                 f"that shows it.</span>"
@@ -467,15 +625,23 @@ class Explorer(W.VBox):
         from .generate import generate_model
 
         self.clear_results()
+        if self.model_error:
+            self.message = self.model_error
+            self.status.value = f"<span style='color:#b00'>the model did not load: {_escape(self.model_error)}</span>"
+            return
         switched = self.show_fault() if self.fault_problems() else []
         if not self.validate():
             self.status.value = f"<span style='color:#b00'>invalid config: {_escape(self.message)}</span>"
             return
         try:
             c = {k: w.value for k, w in self.controls.items()}
-            self._step("generating the model")
             config = self.config()
-            model = generate_model(config, c["batch"], c["seq_len"], c["seed"], c["padding"])
+            if self.model is not None:
+                self._step("taking the model file's model")
+                model = self.model
+            else:
+                self._step("generating the model")
+                model = generate_model(config, c["batch"], c["seq_len"], c["seed"], c["padding"])
             self._step("compiling the C++")
             fault = None if c["fault"] == "none" else c["fault"]
             native = engine_for(c["cpp_dir"], fault, self.extra_source)
@@ -598,7 +764,25 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def explorer(cpp_dir: str | Path | None = None, extra_source: str = "") -> Explorer:
+def _padding_of(mask: np.ndarray) -> str:
+    """The padding dropdown's word for an attention mask: none, left (each padded row's zeros first),
+    right (last), or mixed."""
+    import numpy as np
+
+    rows = [row for row in mask if not row.all()]
+    if not rows:
+        return "none"
+    left = all(np.all(np.diff(row) >= 0) for row in rows)  # 0 ... 0 1 ... 1
+    right = all(np.all(np.diff(row) <= 0) for row in rows)  # 1 ... 1 0 ... 0
+    return "left" if left else "right" if right else "mixed"
+
+
+def explorer(
+    cpp_dir: str | Path | None = None, extra_source: str = "", model: str | Path | Model | None = None
+) -> Explorer:
     """The explorer layout: config controls, kernel set, fault selector, C++ folder, Run, results.
-    ``extra_source``: C++ compiled after the headers (your own kernel set joins the toggle)."""
-    return Explorer(cpp_dir, extra_source)
+    ``extra_source``: C++ compiled after the headers (your own kernel set joins the toggle).
+    ``model``: a model file's path (or a loaded Model) to explore instead of a random model: the
+    config controls show its config and are off, Run compares it, the Text row uses the tokenizer
+    kept with the file; a file that does not load is shown as its error."""
+    return Explorer(cpp_dir, extra_source, model)

@@ -51,6 +51,20 @@ def native():
     return load_native()
 
 
+TRAINED_STEPS = 30  # enough to leave random weights well behind; a step count, not a time: the same on any machine
+
+
+@pytest.fixture(scope="session")
+def trained_small(tmp_path_factory):
+    """The small trained model (train.py), once per session: (model, tokenizer, losses, path of its
+    file, saved with its tokenizer). test_train.py and test_widgets.py share it."""
+    from celerinfer_lab.train import save_trained, train_small_model
+
+    model, tokenizer, losses = train_small_model(steps=TRAINED_STEPS, seconds=None, seed=0)
+    path = save_trained(model, tokenizer, tmp_path_factory.mktemp("trained") / "small.json")
+    return model, tokenizer, losses, path
+
+
 @pytest.fixture
 def cpp_copy(tmp_path):
     """A user's own copy of the C++ headers, free to edit."""

@@ -47,6 +47,9 @@ EXPECTED = {  # words each notebook's outputs must contain
         "identical: True",
         "culprit: model.layers.0.attn_residual",
         "image/png",
+        "935,296 parameters; fast kernels agree",  # the explorer on the model file
+        "text row identical: True",
+        "application/vnd.jupyter.widget-view+json",
     ],
 }
 

@@ -309,3 +309,103 @@ def test_the_text_row_finds_a_fault_and_explains_what_it_cannot_do():
     e.controls["heads"].value = 3  # not a multiple of 2 kv heads: the text row says so, nothing runs
     e.text.button.click()
     assert e.text.completion is None and "the config is invalid" in e.text.output.value
+
+
+# ---- explorer(model=...): a model file instead of the sliders' random model ---------------------------
+FILE_CONTROLS = list(widgets._FILE_CONTROLS)  # config and inputs: the file's
+FREE_CONTROLS = ["decode", "kernels", "fault", "cpp_dir"]
+
+
+def test_the_explorer_on_a_trained_model_file(trained_small):
+    import celerinfer_lab as cl
+
+    model, tokenizer, _, path = trained_small
+    e = explorer(model=path)
+    c = e.controls
+    shown = {k: c[k].value for k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "qk_norm", "untied")}
+    assert shown == {
+        "hidden": 128,
+        "layers": 4,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "vocab": tokenizer.vocab_size,
+        "qk_norm": True,
+        "untied": False,
+    }
+    assert (c["seq_len"].value, c["batch"].value, c["padding"].value) == (model.seq_len, 1, "none")
+    assert all(c[k].disabled for k in FILE_CONTROLS) and not any(c[k].disabled for k in FREE_CONTROLS)
+    assert e.config() == model.config and "its weights fix them" in e.model_note.value and e.model_note in e.children
+    e.run_button.click()
+    assert e.report is not None and e.report.agrees, e.status.value
+    assert f"{model.config.num_parameters():,} parameters; fast kernels agree" in e.message  # not the sliders' default
+    e.text.new_tokens.value = 16
+    e.text.button.click()
+    done = e.text.completion
+    assert done is not None and done.identical and len(done.torch_ids) == 16, e.text.output.value
+    assert "the one kept with small.json" in e.text.note.value
+    # the file's weights and its kept tokenizer: the same text as complete() on the file
+    assert done.torch_text == cl.complete(path, "First Citizen:", 16, stop_at_eos=False).torch_text
+
+
+def test_a_fault_on_a_model_file_is_found_and_the_file_values_stay(trained_small):
+    *_, path = trained_small
+    e = explorer(model=path)
+    e.controls["fault"].value = "residual_added_twice"
+    e.run_button.click()
+    assert e.report.culprit is not None and e.report.culprit.name == "model.layers.0.attn_residual", e.status.value
+    # A fault the file's inputs cannot show: the controls it would need stay the file's, and the note says so.
+    e.controls["fault"].value = "padding_mask_ignored"
+    assert e.controls["padding"].value == "none" and e.controls["batch"].value == 1
+    assert "It cannot show on this model file: the inputs have no padding" in e.fault_note.value
+
+
+def test_a_model_file_without_a_tokenizer(tmp_path):
+    import celerinfer_lab as cl
+
+    config = cl.ModelConfig(vocab_size=384, max_position_embeddings=6)
+    model = cl.generate_model(config, batch_size=2, seq_len=6, seed=1, padding="left")
+    model.save(tmp_path / "m.json")
+    e = explorer(model=tmp_path / "m.json")
+    assert e.controls["padding"].value == "left" and e.controls["batch"].value == 2
+    assert "no tokenizer kept with m.json" in e.text.note.value and "trained here" in e.text.note.value
+    e.text.prompt.value, e.text.new_tokens.value = "I", 4  # within the file's 6 positions
+    e.text.button.click()
+    assert e.text.completion is not None and e.text.completion.identical, e.text.output.value
+    # the file's positions hold its 6 tokens and no more: a decode step does not fit, said under decode
+    assert not e.run_button.disabled
+    e.controls["decode"].value = 1
+    assert e.run_button.disabled and "max_position_embeddings=6" in e.notes["decode"].value
+    # too small a vocabulary for the tokenizer trained here, in memory (no file, so no tokenizer kept)
+    small = cl.generate_model(cl.ModelConfig(), batch_size=1, seq_len=4, seed=1)
+    e = explorer(model=small)
+    assert "a Model given in memory has no tokenizer" in e.text.note.value and "too small" in e.text.note.value
+    e.text.button.click()
+    assert e.text.completion is None and "at least 260 ids" in e.text.output.value
+
+
+def test_a_model_that_does_not_load_is_shown_not_raised(tmp_path):
+    import numpy as np
+
+    import celerinfer_lab as cl
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": "celerinfer-lab", "config": ')
+    bad = cl.generate_model(cl.ModelConfig(), batch_size=1, seq_len=4, seed=1)
+    bad.weights["model.norm.weight"] = np.ones(3, dtype=np.float32)
+    for given, words in (
+        (broken, "ModelFileError: " + str(broken)),
+        (tmp_path / "missing.json", "missing.json"),
+        (bad, "model.norm.weight"),
+    ):
+        e = explorer(model=given)
+        assert e.model is None and words in e.model_error and words in e.status.value, e.status.value
+        assert e.run_button.disabled and e.text.button.disabled and all(w.disabled for w in e.controls.values())
+        e.run()  # what a click would do, were the button not disabled: nothing raised, nothing run
+        assert e.report is None and "did not load" in e.status.value
+        e.text.complete()
+        assert e.text.completion is None and "the model did not load" in e.text.output.value
+    # its companion: a good file opens
+    good = tmp_path / "good.json"
+    cl.generate_model(cl.ModelConfig(), batch_size=1, seq_len=4, seed=1).save(good)
+    assert explorer(model=good).model_error == ""
