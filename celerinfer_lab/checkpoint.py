@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,6 +41,7 @@ from .generate import random_inputs
 from .modelfile import Model, weight_shapes
 from .reader import load_model
 from .rope import rope_cache
+from .sidecar import SAFETENSORS_DTYPES, parse_safetensors_header
 from .writer import write_model_file, write_safetensors
 
 ARCHITECTURES = {  # HF architecture -> model_type
@@ -188,43 +187,31 @@ class _Tensors:
         return self._get[name]()
 
     def add_safetensors(self, path: Path) -> None:
+        """The tensors of a safetensors file, its header checked by the one parser (sidecar.py): any
+        safetensors dtype spans its bytes; weights must be a float dtype, buffers are only seen."""
         where = str(path)
         try:
             data = np.memmap(path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{where}: cannot read: {exc}") from exc
-        if len(data) < 8:
-            raise CheckpointError(f"{where}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", bytes(data[:8]))
-        if n > len(data) - 8:
-            raise CheckpointError(f"{where}: header length {n} is past the end of the file ({len(data)} bytes)")
-        try:
-            header = json.loads(bytes(data[8 : 8 + n]))
-        except ValueError as exc:
-            raise CheckpointError(f"{where}: safetensors header is not JSON: {exc}") from exc
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{where}: safetensors header is not a JSON object")
-        body = data[8 + n :]
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{where}: tensor '{name}': malformed header entry {entry!r}") from exc
-            if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise CheckpointError(f"{where}: tensor '{name}' has shape {list(shape)}: not a list of sizes")
+        data_start, entries = parse_safetensors_header(
+            lambda offset, length: bytes(data[offset : offset + length]),
+            len(data),
+            where,
+            CheckpointError,
+            SAFETENSORS_DTYPES,
+            f"not a safetensors dtype ({', '.join(SAFETENSORS_DTYPES)})",
+            exact_tiling=False,  # each tensor inside the data is enough to read it (the sidecar is held to more)
+            aligned=False,
+        )
+        body = data[data_start:]
+        for name, e in entries.items():
             if _IGNORED.match(name):
-                self.shapes[name] = shape  # a buffer: seen (for the era), never decoded
+                self.shapes[name] = e.shape  # a buffer: seen (for the era), never decoded
                 continue
-            if dtype not in _ST_DTYPES:
-                raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtype}; supported: {sorted(_ST_DTYPES)}")
-            size = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize
-            if not (isinstance(start, int) and 0 <= start and end == start + size <= len(body)):
-                raise CheckpointError(
-                    f"{where}: tensor '{name}' [{start}, {end}) does not fit its shape {list(shape)} in the file"
-                )
-            self._add(name, shape, _lazy(_decode, body[start:end], dtype, shape), where)
+            if e.dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{where}: tensor '{name}' has dtype {e.dtype}; supported: {sorted(_ST_DTYPES)}")
+            self._add(name, e.shape, _lazy(_decode, body[e.start : e.end], e.dtype, e.shape), where)
 
     def add_pickle(self, path: Path) -> None:
         import torch  # here: importing the package must not load torch
