@@ -12,7 +12,8 @@ Import (``import_checkpoint``):
   tensors cannot tell (heads, eps, theta); ``era=`` overrides; a file two eras fit, where they would
   give different models, is refused with both named.
 
-Nothing in a file is executed: safetensors is parsed here (a JSON header and raw bytes), pickles go
+Nothing in a file is executed: safetensors headers are parsed by the sidecar's parser
+(``sidecar.parse_safetensors_header``: a strict-JSON header and raw bytes), pickles go
 through ``torch.load(weights_only=True)``, which refuses any object but tensors and containers.
 Tensors are read one at a time (safetensors memory-mapped, ``torch.load(mmap=True)``) and, with an
 output path, streamed into the writer: one float32 tensor in memory at a time besides the mapping.
@@ -20,8 +21,10 @@ output path, streamed into the writer: one float32 tensor in memory at a time be
 Export (``export_checkpoint``): ``config.json`` + ``model.safetensors``, as Llama (dense), Qwen3
 (q/k norm) or Qwen3-MoE (MoE with q/k norm), or MiniMind's own HF format (``fmt="minimind"``).
 What transformers cannot express (interleaved RoPE, shared experts, the "k>1" top-k rule, MiniMind's
-YaRN) is refused with the reason. The config's fields with no HF name travel in ``config.json``
-under ``"celerinfer_lab"``, so ``import_checkpoint(export_checkpoint(m))`` gives ``m`` bit for bit.
+YaRN) is refused with the reason; transformers' YaRN (``rope_scaling.rule`` "transformers", what a
+HF yarn folder imports as) travels as ``rope_parameters`` yarn. The config's fields with no HF name
+travel in ``config.json`` under ``"celerinfer_lab"``, so ``import_checkpoint(export_checkpoint(m))``
+gives ``m`` bit for bit.
 """
 
 from __future__ import annotations
@@ -439,13 +442,14 @@ def _yarn_from_hf(rope: dict[str, Any], cfg: dict[str, Any], where: str) -> dict
         raise _refuse(
             where, "partial_rotary_factor", rope["partial_rotary_factor"], "RoPE on part of a head is not supported"
         )
-    orig = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-    orig = orig or cfg["max_position_embeddings"]
+    orig = cfg.get("original_max_position_embeddings", rope.get("original_max_position_embeddings"))
+    if orig is None:
+        orig = cfg["max_position_embeddings"]
     factor = rope.get("factor")
-    if factor is None:
+    if factor is None and isinstance(orig, (int, float)) and orig > 0:  # else named by ModelConfig's check
         factor = cfg["max_position_embeddings"] / orig
     attention_factor = rope.get("attention_factor")
-    if attention_factor is None:
+    if attention_factor is None and isinstance(factor, (int, float)):
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
         if mscale and mscale_all_dim:
             attention_factor = float(_mscale(factor, mscale) / _mscale(factor, mscale_all_dim))

@@ -395,6 +395,7 @@ class _Evil:
         ("code", r"objects other than tensors \(posix.system\)"),
         ("truncated", "not a safetensors file|past the end|does not fit"),
         ("header", r"weight' has shape \[-64\]: not a list of sizes"),
+        ("offsets", r"data_offsets \[0\.0, \d+\] must be two integers"),  # the sidecar's header parser, shared
         ("shard", r"names shard 'model-0000\d-of-0000\d.safetensors', which is not in"),
     ],
 )
@@ -427,6 +428,14 @@ def test_bad_checkpoints_are_named(tmp_path, case, words):
         n = int.from_bytes(data[:8], "little")
         header = data[8 : 8 + n].replace(b'"shape":[64]', b'"shape":[-64]', 1)
         assert len(header) == n + 1
+        (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
+    elif case == "offsets":
+        src = tmp_path / "o"
+        hf_model("llama").save_pretrained(src)
+        data = (src / "model.safetensors").read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[0.0,', 1)
+        assert len(header) == n + 2
         (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
     elif case == "shard":
         src = tmp_path / "sharded"
