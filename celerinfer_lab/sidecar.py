@@ -2,9 +2,11 @@
 
 safetensors is a plain layout (8-byte little-endian header length N, a JSON header of
 name -> {dtype, shape, data_offsets}, then the raw bytes), read by the `safetensors` package,
-by base_line_micro (cpp/tools/model_file.hpp) and here. Reading checks the whole header before
-anything is mapped (docs/model-file.md, "What a reader checks", step 5): offsets are integers
-that tile the data section exactly, so no tensor reaches outside the file or overlaps another.
+by base_line_micro (cpp/tools/model_file.hpp) and here: ``parse_safetensors_header`` is this
+package's one parser of that header (checkpoint.py reads other writers' files with it). Reading a
+sidecar checks the whole header before anything is mapped (docs/model-file.md, "What a reader
+checks", step 5): offsets are integers that tile the data section exactly, so no tensor reaches
+outside the file or overlaps another.
 The map is watched: a sidecar truncated or rewritten on disk under a loaded model is reported
 (``SidecarWatch.check``) before a forward touches it, instead of killing the process (SIGBUS).
 Writing is in writer.py.
