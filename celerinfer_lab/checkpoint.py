@@ -12,7 +12,8 @@ Import (``import_checkpoint``):
   tensors cannot tell (heads, eps, theta); ``era=`` overrides; a file two eras fit, where they would
   give different models, is refused with both named.
 
-Nothing in a file is executed: safetensors is parsed here (a JSON header and raw bytes), pickles go
+Nothing in a file is executed: safetensors headers are parsed by the sidecar's parser
+(``sidecar.parse_safetensors_header``: a strict-JSON header and raw bytes), pickles go
 through ``torch.load(weights_only=True)``, which refuses any object but tensors and containers.
 Tensors are read one at a time (safetensors memory-mapped, ``torch.load(mmap=True)``) and, with an
 output path, streamed into the writer: one float32 tensor in memory at a time besides the mapping.
@@ -20,8 +21,10 @@ output path, streamed into the writer: one float32 tensor in memory at a time be
 Export (``export_checkpoint``): ``config.json`` + ``model.safetensors``, as Llama (dense), Qwen3
 (q/k norm) or Qwen3-MoE (MoE with q/k norm), or MiniMind's own HF format (``fmt="minimind"``).
 What transformers cannot express (interleaved RoPE, shared experts, the "k>1" top-k rule, MiniMind's
-YaRN) is refused with the reason. The config's fields with no HF name travel in ``config.json``
-under ``"celerinfer_lab"``, so ``import_checkpoint(export_checkpoint(m))`` gives ``m`` bit for bit.
+YaRN) is refused with the reason; transformers' YaRN (``rope_scaling.rule`` "transformers", what a
+HF yarn folder imports as) travels as ``rope_parameters`` yarn. The config's fields with no HF name
+travel in ``config.json`` under ``"celerinfer_lab"``, so ``import_checkpoint(export_checkpoint(m))``
+gives ``m`` bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import dataclasses
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,6 +45,7 @@ from .generate import random_inputs
 from .modelfile import Model, weight_shapes
 from .reader import load_model
 from .rope import rope_cache
+from .sidecar import SAFETENSORS_DTYPES, parse_safetensors_header
 from .writer import write_model_file, write_safetensors
 
 ARCHITECTURES = {  # HF architecture -> model_type
@@ -188,43 +191,31 @@ class _Tensors:
         return self._get[name]()
 
     def add_safetensors(self, path: Path) -> None:
+        """The tensors of a safetensors file, its header checked by the one parser (sidecar.py): any
+        safetensors dtype spans its bytes; weights must be a float dtype, buffers are only seen."""
         where = str(path)
         try:
             data = np.memmap(path, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{where}: cannot read: {exc}") from exc
-        if len(data) < 8:
-            raise CheckpointError(f"{where}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", bytes(data[:8]))
-        if n > len(data) - 8:
-            raise CheckpointError(f"{where}: header length {n} is past the end of the file ({len(data)} bytes)")
-        try:
-            header = json.loads(bytes(data[8 : 8 + n]))
-        except ValueError as exc:
-            raise CheckpointError(f"{where}: safetensors header is not JSON: {exc}") from exc
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{where}: safetensors header is not a JSON object")
-        body = data[8 + n :]
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{where}: tensor '{name}': malformed header entry {entry!r}") from exc
-            if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise CheckpointError(f"{where}: tensor '{name}' has shape {list(shape)}: not a list of sizes")
+        data_start, entries = parse_safetensors_header(
+            lambda offset, length: bytes(data[offset : offset + length]),
+            len(data),
+            where,
+            CheckpointError,
+            SAFETENSORS_DTYPES,
+            f"not a safetensors dtype ({', '.join(SAFETENSORS_DTYPES)})",
+            exact_tiling=False,  # each tensor inside the data is enough to read it (the sidecar is held to more)
+            aligned=False,
+        )
+        body = data[data_start:]
+        for name, e in entries.items():
             if _IGNORED.match(name):
-                self.shapes[name] = shape  # a buffer: seen (for the era), never decoded
+                self.shapes[name] = e.shape  # a buffer: seen (for the era), never decoded
                 continue
-            if dtype not in _ST_DTYPES:
-                raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtype}; supported: {sorted(_ST_DTYPES)}")
-            size = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize
-            if not (isinstance(start, int) and 0 <= start and end == start + size <= len(body)):
-                raise CheckpointError(
-                    f"{where}: tensor '{name}' [{start}, {end}) does not fit its shape {list(shape)} in the file"
-                )
-            self._add(name, shape, _lazy(_decode, body[start:end], dtype, shape), where)
+            if e.dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{where}: tensor '{name}' has dtype {e.dtype}; supported: {sorted(_ST_DTYPES)}")
+            self._add(name, e.shape, _lazy(_decode, body[e.start : e.end], e.dtype, e.shape), where)
 
     def add_pickle(self, path: Path) -> None:
         import torch  # here: importing the package must not load torch
@@ -376,6 +367,15 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> tuple[str
     if model_type == "minimind":  # MiniMind's config uses this project's field names (config.py)
         if cfg.get("scoring_func", "softmax") != "softmax":
             raise _refuse(where, "scoring_func", cfg["scoring_func"], "only a softmax router is supported")
+        scaling = cfg.get("rope_scaling")
+        if cfg.get("inference_rope_scaling") and isinstance(scaling, dict) and "rule" in scaling:
+            if scaling["rule"] != "minimind":
+                raise _refuse(
+                    where,
+                    "rope_scaling.rule",
+                    scaling["rule"],
+                    "MiniMind's code computes MiniMind's YaRN (rule 'minimind')",
+                )
         known = {f.name for f in dataclasses.fields(ModelConfig)} | {"n_routed_experts", "norm_topk_prob"}
         # the rest (dropout, flash_attn, aux_loss_alpha, bos/eos ids, torch_dtype, ...) does not change the forward
         mm = {k: v for k, v in cfg.items() if k in known}
@@ -391,13 +391,9 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> tuple[str
         raise _refuse(where, "hidden_act", act, "only silu (SwiGLU) is supported")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-    if rope_type != "default":
+    if rope_type not in ("default", "yarn"):
         raise _refuse(
-            where,
-            "rope_type",
-            rope_type,
-            "only the default RoPE is supported for HF architectures (transformers' YaRN is not MiniMind's: "
-            "its attention factor and ramp bounds differ)",
+            where, "rope_type", rope_type, "only the default RoPE and YaRN are supported for HF architectures"
         )
     heads = cfg["num_attention_heads"]
     fields: dict[str, Any] = dict(
@@ -414,6 +410,8 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> tuple[str
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
     )
+    if rope_type == "yarn":
+        fields.update(inference_rope_scaling=True, rope_scaling=_yarn_from_hf(rope, cfg, where))
     if model_type == "qwen3_moe":
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise _refuse(
@@ -428,6 +426,45 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> tuple[str
         )
     fields.update(cfg.get("celerinfer_lab") or {})  # what an export here kept (sizing_rule, ...)
     return model_type, fields
+
+
+def _mscale(scale: float, mscale: float = 1) -> float:
+    """transformers' get_mscale (_compute_yarn_parameters)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_from_hf(rope: dict[str, Any], cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """rope_scaling (rule "transformers") for a HF YaRN ``rope``, every value transformers would use
+    made explicit: original_max_position_embeddings as standardize_rope_params finds it, factor None as
+    max_position_embeddings / original, attention_factor derived from factor, mscale and mscale_all_dim
+    when absent, beta_fast/beta_slow 32/1 when absent or zero, truncate true when absent."""
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse(
+            where, "partial_rotary_factor", rope["partial_rotary_factor"], "RoPE on part of a head is not supported"
+        )
+    orig = cfg.get("original_max_position_embeddings", rope.get("original_max_position_embeddings"))
+    if orig is None:
+        orig = cfg["max_position_embeddings"]
+    factor = rope.get("factor")
+    if factor is None and isinstance(orig, (int, float)) and orig > 0:  # else named by ModelConfig's check
+        factor = cfg["max_position_embeddings"] / orig
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None and isinstance(factor, (int, float)):
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = float(_mscale(factor, mscale) / _mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = _mscale(factor)
+    return {
+        "type": "yarn",
+        "rule": "transformers",
+        "factor": factor,
+        "original_max_position_embeddings": orig,
+        "beta_fast": rope.get("beta_fast") or 32,
+        "beta_slow": rope.get("beta_slow") or 1,
+        "attention_factor": attention_factor,
+        "truncate": rope.get("truncate", True),
+    }
 
 
 # ---- import -------------------------------------------------------------------------------------------
@@ -653,9 +690,12 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         raise CheckpointError(
             "rope_pairing='interleaved': transformers' Llama/Qwen3 rotate half-split pairs (rotate_half)"
         )
-    if c.inference_rope_scaling:
+    scaling = c.rope_scaling if c.inference_rope_scaling else None
+    if scaling is not None and scaling.get("rule", "minimind") != "transformers":
         raise CheckpointError(
-            "inference_rope_scaling: MiniMind's YaRN is not transformers' (attention factor, ramp bounds)"
+            "inference_rope_scaling with rope_scaling.rule 'minimind': MiniMind's YaRN is not transformers' "
+            "(MiniMind scales only past original_max_position_embeddings, clamps the ramp to head_dim//2 - 1 and "
+            "defaults the attention factor to 1); export it with format 'minimind'"
         )
     if c.use_moe and c.n_shared_experts:
         raise CheckpointError(f"n_shared_experts={c.n_shared_experts}: Qwen3-MoE has no shared experts")
@@ -680,7 +720,7 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
         rope_theta=c.rope_theta,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_parameters=_hf_rope_parameters(c.rope_theta, scaling),
         tie_word_embeddings=c.tie_word_embeddings,
         hidden_act="silu",
         attention_bias=False,
@@ -702,10 +742,25 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def _hf_rope_parameters(theta: float, scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """transformers' rope_parameters: default, or YaRN with every value of a rule-"transformers" rope_scaling."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate")
+    defaults = {"beta_fast": 32, "beta_slow": 1, "truncate": True}
+    return {"rope_type": "yarn", "rope_theta": theta, **{k: scaling.get(k, defaults.get(k)) for k in keys}}
+
+
 def minimind_config(config: ModelConfig) -> dict[str, Any]:
-    """MiniMind's own HF config.json (model_type "minimind"): this project's fields are MiniMind's."""
+    """MiniMind's own HF config.json (model_type "minimind"): this project's fields are MiniMind's
+    (``inference_rope_scaling``, ``rope_scaling`` with MiniMind's keys)."""
     if config.rope_pairing != "half":
         raise CheckpointError("rope_pairing='interleaved': MiniMind's HF format (model_minimind.py) uses rotate_half")
+    if config.inference_rope_scaling and (config.rope_scaling or {}).get("rule", "minimind") != "minimind":
+        raise CheckpointError(
+            "rope_scaling.rule='transformers': MiniMind's precompute_freqs_cis computes MiniMind's YaRN, not "
+            "transformers'; export it with format 'hf'"
+        )
     return {"architectures": ["MiniMindForCausalLM"], "model_type": "minimind", **config.to_dict()}
 
 

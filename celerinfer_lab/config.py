@@ -32,6 +32,19 @@ DEFAULT_YARN = {
     "attention_factor": 1.0,
     "type": "yarn",
 }
+# Which YaRN a config's RoPE cache holds (rope_scaling["rule"], absent: "minimind"):
+#   "minimind"      MiniMind's precompute_freqs_cis: scales only when max_position_embeddings exceeds
+#                   original_max_position_embeddings, the ramp's high bound clamped to head_dim//2 - 1,
+#                   attention_factor 1.0 unless given;
+#   "transformers"  transformers' _compute_yarn_parameters (modeling_rope_utils.py): always applied,
+#                   bounds clamped to [0, head_dim - 1], floor/ceil only with truncate (default true),
+#                   attention_factor explicit (the importer stores the value transformers derives).
+YARN_RULES = ("minimind", "transformers")
+YARN_KEYS = {
+    "minimind": frozenset(DEFAULT_YARN) | {"rule"},
+    "transformers": frozenset(DEFAULT_YARN) | {"rule", "truncate"},
+}
+YARN_REQUIRED = {"transformers": ("factor", "original_max_position_embeddings", "attention_factor")}
 
 
 from .errors import ConfigError  # noqa: E402,F401  (defined in errors.py, re-exported here)
@@ -196,14 +209,32 @@ class ModelConfig:
         scaling = self.rope_scaling
         if not isinstance(scaling, dict):
             raise ConfigError(f"rope_scaling={scaling!r}: must be a dict of YaRN parameters")
-        unknown = set(scaling) - set(DEFAULT_YARN)
+        known = YARN_KEYS["minimind"] | YARN_KEYS["transformers"]
+        unknown = set(scaling) - known
         if unknown:
-            raise ConfigError(f"rope_scaling has unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_YARN)}")
+            raise ConfigError(f"rope_scaling has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        rule = scaling.get("rule", "minimind")
+        if rule not in YARN_RULES:
+            raise ConfigError(f"rope_scaling.rule={rule!r}: must be one of {YARN_RULES}")
+        meaningless = set(scaling) - YARN_KEYS[rule]
+        if meaningless:
+            raise ConfigError(
+                f"rope_scaling.{sorted(meaningless)[0]} means nothing under rule {rule!r} (MiniMind's YaRN always "
+                f"truncates its ramp bounds); keys of this rule: {sorted(YARN_KEYS[rule])}"
+            )
         if scaling.get("type", "yarn") != "yarn":
             raise ConfigError(f"rope_scaling.type={scaling.get('type')!r}: only 'yarn' is supported")
-        for key in ("factor", "original_max_position_embeddings"):
-            if not (_is_number(scaling.get(key, 1)) and scaling.get(key, 1) > 0):
-                raise ConfigError(f"rope_scaling.{key}={scaling.get(key)!r}: must be a number > 0")
+        missing = [k for k in YARN_REQUIRED.get(rule, ()) if k not in scaling]
+        if missing:
+            raise ConfigError(
+                f"rope_scaling.{missing[0]} is required under rule {rule!r} (no default: transformers derives "
+                "attention_factor from factor, mscale and mscale_all_dim, and the importer stores that number)"
+            )
+        for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"):
+            if key in scaling and not (_is_number(scaling[key]) and scaling[key] > 0):
+                raise ConfigError(f"rope_scaling.{key}={scaling[key]!r}: must be a number > 0")
+        if not isinstance(scaling.get("truncate", True), bool):
+            raise ConfigError(f"rope_scaling.truncate={scaling['truncate']!r}: must be true or false")
 
     def _validate_moe(self) -> None:
         _check_size("num_experts", self.num_experts)

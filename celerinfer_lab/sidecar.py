@@ -2,9 +2,11 @@
 
 safetensors is a plain layout (8-byte little-endian header length N, a JSON header of
 name -> {dtype, shape, data_offsets}, then the raw bytes), read by the `safetensors` package,
-by base_line_micro (cpp/tools/model_file.hpp) and here. Reading checks the whole header before
-anything is mapped (docs/model-file.md, "What a reader checks", step 5): offsets are integers
-that tile the data section exactly, so no tensor reaches outside the file or overlaps another.
+by base_line_micro (cpp/tools/model_file.hpp) and here: ``parse_safetensors_header`` is this
+package's one parser of that header (checkpoint.py reads other writers' files with it). Reading a
+sidecar checks the whole header before anything is mapped (docs/model-file.md, "What a reader
+checks", step 5): offsets are integers that tile the data section exactly, so no tensor reaches
+outside the file or overlaps another.
 The map is watched: a sidecar truncated or rewritten on disk under a loaded model is reported
 (``SidecarWatch.check``) before a forward touches it, instead of killing the process (SIGBUS).
 Writing is in writer.py.
@@ -19,11 +21,11 @@ import struct
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Mapping
 
 import numpy as np
 
-from .errors import SidecarError
+from .errors import ModelFileError, SidecarError
 from .strict_json import parse_strict_json
 
 __all__ = [
@@ -31,6 +33,9 @@ __all__ = [
     "SidecarHeader",
     "SidecarWatch",
     "read_header",
+    "parse_safetensors_header",
+    "SAFETENSORS_DTYPES",
+    "TensorEntry",
     "open_sidecar",
     "map_tensors",
     "sidecar_path",
@@ -52,8 +57,65 @@ def sidecar_path(folder: Path, name: object, where: str) -> Path:
     return folder / name
 
 
+# Every dtype safetensors defines, with its bytes per element (safetensors' Dtype enum).
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offsets into the data section (after the 8 + N header bytes)
+    end: int
+
+
+def parse_safetensors_header(
+    read: Callable[[int, int], bytes],
+    size: int,
+    where: str,
+    error: type[ModelFileError],
+    dtypes: Mapping[str, int],
+    dtype_rule: str,
+    *,
+    exact_tiling: bool,
+    aligned: bool,
+) -> tuple[int, dict[str, TensorEntry]]:
+    """The one safetensors header parser: (data_start, name -> entry) of a file of ``size`` bytes whose
+    bytes ``read(offset, length)`` returns; only the first 8 + N bytes are read.
+
+    Checked for every caller: the 8-byte length N inside the file, the header strict JSON (a JSON
+    object, ``__metadata__`` an object and skipped), each entry {dtype, shape, data_offsets} with the
+    shape non-negative integers and the offsets integers 0 <= start <= end <= the data's size, spanning
+    exactly shape x the dtype's size. The contracts differ in: ``dtypes`` (the dtypes allowed, with
+    their sizes; ``dtype_rule`` says why others are refused), ``exact_tiling`` (the tensors, in file
+    order, cover the data section with no gap, no overlap, no trailing byte: the sidecar, which
+    this project writes) and ``aligned`` (N a multiple of 8, so float32 tensors are aligned in a
+    memory map). Raises ``error`` naming ``where``."""
+    head = read(0, 8)
+    if len(head) < 8:
+        raise error(f"{where}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise error(f"{where}: header length {n} runs past the end of the file ({size} bytes)")
+    if aligned and n % 8:
+        raise error(f"{where}: header length {n} is not a multiple of 8 (the tensors would not be aligned)")
+    try:
+        header = parse_strict_json(read(8, n), f"{where} header")
+    except ModelFileError as exc:
+        raise error(str(exc)) from None
+    data_size = size - 8 - n
+    entries = _check_entries(header, data_size, where, error, dtypes, dtype_rule)
+    if exact_tiling:
+        _check_tiling(entries, data_size, where, error)
+    return 8 + n, entries
+
+
 def read_header(f: BinaryIO, path: Path, where: str, expected_size: int | None = None) -> SidecarHeader:
-    """Read and check the header of the open sidecar ``f`` (only its first 8 + N bytes are read)."""
+    """Read and check the header of the open sidecar ``f`` (only its first 8 + N bytes are read):
+    F32 tensors tiling the data section exactly, the file of the size the model file says."""
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):
         raise SidecarError(f"{where}: sidecar {path.name} is not a regular file")
@@ -63,21 +125,18 @@ def read_header(f: BinaryIO, path: Path, where: str, expected_size: int | None =
             f"{where}: sidecar {path.name} is {size} bytes, the model file says {expected_size} "
             f"(truncated, or not this model's sidecar)"
         )
-    head = os.pread(f.fileno(), 8, 0)
-    if len(head) < 8:
-        raise SidecarError(f"{where}: sidecar {path.name} is too short to be a safetensors file")
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8:
-        raise SidecarError(
-            f"{where}: sidecar {path.name}: header length {n} runs past the end of the file ({size} bytes)"
-        )
-    if n % 8:
-        raise SidecarError(
-            f"{where}: sidecar {path.name}: header length {n} is not a multiple of 8 (the tensors would not be aligned)"
-        )
-    raw = os.pread(f.fileno(), n, 8)
-    header = parse_strict_json(raw, f"{where}: sidecar {path.name} header")
-    return SidecarHeader(path, size, 8 + n, _check_entries(header, size - 8 - n, f"{where}: sidecar {path.name}"))
+    data_start, entries = parse_safetensors_header(
+        lambda offset, length: os.pread(f.fileno(), length, offset),
+        size,
+        f"{where}: sidecar {path.name}",
+        SidecarError,
+        {"F32": 4},
+        "model weights are F32",
+        exact_tiling=True,
+        aligned=True,
+    )
+    tensors = {name: (e.shape, e.start, e.end) for name, e in entries.items()}
+    return SidecarHeader(path, size, data_start, tensors)
 
 
 def open_sidecar(
@@ -103,53 +162,65 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_entries(header: object, data_size: int, where: str) -> dict[str, tuple[tuple[int, ...], int, int]]:
+def _check_entries(
+    header: object,
+    data_size: int,
+    where: str,
+    error: type[ModelFileError],
+    dtypes: Mapping[str, int],
+    dtype_rule: str,
+) -> dict[str, TensorEntry]:
     if not isinstance(header, dict):
-        raise SidecarError(f"{where}: the header must be a JSON object")
-    entries: dict[str, tuple[tuple[int, ...], int, int]] = {}
+        raise error(f"{where}: the header must be a JSON object")
+    entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict):
-                raise SidecarError(f"{where}: __metadata__ must be a JSON object")
+                raise error(f"{where}: __metadata__ must be a JSON object")
             continue
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):  # more keys: ignored,
-            raise SidecarError(
-                f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}"
-            )  # as safetensors does
-        if info["dtype"] != "F32":
-            raise SidecarError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}; model weights are F32")
-        shape, offsets = info["shape"], info["data_offsets"]
+            raise error(f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}")  # as safetensors does
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not (isinstance(dtype, str) and dtype in dtypes):
+            raise error(f"{where}: tensor {name!r} has dtype {dtype!r}; {dtype_rule}")
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise SidecarError(f"{where}: tensor {name!r}: shape must be a list of non-negative integers")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(_is_int(o) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size
-        ):
-            raise SidecarError(
-                f"{where}: tensor {name!r}: data_offsets {offsets!r} must be two integers "
+            raise error(f"{where}: tensor {name!r} has shape {shape!r}: not a list of sizes (non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            offsets = None  # the message below
+        elif 0 <= offsets[0] <= offsets[1] and offsets[1] > data_size:
+            raise error(
+                f"{where}: tensor {name!r}: data_offsets {offsets!r} run past the data section ({data_size} bytes): "
+                f"the tensor does not fit in the file (truncated?)"
+            )
+        if offsets is None or not 0 <= offsets[0] <= offsets[1] <= data_size:
+            raise error(
+                f"{where}: tensor {name!r}: data_offsets {info['data_offsets']!r} must be two integers "
                 f"0 <= start <= end <= {data_size} (the data section's size)"
             )
         start, end = offsets
-        if end - start != 4 * math.prod(shape):
-            raise SidecarError(
-                f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of F32 "
-                f"needs {4 * math.prod(shape)}"
+        needed = dtypes[dtype] * math.prod(shape)
+        if end - start != needed:
+            raise error(
+                f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of {dtype} needs {needed}"
             )
-        entries[name] = (tuple(shape), start, end)
+        entries[name] = TensorEntry(dtype, tuple(shape), start, end)
+    return entries
+
+
+def _check_tiling(entries: dict[str, TensorEntry], data_size: int, where: str, error: type[ModelFileError]) -> None:
     position = 0  # the tensors, in file order, must tile the data section: no gap, no overlap
-    for name, (_, start, end) in sorted(entries.items(), key=lambda item: (item[1][1], item[1][2])):
-        if start != position:
-            what = "overlaps the tensor before it" if start < position else f"leaves a gap of {start - position} bytes"
-            raise SidecarError(f"{where}: tensor {name!r} at bytes {start}..{end} {what}")
-        position = end
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if e.start != position:
+            what = (
+                "overlaps the tensor before it" if e.start < position else f"leaves a gap of {e.start - position} bytes"
+            )
+            raise error(f"{where}: tensor {name!r} at bytes {e.start}..{e.end} {what}")
+        position = e.end
     if position != data_size:
-        raise SidecarError(
+        raise error(
             f"{where}: the tensors end at byte {position} of the data, the file holds {data_size} "
             f"(trailing bytes, or a truncated header)"
         )
-    return entries
 
 
 class SidecarWatch:

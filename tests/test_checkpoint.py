@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import celerinfer_lab as cl
-from celerinfer_lab.checkpoint import ERAS, export_checkpoint, import_checkpoint
+from celerinfer_lab.checkpoint import ERAS, _yarn_from_hf, config_from_hf, export_checkpoint, import_checkpoint
 from celerinfer_lab.errors import CheckpointError
+from celerinfer_lab.rope import transformers_yarn_freqs
 
 transformers = pytest.importorskip("transformers")  # the test extra pins it; CI installs it
 
@@ -30,21 +31,28 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 # ---- checkpoints written by transformers ----------------------------------------------------------------
-def hf_model(kind: str, tied: bool = False, seed: int = 0) -> torch.nn.Module:
+def hf_model(kind: str, tied: bool = False, seed: int = 0, yarn: dict | None = None) -> torch.nn.Module:
     """A tiny random transformers model of ``kind`` (llama, qwen3, qwen3_moe), weights not at their init
-    values (norm weights around 1, not 1: an ignored norm weight would show)."""
+    values (norm weights around 1, not 1: an ignored norm weight would show); ``yarn``: YaRN's
+    rope_parameters (128 positions)."""
     common = dict(
         **SMALL,
         intermediate_size=96,
-        max_position_embeddings=64,
+        max_position_embeddings=64 if yarn is None else 128,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tied,
         head_dim=16,
     )
+    theta = 10000.0 if kind == "llama" else 1e6
+    rope = (
+        dict(rope_theta=theta)
+        if yarn is None
+        else dict(rope_parameters=dict(rope_type="yarn", rope_theta=theta, **yarn))
+    )
     if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, rope_theta=10000.0)
+        cfg = transformers.LlamaConfig(**common, **rope)
     elif kind == "qwen3":
-        cfg = transformers.Qwen3Config(**common, rope_theta=1e6)
+        cfg = transformers.Qwen3Config(**common, **rope)
     else:
         cfg = transformers.Qwen3MoeConfig(
             **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
@@ -159,6 +167,108 @@ def test_export_refuses_what_transformers_cannot_express(tmp_path, overrides, wo
     assert not (tmp_path / "x").exists()
 
 
+# ---- YaRN: transformers' rule, carried by the config ------------------------------------------------------
+YARN = dict(factor=4.0, original_max_position_embeddings=32)
+YARN_CASES = {
+    "llama, attention_factor derived": ("llama", YARN),
+    "qwen3, truncate false": ("qwen3", dict(YARN, truncate=False)),
+    "qwen3, attention_factor and betas given": (
+        "qwen3",
+        dict(YARN, attention_factor=0.9, beta_fast=16.0, beta_slow=2.0),
+    ),
+}
+
+
+def yarn_folder(tmp_path: Path, case: str) -> tuple[torch.nn.Module, Path]:
+    kind, yarn = YARN_CASES[case]
+    hf = hf_model(kind, yarn=yarn)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("case", YARN_CASES)
+def test_yarn_folder_imports_as_rule_transformers_and_round_trips(tmp_path, case):
+    """A folder with YaRN imports with rope_scaling rule "transformers"; the reference's logits match
+    transformers' at positions past original_max_position_embeddings (32); the export is transformers'
+    YaRN again, loads in transformers, and imports back bit for bit."""
+    hf, folder = yarn_folder(tmp_path, case)
+    model = import_checkpoint(folder, batch_size=2, seq_len=48, padding="left")
+    scaling = model.config.rope_scaling
+    assert model.config.inference_rope_scaling and scaling["rule"] == "transformers"
+    assert scaling["truncate"] == YARN_CASES[case][1].get("truncate", True)
+    if "attention_factor" not in YARN_CASES[case][1]:  # derived as transformers derives it: 0.1 ln(4) + 1
+        assert scaling["attention_factor"] == 0.1 * np.log(4.0) + 1.0
+    assert model.attention_mask[:, 32:].any(), "the inputs must reach past original_max_position_embeddings"
+    assert_logits_match(model, hf_logits(hf, model))
+    out = export_checkpoint(model, tmp_path / "exp")
+    rope = json.loads((out / "config.json").read_text())["rope_parameters"]
+    assert rope["rope_type"] == "yarn" and rope["attention_factor"] == scaling["attention_factor"]
+    assert_logits_match(model, hf_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), model))
+    back = import_checkpoint(out, batch_size=2, seq_len=48, padding="left")
+    assert back.config.to_dict() == model.config.to_dict()
+    assert all(np.array_equal(back.weights[n], a) for n, a in model.weights.items())
+    assert np.array_equal(back.rope_cos, model.rope_cos) and np.array_equal(back.rope_sin, model.rope_sin)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize(
+    "head_dim,theta,orig,betas", [(16, 1e4, 32, {}), (64, 1e6, 2048, {"beta_fast": 8.0}), (8, 5e5, 4, {})]
+)
+def test_transformers_rule_frequencies_are_transformers_bit_for_bit(head_dim, theta, orig, betas, truncate):
+    """rope.transformers_yarn_freqs against transformers' own _compute_yarn_parameters, bit for bit."""
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    yarn = dict(factor=4.0, original_max_position_embeddings=orig, truncate=truncate, **betas)
+    hf = transformers.LlamaConfig(
+        hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=4 * orig,
+        rope_parameters=dict(rope_type="yarn", rope_theta=theta, **yarn),
+    )  # fmt: skip
+    expected, attention_factor = _compute_yarn_parameters(hf)
+    assert torch.equal(transformers_yarn_freqs(head_dim, theta, yarn), expected)
+    assert (
+        _yarn_from_hf(dict(rope_type="yarn", **yarn), {"max_position_embeddings": 4 * orig}, "")["attention_factor"]
+        == attention_factor
+    )
+
+
+def test_yarn_read_as_minimind_rule_is_caught_by_the_oracle(tmp_path):
+    """The companion: the same folder's YaRN parameters computed by MiniMind's rule (its attention
+    factor defaults to 1, its ramp is clamped elsewhere) give logits beyond 2e-5."""
+    hf, folder = yarn_folder(tmp_path, "llama, attention_factor derived")
+    as_minimind = {"type": "yarn", "rule": "minimind", **YARN}
+    model = import_checkpoint(folder, batch_size=2, seq_len=48, padding="left", config={"rope_scaling": as_minimind})
+    assert model.config.rope_scaling == as_minimind
+    with pytest.raises(AssertionError, match="reference - transformers"):
+        assert_logits_match(model, hf_logits(hf, model))
+
+
+def test_yarn_rules_refused_where_the_format_cannot_run_them(tmp_path):
+    """MiniMind's rule exports only as MiniMind's format, transformers' only as HF; a MiniMind folder
+    that names rule "transformers" is refused; YaRN's other HF relatives are refused by name."""
+    minimind_rule = cl.ModelConfig(
+        **SMALL, inference_rope_scaling=True, rope_scaling={"original_max_position_embeddings": 16}
+    )
+    model = cl.generate_model(minimind_rule, batch_size=1, seq_len=4)
+    with pytest.raises(CheckpointError, match=r"rule 'minimind'.*format 'minimind'"):
+        export_checkpoint(model, tmp_path / "x")
+    assert export_checkpoint(model, tmp_path / "mm", fmt="minimind").is_dir()  # the companion: its own format
+    _, folder = yarn_folder(tmp_path, "qwen3, truncate false")
+    with pytest.raises(CheckpointError, match=r"rule='transformers'.*format 'hf'"):
+        export_checkpoint(import_checkpoint(folder), tmp_path / "y", fmt="minimind")
+    mm = dict(MINIMIND2_CONFIG, inference_rope_scaling=True, rope_scaling={"factor": 4, "rule": "transformers"})
+    with pytest.raises(CheckpointError, match="rope_scaling.rule='transformers'"):
+        config_from_hf(mm)
+    assert (
+        config_from_hf(dict(mm, rope_scaling={"factor": 4, "rule": "minimind"}))[1]["rope_scaling"]["rule"]
+        == "minimind"
+    )
+    for rope_type in ("linear", "dynamic", "longrope", "llama3"):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["rope_parameters"]["rope_type"] = rope_type
+        with pytest.raises(CheckpointError, match=f"rope_type='{rope_type}'"):
+            config_from_hf(cfg)
+
+
 # ---- MiniMind .pth files of every era ---------------------------------------------------------------------
 _TO_V1 = [
     ("model.embed_tokens.weight", "tok_embeddings.weight"),
@@ -244,6 +354,9 @@ def test_imported_model_passes_the_cpp_compare_at_every_point(tmp_path, native):
     v1 = era_model("v1", moe=True)
     torch.save(era_state_dict(v1, "v1"), pth)
     assert cl.compare(import_checkpoint(pth, config={"max_position_embeddings": 256}), native, kernels="fast").agrees
+    _, folder = yarn_folder(tmp_path / "yarn", "qwen3, truncate false")
+    report = cl.compare(import_checkpoint(folder, seq_len=48), native, kernels="all")
+    assert report.agrees, report.culprits
 
 
 # ---- bad checkpoints: a named error, exit 2 -----------------------------------------------------------------
@@ -282,6 +395,7 @@ class _Evil:
         ("code", r"objects other than tensors \(posix.system\)"),
         ("truncated", "not a safetensors file|past the end|does not fit"),
         ("header", r"weight' has shape \[-64\]: not a list of sizes"),
+        ("offsets", r"data_offsets \[0\.0, \d+\] must be two integers"),  # the sidecar's header parser, shared
         ("shard", r"names shard 'model-0000\d-of-0000\d.safetensors', which is not in"),
     ],
 )
@@ -314,6 +428,14 @@ def test_bad_checkpoints_are_named(tmp_path, case, words):
         n = int.from_bytes(data[:8], "little")
         header = data[8 : 8 + n].replace(b'"shape":[64]', b'"shape":[-64]', 1)
         assert len(header) == n + 1
+        (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
+    elif case == "offsets":
+        src = tmp_path / "o"
+        hf_model("llama").save_pretrained(src)
+        data = (src / "model.safetensors").read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = data[8 : 8 + n].replace(b'"data_offsets":[0,', b'"data_offsets":[0.0,', 1)
+        assert len(header) == n + 2
         (src / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
     elif case == "shard":
         src = tmp_path / "sharded"

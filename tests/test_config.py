@@ -77,6 +77,35 @@ def test_head_dim_defaults_and_overrides():
         (dict(hidden_act="gelu"), "hidden_act='gelu'", "silu"),
         (dict(hidden_size=64.0), "hidden_size=64.0", ">= 1"),
         (dict(inference_rope_scaling=True, rope_scaling={"factor": 4, "bogus": 1}), "rope_scaling", "unknown keys"),
+        (dict(inference_rope_scaling=True, rope_scaling={"rule": "llama3"}), "rope_scaling.rule='llama3'", "one of"),
+        (
+            dict(inference_rope_scaling=True, rope_scaling={"truncate": False}),
+            "rope_scaling.truncate",
+            "rule 'minimind'",
+        ),
+        (
+            dict(
+                inference_rope_scaling=True,
+                rope_scaling={"rule": "transformers", "factor": 4.0, "original_max_position_embeddings": 8},
+            ),
+            "attention_factor",
+            "required",
+        ),
+        (
+            dict(
+                inference_rope_scaling=True,
+                rope_scaling={
+                    "rule": "transformers",
+                    "factor": 4,
+                    "original_max_position_embeddings": 8,
+                    "attention_factor": 1,
+                    "truncate": 0,
+                },
+            ),
+            "rope_scaling.truncate=0",
+            "true or false",
+        ),
+        (dict(inference_rope_scaling=True, rope_scaling={"beta_fast": "32"}), "rope_scaling.beta_fast='32'", "> 0"),
     ],
 )
 def test_invalid_configs_name_field_and_rule(kwargs, field, rule):

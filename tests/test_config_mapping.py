@@ -58,6 +58,16 @@ CASES = {
     "moe k>1": dict(use_moe=True, num_experts=3, num_experts_per_tok=1, topk_renorm="k>1", moe_intermediate_size=8),
     "moe never": dict(use_moe=True, num_experts=2, num_experts_per_tok=2, topk_renorm="never"),
     "yarn": dict(inference_rope_scaling=True, rope_scaling={"original_max_position_embeddings": 8, "factor": 4.0}),
+    "yarn, transformers' rule": dict(
+        inference_rope_scaling=True,
+        rope_scaling={
+            "rule": "transformers",
+            "original_max_position_embeddings": 8,
+            "factor": 4.0,
+            "attention_factor": 1.1,
+            "truncate": False,
+        },
+    ),
 }
 
 
@@ -116,3 +126,34 @@ def test_every_config_field_reaches_the_cpp_or_says_why_not(native):
         before = native_config(native, ModelConfig(**base))
         after = native_config(native, ModelConfig(**{**base, name: value}))
         assert before != after, f"ModelConfig.{name} = {value!r} does not change the C++ Config"
+
+
+@pytest.mark.parametrize(
+    "scaling, fragment",
+    [
+        ({"rule": "llama3"}, "rope_scaling.rule='llama3'"),
+        ({"truncate": False}, "rope_scaling.truncate"),
+        ({"rule": "transformers", "factor": 4.0, "original_max_position_embeddings": 8}, "attention_factor"),
+        ({"beta_slow": 0}, "rope_scaling.beta_slow=0"),
+        ({"rule": "transformers", "factor": 4.0, "original_max_position_embeddings": 8, "attention_factor": 1.0,
+          "truncate": "yes"}, "rope_scaling.truncate='yes'"),
+    ],
+)  # fmt: skip
+def test_both_readers_refuse_the_same_rope_scaling(scaling, fragment, standalone_binary, tmp_path):
+    """A rope_scaling one rule cannot hold is refused by Python's ModelConfig and by the C++ reader,
+    naming the same key; the same file with a valid rope_scaling is read by both (the companion)."""
+    import json
+
+    from celerinfer_lab import ModelFileError, load_model
+
+    path = tmp_path / "m.json"
+    generate_model(ModelConfig(**BASE, inference_rope_scaling=True), batch_size=1, seq_len=2, seed=0).save(path)
+    ok = subprocess.run([str(standalone_binary), "--print-config", str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and load_model(path).config.inference_rope_scaling, ok.stderr
+    doc = json.loads(path.read_text())
+    doc["config"]["rope_scaling"] = scaling
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelFileError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        load_model(path)
+    r = subprocess.run([str(standalone_binary), "--print-config", str(path)], capture_output=True, text=True)
+    assert r.returncode != 0 and fragment in r.stderr + r.stdout, r.stderr + r.stdout

@@ -270,26 +270,39 @@ inline void read_norm_rope_act(const ConfigReader& r, Config& c) {
     r.choice("hidden_act", kAct, 0);
 }
 
-// _validate_yarn: rope_scaling absent, null, or a dict of known YaRN keys with positive sizes.
+// _validate_yarn: rope_scaling absent, null, or a dict of YaRN keys known to its rule ("minimind", the
+// default, or "transformers": config.YARN_KEYS), the rule's required keys present, numbers > 0,
+// truncate a boolean. Only the RoPE cache in the file is read; this keeps the two readers agreeing.
 inline void check_rope_scaling(const ConfigReader& r) {
     const json* s = find(r.raw(), "rope_scaling");
     if (!s || s->is_null()) return;
     if (!s->is_object()) r.bad("rope_scaling=", short_repr(*s), ": must be a dict of YaRN parameters");
     static const char* const kKnown[] = {"beta_fast", "beta_slow", "factor", "original_max_position_embeddings",
-                                         "attention_factor", "type"};
+                                         "attention_factor", "type", "rule", "truncate"};
     for (auto it = s->begin(); it != s->end(); ++it) {
         bool known = false;
         for (const char* k : kKnown) known = known || it.key() == k;
         if (!known) r.bad("rope_scaling has unknown key '", strict_json_detail::printable(it.key()), "'");
     }
+    const json* rule = find(*s, "rule");
+    const bool transformers = rule && rule->is_string() && rule->get_ref<const std::string&>() == "transformers";
+    if (rule && !transformers && !(rule->is_string() && rule->get_ref<const std::string&>() == "minimind"))
+        r.bad("rope_scaling.rule=", short_repr(*rule), ": must be one of ('minimind', 'transformers')");
+    if (!transformers && find(*s, "truncate"))
+        r.bad("rope_scaling.truncate means nothing under rule 'minimind' (MiniMind's YaRN always truncates)");
     const json* type = find(*s, "type");
     if (type && !(type->is_string() && type->get_ref<const std::string&>() == "yarn"))
         r.bad("rope_scaling.type=", short_repr(*type), ": only 'yarn' is supported");
-    for (const char* key : {"factor", "original_max_position_embeddings"}) {
+    if (transformers)
+        for (const char* key : {"factor", "original_max_position_embeddings", "attention_factor"})
+            if (!find(*s, key)) r.bad("rope_scaling.", key, " is required under rule 'transformers'");
+    for (const char* key : {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}) {
         const json* v = find(*s, key);
         if (v && !(v->is_number() && v->get<double>() > 0))
             r.bad("rope_scaling.", key, "=", short_repr(*v), ": must be a number > 0");
     }
+    const json* truncate = find(*s, "truncate");
+    if (truncate && !truncate->is_boolean()) r.bad("rope_scaling.truncate=", short_repr(*truncate), ": must be true or false");
 }
 
 // num_experts_per_tok: an integer in [1, num_experts]; absent: 1.
