@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .config import ConfigError, ModelConfig
+from .config import DEFAULT_YARN, ConfigError, ModelConfig
 from .errors import CheckpointError, ModelFileError
 from .generate import random_inputs
 from .modelfile import Model, weight_shapes
@@ -761,6 +761,16 @@ def minimind_config(config: ModelConfig) -> dict[str, Any]:
             "rope_scaling.rule='transformers': MiniMind's precompute_freqs_cis computes MiniMind's YaRN, not "
             "transformers'; export it with format 'hf'"
         )
+    if config.inference_rope_scaling:
+        # MiniMindConfig rebuilds rope_scaling from its own constants whenever inference_rope_scaling
+        # is on, whatever config.json says: other values would silently become MiniMind's.
+        given = {k: v for k, v in (config.rope_scaling or {}).items() if k != "rule"}
+        changed = sorted(k for k in DEFAULT_YARN if given.get(k, DEFAULT_YARN[k]) != DEFAULT_YARN[k])
+        if changed:
+            raise CheckpointError(
+                f"rope_scaling {', '.join(f'{k}={given[k]!r}' for k in changed)}: MiniMind's MiniMindConfig "
+                f"replaces rope_scaling with its own constants {DEFAULT_YARN} when it loads a folder"
+            )
     return {"architectures": ["MiniMindForCausalLM"], "model_type": "minimind", **config.to_dict()}
 
 

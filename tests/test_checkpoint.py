@@ -251,7 +251,12 @@ def test_yarn_rules_refused_where_the_format_cannot_run_them(tmp_path):
     model = cl.generate_model(minimind_rule, batch_size=1, seq_len=4)
     with pytest.raises(CheckpointError, match=r"rule 'minimind'.*format 'minimind'"):
         export_checkpoint(model, tmp_path / "x")
-    assert export_checkpoint(model, tmp_path / "mm", fmt="minimind").is_dir()  # the companion: its own format
+    with pytest.raises(
+        CheckpointError, match=r"original_max_position_embeddings=16: MiniMind's MiniMindConfig replaces"
+    ):
+        export_checkpoint(model, tmp_path / "mm", fmt="minimind")  # MiniMind would run its own constants
+    own = cl.generate_model(cl.ModelConfig(**SMALL, inference_rope_scaling=True), batch_size=1, seq_len=4)
+    assert export_checkpoint(own, tmp_path / "mm", fmt="minimind").is_dir()  # the companion: MiniMind's values
     _, folder = yarn_folder(tmp_path, "qwen3, truncate false")
     with pytest.raises(CheckpointError, match=r"rule='transformers'.*format 'hf'"):
         export_checkpoint(import_checkpoint(folder), tmp_path / "y", fmt="minimind")
