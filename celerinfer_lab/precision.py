@@ -339,7 +339,10 @@ def precision_figure(cost: PrecisionCost, figsize: tuple[float, float] = (13, 5)
         bars.bar(x - width / 2, [cost.layer_kl.get(g, 0.0) for g in groups], width, label="only this group reduced")
     if spliced:
         bars.bar(x + width / 2, [spliced.get(g, 0.0) for g in groups], width, label="KL added (splice)")
-    bars.set_xticks(x, [g.replace("layer ", "L") for g in groups])
+    names = [g.replace("layer ", "L") for g in groups]
+    if cost.config.tie_word_embeddings and cost.layer_kl:  # one at a time, "head" is the tied embedding too
+        names[-1] = "head\n(+embed: tied)"
+    bars.set_xticks(x, names)
     bars.set_ylabel("mean KL of the logits (nats)")
     bars.set_title(f"{cost.fmt}: KL per layer (total {cost.kl:.2e})")
     bars.axhline(0, color="black", linewidth=0.5)
