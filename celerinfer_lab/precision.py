@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class WeightFormat:
     """A weight format as the precision cost sees it: ``values(name, w)`` gives the float32 values a
-    weight ``w`` keeps in the format (its stored form decoded)."""
+    weight ``w`` keeps in the format (its stored form decoded). It is applied to the weights a bf16/q8
+    model stores reduced (schema.reduced_weights: projections, experts, the head, a tied embedding),
+    never to norms or the MoE router."""
 
     name: str
     values: Callable[[str, np.ndarray], np.ndarray]
