@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
     from .generate import generate_model
     from .modelfile import Model, ModelFileError, save_model, weight_shapes
     from .native import NativeCompileError, NativeEngine, NativeError, NativeModel, copy_cpp, edit_source, load_native
+    from .precision import PrecisionCost, precision_cost
     from .reader import load_model
     from .reference import ForwardResult, KVCache, ReferenceModel, reference_forward
     from .report import Report
@@ -39,6 +40,8 @@ _EXPORTS = {
     "compare_decode": "compare",
     "Completion": "complete",
     "complete": "complete",
+    "PrecisionCost": "precision",
+    "precision_cost": "precision",
     "Tokenizer": "tokenizer",
     "attach_tokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",
@@ -99,6 +102,8 @@ __all__ = [
     "compare_decode",
     "complete",
     "Completion",
+    "precision_cost",
+    "PrecisionCost",
     "attach_tokenizer",
     "load_tokenizer",
     "Tokenizer",

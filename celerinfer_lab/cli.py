@@ -1,5 +1,5 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench, train,
-import, export, lab.
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench,
+precision, train, import, export, lab.
 
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
 and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
@@ -462,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_import_export(sub)
+    _add_precision(sub)
     info = sub.add_parser("info", help="describe a model file")
     info.add_argument("model")
     info.add_argument("--trace-points", action="store_true", help="list the trace points with their shapes")
@@ -643,6 +644,35 @@ _IMPORT_FIELDS = (
 )
 
 
+def cmd_precision(args: argparse.Namespace) -> int:
+    from .precision import precision_cost
+    from .reader import load_model
+
+    model = load_model(args.model)
+    cost = precision_cost(model, args.to, layers_one_at_a_time=not args.no_layers, splice=not args.no_splice)
+    print(cost)
+    if args.plot:
+        cost.plot().savefig(args.plot, dpi=110)
+        print(f"plot -> {args.plot}")
+    return 0
+
+
+def _add_precision(sub: argparse._SubParsersAction) -> None:
+    pr = sub.add_parser(
+        "precision",
+        help="what bf16/q8 weights cost a float32 model (SQNR per op, logits KL, per-layer attribution)",
+        description="Both sides in the float64 PyTorch reference, one on the float32 weights, one on their "
+        "bf16/q8 values: per trace point SQNR, mean KL and top-1 agreement of the logits, and the KL per "
+        "layer (one layer reduced at a time) and per op (splicing). No C++ runs: this is the cost of the "
+        "format, not a check of a kernel (that is compare --kernels).",
+    )
+    pr.add_argument("model", help="a float32 model file")
+    pr.add_argument("--to", choices=("bf16", "q8"), required=True, help="the weight format to cost")
+    pr.add_argument("--plot", help="write the figure (KL per layer, SQNR per op) to this PNG")
+    pr.add_argument("--no-layers", action="store_true", help="skip the one-layer-at-a-time forwards")
+    pr.add_argument("--no-splice", action="store_true", help="skip the splicing forwards (one per trace point)")
+
+
 def _add_import_export(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import", help="import a HF folder or a MiniMind .pth as a model file")
     imp.add_argument(
@@ -679,6 +709,7 @@ COMMANDS = {
     "cpp-forward": cmd_cpp_forward,
     "compare": cmd_compare,
     "complete": cmd_complete,
+    "precision": cmd_precision,
     "bench": cmd_bench,
     "train": cmd_train,
     "lab": cmd_lab,

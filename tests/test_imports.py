@@ -53,8 +53,8 @@ LAYERS = [
     ["rendering", "plots"],
     # the Report and how it is built from runs; the runs themselves (engines passed in)
     ["report", "runs"],
-    # what reads a Report: the diagnosis
-    ["diagnose"],
+    # what reads a Report: the diagnosis; beside it, what a weight format costs (two reference runs, no Report)
+    ["diagnose", "precision"],
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
     # timing; text generation on both sides with the first divergence compared

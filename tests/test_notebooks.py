@@ -51,10 +51,16 @@ EXPECTED = {  # words each notebook's outputs must contain
         "text row identical: True",
         "application/vnd.jupyter.widget-view+json",
     ],
+    "07_precision.ipynb": [
+        "precision cost (float32 model vs its q8 weights, both in the float64 reference)",
+        "precision cost (float32 model vs its bf16 weights, both in the float64 reference)",
+        "model.layers.3.mlp.down_proj",
+        "image/png",
+    ],
 }
 
 
-def test_there_are_six_notebooks():
+def test_there_are_seven_notebooks():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
 
 
