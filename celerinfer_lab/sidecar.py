@@ -17,7 +17,7 @@ import os
 import stat
 import struct
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,6 +43,12 @@ class SidecarHeader:
     size: int  # bytes of the whole file
     data_start: int  # 8 + N
     tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, start, end), offsets into the data
+    dtypes: dict[str, str] = field(default_factory=dict)  # name -> its safetensors dtype (ITEMSIZE's keys)
+
+
+# The dtypes a sidecar holds and their bytes per element: F32 weights, BF16 bfloat16 bits, U8 Q8_0 blocks.
+ITEMSIZE = {"F32": 4, "BF16": 2, "U8": 1}
+_VIEW = {"F32": "<f4", "BF16": "<u2", "U8": "u1"}
 
 
 def sidecar_path(folder: Path, name: object, where: str) -> Path:
@@ -77,7 +83,9 @@ def read_header(f: BinaryIO, path: Path, where: str, expected_size: int | None =
         )
     raw = os.pread(f.fileno(), n, 8)
     header = parse_strict_json(raw, f"{where}: sidecar {path.name} header")
-    return SidecarHeader(path, size, 8 + n, _check_entries(header, size - 8 - n, f"{where}: sidecar {path.name}"))
+    dtypes: dict[str, str] = {}
+    entries = _check_entries(header, size - 8 - n, f"{where}: sidecar {path.name}", dtypes)
+    return SidecarHeader(path, size, 8 + n, entries, dtypes)
 
 
 def open_sidecar(
@@ -103,7 +111,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_entries(header: object, data_size: int, where: str) -> dict[str, tuple[tuple[int, ...], int, int]]:
+def _check_entries(
+    header: object, data_size: int, where: str, dtypes: dict[str, str] | None = None
+) -> dict[str, tuple[tuple[int, ...], int, int]]:
     if not isinstance(header, dict):
         raise SidecarError(f"{where}: the header must be a JSON object")
     entries: dict[str, tuple[tuple[int, ...], int, int]] = {}
@@ -116,8 +126,10 @@ def _check_entries(header: object, data_size: int, where: str) -> dict[str, tupl
             raise SidecarError(
                 f"{where}: tensor {name!r} must be {{dtype, shape, data_offsets}}"
             )  # as safetensors does
-        if info["dtype"] != "F32":
-            raise SidecarError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}; model weights are F32")
+        if not (isinstance(info["dtype"], str) and info["dtype"] in ITEMSIZE):
+            raise SidecarError(
+                f"{where}: tensor {name!r} has dtype {info['dtype']!r}; model weights are F32, BF16 or U8 (Q8_0)"
+            )
         shape, offsets = info["shape"], info["data_offsets"]
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise SidecarError(f"{where}: tensor {name!r}: shape must be a list of non-negative integers")
@@ -132,12 +144,15 @@ def _check_entries(header: object, data_size: int, where: str) -> dict[str, tupl
                 f"0 <= start <= end <= {data_size} (the data section's size)"
             )
         start, end = offsets
-        if end - start != 4 * math.prod(shape):
+        itemsize = ITEMSIZE[info["dtype"]]
+        if end - start != itemsize * math.prod(shape):
             raise SidecarError(
-                f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of F32 "
-                f"needs {4 * math.prod(shape)}"
+                f"{where}: tensor {name!r} spans {end - start} bytes, its shape {shape} of {info['dtype']} "
+                f"needs {itemsize * math.prod(shape)}"
             )
         entries[name] = (tuple(shape), start, end)
+        if dtypes is not None:
+            dtypes[name] = info["dtype"]
     position = 0  # the tensors, in file order, must tile the data section: no gap, no overlap
     for name, (_, start, end) in sorted(entries.items(), key=lambda item: (item[1][1], item[1][2])):
         if start != position:
@@ -179,10 +194,11 @@ class SidecarWatch:
 
 
 def map_tensors(f: BinaryIO, header: SidecarHeader) -> dict[str, np.ndarray]:
-    """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped float32 array."""
+    """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped array: float32,
+    uint16 (BF16: bfloat16 bits) or uint8 (U8: Q8_0 blocks)."""
     mapped = np.memmap(f, dtype=np.uint8, mode="r", shape=(header.size,))
     base = header.data_start
     return {
-        name: mapped[base + start : base + end].view("<f4").reshape(shape)
+        name: mapped[base + start : base + end].view(_VIEW[header.dtypes.get(name, "F32")]).reshape(shape)
         for name, (shape, start, end) in header.tensors.items()
     }
