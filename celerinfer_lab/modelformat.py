@@ -67,4 +67,5 @@ def stored_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
 
 def stored_dtype(dtype: str) -> np.dtype:
     """The numpy dtype of a tensor's stored bytes."""
-    return {"bfloat16": np.dtype("<u2"), "q8_0": np.dtype("u1")}.get(dtype) or DTYPES[dtype]
+    reduced = {"bfloat16": np.dtype("<u2"), "q8_0": np.dtype("u1")}
+    return reduced[dtype] if dtype in reduced else DTYPES[dtype]
