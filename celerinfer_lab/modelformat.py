@@ -67,5 +67,6 @@ def stored_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
 
 def stored_dtype(dtype: str) -> np.dtype:
     """The numpy dtype of a tensor's stored bytes."""
-    reduced = {"bfloat16": np.dtype("<u2"), "q8_0": np.dtype("u1")}
-    return reduced[dtype] if dtype in reduced else DTYPES[dtype]
+    if dtype == "bfloat16":
+        return np.dtype("<u2")
+    return np.dtype("u1") if dtype == "q8_0" else DTYPES[dtype]
