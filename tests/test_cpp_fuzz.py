@@ -531,7 +531,9 @@ def test_exit_codes(plain_binary, tmp_path):
     r = subprocess.run([str(plain_binary), "--check", str(good), str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stdout.splitlines()
-    assert lines[0] == f"ok\t{good}\tweights f32" and lines[1].startswith(f"refused\t{bad}\t{bad}: config: hidden_act='gelu'")
+    assert lines[0] == f"ok\t{good}\tweights f32" and lines[1].startswith(
+        f"refused\t{bad}\t{bad}: config: hidden_act='gelu'"
+    )
     r = subprocess.run([str(plain_binary), str(bad), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "hidden_act='gelu'" in r.stderr
     r = subprocess.run(
