@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,16 @@ def test_generate_weights_flag(tmp_path, capsys):
 def test_write_model_passes_weights(tmp_path):
     path = write_model(tmp_path, weights="q8", hidden_size=48)
     assert load_model(path).weight_format == "q8"
+
+
+@pytest.mark.parametrize("sidecar", [False, True], ids=["json", "sidecar"])
+def test_reduced_files_match_the_json_schema(original, tmp_path, sidecar):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parents[1] / "docs" / "model-file.schema.json").read_text())
+    for fmt in ("bf16", "q8"):
+        original.as_format(fmt).save(tmp_path / f"{fmt}.json", sidecar=sidecar)
+        jsonschema.validate(load_doc(tmp_path / f"{fmt}.json"), schema)
+    doc = load_doc(tmp_path / "q8.json")
+    doc["weight_format"] = "q4"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema)
