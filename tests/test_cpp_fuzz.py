@@ -77,8 +77,9 @@ def plain_binary(standalone_binary):
 
 
 # ---- seeds -----------------------------------------------------------------------------------------
-def _tiny(path: Path, sidecar: bool = False, **overrides) -> Path:
-    generate_model(ModelConfig(**{**TINY, **overrides}), batch_size=1, seq_len=3, output=path, sidecar=sidecar)
+def _tiny(path: Path, sidecar: bool = False, weights: str = "f32", **overrides) -> Path:
+    config = ModelConfig(**{**TINY, **overrides})
+    generate_model(config, batch_size=1, seq_len=3, output=path, sidecar=sidecar, weights=weights)
     return path
 
 
@@ -127,6 +128,9 @@ def seed_corpus(tmp_path_factory) -> Path:
         shutil.copy(_tiny(models / f"{name}.json", **overrides), corpus / name)
     side = _tiny(models / "side.json", sidecar=True)
     (corpus / "sidecar").write_bytes(side.read_bytes() + SEP + _sidecar_of(side).read_bytes())
+    shutil.copy(_tiny(models / "bf16.json", weights="bf16"), corpus / "bf16")  # the weight formats (issue 14)
+    q8 = _tiny(models / "q8.json", sidecar=True, weights="q8", tie_word_embeddings=False)
+    (corpus / "q8_sidecar").write_bytes(q8.read_bytes() + SEP + _sidecar_of(q8).read_bytes())
     shutil.copy(_tiny_v0(models / "v0.json"), corpus / "v0_small")
 
     def minimind2(d):  # MiniMind2's MoE names, a float16 weight, a float64 RoPE cache, uint8 inputs
