@@ -289,7 +289,7 @@ def _check_weight_dtype(dtype: Any, reduced_dtype: str | None, where: str) -> No
             f"{where}: dtype {_short(dtype)}, but the file's weight_format is {_FORMAT_OF[reduced_dtype]!r}: "
             f"its reduced weights (projections, experts, head) must be {reduced_dtype}"
         )
-    if reduced_dtype is None and dtype in _FORMAT_OF:
+    if reduced_dtype is None and isinstance(dtype, str) and dtype in _FORMAT_OF:
         raise ModelFileError(
             f"{where}: dtype {dtype!r} is only for the weights a {_FORMAT_OF[dtype]} model reduces, in a file whose "
             f"weight_format is {_FORMAT_OF[dtype]!r}; this weight stays a float type (norms and the router always do)"

@@ -280,3 +280,22 @@ def test_reduced_files_match_the_json_schema(original, tmp_path, sidecar):
     doc["weight_format"] = "q4"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, schema)
+
+
+def test_a_stored_weight_of_the_wrong_layout_is_not_written(original, tmp_path):
+    model = original.as_format("q8")
+    model.save(tmp_path / "good.json")  # the companion: as encoded, it is written
+    model.stored[Q] = model.stored[Q][:, :34]  # one block a row where the config needs two
+    with pytest.raises(ModelFileError, match=r"must be uint8 of shape \[48, 68\], got uint8 \[48, 34\]"):
+        model.save(tmp_path / "bad.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.json"]  # nothing left behind
+
+
+def test_a_list_as_dtype_is_refused_by_name(original, tmp_path):
+    path = tmp_path / "m.json"
+    original.as_format("bf16").save(path)
+    doc = load_doc(path)
+    doc["weights"][NORM]["dtype"] = []
+    save_doc(path, doc)
+    with pytest.raises(ModelFileError, match=r"dtype \[\] is not allowed here"):
+        load_model(path)
