@@ -437,7 +437,7 @@ def test_allow_nonfinite(asan_binary, tmp_path):
     assert r.returncode == 2 and "NaN" in r.stdout
     r, _ = _check(asan_binary, path, "--allow-nonfinite")
     _assert_no_crash(r)
-    assert r.returncode == 0 and r.stdout == f"ok\t{path}\n", r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout == f"ok\t{path}\tweights f32\n", r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(

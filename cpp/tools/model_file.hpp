@@ -590,8 +590,9 @@ inline std::map<std::string, const uint8_t*> match_sidecar_tensors(const std::ve
         std::vector<int64_t> shape = s->shape;
         if (d == DType::Q8_0) shape = {s->shape[0], q8_row_bytes(s->shape[1])};
         if (it->second->shape != shape)
-            refuse(s->where, "the JSON says shape ", shape_str(s->shape), " (", shape_str(shape), " in the sidecar), the sidecar holds ",
-                   shape_str(it->second->shape));
+            refuse(s->where, "the JSON says shape ", shape_str(s->shape),
+                   d == DType::Q8_0 ? cat(" (Q8_0 bytes ", shape_str(shape), " in the sidecar)") : std::string(),
+                   ", the sidecar holds ", shape_str(it->second->shape));
         out[s->name] = base + it->second->start;
     }
     if (out.size() != entries.size())
