@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .errors import CelerInferError, FaultError, ModelFileError, UsageError
 from .flags import CONFIG_FLAGS, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+from .quantize import WEIGHT_FORMATS
 
 if TYPE_CHECKING:  # for annotations only: the commands import what they run when they run
     import numpy as np
@@ -80,6 +81,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--sidecar", action="store_true", help="weights in a safetensors file beside the JSON (large models)"
     )
     g.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default="f32",
+        help="weight format: f32 (default), bf16, or q8 (llama.cpp's Q8_0) for projections, experts and head",
+    )
+    g.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -139,14 +146,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         output=args.output,
         progress=args.progress,
         sidecar=args.sidecar,
+        weights=args.weights,
     )
     elapsed = time.perf_counter() - start
     size = _size(written.json_bytes)  # what this run wrote (a concurrent writer may have replaced it since)
     if written.sidecar:
         size = f"{size} JSON + {_size(written.sidecar_bytes)} sidecar {written.sidecar.name}"
     print(
-        f"wrote {written.path}: {config.num_parameters():,} parameters, batch {args.batch_size} x seq {args.seq_len}, "
-        f"{size} in {elapsed:.2f} s"
+        f"wrote {written.path}: {config.num_parameters():,} parameters ({args.weights} weights), "
+        f"batch {args.batch_size} x seq {args.seq_len}, {size} in {elapsed:.2f} s"
+    )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .reader import load_model
+    from .writer import weight_bytes
+
+    _check_output(args.output, args.sidecar, args.force)
+    if Path(args.output).absolute() == Path(args.model).absolute():
+        raise UsageError(f"-o {args.output} is the model being read: write the new format to another file")
+    model = load_model(args.model)
+    note = ""
+    if model.weight_format not in ("f32", args.to):
+        note = f" (re-quantized from the {model.weight_format} file's decoded values, not from float32 originals)"
+    start = time.perf_counter()
+    model.as_format(args.to).save(args.output, sidecar=args.sidecar)
+    print(
+        f"wrote {args.output}: {model.weight_format} -> {args.to} weights{note}, "
+        f"{_size(weight_bytes(model.config, args.to))} of weights in {time.perf_counter() - start:.2f} s"
     )
     return 0
 
@@ -154,12 +182,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .reader import load_model
     from .trace import trace_points
+    from .writer import weight_bytes
 
     model = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
     print(f"{args.model} ({model.source_format})")
     for key, value in model.config.to_dict().items():
         print(f"  {key}: {value}")
     print(f"  parameters: {model.config.num_parameters():,}")
+    print(
+        f"  weights: {model.weight_format}, {_size(weight_bytes(model.config, model.weight_format))}"
+        + (f" ({_size(model.config.num_parameters() * 4)} in f32)" if model.weight_format != "f32" else "")
+    )
     print(
         f"  inputs: batch {model.batch_size} x seq {model.seq_len}, padded positions {int((model.attention_mask == 0).sum())}"
     )
@@ -463,6 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_import_export(sub)
     _add_precision(sub)
+    quant = sub.add_parser(
+        "quantize",
+        help="write a model file with its weights in another format (bf16, q8 or f32)",
+        description="Projections, experts and the head go to the new format; norms, the router and the RoPE "
+        "cache stay float32. From a bf16 or q8 file the decoded values are quantized again.",
+    )
+    quant.add_argument("model")
+    quant.add_argument("--to", required=True, choices=WEIGHT_FORMATS, help="the weight format to write")
+    quant.add_argument("-o", "--output", required=True, help="the model file to write")
+    quant.add_argument("--sidecar", action="store_true", help="weights in a safetensors sidecar beside the JSON")
+    quant.add_argument("--force", action="store_true", help="replace an existing model file")
     info = sub.add_parser("info", help="describe a model file")
     info.add_argument("model")
     info.add_argument("--trace-points", action="store_true", help="list the trace points with their shapes")
@@ -704,6 +748,7 @@ COMMANDS = {
     "import": cmd_import,
     "export": cmd_export,
     "generate": cmd_generate,
+    "quantize": cmd_quantize,
     "info": cmd_info,
     "torch-forward": cmd_torch_forward,
     "cpp-forward": cmd_cpp_forward,

@@ -24,8 +24,18 @@ from .config import ConfigError, ModelConfig
 from .errors import ModelFileError, UsageError
 from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from .modelfile import Model, weight_shapes
+from .quantize import check_weight_format
 from .rope import rope_cache
-from .writer import Written, check_disk_room, check_target, human_bytes, largest_tensor, tensor_count, write_model_file
+from .writer import (
+    Written,
+    check_disk_room,
+    check_target,
+    human_bytes,
+    largest_tensor,
+    tensor_count,
+    weight_bytes,
+    write_model_file,
+)
 
 PADDING_MODES = ("none", "left", "right", "mixed")
 _RESIDUAL_WRITERS = ("o_proj.weight", "down_proj.weight")
@@ -113,14 +123,27 @@ def _mem_available() -> int | None:
     return None
 
 
-def check_memory(config: ModelConfig, batch_size: int, seq_len: int, streamed: bool = True) -> None:
+# Encoding a float32 weight holds temporaries (padded copy, float64 products, the result) of up to
+# this many times its float32 bytes: tracemalloc's peak over quantize.to_q8 of a [1024, 1024]
+# weight is 9.1x, over to_bf16 4.0x.
+ENCODE_FACTOR = {"f32": 0, "bf16": 4, "q8": 10}
+
+
+def check_memory(
+    config: ModelConfig, batch_size: int, seq_len: int, streamed: bool = True, weight_format: str = "f32"
+) -> None:
     """Refuse (UsageError) a model that cannot be generated in the memory available: streamed, its
-    largest tensor, the RoPE cache and the inputs are in memory at once; returned, all its weights."""
+    largest tensor (and, in bf16 or q8, its encoding's temporaries), the RoPE cache and the inputs are
+    in memory at once; returned, all its weights (float32, and their stored form besides)."""
     available = _mem_available()
     if available is None:
         return
     name, shape, largest = largest_tensor(config)
-    weights = largest if streamed else config.num_parameters() * 4
+    if streamed:
+        weights = largest * (1 + ENCODE_FACTOR[weight_format])
+    else:  # float32 values, the stored forms beside them, one tensor's encoding at a time
+        weights = config.num_parameters() * 4 + largest * ENCODE_FACTOR[weight_format]
+        weights += weight_bytes(config, weight_format) if weight_format != "f32" else 0
     rope = 2 * config.max_position_embeddings * config.head_dim * 4
     inputs = 2 * batch_size * seq_len * 8
     need = weights + rope + inputs
@@ -150,6 +173,7 @@ def generate_model(
     output: None = None,
     progress: bool | None = None,
     sidecar: bool = False,
+    weights: str = "f32",
 ) -> Model: ...
 @overload
 def generate_model(
@@ -164,6 +188,7 @@ def generate_model(
     output: str | Path,
     progress: bool | None = None,
     sidecar: bool = False,
+    weights: str = "f32",
 ) -> Path: ...
 def generate_model(
     config: ModelConfig,
@@ -176,6 +201,7 @@ def generate_model(
     output: str | Path | None = None,
     progress: bool | None = None,
     sidecar: bool = False,
+    weights: str = "f32",
 ) -> Model | Path:
     """A random model with inputs. With ``output`` it is streamed to that file (one tensor in
     memory at a time) and the path is returned (missing parent folders are created; an existing
@@ -185,7 +211,11 @@ def generate_model(
     Refused before anything large is allocated: a model that does not fit in the available memory
     (UsageError), or in the output folder's free space (ModelFileError). An output that is a
     folder, or ends in .safetensors with a sidecar, is a UsageError; a file that cannot be written
-    (a full disk, a read-only folder, a file in the way) is a ModelFileError naming it."""
+    (a full disk, a read-only folder, a file in the way) is a ModelFileError naming it.
+
+    ``weights``: the weight format, "f32", "bf16" or "q8" (quantize.py): the same random float32
+    weights, the reduced ones (projections, experts, head) then stored in that format (Model.as_format;
+    the file's "weight_format"). A bad name is a ConfigError."""
     if output is not None:
         written = generate_model_file(
             config,
@@ -198,13 +228,15 @@ def generate_model(
             output=output,
             progress=progress,
             sidecar=sidecar,
+            weights=weights,
         )
         return written.path
-    _check_request(config, batch_size, seq_len, seed, streamed=False)
+    _check_request(config, batch_size, seq_len, seed, streamed=False, weight_format=weights)
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
     meta = _meta(config, batch_size, seq_len, seed, padding)
-    return Model(config, dict(random_weights(config, seed)), input_ids, attention_mask, cos, sin, meta)
+    model = Model(config, dict(random_weights(config, seed)), input_ids, attention_mask, cos, sin, meta)
+    return model.as_format(weights)
 
 
 def generate_model_file(
@@ -219,18 +251,19 @@ def generate_model_file(
     output: str | Path,
     progress: bool | None = None,
     sidecar: bool = False,
+    weights: str = "f32",
 ) -> Written:
     """generate_model with ``output``, returning what was written (writer.Written: paths and sizes)."""
-    _check_request(config, batch_size, seq_len, seed, streamed=True)
+    _check_request(config, batch_size, seq_len, seed, streamed=True, weight_format=weights)
     output = check_target(output, sidecar)
     blocking = next((parent for parent in output.parents if parent.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise ModelFileError(f"cannot write {output}: {blocking} is a file, not a folder")
-    check_disk_room(output, config, batch_size, seq_len, sidecar)
+    check_disk_room(output, config, batch_size, seq_len, sidecar, weights)
     input_ids, attention_mask = random_inputs(config, batch_size, seq_len, seed, padding, pad_lengths, pad_id)
     cos, sin = rope_cache(config)
     meta = _meta(config, batch_size, seq_len, seed, padding)
-    weights = random_weights(config, seed)
+    tensors = random_weights(config, seed)
     if progress is None:
         progress = config.num_parameters() >= 20_000_000
     try:
@@ -248,7 +281,7 @@ def generate_model_file(
         return write_model_file(
             output,
             config,
-            weights,
+            tensors,
             input_ids,
             attention_mask,
             cos,
@@ -256,19 +289,26 @@ def generate_model_file(
             meta,
             on_tensor=(lambda _name: bar.update()) if bar else None,
             sidecar=sidecar,
+            weight_format=weights,
         )
     finally:
         if bar:
             bar.close()
 
 
-def _check_request(config: ModelConfig, batch_size: int, seq_len: int, seed: int, streamed: bool) -> None:
-    """Refuse a bad seed, batch size or config, or a model that does not fit in memory (see check_memory)."""
+def _check_request(
+    config: ModelConfig, batch_size: int, seq_len: int, seed: int, streamed: bool, weight_format: str = "f32"
+) -> None:
+    """Refuse a bad seed, batch size, weight format or config, or a model that does not fit in memory
+    (see check_memory)."""
     _check_seed(seed)
+    if not isinstance(weight_format, str):
+        raise ConfigError(f"weights={weight_format!r}: must be one of f32, bf16, q8")
+    check_weight_format(weight_format)
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise ConfigError(f"batch_size={batch_size!r}: must be an integer >= 1")
     config.validate(seq_len=seq_len)
-    check_memory(config, batch_size, seq_len, streamed=streamed)
+    check_memory(config, batch_size, seq_len, streamed=streamed, weight_format=weight_format)
 
 
 def _meta(config: ModelConfig, batch_size: int, seq_len: int, seed: int, padding: str) -> dict[str, object]:

@@ -76,8 +76,8 @@ class Model:
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def save(self, path: str | Path) -> None:
-        save_model(self, path)
+    def save(self, path: str | Path, sidecar: bool = False) -> None:
+        save_model(self, path, sidecar)
 
     def weight_values(self, name: str, dtype: type = np.float32) -> np.ndarray:
         """A weight's values in ``dtype``: decoded from its stored form when it has one (exact in
@@ -126,17 +126,20 @@ def encode_tensor(name: str, array: np.ndarray, dtype: str) -> dict[str, Any]:
 
 
 # ---- writing -----------------------------------------------------------------------------------
-def save_model(model: Model, path: str | Path) -> None:
-    """Write ``model`` in this project's format (version FORMAT_VERSION)."""
+def save_model(model: Model, path: str | Path, sidecar: bool = False) -> None:
+    """Write ``model`` in this project's format (version FORMAT_VERSION), in its weight format: its
+    reduced weights' stored bytes as they are (a loaded file saved again is the same bytes)."""
     write_model_file(
         path,
         model.config,
-        model.weights.items(),
+        ((name, model.stored.get(name, array)) for name, array in model.weights.items()),  # reduced: as stored
         model.input_ids,
         model.attention_mask,
         model.rope_cos,
         model.rope_sin,
         model.meta,
+        sidecar=sidecar,
+        weight_format=model.weight_format,
     )
 
 

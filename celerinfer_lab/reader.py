@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,26 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .errors import ModelFileError
 from .modelfile import Model, check_input_values
-from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, iter_weight_shapes, weight_shapes
-from .schema import v0_layer_names, v0_top_names
+from .modelformat import (
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REDUCED_DTYPES,
+    SAFETENSORS_DTYPES,
+    iter_weight_shapes,
+    stored_dtype,
+    stored_nbytes,
+    stored_shape,
+    weight_shapes,
+)
+from .quantize import WEIGHT_FORMATS, decode
+from .schema import reduced_weights, v0_layer_names, v0_top_names
 from .sidecar import SidecarHeader, open_sidecar, sidecar_path
 from .strict_json import parse_strict_json
 
 _FLOAT_DTYPES = [name for name, dtype in DTYPES.items() if dtype.kind == "f"]
 _INT_DTYPES = [name for name, dtype in DTYPES.items() if dtype.kind in "iu"]
+_FORMAT_OF = {dtype: fmt for fmt, (dtype, _) in REDUCED_DTYPES.items()}  # "bfloat16" -> "bf16", "q8_0" -> "q8"
 
 
 @dataclass
@@ -43,6 +55,8 @@ class _Table:
     sidecar: dict | None = None  # the JSON's "sidecar" object (format 1)
     sidecar_header: SidecarHeader | None = None
     sidecar_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    weight_format: str = "f32"  # the top-level "weight_format" (absent: f32)
+    reduced: set[str] = field(default_factory=set)  # the weights stored in it (filled by _check_weight_table)
 
 
 def load_model(path: str | Path, allow_nonfinite: bool = False) -> Model:
@@ -73,9 +87,14 @@ def load_model(path: str | Path, allow_nonfinite: bool = False) -> Model:
         table.sidecar_header, table.sidecar_arrays, watch = open_sidecar(side, where, expected_size)
     _check_weight_table(table, where)
     _check_input_table(table, where)
+    weights, stored = {}, {}
+    for name, obj in table.weights.items():
+        weights[name], bytes_ = _weight_values(table, name, obj, where, allow_nonfinite)
+        if bytes_ is not None:
+            stored[name] = bytes_
     model = Model(
         config=table.config,
-        weights={name: _weight_values(table, name, obj, where, allow_nonfinite) for name, obj in table.weights.items()},
+        weights=weights,
         input_ids=_decode(table.inputs["input_ids"], f"{where}: tensor 'input_ids'").astype(np.int64),
         attention_mask=_decode(table.inputs["attention_mask"], f"{where}: tensor 'attention_mask'").astype(np.int64),
         rope_cos=_float_values(table.rope["cos"], f"{where}: rope cos", allow_nonfinite),
@@ -83,6 +102,8 @@ def load_model(path: str | Path, allow_nonfinite: bool = False) -> Model:
         meta=table.meta,
         source_format=table.source_format,
         sidecar_watch=watch,
+        weight_format=table.weight_format,
+        stored=stored,
     )
     check_input_values(model, where)
     return model
@@ -134,6 +155,11 @@ def _table_v1(doc: dict, where: str) -> _Table:
     config = _config(_section(doc, "config", where), where)
     inputs, rope = _section(doc, "inputs", where), _section(doc, "rope", where)
     weights = _section(doc, "weights", where)
+    weight_format = doc.get("weight_format", "f32")
+    if not (isinstance(weight_format, str) and weight_format in WEIGHT_FORMATS):
+        raise ModelFileError(
+            f"{where}: weight_format {_short(weight_format)} is not one of {', '.join(map(repr, WEIGHT_FORMATS))}"
+        )
     sidecar = None
     if "sidecar" in doc:
         sidecar = doc["sidecar"]
@@ -147,7 +173,7 @@ def _table_v1(doc: dict, where: str) -> _Table:
         size = sidecar.get("bytes", 0)
         if not (type(size) is int and size >= 0):
             raise ModelFileError(f"{where}: sidecar.bytes {_short(size)} must be an integer >= 0")
-    return _Table(config, dict(weights), inputs, rope, meta, FORMAT_NAME, sidecar)
+    return _Table(config, dict(weights), inputs, rope, meta, FORMAT_NAME, sidecar, weight_format=weight_format)
 
 
 # Original CelerInfer names -> MiniMind state-dict names (from the weight table).
@@ -185,6 +211,8 @@ def _table_v0(doc: dict, where: str) -> _Table:
     meta = _section(doc, "meta", where, required=False)
     if "sidecar" in doc:  # the original tool wrote none; ignoring one would load other weights than meant
         raise ModelFileError(f"{where}: sidecar: only this project's format (format_version 1) has a sidecar")
+    if "weight_format" in doc:  # its weights are float; ignoring the field would misread reduced ones
+        raise ModelFileError(f"{where}: weight_format: only this project's format (format_version 1) has one")
     raw_config = dict(_section(doc, "config", where))
     if "head_dim" not in raw_config and "head_dim" in meta:
         raw_config["head_dim"] = meta["head_dim"]
@@ -229,13 +257,16 @@ def _check_weight_table(table: _Table, where: str) -> None:
         if name not in table.weights:
             raise ModelFileError(f"{where}: missing tensor '{name}' (the config needs it, shape {list(shape)})")
     expected = weight_shapes(table.config)  # now no larger than the file's own table
+    if table.weight_format != "f32":
+        table.reduced = {name for name, _ in reduced_weights(table.config)}
     for name, obj in table.weights.items():
         if name not in expected:
             raise ModelFileError(f"{where}: unexpected tensor '{name}' (not a weight of this config)")
+        tw = f"{where}: tensor '{name}'"
         if isinstance(obj, dict) and obj.get("encoding") == "sidecar":
-            _check_sidecar_entry(table, name, obj, expected[name], f"{where}: tensor '{name}'")
+            _check_sidecar_entry(table, name, obj, expected[name], tw)
         else:
-            _check_tensor_header(obj, f"{where}: tensor '{name}'", "float", expected[name])
+            _check_tensor_header(obj, tw, "weight", expected[name], _reduced_dtype(table, name))
     if table.sidecar_header is not None:
         for name in table.sidecar_header.tensors:
             obj = table.weights.get(name)
@@ -246,27 +277,58 @@ def _check_weight_table(table: _Table, where: str) -> None:
                 )
 
 
+def _reduced_dtype(table: _Table, name: str) -> str | None:
+    """The TENSOR dtype the file's weight_format gives weight ``name``; None: a float dtype (not reduced)."""
+    return REDUCED_DTYPES[table.weight_format][0] if name in table.reduced else None
+
+
+def _check_weight_dtype(dtype: Any, reduced_dtype: str | None, where: str) -> None:
+    """A reduced weight has exactly its format's dtype; bfloat16 and q8_0 are for reduced weights only."""
+    if reduced_dtype is not None and dtype != reduced_dtype:
+        raise ModelFileError(
+            f"{where}: dtype {_short(dtype)}, but the file's weight_format is {_FORMAT_OF[reduced_dtype]!r}: "
+            f"its reduced weights (projections, experts, head) must be {reduced_dtype}"
+        )
+    if reduced_dtype is None and isinstance(dtype, str) and dtype in _FORMAT_OF:
+        raise ModelFileError(
+            f"{where}: dtype {dtype!r} is only for the weights a {_FORMAT_OF[dtype]} model reduces, in a file whose "
+            f"weight_format is {_FORMAT_OF[dtype]!r}; this weight stays a float type (norms and the router always do)"
+        )
+
+
 def _check_sidecar_entry(table: _Table, name: str, obj: dict, shape: tuple[int, ...], where: str) -> None:
     if table.sidecar_header is None:
         raise ModelFileError(f"{where}: encoding 'sidecar' but the file names no sidecar")
-    if obj.get("dtype") != "float32" or obj.get("shape") != list(shape) or not _is_shape(obj.get("shape")):
+    want = _reduced_dtype(table, name)
+    _check_weight_dtype(obj.get("dtype"), want, where)
+    dtype = want or "float32"
+    if obj.get("dtype") != dtype or obj.get("shape") != list(shape) or not _is_shape(obj.get("shape")):
         raise ModelFileError(
-            f"{where}: a sidecar tensor must say dtype float32 and shape {list(shape)}, the file "
+            f"{where}: a sidecar tensor must say dtype {dtype} and shape {list(shape)}, the file "
             f"says {_short(obj.get('dtype'))} {_short(obj.get('shape'))}"
         )
     entry = table.sidecar_header.tensors.get(name)
     if entry is None:
         raise ModelFileError(f"{where}: not in the sidecar")
-    if entry[0] != shape:
-        raise ModelFileError(f"{where}: the sidecar holds shape {list(entry[0])}, the config implies {list(shape)}")
+    held = table.sidecar_header.dtypes.get(name, "F32")
+    if held != SAFETENSORS_DTYPES[dtype]:
+        raise ModelFileError(f"{where}: the sidecar holds {held}, a {dtype} weight is {SAFETENSORS_DTYPES[dtype]}")
+    if entry[0] != stored_shape(dtype, shape):
+        raise ModelFileError(
+            f"{where}: the sidecar holds shape {list(entry[0])}, a {dtype} weight of shape {list(shape)} "
+            f"is {list(stored_shape(dtype, shape))} there"
+        )
 
 
 def _is_shape(shape: Any) -> bool:
     return isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
 
 
-def _check_tensor_header(obj: Any, where: str, kind: str, shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    """Check a TENSOR object without decoding it; return its shape."""
+def _check_tensor_header(
+    obj: Any, where: str, kind: str, shape: tuple[int, ...] | None, reduced_dtype: str | None = None
+) -> tuple[int, ...]:
+    """Check a TENSOR object without decoding it; return its shape. ``reduced_dtype``: a weight the
+    file's weight_format reduces, which must have that dtype (bfloat16, q8_0)."""
     if not isinstance(obj, dict):
         raise ModelFileError(f"{where}: a tensor must be a JSON object, got {_json_type(obj)}")
     for key in ("shape", "dtype", "data"):
@@ -275,17 +337,20 @@ def _check_tensor_header(obj: Any, where: str, kind: str, shape: tuple[int, ...]
     if not _is_shape(obj["shape"]):
         raise ModelFileError(f"{where}: shape {_short(obj['shape'])} is not a list of non-negative integers")
     allowed = _FLOAT_DTYPES if kind == "float" else _INT_DTYPES
+    if kind == "weight":
+        _check_weight_dtype(obj["dtype"], reduced_dtype, where)
+        allowed = [reduced_dtype] if reduced_dtype else _FLOAT_DTYPES
     if obj["dtype"] not in allowed:
         raise ModelFileError(
             f"{where}: dtype {_short(obj['dtype'])} is not allowed here; "
-            f"{'weights and the RoPE cache' if kind == 'float' else 'inputs'} take {', '.join(allowed)}"
+            f"{'inputs' if kind == 'int' else 'weights and the RoPE cache'} take {', '.join(allowed)}"
         )
     encoding = obj.get("encoding", "base64")
     if encoding != "base64":
         raise ModelFileError(f"{where}: unknown encoding {_short(encoding)}; only 'base64' is supported here")
     if shape is not None and tuple(obj["shape"]) != shape:
         raise ModelFileError(f"{where} has shape {obj['shape']}, the config implies {list(shape)}")
-    nbytes = math.prod(obj["shape"]) * DTYPES[obj["dtype"]].itemsize
+    nbytes = stored_nbytes(obj["dtype"], obj["shape"])
     data = obj["data"]
     if not isinstance(data, str):
         raise ModelFileError(f"{where}: data must be a base64 string, got {_json_type(data)}")
@@ -331,13 +396,12 @@ def _decode(obj: dict, where: str) -> np.ndarray:
         raw = base64.b64decode(obj["data"], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ModelFileError(f"{where}: data is not valid base64 ({exc})") from None
-    dtype = DTYPES[obj["dtype"]]
-    if len(raw) != math.prod(obj["shape"]) * dtype.itemsize:
+    nbytes = stored_nbytes(obj["dtype"], obj["shape"])
+    if len(raw) != nbytes:
         raise ModelFileError(
-            f"{where}: data decodes to {len(raw)} bytes, shape {obj['shape']} of {obj['dtype']} "
-            f"needs {math.prod(obj['shape']) * dtype.itemsize}"
+            f"{where}: data decodes to {len(raw)} bytes, shape {obj['shape']} of {obj['dtype']} needs {nbytes}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(obj["shape"])
+    return np.frombuffer(raw, dtype=stored_dtype(obj["dtype"])).reshape(stored_shape(obj["dtype"], obj["shape"]))
 
 
 def _check_finite(array: np.ndarray, where: str, allow_nonfinite: bool) -> np.ndarray:
@@ -356,12 +420,18 @@ def _check_finite(array: np.ndarray, where: str, allow_nonfinite: bool) -> np.nd
     return array
 
 
-def _weight_values(table: _Table, name: str, obj: Any, where: str, allow_nonfinite: bool) -> np.ndarray:
+def _weight_values(
+    table: _Table, name: str, obj: Any, where: str, allow_nonfinite: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the weight's values, float; its stored bytes when the format reduces it, else None)."""
     if isinstance(obj, dict) and obj.get("encoding") == "sidecar":
         array = table.sidecar_arrays[name]
     else:
         array = _decode(obj, f"{where}: tensor '{name}'")
-    return _check_finite(array, f"{where}: tensor '{name}'", allow_nonfinite)
+    if name not in table.reduced:
+        return _check_finite(array, f"{where}: tensor '{name}'", allow_nonfinite), None
+    values = decode(array, table.weight_format, tuple(obj["shape"]))
+    return _check_finite(values, f"{where}: tensor '{name}'", allow_nonfinite), array
 
 
 def _float_values(obj: dict, where: str, allow_nonfinite: bool) -> np.ndarray:

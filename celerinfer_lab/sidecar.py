@@ -19,7 +19,7 @@ import os
 import stat
 import struct
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping
 
@@ -48,6 +48,12 @@ class SidecarHeader:
     size: int  # bytes of the whole file
     data_start: int  # 8 + N
     tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, start, end), offsets into the data
+    dtypes: dict[str, str] = field(default_factory=dict)  # name -> its safetensors dtype (ITEMSIZE's keys)
+
+
+# The dtypes a sidecar holds and their bytes per element: F32 weights, BF16 bfloat16 bits, U8 Q8_0 blocks.
+ITEMSIZE = {"F32": 4, "BF16": 2, "U8": 1}
+_VIEW = {"F32": "<f4", "BF16": "<u2", "U8": "u1"}
 
 
 def sidecar_path(folder: Path, name: object, where: str) -> Path:
@@ -115,7 +121,7 @@ def parse_safetensors_header(
 
 def read_header(f: BinaryIO, path: Path, where: str, expected_size: int | None = None) -> SidecarHeader:
     """Read and check the header of the open sidecar ``f`` (only its first 8 + N bytes are read):
-    F32 tensors tiling the data section exactly, the file of the size the model file says."""
+    F32, BF16 (bfloat16 bits) or U8 (Q8_0 blocks) tensors tiling the data section exactly, the file of the size the model file says."""
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):
         raise SidecarError(f"{where}: sidecar {path.name} is not a regular file")
@@ -130,13 +136,14 @@ def read_header(f: BinaryIO, path: Path, where: str, expected_size: int | None =
         size,
         f"{where}: sidecar {path.name}",
         SidecarError,
-        {"F32": 4},
-        "model weights are F32",
+        ITEMSIZE,
+        "model weights are F32, BF16 or U8 (Q8_0)",
         exact_tiling=True,
         aligned=True,
     )
     tensors = {name: (e.shape, e.start, e.end) for name, e in entries.items()}
-    return SidecarHeader(path, size, data_start, tensors)
+    dtypes = {name: e.dtype for name, e in entries.items()}
+    return SidecarHeader(path, size, data_start, tensors, dtypes)
 
 
 def open_sidecar(
@@ -250,10 +257,11 @@ class SidecarWatch:
 
 
 def map_tensors(f: BinaryIO, header: SidecarHeader) -> dict[str, np.ndarray]:
-    """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped float32 array."""
+    """Every tensor of a checked sidecar (open as ``f``) as a read-only memory-mapped array: float32,
+    uint16 (BF16: bfloat16 bits) or uint8 (U8: Q8_0 blocks)."""
     mapped = np.memmap(f, dtype=np.uint8, mode="r", shape=(header.size,))
     base = header.data_start
     return {
-        name: mapped[base + start : base + end].view("<f4").reshape(shape)
+        name: mapped[base + start : base + end].view(_VIEW[header.dtypes.get(name, "F32")]).reshape(shape)
         for name, (shape, start, end) in header.tensors.items()
     }

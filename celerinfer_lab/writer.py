@@ -42,7 +42,19 @@ import numpy as np
 from . import schema
 from .config import ModelConfig
 from .errors import ModelFileError, SidecarError, UsageError
-from .modelformat import DTYPES, FORMAT_NAME, FORMAT_VERSION, _dumps, _preview, weight_shapes
+from .modelformat import (
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REDUCED_DTYPES,
+    SAFETENSORS_DTYPES,
+    _dumps,
+    _preview,
+    stored_nbytes,
+    stored_shape,
+    weight_shapes,
+)
+from .quantize import check_weight_format, decode, encode
 
 try:
     import fcntl
@@ -79,9 +91,30 @@ def _b64(nbytes: int) -> int:
     return 4 * math.ceil(nbytes / 3)
 
 
-def file_sizes(config: ModelConfig, batch_size: int, seq_len: int, sidecar: bool) -> tuple[int, int]:
+def weight_bytes(config: ModelConfig, weight_format: str = "f32") -> int:
+    """Bytes of all weights as a file in ``weight_format`` stores them (reduced weights in bf16 or
+    Q8_0, the rest float32), counted per row of the weight table."""
+    check_weight_format(weight_format)
+    total = 0
+    for row in schema.WEIGHTS:
+        n, shape = schema.instances(config, row), schema.shape_of(config, row)
+        reduced = weight_format != "f32" and row.reduced is not None and schema.has_feature(config, row.reduced)
+        total += n * stored_nbytes(REDUCED_DTYPES[weight_format][0] if reduced else "float32", shape)
+    return total
+
+
+def weight_dtypes(config: ModelConfig, weight_format: str) -> dict[str, str]:
+    """Each weight's TENSOR dtype in a file of ``weight_format``, in file order."""
+    check_weight_format(weight_format)
+    reduced = {name for name, _ in schema.reduced_weights(config)} if weight_format != "f32" else set()
+    return {name: REDUCED_DTYPES[weight_format][0] if name in reduced else "float32" for name in weight_shapes(config)}
+
+
+def file_sizes(
+    config: ModelConfig, batch_size: int, seq_len: int, sidecar: bool, weight_format: str = "f32"
+) -> tuple[int, int]:
     """Upper estimates of the JSON's and the sidecar's sizes in bytes (0 for no sidecar)."""
-    n, weights = tensor_count(config), config.num_parameters() * 4
+    n, weights = tensor_count(config), weight_bytes(config, weight_format)
     rope = config.max_position_embeddings * config.head_dim * 4
     tokens = batch_size * seq_len
     json_bytes = 8192 + _b64(tokens * 4) + _b64(tokens) + 2 * (_b64(rope) + 1024)  # head, inputs, rope
@@ -97,7 +130,9 @@ def human_bytes(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def check_disk_room(path: str | Path, config: ModelConfig, batch_size: int, seq_len: int, sidecar: bool) -> None:
+def check_disk_room(
+    path: str | Path, config: ModelConfig, batch_size: int, seq_len: int, sidecar: bool, weight_format: str = "f32"
+) -> None:
     """Raise ModelFileError when the model would not fit in the free space of ``path``'s folder (the
     nearest existing one). The old model stays until the new one is complete, so all of it must fit."""
     path = Path(path)
@@ -108,7 +143,7 @@ def check_disk_room(path: str | Path, config: ModelConfig, batch_size: int, seq_
         free = shutil.disk_usage(folder).free
     except OSError:
         return
-    json_bytes, side_bytes = file_sizes(config, batch_size, seq_len, sidecar)
+    json_bytes, side_bytes = file_sizes(config, batch_size, seq_len, sidecar, weight_format)
     if json_bytes + side_bytes > free:
         raise ModelFileError(
             f"cannot write {path}: the model needs about {human_bytes(json_bytes + side_bytes)}, "
@@ -210,13 +245,43 @@ class _Hashing:
         self.size += view.nbytes
 
 
-def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str) -> None:
-    """Write encode_tensor's object straight to f, with no copy of the data besides its base64."""
-    arr = np.ascontiguousarray(array, dtype=DTYPES[dtype])
-    head = _dumps({"name": name, "shape": list(arr.shape), "dtype": dtype, "encoding": "base64"})
+def stored_form(name: str, array: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The bytes a file stores for weight ``name`` of TENSOR ``dtype`` and logical ``shape``: a float
+    array is encoded (bfloat16, q8_0; float32 as itself); an array already in the stored form (uint16
+    bfloat16 bits, uint8 Q8_0 blocks, as Model.stored holds them) is written as it is."""
+    fmt = {"bfloat16": "bf16", "q8_0": "q8"}.get(dtype)
+    arr = np.asarray(array)
+    if fmt is None:
+        return np.ascontiguousarray(arr, dtype=DTYPES[dtype])
+    if arr.dtype.kind == "f":
+        return encode(arr, fmt, name)
+    want = stored_shape(dtype, shape)
+    if arr.dtype != REDUCED_DTYPES[fmt][1] or tuple(arr.shape) != want:
+        raise ModelFileError(
+            f"tensor '{name}': a stored {dtype} weight must be {REDUCED_DTYPES[fmt][1]} of shape {list(want)}, "
+            f"got {arr.dtype} {list(arr.shape)}"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def _stored_preview(stored: np.ndarray, dtype: str, shape: tuple[int, ...]) -> list[int | float | None]:
+    """The first values of a stored weight, decoded (a person reads numbers, not bytes)."""
+    if dtype == "bfloat16":
+        return _preview(decode(stored.reshape(-1)[:16], "bf16", (min(16, stored.size),)))
+    if dtype == "q8_0":
+        return _preview(decode(stored[:1], "q8", (min(1, shape[0]), shape[1])))
+    return _preview(stored)
+
+
+def _write_tensor(f: BinaryIO, name: str, array: np.ndarray, dtype: str, shape: tuple[int, ...] | None = None) -> None:
+    """Write encode_tensor's object straight to f, with no copy of the data besides its base64. A
+    weight of a reduced dtype (bfloat16, q8_0) gets its logical ``shape`` and the stored bytes."""
+    shape = tuple(np.shape(array)) if shape is None else shape
+    arr = stored_form(name, array, dtype, shape)
+    head = _dumps({"name": name, "shape": list(shape), "dtype": dtype, "encoding": "base64"})
     f.write(head[:-1].encode() + b',"data":"')
     f.write(base64.b64encode(arr.reshape(-1).view(np.uint8).data))  # .data: the array's bytes as a memoryview
-    f.write(b'","preview":' + _dumps(_preview(arr)).encode() + b"}")
+    f.write(b'","preview":' + _dumps(_stored_preview(arr, dtype, shape)).encode() + b"}")
 
 
 def _stream_safetensors(
@@ -225,12 +290,20 @@ def _stream_safetensors(
     tensors: Iterable[tuple[str, np.ndarray]],
     on_tensor: Callable[[str], None] | None,
     where: Path,
+    dtypes: dict[str, str] | None = None,
 ) -> tuple[str, int]:
-    """Write float32 tensors, in the order of ``shapes``, one at a time; (sha256 hex, size in bytes)."""
+    """Write tensors, in the order of ``shapes``, one at a time; (sha256 hex, size in bytes). ``dtypes``:
+    each one's TENSOR dtype (default float32): bfloat16 is BF16 of its shape, q8_0 U8 [out, ceil(in/32) * 34]."""
+    dtypes = dtypes or {}
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = math.prod(shape) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        dtype = dtypes.get(name, "float32")
+        size = stored_nbytes(dtype, shape)
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(stored_shape(dtype, shape)),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -239,12 +312,13 @@ def _stream_safetensors(
     expected = iter(shapes.items())
     for name, array in tensors:
         want, shape = next(expected, (None, ()))
-        arr = np.ascontiguousarray(array, dtype="<f4")
-        if name != want or tuple(arr.shape) != tuple(shape):
+        logical = tuple(np.shape(array)) if np.asarray(array).dtype.kind == "f" else tuple(shape)
+        if name != want or logical != tuple(shape):
             raise SidecarError(
-                f"{where}: tensor {name} {list(arr.shape)} arrived where {want} "
+                f"{where}: tensor {name} {list(np.shape(array))} arrived where {want} "
                 f"{list(shape) if shape else None} was declared"
             )
+        arr = stored_form(name, array, dtypes.get(name, "float32"), tuple(shape))
         out.write(arr.reshape(-1).view(np.uint8).data)
         if on_tensor:
             on_tensor(name)
@@ -265,8 +339,12 @@ def _write_json(
     meta: dict | None,
     on_tensor: Callable[[str], None] | None,
     side: tuple[str, int] | None,
+    dtypes: dict[str, str],
+    weight_format: str,
 ) -> None:
     f.write(b'{"format":"%s","format_version":%d,\n' % (FORMAT_NAME.encode(), FORMAT_VERSION))
+    if weight_format != "f32":  # absent: float32, as every file before the formats
+        f.write(b'"weight_format":%s,\n' % _dumps(weight_format).encode())
     if side:  # at the head, so sidecar_named_by finds it without reading the file
         f.write(b'"sidecar":%s,\n' % _dumps({"file": side[0], "format": "safetensors", "bytes": side[1]}).encode())
     f.write(b'"meta":%s,\n"config":%s,\n' % (_dumps(meta or {}).encode(), _dumps(config.to_dict()).encode()))
@@ -283,12 +361,13 @@ def _write_json(
     f.write(b'"weights":{')
     if side:  # the JSON keeps each weight's name and shape; the bytes are in the sidecar
         for i, (name, shape) in enumerate(weight_shapes(config).items()):
-            entry = {"name": name, "shape": list(shape), "dtype": "float32", "encoding": "sidecar"}
+            entry = {"name": name, "shape": list(shape), "dtype": dtypes.get(name, "float32"), "encoding": "sidecar"}
             f.write(b"%s\n%s:%s" % (b"," if i else b"", _dumps(name).encode(), _dumps(entry).encode()))
     else:
+        shapes = weight_shapes(config) if weight_format != "f32" else {}
         for i, (name, array) in enumerate(weights):
             f.write(b"%s\n%s:" % (b"," if i else b"", _dumps(name).encode()))
-            _write_tensor(f, name, array, "float32")
+            _write_tensor(f, name, array, dtypes.get(name, "float32"), shapes.get(name))
             if on_tensor:
                 on_tensor(name)
     f.write(b"\n}}\n")
@@ -403,6 +482,7 @@ def write_model_file(
     meta: dict | None = None,
     on_tensor: Callable[[str], None] | None = None,
     sidecar: bool = False,
+    weight_format: str = "f32",
 ) -> Written:
     """Stream a model file to ``path``, atomically: ``weights`` may be a generator yielding one
     tensor at a time. Returns what it wrote (paths and sizes).
@@ -412,20 +492,39 @@ def write_model_file(
     their names and shapes and names the sidecar with its size. Output is deterministic: the same
     inputs give the same bytes and names. The folder must exist. A path that is a folder, or ends
     in .safetensors with a sidecar, is a UsageError; a model that does not fit in the folder's free
-    space, or any OSError while writing, a ModelFileError (nothing is left behind)."""
+    space, or any OSError while writing, a ModelFileError (nothing is left behind).
+
+    ``weight_format`` "bf16" or "q8": the reduced weights (schema.reduced_weights) are stored in that
+    format (quantize.py), the rest in float32; ``weights`` may yield them as float32 (encoded here) or
+    already in the stored form (uint16 bfloat16 bits, uint8 Q8_0 blocks: written as they are)."""
     path = check_target(path, sidecar)
-    check_disk_room(path, config, int(np.shape(input_ids)[0]), int(np.shape(input_ids)[-1]), sidecar)
+    check_weight_format(weight_format)
+    check_disk_room(path, config, int(np.shape(input_ids)[0]), int(np.shape(input_ids)[-1]), sidecar, weight_format)
+    dtypes = weight_dtypes(config, weight_format) if weight_format != "f32" else {}
     temps: list[Path] = []
     try:
         staged: tuple[Path, str] | None = None  # the sidecar's temporary and final name
         side: tuple[str, int] | None = None  # the sidecar's name and size, as the JSON records them
         if sidecar:
             with _temporary(path, temps, ".sidecar") as f:
-                digest, size = _stream_safetensors(f, weight_shapes(config), weights, on_tensor, path)
+                digest, size = _stream_safetensors(f, weight_shapes(config), weights, on_tensor, path, dtypes)
             side_name = f"{path.stem}.{digest[:HEX]}.safetensors"
             staged, side = (temps[-1], side_name), (side_name, size)
         with _temporary(path, temps) as f:
-            _write_json(f, config, weights, input_ids, attention_mask, rope_cos, rope_sin, meta, on_tensor, side)
+            _write_json(
+                f,
+                config,
+                weights,
+                input_ids,
+                attention_mask,
+                rope_cos,
+                rope_sin,
+                meta,
+                on_tensor,
+                side,
+                dtypes,
+                weight_format,
+            )
             json_bytes = f.tell()
         _commit(path, temps[-1], staged)
     except OSError as exc:

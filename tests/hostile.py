@@ -25,9 +25,11 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
-def write_model(folder: Path, name: str = "m.json", sidecar: bool = False, seed: int = 1, **overrides) -> Path:
+def write_model(
+    folder: Path, name: str = "m.json", sidecar: bool = False, seed: int = 1, weights: str = "f32", **overrides
+) -> Path:
     path = Path(folder) / name
-    generate_model(tiny_config(**overrides), 2, 4, seed, output=path, sidecar=sidecar)
+    generate_model(tiny_config(**overrides), 2, 4, seed, output=path, sidecar=sidecar, weights=weights)
     return path
 
 

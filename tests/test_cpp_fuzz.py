@@ -77,8 +77,9 @@ def plain_binary(standalone_binary):
 
 
 # ---- seeds -----------------------------------------------------------------------------------------
-def _tiny(path: Path, sidecar: bool = False, **overrides) -> Path:
-    generate_model(ModelConfig(**{**TINY, **overrides}), batch_size=1, seq_len=3, output=path, sidecar=sidecar)
+def _tiny(path: Path, sidecar: bool = False, weights: str = "f32", **overrides) -> Path:
+    config = ModelConfig(**{**TINY, **overrides})
+    generate_model(config, batch_size=1, seq_len=3, output=path, sidecar=sidecar, weights=weights)
     return path
 
 
@@ -127,6 +128,9 @@ def seed_corpus(tmp_path_factory) -> Path:
         shutil.copy(_tiny(models / f"{name}.json", **overrides), corpus / name)
     side = _tiny(models / "side.json", sidecar=True)
     (corpus / "sidecar").write_bytes(side.read_bytes() + SEP + _sidecar_of(side).read_bytes())
+    shutil.copy(_tiny(models / "bf16.json", weights="bf16"), corpus / "bf16")  # the weight formats (issue 14)
+    q8 = _tiny(models / "q8.json", sidecar=True, weights="q8", tie_word_embeddings=False)
+    (corpus / "q8_sidecar").write_bytes(q8.read_bytes() + SEP + _sidecar_of(q8).read_bytes())
     shutil.copy(_tiny_v0(models / "v0.json"), corpus / "v0_small")
 
     def minimind2(d):  # MiniMind2's MoE names, a float16 weight, a float64 RoPE cache, uint8 inputs
@@ -433,7 +437,7 @@ def test_allow_nonfinite(asan_binary, tmp_path):
     assert r.returncode == 2 and "NaN" in r.stdout
     r, _ = _check(asan_binary, path, "--allow-nonfinite")
     _assert_no_crash(r)
-    assert r.returncode == 0 and r.stdout == f"ok\t{path}\n", r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout == f"ok\t{path}\tweights f32\n", r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(
@@ -531,7 +535,9 @@ def test_exit_codes(plain_binary, tmp_path):
     r = subprocess.run([str(plain_binary), "--check", str(good), str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stdout.splitlines()
-    assert lines[0] == f"ok\t{good}" and lines[1].startswith(f"refused\t{bad}\t{bad}: config: hidden_act='gelu'")
+    assert lines[0] == f"ok\t{good}\tweights f32" and lines[1].startswith(
+        f"refused\t{bad}\t{bad}: config: hidden_act='gelu'"
+    )
     r = subprocess.run([str(plain_binary), str(bad), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "hidden_act='gelu'" in r.stderr
     r = subprocess.run(

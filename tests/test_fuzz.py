@@ -67,6 +67,13 @@ AWKWARD = [
     "uint8",
     "F32",
     "F16",
+    "BF16",
+    "U8",
+    "bfloat16",
+    "q8_0",
+    "bf16",
+    "q8",
+    "f32",
     "sidecar",
     "base64",
     "safetensors",
@@ -103,6 +110,10 @@ def seed_models(folder: Path) -> list[Path]:
             tie_word_embeddings=False,
         ),
         write_model(folder / "moe_side", "m.json", sidecar=True, use_moe=True, num_experts=2),
+        # the weight formats: bf16; q8 with rows of 48 (a padded Q8_0 block), untied; q8 in a sidecar (U8)
+        write_model(folder / "bf16", "m.json", weights="bf16"),
+        write_model(folder / "q8", "m.json", weights="q8", hidden_size=48, tie_word_embeddings=False),
+        write_model(folder / "q8_side", "m.json", sidecar=True, weights="q8", use_moe=True, num_experts=2),
     ]
     v0 = folder / "v0" / "m.json"
     v0.parent.mkdir()
@@ -163,6 +174,7 @@ def _mutate_doc(data, doc: dict) -> None:
                         "meta",
                         "n_routed_experts",
                         "norm_topk_prob",
+                        "weight_format",
                     ]
                 )
             )
@@ -215,7 +227,7 @@ def _mutate_sidecar(data, raw: bytes) -> bytes:
             st.sampled_from([-(2**64), -64, -4, 4, 64, 2**64 - 4])
         )
     elif field == "dtype":
-        header[name]["dtype"] = data.draw(st.sampled_from(["F16", "F64", "BF16", "f32", 1]))
+        header[name]["dtype"] = data.draw(st.sampled_from(["F16", "F64", "BF16", "U8", "F32", "f32", 1]))
     elif field == "shape":
         header[name]["shape"] = data.draw(st.sampled_from([[], [0], [1], [2**62, 4], [-1, 4]]))
     elif field == "drop":
@@ -327,6 +339,8 @@ TENSOR_VALUES = [
     "uint8",
     "sidecar",
     "base64",
+    "bfloat16",
+    "q8_0",
     [],
     [0],
     [2, 4],
@@ -352,7 +366,10 @@ def _systematic_mutants(seeds, folder: Path) -> list[Path]:
             for value in CONFIG_VALUES
         ]
         tensors = [("inputs", "input_ids"), ("rope", "cos")]
-        tensors.append(("weights", next(iter(doc["weights"]))) if "format_version" in doc else ("weights", "final_rms"))
+        if "format_version" in doc:  # the first weight (reduced in a bf16/q8 file when tied) and a norm (never)
+            tensors += [("weights", next(iter(doc["weights"]))), ("weights", "model.norm.weight")]
+        else:
+            tensors.append(("weights", "final_rms"))
         edits += [
             (section, name, field, value)
             for section, name in tensors
@@ -361,9 +378,10 @@ def _systematic_mutants(seeds, folder: Path) -> list[Path]:
         ]
         if side is not None:
             edits += [("sidecar", key, value) for key in ("file", "format", "bytes", "x") for value in CONFIG_VALUES]
+        edits += [(None, "weight_format", value) for value in CONFIG_VALUES + ["f32", "bf16", "q8", "BF16", "q8_0"]]
         for edit in edits:
             mutant = json.loads(json.dumps(doc))
-            target = mutant[edit[0]] if len(edit) == 3 else mutant[edit[0]][edit[1]]
+            target = mutant if edit[0] is None else mutant[edit[0]] if len(edit) == 3 else mutant[edit[0]][edit[1]]
             target[edit[-2]] = edit[-1]
             case = folder / f"{len(out):06d}"
             case.mkdir(parents=True)

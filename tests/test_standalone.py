@@ -64,7 +64,8 @@ Q = "model.layers.0.self_attn.q_proj.weight"
             f"tensor '{Q}' has shape [32, 128], the config implies [64, 64]",
         ),
         (lambda d: d["weights"][Q].update(data=d["weights"][Q]["data"][:-4]), "bytes but shape and dtype need 16384"),
-        (lambda d: d["weights"][Q].update(dtype="bfloat16"), "unknown dtype 'bfloat16'"),
+        (lambda d: d["weights"][Q].update(dtype="int4"), "unknown dtype 'int4'"),
+        (lambda d: d["weights"][Q].update(dtype="bfloat16"), "dtype 'bfloat16' is only for the weights a bf16 model"),
         (lambda d: d["weights"][Q].update(data="@" + d["weights"][Q]["data"][1:]), "not valid base64"),
         (
             lambda d: d["config"].update(num_key_value_heads=3),

@@ -7,8 +7,8 @@
 // KERNELS (a registered kernel set: fast, the default, or readable) and THREADS (default: every core).
 //
 // --check validates and loads each FILE fully (every check of docs/model-file.md, values
-// included; no forward) and prints one line per file: "ok<TAB>FILE" or
-// "refused<TAB>FILE<TAB>message".
+// included; no forward) and prints one line per file: "ok<TAB>FILE<TAB>weights FORMAT" (FORMAT: the
+// file's weight_format, f32, bf16 or q8) or "refused<TAB>FILE<TAB>message".
 //
 // --print-config prints the C++ Config the file's config maps to, one "member=value" line each
 // (tests/test_config_mapping.py checks it against the Config native.py builds from ModelConfig).
@@ -57,7 +57,7 @@ static int check_files(const std::vector<std::string>& files, const ci::LoadOpti
     for (const std::string& file : files) {
         try {
             ci::LoadedModel loaded = ci::load_model_file(file, options);
-            std::printf("ok\t%s\n", file.c_str());
+            std::printf("ok\t%s\tweights %s\n", file.c_str(), loaded.weight_format.c_str());
         } catch (const ci::ModelFileError& e) {
             std::string msg = e.what();
             std::replace(msg.begin(), msg.end(), '\n', ' ');
@@ -182,6 +182,8 @@ static int run_model(const std::string& model_path, const std::string& out_dir, 
     ci::write_npy(out, logits.data(), {loaded.batch, loaded.seq_len, c.vocab});
     std::printf("model: %s (batch %d x seq %d)\n", model_path.c_str(), loaded.batch, loaded.seq_len);
     std::printf("load: %.3f ms\n", load_ms);
+    std::printf("weights: %s%s\n", loaded.weight_format.c_str(),
+                loaded.weight_format == "f32" ? "" : " (the forward reads their float32 decoding)");
     std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
     std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", times[times.size() / 2], times.front(),
                 times.back(), times.size());

@@ -57,11 +57,22 @@ struct SidecarBytes {
 // the file is missing or not a regular file.
 using SidecarProvider = std::function<SidecarBytes(const std::string& name)>;
 
+// A reduced weight of a bf16/q8 file as the file stores it (for kernel sets that read bf16 or Q8_0).
+struct StoredWeight {
+    std::string format;             // "bf16" (uint16 bits) or "q8" (Q8_0 blocks, ceil(in/32) * 34 bytes a row)
+    const uint8_t* data = nullptr;  // into `owned`, or into the sidecar mapping
+    size_t bytes = 0;
+    std::vector<int64_t> shape;     // the logical shape, [out, in]
+    std::vector<uint8_t> owned;     // the decoded base64 (empty for a sidecar tensor)
+};
+
 // A loaded model: the buffers the ModelWeights pointers refer to live as long as this object.
 struct LoadedModel {
     std::shared_ptr<const void> sidecar;  // the sidecar mapping, when there is one
     std::unique_ptr<ModelWeights> model;
     std::map<std::string, std::vector<float>> weights;  // decoded base64 tensors (and the RoPE cache)
+    std::string weight_format = "f32";            // the file's "weight_format": f32, bf16 or q8
+    std::map<std::string, StoredWeight> stored;   // its reduced weights' bytes (bound: their float32 decoding)
     std::vector<int64_t> input_ids, attention_mask;
     int batch = 0, seq_len = 0;
 };
@@ -149,6 +160,7 @@ struct Slot {
     std::string where;  // "PATH: tensor 'name'" or "PATH: weights.layers[i]: tensor 'wq'"
     TensorRef ref;
     std::string section, label;  // where it is missing from, the name it has in the file
+    DType reduced = DType::F32;  // BF16 or Q8_0: a weight the file's weight_format reduces
 };
 
 // Members assigned by name, not brace-initialized by position (g++ 12 then warned that the
@@ -187,6 +199,7 @@ struct Layout {
     bool v0 = false;  // the original CelerInfer layout (no format_version)
     const json *config = nullptr, *inputs = nullptr, *rope = nullptr, *weights = nullptr, *meta = nullptr;
     std::optional<SidecarField> sidecar;
+    std::string weight_format = "f32";  // "weight_format": f32 (also when absent), bf16 or q8
 };
 
 // Which layout: format_version names this project's format (it must be format 1), weights.layers the
@@ -251,6 +264,12 @@ inline Layout check_layout(const json& doc, const std::string& where) {
     l.meta = find(doc, "meta");
     if (l.meta && !l.meta->is_object()) refuse(where, "field 'meta' must be a JSON object, got ", type_name(*l.meta));
     if (const json* side = find(doc, "sidecar")) l.sidecar = read_sidecar_field(*side, l.v0, where);
+    if (const json* format = find(doc, "weight_format")) {  // the original layout never had one
+        if (l.v0) refuse(where, "weight_format: only this project's format (format_version 1) has one");
+        const bool known = format->is_string() && (*format == "f32" || *format == "bf16" || *format == "q8");
+        if (!known) refuse(where, "weight_format ", short_repr(*format), " is not one of 'f32', 'bf16', 'q8'");
+        l.weight_format = format->get<std::string>();
+    }
     return l;
 }
 
@@ -304,11 +323,12 @@ inline SidecarBytes open_sidecar(const Layout& l, const SidecarProvider& provide
     return out;
 }
 
-// Every weight takes at least 2 bytes (float16, the smallest float type): a config larger than the
-// file is refused before its tensors are enumerated.
-inline void check_file_room(const Config& c, size_t text_size, const SidecarBytes& side, bool has_sidecar,
+// Every weight takes at least 2 bytes (float16, the smallest float type), at least 1 in a q8 file
+// (Q8_0: 34 bytes per 32): a config larger than the file is refused before its tensors are enumerated.
+inline void check_file_room(const Config& c, size_t text_size, const SidecarBytes& side, const Layout& l,
                             const std::string& where) {
-    const __int128 min_bytes = 2 * elements_implied(c);
+    const bool has_sidecar = l.sidecar.has_value();
+    const __int128 min_bytes = (l.weight_format == "q8" ? 1 : 2) * elements_implied(c);
     const __int128 room = __int128(text_size) / 4 * 3 + __int128(side.size);
     if (min_bytes > room)
         refuse(where, "the config implies ", with_commas(int64_t(std::min<__int128>(elements_implied(c), INT64_MAX))),
@@ -350,6 +370,7 @@ inline void check_tensor_count(const Config& c, const json& weights, const std::
 inline std::vector<Slot> find_implied_weights(const Config& c, const Layout& l, const json* layers,
                                               const std::string& where) {
     std::vector<Slot> slots;
+    const DType reduced = l.weight_format == "bf16" ? DType::BF16 : l.weight_format == "q8" ? DType::Q8_0 : DType::F32;
     for (Implied& t : weights_implied(c)) {
         if (!l.v0) {
             slots.push_back(make_slot(t.name, std::move(t.shape), find(*l.weights, t.name.c_str()), where, t.name));
@@ -361,7 +382,8 @@ inline std::vector<Slot> find_implied_weights(const Config& c, const Layout& l, 
                 slots.push_back(make_slot(t.name, std::move(t.shape), find((*layers)[size_t(t.layer)], t.row->v0),
                                           cat(where, ": weights.layers[", t.layer, "]"), t.row->v0));
         }
-        const Slot& s = slots.back();
+        Slot& s = slots.back();
+        if (t.row->reducible && has_feature(c, t.row->reduced_when)) s.reduced = reduced;  // schema.reduced_weights
         if (!s.obj) refuse(s.section, "missing tensor '", s.label, "' (the config needs it, shape ", shape_str(s.shape), ")");
     }
     return slots;
@@ -382,7 +404,7 @@ inline void check_no_unexpected_weights(const Config& c, const std::vector<Slot>
 inline std::vector<Slot*> check_weight_tensors(std::vector<Slot>& slots, const Layout& l) {
     std::vector<Slot*> marked;
     for (Slot& s : slots) {
-        s.ref = check_tensor(*s.obj, s.where, &s.shape, TensorKind::Float, !l.v0);
+        s.ref = check_tensor(*s.obj, s.where, &s.shape, TensorKind::Weight, !l.v0, nullptr, s.reduced);
         if (s.ref.sidecar) {
             if (!l.sidecar) refuse(s.where, "encoding 'sidecar' but the file names no sidecar");
             marked.push_back(&s);
@@ -450,9 +472,17 @@ inline TensorTable check_tensor_table(const Config& c, const Layout& l, const Or
 
 struct SidecarEntry {
     std::string name;
+    std::string dtype;  // F32, BF16 (bfloat16 bits) or U8 (Q8_0 blocks)
     std::vector<int64_t> shape;
     uint64_t start = 0, end = 0;
 };
+
+// The bytes per element of a sidecar dtype; 0: not one a model file's sidecar holds.
+inline uint64_t sidecar_itemsize(const json& dtype) {
+    if (!dtype.is_string()) return 0;
+    const std::string& d = dtype.get_ref<const std::string&>();
+    return d == "F32" ? 4 : d == "BF16" ? 2 : d == "U8" ? 1 : 0;
+}
 
 // The 8-byte little-endian header length: a multiple of 8 that fits in the file.
 inline uint64_t sidecar_header_length(const SidecarBytes& bytes, const std::string& w) {
@@ -473,10 +503,12 @@ inline json parse_sidecar_header(const SidecarBytes& bytes, uint64_t n, const st
     return header;
 }
 
-// An entry's shape, into `out`; returns the bytes it needs in F32 (UINT64_MAX when past 2^64).
-inline uint64_t read_sidecar_shape(const json& shape, std::vector<int64_t>& out, const std::string& tw) {
+// An entry's shape, into `out`; returns the bytes it needs at `itemsize` bytes an element (UINT64_MAX
+// when past 2^64).
+inline uint64_t read_sidecar_shape(const json& shape, std::vector<int64_t>& out, const std::string& tw,
+                                   uint64_t itemsize) {
     if (!shape.is_array()) refuse(tw, "shape must be a list of non-negative integers");
-    uint64_t bytes_needed = 4;
+    uint64_t bytes_needed = itemsize;
     for (const json& d : shape) {
         int64_t x = 0;
         if (as_int(d, x) != IntKind::Ok || x < 0) refuse(tw, "shape must be a list of non-negative integers");
@@ -486,18 +518,19 @@ inline uint64_t read_sidecar_shape(const json& shape, std::vector<int64_t>& out,
     return bytes_needed;
 }
 
-// One header entry: {"dtype": "F32", "shape": [...], "data_offsets": [start, end]} (more keys are
-// ignored, as the safetensors package does), its bytes those of its shape, inside the data section.
+// One header entry: {"dtype": "F32" | "BF16" | "U8", "shape": [...], "data_offsets": [start, end]} (more
+// keys are ignored, as the safetensors package does), its bytes those of its shape, inside the data section.
 inline SidecarEntry read_sidecar_entry(const std::string& name, const json& info, uint64_t data_size,
                                        const std::string& tw) {
     if (!info.is_object()) refuse(tw, "must be a JSON object, got ", type_name(info));
     const json *dtype = find(info, "dtype"), *shape = find(info, "shape"), *offsets = find(info, "data_offsets");
     if (!dtype || !shape || !offsets) refuse(tw, "needs dtype, shape and data_offsets");
-    if (!(dtype->is_string() && dtype->get_ref<const std::string&>() == "F32"))
-        refuse(tw, "has dtype ", short_repr(*dtype), "; readable: 'F32'");
+    const uint64_t itemsize = sidecar_itemsize(*dtype);
+    if (!itemsize) refuse(tw, "has dtype ", short_repr(*dtype), "; readable: 'F32', 'BF16', 'U8' (Q8_0)");
     SidecarEntry e;
     e.name = name;
-    const uint64_t bytes_needed = read_sidecar_shape(*shape, e.shape, tw);
+    e.dtype = dtype->get<std::string>();
+    const uint64_t bytes_needed = read_sidecar_shape(*shape, e.shape, tw, itemsize);
     int64_t start = 0, end = 0;
     if (!offsets->is_array() || offsets->size() != 2 || as_int((*offsets)[0], start) != IntKind::Ok ||
         as_int((*offsets)[1], end) != IntKind::Ok || start < 0 || end < start)
@@ -505,8 +538,8 @@ inline SidecarEntry read_sidecar_entry(const std::string& name, const json& info
     e.start = uint64_t(start);
     e.end = uint64_t(end);
     if (e.end - e.start != bytes_needed)
-        refuse(tw, "data_offsets [", start, ", ", end, "] hold ", e.end - e.start, " bytes, its shape of F32 needs ",
-               bytes_needed);
+        refuse(tw, "data_offsets [", start, ", ", end, "] hold ", e.end - e.start, " bytes, its shape of ", e.dtype,
+               " needs ", bytes_needed);
     if (e.end > data_size)
         refuse(tw, "needs bytes ", start, "..", end, " of the data, the file holds ", data_size, " (truncated?)");
     return e;
@@ -539,19 +572,28 @@ inline void check_sidecar_tiling(std::vector<SidecarEntry>& entries, uint64_t da
     if (at != data_size) refuse(w, "the tensors end at byte ", at, " of the data, the data holds ", data_size);
 }
 
-// The sidecar holds exactly the tensors the JSON marks "sidecar", each with the JSON's shape.
-inline std::map<std::string, const float*> match_sidecar_tensors(const std::vector<SidecarEntry>& entries,
-                                                                 const std::vector<Slot*>& marked, const uint8_t* base,
-                                                                 const std::string& w) {
+// The sidecar holds exactly the tensors the JSON marks "sidecar", each with the JSON's dtype (float32:
+// F32, bfloat16: BF16, q8_0: U8) and shape (q8_0 [out, in]: U8 [out, ceil(in/32) * 34]).
+inline std::map<std::string, const uint8_t*> match_sidecar_tensors(const std::vector<SidecarEntry>& entries,
+                                                                   const std::vector<Slot*>& marked, const uint8_t* base,
+                                                                   const std::string& w) {
     std::map<std::string, const SidecarEntry*> by_name;
     for (const SidecarEntry& e : entries) by_name[e.name] = &e;
-    std::map<std::string, const float*> out;
+    std::map<std::string, const uint8_t*> out;
     for (const Slot* s : marked) {
         auto it = by_name.find(s->name);
         if (it == by_name.end()) refuse(s->where, "not in the sidecar");
-        if (it->second->shape != s->shape)
-            refuse(s->where, "the JSON says shape ", shape_str(s->shape), ", the sidecar holds ", shape_str(it->second->shape));
-        out[s->name] = reinterpret_cast<const float*>(base + it->second->start);
+        const DType d = s->ref.dtype;
+        const char* want = d == DType::BF16 ? "BF16" : d == DType::Q8_0 ? "U8" : "F32";
+        if (it->second->dtype != want)
+            refuse(s->where, "the sidecar holds ", it->second->dtype, ", a ", dtype_name(d), " weight is ", want);
+        std::vector<int64_t> shape = s->shape;
+        if (d == DType::Q8_0) shape = {s->shape[0], q8_row_bytes(s->shape[1])};
+        if (it->second->shape != shape)
+            refuse(s->where, "the JSON says shape ", shape_str(s->shape),
+                   d == DType::Q8_0 ? cat(" (Q8_0 bytes ", shape_str(shape), " in the sidecar)") : std::string(),
+                   ", the sidecar holds ", shape_str(it->second->shape));
+        out[s->name] = base + it->second->start;
     }
     if (out.size() != entries.size())
         for (const SidecarEntry& e : entries)
@@ -562,8 +604,8 @@ inline std::map<std::string, const float*> match_sidecar_tensors(const std::vect
 }
 
 // Step 5: the safetensors header, against the data section and the JSON's sidecar tensors.
-inline std::map<std::string, const float*> check_sidecar(const SidecarBytes& bytes, const std::string& where,
-                                                         const std::vector<Slot*>& marked) {
+inline std::map<std::string, const uint8_t*> check_sidecar(const SidecarBytes& bytes, const std::string& where,
+                                                           const std::vector<Slot*>& marked) {
     const std::string w = where + ": sidecar";
     const uint64_t n = sidecar_header_length(bytes, w);
     const json header = parse_sidecar_header(bytes, n, w);
@@ -577,18 +619,46 @@ inline std::map<std::string, const float*> check_sidecar(const SidecarBytes& byt
 
 using BoundWeights = std::vector<std::pair<std::string, std::pair<const float*, std::vector<int64_t>>>>;
 
-// A weight's values: its view into the sidecar, or its base64 decoded into `decoded`; non-finite
-// values refused unless allowed.
-inline void read_weight_values(const Slot& s, const std::map<std::string, const float*>& mapped, bool check_finite_values,
-                               std::map<std::string, std::vector<float>>& decoded, BoundWeights& bound) {
-    if (s.ref.sidecar) {
-        const float* p = mapped.at(s.name);
-        if (check_finite_values) check_finite(p, size_t(s.ref.numel), s.where);
+// A reduced weight's stored bytes: the sidecar's (`mapped`), or base64 decoded into the entry.
+inline StoredWeight& stored_entry(const Slot& s, const uint8_t* mapped, LoadedModel& out) {
+    StoredWeight& w = out.stored[s.name];
+    w.format = format_of(s.ref.dtype);
+    w.shape = s.shape;
+    w.bytes = size_t(s.ref.nbytes);
+    w.data = mapped;
+    return w;
+}
+
+// A weight's values: its view into the sidecar (float32 at a 4-byte aligned offset), or decoded into
+// out.weights (base64; a misaligned float32 sidecar tensor is copied); a reduced weight's float32
+// decoding, its stored bytes kept in out.stored. Non-finite values refused unless allowed.
+inline void read_weight_values(const Slot& s, const std::map<std::string, const uint8_t*>& mapped,
+                               bool check_finite_values, LoadedModel& out, BoundWeights& bound) {
+    const size_t n = size_t(s.ref.numel);
+    if (s.ref.sidecar && s.ref.dtype == DType::F32 && reinterpret_cast<uintptr_t>(mapped.at(s.name)) % alignof(float) == 0) {
+        const float* p = reinterpret_cast<const float*>(mapped.at(s.name));
+        if (check_finite_values) check_finite(p, n, s.where);
         bound.push_back({s.name, {p, s.shape}});
         return;
     }
-    std::vector<float>& buf = decoded[s.name];
-    decode_floats(s.ref, s.where, buf, check_finite_values);
+    std::vector<float>& buf = out.weights[s.name];
+    if (!s.ref.sidecar) {
+        std::vector<uint8_t> raw;
+        decode_floats(s.ref, s.where, buf, check_finite_values, is_reduced_dtype(s.ref.dtype) ? &raw : nullptr);
+        if (is_reduced_dtype(s.ref.dtype)) {
+            StoredWeight& w = stored_entry(s, nullptr, out);
+            w.owned = std::move(raw);
+            w.data = w.owned.data();
+        }
+    } else if (s.ref.dtype == DType::F32) {
+        buf.resize(n);
+        std::memcpy(buf.data(), mapped.at(s.name), n * sizeof(float));
+        if (check_finite_values) check_finite(buf.data(), n, s.where);
+    } else {
+        buf.resize(n);
+        decode_reduced(s.ref.dtype, mapped.at(s.name), n, s.shape.back(), s.where, buf.data(), check_finite_values);
+        stored_entry(s, mapped.at(s.name), out);
+    }
     bound.push_back({s.name, {buf.data(), s.shape}});
 }
 
@@ -606,12 +676,12 @@ inline void check_input_values(const LoadedModel& out, int64_t seq_len, int64_t 
 }
 
 // Every value read and checked, the inputs decoded; returns the views to bind.
-inline BoundWeights read_values(const TensorTable& table, const std::map<std::string, const float*>& mapped,
+inline BoundWeights read_values(const TensorTable& table, const std::map<std::string, const uint8_t*>& mapped,
                                 const Config& c, const LoadOptions& options, const std::string& where,
                                 LoadedModel& out) {
     BoundWeights bound;
-    for (const Slot& s : table.weights) read_weight_values(s, mapped, !options.allow_nonfinite, out.weights, bound);
-    for (const Slot& s : table.rope) read_weight_values(s, mapped, !options.allow_nonfinite, out.weights, bound);
+    for (const Slot& s : table.weights) read_weight_values(s, mapped, !options.allow_nonfinite, out, bound);
+    for (const Slot& s : table.rope) read_weight_values(s, mapped, !options.allow_nonfinite, out, bound);
     const InputTensors& in = table.inputs;
     out.input_ids = decode_ints(in.ids, cat(where, ": tensor 'input_ids'"));
     out.attention_mask = decode_ints(in.mask, cat(where, ": tensor 'attention_mask'"));
@@ -633,12 +703,13 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
     const OriginalLayout original = check_original_layout(layout, where);  //    (the original one's names)
     const Config c = read_model_config(*layout.config, where, original.head_dim_fallback, original.tie_override);  // 3.
     const SidecarBytes side = open_sidecar(layout, sidecar, where);        // 4. the tensor table
-    check_file_room(c, text.size(), side, layout.sidecar.has_value(), where);
+    check_file_room(c, text.size(), side, layout, where);
     const TensorTable table = check_tensor_table(c, layout, original, where);
-    std::map<std::string, const float*> mapped;                            // 5. the sidecar header
+    std::map<std::string, const uint8_t*> mapped;                          // 5. the sidecar header
     if (layout.sidecar) mapped = check_sidecar(side, where, table.marked);
     LoadedModel out;                                                       // 6. the values
     out.sidecar = side.keep;
+    out.weight_format = layout.weight_format;
     const BoundWeights bound = read_values(table, mapped, c, options, where, out);
 
     // Everything checked: size the model and bind its weights.
