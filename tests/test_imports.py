@@ -40,6 +40,7 @@ LAYERS = [
         "rope",
         "generate",
         "checkpoint",
+        "gguf_export",
         "faults",
         "cpp_tables",
         "tokenizer",
