@@ -221,14 +221,15 @@ struct WidenAvx512 {
 };
 #endif
 
-// The 16 weights of panel p at k, widened (q8: times the block's scale vector s).
-template <class Widen>
-CI_VINLINE vf16 weights_at(const PackedReduced& W, int p, int k, vf16 s) {
-    if (W.format == WeightFormat::BF16) return Widen::bf16(W.bf16.data() + (size_t(p) * W.in + k) * 16);
-    return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16) * s;
+// The 16 weights of panel p at k, widened to float32 (q8: the int8 values, before the scale).
+template <class Widen, WeightFormat F>
+CI_VINLINE vf16 widened(const PackedReduced& W, int p, int k) {
+    if constexpr (F == WeightFormat::BF16) return Widen::bf16(W.bf16.data() + (size_t(p) * W.in + k) * 16);
+    else return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16);
 }
+// The scales of panel p's block b (q8; bf16 has none).
 CI_VINLINE vf16 scale_at(const PackedReduced& W, int p, int b) {
-    return W.format == WeightFormat::Q8 ? vload(W.scales.data() + (size_t(p) * W.blocks + b) * 16) : vf16{};
+    return vload(W.scales.data() + (size_t(p) * W.blocks + b) * 16);
 }
 
 template <int R, int NP>
@@ -247,21 +248,26 @@ CI_VINLINE void store_tile(float* y, const vf16 (&acc)[R][NP], int out, int pane
     }
 }
 
-// gemm_tile (fast.hpp) with the widening in the k loop: R rows x NP panels, block by block (one
-// block: all of k for bf16; 32 k per scale for q8).
-template <class Widen, int R, int NP>
+// gemm_tile (fast.hpp) with the widening in the k loop: R rows x NP panels. q8 goes block by block
+// and multiplies each widened weight by its scale (the decoded weight, exact in float32), so the
+// sum is the float32 set's sum over the decoded weights.
+template <class Widen, WeightFormat F, int R, int NP>
 inline void reduced_tile(float* y, const float* x, const PackedReduced& W, int panel, int ldy) {
-    const int in = W.in, step = W.format == WeightFormat::Q8 ? kQ8Block : in;
+    const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;
     vf16 acc[R][NP];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
     for (int k0 = 0, b = 0; k0 < in; k0 += step, ++b) {
         vf16 s[NP];
-        for (int p = 0; p < NP; ++p) s[p] = scale_at(W, panel + p, b);
+        if constexpr (F == WeightFormat::Q8)
+            for (int p = 0; p < NP; ++p) s[p] = scale_at(W, panel + p, b);
         const int k1 = std::min(in, k0 + step);
         for (int k = k0; k < k1; ++k) {
             vf16 w[NP];
-            for (int p = 0; p < NP; ++p) w[p] = weights_at<Widen>(W, panel + p, k, s[p]);
+            for (int p = 0; p < NP; ++p) {
+                w[p] = widened<Widen, F>(W, panel + p, k);
+                if constexpr (F == WeightFormat::Q8) w[p] *= s[p];
+            }
             for (int r = 0; r < R; ++r) {
                 const float xs = x[size_t(r) * in + k];
                 for (int p = 0; p < NP; ++p) acc[r][p] += w[p] * xs;
@@ -271,25 +277,26 @@ inline void reduced_tile(float* y, const float* x, const PackedReduced& W, int p
     store_tile<R, NP>(y, acc, W.out, panel, ldy);
 }
 
-template <class Widen, int NP>
+template <class Widen, WeightFormat F, int NP>
 inline void reduced_rows(float* y, const float* x, const PackedReduced& W, int rows, int panel) {
     constexpr int R = 6;
     int r = 0;
-    for (; r + R <= rows; r += R) reduced_tile<Widen, R, NP>(y + size_t(r) * W.out, x + size_t(r) * W.in, W, panel, W.out);
+    for (; r + R <= rows; r += R)
+        reduced_tile<Widen, F, R, NP>(y + size_t(r) * W.out, x + size_t(r) * W.in, W, panel, W.out);
     float* yr = y + size_t(r) * W.out;
     const float* xr = x + size_t(r) * W.in;
     switch (rows - r) {
-        case 5: reduced_tile<Widen, 5, NP>(yr, xr, W, panel, W.out); break;
-        case 4: reduced_tile<Widen, 4, NP>(yr, xr, W, panel, W.out); break;
-        case 3: reduced_tile<Widen, 3, NP>(yr, xr, W, panel, W.out); break;
-        case 2: reduced_tile<Widen, 2, NP>(yr, xr, W, panel, W.out); break;
-        case 1: reduced_tile<Widen, 1, NP>(yr, xr, W, panel, W.out); break;
+        case 5: reduced_tile<Widen, F, 5, NP>(yr, xr, W, panel, W.out); break;
+        case 4: reduced_tile<Widen, F, 4, NP>(yr, xr, W, panel, W.out); break;
+        case 3: reduced_tile<Widen, F, 3, NP>(yr, xr, W, panel, W.out); break;
+        case 2: reduced_tile<Widen, F, 2, NP>(yr, xr, W, panel, W.out); break;
+        case 1: reduced_tile<Widen, F, 1, NP>(yr, xr, W, panel, W.out); break;
         default: break;
     }
 }
 
 // The GEMM: fast::linear's split (panel triples, and row chunks when triples are few).
-template <class Widen>
+template <class Widen, WeightFormat F>
 inline void reduced_gemm(float* y, const float* x, const PackedReduced& W, int rows) {
     const int triples = (W.panels + 2) / 3;
     const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
@@ -303,59 +310,71 @@ inline void reduced_gemm(float* y, const float* x, const PackedReduced& W, int r
             float* yc = y + size_t(r0) * W.out;
             const float* xc = x + size_t(r0) * W.in;
             const int panel = 3 * t, left = W.panels - panel;
-            if (left >= 3) reduced_rows<Widen, 3>(yc, xc, W, r1 - r0, panel);
-            else if (left == 2) reduced_rows<Widen, 2>(yc, xc, W, r1 - r0, panel);
-            else reduced_rows<Widen, 1>(yc, xc, W, r1 - r0, panel);
+            if (left >= 3) reduced_rows<Widen, F, 3>(yc, xc, W, r1 - r0, panel);
+            else if (left == 2) reduced_rows<Widen, F, 2>(yc, xc, W, r1 - r0, panel);
+            else reduced_rows<Widen, F, 1>(yc, xc, W, r1 - r0, panel);
         }
     }, parallel);
 }
 
-// The GEMV (decode: R <= 4 rows): one panel at a time, so both threads get equal shares of even a
-// k_proj's few panels; two accumulator chains per row (even and odd k) keep the FMAs independent.
-template <class Widen, int R>
+// The GEMV (decode: R <= 4 rows), one panel at a time, so both threads get equal shares of even a
+// k_proj's few panels. Two accumulator chains per row (even and odd k) keep the FMAs independent;
+// q8 sums each block's int8 products, then adds them times the block's scales (one multiply per
+// block, not per weight: the GEMV is bound by the widening, not by memory, once q8 is 4x smaller).
+template <class Widen, WeightFormat F, int R>
 inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W, int p) {
-    const int in = W.in, step = W.format == WeightFormat::Q8 ? kQ8Block : in;
-    vf16 even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = vf16{};
+    const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;
+    vf16 acc[R][1];
+    for (int r = 0; r < R; ++r) acc[r][0] = vf16{};
     for (int k0 = 0, b = 0; k0 < in; k0 += step, ++b) {
-        const vf16 s = scale_at(W, p, b);
+        vf16 even[R], odd[R];
+        for (int r = 0; r < R; ++r) even[r] = odd[r] = vf16{};
         const int k1 = std::min(in, k0 + step);
         int k = k0;
         for (; k + 2 <= k1; k += 2) {
-            const vf16 w0 = weights_at<Widen>(W, p, k, s), w1 = weights_at<Widen>(W, p, k + 1, s);
+            const vf16 w0 = widened<Widen, F>(W, p, k), w1 = widened<Widen, F>(W, p, k + 1);
             for (int r = 0; r < R; ++r) {
                 even[r] += w0 * x[size_t(r) * in + k];
                 odd[r] += w1 * x[size_t(r) * in + k + 1];
             }
         }
         if (k < k1) {
-            const vf16 w0 = weights_at<Widen>(W, p, k, s);
+            const vf16 w0 = widened<Widen, F>(W, p, k);
             for (int r = 0; r < R; ++r) even[r] += w0 * x[size_t(r) * in + k];
         }
+        if constexpr (F == WeightFormat::Q8) {
+            const vf16 s = scale_at(W, p, b);
+            for (int r = 0; r < R; ++r) acc[r][0] += (even[r] + odd[r]) * s;
+        } else {
+            for (int r = 0; r < R; ++r) acc[r][0] += even[r] + odd[r];
+        }
     }
-    vf16 acc[R][1];
-    for (int r = 0; r < R; ++r) acc[r][0] = even[r] + odd[r];
     store_tile<R, 1>(y, acc, W.out, p, W.out);
 }
 
-template <class Widen>
+template <class Widen, WeightFormat F>
 inline void reduced_gemv(float* y, const float* x, const PackedReduced& W, int rows) {
     // Streaming the weights: two cores are faster than one from about 64 KB of them on.
-    const bool parallel = double(W.panels) * W.in * 16 * (W.format == WeightFormat::Q8 ? 1 : 2) > 65536;
+    const bool parallel = double(W.panels) * W.in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
     ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
         for (int p = begin; p < end; ++p) switch (rows) {
-                case 1: reduced_gemv_panel<Widen, 1>(y, x, W, p); break;
-                case 2: reduced_gemv_panel<Widen, 2>(y, x, W, p); break;
-                case 3: reduced_gemv_panel<Widen, 3>(y, x, W, p); break;
-                default: reduced_gemv_panel<Widen, 4>(y, x, W, p); break;
+                case 1: reduced_gemv_panel<Widen, F, 1>(y, x, W, p); break;
+                case 2: reduced_gemv_panel<Widen, F, 2>(y, x, W, p); break;
+                case 3: reduced_gemv_panel<Widen, F, 3>(y, x, W, p); break;
+                default: reduced_gemv_panel<Widen, F, 4>(y, x, W, p); break;
             }
     }, parallel);
 }
 
 template <class Widen>
 inline void reduced_linear_with(float* y, const float* x, const PackedReduced& W, int rows) {
-    if (rows <= 4) reduced_gemv<Widen>(y, x, W, rows);
-    else reduced_gemm<Widen>(y, x, W, rows);
+    if (W.format == WeightFormat::BF16) {
+        if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(y, x, W, rows);
+        else reduced_gemm<Widen, WeightFormat::BF16>(y, x, W, rows);
+    } else {
+        if (rows <= 4) reduced_gemv<Widen, WeightFormat::Q8>(y, x, W, rows);
+        else reduced_gemm<Widen, WeightFormat::Q8>(y, x, W, rows);
+    }
 }
 
 // y[rows, out] = x[rows, in] . W^T for a packed bf16 / q8 matrix, on the CPU's best widening.
