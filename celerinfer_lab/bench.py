@@ -370,9 +370,7 @@ def _measure_torch(model: Model, warmup: int, repeat: int) -> tuple[Timing, np.n
     return timing, ref.forward()[0].numpy()
 
 
-def _agreement(
-    model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray | None
-) -> dict:
+def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray | None) -> dict:
     """How far the C++ logits (cppyy and the standalone binary, when it ran) are from PyTorch's
     (float32 weights: for a bf16/q8 set this includes what the precision costs), over real tokens."""
     real = model.attention_mask.astype(bool)

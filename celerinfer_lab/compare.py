@@ -63,8 +63,8 @@ from .metrics import (
     kl_per_token,
     live_rows,
 )
-from .report import LogitsReport, PointReport, Report, build_report
 from .quantize import weights_label
+from .report import LogitsReport, PointReport, Report, build_report
 from .runs import Runs, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
 from .tolerances import PointTolerance, Tolerances
 from .trace import recorded
