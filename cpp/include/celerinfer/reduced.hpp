@@ -254,15 +254,16 @@ CI_VINLINE void store_tile(float* y, const vf16 (&acc)[R][NP], int out, int pane
 // float panels and reusing them for every 6-row tile was 15-25% slower still: measured, dropped.)
 template <class Widen, WeightFormat F, int R, int NP>
 inline void reduced_tile(float* y, const float* x, const PackedReduced& W, int panel, int ldy) {
-    const int in = W.in;
+    const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;  // bf16: all of k in one block
     vf16 acc[R][NP];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
-    for (int k0 = 0; k0 < in; k0 += kQ8Block) {
+    for (int k0 = 0; k0 < in; k0 += step) {
         vf16 s[NP];
         if constexpr (F == WeightFormat::Q8)
             for (int p = 0; p < NP; ++p) s[p] = scale_at(W, panel + p, k0 / kQ8Block);
-        for (int k = k0; k < std::min(in, k0 + kQ8Block); ++k) {
+        const int k1 = std::min(in, k0 + step);
+        for (int k = k0; k < k1; ++k) {
             vf16 w[NP];
             for (int p = 0; p < NP; ++p) {
                 w[p] = widened<Widen, F>(W, panel + p, k);
