@@ -541,8 +541,8 @@ CATALOGUE += [
     ),
     Fault(
         "reduced_gemv_odd_activation",
-        "the bf16/q8 GEMV (decode) multiplies each odd-k weight by the even-k activation",
-        _edit("reduced.hpp", "odd[r] += w1 * x[size_t(r) * in + k + 1];", "odd[r] += w1 * x[size_t(r) * in + k];"),
+        "the bf16/q8 GEMV (decode) multiplies the weight at k + 1 by the activation at k (one k in four)",
+        _edit("reduced.hpp", "a1[r] += w1 * xr[1];", "a1[r] += w1 * xr[0];"),
         ("bf16", "q8"),
         L0 + "self_attn.q_proj",
         None,
