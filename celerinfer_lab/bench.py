@@ -295,12 +295,12 @@ def decode_cpp(prepared: NativeModel, new_tokens: int) -> tuple[np.ndarray, floa
 
 
 def bench_kernel_sets(native: NativeEngine, kernels: str | list[str] = "fast") -> list[str]:
-    """The kernel sets a bench times: one name, a list, or "all" (every registered set, the fast
-    set first, so the flat JSON keys keep meaning the fast kernels)."""
+    """The kernel sets a bench times: one name, a list (or names joined by commas), or "all" (every
+    registered set, the fast set first, so the flat JSON keys keep meaning the fast kernels)."""
     if kernels == "all":
         names = native.kernel_sets
         return sorted(names, key=lambda name: name != "fast")  # stable: registration order after fast
-    names = [kernels] if isinstance(kernels, str) else list(kernels)
+    names = kernels.split(",") if isinstance(kernels, str) else list(kernels)  # "fast,bf16,q8": each in turn
     if not names:
         raise ValueError("no kernel set to time")
     return [native.check_kernels(name) for name in names]
@@ -370,13 +370,16 @@ def _measure_torch(model: Model, warmup: int, repeat: int) -> tuple[Timing, np.n
     return timing, ref.forward()[0].numpy()
 
 
-def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray) -> dict:
-    """How far the C++ logits (cppyy and the standalone binary) are from PyTorch's, over real tokens."""
+def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray | None) -> dict:
+    """How far the C++ logits (cppyy and the standalone binary, when it ran) are from PyTorch's
+    (float32 weights: for a bf16/q8 set this includes what the precision costs), over real tokens."""
     real = model.attention_mask.astype(bool)
     diff = np.abs(cpp_logits - torch_logits)[real]
     return {
         "max_abs_diff": float(diff.max()),
-        "standalone_max_abs_diff": float(np.abs(alone_logits - torch_logits)[real].max()),
+        "standalone_max_abs_diff": None
+        if alone_logits is None
+        else float(np.abs(alone_logits - torch_logits)[real].max()),
         "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
     }
 
@@ -454,17 +457,29 @@ def measure_bench(
         cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
         cpp_logits = prepared_sets[name].forward().logits
         stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
-        alone = run_standalone(
-            binary, json_path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name}
+        fmt = native.kernel_format(name)
+        # The standalone binary reads the float32 model file: a bf16/q8 set is timed through cppyy only.
+        alone = (
+            run_standalone(binary, json_path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
+            if fmt == "f32"
+            else None
         )
         per_set[name] = {
             **_stats(cpp_timings[name], "cpp_forward"),
-            "standalone_forward_ms": alone.forward_ms,
-            "standalone_load_ms": alone.load_ms,
-            **_agreement(model, torch_logits, cpp_logits, alone.logits),
+            "weight_format": fmt,
+            "standalone_forward_ms": alone.forward_ms if alone else None,
+            "standalone_load_ms": alone.load_ms if alone else None,
+            **_agreement(model, torch_logits, cpp_logits, alone.logits if alone else None),
         }
-    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": sets[0]})
+    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": "fast"})
     record.update(per_set[sets[0]])
+    if record["standalone_load_ms"] is None:  # only bf16/q8 sets: the load time from one float32 run
+        loaded = [v["standalone_load_ms"] for v in per_set.values() if v["standalone_load_ms"] is not None]
+        record["standalone_load_ms"] = (
+            loaded[0]
+            if loaded
+            else run_standalone(binary, json_path, work / "out_load", 0, 1, {**env_threads, "KERNELS": "fast"}).load_ms
+        )
     record["standalone_load_sidecar_ms"] = alone_side.load_ms
     record["machine"] = machine_info(native.threads)
 
@@ -489,6 +504,9 @@ def bench_lines(result: BenchResult) -> list[str]:
             (f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
             (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
         ):
+            if ms is None:
+                lines.append(f"{label:28s}        n/a   (the standalone binary reads float32 model files)")
+                continue
             noisy = torch_t.noisy or (cpp_t.noisy and spread)
             lines.append(
                 f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
@@ -506,9 +524,10 @@ def bench_lines(result: BenchResult) -> list[str]:
         lines.append(f"logits {label:16s}: shape {shape} min {low:.6f} max {high:.6f} mean {mean:.6f}")
     for name in sets:
         r = per_set[name]
+        alone = r["standalone_max_abs_diff"]
         lines.append(
             f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            f"standalone {r['standalone_max_abs_diff']:.3e}"
+            + (f"standalone {alone:.3e}" if alone is not None else f"{r['weight_format']} weights against float32")
         )
     if "decode_tokens" in record:
         torch_rate = record["torch_decode_tok_s"]
@@ -518,7 +537,14 @@ def bench_lines(result: BenchResult) -> list[str]:
                 f"decode {record['decode_tokens']} tokens after {record['seq_len']} ({name}): torch {torch_rate:.1f} "
                 f"tok/s, C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / torch_rate:.2f}x); "
                 f"same tokens: {r['decode_tokens_equal']}"
+                + (f" ({r['weight_format']} weights)" if r["weight_format"] != "f32" else "")
             )
+        base = per_set.get("fast", {}).get("cpp_decode_tok_s")
+        if base:
+            for name in sets:
+                if name != "fast":
+                    rate = per_set[name]["cpp_decode_tok_s"]
+                    lines.append(f"decode {name} / fast: {rate / base:.2f}x")
     return lines
 
 

@@ -550,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--kernels",
         default="fast",
-        help="the kernel set(s) to time: fast (default), readable, all (each in turn, fast first), "
-        "or one registered in --cpp-dir",
+        help="the kernel set(s) to time: fast (default), readable, bf16, q8, readable-bf16, readable-q8, "
+        "several joined by commas (fast,bf16,q8), all (each in turn, fast first), or one registered in --cpp-dir",
     )
     cmp = sub.add_parser(
         "compare",

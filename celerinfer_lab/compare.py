@@ -63,8 +63,9 @@ from .metrics import (
     kl_per_token,
     live_rows,
 )
+from .quantize import weights_label
 from .report import LogitsReport, PointReport, Report, build_report
-from .runs import floor_runs, kernel_runs, reference_runs, run_all, teacher_from
+from .runs import Runs, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
 from .tolerances import PointTolerance, Tolerances
 from .trace import recorded
 
@@ -84,6 +85,7 @@ __all__ = [
     "PointTolerance",
     "reference_runs",
     "kernel_runs",
+    "model_for",
     "floor_runs",
     "run_all",
     "teacher_from",
@@ -152,6 +154,8 @@ def _finish(report: Report, model: Model) -> Report:
     from .diagnose import diagnose  # here: diagnose imports torch, and a Report is read without it
 
     report.meta["model"] = model
+    if model.weight_format != "f32":  # say which question the report answers: the kernel's, on these weights
+        report.meta["weights"] = weights_label(model.weight_format)
     report.diagnosis = diagnose(report)
     return report
 
@@ -178,18 +182,27 @@ def compare(
     ``kernels``: one set's name (a Report; None, the default: the engine's default set), or "all"
     (every registered kernel set: a Comparison, side by side; the CLI's default). ``baseline="readable"`` sets the
     floors from the readable C++ instead of PyTorch: the fast kernels judged against the readable
-    ones. ``tolerances``: the rule (default ``Tolerances()``; see tolerances.py for per-point overrides)."""
+    ones. ``tolerances``: the rule (default ``Tolerances()``; see tolerances.py for per-point overrides).
+
+    A bf16/q8 kernel set runs on ``model.as_format`` of its format (a float32 model is quantized in
+    memory), and the reference runs on the same weights, decoded exactly: float64 on them is the
+    precision-matched oracle, so the report judges the kernel, not the quantization (its summary
+    says which weights and oracle it used)."""
     from .native import load_native
 
     _check_has_real_tokens(model.attention_mask)
     native = native or load_native()
-    shared = floor_runs(model, native, baseline)
     sets = native.kernel_sets if kernels == "all" else [native.check_kernels(kernels or native.kernels)]
+    shared: dict[str, Runs] = {}  # the oracle and floors, once per weight format
     reports = {}
     for name in sets:
-        runs = {**shared, **kernel_runs(model, native, name, shared["oracle"])}
+        matched = model_for(model, native, name)
+        if matched.weight_format not in shared:
+            shared[matched.weight_format] = floor_runs(matched, native, baseline)
+        floors = shared[matched.weight_format]
+        runs = {**floors, **kernel_runs(matched, native, name, floors["oracle"])}
         report = build_report(runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances)
-        reports[name] = _finish(report, model)
+        reports[name] = _finish(report, matched)
     return Comparison(reports) if kernels == "all" else reports[sets[0]]
 
 
@@ -214,6 +227,7 @@ def compare_decode(
     from .reference import ReferenceModel, decode_steps, greedy_generate
 
     native = native or load_native()
+    model = model_for(model, native, kernels or native.kernels)  # the weights the kernels read, for every run
     ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
     if feed is None:
         feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)

@@ -235,11 +235,15 @@ def complete(
             on_line(line)
 
     emit(f"prompt ({len(ids)} tokens): {text!r}")
-    emit(f"{'step':>4s}   {'torch (float32)':{TAIL}s} | C++ ({prepared.kernels})")
+    # A bf16/q8 set's model is quantized (prepared.model): torch decodes on the same weights, so a
+    # different token is the kernel's doing, not the quantization's.
+    fmt = prepared.model.weight_format
+    torch_label = "torch (float32)" if fmt == "f32" else f"torch ({fmt} weights)"
+    emit(f"{'step':>4s}   {torch_label:{TAIL}s} | C++ ({prepared.kernels})")
     torch_ids: list[int] = []
     cpp_ids: list[int] = []
     first: list[int] = []  # the first step where the choices differ
-    ref = _ReferenceStepper(run_model, prompt_ids)
+    ref = _ReferenceStepper(prepared.model, prompt_ids)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     state = {"torch_done": False}
 

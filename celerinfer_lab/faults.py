@@ -51,6 +51,11 @@ class Fault:
 
 
 BOTH = ("readable", "fast")
+# The bf16/q8 sets (reduced.hpp) derive from these two: a fault in readable.hpp, fast.hpp or the
+# readable ops also reaches its derived sets (their attention, rmsnorm, swiglu); the catalogue lists
+# the set each fault is written against. Faults in reduced.hpp list the reduced sets they change.
+DERIVED = {"readable": ("readable-bf16", "readable-q8"), "fast": ("bf16", "q8")}
+REDUCED = ("readable-bf16", "readable-q8", "bf16", "q8")
 L0, L1 = "model.layers.0.", "model.layers.1."
 
 
@@ -498,6 +503,49 @@ CATALOGUE: list[Fault] = [
         ("fast",),
         L0 + "self_attn.context",
         "value cache slot",
+        step=1,
+    ),
+]
+CATALOGUE += [
+    # ---- the bf16 / q8 kernel sets (reduced.hpp), judged on the same decoded weights --------------
+    Fault(
+        "q8_neighbour_block_scale",
+        "the q8 packing gives each block the scale of the next block along the row",
+        _edit(
+            "reduced.hpp",
+            "P.scales[(p * P.blocks + b) * 16 + lane] = q8_scale(row, b);",
+            "P.scales[(p * P.blocks + b) * 16 + lane] = q8_scale(row, std::min(b + 1, P.blocks - 1));",
+        ),
+        ("q8",),
+        L0 + "self_attn.q_proj",
+        None,
+    ),
+    Fault(
+        "q8_int8_read_as_uint8",
+        "the readable q8 decoding reads each int8 weight as unsigned: negative weights become 128 ... 255",
+        (
+            Edit(
+                "reduced.hpp",
+                "inline int8_t q8_value(const uint8_t* row, int k) {",
+                "inline uint8_t q8_value(const uint8_t* row, int k) {",
+            ),
+            Edit(
+                "reduced.hpp",
+                "    return int8_t(row[size_t(k / kQ8Block)",
+                "    return uint8_t(row[size_t(k / kQ8Block)",
+            ),
+        ),
+        ("readable-q8",),
+        L0 + "self_attn.q_proj",
+        None,
+    ),
+    Fault(
+        "reduced_gemv_odd_activation",
+        "the bf16/q8 GEMV (decode) multiplies the weight at k + 1 by the activation at k (one k in four)",
+        _edit("reduced.hpp", "a1[r] += w1 * xr[1];", "a1[r] += w1 * xr[0];"),
+        ("bf16", "q8"),
+        L0 + "self_attn.q_proj",
+        None,
         step=1,
     ),
 ]

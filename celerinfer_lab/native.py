@@ -166,6 +166,17 @@ class NativeEngine:
             raise NativeError(f"unknown kernel set {kernels!r}; this build has {', '.join(self.kernel_sets)}")
         return kernels
 
+    def kernel_format(self, kernels: str | None = None) -> str:
+        """The weight format a kernel set reads: "f32" (readable, fast: any model, through its float32
+        decoding), "bf16" or "q8" (the stored weights of a model in that format; see prepare())."""
+        name = self.check_kernels(kernels or self.kernels)
+        return str(_call("kernel_set_format", self.ns.kernel_set_format, name))
+
+    @property
+    def cpu(self) -> str:
+        """What the CPU reports (cpuid) and which widening code the bf16/q8 kernels run."""
+        return str(self.ns.cpu_report())
+
     def set_threads(self, n: int) -> None:
         """Threads of the fast kernels' pool (default: every core)."""
         _call("set_num_threads", self.ns.set_num_threads, int(n))
@@ -175,6 +186,9 @@ class NativeEngine:
         return int(self.ns.num_threads())
 
     def prepare(self, model: Model, kernels: str | None = None) -> "NativeModel":
+        """``model`` bound for a kernel set, converted to the weight format the set reads
+        (``model.as_format``): a float32 model quantized in memory for bf16/q8 sets, a bf16/q8
+        model's float32 decoding for readable/fast. ``NativeModel.model`` is the converted model."""
         return NativeModel(self, model, kernels or self.kernels)
 
     def forward(
@@ -235,13 +249,21 @@ class NativeModel:
 
     def __init__(self, engine: NativeEngine, model: Model, kernels: str = DEFAULT_KERNELS):
         model.check_sidecar()  # binding and packing read the weights, which may be a memory-mapped sidecar
-        self.engine, self.ns, self.model, self.kernels = engine, engine.ns, model, engine.check_kernels(kernels)
-        self.config = model.config
+        self.engine, self.ns, self.kernels = engine, engine.ns, engine.check_kernels(kernels)
+        self.weight_format = engine.kernel_format(self.kernels)  # what the kernel set reads
+        model = model.as_format(self.weight_format)  # itself when it already is in that format
+        self.model, self.config = model, model.config
         self._arrays = {name: _f32(a) for name, a in model.weights.items()}  # no copy for float32
         self._arrays["rope.cos"], self._arrays["rope.sin"] = _f32(model.rope_cos), _f32(model.rope_sin)
         self.cpp = _call("model setup", self.ns.ModelWeights, _native_config(self.ns, model.config))
         for name, array in self._arrays.items():
             _call(f"binding '{name}'", self.cpp.bind, name, array, [int(d) for d in array.shape])
+        # A bf16/q8 model's stored weights beside their float32 decoding (C++ keeps pointers: kept here).
+        self._stored = {name: np.ascontiguousarray(a) for name, a in model.stored.items()}
+        if self._stored:
+            fmt = {"bf16": self.ns.WeightFormat.BF16, "q8": self.ns.WeightFormat.Q8}[model.weight_format]
+            for name, array in self._stored.items():
+                _call(f"binding the stored form of '{name}'", self.cpp.bind_stored, name, fmt, array, int(array.nbytes))
         _call("model check", self.cpp.check_complete)
         self.kernel_set = _call(f"preparing the {kernels} kernels", self.ns.make_kernels, kernels, self.cpp)
         self._workspaces: dict[tuple[int, int, int], object] = {}

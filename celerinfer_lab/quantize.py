@@ -130,3 +130,14 @@ def decode(stored: np.ndarray, fmt: str, shape: tuple[int, ...], dtype: type = n
     if fmt == "q8":
         return from_q8(stored, shape[-1], dtype).reshape(shape)
     return np.asarray(stored).astype(dtype, copy=False).reshape(shape)
+
+
+_FORMAT_LABELS = {"f32": "float32", "bf16": "bf16 (bfloat16)", "q8": "q8 (Q8_0)"}
+
+
+def weights_label(fmt: str) -> str:
+    """What a comparison ran on, for its summary: the weights and the oracle the kernels were judged by."""
+    check_weight_format(fmt)
+    if fmt == "f32":
+        return "weights: float32, oracle: float64 on them"
+    return f"weights: {_FORMAT_LABELS[fmt]}, oracle: float64 on the decoded {fmt} weights"

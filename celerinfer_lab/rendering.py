@@ -54,6 +54,8 @@ def summary(report: Report) -> str:
         f"logits: top-1 agreement {lg.top1_agreement:.4f}, KL per token mean {lg.kl_mean:.3e} "
         f"max {lg.kl_max:.3e} (float32 reference max {lg.floor_kl_max:.3e})"
     ]
+    if report.meta.get("weights"):  # a bf16/q8 kernel set: judged against float64 on the same weights
+        lines.insert(0, str(report.meta["weights"]))
     if report.agrees:
         overrides = len(report.tolerances.overrides)
         lines.append(

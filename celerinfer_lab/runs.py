@@ -6,6 +6,10 @@
     cpp        the C++ with one kernel set
     cpp_own    the same, teacher forced on the oracle (each op's own error)
 
+Every run of one comparison sees the same weights: a bf16/q8 kernel set runs on ``model.as_format``
+of its format, and so do the oracle and the floors (the precision-matched oracle: float64 on the
+decoded weights), so a difference is the kernel's, never the quantization's.
+
 Running is kept apart from judging (report.py), as Polygraphy keeps Comparator.run apart from
 compare_accuracy: the engine is an argument (``native``: a NativeEngine) and nothing here compares."""
 
@@ -53,13 +57,20 @@ def kernel_runs(model: Model, native: NativeEngine, kernels: str, oracle: dict[s
     }
 
 
+def model_for(model: Model, native: NativeEngine, kernels: str) -> Model:
+    """``model`` in the weight format kernel set ``kernels`` reads (what NativeEngine.prepare binds)."""
+    return model.as_format(native.kernel_format(kernels))
+
+
 def floor_runs(model: Model, native: NativeEngine, baseline: str = "torch") -> Runs:
-    """reference_runs, with the floors from the readable C++ instead when baseline="readable"."""
+    """reference_runs, with the floors from the readable C++ instead when baseline="readable" (for
+    a bf16/q8 model, the readable set of its format: "readable-bf16", "readable-q8")."""
     if baseline not in ("torch", "readable"):
         raise UsageError(f"baseline={baseline!r}: 'torch' or 'readable'")
     runs = reference_runs(model)
     if baseline == "readable":
-        readable = kernel_runs(model, native, "readable", runs["oracle"])
+        name = "readable" if model.weight_format == "f32" else f"readable-{model.weight_format}"
+        readable = kernel_runs(model, native, native.check_kernels(name), runs["oracle"])
         runs.update(ref32=readable["cpp"], ref32_own=readable["cpp_own"])
     return runs
 
@@ -67,6 +78,8 @@ def floor_runs(model: Model, native: NativeEngine, baseline: str = "torch") -> R
 def run_all(model: Model, native: NativeEngine, kernels: str | None = None, baseline: str = "torch") -> Runs:
     """The five runs a report needs: oracle (float64), ref32, ref32_own (the baseline whose error
     sets the floors: the float32 reference, or the readable C++ with baseline="readable"), cpp,
-    cpp_own (the C++ with ``kernels``)."""
+    cpp_own (the C++ with ``kernels``), all on ``model`` in the format ``kernels`` reads."""
+    kernels = kernels or native.kernels
+    model = model_for(model, native, kernels)
     runs = floor_runs(model, native, baseline)
-    return {**runs, **kernel_runs(model, native, kernels or native.kernels, runs["oracle"])}
+    return {**runs, **kernel_runs(model, native, kernels, runs["oracle"])}

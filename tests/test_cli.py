@@ -88,7 +88,8 @@ def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     assert r.returncode == 2 and "unknown kernel set 'nonesuch'" in r.stderr and "readable, fast" in r.stderr
     r = run("compare", str(path))
     assert r.returncode == 0 and "== readable kernels" in r.stdout and "== fast kernels" in r.stdout
-    assert r.stdout.count("all 41 trace points agree") == 2
+    assert r.stdout.count("all 41 trace points agree") == 6  # readable, fast and the four bf16/q8 sets
+    assert r.stdout.count("weights: q8 (Q8_0), oracle: float64 on the decoded q8 weights") == 2
     assert (
         r.stdout.index("model.embed_tokens")
         < r.stdout.index("model.layers.0.self_attn.q_norm")

@@ -59,6 +59,13 @@ def test_tokenizer_round_trip_through_attach_and_load(tmp_path, trained):
     assert not config_file.exists() and load_tokenizer(path).chat_template is None
 
 
+def test_complete_with_a_reduced_kernel_set(model_path, native):
+    """kernels="q8": the model is quantized in memory and torch decodes on the same q8 weights."""
+    result = complete(model_path, PROMPT, 8, native=native, kernels="q8", stop_at_eos=False)
+    assert result.kernels == "q8" and result.identical, "\n".join(result.lines)
+    assert "torch (q8 weights)" in result.lines[1]
+
+
 def test_attach_refuses_a_tokenizer_that_does_not_fit(tmp_path, trained):
     small = tmp_path / "small.json"
     generate_model(small_config(vocab_size=128), 1, 4).save(small)

@@ -11,7 +11,7 @@ import pytest
 from conftest import small_model
 
 from celerinfer_lab.compare import compare, compare_decode
-from celerinfer_lab.faults import BOTH, CATALOGUE, FAULTS, apply_fault
+from celerinfer_lab.faults import BOTH, CATALOGUE, FAULTS, REDUCED, apply_fault
 from celerinfer_lab.native import DEFAULT_CPP_DIR, load_native
 
 KERNEL_SETS = ("readable", "fast")
@@ -43,7 +43,8 @@ def test_catalogue_size_and_diagnosis_coverage():
     assert len(diagnosed) >= 0.8 * len(CATALOGUE), f"{len(diagnosed)} of {len(CATALOGUE)} declare a diagnosis"
     assert sum(f.kernels == ("fast",) for f in CATALOGUE) >= 8  # bugs only the fast kernels can have
     assert sum(f.step > 0 for f in CATALOGUE) >= 3  # decode-only bugs
-    assert all(set(f.kernels) <= set(KERNEL_SETS) and f.kernels for f in CATALOGUE)
+    assert all(set(f.kernels) <= set(KERNEL_SETS + REDUCED) and f.kernels for f in CATALOGUE)
+    assert sum(set(f.kernels) <= set(REDUCED) for f in CATALOGUE) >= 3  # bugs only the bf16/q8 kernels can have
 
 
 def test_every_fault_applies_to_the_current_sources(tmp_path):
@@ -67,6 +68,8 @@ def test_declared_kernel_sets_follow_the_edited_files():
             assert fault.kernels == ("fast",), fault.name
         if "readable.hpp" in files:
             assert fault.kernels == ("readable",), fault.name
+        if "reduced.hpp" in files:
+            assert set(fault.kernels) <= set(REDUCED), fault.name
 
 
 @pytest.mark.parametrize("name,kernels", [(f.name, k) for f in CATALOGUE for k in f.kernels])

@@ -3,7 +3,8 @@
 Map: one check_<op>(eng, kernels, shape ...) per op runs the kernel on random inputs and the reference op
 (celerinfer_lab/reference.py) in float32 and float64, and fails with the op, the set and the shape named;
 the test_<op> functions parametrize the checks over shapes, 1 and 2 threads, and every name in
-eng.kernel_sets (read from the compiled build, so a set you register is tested too).
+eng.kernel_sets (read from the compiled build, so a set you register is tested too). A bf16/q8 set's
+linear gets the weight's stored form (quantize.py) and is judged against float64 on its exact decoding.
 To add an op: its reference in torch (any dtype), a check_<op> ending in assert_matches, a parametrized test.
 Tolerance (compare.py's rule): rel_l2(kernel vs f64) <= 10 * max(rel_l2(f32 ref vs f64), 2**-22), or
 max_abs <= max(1e-7, 10 * 2**-22 * scale). Outputs start as NaN and end in a sentinel tail, the KV cache
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from celerinfer_lab.compare import ABS_FLOOR, FACTOR, MASKED_BELOW, MIN_FLOOR
+from celerinfer_lab.faults import DERIVED, REDUCED
 from celerinfer_lab.native import load_native
+from celerinfer_lab.quantize import decode, encode
 from celerinfer_lab.reference import repeat_kv, rmsnorm
 
 GUARD = 16  # sentinel floats after every output buffer (as workspace.hpp's GuardedBuffer)
@@ -40,7 +43,13 @@ def engine():
 
 def pytest_generate_tests(metafunc):
     if "kernels" in metafunc.fixturenames:
-        metafunc.parametrize("kernels", engine().kernel_sets)
+        sets = engine().kernel_sets
+        if metafunc.function.__name__ != "test_linear":
+            # The bf16/q8 sets run their parent's rmsnorm, swiglu and attention (reduced.hpp derives
+            # from ReadableKernels / FastKernels): tested there once; their linear is tested here, and
+            # their whole forward by tests/test_reduced_kernels.py.
+            sets = [k for k in sets if k not in REDUCED]
+        metafunc.parametrize("kernels", sets)
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +175,21 @@ def check_linear(eng, kernels: str, rows: int, in_: int, out: int, seed: int = 0
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, in_), np.float32)
     W = (rng.standard_normal((out, in_), np.float32) / np.sqrt(in_)).astype(np.float32)
-    x0, W0 = x.copy(), W.copy()
     ks = make_kernels(eng, kernels)
-    call(what, ks.prepare_linear, W, out, in_)
+    fmt = eng.kernel_format(kernels)
+    if fmt == "f32":
+        stored = W
+        call(what, ks.prepare_linear, W, out, in_)
+    else:  # a bf16/q8 set reads the stored form; the reference runs on its exact decoding
+        stored = encode(W, fmt)
+        W = decode(stored, fmt, W.shape)
+        enum = {"bf16": eng.ns.WeightFormat.BF16, "q8": eng.ns.WeightFormat.Q8}[fmt]
+        call(what, ks.prepare_linear_stored, W, out, in_, enum, stored, int(stored.nbytes))
+    x0, W0, stored0 = x.copy(), W.copy(), stored.copy()
     y = out_buffer(rows * out)
     call(what, ks.linear, y, x, W, rows, in_, out)
     check_guard(what, y, rows * out)
-    check_unchanged(what, x=(x, x0), W=(W, W0))
+    check_unchanged(what, x=(x, x0), W=(W, W0), stored=(stored, stored0))
     r32, r64 = refs(F.linear, x, W)
     assert_matches(what, y[: rows * out].reshape(rows, out), r32, r64, rms(x, r64))
 
@@ -356,6 +373,7 @@ def check_attention(
 # rows: 1, below / at / between / above the fast GEMM's 6-row tile; in, out: below, at and between
 # multiples of 16 (the fast GEMM's panel width); 50 x 80 x 100 is large enough to be threaded.
 LINEAR_ROWS = (1, 5, 6, 7, 13, 50)
+# 72, 80, 17, 33: not multiples of 32, so q8 rows end in a zero-padded block.
 LINEAR_SIZES = ((64, 64), (72, 100), (80, 17), (17, 33), (16, 1))
 
 
@@ -437,6 +455,7 @@ FAULT_CASES = (
 @pytest.mark.parametrize("fault,broken,op,check", FAULT_CASES, ids=[c[0] for c in FAULT_CASES])
 def test_a_faulty_kernel_fails_its_check(fault, broken, op, check):
     faulty = load_native(fault=fault)
+    broken = tuple(broken) + tuple(k for b in broken for k in DERIVED.get(b, ()))  # bf16/q8 sets share the op
     for kernels in faulty.kernel_sets:
         if kernels in broken:
             with pytest.raises(AssertionError, match=rf"^{op}(\.\w+)? \[{kernels}\] "):

@@ -99,7 +99,7 @@ def test_reference_records_exactly_the_contract(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_kernel_set_records_exactly_the_contract(native, variant):
     model = small_model(batch_size=2, seq_len=5, **VARIANTS[variant])
-    assert native.kernel_sets == ["readable", "fast"]
+    assert native.kernel_sets == ["readable", "fast", "readable-bf16", "readable-q8", "bf16", "q8"]
     for kernels in native.kernel_sets:
         assert trace_mismatches(native_traces(native, model, kernels), model.config, 2, 5) == [], kernels
 

@@ -36,12 +36,13 @@ def test_the_report_is_for_the_kernel_set_it_times():
     )
     e.controls["kernels"].value = "all"
     e.run_button.click()
-    assert isinstance(e.report, Comparison) and list(e.reports) == ["readable", "fast"] and e.report.agrees
-    assert set(e.timings) == {"torch_ms", "cpp_readable_ms", "cpp_fast_ms"}
+    sets = ["readable", "fast", "readable-bf16", "readable-q8", "bf16", "q8"]  # bf16/q8: on the quantized model
+    assert isinstance(e.report, Comparison) and list(e.reports) == sets and e.report.agrees
+    assert set(e.timings) == {"torch_ms", *(f"cpp_{k}_ms" for k in sets)}
     assert "C++ readable" in e.status.value and "C++ fast" in e.status.value
     assert "readable kernels agree, fast kernels agree" in e.message
     assert "readable kernels</h4>" in e.result_html.value and "fast kernels</h4>" in e.result_html.value
-    assert len(e.figures) == 4  # depth and logits per set
+    assert len(e.figures) == 2 * len(sets)  # depth and logits per set
 
 
 def test_head_dim_and_untied_head():

@@ -13,11 +13,13 @@
 // counter is not counting. Exit status: 0 when every untraced count is 0 and every traced one > 0.
 //
 // Built by cpp/CMakeLists.txt (target alloc_count, not part of `all`); run by tests/test_alloc.py.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <new>
@@ -86,10 +88,36 @@ namespace ci = celerinfer;
 
 struct OwnedModel {
     std::map<std::string, std::vector<float>> tensors;  // owns what the ModelWeights views point at
+    std::map<std::string, std::vector<uint8_t>> stored;  // and the stored forms (bf16 / q8 models)
     std::unique_ptr<ci::ModelWeights> model;
 };
 
-static OwnedModel make_model(const ci::Config& c, unsigned seed) {
+// A reducible weight's stored form, and its float32 decoding written over v (the model's float32
+// view must be the decoding). bf16: the top half of each float; q8: one power-of-two scale per block.
+static std::vector<uint8_t> store(ci::WeightFormat f, std::vector<float>& v, int out, int in) {
+    std::vector<uint8_t> bytes(ci::stored_bytes(f, out, in), 0);
+    for (int o = 0; o < out; ++o)
+        for (int k = 0; k < in; ++k) {
+            float& w = v[size_t(o) * in + k];
+            if (f == ci::WeightFormat::BF16) {
+                uint32_t bits;
+                std::memcpy(&bits, &w, 4);
+                const uint16_t half = uint16_t(bits >> 16);
+                std::memcpy(&bytes[(size_t(o) * in + k) * 2], &half, 2);
+                bits = uint32_t(half) << 16;
+                std::memcpy(&w, &bits, 4);
+            } else {
+                uint8_t* block = &bytes[size_t(o) * ci::stored_bytes(f, 1, in) + size_t(k / 32) * 34];
+                block[0] = 0x00, block[1] = 0x1C;  // float16 2^-8
+                const int q = std::max(-127, std::min(127, int(std::lround(w * 256.0f))));
+                block[2 + k % 32] = uint8_t(int8_t(q));
+                w = float(q) / 256.0f;
+            }
+        }
+    return bytes;
+}
+
+static OwnedModel make_model(const ci::Config& c, unsigned seed, ci::WeightFormat format = ci::WeightFormat::F32) {
     OwnedModel out;
     out.model = std::make_unique<ci::ModelWeights>(c);
     std::mt19937 rng(seed);
@@ -104,7 +132,13 @@ static OwnedModel make_model(const ci::Config& c, unsigned seed) {
     };
     const int64_t hd = c.head_dim;
     ci::for_each_weight(c, [&](const ci::WeightRow& row, int layer, int index) {
-        add(ci::weight_name(row, layer, index), ci::row_shape(c, row), row.rank == 1);  // norm weights around 1
+        const std::string name = ci::weight_name(row, layer, index);
+        add(name, ci::row_shape(c, row), row.rank == 1);  // norm weights around 1
+        if (format != ci::WeightFormat::F32 && row.reducible && ci::has_feature(c, row.reduced_when)) {
+            const std::vector<int64_t> shape = ci::row_shape(c, row);
+            std::vector<uint8_t>& bytes = out.stored[name] = store(format, out.tensors[name], int(shape[0]), int(shape[1]));
+            out.model->bind_stored(name, format, bytes.data(), bytes.size());
+        }
     });
     // RoPE cache as MiniMind computes it (theta 1e6), frequency i at columns i and i + hd/2.
     std::vector<float>& cos = out.tensors["rope.cos"];
@@ -190,7 +224,7 @@ int main() {
         std::printf("threads %d\n", ci::num_threads());
         for (const std::string& set_name : ci::kernel_set_names()) {
             for (const Case& cs : cases) {
-                OwnedModel owned = make_model(cs.config, 1234);
+                OwnedModel owned = make_model(cs.config, 1234, ci::make_kernels(set_name, nullptr)->weight_format());
                 const ci::ModelWeights& m = *owned.model;
                 const std::unique_ptr<ci::KernelSet> set = ci::make_kernels(set_name, &m);
                 Inputs in = make_inputs(cs.config, B, T, max_len, 99);

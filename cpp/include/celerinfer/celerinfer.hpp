@@ -10,5 +10,6 @@
 #include "workspace.hpp"
 #include "readable.hpp"
 #include "fast.hpp"
+#include "reduced.hpp"
 #include "forward.hpp"
 #include "kernel_set.hpp"

@@ -338,6 +338,7 @@ inline void store_keys_transposed(float* kt_cache, int kt_stride, const float* k
 
 // The fast kernel set: packed, vectorized, threaded; attention fused.
 struct FastKernels {
+    static constexpr WeightFormat weight_format = WeightFormat::F32;  // see ReadableKernels
     PackedWeights weights;
 
     void prepare_linear(const float* W, int out, int in) { weights.add(W, out, in); }

@@ -8,12 +8,18 @@
 //     struct MyKernels : ReadableKernels { void linear(...) const { ... } };
 //     CELERINFER_REGISTER_KERNELS(MyKernels, "mine");
 //
+// A set for bf16 / q8 weights (reduced.hpp) also declares `static constexpr WeightFormat weight_format`
+// and a prepare_linear(W, out, in, const StoredMatrix*) that receives each weight's stored form
+// (nullptr for a weight every model keeps float32); it refuses a model without stored weights of
+// its format. Sets without that member read float32 (WeightFormat::F32) and run any model.
+//
 // and every tool can run it by name: load_native(...).prepare(model, "mine"), `--kernels mine`,
 // tests/test_kernels.py, the debugger's trace.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -22,6 +28,7 @@
 #include "forward.hpp"
 #include "model.hpp"
 #include "readable.hpp"
+#include "reduced.hpp"
 #include "trace.hpp"
 #include "workspace.hpp"
 
@@ -32,6 +39,10 @@ struct KernelSet {
     virtual ~KernelSet() = default;
     virtual void prepare(const ModelWeights& m) = 0;  // every linear weight of m, before its first forward
     virtual void prepare_linear(const float* W, int out, int in) = 0;
+    // One weight with its stored form (the op tests): bytes checked as bind_stored checks them.
+    virtual void prepare_linear_stored(const float* W, int out, int in, WeightFormat format, const void* data,
+                                       size_t bytes) = 0;
+    virtual WeightFormat weight_format() const = 0;  // what the set reads: F32, or a model's stored BF16/Q8
     virtual void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                          float* logits, TraceSink* trace) const = 0;
     virtual void linear(float* y, const float* x, const float* W, int rows, int in, int out) const = 0;
@@ -42,13 +53,38 @@ struct KernelSet {
                            Workspace& ws, const AttentionTaps& taps) const = 0;
 };
 
+// Does kernel set K take stored weights (a prepare_linear(W, out, in, const StoredMatrix*))?
+template <class K, class = void>
+struct takes_stored : std::false_type {};
+template <class K>
+struct takes_stored<K, std::void_t<decltype(std::declval<K&>().prepare_linear(
+                           static_cast<const float*>(nullptr), 0, 0, static_cast<const StoredMatrix*>(nullptr)))>>
+    : std::true_type {};
+
 template <class K>
 struct KernelSetOf final : KernelSet {
     K k;
     void prepare(const ModelWeights& m) override {
-        m.for_each_linear([&](const float* W, int out, int in) { k.prepare_linear(W, out, in); });
+        if constexpr (K::weight_format != WeightFormat::F32)
+            CI_CHECK(m.stored_format == K::weight_format, "a ", weight_format_name(K::weight_format),
+                     " kernel set needs a model whose weights are stored in ", weight_format_name(K::weight_format),
+                     "; this model's are ", weight_format_name(m.stored_format), " (convert it: model.as_format('",
+                     weight_format_name(K::weight_format), "'))");
+        m.for_each_linear([&](const float* W, int out, int in) { prepare_one(W, out, in, m.stored_of(W)); });
+    }
+    void prepare_one(const float* W, int out, int in, const StoredMatrix* s) {
+        if constexpr (takes_stored<K>::value) k.prepare_linear(W, out, in, s);
+        else k.prepare_linear(W, out, in);  // a float32 set reads the float32 decoding
     }
     void prepare_linear(const float* W, int out, int in) override { k.prepare_linear(W, out, in); }
+    void prepare_linear_stored(const float* W, int out, int in, WeightFormat format, const void* data,
+                               size_t bytes) override {
+        CI_CHECK(data != nullptr && bytes == stored_bytes(format, out, in), "stored ", weight_format_name(format), " [",
+                 out, ", ", in, "]: ", bytes, " bytes, expected ", stored_bytes(format, out, in));
+        const StoredMatrix s{format, out, in, data, bytes};
+        prepare_one(W, out, in, &s);
+    }
+    WeightFormat weight_format() const override { return K::weight_format; }
     void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                  float* logits, TraceSink* trace) const override {
         forward_tokens(m, k, ids, mask, S, start, ws, logits, trace);
@@ -98,6 +134,11 @@ inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Mo
     for (const auto& entry : kernel_registry())
         if (entry.first == name) {
             std::unique_ptr<KernelSet> set = entry.second();
+            const WeightFormat f = set->weight_format();
+            if (m && f != WeightFormat::F32 && m->stored_format != f)
+                fail("kernel set '", name, "' reads ", weight_format_name(f), " weights; this model stores ",
+                     weight_format_name(m->stored_format), " (convert it first: model.as_format('", weight_format_name(f),
+                     "'))");
             if (m) set->prepare(*m);
             return set;
         }
@@ -116,5 +157,14 @@ inline void run_forward(const KernelSet& K, const ModelWeights& m, const int64_t
 
 CELERINFER_REGISTER_KERNELS(ReadableKernels, "readable");
 CELERINFER_REGISTER_KERNELS(FastKernels, "fast");
+CELERINFER_REGISTER_KERNELS(ReadableBf16Kernels, "readable-bf16");
+CELERINFER_REGISTER_KERNELS(ReadableQ8Kernels, "readable-q8");
+CELERINFER_REGISTER_KERNELS(Bf16Kernels, "bf16");
+CELERINFER_REGISTER_KERNELS(Q8Kernels, "q8");
+
+// The weight format kernel set `name` reads ("f32", "bf16", "q8").
+inline std::string kernel_set_format(const std::string& name) {
+    return weight_format_name(make_kernels(name, nullptr)->weight_format());
+}
 
 }  // namespace CELERINFER_NS

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <iterator>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "check.hpp"
@@ -67,6 +68,41 @@ struct LayerWeights {
     std::vector<FFNWeights> experts, shared_experts;
 };
 
+// How a model stores its reducible weights (weight_table.hpp's `reducible` rows; celerinfer_lab/quantize.py):
+// F32 as today; BF16 the top 16 bits of each float32 (uint16 [out, in]); Q8 llama.cpp's Q8_0 (per row,
+// ceil(in/32) blocks of {float16 scale d, 32 int8 q}, weight = q * d, the last block zero-padded).
+enum class WeightFormat { F32 = 0, BF16 = 1, Q8 = 2 };
+constexpr int kQ8Block = 32, kQ8BlockBytes = 2 + kQ8Block;
+
+inline const char* weight_format_name(WeightFormat f) {
+    switch (f) {
+        case WeightFormat::F32: return "f32";
+        case WeightFormat::BF16: return "bf16";
+        case WeightFormat::Q8: return "q8";
+    }
+    return "?";
+}
+
+// Bytes of a matrix [out, in] in a stored format.
+inline size_t stored_bytes(WeightFormat f, int out, int in) {
+    switch (f) {
+        case WeightFormat::F32: return size_t(out) * in * 4;
+        case WeightFormat::BF16: return size_t(out) * in * 2;
+        case WeightFormat::Q8: return size_t(out) * ((in + kQ8Block - 1) / kQ8Block) * kQ8BlockBytes;
+    }
+    return 0;
+}
+
+// A reduced weight as the model stores it (not owned: the caller keeps data alive, as for bind).
+struct StoredMatrix {
+    WeightFormat format = WeightFormat::F32;
+    int out = 0, in = 0;
+    const void* data = nullptr;  // BF16: uint16 [out, in]; Q8: uint8 [out, ceil(in/32) * 34]
+    size_t bytes = 0;
+    const uint16_t* bf16() const { return static_cast<const uint16_t*>(data); }
+    const uint8_t* q8() const { return static_cast<const uint8_t*>(data); }
+};
+
 struct WeightRow;  // a row of the weight table (weight_table.hpp, generated from celerinfer_lab/schema.py)
 
 struct ModelWeights {
@@ -91,8 +127,21 @@ struct ModelWeights {
     // shape must be the one the config implies; unknown names and wrong shapes throw.
     void bind(const std::string& name, const float* data, const std::vector<int64_t>& shape);
 
-    // Throw naming the first tensor (in file order) that was never bound.
+    // The stored form of a reducible weight (bind its float32 decoding first: every kernel set can
+    // read that). All stored weights of a model share one format; bytes must be the shape's.
+    void bind_stored(const std::string& name, WeightFormat format, const void* data, size_t bytes);
+
+    // Throw naming the first tensor (in file order) that was never bound, or, in a model with
+    // stored weights, the first reducible weight without its stored form.
     void check_complete() const;
+
+    // The stored form of the weight whose float32 decoding is W (nullptr: W is float32 only).
+    const StoredMatrix* stored_of(const float* W) const {
+        auto it = stored.find(W);
+        return it == stored.end() ? nullptr : &it->second;
+    }
+    WeightFormat stored_format = WeightFormat::F32;  // F32: no weight has a stored form
+    std::unordered_map<const float*, StoredMatrix> stored;  // side table: float32 decoding -> stored form
 
     const float* head() const { return config.tied ? embed : lm_head; }
 
@@ -237,9 +286,39 @@ inline void ModelWeights::bind(const std::string& name, const float* data, const
     bind_slot(name, slot_of(*this, row, w.layer, w.index), data, shape, row_shape(c, row));
 }
 
+inline void ModelWeights::bind_stored(const std::string& name, WeightFormat format, const void* data, size_t bytes) {
+    CI_CHECK(data != nullptr, "stored form of '", name, "': null data");
+    CI_CHECK(format == WeightFormat::BF16 || format == WeightFormat::Q8, "stored form of '", name, "': format ",
+             weight_format_name(format), " is not a reduced format (bf16 or q8)");
+    const Found w = find_weight(name);
+    const WeightRow& row = *w.row;
+    CI_CHECK(has_feature(config, row.feature), "unknown tensor '", name, "' (a weight only when ",
+             feature_rule(row.feature), ")");
+    CI_CHECK(row.reducible, "tensor '", name, "' is float32 in every model (norms and the router are never reduced)");
+    CI_CHECK(has_feature(config, row.reduced_when), "tensor '", name, "' is stored reduced only when ",
+             feature_rule(row.reduced_when));
+    CI_CHECK(stored.empty() || stored_format == format, "stored form of '", name, "' is ", weight_format_name(format),
+             ", the model's other stored weights are ", weight_format_name(stored_format));
+    if (w.index >= 0)
+        CI_CHECK(w.index < scope_copies(config, row.scope), "tensor '", name, "': ", kScopes[int(row.scope)].label, " ",
+                 w.index, " out of range");
+    const float* W = slot_of(*this, row, w.layer, w.index);
+    CI_CHECK(W != nullptr, "stored form of '", name, "': bind its float32 decoding first");
+    const int out = int(dim_size(config, row.shape[0])), in = int(dim_size(config, row.shape[1]));
+    const size_t expected = stored_bytes(format, out, in);
+    CI_CHECK(bytes == expected, "stored form of '", name, "': ", bytes, " bytes, a ", weight_format_name(format), " [",
+             out, ", ", in, "] matrix has ", expected);
+    stored_format = format;
+    stored[W] = StoredMatrix{format, out, in, data, bytes};
+}
+
 inline void ModelWeights::check_complete() const {
     for_each_weight(config, [&](const WeightRow& row, int layer, int index) {
-        CI_CHECK(slot_of(*this, row, layer, index) != nullptr, "missing tensor '", weight_name(row, layer, index), "'");
+        const float* W = slot_of(*this, row, layer, index);
+        CI_CHECK(W != nullptr, "missing tensor '", weight_name(row, layer, index), "'");
+        if (!stored.empty() && row.reducible && has_feature(config, row.reduced_when))
+            CI_CHECK(stored.count(W), "missing the ", weight_format_name(stored_format), " stored form of tensor '",
+                     weight_name(row, layer, index), "'");
     });
     CI_CHECK(rope_cos != nullptr, "missing tensor 'rope.cos'");
     CI_CHECK(rope_sin != nullptr, "missing tensor 'rope.sin'");

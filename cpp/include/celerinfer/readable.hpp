@@ -15,6 +15,10 @@
 namespace CELERINFER_NS {
 
 struct ReadableKernels {
+    // The weights it reads: F32, the float32 (decoding of) every weight. A set for stored weights
+    // (reduced.hpp) says BF16 or Q8 and takes each one's stored form in prepare_linear(W, out, in, stored).
+    static constexpr WeightFormat weight_format = WeightFormat::F32;
+
     // Called once per nn.Linear weight before any forward (a set may pack it); nothing to do here.
     void prepare_linear(const float* /*W*/, int /*out*/, int /*in*/) {}
 

@@ -1,0 +1,427 @@
+// Kernel sets for reduced-precision weights (model.hpp's WeightFormat): bf16 and q8 (llama.cpp's Q8_0).
+//
+// One rule for all four sets: activations and accumulation stay float32, and each weight is widened
+// to float32 on the fly (bf16: a 16-bit shift; q8: int8 -> float times its block's scale, a product
+// exact in float32). So every op computes exactly the product of the decoded weights, and the
+// float64 reference on those decoded weights (the precision-matched oracle) judges it within the
+// usual float32 floors. (AVX512-BF16 vdpbf16ps and VNNI vpdpbusd would round the activations to
+// bf16 / int8 first: a different op, which the oracle does not model, so they are not used.)
+//
+// * ReadableBf16Kernels, ReadableQ8Kernels ("readable-bf16", "readable-q8"): per output, decode the
+//   weight row into floats with plain loops, then ops.hpp's dot: the debugger's baseline.
+// * Bf16Kernels, Q8Kernels ("bf16", "q8"): weights repacked at prepare into fast.hpp-style panels
+//   [panel][k][16] of uint16 / int8 (q8 with scales [panel][block][16]); the micro-kernel is
+//   fast::gemm_tile's with the widening in the k loop; few rows (decode) take a GEMV that streams
+//   the packed weights with both threads. rmsnorm, swiglu and attention are FastKernels'.
+// A weight without a stored form (the MoE router) runs as in the float32 set the struct derives from.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#include "check.hpp"
+#include "fast.hpp"
+#include "model.hpp"
+#include "ops.hpp"
+#include "readable.hpp"
+
+namespace CELERINFER_NS {
+
+// ---- decoding one weight (the readable sets, and packing) ---------------------------------------
+inline float bf16_to_float(uint16_t b) {
+    const uint32_t bits = uint32_t(b) << 16;  // bf16 is the top half of a float32
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline float fp16_to_float(uint16_t h) {  // IEEE half: 1 sign, 5 exponent, 10 mantissa bits
+    const int exponent = (h >> 10) & 31, mantissa = h & 1023;
+    float v;
+    if (exponent == 0) v = std::ldexp(float(mantissa), -24);                    // zero, subnormal
+    else if (exponent == 31) v = mantissa ? NAN : INFINITY;                       // inf, NaN
+    else v = std::ldexp(float(mantissa | 1024), exponent - 25);                 // normal
+    return (h & 0x8000) ? -v : v;
+}
+
+// The scale of block b of a Q8_0 row (little-endian float16 at the block's start).
+inline float q8_scale(const uint8_t* row, int b) {
+    const uint8_t* block = row + size_t(b) * kQ8BlockBytes;
+    return fp16_to_float(uint16_t(block[0] | (block[1] << 8)));
+}
+inline int8_t q8_value(const uint8_t* row, int k) {
+    return int8_t(row[size_t(k / kQ8Block) * kQ8BlockBytes + 2 + k % kQ8Block]);
+}
+
+// Row o of a stored matrix, decoded into in floats.
+inline void decode_row(float* w, const StoredMatrix& s, int o) {
+    if (s.format == WeightFormat::BF16) {
+        const uint16_t* row = s.bf16() + size_t(o) * s.in;
+        for (int k = 0; k < s.in; ++k) w[k] = bf16_to_float(row[k]);
+    } else {
+        const uint8_t* row = s.q8() + size_t(o) * stored_bytes(WeightFormat::Q8, 1, s.in);
+        for (int k = 0; k < s.in; ++k) w[k] = float(q8_value(row, k)) * q8_scale(row, k / kQ8Block);
+    }
+}
+
+// ---- what this CPU has (read at run time) --------------------------------------------------------
+// cpuid is read directly: __builtin_cpu_supports needs libgcc's __cpu_model, which cling (cppyy)
+// cannot resolve (measured: "symbol '__cpu_model' unresolved").
+struct CpuFeatures {
+    bool avx2 = false, avx512f = false, avx512bw = false, avx512_bf16 = false, avx512_vnni = false;
+};
+inline const CpuFeatures& cpu_features() {
+    static const CpuFeatures f = [] {
+        CpuFeatures c;
+#if defined(__x86_64__) || defined(__i386__)
+        unsigned a, b, cx, d;
+        if (__get_cpuid_count(7, 0, &a, &b, &cx, &d)) {
+            c.avx2 = b & (1u << 5);
+            c.avx512f = b & (1u << 16);
+            c.avx512bw = b & (1u << 30);
+            c.avx512_vnni = cx & (1u << 11);
+        }
+        if (__get_cpuid_count(7, 1, &a, &b, &cx, &d)) c.avx512_bf16 = a & (1u << 5);
+#endif
+        return c;
+    }();
+    return f;
+}
+
+// Which widening code runs: the AVX-512 intrinsics when this build has them and the CPU reports
+// them, else the portable vector extensions (the width -march=native gives).
+inline bool use_avx512_widen() {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return cpu_features().avx512f && cpu_features().avx512bw;
+#else
+    return false;
+#endif
+}
+
+inline std::string cpu_report() {
+    const CpuFeatures& c = cpu_features();
+    std::string s = std::string("avx2=") + (c.avx2 ? "yes" : "no") + " avx512f=" + (c.avx512f ? "yes" : "no") +
+                    " avx512bw=" + (c.avx512bw ? "yes" : "no") + " avx512_bf16=" + (c.avx512_bf16 ? "yes" : "no") +
+                    " (not used: it rounds activations)" + " avx512_vnni=" + (c.avx512_vnni ? "yes" : "no") +
+                    " (not used: it rounds activations)";
+    return s + "; widening: " + (use_avx512_widen() ? "avx512 intrinsics" : "portable vector extensions");
+}
+
+// ---- the readable reduced sets --------------------------------------------------------------------
+// Per output row: decode the weights into floats, then ops.hpp's dot (the float32 set's sum order).
+struct ReadableReducedKernels : ReadableKernels {
+    std::unordered_map<const float*, StoredMatrix> stored;  // by the float32 decoding's address
+    mutable std::vector<float> row;                           // one decoded row
+
+    void prepare_linear(const float* W, int out, int in) { ReadableKernels::prepare_linear(W, out, in); }
+    void prepare_stored(const float* W, int out, int in, const StoredMatrix* s, WeightFormat format) {
+        if (!s) return;  // float32 in every model (the router): ReadableKernels::linear
+        CI_CHECK(s->format == format && s->out == out && s->in == in, "kernel set for ", weight_format_name(format),
+                 " weights was handed a ", weight_format_name(s->format), " [", s->out, ", ", s->in, "] matrix for [",
+                 out, ", ", in, "]");
+        stored[W] = *s;
+        if (int(row.size()) < in) row.resize(in);
+    }
+    void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
+        const auto it = stored.find(W);
+        if (it == stored.end()) return ReadableKernels::linear(y, x, W, rows, in, out);
+        for (int o = 0; o < out; ++o) {
+            decode_row(row.data(), it->second, o);
+            for (int r = 0; r < rows; ++r) y[size_t(r) * out + o] = dot(x + size_t(r) * in, row.data(), in);
+        }
+    }
+};
+
+struct ReadableBf16Kernels : ReadableReducedKernels {
+    using ReadableReducedKernels::prepare_linear;
+    static constexpr WeightFormat weight_format = WeightFormat::BF16;
+    void prepare_linear(const float* W, int out, int in, const StoredMatrix* s) { prepare_stored(W, out, in, s, weight_format); }
+};
+
+struct ReadableQ8Kernels : ReadableReducedKernels {
+    using ReadableReducedKernels::prepare_linear;
+    static constexpr WeightFormat weight_format = WeightFormat::Q8;
+    void prepare_linear(const float* W, int out, int in, const StoredMatrix* s) { prepare_stored(W, out, in, s, weight_format); }
+};
+
+// ---- the fast reduced sets ----------------------------------------------------------------------
+namespace fast {
+
+// A stored matrix repacked as packing.hpp's PackedMatrix: [panel][k][16], outputs past `out` zero.
+// q8: k runs over whole blocks (in padded to a multiple of 32), scales [panel][block][16].
+struct PackedReduced {
+    WeightFormat format = WeightFormat::F32;
+    int out = 0, in = 0, panels = 0, blocks = 0, kpad = 0;
+    std::vector<uint16_t> bf16;  // [panel][in][16]
+    std::vector<int8_t> q8;      // [panel][kpad][16]
+    std::vector<float> scales;   // [panel][blocks][16]
+};
+
+inline PackedReduced pack_reduced(const StoredMatrix& s) {
+    PackedReduced P;
+    P.format = s.format;
+    P.out = s.out;
+    P.in = s.in;
+    P.panels = (s.out + 15) / 16;
+    if (s.format == WeightFormat::BF16) {
+        P.bf16.assign(size_t(P.panels) * s.in * 16, 0);
+        for (int o = 0; o < s.out; ++o)
+            for (int k = 0; k < s.in; ++k) P.bf16[(size_t(o / 16) * s.in + k) * 16 + o % 16] = s.bf16()[size_t(o) * s.in + k];
+        return P;
+    }
+    P.blocks = (s.in + kQ8Block - 1) / kQ8Block;
+    P.kpad = P.blocks * kQ8Block;
+    P.q8.assign(size_t(P.panels) * P.kpad * 16, 0);
+    P.scales.assign(size_t(P.panels) * P.blocks * 16, 0.0f);
+    const size_t row_bytes = stored_bytes(WeightFormat::Q8, 1, s.in);
+    for (int o = 0; o < s.out; ++o) {
+        const uint8_t* row = s.q8() + size_t(o) * row_bytes;
+        const size_t p = o / 16, lane = o % 16;
+        for (int b = 0; b < P.blocks; ++b) P.scales[(p * P.blocks + b) * 16 + lane] = q8_scale(row, b);
+        for (int k = 0; k < s.in; ++k) P.q8[(p * P.kpad + k) * 16 + lane] = q8_value(row, k);
+    }
+    return P;
+}
+
+typedef uint16_t vu16x16 __attribute__((vector_size(32)));
+typedef int8_t vi8x16 __attribute__((vector_size(16)));
+
+// 16 packed weights -> 16 floats, two ways; Widen::bf16(p) and Widen::q8(p) (q8 before its scale).
+struct WidenPortable {
+    static CI_VINLINE vf16 bf16(const uint16_t* p) {
+        vu16x16 h;
+        std::memcpy(&h, p, sizeof h);
+        return (vf16)(__builtin_convertvector(h, vi16) << 16);  // zero-extend, then the top half
+    }
+    static CI_VINLINE vf16 q8(const int8_t* p) {
+        vi8x16 q;
+        std::memcpy(&q, p, sizeof q);
+        return __builtin_convertvector(q, vf16);  // sign-extend, then convert
+    }
+};
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct WidenAvx512 {
+    static CI_VINLINE vf16 bf16(const uint16_t* p) {
+        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return (vf16)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    }
+    static CI_VINLINE vf16 q8(const int8_t* p) {
+        return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    }
+};
+#endif
+
+// The 16 weights of panel p at k, widened to float32 (q8: the int8 values, before the scale).
+template <class Widen, WeightFormat F>
+CI_VINLINE vf16 widened(const PackedReduced& W, int p, int k) {
+    if constexpr (F == WeightFormat::BF16) return Widen::bf16(W.bf16.data() + (size_t(p) * W.in + k) * 16);
+    else return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16);
+}
+// The scales of panel p's block b (q8; bf16 has none).
+CI_VINLINE vf16 scale_at(const PackedReduced& W, int p, int b) {
+    return vload(W.scales.data() + (size_t(p) * W.blocks + b) * 16);
+}
+
+template <int R, int NP>
+CI_VINLINE void store_tile(float* y, const vf16 (&acc)[R][NP], int out, int panel, int ldy) {
+    for (int p = 0; p < NP; ++p) {
+        const int o = (panel + p) * 16, valid = std::min(16, out - o);
+        for (int r = 0; r < R; ++r) {
+            if (valid == 16) {
+                vstore(y + size_t(r) * ldy + o, acc[r][p]);
+            } else {
+                float tmp[16];
+                vstore(tmp, acc[r][p]);
+                std::memcpy(y + size_t(r) * ldy + o, tmp, sizeof(float) * valid);
+            }
+        }
+    }
+}
+
+// gemm_tile (fast.hpp) with the widening in the k loop: R rows x NP panels, block by block; q8
+// multiplies each widened weight by its scale (the decoded weight, exact in float32), so the sums
+// are the float32 set's sums over the decoded weights. (Widening 64 k of a panel triple once into
+// float panels and reusing them for every 6-row tile was 15-25% slower still: measured, dropped.)
+template <class Widen, WeightFormat F, int R, int NP>
+inline void reduced_tile(float* y, const float* x, const PackedReduced& W, int panel, int ldy) {
+    const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;  // bf16: all of k in one block
+    vf16 acc[R][NP];
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
+    for (int k0 = 0; k0 < in; k0 += step) {
+        vf16 s[NP];
+        if constexpr (F == WeightFormat::Q8)
+            for (int p = 0; p < NP; ++p) s[p] = scale_at(W, panel + p, k0 / kQ8Block);
+        const int k1 = std::min(in, k0 + step);
+        for (int k = k0; k < k1; ++k) {
+            vf16 w[NP];
+            for (int p = 0; p < NP; ++p) {
+                w[p] = widened<Widen, F>(W, panel + p, k);
+                if constexpr (F == WeightFormat::Q8) w[p] *= s[p];
+            }
+            for (int r = 0; r < R; ++r) {
+                const float xs = x[size_t(r) * in + k];
+                for (int p = 0; p < NP; ++p) acc[r][p] += w[p] * xs;
+            }
+        }
+    }
+    store_tile<R, NP>(y, acc, W.out, panel, ldy);
+}
+
+template <class Widen, WeightFormat F, int NP>
+inline void reduced_rows(float* y, const float* x, const PackedReduced& W, int rows, int panel) {
+    constexpr int R = 6;
+    int r = 0;
+    for (; r + R <= rows; r += R)
+        reduced_tile<Widen, F, R, NP>(y + size_t(r) * W.out, x + size_t(r) * W.in, W, panel, W.out);
+    float* yr = y + size_t(r) * W.out;
+    const float* xr = x + size_t(r) * W.in;
+    switch (rows - r) {
+        case 5: reduced_tile<Widen, F, 5, NP>(yr, xr, W, panel, W.out); break;
+        case 4: reduced_tile<Widen, F, 4, NP>(yr, xr, W, panel, W.out); break;
+        case 3: reduced_tile<Widen, F, 3, NP>(yr, xr, W, panel, W.out); break;
+        case 2: reduced_tile<Widen, F, 2, NP>(yr, xr, W, panel, W.out); break;
+        case 1: reduced_tile<Widen, F, 1, NP>(yr, xr, W, panel, W.out); break;
+        default: break;
+    }
+}
+
+// The GEMM: fast::linear's split (panel triples, and row chunks when triples are few).
+template <class Widen, WeightFormat F>
+inline void reduced_gemm(float* y, const float* x, const PackedReduced& W, int rows) {
+    const int triples = (W.panels + 2) / 3;
+    const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
+    const bool parallel = double(rows) * W.in * W.out > 2.0e5;
+    ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {
+        for (int task = begin; task < end; ++task) {
+            const int t = task / row_chunks, chunk = task % row_chunks;
+            const int r0 = int(int64_t(rows) * chunk / row_chunks) / 6 * 6;
+            const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;
+            if (r1 <= r0) continue;
+            float* yc = y + size_t(r0) * W.out;
+            const float* xc = x + size_t(r0) * W.in;
+            const int panel = 3 * t, left = W.panels - panel;
+            if (left >= 3) reduced_rows<Widen, F, 3>(yc, xc, W, r1 - r0, panel);
+            else if (left == 2) reduced_rows<Widen, F, 2>(yc, xc, W, r1 - r0, panel);
+            else reduced_rows<Widen, F, 1>(yc, xc, W, r1 - r0, panel);
+        }
+    }, parallel);
+}
+
+// The GEMV (decode: R <= 4 rows), one panel at a time, so both threads get equal shares of even a
+// k_proj's few panels. Four accumulator chains per row (k, k+1, k+2, k+3): with two, the FMAs'
+// latency bound it (measured: 1.5x slower at 2 rows on cached weights). q8 sums each block's
+// int8 products, then adds them times the block's scales (one multiply per block, not per weight).
+template <class Widen, WeightFormat F, int R>
+inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W, int p) {
+    const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;
+    vf16 acc[R][1];
+    for (int r = 0; r < R; ++r) acc[r][0] = vf16{};
+    for (int k0 = 0, b = 0; k0 < in; k0 += step, ++b) {
+        vf16 a0[R], a1[R], a2[R], a3[R];
+        for (int r = 0; r < R; ++r) a0[r] = a1[r] = a2[r] = a3[r] = vf16{};
+        const int k1 = std::min(in, k0 + step);
+        int k = k0;
+        for (; k + 4 <= k1; k += 4) {
+            const vf16 w0 = widened<Widen, F>(W, p, k), w1 = widened<Widen, F>(W, p, k + 1);
+            const vf16 w2 = widened<Widen, F>(W, p, k + 2), w3 = widened<Widen, F>(W, p, k + 3);
+            for (int r = 0; r < R; ++r) {
+                const float* xr = x + size_t(r) * in + k;
+                a0[r] += w0 * xr[0];
+                a1[r] += w1 * xr[1];
+                a2[r] += w2 * xr[2];
+                a3[r] += w3 * xr[3];
+            }
+        }
+        for (; k < k1; ++k) {
+            const vf16 w0 = widened<Widen, F>(W, p, k);
+            for (int r = 0; r < R; ++r) a0[r] += w0 * x[size_t(r) * in + k];
+        }
+        if constexpr (F == WeightFormat::Q8) {
+            const vf16 s = scale_at(W, p, b);
+            for (int r = 0; r < R; ++r) acc[r][0] += ((a0[r] + a1[r]) + (a2[r] + a3[r])) * s;
+        } else {
+            for (int r = 0; r < R; ++r) acc[r][0] += (a0[r] + a1[r]) + (a2[r] + a3[r]);
+        }
+    }
+    store_tile<R, 1>(y, acc, W.out, p, W.out);
+}
+
+template <class Widen, WeightFormat F>
+inline void reduced_gemv(float* y, const float* x, const PackedReduced& W, int rows) {
+    // Streaming the weights: two cores are faster than one from about 64 KB of them on.
+    const bool parallel = double(W.panels) * W.in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
+    ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
+        for (int p = begin; p < end; ++p) switch (rows) {
+                case 1: reduced_gemv_panel<Widen, F, 1>(y, x, W, p); break;
+                case 2: reduced_gemv_panel<Widen, F, 2>(y, x, W, p); break;
+                case 3: reduced_gemv_panel<Widen, F, 3>(y, x, W, p); break;
+                default: reduced_gemv_panel<Widen, F, 4>(y, x, W, p); break;
+            }
+    }, parallel);
+}
+
+template <class Widen>
+inline void reduced_linear_with(float* y, const float* x, const PackedReduced& W, int rows) {
+    if (W.format == WeightFormat::BF16) {
+        if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(y, x, W, rows);
+        else reduced_gemm<Widen, WeightFormat::BF16>(y, x, W, rows);
+    } else {
+        if (rows <= 4) reduced_gemv<Widen, WeightFormat::Q8>(y, x, W, rows);
+        else reduced_gemm<Widen, WeightFormat::Q8>(y, x, W, rows);
+    }
+}
+
+// y[rows, out] = x[rows, in] . W^T for a packed bf16 / q8 matrix, on the CPU's best widening.
+inline void reduced_linear(float* y, const float* x, const PackedReduced& W, int rows) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (use_avx512_widen()) return reduced_linear_with<WidenAvx512>(y, x, W, rows);
+#endif
+    reduced_linear_with<WidenPortable>(y, x, W, rows);
+}
+
+}  // namespace fast
+
+// FastKernels with the linears of stored weights on packed bf16 / q8 panels.
+struct FastReducedKernels : FastKernels {
+    std::unordered_map<const float*, fast::PackedReduced> reduced;  // by the float32 decoding's address
+
+    void prepare_linear(const float* W, int out, int in) { FastKernels::prepare_linear(W, out, in); }
+    void prepare_stored(const float* W, int out, int in, const StoredMatrix* s, WeightFormat format) {
+        if (!s) return FastKernels::prepare_linear(W, out, in);  // float32 in every model (the router)
+        CI_CHECK(s->format == format && s->out == out && s->in == in, "kernel set for ", weight_format_name(format),
+                 " weights was handed a ", weight_format_name(s->format), " [", s->out, ", ", s->in, "] matrix for [",
+                 out, ", ", in, "]");
+        if (!reduced.count(W)) reduced[W] = fast::pack_reduced(*s);
+    }
+    void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
+        const auto it = reduced.find(W);
+        if (it == reduced.end()) return FastKernels::linear(y, x, W, rows, in, out);
+        CI_CHECK(it->second.in == in && it->second.out == out, "reduced kernels: packed shape mismatch");
+        fast::reduced_linear(y, x, it->second, rows);
+    }
+};
+
+struct Bf16Kernels : FastReducedKernels {
+    using FastReducedKernels::prepare_linear;
+    static constexpr WeightFormat weight_format = WeightFormat::BF16;
+    void prepare_linear(const float* W, int out, int in, const StoredMatrix* s) { prepare_stored(W, out, in, s, weight_format); }
+};
+
+struct Q8Kernels : FastReducedKernels {
+    using FastReducedKernels::prepare_linear;
+    static constexpr WeightFormat weight_format = WeightFormat::Q8;
+    void prepare_linear(const float* W, int out, int in, const StoredMatrix* s) { prepare_stored(W, out, in, s, weight_format); }
+};
+
+}  // namespace CELERINFER_NS

@@ -1,0 +1,172 @@
+"""The bf16 and q8 kernel sets (cpp/include/celerinfer/reduced.hpp) against the precision-matched oracle.
+
+Map: the op (linear on stored weights, every row count the GEMV and GEMM paths take, sizes that are
+not multiples of 32 or 16) against float64 on the exact decoding; the whole forward through
+compare() over dense / qk_norm / MoE with shared experts / tied and untied heads, and decode steps,
+with no divergence at any trace point; the companion showing why the oracle must see the same
+weights (the float32 oracle flags the quantization itself); binding and preparing errors, each named;
+the Python conversions (a float32 model quantized in memory, a q8 model run by fast). The planted
+bugs (faults.py's q8_neighbour_block_scale, q8_int8_read_as_uint8, reduced_gemv_odd_activation)
+are localized by tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import small_model
+from test_kernels import check_linear, threads
+
+from celerinfer_lab.compare import compare, compare_decode
+from celerinfer_lab.errors import NativeError
+from celerinfer_lab.quantize import encode
+from celerinfer_lab.report import build_report
+from celerinfer_lab.runs import kernel_runs, reference_runs
+
+REDUCED = ("readable-bf16", "readable-q8", "bf16", "q8")
+FORMAT = {"readable-bf16": "bf16", "readable-q8": "q8", "bf16": "bf16", "q8": "q8"}
+
+
+# ---- the op: linear on stored weights ----------------------------------------------------------
+# rows 1 ... 4: the GEMV (decode); 5 and up: the GEMM's 6-row tiles and their tails. in: below, at and
+# past one q8 block (33, 40, 100: a zero-padded last block), odd (the GEMV's odd-k tail); out: panel tails.
+@pytest.mark.parametrize("n_threads", (1, 2))
+@pytest.mark.parametrize("in_,out", ((40, 23), (33, 17), (100, 50), (64, 48)), ids=str)
+@pytest.mark.parametrize("rows", (1, 2, 3, 4, 5, 7, 13))
+@pytest.mark.parametrize("kernels", REDUCED)
+def test_linear_on_stored_weights(native, kernels, rows, in_, out, n_threads):
+    with threads(native, n_threads):
+        check_linear(native, kernels, rows, in_, out, seed=rows)
+
+
+def test_a_weight_without_stored_form_runs_in_float32(native):
+    """The router has no stored form in any model: a reduced set runs it from the float32 array."""
+    import cppyy
+
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((3, 40), np.float32), rng.standard_normal((17, 40), np.float32)
+    for kernels in REDUCED:
+        ks = native.ns.make_kernels(kernels, cppyy.nullptr)
+        ks.prepare_linear(W, 17, 40)
+        y = np.full((3, 17), np.nan, np.float32)
+        ks.linear(y, x, W, 3, 40, 17)
+        np.testing.assert_allclose(y, x.astype(np.float64) @ W.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_sets_declare_their_formats(native):
+    assert {k: native.kernel_format(k) for k in native.kernel_sets} == {
+        "readable": "f32",
+        "fast": "f32",
+        **FORMAT,
+    }
+    assert "avx512f=" in native.cpu and "widening:" in native.cpu
+
+
+# ---- the whole forward: no divergence at any trace point -----------------------------------------
+# hidden 40: rows of 40 weights end in a padded q8 block; 4 heads on 2 kv heads.
+SHAPE = dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72)
+CASES = {
+    "dense-tied": {},
+    "qk_norm-untied": dict(qk_norm=True, tie_word_embeddings=False),
+    "moe-shared": dict(
+        use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=24
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_set_agrees_with_the_precision_matched_oracle(native, case):
+    model = small_model(batch_size=2, seq_len=6, padding="left", **SHAPE, **CASES[case])
+    comparison = compare(model, native, kernels="all")
+    for kernels in REDUCED:
+        report = comparison[kernels]
+        assert report.agrees, f"{kernels} on {case}:\n{report.to_text()}"
+        fmt = FORMAT[kernels]
+        assert report.meta["model"].weight_format == fmt
+        assert f"oracle: float64 on the decoded {fmt} weights" in report.summary()
+
+
+@pytest.mark.parametrize("kernels", REDUCED)
+def test_decode_steps_agree(native, kernels):
+    model = small_model(batch_size=2, seq_len=5, **SHAPE, tie_word_embeddings=False)
+    for report in compare_decode(model, native, steps=1, kernels=kernels):
+        assert report.agrees, report.to_text()
+
+
+def test_the_float32_oracle_would_flag_the_quantization(native):
+    """The companion: judged against float64 on the float32 weights, correct q8 kernels 'diverge' at
+    the first linear. That is why compare() gives the oracle the kernels' own weights."""
+    model = small_model(**SHAPE)
+    runs = reference_runs(model)  # the oracle on the float32 weights
+    runs.update(kernel_runs(model.as_format("q8"), native, "q8", runs["oracle"]))
+    report = build_report(runs, model.config, model.attention_mask, "C++ (q8)")
+    assert not report.agrees and report.first_divergent is not None
+    assert report.first_divergent.name == "model.embed_tokens"  # the tied embedding is stored in q8 too
+
+
+# ---- binding and preparing: named errors ---------------------------------------------------------
+def _weights(native, model):
+    """A ModelWeights for the q8 form of model, every float32 array bound (kept alive on it)."""
+    from celerinfer_lab.native import _native_config
+
+    q8 = model.as_format("q8")
+    cpp = native.ns.ModelWeights(_native_config(native.ns, q8.config))
+    kept = {name: np.ascontiguousarray(a, np.float32) for name, a in q8.weights.items()}
+    kept["rope.cos"], kept["rope.sin"] = (np.ascontiguousarray(a, np.float32) for a in (q8.rope_cos, q8.rope_sin))
+    for name, array in kept.items():
+        cpp.bind(name, array, list(array.shape))
+    cpp._kept = kept
+    return cpp, q8
+
+
+def test_bind_stored_errors_name_the_problem(native):
+    model = small_model(**SHAPE)
+    cpp, q8 = _weights(native, model)
+    Q8, BF16 = native.ns.WeightFormat.Q8, native.ns.WeightFormat.BF16
+    wq = "model.layers.0.self_attn.q_proj.weight"
+    data = q8.stored[wq]
+    with pytest.raises(Exception, match="bytes, a q8 \\[40, 40\\] matrix has 2720"):
+        cpp.bind_stored(wq, Q8, data, int(data.nbytes) - 1)
+    with pytest.raises(Exception, match="float32 in every model"):
+        cpp.bind_stored("model.layers.0.input_layernorm.weight", Q8, data, int(data.nbytes))
+    with pytest.raises(Exception, match="not a reduced format"):
+        cpp.bind_stored(wq, native.ns.WeightFormat.F32, data, int(data.nbytes))
+    cpp.bind_stored(wq, Q8, data, int(data.nbytes))
+    bf16 = encode(model.weights["model.layers.0.self_attn.k_proj.weight"], "bf16")
+    with pytest.raises(Exception, match="is bf16, the model's other stored weights are q8"):
+        cpp.bind_stored("model.layers.0.self_attn.k_proj.weight", BF16, bf16, int(bf16.nbytes))
+    with pytest.raises(Exception, match="missing the q8 stored form of tensor 'model.embed_tokens.weight'"):
+        cpp.check_complete()
+
+    untied, _ = _weights(native, small_model(**SHAPE, tie_word_embeddings=False))
+    embed = encode(model.weights["model.embed_tokens.weight"], "q8")
+    with pytest.raises(Exception, match="stored reduced only when tie_word_embeddings is true"):
+        untied.bind_stored("model.embed_tokens.weight", Q8, embed, int(embed.nbytes))
+
+
+def test_a_reduced_set_refuses_a_model_without_its_stored_weights(native):
+    cpp, _ = _weights(native, small_model(**SHAPE))  # float32 arrays only: no stored form bound
+    cpp.check_complete()
+    with pytest.raises(Exception, match="kernel set 'q8' reads q8 weights; this model stores f32"):
+        native.ns.make_kernels("q8", cpp)
+    native.ns.make_kernels("fast", cpp)  # a float32 set runs it
+
+
+def test_a_bad_stored_array_is_a_python_error(native):
+    model = small_model(**SHAPE).as_format("q8")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    bad = dict(model.stored, **{name: model.stored[name][:, :-1]})
+    broken = type(model)(**{**model.__dict__, "stored": bad})
+    with pytest.raises(NativeError, match=f"stored form of '{name}'"):
+        native.prepare(broken, "q8")
+
+
+# ---- Python: the conversions users run -----------------------------------------------------------
+def test_prepare_converts_to_the_sets_format(native):
+    model = small_model(**SHAPE)
+    q8 = native.prepare(model, "q8")
+    assert (q8.weight_format, q8.model.weight_format, model.weight_format) == ("q8", "q8", "f32")
+    fast_on_q8 = native.prepare(q8.model, "fast")  # a q8 model's float32 decoding
+    assert fast_on_q8.model.weight_format == "f32" and not fast_on_q8.model.stored
+    a, b = q8.forward().logits, fast_on_q8.forward().logits
+    assert np.abs(a - b).max() < 1e-4  # the same weights, two kernel sets
