@@ -21,7 +21,7 @@ from celerinfer_lab.errors import SidecarError
 from celerinfer_lab.quantize import to_bf16, to_q8
 from celerinfer_lab.reference import ReferenceModel
 from celerinfer_lab.schema import reduced_weights
-from celerinfer_lab.standalone import run_standalone
+from celerinfer_lab.standalone import StandaloneError, run_standalone
 from celerinfer_lab.writer import weight_bytes
 
 FORMATS = ("f32", "bf16", "q8")
@@ -126,6 +126,23 @@ def test_cpp_logits_of_a_reduced_file_equal_those_of_its_decoded_float32(origina
     f = run_standalone(standalone_binary, tmp_path / "f.json", tmp_path / "f", 0, 1, env)
     assert f"weights: {fmt}" in r.stdout
     np.testing.assert_array_equal(r.logits, f.logits)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q8"])
+def test_the_standalone_runs_a_reduced_files_own_kernel_sets(original, standalone_binary, tmp_path, fmt):
+    """base_line_micro binds the file's stored bytes: the bf16/q8 sets read them (readable and fast
+    agree with the readable float32 run on the decoding), a set of the other format is refused by name."""
+    original.as_format(fmt).save(tmp_path / "r.json", sidecar=fmt == "bf16")
+    runs = {
+        kernels: run_standalone(standalone_binary, tmp_path / "r.json", tmp_path / kernels, 0, 1, {"KERNELS": kernels})
+        for kernels in ("readable", f"readable-{fmt}", fmt)
+    }
+    assert f"weights: {fmt}\n" in runs[fmt].stdout and f"kernels: {fmt}," in runs[fmt].stdout
+    np.testing.assert_allclose(runs[f"readable-{fmt}"].logits, runs["readable"].logits, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(runs[fmt].logits, runs["readable"].logits, rtol=0, atol=1e-4)
+    other = "q8" if fmt == "bf16" else "bf16"
+    with pytest.raises(StandaloneError, match=f"kernel set '{other}' reads {other} weights; this model stores {fmt}"):
+        run_standalone(standalone_binary, tmp_path / "r.json", tmp_path / "x", 0, 1, {"KERNELS": other})
 
 
 # ---- planted bad files: both readers refuse them, by name ---------------------------------------------

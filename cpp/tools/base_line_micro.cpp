@@ -182,8 +182,9 @@ static int run_model(const std::string& model_path, const std::string& out_dir, 
     ci::write_npy(out, logits.data(), {loaded.batch, loaded.seq_len, c.vocab});
     std::printf("model: %s (batch %d x seq %d)\n", model_path.c_str(), loaded.batch, loaded.seq_len);
     std::printf("load: %.3f ms\n", load_ms);
+    const bool reads_stored = set->weight_format() != ci::WeightFormat::F32;
     std::printf("weights: %s%s\n", loaded.weight_format.c_str(),
-                loaded.weight_format == "f32" ? "" : " (the forward reads their float32 decoding)");
+                loaded.weight_format == "f32" || reads_stored ? "" : " (these kernels read their float32 decoding)");
     std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
     std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", times[times.size() / 2], times.front(),
                 times.back(), times.size());

@@ -715,6 +715,9 @@ inline LoadedModel parse_model_file(const std::string& where, std::string_view t
     // Everything checked: size the model and bind its weights.
     out.model = std::make_unique<ModelWeights>(c);
     for (const auto& [name, view] : bound) out.model->bind(name, view.first, view.second);
+    // A bf16/q8 file's stored bytes too: the kernel sets of its format read them, the others the decoding.
+    for (const auto& [name, s] : out.stored)
+        out.model->bind_stored(name, s.format == "bf16" ? WeightFormat::BF16 : WeightFormat::Q8, s.data, s.bytes);
     out.model->check_complete();
     return out;
 }

@@ -17,8 +17,8 @@ namespace celerinfer {
 enum class DType { F32, F64, F16, I32, I64, U8, BF16, Q8_0 };
 enum class TensorKind { Float, Int, Weight };  // Weight: a float type, or the file's reduced dtype
 
-constexpr int kQ8Block = 32;             // weights per Q8_0 block along the input dimension
-constexpr int kQ8BlockBytes = 2 + kQ8Block;  // float16 scale + 32 int8
+// kQ8Block (32 weights per Q8_0 block along the input dimension) and kQ8BlockBytes (a float16 scale
+// + 32 int8): model.hpp, shared with the q8 kernel sets.
 
 struct TensorRef {
     DType dtype = DType::F32;

@@ -138,7 +138,7 @@ inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Mo
             if (m && f != WeightFormat::F32 && m->stored_format != f)
                 fail("kernel set '", name, "' reads ", weight_format_name(f), " weights; this model stores ",
                      weight_format_name(m->stored_format), " (convert it first: model.as_format('", weight_format_name(f),
-                     "'))");
+                     "') in Python, `celerinfer-lab quantize --to ", weight_format_name(f), "` for a file)");
             if (m) set->prepare(*m);
             return set;
         }
