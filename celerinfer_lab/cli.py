@@ -345,7 +345,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         kernels = shown
     agrees = True
     for name in kernels:
-        report = compare(model, engine, kernels=name)
+        report = compare(model, engine, kernels=name, precision=args.precision)
         print(f"== {name} kernels{' (fault ' + fault.name + ')' if fault else ''}")
         print(report)
         agrees = agrees and report.agrees
@@ -566,6 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels",
         default="all",
         help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered",
+    )
+    cmp.add_argument(
+        "--precision",
+        choices=("off", "summary", "full"),
+        default="summary",
+        help="with a bf16/q8 kernel set on a float32 model, also what the format costs against the float32 "
+        "model (both in the float64 reference): summary (default: SQNR, KL, top-1), full (plus per layer and "
+        "per op), off",
     )
     comp = sub.add_parser(
         "complete",

@@ -63,6 +63,7 @@ from .metrics import (
     kl_per_token,
     live_rows,
 )
+from .precision import PrecisionCost, precision_cost
 from .quantize import weights_label
 from .report import LogitsReport, PointReport, Report, build_report
 from .runs import Runs, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
@@ -150,12 +151,27 @@ class Comparison:
         return "".join(f"<h4>{k} kernels</h4>{r._repr_html_()}" for k, r in self.reports.items())
 
 
-def _finish(report: Report, model: Model) -> Report:
+PRECISION_MODES = ("off", "summary", "full")
+
+
+def _cost(original: Model, fmt: str, precision: str) -> PrecisionCost | None:
+    """What ``fmt`` costs the float32 ``original`` (precision="summary": SQNR per point and the logits'
+    KL and top-1; "full": plus the per-layer and per-op attribution); None when there is no float32
+    original to measure against or nothing was asked."""
+    if precision == "off" or fmt == "f32" or original.weight_format != "f32":
+        return None
+    full = precision == "full"
+    return precision_cost(original, fmt, layers_one_at_a_time=full, splice=full)
+
+
+def _finish(report: Report, model: Model, cost: PrecisionCost | None = None) -> Report:
     from .diagnose import diagnose  # here: diagnose imports torch, and a Report is read without it
 
     report.meta["model"] = model
     if model.weight_format != "f32":  # say which question the report answers: the kernel's, on these weights
         report.meta["weights"] = weights_label(model.weight_format)
+    if cost is not None:  # the other question, in its own labelled section
+        report.meta["precision_cost"] = cost
     report.diagnosis = diagnose(report)
     return report
 
@@ -175,6 +191,7 @@ def compare(
     kernels: str | None = None,
     baseline: str = "torch",
     tolerances: Tolerances | None = None,
+    precision: str = "summary",
 ) -> Report | Comparison:
     """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
     project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
@@ -187,22 +204,30 @@ def compare(
     A bf16/q8 kernel set runs on ``model.as_format`` of its format (a float32 model is quantized in
     memory), and the reference runs on the same weights, decoded exactly: float64 on them is the
     precision-matched oracle, so the report judges the kernel, not the quantization (its summary
-    says which weights and oracle it used)."""
+    says which weights and oracle it used). The other question, what the format costs against the
+    float32 model, is answered beside it when ``model`` is float32 (``report.meta["precision_cost"]``,
+    a PrecisionCost, in its own labelled section): ``precision`` "summary" (the default: SQNR per
+    point, the logits' KL and top-1), "full" (plus KL per layer and per op) or "off"."""
     from .native import load_native
 
     _check_has_real_tokens(model.attention_mask)
+    if precision not in PRECISION_MODES:
+        raise UsageError(f"precision={precision!r}: one of {', '.join(PRECISION_MODES)}")
     native = native or load_native()
     sets = native.kernel_sets if kernels == "all" else [native.check_kernels(kernels or native.kernels)]
     shared: dict[str, Runs] = {}  # the oracle and floors, once per weight format
+    costs: dict[str, PrecisionCost | None] = {}  # and what the format costs, once each
     reports = {}
     for name in sets:
         matched = model_for(model, native, name)
-        if matched.weight_format not in shared:
-            shared[matched.weight_format] = floor_runs(matched, native, baseline)
-        floors = shared[matched.weight_format]
+        fmt = matched.weight_format
+        if fmt not in shared:
+            shared[fmt] = floor_runs(matched, native, baseline)
+            costs[fmt] = _cost(model, fmt, precision)
+        floors = shared[fmt]
         runs = {**floors, **kernel_runs(matched, native, name, floors["oracle"])}
         report = build_report(runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances)
-        reports[name] = _finish(report, matched)
+        reports[name] = _finish(report, matched, costs[fmt])
     return Comparison(reports) if kernels == "all" else reports[sets[0]]
 
 

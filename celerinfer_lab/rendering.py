@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # report.py imports this module: the type, not the module, is needed here
     import pandas as pd
 
+    from .precision import PrecisionCost
     from .report import Report
 
 # The row colour of each label in the HTML table
@@ -55,7 +56,8 @@ def summary(report: Report) -> str:
         f"max {lg.kl_max:.3e} (float32 reference max {lg.floor_kl_max:.3e})"
     ]
     if report.meta.get("weights"):  # a bf16/q8 kernel set: judged against float64 on the same weights
-        lines.insert(0, str(report.meta["weights"]))
+        lines.insert(0, f"kernel correctness ({report.meta['weights']})")
+    cost = report.meta.get("precision_cost")
     if report.agrees:
         overrides = len(report.tolerances.overrides)
         lines.append(
@@ -64,7 +66,7 @@ def summary(report: Report) -> str:
             + (f"; {overrides} tolerance override{'s' if overrides > 1 else ''}" if overrides else "")
             + ")"
         )
-        return "\n".join(lines)
+        return "\n".join(lines + _cost_lines(cost))
     first = report.first_divergent
     if first is not None:
         lines.append(f"first divergent (accumulated): {first.name} rel_l2 {first.rel_l2:.3e} > tol {first.tol:.3e}")
@@ -72,7 +74,12 @@ def summary(report: Report) -> str:
     if c is not None:
         lines.append(f"culprit (own error): {c.name} rel_l2 {c.own_rel_l2:.3e} > tol {c.own_tol:.3e}")
         lines.append(f"diagnosis: {report.diagnosis or 'no known pattern'}")
-    return "\n".join(lines)
+    return "\n".join(lines + _cost_lines(cost))
+
+
+def _cost_lines(cost: PrecisionCost | None) -> list[str]:
+    """The other question, kept apart: what the weight format costs against the float32 model."""
+    return ["", cost.summary()] if cost is not None else []
 
 
 def text(report: Report) -> str:

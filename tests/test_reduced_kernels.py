@@ -18,7 +18,7 @@ from conftest import small_model
 from test_kernels import check_linear, threads
 
 from celerinfer_lab.compare import compare, compare_decode
-from celerinfer_lab.errors import NativeError
+from celerinfer_lab.errors import NativeError, UsageError
 from celerinfer_lab.quantize import encode
 from celerinfer_lab.report import build_report
 from celerinfer_lab.runs import kernel_runs, reference_runs
@@ -170,3 +170,24 @@ def test_prepare_converts_to_the_sets_format(native):
     assert fast_on_q8.model.weight_format == "f32" and not fast_on_q8.model.stored
     a, b = q8.forward().logits, fast_on_q8.forward().logits
     assert np.abs(a - b).max() < 1e-4  # the same weights, two kernel sets
+
+
+# ---- the two questions, labelled apart ---------------------------------------------------------------
+def test_compare_answers_both_questions_and_labels_each(native):
+    """On a float32 model, compare(kernels="q8") judges the kernel against float64 on the q8 weights
+    AND says what q8 costs against the float32 model, in its own section; neither leaks into the other."""
+    model = small_model()
+    report = compare(model, native, kernels="q8")
+    text = report.summary()
+    assert report.agrees and text.startswith("kernel correctness (weights: q8 (Q8_0), oracle: float64 on the decoded")
+    cost = report.meta["precision_cost"]
+    assert "precision cost (float32 model vs its q8 weights, both in the float64 reference)" in text
+    assert cost.kl > 1e-7 and report.logits.kl_mean < 1e-9  # the quantization costs; the kernel adds nothing
+    assert not cost.layer_kl and not cost.splice_kl  # the summary mode: no attribution forwards
+    full = compare(model, native, kernels="bf16", precision="full").meta["precision_cost"]
+    assert full.layer_kl and full.splice_kl and full.fmt == "bf16"
+    assert "precision_cost" not in compare(model, native, kernels="q8", precision="off").meta
+    assert "precision_cost" not in compare(model.as_format("q8"), native, kernels="q8").meta  # no float32 original
+    assert "precision_cost" not in compare(model, native, kernels="fast").meta
+    with pytest.raises(UsageError, match="precision='some'"):
+        compare(model, native, kernels="q8", precision="some")
