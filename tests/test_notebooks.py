@@ -56,6 +56,9 @@ EXPECTED = {  # words each notebook's outputs must contain
         "precision cost (float32 model vs its bf16 weights, both in the float64 reference)",
         "model.layers.3.mlp.down_proj",
         "image/png",
+        "kernel correctness (weights: q8 (Q8_0), oracle: float64 on the decoded q8 weights)",
+        "trace points agree",
+        "culprit (own error): model.layers.0.self_attn.q_proj",  # the q8 fault, localized
     ],
 }
 
