@@ -505,7 +505,9 @@ def bench_lines(result: BenchResult) -> list[str]:
             (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
         ):
             if ms is None:
-                lines.append(f"{label:28s}        n/a   (the standalone binary reads float32 model files)")
+                lines.append(
+                    f"{label:28s}        n/a   (bench writes float32 files: base_line_micro runs this set on a bf16/q8 file)"
+                )
                 continue
             noisy = torch_t.noisy or (cpp_t.noisy and spread)
             lines.append(
