@@ -32,7 +32,7 @@ EXPECTED = {  # words each notebook's outputs must contain
     ],
     "04_benchmarks.ipynb": ["hidden 512", "speedup", "image/png"],
     "05_your_own_kernels.ipynb": [
-        "kernel sets: ['readable', 'fast', 'blocked']",
+        "kernel sets: ['readable', 'fast', 'readable-bf16', 'readable-q8', 'bf16', 'q8', 'blocked']",
         "blocked agrees: True",
         "blocked   median",
         "culprit: model.layers.0.self_attn.q_proj",

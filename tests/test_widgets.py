@@ -9,11 +9,13 @@ from celerinfer_lab.faults import FAULTS, Fault, why_it_cannot_show
 from celerinfer_lab.native import copy_cpp
 from celerinfer_lab.widgets import Explorer, explorer
 
+BUILT_IN = ["readable", "fast", "readable-bf16", "readable-q8", "bf16", "q8"]  # kernel_set.hpp's registrations
+
 
 def test_explorer_runs_and_reports():
     e = explorer()
     assert isinstance(e, Explorer) and not e.run_button.disabled
-    assert list(e.controls["kernels"].options) == ["readable", "fast", "all"] and e.controls["kernels"].value == "fast"
+    assert list(e.controls["kernels"].options) == [*BUILT_IN, "all"] and e.controls["kernels"].value == "fast"
     e.controls["seq_len"].value = 6
     e.run_button.click()
     assert e.report is not None and e.report.agrees and e.report.subject == "C++ (fast)"
@@ -206,7 +208,7 @@ def test_your_own_kernel_set_joins_the_toggle():
     CELERINFER_REGISTER_KERNELS(PlainKernels, "plain");
     """
     e = explorer(extra_source=mine)
-    assert list(e.controls["kernels"].options) == ["readable", "fast", "plain", "all"]
+    assert list(e.controls["kernels"].options) == [*BUILT_IN, "plain", "all"]
     e.controls["kernels"].value = "plain"
     e.controls["seq_len"].value = 4
     e.run_button.click()
