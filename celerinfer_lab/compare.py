@@ -154,14 +154,18 @@ class Comparison:
 PRECISION_MODES = ("off", "summary", "full")
 
 
-def _cost(original: Model, fmt: str, precision: str) -> PrecisionCost | None:
+def _cost(original: Model, fmt: str, precision: str, oracles: dict[str, Runs]) -> PrecisionCost | None:
     """What ``fmt`` costs the float32 ``original`` (precision="summary": SQNR per point and the logits'
     KL and top-1; "full": plus the per-layer and per-op attribution); None when there is no float32
-    original to measure against or nothing was asked."""
+    original to measure against or nothing was asked. ``oracles``: the float64 runs compare already
+    has, by weight format (the reduced one always, the float32 one when a float32 set ran too)."""
     if precision == "off" or fmt == "f32" or original.weight_format != "f32":
         return None
     full = precision == "full"
-    return precision_cost(original, fmt, layers_one_at_a_time=full, splice=full)
+    exact = oracles["f32"]["oracle"] if "f32" in oracles else None
+    return precision_cost(
+        original, fmt, layers_one_at_a_time=full, splice=full, exact_trace=exact, reduced_trace=oracles[fmt]["oracle"]
+    )
 
 
 def _finish(report: Report, model: Model, cost: PrecisionCost | None = None) -> Report:
@@ -215,19 +219,19 @@ def compare(
         raise UsageError(f"precision={precision!r}: one of {', '.join(PRECISION_MODES)}")
     native = native or load_native()
     sets = native.kernel_sets if kernels == "all" else [native.check_kernels(kernels or native.kernels)]
+    matched = {name: model_for(model, native, name) for name in sets}
     shared: dict[str, Runs] = {}  # the oracle and floors, once per weight format
-    costs: dict[str, PrecisionCost | None] = {}  # and what the format costs, once each
+    for m in matched.values():
+        if m.weight_format not in shared:
+            shared[m.weight_format] = floor_runs(m, native, baseline)
+    costs = {fmt: _cost(model, fmt, precision, shared) for fmt in shared}  # what each format costs, once
     reports = {}
     for name in sets:
-        matched = model_for(model, native, name)
-        fmt = matched.weight_format
-        if fmt not in shared:
-            shared[fmt] = floor_runs(matched, native, baseline)
-            costs[fmt] = _cost(model, fmt, precision)
+        fmt = matched[name].weight_format
         floors = shared[fmt]
-        runs = {**floors, **kernel_runs(matched, native, name, floors["oracle"])}
+        runs = {**floors, **kernel_runs(matched[name], native, name, floors["oracle"])}
         report = build_report(runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances)
-        reports[name] = _finish(report, matched, costs[fmt])
+        reports[name] = _finish(report, matched[name], costs[fmt])
     return Comparison(reports) if kernels == "all" else reports[sets[0]]
 
 

@@ -239,6 +239,13 @@ def _run(ref: ReferenceModel, teacher: dict[str, np.ndarray] | None = None) -> t
     return logits.numpy(), {k: v.numpy() for k, v in (points or {}).items()}
 
 
+def _logits_and_trace(
+    ref: ReferenceModel, trace: dict[str, np.ndarray] | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``ref``'s float64 run, or the trace the caller already has of it (its logits are lm_head's point)."""
+    return (trace["lm_head"], trace) if trace is not None else _run(ref)
+
+
 def splice_contributions(
     exact: ReferenceModel,
     reduced_trace: dict[str, np.ndarray],
@@ -267,11 +274,19 @@ def splice_contributions(
 
 
 def precision_cost(
-    model: Model, fmt: str | WeightFormat = "q8", *, layers_one_at_a_time: bool = True, splice: bool = True
+    model: Model,
+    fmt: str | WeightFormat = "q8",
+    *,
+    layers_one_at_a_time: bool = True,
+    splice: bool = True,
+    exact_trace: dict[str, np.ndarray] | None = None,
+    reduced_trace: dict[str, np.ndarray] | None = None,
 ) -> PrecisionCost:
     """What storing ``model``'s reduced weights in ``fmt`` costs, on the model file's own inputs, with
     both sides in the float64 reference (module docstring). ``layers_one_at_a_time``: one forward per
-    layer (and the head); ``splice``: one per op that reads a reduced weight."""
+    layer (and the head); ``splice``: one per op that reads a reduced weight. ``exact_trace`` /
+    ``reduced_trace``: the float64 traces of ``model`` and of ``model.as_format(fmt)`` when the caller
+    already ran them (compare's oracles), so they are not run twice."""
     import torch
 
     from .reference import ReferenceModel
@@ -280,8 +295,8 @@ def precision_cost(
     f = WeightFormat.of(fmt)
     reduced = model.as_format(fmt) if isinstance(fmt, str) else with_reduced(model, f)
     exact = ReferenceModel(model, torch.float64)
-    ref_logits, ref_trace = _run(exact)
-    red_logits, red_trace = _run(ReferenceModel(reduced, torch.float64))
+    ref_logits, ref_trace = _logits_and_trace(exact, exact_trace)
+    red_logits, red_trace = _logits_and_trace(ReferenceModel(reduced, torch.float64), reduced_trace)
     mask = np.asarray(model.attention_mask)
     points = trace_points(model.config, model.batch_size, model.seq_len)
     sqnr = {

@@ -213,3 +213,14 @@ def test_cli(model, tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 0
     assert main(["precision", str(tmp_path / "missing.json"), "--to", "q8"]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_traces_the_caller_already_has_give_the_same_cost(model, costs):
+    """compare() hands its float64 oracles in rather than running them twice: the cost is the same,
+    and a wrong trace handed in changes it (so the traces are really used)."""
+    exact = forward64(model)[1]
+    reduced = forward64(model.as_format("q8"))[1]
+    given = precision_cost(model, "q8", exact_trace=exact, reduced_trace=reduced)
+    assert given.sqnr == costs["q8"].sqnr and given.kl == costs["q8"].kl and given.splice_kl == costs["q8"].splice_kl
+    wrong = precision_cost(model, "q8", exact_trace=exact, reduced_trace=forward64(model.as_format("bf16"))[1])
+    assert wrong.kl != given.kl
