@@ -3,7 +3,8 @@
 Map: the op (linear on stored weights, every row count the GEMV and GEMM paths take, sizes that are
 not multiples of 32 or 16) against float64 on the exact decoding; the whole forward through
 compare() over dense / qk_norm / MoE with shared experts / tied and untied heads, and decode steps,
-with no divergence at any trace point; the companion showing why the oracle must see the same
+with no divergence at any trace point, and random configs over the property grid (hypothesis) for
+bf16 and q8; the companion showing why the oracle must see the same
 weights (the float32 oracle flags the quantization itself); binding and preparing errors, each named;
 the Python conversions (a float32 model quantized in memory, a q8 model run by fast). The planted
 bugs (faults.py's q8_neighbour_block_scale, q8_int8_read_as_uint8, reduced_gemv_odd_activation)
@@ -15,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import small_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_kernels import check_linear, threads
 
 from celerinfer_lab.compare import compare, compare_decode
@@ -22,6 +25,7 @@ from celerinfer_lab.errors import NativeError, UsageError
 from celerinfer_lab.quantize import encode
 from celerinfer_lab.report import build_report
 from celerinfer_lab.runs import kernel_runs, reference_runs
+from celerinfer_lab.testing import model_cases
 
 REDUCED = ("readable-bf16", "readable-q8", "bf16", "q8")
 FORMAT = {"readable-bf16": "bf16", "readable-q8": "q8", "bf16": "bf16", "q8": "q8"}
@@ -84,6 +88,16 @@ def test_every_set_agrees_with_the_precision_matched_oracle(native, case):
         fmt = FORMAT[kernels]
         assert report.meta["model"].weight_format == fmt
         assert f"oracle: float64 on the decoded {fmt} weights" in report.summary()
+
+
+# Never flags a correct kernel: random configs over the property grid (testing.model_cases: sizes
+# below, at and past one q8 block, GQA, MoE, YaRN, qk_norm, both pairings, padding) and each fast
+# reduced set at every trace point. The long run: python scripts/tolerance_margin.py N --kernels q8.
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=model_cases(), kernels=st.sampled_from(["bf16", "q8"]))
+def test_random_configs_agree_with_the_precision_matched_oracle(native, model, kernels):
+    report = compare(model, native, kernels=kernels, precision="off")
+    assert report.agrees, f"{kernels}:\n{report.to_text()}"
 
 
 @pytest.mark.parametrize("kernels", REDUCED)
