@@ -344,6 +344,15 @@ def _load_times(config: ModelConfig, batch: int, seq_len: int, seed: int, work: 
     return times, model, json_path, side_path
 
 
+def _format_file(model: Model, work: Path, files: dict[str, Path]) -> Path:
+    """``model`` (a bf16/q8 model) written once per weight format in ``work``, for base_line_micro."""
+    fmt = model.weight_format
+    if fmt not in files:
+        files[fmt] = work / f"model_{fmt}.json"
+        model.save(files[fmt])
+    return files[fmt]
+
+
 def _decode_rates(model: Model, prepared_sets: dict, decode: int, batch: int) -> tuple[float, dict[str, dict]]:
     """Greedy decoding of ``decode`` tokens, after a warm-up of 3: PyTorch's tokens/s, and per kernel
     set its tokens/s and whether it produced PyTorch's tokens."""
@@ -370,16 +379,14 @@ def _measure_torch(model: Model, warmup: int, repeat: int) -> tuple[Timing, np.n
     return timing, ref.forward()[0].numpy()
 
 
-def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray | None) -> dict:
-    """How far the C++ logits (cppyy and the standalone binary, when it ran) are from PyTorch's
+def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray) -> dict:
+    """How far the C++ logits (cppyy and the standalone binary) are from PyTorch's
     (float32 weights: for a bf16/q8 set this includes what the precision costs), over real tokens."""
     real = model.attention_mask.astype(bool)
     diff = np.abs(cpp_logits - torch_logits)[real]
     return {
         "max_abs_diff": float(diff.max()),
-        "standalone_max_abs_diff": None
-        if alone_logits is None
-        else float(np.abs(alone_logits - torch_logits)[real].max()),
+        "standalone_max_abs_diff": float(np.abs(alone_logits - torch_logits)[real].max()),
         "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
     }
 
@@ -452,34 +459,25 @@ def measure_bench(
     env_threads = {"THREADS": str(threads)} if threads else {}
     per_set: dict[str, dict] = {}
     prepared_sets, cpp_timings = {}, {}
+    fmt_files: dict[str, Path] = {}
     for name in sets:
         prepared_sets[name] = native.prepare(model, name)
         cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
         cpp_logits = prepared_sets[name].forward().logits
         stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
         fmt = native.kernel_format(name)
-        # The standalone binary reads the float32 model file: a bf16/q8 set is timed through cppyy only.
-        alone = (
-            run_standalone(binary, json_path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
-            if fmt == "f32"
-            else None
-        )
+        # A bf16/q8 set reads a file of its own format (written once per format, as `quantize` would).
+        path = json_path if fmt == "f32" else _format_file(prepared_sets[name].model, work, fmt_files)
+        alone = run_standalone(binary, path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
         per_set[name] = {
             **_stats(cpp_timings[name], "cpp_forward"),
             "weight_format": fmt,
-            "standalone_forward_ms": alone.forward_ms if alone else None,
-            "standalone_load_ms": alone.load_ms if alone else None,
-            **_agreement(model, torch_logits, cpp_logits, alone.logits if alone else None),
+            "standalone_forward_ms": alone.forward_ms,
+            "standalone_load_ms": alone.load_ms,
+            **_agreement(model, torch_logits, cpp_logits, alone.logits),
         }
     alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": "fast"})
     record.update(per_set[sets[0]])
-    if record["standalone_load_ms"] is None:  # only bf16/q8 sets: the load time from one float32 run
-        loaded = [v["standalone_load_ms"] for v in per_set.values() if v["standalone_load_ms"] is not None]
-        record["standalone_load_ms"] = (
-            loaded[0]
-            if loaded
-            else run_standalone(binary, json_path, work / "out_load", 0, 1, {**env_threads, "KERNELS": "fast"}).load_ms
-        )
     record["standalone_load_sidecar_ms"] = alone_side.load_ms
     record["machine"] = machine_info(native.threads)
 
@@ -504,11 +502,6 @@ def bench_lines(result: BenchResult) -> list[str]:
             (f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
             (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
         ):
-            if ms is None:
-                lines.append(
-                    f"{label:28s}        n/a   (bench writes float32 files: base_line_micro runs this set on a bf16/q8 file)"
-                )
-                continue
             noisy = torch_t.noisy or (cpp_t.noisy and spread)
             lines.append(
                 f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
@@ -529,7 +522,8 @@ def bench_lines(result: BenchResult) -> list[str]:
         alone = r["standalone_max_abs_diff"]
         lines.append(
             f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            + (f"standalone {alone:.3e}" if alone is not None else f"{r['weight_format']} weights against float32")
+            + f"standalone {alone:.3e}"
+            + (f" ({r['weight_format']} weights against float32)" if r["weight_format"] != "f32" else "")
         )
     if "decode_tokens" in record:
         torch_rate = record["torch_decode_tok_s"]
