@@ -69,9 +69,7 @@ def threads(eng, n: int):
 
 
 def make_kernels(eng, kernels: str):
-    import cppyy
-
-    return eng.ns.make_kernels(kernels, cppyy.nullptr)  # nothing prepared: prepare_linear per weight
+    return eng.make_kernels(kernels)  # nothing prepared: prepare_linear per weight
 
 
 def point_taps(eng, taps, scores: np.ndarray, probs: np.ndarray) -> None:

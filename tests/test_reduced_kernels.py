@@ -45,12 +45,10 @@ def test_linear_on_stored_weights(native, kernels, rows, in_, out, n_threads):
 
 def test_a_weight_without_stored_form_runs_in_float32(native):
     """The router has no stored form in any model: a reduced set runs it from the float32 array."""
-    import cppyy
-
     rng = np.random.default_rng(0)
     x, W = rng.standard_normal((3, 40), np.float32), rng.standard_normal((17, 40), np.float32)
     for kernels in REDUCED:
-        ks = native.ns.make_kernels(kernels, cppyy.nullptr)
+        ks = native.make_kernels(kernels)
         ks.prepare_linear(W, 17, 40)
         y = np.full((3, 17), np.nan, np.float32)
         ks.linear(y, x, W, 3, 40, 17)
@@ -161,9 +159,9 @@ def test_bind_stored_errors_name_the_problem(native):
 def test_a_reduced_set_refuses_a_model_without_its_stored_weights(native):
     cpp, _ = _weights(native, small_model(**SHAPE))  # float32 arrays only: no stored form bound
     cpp.check_complete()
-    with pytest.raises(Exception, match="kernel set 'q8' reads q8 weights; this model stores f32"):
-        native.ns.make_kernels("q8", cpp)
-    native.ns.make_kernels("fast", cpp)  # a float32 set runs it
+    with pytest.raises(NativeError, match="kernel set 'q8' reads q8 weights; this model stores f32"):
+        native.make_kernels("q8", cpp)
+    native.make_kernels("fast", cpp)  # a float32 set runs it
 
 
 def test_a_bad_stored_array_is_a_python_error(native):
@@ -205,3 +203,28 @@ def test_compare_answers_both_questions_and_labels_each(native):
     assert "precision_cost" not in compare(model, native, kernels="fast").meta
     with pytest.raises(UsageError, match="precision='some'"):
         compare(model, native, kernels="q8", precision="some")
+
+
+def test_the_reduced_sets_compile_on_first_use(cpp_copy):
+    """Under cling the bf16/q8 sets are declared at load and compiled when first asked for (a load
+    compiles half as much); a set that does not compile is a NativeCompileError naming it, raised
+    then, and the other sets still run."""
+    from conftest import edit_file
+
+    from celerinfer_lab.native import NativeCompileError, load_native
+
+    broken = """template <class T> struct BrokenQ8 : Q8Kernels {
+    void linear(float* y, const float* x, const float* W, int rows, int in, int out) const { T::no_such_member(); }
+};
+using BrokenQ8Int = BrokenQ8<int>;  // its error shows only when the template is instantiated
+CELERINFER_BUILTIN_KERNELS(BrokenQ8Int, "q8");"""
+    edit_file(cpp_copy / "include/celerinfer/kernel_set.hpp", 'CELERINFER_BUILTIN_KERNELS(Q8Kernels, "q8");', broken)
+    engine = load_native(cpp_copy)  # loads: nothing instantiates BrokenQ8Int until its set is asked for
+    assert engine.kernel_format("q8") == "q8" and "q8" in engine.kernel_sets
+    pending = engine.ns.kernel_set_pending_type
+    assert pending("q8") == "BrokenQ8Int" and pending("fast") == ""
+    model = small_model(**SHAPE)
+    with pytest.raises(NativeCompileError, match="kernel set 'q8' \\(BrokenQ8Int\\) .* did not compile"):
+        engine.prepare(model, "q8")
+    assert engine.prepare(model, "bf16").forward().logits.shape == (2, 7, model.config.vocab_size)
+    assert pending("bf16") == ""  # compiled once, then ready
