@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .errors import UsageError
+from .kvcache import check_kv_cache
 
 # Defined below compare (metrics, tolerances, report, runs) and importable from here as before.
 from .metrics import (
@@ -66,7 +67,7 @@ from .metrics import (
 from .precision import PrecisionCost, precision_cost
 from .quantize import weights_label
 from .report import LogitsReport, PointReport, Report, build_report
-from .runs import Runs, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
+from .runs import Runs, cache_adopter, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
 from .tolerances import PointTolerance, Tolerances
 from .trace import recorded
 
@@ -192,6 +193,7 @@ def compare(
     baseline: str = "torch",
     tolerances: Tolerances | None = None,
     precision: str = "summary",
+    kv_cache: str = "f32",
 ) -> Report | Comparison:
     """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
     project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
@@ -207,9 +209,14 @@ def compare(
     says which weights and oracle it used). The other question, what the format costs against the
     float32 model, is answered beside it when ``model`` is float32 (``report.meta["precision_cost"]``,
     a PrecisionCost, in its own labelled section): ``precision`` "summary" (the default: SQNR per
-    point, the logits' KL and top-1), "full" (plus KL per layer and per op) or "off"."""
+    point, the logits' KL and top-1), "full" (plus KL per layer and per op) or "off".
+
+    ``kv_cache``: "f32" (the default) or "bf16": the C++ and the reference round every new key and
+    value to bfloat16 as it joins the cache, traced as self_attn.k_cached / v_cached and judged as
+    a rounding point (kvcache.py: the oracle continues from the C++'s admissible roundings)."""
     from .native import load_native
 
+    check_kv_cache(kv_cache)
     _check_has_real_tokens(model.attention_mask)
     if precision not in PRECISION_MODES:
         raise UsageError(f"precision={precision!r}: one of {', '.join(PRECISION_MODES)}")
@@ -222,11 +229,13 @@ def compare(
         matched = model_for(model, native, name)
         fmt = matched.weight_format
         if fmt not in shared:
-            shared[fmt] = floor_runs(matched, native, baseline)
+            shared[fmt] = floor_runs(matched, native, baseline, kv_cache)
             costs[fmt] = _cost(model, fmt, precision)
         floors = shared[fmt]
-        runs = {**floors, **kernel_runs(matched, native, name, floors["oracle"])}
-        report = build_report(runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances)
+        runs = {**floors, **kernel_runs(matched, native, name, floors["oracle"], kv_cache)}
+        report = build_report(
+            runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances, kv_cache=kv_cache
+        )
         reports[name] = _finish(report, matched, costs[fmt])
     return Comparison(reports) if kernels == "all" else reports[sets[0]]
 
@@ -238,13 +247,16 @@ def compare_decode(
     kernels: str | None = None,
     tolerances: Tolerances | None = None,
     feed: np.ndarray | None = None,
+    kv_cache: str = "f32",
 ) -> list[Report]:
     """Compare a KV-cache decode step by step: the prefill, then ``steps`` single-token steps fed
     with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
     the isolated run is teacher forced at every step, so its cache holds the oracle's keys.
     ``kernels``: one kernel set (default: the engine's); ``tolerances``: as for compare().
     ``feed`` [B, N]: the tokens to feed instead (e.g. a generation both sides agreed on); then
-    ``steps`` is N."""
+    ``steps`` is N. ``kv_cache``: as for compare(); with "bf16" each step's accumulated oracle and
+    float32 reference continue from the C++'s admissible cache roundings of every step so far."""
+    check_kv_cache(kv_cache)
     _check_has_real_tokens(model.attention_mask)
     import torch
 
@@ -253,7 +265,7 @@ def compare_decode(
 
     native = native or load_native()
     model = model_for(model, native, kernels or native.kernels)  # the weights the kernels read, for every run
-    ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
+    ref64, ref32 = ReferenceModel(model, torch.float64, kv_cache), ReferenceModel(model, kv_cache=kv_cache)
     if feed is None:
         feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
     else:
@@ -263,16 +275,19 @@ def compare_decode(
         steps = int(feed.shape[1])
     oracle = [recorded(t) for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
     teachers = [teacher_from(t) for t in oracle]
-    prepared = native.prepare(model, kernels)
+    prepared = native.prepare(model, kernels, kv_cache)
+    ids, mask0 = model.input_ids, model.attention_mask
     runs = {
         "oracle": oracle,
-        "ref32": [recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
-        "ref32_own": [
-            recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
-        ],
+        "ref32": [recorded(t) for _, t in decode_steps(ref32, ids, mask0, feed, trace=True)],
+        "ref32_own": [recorded(t) for _, t in decode_steps(ref32, ids, mask0, feed, teachers=teachers)],
         "cpp": [r.points for r in prepared.decode_steps(feed, trace=True)],
         "cpp_own": [r.points for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
     }
+    if kv_cache == "bf16":  # the cache as a rounding point: both references continue from the C++'s choices
+        adopts = [cache_adopter(c, o) for c, o in zip(runs["cpp"], oracle)]
+        for key, ref in (("oracle_acc", ref64), ("ref32", ref32)):
+            runs[key] = [recorded(t) for _, t in decode_steps(ref, ids, mask0, feed, trace=True, adopts=adopts)]
     reports, mask, past = [], model.attention_mask, 0
     for step in range(steps + 1):
         if step:
@@ -284,6 +299,7 @@ def compare_decode(
             subject=f"C++ ({prepared.kernels}) step {step}",
             past_len=past,
             tolerances=tolerances,
+            kv_cache=kv_cache,
         )
         report.meta["step"] = step
         reports.append(_finish(report, model))
