@@ -33,8 +33,8 @@ def main(argv=None) -> int:
 
     from celerinfer_lab.compare import FACTOR, MIN_FLOOR, compare
     from celerinfer_lab.kvcache import round_bf16
-    from celerinfer_lab.runs import CACHE_PRE
     from celerinfer_lab.native import load_native
+    from celerinfer_lab.runs import CACHE_PRE
     from celerinfer_lab.testing import model_cases
 
     native = load_native()
@@ -69,7 +69,9 @@ def main(argv=None) -> int:
     for alarm in alarms[:5]:
         print("  " + alarm)
     if args.kv_cache == "bf16":
-        print(f"admissible flips adopted (the C++ rounded to the other neighbour): {flips[0]} of {flips[1]} cached values")
+        print(
+            f"admissible flips adopted (the C++ rounded to the other neighbour): {flips[0]} of {flips[1]} cached values"
+        )
     return 0
 
 
