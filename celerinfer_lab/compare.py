@@ -155,14 +155,14 @@ class Comparison:
 PRECISION_MODES = ("off", "summary", "full")
 
 
-def _cost(original: Model, fmt: str, precision: str) -> PrecisionCost | None:
-    """What ``fmt`` costs the float32 ``original`` (precision="summary": SQNR per point and the logits'
-    KL and top-1; "full": plus the per-layer and per-op attribution); None when there is no float32
-    original to measure against or nothing was asked."""
-    if precision == "off" or fmt == "f32" or original.weight_format != "f32":
+def _cost(original: Model, fmt: str, precision: str, kv_cache: str = "f32") -> PrecisionCost | None:
+    """What ``fmt`` (and a bf16 ``kv_cache``) costs the float32 ``original`` (precision="summary": SQNR
+    per point and the logits' KL and top-1; "full": plus the per-layer and per-op attribution); None
+    when there is no float32 original to measure against, nothing is reduced, or nothing was asked."""
+    if precision == "off" or (fmt == "f32" and kv_cache == "f32") or original.weight_format != "f32":
         return None
     full = precision == "full"
-    return precision_cost(original, fmt, layers_one_at_a_time=full, splice=full)
+    return precision_cost(original, fmt, layers_one_at_a_time=full and fmt != "f32", splice=full, kv_cache=kv_cache)
 
 
 def _finish(report: Report, model: Model, cost: PrecisionCost | None = None) -> Report:
@@ -230,7 +230,7 @@ def compare(
         fmt = matched.weight_format
         if fmt not in shared:
             shared[fmt] = floor_runs(matched, native, baseline, kv_cache)
-            costs[fmt] = _cost(model, fmt, precision)
+            costs[fmt] = _cost(model, fmt, precision, kv_cache)
         floors = shared[fmt]
         runs = {**floors, **kernel_runs(matched, native, name, floors["oracle"], kv_cache)}
         report = build_report(

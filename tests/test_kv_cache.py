@@ -8,7 +8,8 @@
 (d) every kernel set with a bf16 cache agrees with the oracle on random configs, prefill and
     decode steps, while the accumulated run has admissible flips (a larger model: a naive oracle
     that keeps its own rounding flags it);
-(e) bad option values are named errors; the CLI's --kv-cache.
+(e) what the bf16 cache costs (precision_cost, compare's precision section);
+(f) bad option values are named errors; the CLI's --kv-cache.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from celerinfer_lab import ModelConfig, generate_model
 from celerinfer_lab.compare import compare, compare_decode
 from celerinfer_lab.errors import UsageError
 from celerinfer_lab.kvcache import admissible, adopt, round_bf16
+from celerinfer_lab.precision import precision_cost
 from celerinfer_lab.reference import ReferenceModel, reference_forward
 from celerinfer_lab.report import build_report
 from celerinfer_lab.testing import model_cases
@@ -129,6 +131,21 @@ def test_admissible_flips_are_adopted_and_a_naive_oracle_would_flag_them(native)
     naive_runs["ref32"] = reference_forward(model, trace=True, kv_cache="bf16").points
     naive = build_report(naive_runs, config, model.attention_mask, kv_cache="bf16")
     assert not naive.agrees and "_cached" in naive.first_divergent.name
+
+
+def test_what_the_bf16_cache_costs(native):
+    """precision_cost(model, "f32", kv_cache="bf16"): the cache's cost alone (the float32 cache costs
+    nothing); compare's precision section on the fast set with a bf16 cache reports it."""
+    model = small_model(batch_size=2, seq_len=6)
+    cache = precision_cost(model, "f32", kv_cache="bf16", layers_one_at_a_time=False, splice=False)
+    assert cache.kl > 0 and cache.sqnr["model.layers.0.self_attn.probs"] < 100
+    assert "float32 model vs a bf16 KV cache" in cache.summary()
+    assert precision_cost(model, "f32", layers_one_at_a_time=False, splice=False).kl == 0
+    both = precision_cost(model, "bf16", kv_cache="bf16", layers_one_at_a_time=False, splice=False)
+    assert "its bf16 weights and a bf16 KV cache" in both.label and both.kl > cache.kl
+    report = compare(model, native, kernels="fast", kv_cache="bf16")
+    assert "float32 model vs a bf16 KV cache" in report.summary()
+    assert "precision_cost" not in compare(model, native, kernels="fast").meta
 
 
 def test_bad_kv_cache_values_are_named(native):
