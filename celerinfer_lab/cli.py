@@ -717,7 +717,15 @@ def cmd_precision(args: argparse.Namespace) -> int:
     from .reader import load_model
 
     model = load_model(args.model)
-    cost = precision_cost(model, args.to, layers_one_at_a_time=not args.no_layers, splice=not args.no_splice)
+    if args.to == "f32" and args.kv_cache == "f32":
+        raise UsageError("--to f32 with the f32 KV cache costs nothing: give --to bf16|q8 or --kv-cache bf16")
+    cost = precision_cost(
+        model,
+        args.to,
+        layers_one_at_a_time=not args.no_layers and args.to != "f32",
+        splice=not args.no_splice,
+        kv_cache=args.kv_cache,
+    )
     print(cost)
     if args.plot:
         cost.plot().savefig(args.plot, dpi=110)
@@ -735,7 +743,15 @@ def _add_precision(sub: argparse._SubParsersAction) -> None:
         "format, not a check of a kernel (that is compare --kernels).",
     )
     pr.add_argument("model", help="a float32 model file")
-    pr.add_argument("--to", choices=("bf16", "q8"), required=True, help="the weight format to cost")
+    pr.add_argument(
+        "--to", choices=WEIGHT_FORMATS, required=True, help="the weight format to cost (f32: with --kv-cache bf16 only)"
+    )
+    pr.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_FORMATS,
+        default="f32",
+        help="bf16: the reduced side also rounds keys and values to bfloat16 as they join the KV cache",
+    )
     pr.add_argument("--plot", help="write the figure (KL per layer, SQNR per op) to this PNG")
     pr.add_argument("--no-layers", action="store_true", help="skip the one-layer-at-a-time forwards")
     pr.add_argument("--no-splice", action="store_true", help="skip the splicing forwards (one per trace point)")

@@ -178,3 +178,7 @@ def test_cli_compare_kv_cache(tmp_path):
     assert "culprit (own error): model.layers.0.self_attn.k_cached" in r.stdout and "bf16 rounding wrong" in r.stdout
     r = run("compare", str(path), "--kv-cache", "fp8")
     assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr
+    r = run("precision", str(path), "--to", "f32", "--kv-cache", "bf16", "--no-splice")
+    assert r.returncode == 0 and "float32 model vs a bf16 KV cache" in r.stdout, r.stderr
+    r = run("precision", str(path), "--to", "f32")
+    assert r.returncode == 2 and "costs nothing" in r.stderr
