@@ -553,7 +553,13 @@ def bench_lines(result: BenchResult) -> list[str]:
         alone = r["standalone_max_abs_diff"]
         lines.append(
             f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            + (f"standalone {alone:.3e}" if alone is not None else f"{r['weight_format']} weights against float32")
+            + (
+                f"standalone {alone:.3e}"
+                if alone is not None
+                else f"{r['weight_format']} weights against float32"
+                if r["weight_format"] != "f32"
+                else "standalone n/a (bf16 KV cache)"
+            )
         )
     if "decode_tokens" in record:
         torch_rate = record["torch_decode_tok_s"]

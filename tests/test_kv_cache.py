@@ -148,6 +148,17 @@ def test_what_the_bf16_cache_costs(native):
     assert "precision_cost" not in compare(model, native, kernels="fast").meta
 
 
+def test_bench_pieces_take_the_bf16_cache(native):
+    """bench --kv-cache: the C++ timing runs the bf16 cache, and greedy decoding with a bf16 cache
+    gives the same tokens on PyTorch and the C++ (the bench's "same tokens" line)."""
+    from celerinfer_lab.bench import decode_torch, time_cpp
+
+    model = small_model(batch_size=2, seq_len=5)
+    assert time_cpp(model, native, 0, 1, "fast", kv_cache="bf16").median_ms > 0
+    tokens, _ = decode_torch(model, 4, "bf16")
+    assert np.array_equal(tokens, native.prepare(model, "fast", "bf16").generate(4))
+
+
 def test_bad_kv_cache_values_are_named(native):
     model = small_model(batch_size=1, seq_len=3)
     for call in (
