@@ -319,7 +319,7 @@ def precision_cost(
         top1=top1_agreement(ref_logits, red_logits, mask),
         max_abs_logit=float(np.abs(ref_logits - red_logits)[real].max()) if real.any() else 0.0,
     )
-    if layers_one_at_a_time and f.name != "f32":  # no weight is reduced: no group to single out
+    if layers_one_at_a_time and not (f.name == "f32" and kv_cache != "f32"):  # only the cache: no group
         for group, names in reduced_groups(model.config).items():
             if names:
                 logits, _ = _run(ReferenceModel(with_reduced(model, f, names), torch.float64, kv_cache))
