@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kvcache import round_bf16
+from .kvcache import CACHE_PRE, round_bf16
 from .metrics import MASKED_BELOW, live_rows
 from .modelfile import Model
 from .reference import repeat_kv, rmsnorm, rope
@@ -357,9 +357,6 @@ def _value_slot(c: _Context) -> str | None:
     return None
 
 
-_CACHE_PRE = {"self_attn.k_cached": "self_attn.rope_k", "self_attn.v_cached": "self_attn.v_proj"}
-
-
 def _bf16_bits(x: np.ndarray, how: str) -> np.ndarray:
     """float32(x) cut to bf16 by ``how``: "truncate" (drop the low 16 bits), "away" (round up in
     magnitude), "ties_away" (nearest, ties away from zero)."""
@@ -371,9 +368,9 @@ def _bf16_bits(x: np.ndarray, how: str) -> np.ndarray:
 def _cache_rounding(c: _Context) -> str | None:
     """A bf16 KV cache point: the C++ rounded the teacher's float32 value some other way than to
     nearest even (the isolated run rounds exactly the value the oracle rounds)."""
-    if c.op not in _CACHE_PRE:
+    if c.op not in CACHE_PRE:
         return None
-    pre = c.oracle[c.prefix(_CACHE_PRE[c.op])].astype(np.float32).reshape(c.y.shape)
+    pre = c.oracle[c.prefix(CACHE_PRE[c.op])].astype(np.float32).reshape(c.y.shape)
     y = c.live(c.y)
     if np.array_equal(y, c.live(round_bf16(pre).astype(np.float64)), equal_nan=True):
         return None

@@ -29,6 +29,8 @@ import numpy as np
 from .errors import UsageError
 
 KV_CACHE_FORMATS = ("f32", "bf16")
+# A cache point (its name in a layer) and the point before its rounding; both traced on each side.
+CACHE_PRE = {"self_attn.k_cached": "self_attn.rope_k", "self_attn.v_cached": "self_attn.v_proj"}
 
 
 def check_kv_cache(kv_cache: object) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import kvcache
 from .errors import UsageError
-from .kvcache import check_kv_cache
+from .kvcache import CACHE_PRE, check_kv_cache
 from .metrics import FACTOR, MIN_FLOOR
 
 if TYPE_CHECKING:  # the engines load when runs are made, not when a Report is read
@@ -52,10 +52,6 @@ def reference_runs(model: Model, kv_cache: str = "f32") -> Runs:
         "ref32": reference_forward(model, trace=True, kv_cache=kv_cache).points,
         "ref32_own": reference_forward(model, trace=True, teacher=teacher_from(oracle), kv_cache=kv_cache).points,
     }
-
-
-# A bf16 cache point and the point before its rounding (both traced on each side).
-CACHE_PRE = {"self_attn.k_cached": "self_attn.rope_k", "self_attn.v_cached": "self_attn.v_proj"}
 
 
 def cache_adopter(cpp: dict[str, np.ndarray], oracle: dict[str, np.ndarray]) -> Callable:

@@ -219,9 +219,6 @@ def symbol_sizes(config: ModelConfig, batch: int, seq_len: int, past_len: int = 
     return {**sizes, "B": batch, "S": seq_len, "P": past_len + seq_len}
 
 
-KV_CACHE_FORMATS = ("f32", "bf16")  # the KV cache's number format: an engine choice, see kvcache.py
-
-
 def has_feature(config: ModelConfig, feature: str, kv_cache: str = "f32") -> bool:
     return {
         "kv_bf16": kv_cache == "bf16",

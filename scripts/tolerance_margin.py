@@ -32,9 +32,8 @@ def main(argv=None) -> int:
     from hypothesis import HealthCheck, given, settings
 
     from celerinfer_lab.compare import FACTOR, MIN_FLOOR, compare
-    from celerinfer_lab.kvcache import round_bf16
+    from celerinfer_lab.kvcache import CACHE_PRE, round_bf16
     from celerinfer_lab.native import load_native
-    from celerinfer_lab.runs import CACHE_PRE
     from celerinfer_lab.testing import model_cases
 
     native = load_native()
