@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .generate import generate_model
+from .kvcache import check_kv_cache
 from .modelfile import Model
 
 if TYPE_CHECKING:  # matplotlib, pandas and the engine load only in the functions that use them
@@ -130,11 +131,16 @@ def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
 
 
 def time_cpp(
-    model: Model, native: NativeEngine, warmup: int = 2, repeat: int = 10, kernels: str | None = None
+    model: Model,
+    native: NativeEngine,
+    warmup: int = 2,
+    repeat: int = 10,
+    kernels: str | None = None,
+    kv_cache: str = "f32",
 ) -> Timing:
-    """The C++ forward through cppyy (``kernels``, default the engine's): inputs checked and logits
-    allocated once, outside the timing."""
-    prepared = native.prepare(model, kernels)
+    """The C++ forward through cppyy (``kernels``, default the engine's; ``kv_cache``: "f32" or
+    "bf16"): inputs checked and logits allocated once, outside the timing."""
+    prepared = native.prepare(model, kernels, kv_cache)
     ids, mask = prepared.check_inputs(None, None)
     logits = np.empty((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
     return time_call(lambda: prepared.run(ids, mask, logits), warmup, repeat)
@@ -272,13 +278,14 @@ def _stats(times: Timing, prefix: str) -> dict:
     }
 
 
-def decode_torch(model: Model, new_tokens: int) -> tuple[np.ndarray, float]:
-    """Greedy decoding with PyTorch's KV cache: the new tokens and the decode time (prefill excluded)."""
+def decode_torch(model: Model, new_tokens: int, kv_cache: str = "f32") -> tuple[np.ndarray, float]:
+    """Greedy decoding with PyTorch's KV cache (``kv_cache``: "f32" or "bf16"): the new tokens and the
+    decode time (prefill excluded)."""
     from .reference import ReferenceModel, greedy_generate
 
     marks: list[float] = []
     tokens = greedy_generate(
-        ReferenceModel(model),
+        ReferenceModel(model, kv_cache=kv_cache),
         model.input_ids,
         model.attention_mask,
         new_tokens,
@@ -353,11 +360,13 @@ def _format_file(model: Model, work: Path, files: dict[str, Path]) -> Path:
     return files[fmt]
 
 
-def _decode_rates(model: Model, prepared_sets: dict, decode: int, batch: int) -> tuple[float, dict[str, dict]]:
-    """Greedy decoding of ``decode`` tokens, after a warm-up of 3: PyTorch's tokens/s, and per kernel
-    set its tokens/s and whether it produced PyTorch's tokens."""
-    decode_torch(model, 3)  # warm-up
-    torch_tokens, torch_s = decode_torch(model, decode)
+def _decode_rates(
+    model: Model, prepared_sets: dict, decode: int, batch: int, kv_cache: str = "f32"
+) -> tuple[float, dict[str, dict]]:
+    """Greedy decoding of ``decode`` tokens, after a warm-up of 3: PyTorch's tokens/s (with the same
+    KV cache format), and per kernel set its tokens/s and whether it produced PyTorch's tokens."""
+    decode_torch(model, 3, kv_cache)  # warm-up
+    torch_tokens, torch_s = decode_torch(model, decode, kv_cache)
     steps = batch * (decode - 1)
     per_set = {}
     for name, prepared in prepared_sets.items():
@@ -370,32 +379,39 @@ def _decode_rates(model: Model, prepared_sets: dict, decode: int, batch: int) ->
     return steps / torch_s, per_set
 
 
-def _measure_torch(model: Model, warmup: int, repeat: int) -> tuple[Timing, np.ndarray]:
-    """The PyTorch reference's forward time and its logits."""
+def _measure_torch(model: Model, warmup: int, repeat: int, kv_cache: str = "f32") -> tuple[Timing, np.ndarray]:
+    """The PyTorch reference's forward time and its logits (its KV cache in ``kv_cache``'s format)."""
     from .reference import ReferenceModel
 
-    ref = ReferenceModel(model)
+    ref = ReferenceModel(model, kv_cache=kv_cache)
     timing = time_call(lambda: ref.forward(), warmup, repeat)
     return timing, ref.forward()[0].numpy()
 
 
-def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray) -> dict:
-    """How far the C++ logits (cppyy and the standalone binary) are from PyTorch's
+def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, alone_logits: np.ndarray | None) -> dict:
+    """How far the C++ logits (cppyy and the standalone binary, when it ran) are from PyTorch's
     (float32 weights: for a bf16/q8 set this includes what the precision costs), over real tokens."""
     real = model.attention_mask.astype(bool)
     diff = np.abs(cpp_logits - torch_logits)[real]
     return {
         "max_abs_diff": float(diff.max()),
-        "standalone_max_abs_diff": float(np.abs(alone_logits - torch_logits)[real].max()),
+        "standalone_max_abs_diff": None
+        if alone_logits is None
+        else float(np.abs(alone_logits - torch_logits)[real].max()),
         "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[real])),
     }
 
 
 def _measure_decode(
-    model: Model, prepared_sets: dict[str, NativeModel], decode: int, batch: int, per_set: dict[str, dict]
+    model: Model,
+    prepared_sets: dict[str, NativeModel],
+    decode: int,
+    batch: int,
+    per_set: dict[str, dict],
+    kv_cache: str = "f32",
 ) -> dict:
     """Decode rates: each kernel set's go into ``per_set``; PyTorch's and the first set's are returned."""
-    torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch)
+    torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch, kv_cache)
     for name, figures in decode_sets.items():
         per_set[name].update(figures)
     first = per_set[next(iter(prepared_sets))]
@@ -420,15 +436,19 @@ def measure_bench(
     cpp_dir: str | None = None,
     kernels: str | list[str] = "fast",
     progress: Callable[[str], None] | None = None,
+    kv_cache: str = "f32",
 ) -> BenchResult:
     """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
     the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all"); the model files and
-    builds in ``work_dir``. ``progress`` hears what is about to be measured. Prints nothing."""
+    builds in ``work_dir``. ``progress`` hears what is about to be measured. Prints nothing.
+    ``kv_cache``: "f32" or "bf16" for both sides (base_line_micro has only the float32 cache: with
+    "bf16" it is not run for the forward rows)."""
     import torch
 
     from .native import load_native
     from .standalone import build_standalone, run_standalone
 
+    check_kv_cache(kv_cache)
     native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
     sets = bench_kernel_sets(native, kernels)
     if threads:
@@ -442,6 +462,7 @@ def measure_bench(
         "seq_len": seq_len,
         "parameters": config.num_parameters(),
         "kernels": sets,
+        "kv_cache": kv_cache,
     }
     if progress:
         progress(
@@ -451,7 +472,7 @@ def measure_bench(
     times, model, json_path, side_path = _load_times(config, batch, seq_len, seed, work)
     record.update(times)
 
-    torch_t, torch_logits = _measure_torch(model, warmup, repeat)
+    torch_t, torch_logits = _measure_torch(model, warmup, repeat, kv_cache)
     record.update(_stats(torch_t, "torch_forward"))
     stats = {"torch": _logits_stats(torch_logits)}
 
@@ -461,28 +482,37 @@ def measure_bench(
     prepared_sets, cpp_timings = {}, {}
     fmt_files: dict[str, Path] = {}
     for name in sets:
-        prepared_sets[name] = native.prepare(model, name)
-        cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name)
+        prepared_sets[name] = native.prepare(model, name, kv_cache)
+        cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name, kv_cache=kv_cache)
         cpp_logits = prepared_sets[name].forward().logits
         stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
         fmt = native.kernel_format(name)
-        # A bf16/q8 set reads a file of its own format (written once per format, as `quantize` would).
+        # A bf16/q8 set reads a file of its own format (written once per format, as `quantize` would);
+        # base_line_micro keeps a float32 KV cache, so with a bf16 cache every set is timed through cppyy only.
         path = json_path if fmt == "f32" else _format_file(prepared_sets[name].model, work, fmt_files)
-        alone = run_standalone(binary, path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
+        alone = (
+            run_standalone(binary, path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
+            if kv_cache == "f32"
+            else None
+        )
         per_set[name] = {
             **_stats(cpp_timings[name], "cpp_forward"),
             "weight_format": fmt,
-            "standalone_forward_ms": alone.forward_ms,
-            "standalone_load_ms": alone.load_ms,
-            **_agreement(model, torch_logits, cpp_logits, alone.logits),
+            "standalone_forward_ms": alone.forward_ms if alone else None,
+            "standalone_load_ms": alone.load_ms if alone else None,
+            **_agreement(model, torch_logits, cpp_logits, alone.logits if alone else None),
         }
     alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": "fast"})
     record.update(per_set[sets[0]])
+    if record["standalone_load_ms"] is None:  # a bf16 KV cache: no set ran standalone; the load alone
+        record["standalone_load_ms"] = run_standalone(
+            binary, json_path, work / "out_load", 0, 1, {**env_threads, "KERNELS": "fast"}
+        ).load_ms
     record["standalone_load_sidecar_ms"] = alone_side.load_ms
     record["machine"] = machine_info(native.threads)
 
     if decode:
-        record.update(_measure_decode(model, prepared_sets, decode, batch, per_set))
+        record.update(_measure_decode(model, prepared_sets, decode, batch, per_set, kv_cache))
     record["kernel_sets"] = per_set
     return BenchResult(record, torch_t, cpp_timings, stats)
 
@@ -492,7 +522,8 @@ def bench_lines(result: BenchResult) -> list[str]:
     statistics, the largest difference from PyTorch per set, and the decode rates."""
     record, torch_t, sets = result.record, result.torch_forward, result.sets
     per_set = record["kernel_sets"]
-    lines = [
+    lines = [] if record.get("kv_cache", "f32") == "f32" else ["KV cache: bf16 on both sides (keys and values rounded)"]
+    lines += [
         f"{'PyTorch forward':28s} {torch_t.median_ms:10.3f} ms   1.00x   ({torch_t.spread}; min {torch_t.min_ms:.3f}, "
         f"max {torch_t.max_ms:.3f})" + (f" — noisy: {torch_t.noise_reason}" if torch_t.noisy else "")
     ]
@@ -502,6 +533,9 @@ def bench_lines(result: BenchResult) -> list[str]:
             (f"C++ via cppyy ({name})", per_set[name]["cpp_forward_ms"], f"   ({cpp_t.spread})"),
             (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
         ):
+            if ms is None:
+                lines.append(f"{label:28s}        n/a   (base_line_micro keeps a float32 KV cache)")
+                continue
             noisy = torch_t.noisy or (cpp_t.noisy and spread)
             lines.append(
                 f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
@@ -522,7 +556,7 @@ def bench_lines(result: BenchResult) -> list[str]:
         alone = r["standalone_max_abs_diff"]
         lines.append(
             f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            + f"standalone {alone:.3e}"
+            + (f"standalone {alone:.3e}" if alone is not None else "standalone n/a (bf16 KV cache)")
             + (f" ({r['weight_format']} weights against float32)" if r["weight_format"] != "f32" else "")
         )
     if "decode_tokens" in record:
@@ -557,6 +591,7 @@ def run_bench(
     cpp_dir: str | None = None,
     log: Callable[[str], None] = print,
     kernels: str | list[str] = "fast",
+    kv_cache: str = "f32",
 ) -> dict:
     """``celerinfer-lab bench``: measure_bench, then its summary to ``log`` line by line; returns the
     record (the JSON the CLI writes).
@@ -571,7 +606,19 @@ def run_bench(
         if work_dir is None:
             work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="celerinfer-bench-"))
         result = measure_bench(
-            config, batch, seq_len, seed, threads, repeat, warmup, decode, work_dir, cpp_dir, kernels, progress=log
+            config,
+            batch,
+            seq_len,
+            seed,
+            threads,
+            repeat,
+            warmup,
+            decode,
+            work_dir,
+            cpp_dir,
+            kernels,
+            progress=log,
+            kv_cache=kv_cache,
         )
     for line in bench_lines(result):
         log(line)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
 from .errors import CelerInferError, FaultError, ModelFileError, UsageError
 from .flags import CONFIG_FLAGS, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+from .kvcache import KV_CACHE_FORMATS
 from .quantize import WEIGHT_FORMATS
 
 if TYPE_CHECKING:  # for annotations only: the commands import what they run when they run
@@ -328,7 +329,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     engine = load_native(args.cpp_dir, fault=args.fault)
     kernels = engine.kernel_sets if args.kernels == "all" else [engine.check_kernels(args.kernels)]
     if fault is not None:
-        reasons = why_it_cannot_show(fault, model.config, model.attention_mask)
+        reasons = why_it_cannot_show(fault, model.config, model.attention_mask, args.kv_cache)
         shown = [k for k in kernels if k in fault.kernels]
         if not shown:
             reasons.append(
@@ -345,7 +346,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         kernels = shown
     agrees = True
     for name in kernels:
-        report = compare(model, engine, kernels=name, precision=args.precision)
+        report = compare(model, engine, kernels=name, precision=args.precision, kv_cache=args.kv_cache)
         print(f"== {name} kernels{' (fault ' + fault.name + ')' if fault else ''}")
         print(report)
         agrees = agrees and report.agrees
@@ -482,6 +483,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.work_dir,
         args.cpp_dir,
         kernels=args.kernels,
+        kv_cache=args.kv_cache,
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -553,6 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the kernel set(s) to time: fast (default), readable, bf16, q8, readable-bf16, readable-q8, "
         "several joined by commas (fast,bf16,q8), all (each in turn, fast first), or one registered in --cpp-dir",
     )
+    bench.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_FORMATS,
+        default="f32",
+        help="the KV cache's number format on both sides: f32 (default) or bf16 (each new key and value rounded "
+        "to bfloat16 as it joins the cache; base_line_micro keeps f32 and is not run for the forward rows)",
+    )
     cmp = sub.add_parser(
         "compare",
         help="run both forwards and compare every trace point",
@@ -566,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels",
         default="all",
         help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered",
+    )
+    cmp.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_FORMATS,
+        default="f32",
+        help="the KV cache's number format: f32 (default) or bf16 (each new key and value rounded to bfloat16 "
+        "as it joins the cache, on both sides; judged as a rounding point)",
     )
     cmp.add_argument(
         "--precision",
@@ -701,7 +717,15 @@ def cmd_precision(args: argparse.Namespace) -> int:
     from .reader import load_model
 
     model = load_model(args.model)
-    cost = precision_cost(model, args.to, layers_one_at_a_time=not args.no_layers, splice=not args.no_splice)
+    if args.to == "f32" and args.kv_cache == "f32":
+        raise UsageError("--to f32 with the f32 KV cache costs nothing: give --to bf16|q8 or --kv-cache bf16")
+    cost = precision_cost(
+        model,
+        args.to,
+        layers_one_at_a_time=not args.no_layers and args.to != "f32",
+        splice=not args.no_splice,
+        kv_cache=args.kv_cache,
+    )
     print(cost)
     if args.plot:
         cost.plot().savefig(args.plot, dpi=110)
@@ -719,7 +743,15 @@ def _add_precision(sub: argparse._SubParsersAction) -> None:
         "format, not a check of a kernel (that is compare --kernels).",
     )
     pr.add_argument("model", help="a float32 model file")
-    pr.add_argument("--to", choices=("bf16", "q8"), required=True, help="the weight format to cost")
+    pr.add_argument(
+        "--to", choices=WEIGHT_FORMATS, required=True, help="the weight format to cost (f32: with --kv-cache bf16 only)"
+    )
+    pr.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_FORMATS,
+        default="f32",
+        help="bf16: the reduced side also rounds keys and values to bfloat16 as they join the KV cache",
+    )
     pr.add_argument("--plot", help="write the figure (KL per layer, SQNR per op) to this PNG")
     pr.add_argument("--no-layers", action="store_true", help="skip the one-layer-at-a-time forwards")
     pr.add_argument("--no-splice", action="store_true", help="skip the splicing forwards (one per trace point)")

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .errors import UsageError
+from .kvcache import check_kv_cache
 
 # Defined below compare (metrics, tolerances, report, runs) and importable from here as before.
 from .metrics import (
@@ -66,7 +67,7 @@ from .metrics import (
 from .precision import PrecisionCost, precision_cost
 from .quantize import weights_label
 from .report import LogitsReport, PointReport, Report, build_report
-from .runs import Runs, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
+from .runs import Runs, cache_adopter, floor_runs, kernel_runs, model_for, reference_runs, run_all, teacher_from
 from .tolerances import PointTolerance, Tolerances
 from .trace import recorded
 
@@ -154,17 +155,28 @@ class Comparison:
 PRECISION_MODES = ("off", "summary", "full")
 
 
-def _cost(original: Model, fmt: str, precision: str, oracles: dict[str, Runs]) -> PrecisionCost | None:
-    """What ``fmt`` costs the float32 ``original`` (precision="summary": SQNR per point and the logits'
-    KL and top-1; "full": plus the per-layer and per-op attribution); None when there is no float32
-    original to measure against or nothing was asked. ``oracles``: the float64 runs compare already
-    has, by weight format (the reduced one always, the float32 one when a float32 set ran too)."""
-    if precision == "off" or fmt == "f32" or original.weight_format != "f32":
+def _cost(
+    original: Model, fmt: str, precision: str, oracles: dict[str, Runs], kv_cache: str = "f32"
+) -> PrecisionCost | None:
+    """What ``fmt`` (and a bf16 ``kv_cache``) costs the float32 ``original`` (precision="summary": SQNR
+    per point and the logits' KL and top-1; "full": plus the per-layer and per-op attribution); None
+    when there is no float32 original to measure against, nothing is reduced, or nothing was asked.
+    ``oracles``: the float64 runs compare already has, by weight format (the reduced one always, the
+    float32 one when a float32 set ran too): reused when the cache is float32, so none runs twice."""
+    if precision == "off" or (fmt == "f32" and kv_cache == "f32") or original.weight_format != "f32":
         return None
     full = precision == "full"
-    exact = oracles["f32"]["oracle"] if "f32" in oracles else None
+    reuse = kv_cache == "f32"  # with a bf16 cache the oracles follow the kernels' roundings: run afresh
+    exact = oracles["f32"]["oracle"] if reuse and "f32" in oracles else None
+    reduced = oracles[fmt]["oracle"] if reuse else None
     return precision_cost(
-        original, fmt, layers_one_at_a_time=full, splice=full, exact_trace=exact, reduced_trace=oracles[fmt]["oracle"]
+        original,
+        fmt,
+        layers_one_at_a_time=full and fmt != "f32",
+        splice=full,
+        kv_cache=kv_cache,
+        exact_trace=exact,
+        reduced_trace=reduced,
     )
 
 
@@ -196,6 +208,7 @@ def compare(
     baseline: str = "torch",
     tolerances: Tolerances | None = None,
     precision: str = "summary",
+    kv_cache: str = "f32",
 ) -> Report | Comparison:
     """Run the reference (float32 and float64) and the C++ forward (a NativeEngine; default: this
     project's cpp/) on ``model``, accumulated and teacher-forced, and report every trace point.
@@ -211,9 +224,14 @@ def compare(
     says which weights and oracle it used). The other question, what the format costs against the
     float32 model, is answered beside it when ``model`` is float32 (``report.meta["precision_cost"]``,
     a PrecisionCost, in its own labelled section): ``precision`` "summary" (the default: SQNR per
-    point, the logits' KL and top-1), "full" (plus KL per layer and per op) or "off"."""
+    point, the logits' KL and top-1), "full" (plus KL per layer and per op) or "off".
+
+    ``kv_cache``: "f32" (the default) or "bf16": the C++ and the reference round every new key and
+    value to bfloat16 as it joins the cache, traced as self_attn.k_cached / v_cached and judged as
+    a rounding point (kvcache.py: the oracle continues from the C++'s admissible roundings)."""
     from .native import load_native
 
+    check_kv_cache(kv_cache)
     _check_has_real_tokens(model.attention_mask)
     if precision not in PRECISION_MODES:
         raise UsageError(f"precision={precision!r}: one of {', '.join(PRECISION_MODES)}")
@@ -223,14 +241,16 @@ def compare(
     shared: dict[str, Runs] = {}  # the oracle and floors, once per weight format
     for m in matched.values():
         if m.weight_format not in shared:
-            shared[m.weight_format] = floor_runs(m, native, baseline)
-    costs = {fmt: _cost(model, fmt, precision, shared) for fmt in shared}  # what each format costs, once
+            shared[m.weight_format] = floor_runs(m, native, baseline, kv_cache)
+    costs = {fmt: _cost(model, fmt, precision, shared, kv_cache) for fmt in shared}  # what each format costs, once
     reports = {}
     for name in sets:
         fmt = matched[name].weight_format
         floors = shared[fmt]
-        runs = {**floors, **kernel_runs(matched[name], native, name, floors["oracle"])}
-        report = build_report(runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances)
+        runs = {**floors, **kernel_runs(matched[name], native, name, floors["oracle"], kv_cache)}
+        report = build_report(
+            runs, model.config, model.attention_mask, f"C++ ({name})", tolerances=tolerances, kv_cache=kv_cache
+        )
         reports[name] = _finish(report, matched[name], costs[fmt])
     return Comparison(reports) if kernels == "all" else reports[sets[0]]
 
@@ -242,13 +262,16 @@ def compare_decode(
     kernels: str | None = None,
     tolerances: Tolerances | None = None,
     feed: np.ndarray | None = None,
+    kv_cache: str = "f32",
 ) -> list[Report]:
     """Compare a KV-cache decode step by step: the prefill, then ``steps`` single-token steps fed
     with the oracle's greedy tokens (so every run sees the same tokens). One Report per forward;
     the isolated run is teacher forced at every step, so its cache holds the oracle's keys.
     ``kernels``: one kernel set (default: the engine's); ``tolerances``: as for compare().
     ``feed`` [B, N]: the tokens to feed instead (e.g. a generation both sides agreed on); then
-    ``steps`` is N."""
+    ``steps`` is N. ``kv_cache``: as for compare(); with "bf16" each step's accumulated oracle and
+    float32 reference continue from the C++'s admissible cache roundings of every step so far."""
+    check_kv_cache(kv_cache)
     _check_has_real_tokens(model.attention_mask)
     import torch
 
@@ -257,7 +280,7 @@ def compare_decode(
 
     native = native or load_native()
     model = model_for(model, native, kernels or native.kernels)  # the weights the kernels read, for every run
-    ref64, ref32 = ReferenceModel(model, torch.float64), ReferenceModel(model)
+    ref64, ref32 = ReferenceModel(model, torch.float64, kv_cache), ReferenceModel(model, kv_cache=kv_cache)
     if feed is None:
         feed = greedy_generate(ref64, model.input_ids, model.attention_mask, steps)
     else:
@@ -267,16 +290,19 @@ def compare_decode(
         steps = int(feed.shape[1])
     oracle = [recorded(t) for _, t in decode_steps(ref64, model.input_ids, model.attention_mask, feed, trace=True)]
     teachers = [teacher_from(t) for t in oracle]
-    prepared = native.prepare(model, kernels)
+    prepared = native.prepare(model, kernels, kv_cache)
+    ids, mask0 = model.input_ids, model.attention_mask
     runs = {
         "oracle": oracle,
-        "ref32": [recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, trace=True)],
-        "ref32_own": [
-            recorded(t) for _, t in decode_steps(ref32, model.input_ids, model.attention_mask, feed, teachers=teachers)
-        ],
+        "ref32": [recorded(t) for _, t in decode_steps(ref32, ids, mask0, feed, trace=True)],
+        "ref32_own": [recorded(t) for _, t in decode_steps(ref32, ids, mask0, feed, teachers=teachers)],
         "cpp": [r.points for r in prepared.decode_steps(feed, trace=True)],
         "cpp_own": [r.points for r in prepared.decode_steps(feed, trace=True, teachers=teachers)],
     }
+    if kv_cache == "bf16":  # the cache as a rounding point: both references continue from the C++'s choices
+        adopts = [cache_adopter(c, o) for c, o in zip(runs["cpp"], oracle)]
+        for key, ref in (("oracle_acc", ref64), ("ref32", ref32)):
+            runs[key] = [recorded(t) for _, t in decode_steps(ref, ids, mask0, feed, trace=True, adopts=adopts)]
     reports, mask, past = [], model.attention_mask, 0
     for step in range(steps + 1):
         if step:
@@ -288,6 +314,7 @@ def compare_decode(
             subject=f"C++ ({prepared.kernels}) step {step}",
             past_len=past,
             tolerances=tolerances,
+            kv_cache=kv_cache,
         )
         report.meta["step"] = step
         reports.append(_finish(report, model))

@@ -18,7 +18,9 @@ Checks, first match wins:
    row stride; a decode step's key or value stored in the wrong KV-cache slot; softmax over the
    wrong axis; GELU for SiLU, gate and up swapped; the embedding read as an untied head; top-k
    weights not renormalised; a residual added twice, a shared expert dropped; an attention
-   point [B, T, heads, hd] laid out [B, heads, T, hd];
+   point [B, T, heads, hd] laid out [B, heads, T, hd]; a bf16 KV cache point (k_cached, v_cached)
+   rounded another way than to nearest even (truncated, rounded away from zero, ties away, not
+   rounded at all);
 4. y equals another reference trace point (swapped operands, wrong buffer, a skipped op);
    y - x equals another recorded value (an accumulator not cleared);
 5. an error confined to a part, the rest exact: the last n % 16 elements (a vector loop's tail),
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kvcache import CACHE_PRE, round_bf16
 from .metrics import MASKED_BELOW, live_rows
 from .modelfile import Model
 from .reference import repeat_kv, rmsnorm, rope
@@ -98,7 +101,8 @@ class _Context:
         self.key_mask = report.meta.get("key_mask", self.mask)  # every key [B, past + S]
         self.past = report.meta.get("past_len", 0)  # decode: keys already cached (not in this trace)
         B, S = self.mask.shape
-        self.point = next(p for p in trace_points(self.config, B, S, self.past) if p.name == self.name)
+        kv_cache = report.meta.get("kv_cache", "f32")
+        self.point = next(p for p in trace_points(self.config, B, S, self.past, kv_cache) if p.name == self.name)
         self.base_error = _rel(self.y, self.x)
         own_floor = self.culprit.own_floor
         min_floor = report.tolerances.at(self.name).min_floor
@@ -350,6 +354,44 @@ def _value_slot(c: _Context) -> str | None:
                 f"instead of {P - 1} and nothing at {P - 1}: the new value was stored in the wrong slot, over "
                 f"key {j}'s value"
             )
+    return None
+
+
+def _bf16_bits(x: np.ndarray, how: str) -> np.ndarray:
+    """float32(x) cut to bf16 by ``how``: "truncate" (drop the low 16 bits), "away" (round up in
+    magnitude), "ties_away" (nearest, ties away from zero)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    add = {"truncate": 0, "away": 0xFFFF, "ties_away": 0x8000}[how]
+    return ((u + add) & 0xFFFF0000).astype(np.uint32).view(np.float32).reshape(np.shape(x))
+
+
+def _cache_rounding(c: _Context) -> str | None:
+    """A bf16 KV cache point: the C++ rounded the teacher's float32 value some other way than to
+    nearest even (the isolated run rounds exactly the value the oracle rounds)."""
+    if c.op not in CACHE_PRE:
+        return None
+    pre = c.oracle[c.prefix(CACHE_PRE[c.op])].astype(np.float32).reshape(c.y.shape)
+    y = c.live(c.y)
+    if np.array_equal(y, c.live(round_bf16(pre).astype(np.float64)), equal_nan=True):
+        return None
+    differ = int((y != c.live(round_bf16(pre).astype(np.float64))).sum())
+    ways = {
+        "truncate": "truncates (drops the low 16 bits: rounds toward zero)",
+        "away": "rounds away from zero",
+        "ties_away": "rounds ties away from zero",
+    }
+    for how, words in ways.items():
+        if np.array_equal(y, c.live(_bf16_bits(pre, how).astype(np.float64)), equal_nan=True):
+            return (
+                f"bf16 rounding wrong: the KV cache {words} instead of round-to-nearest-even "
+                f"({differ} of {y.size} values differ)"
+            )
+    if np.array_equal(y, c.live(pre.astype(np.float64)), equal_nan=True):
+        return "bf16 rounding skipped: the KV cache holds the float32 values, not rounded to bfloat16"
+    if np.array_equal(y, c.live(round_bf16(y)), equal_nan=True):
+        return (
+            f"bf16 rounding wrong: the cached values are bfloat16 but not the nearest-even rounding ({differ} differ)"
+        )
     return None
 
 
@@ -739,6 +781,7 @@ CHECKS = (
     _rope_variant,
     _scores_variants,
     _cache_slots,
+    _cache_rounding,
     _probs_variant,
     _act_variants,
     _head_variant,

@@ -6,8 +6,9 @@ readable loops cannot show in the fast set), the trace point that must be named 
 (the first layer it touches), words the diagnosis must contain (when a diagnosis applies), the
 model settings and inputs that expose it (a GQA bug is invisible when every query head has its
 own kv head; a tail bug needs a size that is not a multiple of the kernel's block; default inputs:
-batch 2, 8 tokens, no padding), and the decode step where it first shows (0: the prefill; a
-decode-only fault leaves the prefill exact, so only compare_decode finds it).
+batch 2, 8 tokens, no padding), the decode step where it first shows (0: the prefill; a
+decode-only fault leaves the prefill exact, so only compare_decode finds it), and the KV cache
+format that exposes it (a bug in the bf16 cache's rounding needs ``kv_cache="bf16"``).
 tests/test_faults.py runs each fault on every kernel set: found and diagnosed where it applies,
 agreement where it does not.
 """
@@ -48,6 +49,7 @@ class Fault:
     model: dict = field(default_factory=dict)  # ModelConfig overrides that expose the fault
     inputs: dict = field(default_factory=dict)  # generate_model inputs: batch_size, seq_len, padding
     step: int = 0  # the decode step where it first shows (0: the prefill)
+    kv_cache: str = "f32"  # the KV cache format that exposes it ("bf16": a bug in the cache's rounding)
 
 
 BOTH = ("readable", "fast")
@@ -507,6 +509,22 @@ CATALOGUE: list[Fault] = [
     ),
 ]
 CATALOGUE += [
+    # ---- the bf16 KV cache (an engine option): the rounding in ops.hpp, shared by every kernel set ---
+    Fault(
+        "kv_bf16_truncation",
+        "the bf16 KV cache truncates each key and value (drops the low 16 bits) instead of rounding to nearest even",
+        _edit(
+            "ops.hpp",
+            "        else u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;",
+            "        else u = u & 0xffff0000u;",
+        ),
+        BOTH,
+        L0 + "self_attn.k_cached",
+        "truncates",
+        kv_cache="bf16",
+    ),
+]
+CATALOGUE += [
     # ---- the bf16 / q8 kernel sets (reduced.hpp), judged on the same decoded weights --------------
     Fault(
         "q8_neighbour_block_scale",
@@ -584,7 +602,9 @@ def apply_fault(fault: Fault, source: str | Path, dest: str | Path | None = None
     return dest
 
 
-def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask: np.ndarray | None = None) -> list[str]:
+def why_it_cannot_show(
+    fault: Fault, config: ModelConfig, attention_mask: np.ndarray | None = None, kv_cache: str = "f32"
+) -> list[str]:
     """What keeps ``fault`` from showing on a model: each reason names the generate flag that fixes it."""
     reasons = []
     for key, wanted in fault.model.items():
@@ -597,6 +617,10 @@ def why_it_cannot_show(fault: Fault, config: ModelConfig, attention_mask: np.nda
             )
         elif have != wanted:
             reasons.append(f"{key} is {have!r}, the fault needs {wanted!r}: {flag_for(key, wanted)}")
+    if fault.kv_cache != "f32" and kv_cache != fault.kv_cache:
+        reasons.append(
+            f"the KV cache is {kv_cache}, the fault is in the {fault.kv_cache} cache: --kv-cache {fault.kv_cache}"
+        )
     padding = fault.inputs.get("padding", "none")
     if padding != "none" and attention_mask is not None and attention_mask.all():
         reasons.append(f"the inputs have no padding: --padding {padding}")

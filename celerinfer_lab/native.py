@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from .config import ModelConfig
 from .faults import apply_fault, get_fault
+from .kvcache import check_kv_cache
 from .modelfile import Model, input_problem
 from .paths import DEFAULT_CPP_DIR, HEADER, copy_cpp, edit_source  # noqa: F401  (defined in paths.py, re-exported here)
 from .paths import include_dir as _include_dir
@@ -214,11 +215,13 @@ class NativeEngine:
     def threads(self) -> int:
         return int(self.ns.num_threads())
 
-    def prepare(self, model: Model, kernels: str | None = None) -> "NativeModel":
+    def prepare(self, model: Model, kernels: str | None = None, kv_cache: str = "f32") -> "NativeModel":
         """``model`` bound for a kernel set, converted to the weight format the set reads
         (``model.as_format``): a float32 model quantized in memory for bf16/q8 sets, a bf16/q8
-        model's float32 decoding for readable/fast. ``NativeModel.model`` is the converted model."""
-        return NativeModel(self, model, kernels or self.kernels)
+        model's float32 decoding for readable/fast. ``NativeModel.model`` is the converted model.
+        ``kv_cache``: "f32" (the default) or "bf16": every new key and value rounded to bfloat16
+        as it joins the cache (an engine choice, for any kernel set and weight format)."""
+        return NativeModel(self, model, kernels or self.kernels, kv_cache)
 
     def forward(
         self,
@@ -228,8 +231,9 @@ class NativeEngine:
         attention_mask: np.ndarray | None = None,
         teacher: dict[str, np.ndarray] | None = None,
         kernels: str | None = None,
+        kv_cache: str = "f32",
     ) -> ForwardResult:
-        return self.prepare(model, kernels).forward(input_ids, attention_mask, trace, teacher)
+        return self.prepare(model, kernels, kv_cache).forward(input_ids, attention_mask, trace, teacher)
 
 
 def load_native(
@@ -276,9 +280,10 @@ def _f32(array: np.ndarray) -> np.ndarray:
 class NativeModel:
     """A model bound to one compiled version: weights by pointer (kept alive here), workspaces by shape."""
 
-    def __init__(self, engine: NativeEngine, model: Model, kernels: str = DEFAULT_KERNELS):
+    def __init__(self, engine: NativeEngine, model: Model, kernels: str = DEFAULT_KERNELS, kv_cache: str = "f32"):
         model.check_sidecar()  # binding and packing read the weights, which may be a memory-mapped sidecar
         self.engine, self.ns, self.kernels = engine, engine.ns, engine.check_kernels(kernels)
+        self.kv_cache = check_kv_cache(kv_cache)
         self.weight_format = engine.kernel_format(self.kernels)  # what the kernel set reads
         model = model.as_format(self.weight_format)  # itself when it already is in that format
         self.model, self.config = model, model.config
@@ -319,7 +324,9 @@ class NativeModel:
     def workspace(self, B: int, S: int, max_len: int | None = None) -> Cpp:
         key = (B, S, max_len or S)
         if key not in self._workspaces:
-            self._workspaces[key] = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, max_len or S)
+            ws = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, max_len or S)
+            ws.kv_format = self.ns.KVFormat.BF16 if self.kv_cache == "bf16" else self.ns.KVFormat.F32
+            self._workspaces[key] = ws
         return self._workspaces[key]
 
     def run(
@@ -370,14 +377,16 @@ class NativeModel:
         recorder = self._recorder(trace, teacher, B, S, 0)
         self.run(ids, mask, logits, recorder)
         _check_guard(guarded, logits.size)
-        return ForwardResult(logits=logits, trace=_read_trace(recorder, self.config, B, S) if recorder else None)
+        return ForwardResult(
+            logits=logits, trace=_read_trace(recorder, self.config, B, S, 0, self.kv_cache) if recorder else None
+        )
 
     def _recorder(self, trace: bool, teacher: dict[str, np.ndarray] | None, B: int, S: int, past_len: int) -> Cpp:
         """A TraceRecorder holding the teacher's values (kept alive on it), or None for no trace."""
         if not trace and teacher is None:
             return None
         recorder, kept = self.ns.TraceRecorder(), []
-        points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len)}
+        points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len, self.kv_cache)}
         for name, value in (teacher or {}).items():
             if name not in points or tuple(np.shape(value)) != points[name]:
                 raise UsageError(
@@ -471,7 +480,7 @@ class NativeModel:
             recorder = self._recorder(trace, teachers[step] if teachers else None, B, S, start)
             self.run(ids, mask, logits, recorder, start=start, workspace=ws)
             _check_guard(guarded, logits.size)
-            points = _read_trace(recorder, self.config, B, S, start) if trace else None
+            points = _read_trace(recorder, self.config, B, S, start, self.kv_cache) if trace else None
             chosen = next_token(step, logits, points)
             start += S
             if chosen is None or step == forwards - 1:
@@ -498,9 +507,11 @@ def _check_guard(buffer: np.ndarray, n: int) -> None:
         raise NativeError(f"out-of-bounds write: the forward wrote past the end of the logits ({n} floats)")
 
 
-def _read_trace(recorder: Cpp, config: ModelConfig, B: int, S: int, past_len: int = 0) -> dict[str, np.ndarray]:
+def _read_trace(
+    recorder: Cpp, config: ModelConfig, B: int, S: int, past_len: int = 0, kv_cache: str = "f32"
+) -> dict[str, np.ndarray]:
     """Copy the recorded points out of C++, with the contract's dtypes (topk_idx is int64)."""
-    dtypes = {p.name: p.dtype for p in trace_points(config, B, S, past_len)}
+    dtypes = {p.name: p.dtype for p in trace_points(config, B, S, past_len, kv_cache)}
     out: dict[str, np.ndarray] = {}
     for i in range(recorder.size()):
         name, shape, n = str(recorder.name(i)), tuple(recorder.shape(i)), int(recorder.numel(i))

@@ -166,13 +166,13 @@ def attention_heatmap(
     else layer 0's scores): mean |y - x| over the rest of each head's values."""
     config = report.meta["config"]
     B, S = report.attention_mask.shape
-    points = {p.name: p for p in trace_points(config, B, S)}
+    points = {p.name: p for p in trace_points(config, B, S, kv_cache=report.meta.get("kv_cache", "f32"))}
     if point is None:
         c = report.culprit
         point = c.name if c is not None and ".self_attn." in c.name else "model.layers.0.self_attn.scores"
     if point not in points or ".self_attn." not in point:
         raise ValueError(f"{point!r} is not an attention trace point")
-    x = report.runs["oracle"][point].astype(np.float64)[batch]
+    x = report.runs[_oracle_for(report, isolated)][point].astype(np.float64)[batch]
     y = report.runs["cpp_own" if isolated else "cpp"][point].astype(np.float64)[batch]
     masked = (x <= MASKED_BELOW) | ~np.isfinite(x)
     with np.errstate(invalid="ignore"):
@@ -199,6 +199,12 @@ def attention_heatmap(
     return fig
 
 
+def _oracle_for(report: Report, isolated: bool) -> str:
+    """The oracle a run is measured against (report.accumulated_oracle: a bf16 KV cache's accumulated
+    run against the oracle continued from the C++'s admissible roundings)."""
+    return "oracle_acc" if not isolated and "oracle_acc" in report.runs else "oracle"
+
+
 DENSITY_ABOVE = 10_000  # scatter plots with more points become hexbin density plots
 
 
@@ -210,7 +216,7 @@ def scatter_and_histogram(
     if point is None:
         point = report.culprit.name if report.culprit is not None else "lm_head"
     report.point(point)  # a clear KeyError for an unknown name
-    x = report.runs["oracle"][point].astype(np.float64).ravel()
+    x = report.runs[_oracle_for(report, isolated)][point].astype(np.float64).ravel()
     y = report.runs["cpp_own" if isolated else "cpp"][point].astype(np.float64).ravel()
     ok = np.isfinite(x) & np.isfinite(y) & (x > MASKED_BELOW) & (y > MASKED_BELOW)
     x, y = x[ok], y[ok]
@@ -240,7 +246,7 @@ def logits_agreement(report: Report, figsize: tuple[float, float] = (10, 3.5)) -
     the top-1 token agrees."""
     lg = report.logits
     B, S = lg.kl_per_token.shape
-    x = report.runs["oracle"]["lm_head"]
+    x = report.runs[_oracle_for(report, False)]["lm_head"]
     y = report.runs["cpp"]["lm_head"]
     agree = x.argmax(-1) == y.argmax(-1)
     real = report.attention_mask.astype(bool)

@@ -26,6 +26,12 @@ difference is the format's and none is a kernel's or float32 arithmetic's.
 
 ``fmt`` is "f32", "bf16", "q8" or any ``WeightFormat``: a name and the function giving a weight's
 values in that format (a test plants a layer-specific perturbation as a fake format).
+
+``kv_cache="bf16"``: the reduced side also rounds every key and value to bfloat16 as it joins the
+KV cache (kvcache.py), so ``precision_cost(model, "f32", kv_cache="bf16")`` is what the bf16 cache
+alone costs. The one-group-at-a-time runs keep the bf16 cache throughout (each group's weights on
+top of it), and splicing walks the float32 model's points: the cache rounding is carried into the
+float32 run by the next spliced point (the scores).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UsageError
+from .kvcache import check_kv_cache
 from .metrics import errors, kl_per_token, live_rows
 from .modelfile import Model
 from .quantize import check_weight_format, decode, encode
@@ -145,6 +152,7 @@ class PrecisionCost:
 
     fmt: str
     config: ModelConfig
+    kv_cache: str = field(default="f32", kw_only=True)  # "bf16": the reduced side's KV cache is bf16
     sqnr: dict[str, float]  # trace point -> SQNR dB over real positions (float points, forward order)
     kl: float  # mean KL(float32 || reduced) of the logits, nats, real positions
     top1: float  # top-1 agreement over real positions
@@ -154,7 +162,10 @@ class PrecisionCost:
 
     @property
     def label(self) -> str:
-        return f"precision cost (float32 model vs its {self.fmt} weights, both in the float64 reference)"
+        if self.kv_cache == "f32":
+            return f"precision cost (float32 model vs its {self.fmt} weights, both in the float64 reference)"
+        weights = "" if self.fmt == "f32" else f"its {self.fmt} weights and "
+        return f"precision cost (float32 model vs {weights}a {self.kv_cache} KV cache, both in the float64 reference)"
 
     def splice_by_group(self) -> dict[str, float]:
         """The splice contributions summed per group ("embed", "layer 0", ..., "head")."""
@@ -279,24 +290,27 @@ def precision_cost(
     *,
     layers_one_at_a_time: bool = True,
     splice: bool = True,
+    kv_cache: str = "f32",
     exact_trace: dict[str, np.ndarray] | None = None,
     reduced_trace: dict[str, np.ndarray] | None = None,
 ) -> PrecisionCost:
     """What storing ``model``'s reduced weights in ``fmt`` costs, on the model file's own inputs, with
     both sides in the float64 reference (module docstring). ``layers_one_at_a_time``: one forward per
-    layer (and the head); ``splice``: one per op that reads a reduced weight. ``exact_trace`` /
-    ``reduced_trace``: the float64 traces of ``model`` and of ``model.as_format(fmt)`` when the caller
+    layer (and the head); ``splice``: one per op that reads a reduced weight. ``kv_cache="bf16"``: the
+    reduced side's KV cache is bf16 too (fmt "f32": the cache's cost alone). ``exact_trace`` /
+    ``reduced_trace``: the float64 traces of ``model`` and of the reduced model when the caller
     already ran them (compare's oracles), so they are not run twice."""
     import torch
 
     from .reference import ReferenceModel
 
     _check_float32(model)
+    check_kv_cache(kv_cache)
     f = WeightFormat.of(fmt)
     reduced = model.as_format(fmt) if isinstance(fmt, str) else with_reduced(model, f)
     exact = ReferenceModel(model, torch.float64)
     ref_logits, ref_trace = _logits_and_trace(exact, exact_trace)
-    red_logits, red_trace = _logits_and_trace(ReferenceModel(reduced, torch.float64), reduced_trace)
+    red_logits, red_trace = _logits_and_trace(ReferenceModel(reduced, torch.float64, kv_cache), reduced_trace)
     mask = np.asarray(model.attention_mask)
     points = trace_points(model.config, model.batch_size, model.seq_len)
     sqnr = {
@@ -310,15 +324,16 @@ def precision_cost(
     cost = PrecisionCost(
         fmt=f.name,
         config=model.config,
+        kv_cache=kv_cache,
         sqnr=sqnr,
         kl=mean_kl(ref_logits, red_logits, mask),
         top1=top1_agreement(ref_logits, red_logits, mask),
         max_abs_logit=float(np.abs(ref_logits - red_logits)[real].max()) if real.any() else 0.0,
     )
-    if layers_one_at_a_time:
+    if layers_one_at_a_time and not (f.name == "f32" and kv_cache != "f32"):  # only the cache: no group
         for group, names in reduced_groups(model.config).items():
             if names:
-                logits, _ = _run(ReferenceModel(with_reduced(model, f, names), torch.float64))
+                logits, _ = _run(ReferenceModel(with_reduced(model, f, names), torch.float64, kv_cache))
                 cost.layer_kl[group] = mean_kl(ref_logits, logits, mask)
     if splice:
         cost.splice_kl = splice_contributions(exact, red_trace, [p.name for p in points], ref_logits, mask)

@@ -31,11 +31,15 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import UsageError
+from .kvcache import check_kv_cache, round_bf16
 from .modelfile import Model, input_problem
 from .trace import ForwardResult, Point, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
 # Token ids or a mask [B, S] as a caller gives them: a torch tensor, a numpy array or nested lists.
 Tokens = torch.Tensor | npt.ArrayLike
+# A bf16 cache point's choice: (trace name, the run's value before rounding, its own RNE) -> the values
+# the cache holds (runs.py adopts the C++'s admissible roundings; see kvcache.py).
+Adopt = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
 
 
 class _Tracer:
@@ -46,9 +50,19 @@ class _Tracer:
     op's own result on exact inputs (teacher forcing, used to isolate an op's own error).
     """
 
-    def __init__(self, enabled: bool, teacher: dict[str, torch.Tensor] | None = None):
+    def __init__(self, enabled: bool, teacher: dict[str, torch.Tensor] | None = None, adopt: Adopt | None = None):
         self.points: dict[str, torch.Tensor] | None = {} if enabled or teacher else None
         self.teacher = teacher
+        self.adopt = adopt  # a bf16 cache's choice of rounding (None: the run's own RNE)
+
+    def to_cache(self, point: Point, value: torch.Tensor, layer: int) -> torch.Tensor:
+        """``value`` as a bf16 KV cache holds it (round_bf16, or the adopted choice), traced as ``point``."""
+        pre = value.detach().numpy()
+        rounded = round_bf16(pre)
+        if self.adopt is not None:
+            rounded = self.adopt(point_name(point, layer), pre, rounded)
+        cached = torch.from_numpy(np.ascontiguousarray(rounded)).to(value.dtype).reshape(value.shape)
+        return self(point, cached, layer)
 
     def __call__(
         self, point: Point, value: torch.Tensor, layer: int | None = None, index: int | None = None
@@ -154,10 +168,11 @@ def _as_int64(value: Tokens, name: str, integer: bool = True) -> torch.Tensor:
 class ReferenceModel:
     """Weights as torch tensors in one dtype, ready for repeated forwards (benchmarks, tests)."""
 
-    def __init__(self, model: Model, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: Model, dtype: torch.dtype = torch.float32, kv_cache: str = "f32"):
         model.check_sidecar()  # the copies below read every page of a memory-mapped sidecar
         self.config: ModelConfig = model.config
         self.dtype = dtype
+        self.kv_cache = check_kv_cache(kv_cache)  # "bf16": keys and values rounded as they join the cache
         # np.array copies: the loaded arrays are read-only views of the decoded file bytes. A bf16/q8
         # model's reduced weights are decoded from their stored form in float64 (exact) when the forward
         # runs in float64: the precision-matched oracle of the reduced-precision kernel sets.
@@ -178,6 +193,7 @@ class ReferenceModel:
         trace: bool = False,
         teacher: dict[str, np.ndarray] | None = None,
         cache: KVCache | None = None,
+        adopt: Adopt | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs.
 
@@ -189,10 +205,11 @@ class ReferenceModel:
         ``cache``: decode incrementally: the new tokens sit at positions cache.length..., attend to
         the cached keys too, and are appended to the cache; attention_mask then covers all keys
         [B, cache.length + S].
+        ``adopt``: with a bf16 KV cache, chooses the values each cache point holds (see kvcache.py).
         """
         ids, mask = self._inputs(input_ids, attention_mask, cache.length if cache is not None else 0)
         forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
-        return self._forward(ids, mask, _Tracer(trace, forced), cache)
+        return self._forward(ids, mask, _Tracer(trace, forced, adopt), cache)
 
     def training_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] for ids [B, S] (no padding) outside inference mode, so that gradients
@@ -269,6 +286,8 @@ class ReferenceModel:
             k = tr(Point.k_norm, rmsnorm(k, w[f"{p}.k_norm.weight"], cfg.rms_norm_eps), i)
         q = tr(Point.rope_q, rope(q, cos, sin, cfg.rope_pairing), i)
         k = tr(Point.rope_k, rope(k, cos, sin, cfg.rope_pairing), i)
+        if self.kv_cache == "bf16":  # a bf16 cache: the new keys and values rounded as they join it
+            k, v = tr.to_cache(Point.k_cached, k, i), tr.to_cache(Point.v_cached, v, i)
         if cache is not None:  # decode: the new keys/values join the cached ones
             if layer < len(cache.keys):
                 k, v = torch.cat([cache.keys[layer], k], dim=1), torch.cat([cache.values[layer], v], dim=1)
@@ -325,10 +344,11 @@ def decode_steps(
     feed: np.ndarray,
     trace: bool = False,
     teachers: list[dict[str, np.ndarray]] | None = None,
+    adopts: list[Adopt] | None = None,
 ) -> list[tuple[np.ndarray, dict[str, np.ndarray] | None]]:
     """Prefill the prompt, then feed the tokens of ``feed`` [B, N] one step at a time with the KV
-    cache. One (logits, trace) per forward: the prefill, then N steps. ``teachers``: one teacher per
-    forward (see ReferenceModel.forward)."""
+    cache. One (logits, trace) per forward: the prefill, then N steps. ``teachers`` / ``adopts``: one
+    per forward (see ReferenceModel.forward)."""
     cache = KVCache.empty()
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
@@ -336,7 +356,8 @@ def decode_steps(
     out = []
     for step in range(tokens.shape[1] + 1):
         teacher = teachers[step] if teachers else None
-        logits, points = ref.forward(ids, mask, trace=trace, teacher=teacher, cache=cache)
+        adopt = adopts[step] if adopts else None
+        logits, points = ref.forward(ids, mask, trace=trace, teacher=teacher, cache=cache, adopt=adopt)
         out.append((logits.numpy(), None if points is None else {k: v.numpy() for k, v in points.items()}))
         if step < tokens.shape[1]:
             ids = tokens[:, step : step + 1]
@@ -368,10 +389,16 @@ def greedy_generate(
 
 
 def reference_forward(
-    model: Model, dtype: torch.dtype = torch.float32, trace: bool = False, teacher: dict[str, np.ndarray] | None = None
+    model: Model,
+    dtype: torch.dtype = torch.float32,
+    trace: bool = False,
+    teacher: dict[str, np.ndarray] | None = None,
+    kv_cache: str = "f32",
+    adopt: Adopt | None = None,
 ) -> ForwardResult:
-    """Run the reference on the model file's own inputs; numpy logits and trace."""
-    logits, points = ReferenceModel(model, dtype).forward(trace=trace, teacher=teacher)
+    """Run the reference on the model file's own inputs; numpy logits and trace. ``kv_cache``: "f32"
+    or "bf16" (keys and values rounded as they join the cache); ``adopt``: see ReferenceModel.forward."""
+    logits, points = ReferenceModel(model, dtype, kv_cache).forward(trace=trace, teacher=teacher, adopt=adopt)
     return ForwardResult(
         logits=logits.numpy(),
         trace=None if points is None else {k: v.numpy() for k, v in points.items()},

@@ -57,6 +57,12 @@ def summary(report: Report) -> str:
     ]
     if report.meta.get("weights"):  # a bf16/q8 kernel set: judged against float64 on the same weights
         lines.insert(0, f"kernel correctness ({report.meta['weights']})")
+    if report.meta.get("kv_cache") == "bf16":  # the cache points judged as rounding points (kvcache.py)
+        lines.insert(
+            0,
+            "KV cache: bf16 (keys and values rounded to nearest even as they join the cache; the oracle "
+            "adopts the C++'s admissible roundings)",
+        )
     cost = report.meta.get("precision_cost")
     if report.agrees:
         overrides = len(report.tolerances.overrides)

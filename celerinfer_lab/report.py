@@ -122,6 +122,13 @@ class Report:
 
 
 # ---- building a report -------------------------------------------------------------------------
+def accumulated_oracle(runs: Runs) -> str:
+    """The run the accumulated runs (cpp, ref32) are measured against: "oracle_acc" when there is one
+    (a bf16 KV cache: the oracle continued from the C++'s admissible roundings, kvcache.py), else
+    "oracle" (the teacher-forced runs are always measured against "oracle", their teacher)."""
+    return "oracle_acc" if "oracle_acc" in runs else "oracle"
+
+
 def _point_errors(point: TracePoint, runs: Runs, mask: np.ndarray, key_x: str, key_y: str) -> Errors:
     x, y = runs[key_x][point.name], runs[key_y][point.name]  # build_report checked both are there
     return errors(live_rows(x, point.token_axis, mask), live_rows(y, point.token_axis, mask))
@@ -148,7 +155,9 @@ def _padded_nonfinite(x: np.ndarray, y: np.ndarray, token_axis: int, mask: np.nd
 
 
 def _index_mismatches(point: TracePoint, runs: Runs, mask: np.ndarray, key: str) -> int:
-    x = live_rows(runs["oracle"][point.name], point.token_axis, mask)
+    x = live_rows(
+        runs["oracle" if key.endswith("_own") else accumulated_oracle(runs)][point.name], point.token_axis, mask
+    )
     y = live_rows(runs[key][point.name], point.token_axis, mask)
     return int((x != y).sum())
 
@@ -226,7 +235,7 @@ def _index_point(point: TracePoint, runs: Runs, mask: np.ndarray) -> PointReport
 
 def _n_bad(point: TracePoint, runs: Runs, mask: np.ndarray, rule: PointTolerance, class_mismatch: int) -> int:
     """Elements whose error exceeds the factor times float32's largest elementwise error there."""
-    x = live_rows(runs["oracle"][point.name], point.token_axis, mask).astype(np.float64)
+    x = live_rows(runs[accumulated_oracle(runs)][point.name], point.token_axis, mask).astype(np.float64)
     y = live_rows(runs["cpp"][point.name], point.token_axis, mask).astype(np.float64)
     r = live_rows(runs["ref32"][point.name], point.token_axis, mask).astype(np.float64)
     finite = np.isfinite(x) & (x > MASKED_BELOW)
@@ -239,8 +248,9 @@ def _float_point(
     point: TracePoint, runs: Runs, mask: np.ndarray, rule: PointTolerance, scale: float, override: str
 ) -> PointReport:
     """A float trace point judged by ``rule``; ``scale``: the RMS the op combines (for abs_tol)."""
-    e = _point_errors(point, runs, mask, "oracle", "cpp")
-    f = _point_errors(point, runs, mask, "oracle", "ref32")
+    acc = accumulated_oracle(runs)
+    e = _point_errors(point, runs, mask, acc, "cpp")
+    f = _point_errors(point, runs, mask, acc, "ref32")
     own = _point_errors(point, runs, mask, "oracle", "cpp_own")
     own_f = _point_errors(point, runs, mask, "oracle", "ref32_own")
     tol, own_tol, abs_tol = rule.rel_tol(f.rel_l2), rule.rel_tol(own_f.rel_l2), rule.abs_tol(scale)
@@ -252,8 +262,8 @@ def _float_point(
     # Padded rows are left out of the metrics, but a NaN or Inf there is found where it starts:
     # one layer later it spreads into real rows (0 * NaN).
     padded_bad, padded_own_bad = (
-        _padded_nonfinite(runs["oracle"][point.name], runs[k][point.name], point.token_axis, mask)
-        for k in ("cpp", "cpp_own")
+        _padded_nonfinite(runs[x][point.name], runs[k][point.name], point.token_axis, mask)
+        for x, k in ((acc, "cpp"), ("oracle", "cpp_own"))
     )
     if padded_bad or padded_own_bad:
         notes.append(f"{max(padded_bad, padded_own_bad)} NaN/Inf in padded rows")
@@ -287,15 +297,18 @@ def build_report(
     subject: str = "C++",
     past_len: int = 0,
     tolerances: Tolerances | None = None,
+    kv_cache: str = "f32",
 ) -> Report:
     """Compare runs['cpp'] (and runs['cpp_own']) with runs['oracle'], floors from runs['ref32'] and
     runs['ref32_own']. attention_mask covers every key [B, past_len + S]; past_len > 0 for a
-    decode step over S new tokens. ``tolerances``: the rule (default Tolerances())."""
+    decode step over S new tokens. ``tolerances``: the rule (default Tolerances()). ``kv_cache``:
+    "bf16" adds the cache points; the accumulated runs are then measured against runs['oracle_acc']
+    when given (accumulated_oracle)."""
     tolerances = tolerances or Tolerances()
     key_mask = attention_mask
     mask = attention_mask[:, past_len:]  # the rows compared: the new tokens that are real
     B, S = mask.shape
-    points = trace_points(config, B, S, past_len)
+    points = trace_points(config, B, S, past_len, kv_cache)
     tolerances.check_overrides_match([p.name for p in points])
     reports: list[PointReport] = []
     previous_rms = 0.0
@@ -325,7 +338,7 @@ def build_report(
         runs,
         mask,
         subject=subject,
-        meta={"config": config, "key_mask": key_mask, "past_len": past_len},
+        meta={"config": config, "key_mask": key_mask, "past_len": past_len, "kv_cache": kv_cache},
         tolerances=tolerances,
     )
 
@@ -351,7 +364,7 @@ def _label(points: list[PointReport], amplify: float) -> None:
 
 
 def _logits_report(runs: Runs, mask: np.ndarray) -> LogitsReport:
-    x, y, r = runs["oracle"]["lm_head"], runs["cpp"]["lm_head"], runs["ref32"]["lm_head"]
+    x, y, r = runs[accumulated_oracle(runs)]["lm_head"], runs["cpp"]["lm_head"], runs["ref32"]["lm_head"]
     real = mask.astype(bool)
     with np.errstate(all="ignore"):
         kl = np.where(real, kl_per_token(x, y), np.nan)

@@ -51,7 +51,8 @@ class PointSpec:
     shape: tuple[str, ...]  # symbols, one per axis
     doc: str
     in_layer: bool = True
-    # Which models have the point: "always", or "qk_norm" / "dense" / "moe" / "shared_expert" (has_feature);
+    # Which models have the point: "always", or "qk_norm" / "dense" / "moe" / "shared_expert" (has_feature),
+    # or "kv_bf16" (a forward whose KV cache is bf16: an engine choice, not a model field);
     # a "shared_expert" point repeats once per shared expert, its name ending in the expert's index.
     feature: str = "always"
     dtype: str = "float"  # "float" (the forward's float type) or "int64"
@@ -69,6 +70,20 @@ POINTS: tuple[PointSpec, ...] = (
     PointSpec("k_norm", "self_attn.k_norm", ("B", "S", "kvh", "hd"), "RMSNorm over each key head", feature="qk_norm"),
     PointSpec("rope_q", "self_attn.rope_q", ("B", "S", "nh", "hd"), "queries after RoPE"),
     PointSpec("rope_k", "self_attn.rope_k", ("B", "S", "kvh", "hd"), "keys after RoPE"),
+    PointSpec(
+        "k_cached",
+        "self_attn.k_cached",
+        ("B", "S", "kvh", "hd"),
+        "the new keys as the bf16 KV cache holds them (rope_k rounded to bfloat16)",
+        feature="kv_bf16",
+    ),
+    PointSpec(
+        "v_cached",
+        "self_attn.v_cached",
+        ("B", "S", "kvh", "hd"),
+        "the new values as the bf16 KV cache holds them (v_proj rounded to bfloat16)",
+        feature="kv_bf16",
+    ),
     PointSpec(
         "scores",
         "self_attn.scores",
@@ -147,6 +162,8 @@ class Point(enum.Enum):
     k_norm = enum.auto()
     rope_q = enum.auto()
     rope_k = enum.auto()
+    k_cached = enum.auto()
+    v_cached = enum.auto()
     scores = enum.auto()
     probs = enum.auto()
     context = enum.auto()
@@ -202,8 +219,9 @@ def symbol_sizes(config: ModelConfig, batch: int, seq_len: int, past_len: int = 
     return {**sizes, "B": batch, "S": seq_len, "P": past_len + seq_len}
 
 
-def has_feature(config: ModelConfig, feature: str) -> bool:
+def has_feature(config: ModelConfig, feature: str, kv_cache: str = "f32") -> bool:
     return {
+        "kv_bf16": kv_cache == "bf16",
         "always": True,
         "qk_norm": bool(config.qk_norm),
         "dense": not config.use_moe,
@@ -221,16 +239,19 @@ class TracePoint:
     token_axis: int = 1  # the axis of token positions (2 for attention [B, nh, query, key]); axis 0 is batch
 
 
-def trace_points(config: ModelConfig, batch: int, seq_len: int, past_len: int = 0) -> list[TracePoint]:
+def trace_points(
+    config: ModelConfig, batch: int, seq_len: int, past_len: int = 0, kv_cache: str = "f32"
+) -> list[TracePoint]:
     """Every trace point of a forward over [batch, seq_len] new tokens, in forward order.
 
     ``past_len``: tokens already in the KV cache (decode steps); attention spans P = past_len + S keys.
+    ``kv_cache``: "bf16" adds the cache points (k_cached, v_cached) after rope_k.
     """
     sizes = symbol_sizes(config, batch, seq_len, past_len)
 
     def instances(point: Point, layer: int | None) -> list[TracePoint]:
         spec: PointSpec = point.value
-        if not has_feature(config, spec.feature):
+        if not has_feature(config, spec.feature, kv_cache):
             return []
         indices = range(config.n_shared_experts) if spec.feature == "shared_expert" else [None]
         shape = shape_of(spec, sizes)
@@ -328,5 +349,5 @@ def recorded(trace: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     return trace
 
 
-def trace_names(config: ModelConfig, batch: int = 1, seq_len: int = 1) -> list[str]:
-    return [p.name for p in trace_points(config, batch, seq_len)]
+def trace_names(config: ModelConfig, batch: int = 1, seq_len: int = 1, kv_cache: str = "f32") -> list[str]:
+    return [p.name for p in trace_points(config, batch, seq_len, kv_cache=kv_cache)]

@@ -84,6 +84,8 @@ _FIELD_SETTER = {
 _INPUT_SETTER = {"batch_size": "batch", "seq_len": "seq_len", "padding": "padding"}
 # What a model file fixes: its config and its inputs (the rest, decode steps to C++ folder, stays free).
 _FILE_CONTROLS = (*_FIELD_SETTER.values(), "seq_len", "batch", "seed", "padding")
+# The explorer runs the default float32 KV cache: faults of the bf16 cache are not listed.
+EXPLORER_FAULTS = [name for name, fault in FAULTS.items() if fault.kv_cache == "f32"]
 _DEFAULT_SETS = ["readable", "fast"]  # shown until a build reports its own registered sets
 _engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text, fault and extra source
 
@@ -155,7 +157,7 @@ class Explorer(W.VBox):
             "kernels": W.ToggleButtons(
                 options=[*sets, "all"], value="fast" if "fast" in sets else sets[0], description="kernels"
             ),
-            "fault": W.Dropdown(options=["none", *FAULTS], description="fault"),
+            "fault": W.Dropdown(options=["none", *EXPLORER_FAULTS], description="fault"),
             "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
         # why a value is invalid: under its control, indented past the label, wrapping (never squeezing it)

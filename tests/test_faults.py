@@ -11,7 +11,7 @@ import pytest
 from conftest import small_model
 
 from celerinfer_lab.compare import compare, compare_decode
-from celerinfer_lab.faults import BOTH, CATALOGUE, FAULTS, REDUCED, apply_fault
+from celerinfer_lab.faults import BOTH, CATALOGUE, FAULTS, REDUCED, apply_fault, why_it_cannot_show
 from celerinfer_lab.native import DEFAULT_CPP_DIR, load_native
 
 KERNEL_SETS = ("readable", "fast")
@@ -33,8 +33,8 @@ def run(fault, kernels: str):
     """The reports up to the fault's step: [prefill] or [prefill, step 1, ...]."""
     model = exposing_model(fault)
     if fault.step:
-        return compare_decode(model, engine(fault.name), steps=fault.step, kernels=kernels)
-    return [compare(model, engine(fault.name), kernels=kernels)]
+        return compare_decode(model, engine(fault.name), steps=fault.step, kernels=kernels, kv_cache=fault.kv_cache)
+    return [compare(model, engine(fault.name), kernels=kernels, kv_cache=fault.kv_cache)]
 
 
 def test_catalogue_size_and_diagnosis_coverage():
@@ -92,3 +92,18 @@ def test_fault_is_localized_and_diagnosed(name, kernels):
 def test_fault_leaves_the_other_kernel_set_alone(name, kernels):
     for step, report in enumerate(run(FAULTS[name], kernels)):
         assert report.agrees, f"{name} changes the {kernels} kernels too (step {step}):\n{report.to_text()}"
+
+
+def test_a_cache_fault_shows_only_with_the_bf16_cache():
+    """kv_bf16_truncation edits the bf16 rounding: the default float32 cache never runs it (agrees),
+    the bf16 cache shows it in the accumulated run too, and the refusal names --kv-cache bf16."""
+    fault = FAULTS["kv_bf16_truncation"]
+    model = exposing_model(fault)
+    assert compare(model, engine(fault.name), kernels="fast").agrees
+    report = compare(model, engine(fault.name), kernels="fast", kv_cache="bf16", precision="off")
+    assert report.point(fault.culprit).diverges and report.point(fault.culprit).own_diverges
+    assert "rounding" in report.diagnosis
+    assert why_it_cannot_show(fault, model.config, model.attention_mask) == [
+        "the KV cache is f32, the fault is in the bf16 cache: --kv-cache bf16"
+    ]
+    assert why_it_cannot_show(fault, model.config, model.attention_mask, "bf16") == []

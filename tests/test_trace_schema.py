@@ -5,7 +5,8 @@ forward records.
     changed table makes it stale);
 (b) every engine — the PyTorch reference and each registered C++ kernel set — records exactly
     trace_points' names, in order, with its shapes: dense, qk_norm and MoE with shared experts,
-    the prefill and decode steps (past_len > 0). A planted shape or a missing point is reported.
+    the prefill and decode steps (past_len > 0), and with a bf16 KV cache (the k_cached / v_cached
+    points). A planted shape or a missing point is reported.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ VARIANTS = {
 FEED = np.array([[3, 5], [7, 11]], np.int64)  # two decode steps after the prompt
 
 
-def trace_mismatches(traces: list[dict[str, np.ndarray]], config, batch: int, prompt_len: int) -> list[str]:
+def trace_mismatches(
+    traces: list[dict[str, np.ndarray]], config, batch: int, prompt_len: int, kv_cache: str = "f32"
+) -> list[str]:
     """How each forward's trace (the prefill, then one token per step) departs from trace_points."""
     problems, past, new = [], 0, prompt_len
     for step, recorded in enumerate(traces):
-        expected = {p.name: p.shape for p in trace_points(config, batch, new, past)}
+        expected = {p.name: p.shape for p in trace_points(config, batch, new, past, kv_cache)}
         if list(recorded) != list(expected):
             missing = [n for n in expected if n not in recorded]
             extra = [n for n in recorded if n not in expected]
@@ -45,12 +48,13 @@ def trace_mismatches(traces: list[dict[str, np.ndarray]], config, batch: int, pr
     return problems
 
 
-def native_traces(engine, model, kernels: str) -> list[dict[str, np.ndarray]]:
-    return [r.trace for r in engine.prepare(model, kernels).decode_steps(FEED, trace=True)]
+def native_traces(engine, model, kernels: str, kv_cache: str = "f32") -> list[dict[str, np.ndarray]]:
+    return [r.trace for r in engine.prepare(model, kernels, kv_cache).decode_steps(FEED, trace=True)]
 
 
-def reference_traces(model) -> list[dict[str, np.ndarray]]:
-    steps = decode_steps(ReferenceModel(model), model.input_ids, model.attention_mask, FEED, trace=True)
+def reference_traces(model, kv_cache: str = "f32") -> list[dict[str, np.ndarray]]:
+    ref = ReferenceModel(model, kv_cache=kv_cache)
+    steps = decode_steps(ref, model.input_ids, model.attention_mask, FEED, trace=True)
     return [points for _, points in steps]
 
 
@@ -102,6 +106,23 @@ def test_every_kernel_set_records_exactly_the_contract(native, variant):
     assert native.kernel_sets == ["readable", "fast", "readable-bf16", "readable-q8", "bf16", "q8"]
     for kernels in native.kernel_sets:
         assert trace_mismatches(native_traces(native, model, kernels), model.config, 2, 5) == [], kernels
+
+
+def test_a_bf16_kv_cache_records_the_cache_points_on_both_sides(native):
+    """kv_cache="bf16" adds self_attn.k_cached and v_cached after rope_k, on the reference and every
+    kernel set; the default (f32) trace has neither (checked by the tests above and here)."""
+    model = small_model(batch_size=2, seq_len=5, qk_norm=True)
+    names = [p.name for p in trace_points(model.config, 2, 5, kv_cache="bf16")]
+    at = names.index("model.layers.0.self_attn.rope_k")
+    assert names[at + 1 : at + 3] == ["model.layers.0.self_attn.k_cached", "model.layers.0.self_attn.v_cached"]
+    assert not any("_cached" in p.name for p in trace_points(model.config, 2, 5))
+    assert trace_mismatches(reference_traces(model, "bf16"), model.config, 2, 5, "bf16") == []
+    for kernels in native.kernel_sets:
+        assert trace_mismatches(native_traces(native, model, kernels, "bf16"), model.config, 2, 5, "bf16") == []
+    # the default trace against the bf16 contract: the cache points are missing
+    assert any(
+        "missing" in p for p in trace_mismatches(native_traces(native, model, "fast"), model.config, 2, 5, "bf16")
+    )
 
 
 def test_a_planted_shape_and_a_missing_point_are_reported(cpp_copy):

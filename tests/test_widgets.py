@@ -88,7 +88,7 @@ def test_a_fault_switches_the_controls_to_a_model_that_shows_it():
     assert e.figures[2].axes[0].images
 
 
-@pytest.mark.parametrize("name", list(FAULTS))
+@pytest.mark.parametrize("name", [n for n, f in FAULTS.items() if f.kv_cache == "f32"])
 def test_every_fault_is_switched_to_a_config_that_shows_it(name):
     e = explorer()
     e.controls["heads"].value = e.controls["kv_heads"].value = 4  # one kv head per query head: no GQA

@@ -127,6 +127,12 @@ inline void forward_tokens(const ModelWeights& m, const Kernels& K, const int64_
         trace_point(trace, l, Point::rope_q, ws.q.data(), dims);
         rope(ws.k.data(), m.rope_cos, m.rope_sin, B, S, start, kvh, hd, c.rope_interleaved);
         trace_point(trace, l, Point::rope_k, ws.k.data(), dims);
+        if (ws.kv_format == KVFormat::BF16) {  // a bf16 cache: the new keys and values rounded as they join it
+            round_to_bf16(ws.k.data(), size_t(N) * c.kv_dim());
+            trace_point(trace, l, Point::k_cached, ws.k.data(), dims);
+            round_to_bf16(ws.v.data(), size_t(N) * c.kv_dim());
+            trace_point(trace, l, Point::v_cached, ws.v.data(), dims);
+        }
         K.store_kv(l, ws.k.data(), ws.v.data(), attn_dims, ws);
         attention_traced(K, ws.context.data(), ws.q.data(), l, mask, attn_dims, ws, trace, dims);
         trace_point(trace, l, Point::context, ws.context.data(), dims);

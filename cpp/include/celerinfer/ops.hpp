@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "check.hpp"
@@ -144,6 +145,19 @@ inline void cache_store(float* cache, const float* fresh, const AttnDims& d) {
             float* dst = cache + (size_t(b) * d.max_len + d.start() + i) * row;
             for (size_t e = 0; e < row; ++e) dst[e] = src[e];
         }
+}
+
+// x rounded to bfloat16 (round to nearest, ties to even) and widened back, in place: what a bf16
+// KV cache holds. NaN stays NaN (quiet), infinity stays infinity; a finite value past bf16's
+// largest rounds to infinity, as RNE does.
+inline void round_to_bf16(float* x, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        uint32_t u;
+        std::memcpy(&u, &x[i], sizeof u);
+        if ((u & 0x7fffffffu) > 0x7f800000u) u = (u | 0x00400000u) & 0xffff0000u;  // NaN: keep it a NaN
+        else u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        std::memcpy(&x[i], &u, sizeof u);
+    }
 }
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }

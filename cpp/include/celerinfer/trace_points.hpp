@@ -22,6 +22,8 @@ enum class Point : int {
     k_norm,  // self_attn.k_norm [B, S, kvh, hd]
     rope_q,  // self_attn.rope_q [B, S, nh, hd]
     rope_k,  // self_attn.rope_k [B, S, kvh, hd]
+    k_cached,  // self_attn.k_cached [B, S, kvh, hd]
+    v_cached,  // self_attn.v_cached [B, S, kvh, hd]
     scores,  // self_attn.scores [B, nh, S, P]
     probs,  // self_attn.probs [B, nh, S, P]
     context,  // self_attn.context [B, S, nh*hd]
@@ -65,6 +67,8 @@ inline constexpr PointInfo kPointInfo[] = {
     {"self_attn.k_norm", true, false, "B, S, kvh, hd"},  // k_norm
     {"self_attn.rope_q", true, false, "B, S, nh, hd"},  // rope_q
     {"self_attn.rope_k", true, false, "B, S, kvh, hd"},  // rope_k
+    {"self_attn.k_cached", true, false, "B, S, kvh, hd"},  // k_cached
+    {"self_attn.v_cached", true, false, "B, S, kvh, hd"},  // v_cached
     {"self_attn.scores", true, false, "B, nh, S, P"},  // scores
     {"self_attn.probs", true, false, "B, nh, S, P"},  // probs
     {"self_attn.context", true, false, "B, S, nh*hd"},  // context
@@ -98,6 +102,8 @@ inline std::vector<int64_t> point_shape(Point p, const TraceDims& d) {
         case Point::k_norm: return {d.B, d.S, d.config.kv_heads, d.config.head_dim};
         case Point::rope_q: return {d.B, d.S, d.config.heads, d.config.head_dim};
         case Point::rope_k: return {d.B, d.S, d.config.kv_heads, d.config.head_dim};
+        case Point::k_cached: return {d.B, d.S, d.config.kv_heads, d.config.head_dim};
+        case Point::v_cached: return {d.B, d.S, d.config.kv_heads, d.config.head_dim};
         case Point::scores: return {d.B, d.config.heads, d.S, d.P};
         case Point::probs: return {d.B, d.config.heads, d.S, d.P};
         case Point::context: return {d.B, d.S, d.config.heads * d.config.head_dim};

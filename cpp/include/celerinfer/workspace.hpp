@@ -48,9 +48,15 @@ private:
 
 // Up to S new tokens per call for a batch of B, and a KV cache of max_len positions (prefill
 // alone: max_len == S).
+// The KV cache's number format, an engine choice (not a model-file field): F32 keeps each key and
+// value as computed; BF16 rounds each new key and value to bfloat16 as it joins the cache (stored
+// in the float32 cache for now: the memory is not halved yet).
+enum class KVFormat { F32, BF16 };
+
 struct Workspace {
     int B, S, max_len;
     int layers = 0;
+    KVFormat kv_format = KVFormat::F32;
     size_t kv_dim = 0;
     GuardedBuffer h, x, q, k, v, scores, context, attn_out, gate, up, act, mlp_out;
     GuardedBuffer k_cache, v_cache;  // [layers][B][max_len][kv_dim]
