@@ -490,6 +490,21 @@ CATALOGUE: list[Fault] = [
         "key cache read with row stride",
     ),
     Fault(
+        "fast_decode_value_tail",
+        "the decode attention drops a value row's partial last vector (head_dim % 16 values): at head_dim 10, "
+        "every context value is 0",
+        _edit(
+            "fast.hpp",
+            "        std::memcpy(tmp, vj, sizeof(float) * width);\n",
+            "        std::memcpy(tmp, vj, sizeof(float) * (width / 16 * 16));\n",
+        ),
+        ("fast",),
+        L0 + "self_attn.context",
+        "all zeros",
+        dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2),
+        step=1,  # 8 prompt tokens take the blocked path; the decode path runs from step 1
+    ),
+    Fault(
         "fast_key_cache_slot",
         "new keys go to transposed-cache slot i instead of start + i: decode overwrites key 0",
         _edit("fast.hpp", "d.hd * kt_stride + d.start() + i;", "d.hd * kt_stride + i;"),

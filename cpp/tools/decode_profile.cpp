@@ -6,8 +6,10 @@
 //
 //   g++ -O2 -march=native -std=c++17 -Icpp/include cpp/tools/decode_profile.cpp -o /tmp/decode_profile -pthread
 //   /tmp/decode_profile fast [minimind2-small|minimind2] CTX STEPS [THREADS]
-// Or through cmake: the target decode_profile (not part of `all`).
+// Or through cmake: the target decode_profile (not part of `all`). -O2, as cling compiles the kernels
+// for cppyy. Times are wall clock per step: on a shared machine, take the best of a few runs.
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -40,6 +42,14 @@ struct Timer {
         g_totals.calls[what] += 1;
     }
 };
+
+// CPU time of the whole process (every thread; the pool's workers spin between jobs, so with more than
+// one thread this counts their spinning too): with one thread, the work, whatever the machine's load.
+static double cpu_ms() {
+    timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
 
 // Every call of kernel set K, timed.
 template <class K>
@@ -112,6 +122,7 @@ int main(int argc, char** argv) {
         std::vector<float> logits(size_t(ctx) * c.vocab);
         ci::forward_tokens(m, kernels, ids.data(), mask.data(), ctx, 0, ws, logits.data());
         const auto t0 = Clock::now();
+        const double cpu0 = cpu_ms();
         g_totals.on = true;
         for (int s = 0; s < steps; ++s) {
             const int64_t id = s % c.vocab;
@@ -120,9 +131,10 @@ int main(int argc, char** argv) {
         }
         g_totals.on = false;
         const double total = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / steps;
+        const double cpu = (cpu_ms() - cpu0) / steps;
         double timed = 0.0;
-        std::printf("%s %s, context %d, %d steps, threads %d: %.3f ms/step\n", set.c_str(), preset.c_str(), ctx,
-                    steps, ci::num_threads(), total);
+        std::printf("%s %s, context %d, %d steps, threads %d: %.3f ms/step (process CPU time %.3f ms/step)\n",
+                    set.c_str(), preset.c_str(), ctx, steps, ci::num_threads(), total, cpu);
         for (const auto& [what, ms] : g_totals.ms) {
             std::printf("  %-16s %8.4f ms/step  (%ld calls/step)\n", what.c_str(), ms / steps, g_totals.calls[what] / steps);
             timed += ms / steps;
