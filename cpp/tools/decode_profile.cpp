@@ -4,8 +4,8 @@
 // step: embedding, RoPE, residual adds, the guard check) and counting the calls that the fast
 // kernels hand to the thread pool (same size rules as fast.hpp).
 //
-//   g++ -O2 -march=native -std=c++17 -Icpp/include cpp/tools/decode_profile.cpp -o /tmp/decode_profile -pthread
-//   /tmp/decode_profile fast [minimind2-small|minimind2] CTX STEPS [THREADS]
+//   g++ -O2 -march=native -std=c++17 -Icpp/include cpp/tools/decode_profile.cpp -o decode_profile -pthread
+//   ./decode_profile fast [minimind2-small|minimind2] CTX STEPS [THREADS]
 // Or through cmake: the target decode_profile (not part of `all`). -O2, as cling compiles the kernels
 // for cppyy. Times are wall clock per step: on a shared machine, take the best of a few runs.
 #include <chrono>
@@ -86,7 +86,15 @@ struct Timed {
 int main(int argc, char** argv) {
     const std::string set = argc > 1 ? argv[1] : "fast", preset = argc > 2 ? argv[2] : "minimind2-small";
     const int ctx = argc > 3 ? std::atoi(argv[3]) : 512, steps = argc > 4 ? std::atoi(argv[4]) : 64;
-    if (argc > 5) ci::set_num_threads(std::atoi(argv[5]));
+    const int threads = argc > 5 ? std::atoi(argv[5]) : ci::num_threads();
+    if (set != "fast" || (preset != "minimind2-small" && preset != "minimind2") || ctx < 1 || ctx > 30000 || steps < 1 ||
+        steps > 30000 || threads < 1 || threads > 256 || argc > 6) {
+        std::fprintf(stderr,
+                     "usage: decode_profile fast [minimind2-small|minimind2] CONTEXT STEPS [THREADS]\n"
+                     "  (the fast set only: the model is random float32; CONTEXT and STEPS 1..30000, THREADS 1..256)\n");
+        return 2;
+    }
+    ci::set_num_threads(threads);
     ci::Config c;
     c.hidden = preset == "minimind2" ? 768 : 512;
     c.layers = preset == "minimind2" ? 16 : 8;
@@ -142,7 +150,6 @@ int main(int argc, char** argv) {
         std::printf("  %-16s %8.4f ms/step\n", "other", total - timed);
         std::printf("  thread-pool dispatches (linear + attention): %ld per step\n", g_totals.dispatches / steps);
     };
-    if (set == "fast") run(Timed<ci::FastKernels>{});
-    else { std::fprintf(stderr, "this profiler builds float32 weights: set 'fast' only\n"); return 2; }
+    run(Timed<ci::FastKernels>{});
     return 0;
 }
