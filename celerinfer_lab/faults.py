@@ -452,8 +452,8 @@ CATALOGUE: list[Fault] = [
         "the fused attention's `padded` test is inverted: padded keys are never masked",
         _edit(
             "fast.hpp",
-            "const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;",
-            "const bool padded = std::find(key_mask, key_mask + d.P, int64_t(0)) == key_mask + d.P;",
+            "return std::find(key_mask, key_mask + d.P, int64_t(0)) != key_mask + d.P;",
+            "return std::find(key_mask, key_mask + d.P, int64_t(0)) == key_mask + d.P;",
         ),
         ("fast",),
         L0 + "self_attn.scores",
@@ -465,8 +465,8 @@ CATALOGUE: list[Fault] = [
         "the fused attention's causal key count is one short: the diagonal is masked",
         _edit(
             "fast.hpp",
-            "const int n_keys = d.start() + i + 1;\n                if (padded)",
-            "const int n_keys = d.start() + i;\n                if (padded)",
+            "const int n_keys = d.start() + i + 1;\n    if (padded)",
+            "const int n_keys = d.start() + i;\n    if (padded)",
         ),
         ("fast",),
         L0 + "self_attn.scores",
@@ -475,14 +475,36 @@ CATALOGUE: list[Fault] = [
     Fault(
         "fast_key_cache_stride",
         "the fused attention reads the transposed key cache with row stride P instead of kt_stride",
-        _edit(
-            "fast.hpp",
-            "std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);",
-            "std::memcpy(kblock + e * 16, kt + size_t(e) * d.P + j0, 64);",
+        (  # both paths: the prefill's key blocks and the decode's score tiles
+            Edit(
+                "fast.hpp",
+                "std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);",
+                "std::memcpy(kblock + e * 16, kt + size_t(e) * d.P + j0, 64);",
+            ),
+            Edit(
+                "fast.hpp",
+                "attention_decode_scores(s_rows, qs, kt, kt_stride, d);",
+                "attention_decode_scores(s_rows, qs, kt, d.P, d);",
+            ),
         ),
         ("fast",),
         L0 + "self_attn.scores",
         "key cache read with row stride",
+    ),
+    Fault(
+        "fast_decode_value_tail",
+        "the decode attention drops a value row's partial last vector (head_dim % 16 values): at head_dim 10, "
+        "every context value is 0",
+        _edit(
+            "fast.hpp",
+            "        std::memcpy(tmp, vj, sizeof(float) * width);\n",
+            "        std::memcpy(tmp, vj, sizeof(float) * (width / 16 * 16));\n",
+        ),
+        ("fast",),
+        L0 + "self_attn.context",
+        "all zeros",
+        dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2),
+        step=1,  # 8 prompt tokens take the blocked path; the decode path runs from step 1
     ),
     Fault(
         "fast_key_cache_slot",

@@ -183,3 +183,26 @@ def test_float64_decode_is_the_oracle():
     model = small_model(batch_size=1, seq_len=4)
     out = decode_steps(ReferenceModel(model, torch.float64), model.input_ids, model.attention_mask, np.array([[3, 5]]))
     assert out[0][0].dtype == np.float64 and len(out) == 3
+
+
+def test_decode_attention_at_long_context(fast):
+    """The decode path of the fused attention (fewer than 8 new tokens) against the oracle after a
+    300-token prompt (the blocked path): 300 keys and more, GQA 4:1 on one kv head, head_dim 70 (a
+    64-wide context pass and a partial one), left padding. Its companion is the catalogue fault
+    fast_decode_value_tail (a partial value vector dropped in this path): tests/test_faults.py shows
+    compare_decode localizing it to layer 0's context at step 1, the prefill agreeing."""
+    model = small_model(
+        batch_size=2,
+        seq_len=300,
+        padding="left",
+        hidden_size=280,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=304,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        vocab_size=64,
+    )
+    reports = compare_decode(model, fast, steps=1, kernels="fast")
+    assert len(reports) == 2 and all(r.agrees for r in reports), [r.summary() for r in reports]
+    assert reports[1].point("model.layers.0.self_attn.scores").shape == (2, 4, 1, 301)  # 1 query, 301 keys
