@@ -115,7 +115,7 @@ def _activations(kind: str, rows: int, in_: int, rng: np.random.Generator) -> np
 
 @pytest.mark.parametrize("kind", ("random", "outlier", "zeros", "subnormal", "huge", "mixed"))
 @pytest.mark.parametrize("in_,out", ((512, 48), (100, 23), (70, 33), (66, 16)), ids=str)
-@pytest.mark.parametrize("rows", (1, 2, 3, 4))
+@pytest.mark.parametrize("rows", (1, 2))  # the rows the VNNI GEMV takes (kVnniRows); 3, 4 widen
 def test_q8_gemv_is_the_float32_product_of_the_decoded_weights(native, kind, rows, in_, out):
     rng = np.random.default_rng(rows * 1000 + in_)
     x = _activations(kind, rows, in_, rng)

@@ -424,18 +424,21 @@ inline void vnni_gemv_panel(float* y, const PackedReduced& W, const ReducedScrat
     store_tile<R, 1>(y, out, W.out, p, W.out);
 }
 
+// Rows the VNNI GEMV takes: per row it runs four vpdpbusd where the widening GEMV runs four FMAs,
+// so what it saves is the widening, shared by the rows (measured, one thread, CPU time: 1.35-1.6x
+// faster at 1 row, 1.0-1.15x at 2, 0.8-0.95x at 3 and 4).
+constexpr int kVnniRows = 2;
+
 // The GEMV on VNNI: the digits once (on the caller), then panels streamed by both threads as
 // reduced_gemv does. false (nothing written) when an activation is not finite.
-inline bool vnni_gemv(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
+inline bool vnni_gemv(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {  // rows 1, 2
     if (!vnni_digits(s, x, rows, W.in, W.blocks)) return false;
     const bool parallel = double(W.panels) * W.kpad * 16 > 65536;
     ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
-        for (int p = begin; p < end; ++p) switch (rows) {
-                case 1: vnni_gemv_panel<1>(y, W, s, p); break;
-                case 2: vnni_gemv_panel<2>(y, W, s, p); break;
-                case 3: vnni_gemv_panel<3>(y, W, s, p); break;
-                default: vnni_gemv_panel<4>(y, W, s, p); break;
-            }
+        for (int p = begin; p < end; ++p) {
+            if (rows == 1) vnni_gemv_panel<1>(y, W, s, p);
+            else vnni_gemv_panel<2>(y, W, s, p);
+        }
     }, parallel);
     return true;
 }
@@ -519,76 +522,6 @@ inline void decoded_gemm(float* y, const float* x, const PackedReduced& W, int r
     }, parallel);
 }
 
-// gemm_tile (fast.hpp) with the widening in the k loop: R rows x NP panels, block by block; q8
-// multiplies each widened weight by its scale (the decoded weight, exact in float32), so the sums
-// are the float32 set's sums over the decoded weights. (Widening 64 k of a panel triple once into
-// float panels and reusing them for every 6-row tile was 15-25% slower still: measured, dropped.)
-template <class Widen, WeightFormat F, int R, int NP>
-inline void reduced_tile(float* y, const float* x, const PackedReduced& W, int panel, int ldy) {
-    const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;  // bf16: all of k in one block
-    vf16 acc[R][NP];
-    for (int r = 0; r < R; ++r)
-        for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
-    for (int k0 = 0; k0 < in; k0 += step) {
-        vf16 s[NP];
-        if constexpr (F == WeightFormat::Q8)
-            for (int p = 0; p < NP; ++p) s[p] = scale_at(W, panel + p, k0 / kQ8Block);
-        const int k1 = std::min(in, k0 + step);
-        for (int k = k0; k < k1; ++k) {
-            vf16 w[NP];
-            for (int p = 0; p < NP; ++p) {
-                w[p] = widened<Widen, F>(W, panel + p, k);
-                if constexpr (F == WeightFormat::Q8) w[p] *= s[p];
-            }
-            for (int r = 0; r < R; ++r) {
-                const float xs = x[size_t(r) * in + k];
-                for (int p = 0; p < NP; ++p) acc[r][p] += w[p] * xs;
-            }
-        }
-    }
-    store_tile<R, NP>(y, acc, W.out, panel, ldy);
-}
-
-template <class Widen, WeightFormat F, int NP>
-inline void reduced_rows(float* y, const float* x, const PackedReduced& W, int rows, int panel) {
-    constexpr int R = 6;
-    int r = 0;
-    for (; r + R <= rows; r += R)
-        reduced_tile<Widen, F, R, NP>(y + size_t(r) * W.out, x + size_t(r) * W.in, W, panel, W.out);
-    float* yr = y + size_t(r) * W.out;
-    const float* xr = x + size_t(r) * W.in;
-    switch (rows - r) {
-        case 5: reduced_tile<Widen, F, 5, NP>(yr, xr, W, panel, W.out); break;
-        case 4: reduced_tile<Widen, F, 4, NP>(yr, xr, W, panel, W.out); break;
-        case 3: reduced_tile<Widen, F, 3, NP>(yr, xr, W, panel, W.out); break;
-        case 2: reduced_tile<Widen, F, 2, NP>(yr, xr, W, panel, W.out); break;
-        case 1: reduced_tile<Widen, F, 1, NP>(yr, xr, W, panel, W.out); break;
-        default: break;
-    }
-}
-
-// The GEMM: fast::linear's split (panel triples, and row chunks when triples are few).
-template <class Widen, WeightFormat F>
-inline void reduced_gemm(float* y, const float* x, const PackedReduced& W, int rows) {
-    const int triples = (W.panels + 2) / 3;
-    const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
-    const bool parallel = double(rows) * W.in * W.out > 2.0e5;
-    ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {
-        for (int task = begin; task < end; ++task) {
-            const int t = task / row_chunks, chunk = task % row_chunks;
-            const int r0 = int(int64_t(rows) * chunk / row_chunks) / 6 * 6;
-            const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;
-            if (r1 <= r0) continue;
-            float* yc = y + size_t(r0) * W.out;
-            const float* xc = x + size_t(r0) * W.in;
-            const int panel = 3 * t, left = W.panels - panel;
-            if (left >= 3) reduced_rows<Widen, F, 3>(yc, xc, W, r1 - r0, panel);
-            else if (left == 2) reduced_rows<Widen, F, 2>(yc, xc, W, r1 - r0, panel);
-            else reduced_rows<Widen, F, 1>(yc, xc, W, r1 - r0, panel);
-        }
-    }, parallel);
-}
-
 // The GEMV (decode: R <= 4 rows), one panel at a time, so both threads get equal shares of even a
 // k_proj's few panels. Four accumulator chains per row (k, k+1, k+2, k+3): with two, the FMAs'
 // latency bound it (measured: 1.5x slower at 2 rows on cached weights). q8 sums each block's
@@ -642,25 +575,19 @@ inline void reduced_gemv(float* y, const float* x, const PackedReduced& W, int r
     }, parallel);
 }
 
-// Which GEMM prefill uses (a switch for measuring the two; 1: decoded panels, 0: widening in the k loop).
-inline int& reduced_gemm_choice() { static int c = 1; return c; }
-inline int& reduced_gemv_choice() { static int c = 1; return c; }
-
 template <class Widen>
 inline void reduced_linear_with(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
     if (W.format == WeightFormat::BF16) {
         if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(y, x, W, rows);
-        else if (reduced_gemm_choice()) decoded_gemm<Widen, WeightFormat::BF16>(y, x, W, rows, s);
-        else reduced_gemm<Widen, WeightFormat::BF16>(y, x, W, rows);
+        else decoded_gemm<Widen, WeightFormat::BF16>(y, x, W, rows, s);
     } else {
         if (rows <= 4) {
 #if defined(CI_REDUCED_VNNI)
-            if (!W.vnni_bytes.empty() && reduced_gemv_choice() && vnni_gemv(y, x, W, rows, s)) return;
+            if (rows <= kVnniRows && !W.vnni_bytes.empty() && vnni_gemv(y, x, W, rows, s)) return;
 #endif
             reduced_gemv<Widen, WeightFormat::Q8>(y, x, W, rows);
         }
-        else if (reduced_gemm_choice()) decoded_gemm<Widen, WeightFormat::Q8>(y, x, W, rows, s);
-        else reduced_gemm<Widen, WeightFormat::Q8>(y, x, W, rows);
+        else decoded_gemm<Widen, WeightFormat::Q8>(y, x, W, rows, s);
     }
 }
 
