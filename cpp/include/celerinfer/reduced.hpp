@@ -1,18 +1,23 @@
 // Kernel sets for reduced-precision weights (model.hpp's WeightFormat): bf16 and q8 (llama.cpp's Q8_0).
 //
-// One rule for all four sets: activations and accumulation stay float32, and each weight is widened
+// One rule for all four sets: each op computes the product of the *decoded* weights with the float32
+// activations, to float32 precision, so the float64 reference on those decoded weights (the
+// precision-matched oracle) judges it within the usual float32 floors. Mostly each weight is widened
 // to float32 on the fly (bf16: a 16-bit shift; q8: int8 -> float times its block's scale, a product
-// exact in float32). So every op computes exactly the product of the decoded weights, and the
-// float64 reference on those decoded weights (the precision-matched oracle) judges it within the
-// usual float32 floors. (AVX512-BF16 vdpbf16ps and VNNI vpdpbusd would round the activations to
-// bf16 / int8 first: a different op, which the oracle does not model, so they are not used.)
+// exact in float32). The q8 decode GEMV on a CPU with AVX512-VNNI instead splits each activation
+// into four exact int8 digits of a per-block fixed point (30 bits: rounding at 2^-30 of the block's
+// largest) and sums the products exactly in int32 with vpdpbusd: the same op, to within float32
+// rounding (see "q8 decode on VNNI" below). Not used: AVX512-BF16 vdpbf16ps, which rounds the
+// activations to bf16 (a different op), and llama.cpp's int8 x int8 of activations quantized to 8 bits.
 //
 // * ReadableBf16Kernels, ReadableQ8Kernels ("readable-bf16", "readable-q8"): per output, decode the
 //   weight row into floats with plain loops, then ops.hpp's dot: the debugger's baseline.
 // * Bf16Kernels, Q8Kernels ("bf16", "q8"): weights repacked at prepare into fast.hpp-style panels
-//   [panel][k][16] of uint16 / int8 (q8 with scales [panel][block][16]); the micro-kernel is
-//   fast::gemm_tile's with the widening in the k loop; few rows (decode) take a GEMV that streams
-//   the packed weights with both threads. rmsnorm, swiglu and attention are FastKernels'.
+//   [panel][k][16] of uint16 / int8 (q8 with scales [panel][block][16], and with VNNI also the GEMV's
+//   own layout). Prefill (rows > 4): each panel triple decoded once into a per-thread float32 buffer,
+//   then fast::gemm_tile's arithmetic over all rows. Decode (rows <= 4): a GEMV that streams the
+//   packed weights with both threads, widening in the k loop; q8 on VNNI at 1-2 rows: vpdpbusd.
+//   rmsnorm, swiglu and attention are FastKernels'.
 // A weight without a stored form (the MoE router) runs as in the float32 set the struct derives from.
 #pragma once
 #include <cmath>
