@@ -582,7 +582,17 @@ CATALOGUE += [
     Fault(
         "reduced_gemv_odd_activation",
         "the bf16/q8 GEMV (decode) multiplies the weight at k + 1 by the activation at k (one k in four)",
-        _edit("reduced.hpp", "a1[r] += w1 * xr[1];", "a1[r] += w1 * xr[0];"),
+        (
+            Edit("reduced.hpp", "a1[r] += w1 * xr[1];", "a1[r] += w1 * xr[0];"),
+            # the q8 GEMV on VNNI: the activation at k + 1 replaced by the one at k before its digits
+            Edit(
+                "reduced.hpp",
+                "__m512 v[2] = {_mm512_maskz_loadu_ps(m0, xb), _mm512_maskz_loadu_ps(m1, xb + 16)};",
+                "__m512 v[2] = {_mm512_maskz_loadu_ps(m0, xb), _mm512_maskz_loadu_ps(m1, xb + 16)};\n"
+                "            for (__m512& u : v) u = _mm512_permutexvar_ps("
+                "_mm512_set_epi32(15, 14, 12, 12, 11, 10, 8, 8, 7, 6, 4, 4, 3, 2, 0, 0), u);",
+            ),
+        ),
         ("bf16", "q8"),
         L0 + "self_attn.q_proj",
         None,

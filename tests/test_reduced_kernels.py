@@ -18,11 +18,11 @@ import pytest
 from conftest import small_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_kernels import check_linear, threads
+from test_kernels import assert_matches, call, check_guard, check_linear, make_kernels, out_buffer, refs, threads
 
 from celerinfer_lab.compare import compare, compare_decode
 from celerinfer_lab.errors import NativeError, UsageError
-from celerinfer_lab.quantize import encode
+from celerinfer_lab.quantize import decode, encode
 from celerinfer_lab.report import build_report
 from celerinfer_lab.runs import kernel_runs, reference_runs
 from celerinfer_lab.testing import model_cases
@@ -62,6 +62,110 @@ def test_the_kernel_sets_declare_their_formats(native):
         **FORMAT,
     }
     assert "avx512f=" in native.cpu and "widening:" in native.cpu
+
+
+# ---- the q8 GEMV on VNNI (rows <= 4): integer digits of the activations, judged by float64 -------
+# reduced.hpp's claim, as a bound on |y - exact| per output (_err_bound): the activations rounded to
+# 2^(e-31) (2^e > the block's max|x|) times the block's |w|; each block's sum rounded a few times in
+# float32 (2^-22 |block sum|, and lo's conversion: 2^(e-25) max|w|); the float32 accumulation over the
+# blocks (2^-24 |partial sum| per block); a subnormal ulp per block. The float32 GEMV's own bound
+# has 2^-24 |partial sum| per *weight*: this one is tighter.
+def _q8_linear(native, x: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The q8 set's linear of x on W's Q8_0 form: (y, the exact decoded weights)."""
+    rows, in_ = x.shape
+    out = W.shape[0]
+    stored = encode(W, "q8")
+    Wd = decode(stored, "q8", W.shape)
+    ks = make_kernels(native, "q8")
+    what = f"q8 linear rows={rows} in={in_} out={out}"
+    call(what, ks.prepare_linear_stored, Wd, out, in_, native.ns.WeightFormat.Q8, stored, int(stored.nbytes))
+    y = out_buffer(rows * out)
+    call(what, ks.linear, y, np.ascontiguousarray(x), Wd, rows, in_, out)
+    check_guard(what, y, rows * out)
+    return y[: rows * out].reshape(rows, out), Wd
+
+
+def _err_bound(x: np.ndarray, Wd: np.ndarray) -> np.ndarray:
+    blocks = -(-x.shape[1] // 32)
+    pad = ((0, 0), (0, blocks * 32 - x.shape[1]))
+    xb = np.pad(x.astype(np.float64), pad).reshape(len(x), blocks, 32)
+    wb = np.pad(Wd.astype(np.float64), pad).reshape(len(Wd), blocks, 32)
+    sums = np.einsum("rbk,obk->rob", xb, wb)  # exact block sums [rows, out, blocks]
+    xmax = np.abs(xb).max(axis=2)
+    e = np.maximum(np.floor(np.log2(np.where(xmax > 0, xmax, 1.0))) + 1, -119)  # [rows, blocks]
+    digits = (2.0 ** (e - 31)) @ np.abs(wb).sum(axis=2).T
+    lo = (2.0 ** (e - 25)) @ np.abs(wb).max(axis=2).T
+    rounding = 2.0**-22 * np.abs(sums).sum(axis=2) + 2.0**-24 * np.abs(np.cumsum(sums, axis=2)).sum(axis=2)
+    return digits + lo + rounding + blocks * 2.0**-149
+
+
+def _activations(kind: str, rows: int, in_: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((rows, in_)).astype(np.float32)
+    if kind == "outlier":  # one activation 1000x the rest, in every row (_weights zero it for half the outputs)
+        x[:, in_ // 3] = 1000.0
+    elif kind == "zeros":  # an all-zero row, and a zero block in the others
+        x[0] = 0.0
+        x[:, 32:64] = 0.0
+    elif kind == "subnormal":  # every value below float32's smallest normal
+        x *= np.float32(1e-39)
+    elif kind == "huge":
+        x *= np.float32(1e30)
+    elif kind == "mixed":  # blocks of very different sizes in one row
+        x *= np.float32(10.0) ** rng.integers(-30, 30, (rows, 1 + (in_ - 1) // 32)).repeat(32, axis=1)[:, :in_]
+    return x
+
+
+@pytest.mark.parametrize("kind", ("random", "outlier", "zeros", "subnormal", "huge", "mixed"))
+@pytest.mark.parametrize("in_,out", ((512, 48), (100, 23), (70, 33), (66, 16)), ids=str)
+@pytest.mark.parametrize("rows", (1, 2))  # the rows the VNNI GEMV takes (kVnniRows); 3, 4 widen
+def test_q8_gemv_is_the_float32_product_of_the_decoded_weights(native, kind, rows, in_, out):
+    rng = np.random.default_rng(rows * 1000 + in_)
+    x = _activations(kind, rows, in_, rng)
+    W = (rng.standard_normal((out, in_)) / np.sqrt(in_)).astype(np.float32)
+    W[::2, in_ // 3] = 0.0  # an outlier's weight zero: the other activations' rounding is all that shows
+    with threads(native, 2):
+        y, Wd = _q8_linear(native, x, W)
+    r64 = x.astype(np.float64) @ Wd.T.astype(np.float64)
+    err = np.abs(y - r64)
+    assert (err <= _err_bound(x, Wd)).all(), (
+        f"{kind}: error {err.max():.3g} over the bound at {np.argmax(err - _err_bound(x, Wd))}"
+    )
+    if kind not in ("subnormal",):  # the usual tolerance too (float32's own product flushes there)
+        r32, r64t = refs(lambda a, b: a @ b.T, x, Wd)
+        assert_matches(f"q8 GEMV {kind}", y, r32, r64t, float(np.sqrt(np.mean(r64**2))))
+
+
+def test_the_gemv_bound_catches_24_bit_activations(native):
+    """The companion: the same product with each activation rounded to 2^(e-23) (three int8 digits
+    instead of four) breaks the bound where the outlier's weight is zero, so the bound would flag a
+    GEMV that kept one digit fewer (and one that rounded the activations to float16 or bf16)."""
+    rng = np.random.default_rng(3)
+    x = _activations("outlier", 2, 512, rng)
+    W = (rng.standard_normal((48, 512)) / np.sqrt(512)).astype(np.float32)
+    W[::2, 512 // 3] = 0.0
+    Wd = decode(encode(W, "q8"), "q8", W.shape).astype(np.float64)
+    blocks = x.astype(np.float64).reshape(2, 16, 32)
+    e = np.floor(np.log2(np.abs(blocks).max(axis=2, keepdims=True))) + 1  # 2^e > max|x|
+    unit = 2.0 ** (e - 23)  # digits 2^(e-23) apart: |X| < 2^23, three int8 digits
+    x24 = (np.round(blocks / unit) * unit).reshape(2, 512)
+    err = np.abs(x24 @ Wd.T - x.astype(np.float64) @ Wd.T)
+    assert (err > _err_bound(x, Wd.astype(np.float32))).any()
+
+
+def test_the_q8_gemv_path_is_reported(native):
+    """cpu_report says which q8 GEMV runs; on a CPU with VNNI it is the vpdpbusd one."""
+    vnni = "avx512_vnni=yes" in native.cpu
+    assert ("q8 decode GEMV: vpdpbusd" in native.cpu) == (vnni and bool(native.ns.use_vnni()))
+    assert "q8 decode GEMV:" in native.cpu
+
+
+@pytest.mark.parametrize("case", ("dense-tied", "moe-shared", "qk_norm-untied"))
+def test_q8_decode_steps_agree(native, case):
+    """compare_decode over three steps, batch 1 and 2 (the GEMV's 1 and 2 rows) on each config."""
+    for batch in (1, 2):
+        model = small_model(batch_size=batch, seq_len=4, **SHAPE, **CASES[case])
+        for report in compare_decode(model, native, steps=3, kernels="q8"):
+            assert report.agrees, f"{case} batch {batch}:\n{report.to_text()}"
 
 
 # ---- the whole forward: no divergence at any trace point -----------------------------------------
