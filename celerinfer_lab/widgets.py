@@ -84,10 +84,15 @@ _FIELD_SETTER = {
 _INPUT_SETTER = {"batch_size": "batch", "seq_len": "seq_len", "padding": "padding"}
 # What a model file fixes: its config and its inputs (the rest, decode steps to C++ folder, stays free).
 _FILE_CONTROLS = (*_FIELD_SETTER.values(), "seq_len", "batch", "seed", "padding")
-# The explorer runs the default float32 KV cache: faults of the bf16 cache are not listed.
-EXPLORER_FAULTS = [name for name, fault in FAULTS.items() if fault.kv_cache == "f32"]
+
 _DEFAULT_SETS = ["readable", "fast"]  # shown until a build reports its own registered sets
 _engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile per folder text, fault and extra source
+
+
+def explorer_faults() -> list[str]:
+    """The faults the explorer lists (read when it is built): it runs the default float32 KV cache,
+    so faults of the bf16 cache are left out."""
+    return [name for name, fault in FAULTS.items() if fault.kv_cache == "f32"]
 
 
 def engine_for(cpp_dir: str | Path, fault: str | None, extra_source: str = "") -> NativeEngine:
@@ -157,7 +162,7 @@ class Explorer(W.VBox):
             "kernels": W.ToggleButtons(
                 options=[*sets, "all"], value="fast" if "fast" in sets else sets[0], description="kernels"
             ),
-            "fault": W.Dropdown(options=["none", *EXPLORER_FAULTS], description="fault"),
+            "fault": W.Dropdown(options=["none", *explorer_faults()], description="fault"),
             "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
         # why a value is invalid: under its control, indented past the label, wrapping (never squeezing it)
