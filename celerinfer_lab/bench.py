@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # matplotlib, pandas and the engine load only in the function
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from .history import BenchStore
     from .native import NativeEngine, NativeModel
 
 
@@ -49,6 +50,7 @@ class Timing:
     q3_ms: float | None = None
     load: float = -1.0  # 1-minute load average when timed (-1: unknown)
     cores: int = 0
+    samples_ms: list[float] = field(default_factory=list)  # every timed run, in order (the history keeps them)
 
     @property
     def spread_ms(self) -> float:
@@ -119,7 +121,7 @@ def time_call(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> Ti
         times.append((time.perf_counter() - start) * 1e3)
     q1, median, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
     load, cores = machine_load()
-    return Timing(median, float(min(times)), float(max(times)), repeat, q1, q3, load, cores)
+    return Timing(median, float(min(times)), float(max(times)), repeat, q1, q3, load, cores, times)
 
 
 def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
@@ -278,9 +280,16 @@ def _stats(times: Timing, prefix: str) -> dict:
     }
 
 
-def decode_torch(model: Model, new_tokens: int, kv_cache: str = "f32") -> tuple[np.ndarray, float]:
+def _step_ms(marks: list[float]) -> list[float]:
+    """Per decode step milliseconds from the marks: the end of the prefill, then the end of each step."""
+    return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+
+
+def decode_torch(
+    model: Model, new_tokens: int, kv_cache: str = "f32", steps_ms: list[float] | None = None
+) -> tuple[np.ndarray, float]:
     """Greedy decoding with PyTorch's KV cache (``kv_cache``: "f32" or "bf16"): the new tokens and the
-    decode time (prefill excluded)."""
+    decode time (prefill excluded). ``steps_ms``, when given, receives each decode step's time."""
     from .reference import ReferenceModel, greedy_generate
 
     marks: list[float] = []
@@ -290,14 +299,26 @@ def decode_torch(model: Model, new_tokens: int, kv_cache: str = "f32") -> tuple[
         model.attention_mask,
         new_tokens,
         after_prefill=lambda: marks.append(time.perf_counter()),
+        on_step=lambda step: marks.append(time.perf_counter()) if step >= 1 else None,
     )
+    if steps_ms is not None:
+        steps_ms.extend(_step_ms(marks))
     return tokens, time.perf_counter() - marks[0]
 
 
-def decode_cpp(prepared: NativeModel, new_tokens: int) -> tuple[np.ndarray, float]:
-    """Greedy decoding with the C++ KV cache: the new tokens and the decode time (prefill excluded)."""
+def decode_cpp(prepared: NativeModel, new_tokens: int, steps_ms: list[float] | None = None) -> tuple[np.ndarray, float]:
+    """Greedy decoding with the C++ KV cache: the new tokens and the decode time (prefill excluded).
+    ``steps_ms``, when given, receives each decode step's time."""
     marks: list[float] = []
-    tokens = prepared.generate(new_tokens, after_prefill=lambda: marks.append(time.perf_counter()))
+
+    def mark(step: int, _tokens: np.ndarray) -> bool:
+        if step >= 1:
+            marks.append(time.perf_counter())
+        return True
+
+    tokens = prepared.generate(new_tokens, after_prefill=lambda: marks.append(time.perf_counter()), on_token=mark)
+    if steps_ms is not None:
+        steps_ms.extend(_step_ms(marks))
     return tokens, time.perf_counter() - marks[0]
 
 
@@ -322,10 +343,22 @@ class BenchResult:
     torch_forward: Timing
     cpp_forward: dict[str, Timing]  # kernel set -> its cppyy forward
     logits_stats: dict[str, tuple[list[int], float, float, float]]  # "torch", "cpp (set)" -> shape, min, max, mean
+    decode_steps_ms: dict[str, list[float]] = field(default_factory=dict)  # "torch" / kernel set -> each step's time
 
     @property
     def sets(self) -> list[str]:
         return self.record["kernels"]
+
+    def samples(self) -> dict[str, list[float]]:
+        """Every timed sample per figure, in milliseconds (lower is faster): "torch prefill",
+        "cpp prefill (SET)" for each kernel set (one sample per forward), and with decoding
+        "torch decode step", "cpp decode step (SET)" (one per decode step). The benchmark history
+        keeps these; base_line_micro reports only its median and is left out."""
+        figures = {"torch prefill": list(self.torch_forward.samples_ms)}
+        figures.update({f"cpp prefill ({name})": list(t.samples_ms) for name, t in self.cpp_forward.items()})
+        for side, steps in self.decode_steps_ms.items():
+            figures["torch decode step" if side == "torch" else f"cpp decode step ({side})"] = list(steps)
+        return figures
 
 
 def _logits_stats(logits: np.ndarray) -> tuple[list[int], float, float, float]:
@@ -361,17 +394,24 @@ def _format_file(model: Model, work: Path, files: dict[str, Path]) -> Path:
 
 
 def _decode_rates(
-    model: Model, prepared_sets: dict, decode: int, batch: int, kv_cache: str = "f32"
+    model: Model,
+    prepared_sets: dict,
+    decode: int,
+    batch: int,
+    kv_cache: str = "f32",
+    steps_ms: dict[str, list[float]] | None = None,
 ) -> tuple[float, dict[str, dict]]:
     """Greedy decoding of ``decode`` tokens, after a warm-up of 3: PyTorch's tokens/s (with the same
-    KV cache format), and per kernel set its tokens/s and whether it produced PyTorch's tokens."""
+    KV cache format), and per kernel set its tokens/s and whether it produced PyTorch's tokens.
+    ``steps_ms`` receives each side's step times ("torch", then each set's name)."""
+    steps_ms = {} if steps_ms is None else steps_ms
     decode_torch(model, 3, kv_cache)  # warm-up
-    torch_tokens, torch_s = decode_torch(model, decode, kv_cache)
+    torch_tokens, torch_s = decode_torch(model, decode, kv_cache, steps_ms.setdefault("torch", []))
     steps = batch * (decode - 1)
     per_set = {}
     for name, prepared in prepared_sets.items():
         decode_cpp(prepared, 3)  # warm-up
-        cpp_tokens, cpp_s = decode_cpp(prepared, decode)
+        cpp_tokens, cpp_s = decode_cpp(prepared, decode, steps_ms.setdefault(name, []))
         per_set[name] = {
             "cpp_decode_tok_s": steps / cpp_s,
             "decode_tokens_equal": bool((torch_tokens == cpp_tokens).all()),
@@ -409,9 +449,11 @@ def _measure_decode(
     batch: int,
     per_set: dict[str, dict],
     kv_cache: str = "f32",
+    steps_ms: dict[str, list[float]] | None = None,
 ) -> dict:
-    """Decode rates: each kernel set's go into ``per_set``; PyTorch's and the first set's are returned."""
-    torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch, kv_cache)
+    """Decode rates: each kernel set's go into ``per_set``; PyTorch's and the first set's are returned
+    (each side's step times into ``steps_ms``)."""
+    torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch, kv_cache, steps_ms)
     for name, figures in decode_sets.items():
         per_set[name].update(figures)
     first = per_set[next(iter(prepared_sets))]
@@ -437,12 +479,14 @@ def measure_bench(
     kernels: str | list[str] = "fast",
     progress: Callable[[str], None] | None = None,
     kv_cache: str = "f32",
+    standalone: bool = True,
 ) -> BenchResult:
     """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
     the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all"); the model files and
     builds in ``work_dir``. ``progress`` hears what is about to be measured. Prints nothing.
     ``kv_cache``: "f32" or "bf16" for both sides (base_line_micro has only the float32 cache: with
-    "bf16" it is not run for the forward rows)."""
+    "bf16" it is not run for the forward rows). ``standalone=False``: base_line_micro is neither
+    built nor run (its figures None), as when only the timed samples matter (the history)."""
     import torch
 
     from .native import load_native
@@ -463,6 +507,7 @@ def measure_bench(
         "parameters": config.num_parameters(),
         "kernels": sets,
         "kv_cache": kv_cache,
+        "cpp_dir": str(cpp_dir) if cpp_dir else None,  # None: this project's cpp/
     }
     if progress:
         progress(
@@ -476,7 +521,7 @@ def measure_bench(
     record.update(_stats(torch_t, "torch_forward"))
     stats = {"torch": _logits_stats(torch_logits)}
 
-    binary = build_standalone(cpp_dir, build_dir=work / "build")
+    binary = build_standalone(cpp_dir, build_dir=work / "build") if standalone else None
     env_threads = {"THREADS": str(threads)} if threads else {}
     per_set: dict[str, dict] = {}
     prepared_sets, cpp_timings = {}, {}
@@ -492,7 +537,7 @@ def measure_bench(
         path = json_path if fmt == "f32" else _format_file(prepared_sets[name].model, work, fmt_files)
         alone = (
             run_standalone(binary, path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
-            if kv_cache == "f32"
+            if kv_cache == "f32" and binary is not None
             else None
         )
         per_set[name] = {
@@ -502,19 +547,22 @@ def measure_bench(
             "standalone_load_ms": alone.load_ms if alone else None,
             **_agreement(model, torch_logits, cpp_logits, alone.logits if alone else None),
         }
-    alone_side = run_standalone(binary, side_path, work / "out_sidecar", 0, 1, env={**env_threads, "KERNELS": "fast"})
     record.update(per_set[sets[0]])
-    if record["standalone_load_ms"] is None:  # a bf16 KV cache: no set ran standalone; the load alone
-        record["standalone_load_ms"] = run_standalone(
-            binary, json_path, work / "out_load", 0, 1, {**env_threads, "KERNELS": "fast"}
+    record["standalone_load_sidecar_ms"] = None
+    if binary is not None:
+        alone_env = {**env_threads, "KERNELS": "fast"}
+        record["standalone_load_sidecar_ms"] = run_standalone(
+            binary, side_path, work / "out_sidecar", 0, 1, alone_env
         ).load_ms
-    record["standalone_load_sidecar_ms"] = alone_side.load_ms
+        if record["standalone_load_ms"] is None:  # a bf16 KV cache: no set ran standalone; the load alone
+            record["standalone_load_ms"] = run_standalone(binary, json_path, work / "out_load", 0, 1, alone_env).load_ms
     record["machine"] = machine_info(native.threads)
 
+    steps_ms: dict[str, list[float]] = {}
     if decode:
-        record.update(_measure_decode(model, prepared_sets, decode, batch, per_set, kv_cache))
+        record.update(_measure_decode(model, prepared_sets, decode, batch, per_set, kv_cache, steps_ms))
     record["kernel_sets"] = per_set
-    return BenchResult(record, torch_t, cpp_timings, stats)
+    return BenchResult(record, torch_t, cpp_timings, stats, steps_ms)
 
 
 def bench_lines(result: BenchResult) -> list[str]:
@@ -534,21 +582,21 @@ def bench_lines(result: BenchResult) -> list[str]:
             (f"C++ standalone ({name})", per_set[name]["standalone_forward_ms"], ""),
         ):
             if ms is None:
-                lines.append(f"{label:28s}        n/a   (base_line_micro keeps a float32 KV cache)")
+                why = "keeps a float32 KV cache" if record.get("kv_cache", "f32") != "f32" else "not run"
+                lines.append(f"{label:28s}        n/a   (base_line_micro {why})")
                 continue
             noisy = torch_t.noisy or (cpp_t.noisy and spread)
             lines.append(
                 f"{label:28s} {ms:10.3f} ms  {torch_t.median_ms / ms:5.2f}x faster{spread}"
                 + (" — noisy, ratio unreliable" if noisy else "")
             )
-    lines.append(
-        f"{'load, JSON only':28s} {record['standalone_load_ms']:10.1f} ms (base_line_micro), "
-        f"{record['python_load_json_ms']:.1f} ms (Python)"
-    )
-    lines.append(
-        f"{'load, safetensors sidecar':28s} {record['standalone_load_sidecar_ms']:10.1f} ms (base_line_micro), "
-        f"{record['python_load_sidecar_ms']:.1f} ms (Python)"
-    )
+    for label, alone_key, python_key in (
+        ("load, JSON only", "standalone_load_ms", "python_load_json_ms"),
+        ("load, safetensors sidecar", "standalone_load_sidecar_ms", "python_load_sidecar_ms"),
+    ):
+        alone = record[alone_key]
+        alone_text = f"{alone:10.1f} ms" if alone is not None else f"{'n/a':>13s}"
+        lines.append(f"{label:28s} {alone_text} (base_line_micro), {record[python_key]:.1f} ms (Python)")
     for label, (shape, low, high, mean) in result.logits_stats.items():
         lines.append(f"logits {label:16s}: shape {shape} min {low:.6f} max {high:.6f} mean {mean:.6f}")
     for name in sets:
@@ -556,7 +604,7 @@ def bench_lines(result: BenchResult) -> list[str]:
         alone = r["standalone_max_abs_diff"]
         lines.append(
             f"max |cpp - torch| ({name}) {r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}); "
-            + (f"standalone {alone:.3e}" if alone is not None else "standalone n/a (bf16 KV cache)")
+            + (f"standalone {alone:.3e}" if alone is not None else "standalone n/a")
             + (f" ({r['weight_format']} weights against float32)" if r["weight_format"] != "f32" else "")
         )
     if "decode_tokens" in record:
@@ -592,9 +640,12 @@ def run_bench(
     log: Callable[[str], None] = print,
     kernels: str | list[str] = "fast",
     kv_cache: str = "f32",
+    standalone: bool = True,
+    store: BenchStore | None = None,
 ) -> dict:
     """``celerinfer-lab bench``: measure_bench, then its summary to ``log`` line by line; returns the
-    record (the JSON the CLI writes).
+    record (the JSON the CLI writes). With ``store`` (``bench --save``) the result, its samples and
+    provenance are appended to that benchmark history (history.py) and ``record["saved_id"]`` is its id.
 
     The record's flat keys (cpp_forward_ms, standalone_forward_ms, max_abs_diff, cpp_decode_tok_s,
     ...) are the first set's; ``record["kernel_sets"]`` holds every set's, by name. The model files
@@ -619,7 +670,11 @@ def run_bench(
             kernels,
             progress=log,
             kv_cache=kv_cache,
+            standalone=standalone,
         )
     for line in bench_lines(result):
         log(line)
+    if store is not None:
+        result.record["saved_id"] = store.save(result.record, result.samples())
+        log(f"saved result #{result.record['saved_id']} to {store.path} ({len(result.samples())} figures with samples)")
     return result.record

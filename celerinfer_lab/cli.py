@@ -1,5 +1,5 @@
 """The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench,
-precision, train, import, export, lab.
+bench-compare, bench-history, precision, train, import, export, lab.
 
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
 and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
@@ -471,6 +471,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_position_embeddings=max(args.max_pos or TINY.max_position_embeddings, seq_len + args.decode),
         )
     config.validate(seq_len=seq_len + max(args.decode - 1, 0))
+    store = None
+    if args.save or args.store:
+        from .history import BenchStore
+
+        if not args.save:
+            raise UsageError("--store names where --save appends: give --save too")
+        store = BenchStore(args.store, create=True)  # a bad store fails before the benchmark runs
     result = run_bench(
         config,
         batch,
@@ -484,6 +491,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.cpp_dir,
         kernels=args.kernels,
         kv_cache=args.kv_cache,
+        standalone=not args.no_standalone,
+        store=store,
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -492,12 +501,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from .history import BenchStore
+    from .regression import compare_saved
+
+    comparison = compare_saved(
+        BenchStore(args.store), args.base, args.new, args.last, args.threshold, args.alpha, args.force
+    )
+    for line in comparison.lines():
+        print(line)
+    return 1 if comparison.regressions else 0
+
+
+def cmd_bench_history(args: argparse.Namespace) -> int:
+    from .history import BenchStore, history_lines, speed_table
+
+    results = BenchStore(args.store).results()
+    if not results:
+        print(f"no saved results in {args.store or 'the default store'}")
+        return 0
+    if args.markdown:
+        print(speed_table(results, latest_only=not args.all))
+    else:
+        for line in history_lines(results):
+            print(line)
+    return 0
+
+
+def _add_history(sub: argparse._SubParsersAction) -> None:
+    from .regression import DEFAULT_ALPHA, DEFAULT_LAST, DEFAULT_THRESHOLD_PCT
+
+    store_help = "the history's SQLite file (default: as for bench --save)"
+    cmp = sub.add_parser(
+        "bench-compare",
+        help="compare two saved benches figure by figure (exit 1 on a significant regression)",
+        description="Per figure: medians, change, a two-sided Mann-Whitney U test over the samples, and a verdict "
+        "(faster / slower / no significant change: a verdict needs both p < alpha and a change beyond the "
+        "threshold). Exit status: 0 no significant regression, 1 some figure significantly slower by more "
+        "than the threshold, 2 bad input (unknown id, a bad store, results of different parameters or machines).",
+    )
+    cmp.add_argument("base", nargs="?", type=int, help="the base result's id (default: the best of --last)")
+    cmp.add_argument("new", nargs="?", type=int, help="the new result's id (default: the newest)")
+    cmp.add_argument("--store", help=store_help)
+    cmp.add_argument(
+        "--last",
+        type=int,
+        default=DEFAULT_LAST,
+        help=f"without BASE: the best of the last N results on this machine with the same parameters "
+        f"(default {DEFAULT_LAST})",
+    )
+    cmp.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD_PCT,
+        help=f"percent change a verdict needs beyond significance (default {DEFAULT_THRESHOLD_PCT:g})",
+    )
+    cmp.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"significance level (default {DEFAULT_ALPHA})")
+    cmp.add_argument("--force", action="store_true", help="compare results of different machines")
+    hist = sub.add_parser(
+        "bench-history",
+        help="list saved benches, or print the speed table from them (--markdown)",
+        description="Without --markdown: every saved result (id, time, commit, machine, workload, medians). With "
+        "--markdown: the README speed table, the newest result per machine and parameters (--all: every result), "
+        "one row per figure with median, IQR, rate, runs, commit and machine.",
+    )
+    hist.add_argument("--store", help=store_help)
+    hist.add_argument("--markdown", action="store_true", help="print the speed table as markdown")
+    hist.add_argument("--all", action="store_true", help="with --markdown: every result, not the newest per workload")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="celerinfer-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_import_export(sub)
     _add_precision(sub)
+    _add_history(sub)
     quant = sub.add_parser(
         "quantize",
         help="write a model file with its weights in another format (bf16, q8 or f32)",
@@ -555,6 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the kernel set(s) to time: fast (default), readable, bf16, q8, readable-bf16, readable-q8, "
         "several joined by commas (fast,bf16,q8), all (each in turn, fast first), or one registered in --cpp-dir",
     )
+    bench.add_argument(
+        "--save",
+        action="store_true",
+        help="append the result (every sample, git commit, machine fingerprint, library versions) to the "
+        "benchmark history (see bench-compare, bench-history)",
+    )
+    bench.add_argument(
+        "--store",
+        help="the history's SQLite file (default: $CELERINFER_LAB_BENCH_STORE, else bench_history.sqlite in "
+        "~/.local/share/celerinfer-lab or $CELERINFER_LAB_DATA)",
+    )
+    bench.add_argument("--no-standalone", action="store_true", help="skip base_line_micro (no build; its rows n/a)")
     bench.add_argument(
         "--kv-cache",
         choices=KV_CACHE_FORMATS,
@@ -796,6 +887,8 @@ COMMANDS = {
     "complete": cmd_complete,
     "precision": cmd_precision,
     "bench": cmd_bench,
+    "bench-compare": cmd_bench_compare,
+    "bench-history": cmd_bench_history,
     "train": cmd_train,
     "lab": cmd_lab,
 }

@@ -18,7 +18,9 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     ├── FaultError (ValueError)          an unknown fault, or one that no longer applies
     ├── NativeError (RuntimeError)       the C++ refused an input or failed
     │   └── NativeCompileError           the C++ did not compile
-    └── StandaloneError (RuntimeError)   building or running base_line_micro failed
+    ├── StandaloneError (RuntimeError)   building or running base_line_micro failed
+    └── HistoryError (ValueError)        the benchmark store is corrupt, foreign or of another schema,
+                                         an id is unknown, or two results cannot be compared
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ class StandaloneError(CelerInferError, RuntimeError):
     """Building or running base_line_micro failed; the message carries its output."""
 
 
+class HistoryError(CelerInferError, ValueError):
+    """The benchmark history store is not one this version reads (corrupt, foreign, another schema
+    version), a result id is unknown, or two results were measured on different parameters or
+    machines. The message names the store, the id or the difference."""
+
+
 __all__ = [
     "CelerInferError",
     "UsageError",
@@ -88,4 +96,5 @@ __all__ = [
     "NativeError",
     "NativeCompileError",
     "StandaloneError",
+    "HistoryError",
 ]

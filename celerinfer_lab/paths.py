@@ -1,9 +1,11 @@
 """The C++ source tree on disk: where this project's cpp/ is, how to find its headers in a folder,
 how to copy it and edit a file of the copy. Plain files only (no cppyy, no compiler): the engine
-(native.py), the fault catalogue (faults.py) and the standalone build (standalone.py) all use it."""
+(native.py), the fault catalogue (faults.py) and the standalone build (standalone.py) all use it.
+Also where the project keeps what it measures across runs (``data_dir``: the benchmark history)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,17 @@ from .errors import UsageError
 
 DEFAULT_CPP_DIR = Path(__file__).resolve().parents[1] / "cpp"
 HEADER = "celerinfer/celerinfer.hpp"
+REPO_ROOT = DEFAULT_CPP_DIR.parent
+
+
+def data_dir() -> Path:
+    """Where results kept across runs live: $CELERINFER_LAB_DATA, else $XDG_DATA_HOME/celerinfer-lab
+    (~/.local/share/celerinfer-lab): per user and machine, so a fresh clone or a second worktree sees
+    the same history. Not created here."""
+    if os.environ.get("CELERINFER_LAB_DATA"):
+        return Path(os.environ["CELERINFER_LAB_DATA"])
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "celerinfer-lab"
 
 
 def include_dir(cpp_dir: Path) -> Path:

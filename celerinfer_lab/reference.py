@@ -371,9 +371,11 @@ def greedy_generate(
     attention_mask: np.ndarray,
     new_tokens: int,
     after_prefill: Callable[[], object] | None = None,
+    on_step: Callable[[int], object] | None = None,
 ) -> np.ndarray:
     """Prefill the prompt, then decode ``new_tokens`` greedily with the KV cache: [B, new_tokens].
-    ``after_prefill()`` is called once the prompt is processed (benchmarks time the decode alone)."""
+    ``after_prefill()`` is called once the prompt is processed (benchmarks time the decode alone),
+    ``on_step(step)`` once each step's token is chosen (step 0: the prefill's)."""
     cache = KVCache.empty()
     ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
@@ -384,6 +386,8 @@ def greedy_generate(
         logits, _ = ref.forward(ids, mask, cache=cache)
         ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(ids)
+        if on_step is not None:
+            on_step(step)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     return torch.cat(tokens, dim=1).numpy()
 

@@ -26,7 +26,7 @@ HEAVY = ("torch", "matplotlib", "pandas", "cppyy", "ipywidgets")
 # never of a higher one.
 LAYERS = [
     # the ground: errors, limits, the weight table, the weight codecs (bf16, Q8_0), the KV cache's rounding, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is
-    ["errors", "limits", "schema", "flags", "config", "trace", "paths", "quantize", "kvcache"],
+    ["errors", "limits", "schema", "flags", "config", "trace", "paths", "quantize", "kvcache", "fingerprint"],
     # model files and inputs: format, strict JSON, sidecar, writer, Model, reader, RoPE cache, random models,
     # checkpoints imported and exported (HF folders, MiniMind .pth);
     # the fault catalogue (source edits to a copy of cpp/); the C++ headers generated from Python tables
@@ -58,8 +58,9 @@ LAYERS = [
     ["diagnose", "precision"],
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
-    # timing; text generation on both sides with the first divergence compared
-    ["bench", "complete", "train"],
+    # timing, the benchmark history (the store; judging two saved results); text generation on both sides
+    # with the first divergence compared
+    ["history", "regression", "bench", "complete", "train"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "text_panel", "__init__", "testing"],
