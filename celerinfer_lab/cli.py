@@ -505,8 +505,9 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     from .history import BenchStore
     from .regression import compare_saved
 
+    only = [word.strip() for word in args.figures.split(",") if word.strip()] if args.figures else None
     comparison = compare_saved(
-        BenchStore(args.store), args.base, args.new, args.last, args.threshold, args.alpha, args.force
+        BenchStore(args.store), args.base, args.new, args.last, args.threshold, args.alpha, args.force, only
     )
     for line in comparison.lines():
         print(line)
@@ -558,6 +559,10 @@ def _add_history(sub: argparse._SubParsersAction) -> None:
     )
     cmp.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"significance level (default {DEFAULT_ALPHA})")
     cmp.add_argument("--force", action="store_true", help="compare results of different machines")
+    cmp.add_argument(
+        "--figures",
+        help="judge only the figures whose names contain one of these comma-separated words (cpp: this C++ only)",
+    )
     hist = sub.add_parser(
         "bench-history",
         help="list saved benches, or print the speed table from them (--markdown)",

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.figure import Figure
 
+from .errors import UsageError
 from .metrics import MASKED_BELOW
 from .trace import trace_points
 
@@ -269,6 +270,60 @@ def logits_agreement(report: Report, figsize: tuple[float, float] = (10, 3.5)) -
         + ("" if math.isfinite(lg.kl_max) else " (non-finite)")
     )
     ax.legend(fontsize=8)
+    return fig
+
+
+def plot_history(table: Any, figures: list[str] | None = None, width: float = 9) -> Figure:
+    """The benchmark history (``BenchStore.table()``: one row per saved result and figure), one panel
+    per figure: the median of each saved result in order, its interquartile range as a band and its
+    min–max as thin bars, the x axis labelled with the result's id, commit and date. Results of
+    different machines or workloads share a panel only if the table mixes them: filter it first."""
+    if table is None or len(table) == 0:
+        raise UsageError("plot_history: the table has no saved results (save some with `bench --save`)")
+    missing = {"id", "figure", "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "commit", "timestamp"} - set(
+        table.columns
+    )
+    if missing:
+        raise UsageError(f"plot_history: the table lacks columns {sorted(missing)} (use BenchStore.table())")
+    names = list(dict.fromkeys(table["figure"])) if figures is None else figures
+    unknown = [name for name in names if name not in set(table["figure"])]
+    if unknown:
+        raise UsageError(f"plot_history: no figure {unknown} in the table; it has {sorted(set(table['figure']))}")
+    fig = Figure(figsize=(width, 2.4 * len(names) + 0.6), layout="constrained")
+    axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        rows = table[table["figure"] == name].sort_values("id")
+        x = np.arange(len(rows))
+        median = rows["median_ms"].to_numpy(float)
+        (line,) = ax.plot(x, median, marker="o", label="median")
+        ax.fill_between(
+            x,
+            rows["q1_ms"].to_numpy(float),
+            rows["q3_ms"].to_numpy(float),
+            alpha=0.25,
+            color=line.get_color(),
+            label="IQR",
+        )
+        ax.vlines(
+            x,
+            rows["min_ms"].to_numpy(float),
+            rows["max_ms"].to_numpy(float),
+            color=line.get_color(),
+            lw=0.8,
+            alpha=0.5,
+            label="min–max",
+        )
+        ax.set_xticks(
+            x,
+            [f"#{i}\n{c}\n{str(t)[:16]}" for i, c, t in zip(rows["id"], rows["commit"], rows["timestamp"])],
+            fontsize=7,
+        )
+        ax.set_yscale("log")
+        # the min–max bars can reach 100x the median (a preempted run): the axis follows the IQR
+        ax.set_ylim(rows["min_ms"].min() * 0.8, rows["q3_ms"].max() * 2)
+        ax.set_ylabel("ms")
+        ax.set_title(f"{name}: median per saved result, IQR band, min–max bars", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
     return fig
 
 
