@@ -30,7 +30,7 @@ EXPECTED = {  # words each notebook's outputs must contain
         "did not compile",
         "still running",
     ],
-    "04_benchmarks.ipynb": ["hidden 512", "speedup", "image/png"],
+    "04_benchmarks.ipynb": ["hidden 512", "speedup", "image/png", "Mann-Whitney U", "cpp prefill (fast)"],
     "05_your_own_kernels.ipynb": [
         "kernel sets: ['readable', 'fast', 'readable-bf16', 'readable-q8', 'bf16', 'q8', 'blocked']",
         "blocked agrees: True",
