@@ -223,6 +223,14 @@ def test_cli_exit_codes_and_the_markdown_table(tmp_path, capsys):
     assert table.count("| 127,296 params h64 L2, batch 2 x seq 5, threads 1 | ") == 4 and "c0ffee" in table
     assert "Test CPU" in table and "IQR" in table
     assert speed_table(store.results()).count("| 127,296 params") == 2  # the newest result of the workload only
+    noisy = record()
+    noisy.update(torch_forward_noisy=True, kernel_sets={"fast": {"cpp_forward_noisy": False}})
+    save(store, rec=noisy)
+    assert cli.main(["bench-compare", "2", "3", "--store", str(path)]) in (0, 1)
+    assert "note: #3 was measured noisy (torch prefill:" in capsys.readouterr().out
+    assert "note:" not in "\n".join(compare_saved(store, 1, 2).lines())  # companion: neither flagged
+    assert cli.main(["bench", "--store", str(path)]) == 2  # --store without --save
+    assert "give --save too" in capsys.readouterr().err
     (tmp_path / "bad.sqlite").write_text("not a store")
     for command in ("bench-compare", "bench-history"):
         assert cli.main([command, "--store", str(tmp_path / "bad.sqlite")]) == 2
