@@ -159,7 +159,7 @@ def _noisy_figures(record: dict) -> list[str]:
 
 
 @dataclass
-class Comparison:
+class BenchComparison:
     base: SavedResult
     new: SavedResult
     changes: list[FigureChange]
@@ -212,7 +212,7 @@ def compare_results(
     alpha: float = DEFAULT_ALPHA,
     force: bool = False,
     only: list[str] | None = None,
-) -> Comparison:
+) -> BenchComparison:
     """Every figure both results measured (``only``: those whose name contains one of these words),
     judged (see judge); HistoryError when they are not comparable."""
     check_comparable(base, new, force)
@@ -221,7 +221,7 @@ def compare_results(
         shared = [f for f in new.samples if f in base.samples]
         raise HistoryError(f"results {base.id} and {new.id} share no figure matching {only}: they have {shared}")
     changes = [judge(f, base.samples[f], new.samples[f], threshold_pct, alpha) for f in figures]
-    return Comparison(base, new, changes, threshold_pct, alpha)
+    return BenchComparison(base, new, changes, threshold_pct, alpha)
 
 
 def compare_saved(
@@ -233,7 +233,7 @@ def compare_saved(
     alpha: float = DEFAULT_ALPHA,
     force: bool = False,
     only: list[str] | None = None,
-) -> Comparison:
+) -> BenchComparison:
     """``bench-compare``: NEW defaults to the newest result, BASE to the best of the ``last`` before it
     on the same machine and parameters (best_base); ``only``: see compare_results."""
     new = store.get(new_id) if new_id is not None else store.latest()
