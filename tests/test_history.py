@@ -328,3 +328,28 @@ def test_a_slowed_kernel_is_a_significant_regression(saved):
     assert out.splitlines()[-1].startswith("REGRESSION: cpp prefill (fast), cpp decode step (fast)")
     new = BenchStore(saved).latest()
     assert new.record["cpp_dir"].endswith("slow_cpp") and new.params == BenchStore(saved).get(1).params
+
+
+def test_machine_fingerprint_is_stable_and_follows_its_fields(monkeypatch):
+    from celerinfer_lab import fingerprint
+
+    first, again = machine_fingerprint(), machine_fingerprint()
+    assert first == again and len(first["id"]) == 12 and int(first["id"], 16) >= 0
+    assert first["cores"] == os.cpu_count() and first["memory_gib"] > 0 and first["cpu"]
+    monkeypatch.setattr(fingerprint, "_memory_gib", lambda: first["memory_gib"] + 1)  # another machine's memory
+    assert machine_fingerprint()["id"] != first["id"]
+
+
+def test_git_state_reads_commit_and_dirty(tmp_path):
+    from celerinfer_lab.history import git_state
+
+    assert git_state(tmp_path) == (None, None)  # not a checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("1")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    commit, dirty = git_state(tmp_path)
+    assert len(commit) == 40 and dirty is False
+    (tmp_path / "a.txt").write_text("2")  # a tracked file edited: dirty
+    assert git_state(tmp_path) == (commit, True)
