@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from .config import ModelConfig
+from .errors import UsageError
 from .generate import generate_model
 from .kvcache import check_kv_cache
 from .modelfile import Model
@@ -344,6 +345,7 @@ class BenchResult:
     cpp_forward: dict[str, Timing]  # kernel set -> its cppyy forward
     logits_stats: dict[str, tuple[list[int], float, float, float]]  # "torch", "cpp (set)" -> shape, min, max, mean
     decode_steps_ms: dict[str, list[float]] = field(default_factory=dict)  # "torch" / kernel set -> each step's time
+    llama_cpp_samples: dict[str, list[float]] = field(default_factory=dict)  # "llama.cpp prefill (f32)", ... -> ms
 
     @property
     def sets(self) -> list[str]:
@@ -352,13 +354,14 @@ class BenchResult:
     def samples(self) -> dict[str, list[float]]:
         """Every timed sample per figure, in milliseconds (lower is faster): "torch prefill",
         "cpp prefill (SET)" for each kernel set (one sample per forward), and with decoding
-        "torch decode step", "cpp decode step (SET)" (one per decode step). The benchmark history
-        keeps these; base_line_micro reports only its median and is left out."""
+        "torch decode step", "cpp decode step (SET)" (one per decode step), and llama.cpp's
+        "llama.cpp prefill (TYPE)" / "llama.cpp decode step (TYPE)". The benchmark history keeps
+        these; base_line_micro reports only its median and is left out."""
         figures = {"torch prefill": list(self.torch_forward.samples_ms)}
         figures.update({f"cpp prefill ({name})": list(t.samples_ms) for name, t in self.cpp_forward.items()})
         for side, steps in self.decode_steps_ms.items():
             figures["torch decode step" if side == "torch" else f"cpp decode step ({side})"] = list(steps)
-        return figures
+        return figures | self.llama_cpp_samples
 
 
 def _logits_stats(logits: np.ndarray) -> tuple[list[int], float, float, float]:
@@ -465,6 +468,53 @@ def _measure_decode(
     }
 
 
+def _measure_llama_cpp(
+    model: Model,
+    types: list[str],
+    work: Path,
+    threads: int | None,
+    warmup: int,
+    repeat: int,
+    decode: int,
+    kv_cache: str,
+    torch_logits: np.ndarray,
+    samples: dict[str, list[float]] | None = None,
+) -> dict:
+    """llama.cpp on the same weights and tokens, per GGUF type: its prefill Timing's figures, its
+    logits against PyTorch's (float32 weights: F16/Q8_0 include what their precision costs), and its
+    decode rate (counted as _decode_rates counts: decode - 1 steps). {"skipped": why} when it cannot
+    run. ``samples`` receives every timed prefill and decode step (for the benchmark history)."""
+    from .llama_cpp_engine import LlamaCppModel, llama_cpp_missing
+
+    missing = llama_cpp_missing()
+    if missing:
+        return {"skipped": missing}
+    samples = {} if samples is None else samples
+    figures: dict = {}
+    for gguf_type in types:
+        engine = LlamaCppModel(model, gguf_type, work, threads, decode, kv_cache, logits_all=True)
+        try:
+            timing = time_call(engine.prefill, warmup, repeat)
+            samples[f"llama.cpp prefill ({gguf_type})"] = list(timing.samples_ms)
+            logits = engine.logits()
+            diff = np.abs(logits - torch_logits[0])
+            row = {
+                **_stats(timing, "forward"),
+                "max_abs_diff": float(diff.max()),
+                "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[0])),
+                "top1_agreement": float((logits.argmax(-1) == torch_logits[0].argmax(-1)).mean()),
+            }
+            if decode:
+                engine.decode(3)  # warm-up
+                _, seconds, steps = engine.decode(decode)
+                row["decode_tok_s"] = (decode - 1) / seconds
+                samples[f"llama.cpp decode step ({gguf_type})"] = steps
+            figures[gguf_type] = row
+        finally:
+            engine.close()
+    return figures
+
+
 def measure_bench(
     config: ModelConfig,
     batch: int,
@@ -480,19 +530,28 @@ def measure_bench(
     progress: Callable[[str], None] | None = None,
     kv_cache: str = "f32",
     standalone: bool = True,
+    llama_cpp: list[str] | None = None,
 ) -> BenchResult:
     """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
     the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all"); the model files and
     builds in ``work_dir``. ``progress`` hears what is about to be measured. Prints nothing.
     ``kv_cache``: "f32" or "bf16" for both sides (base_line_micro has only the float32 cache: with
     "bf16" it is not run for the forward rows). ``standalone=False``: base_line_micro is neither
-    built nor run (its figures None), as when only the timed samples matter (the history)."""
+    built nor run (its figures None), as when only the timed samples matter (the history).
+    ``llama_cpp``: GGUF types (f32, f16, q8_0) to time llama.cpp in too, on the same weights
+    (record["llama_cpp"]; skipped with the reason when llama-cpp-python is absent)."""
     import torch
 
     from .native import load_native
     from .standalone import build_standalone, run_standalone
 
     check_kv_cache(kv_cache)
+    if llama_cpp:
+        from .llama_cpp_engine import check_gguf_types
+
+        llama_cpp = check_gguf_types(llama_cpp)  # before any work, as an unknown kernel set
+        if batch != 1:
+            raise UsageError(f"llama.cpp runs one sequence: --batch-size {batch}, need 1 with the llama.cpp engine")
     native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
     sets = bench_kernel_sets(native, kernels)
     if threads:
@@ -562,7 +621,14 @@ def measure_bench(
     if decode:
         record.update(_measure_decode(model, prepared_sets, decode, batch, per_set, kv_cache, steps_ms))
     record["kernel_sets"] = per_set
-    return BenchResult(record, torch_t, cpp_timings, stats, steps_ms)
+    llama_samples: dict[str, list[float]] = {}
+    if llama_cpp:
+        if progress:
+            progress(f"llama.cpp: {', '.join(llama_cpp)} (GGUF of the same weights)")
+        record["llama_cpp"] = _measure_llama_cpp(
+            model, llama_cpp, work, threads, warmup, repeat, decode, kv_cache, torch_logits, llama_samples
+        )
+    return BenchResult(record, torch_t, cpp_timings, stats, steps_ms, llama_samples)
 
 
 def bench_lines(result: BenchResult) -> list[str]:
@@ -623,6 +689,33 @@ def bench_lines(result: BenchResult) -> list[str]:
                 if name != "fast":
                     rate = per_set[name]["cpp_decode_tok_s"]
                     lines.append(f"decode {name} / fast: {rate / base:.2f}x")
+    return lines + _llama_cpp_lines(record, torch_t)
+
+
+def _llama_cpp_lines(record: dict, torch_t: Timing) -> list[str]:
+    """llama.cpp's rows: its prefill against PyTorch, its logits against PyTorch's, and its decode rate
+    beside the first kernel set's."""
+    llama = record.get("llama_cpp")
+    if llama is None:
+        return []
+    if "skipped" in llama:
+        return [f"llama.cpp: skipped — {llama['skipped']}"]
+    lines = []
+    first = record["kernels"][0]
+    for gguf_type, r in llama.items():
+        label = f"llama.cpp ({gguf_type})"
+        lines.append(
+            f"{label:28s} {r['forward_ms']:10.3f} ms  {torch_t.median_ms / r['forward_ms']:5.2f}x faster   "
+            f"(IQR {r['forward_q1_ms']:.3g}–{r['forward_q3_ms']:.3g} ms); max |llama.cpp - torch| "
+            f"{r['max_abs_diff']:.3e} (relative L2 {r['logits_rel_l2']:.2e}, top-1 agreement {r['top1_agreement']:.3f})"
+            + (" — noisy, ratio unreliable" if r["forward_noisy"] or torch_t.noisy else "")
+        )
+        if "decode_tok_s" in r:
+            cpp_rate = record["kernel_sets"][first]["cpp_decode_tok_s"]
+            lines.append(
+                f"decode {record['decode_tokens']} tokens ({label}): {r['decode_tok_s']:.1f} tok/s; "
+                f"C++ ({first}) / {label}: {cpp_rate / r['decode_tok_s']:.2f}x"
+            )
     return lines
 
 
@@ -642,6 +735,7 @@ def run_bench(
     kv_cache: str = "f32",
     standalone: bool = True,
     store: BenchStore | None = None,
+    llama_cpp: list[str] | None = None,
 ) -> dict:
     """``celerinfer-lab bench``: measure_bench, then its summary to ``log`` line by line; returns the
     record (the JSON the CLI writes). With ``store`` (``bench --save``) the result, its samples and
@@ -671,6 +765,7 @@ def run_bench(
             progress=log,
             kv_cache=kv_cache,
             standalone=standalone,
+            llama_cpp=llama_cpp,
         )
     for line in bench_lines(result):
         log(line)

@@ -434,6 +434,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_ENGINES = ("torch", "cpp", "llama.cpp")
+
+
+def _bench_llama_types(args: argparse.Namespace) -> list[str] | None:
+    """The GGUF types llama.cpp runs in (None: llama.cpp is not among --engines)."""
+    engines = [e.strip() for e in args.engines.split(",")]
+    unknown = [e for e in engines if e not in BENCH_ENGINES]
+    if unknown or not {"torch", "cpp"} <= set(engines):
+        raise UsageError(
+            f"--engines {args.engines}: torch and cpp always run (the ratios are against PyTorch); "
+            f"llama.cpp may be added: {','.join(BENCH_ENGINES)}"
+        )
+    return [t.strip() for t in args.llama_types.split(",")] if "llama.cpp" in engines else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -493,6 +508,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kv_cache=args.kv_cache,
         standalone=not args.no_standalone,
         store=store,
+        llama_cpp=_bench_llama_types(args),
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -657,6 +673,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="f32",
         help="the KV cache's number format on both sides: f32 (default) or bf16 (each new key and value rounded "
         "to bfloat16 as it joins the cache; base_line_micro keeps f32 and is not run for the forward rows)",
+    )
+    bench.add_argument(
+        "--engines",
+        default="torch,cpp",
+        help="engines to time: torch,cpp (default) or torch,cpp,llama.cpp (the model as GGUF through "
+        "llama-cpp-python, an optional extra; skipped with the reason when it is not installed; batch 1)",
+    )
+    bench.add_argument(
+        "--llama-types", default="f32,f16,q8_0", help="GGUF types llama.cpp runs: f32, f16, q8_0 (default: all three)"
     )
     cmp = sub.add_parser(
         "compare",

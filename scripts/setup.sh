@@ -87,3 +87,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "$PY" -m pip install -q -e '.[test,real]'
+# llama.cpp as the bench's third engine (the `llama` extra) is built from source by pip: minutes of
+# compiling, so only on request (CI asks: .ci/run). Its multimodal library is not needed.
+if [ "${CELERINFER_LAB_LLAMA:-0}" = "1" ] && ! "$PY" -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "setup: building llama-cpp-python from source (CELERINFER_LAB_LLAMA=1; takes minutes)"
+  CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$PY" -m pip install -q -e '.[llama]'
+fi

@@ -45,8 +45,8 @@ LAYERS = [
         "cpp_tables",
         "tokenizer",
     ],
-    # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary
-    ["reference", "native", "standalone"],
+    # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary, llama.cpp (a GGUF through llama-cpp-python)
+    ["reference", "native", "standalone", "llama_cpp_engine"],
     # the comparison's numbers: the metrics and the tolerance rule as a value
     ["metrics", "tolerances"],
     # the views of a Report (text/table/HTML, figures): Report's methods call them, so they name the
