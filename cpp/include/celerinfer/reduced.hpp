@@ -185,13 +185,19 @@ struct ReadableQ8Kernels : ReadableReducedKernels {
 // ---- the fast reduced sets ----------------------------------------------------------------------
 namespace fast {
 
-// A stored matrix repacked as packing.hpp's PackedMatrix: [panel][k][16], outputs past `out` zero.
-// q8: k runs over whole blocks (in padded to a multiple of 32), scales [panel][block][16]; when the
-// VNNI GEMV runs (use_vnni()), also its own layout (see pack_vnni).
+// A stored matrix repacked in panels of 16 outputs, outputs past `out` zero.
+// bf16: k pairs interleaved, [panel][k/2][16 outputs][2 k] (in padded to even, kpad): the 32-bit word
+// of an output holds w[k] in its low half and w[k+1] in its high half, so one 64-byte load widens
+// to both k's floats with a shift (w[k]: word << 16) and a mask (w[k+1]: word & 0xFFFF0000), no
+// shuffle. (The [panel][k][16] layout took a 32-byte load, a zero-extension and a shift per 16 weights:
+// the GEMV was instruction-bound.)
+// q8: packing.hpp's PackedMatrix layout [panel][k][16], k over whole blocks (in padded to a multiple
+// of 32: kpad), scales [panel][block][16]; when the VNNI GEMV runs (use_vnni()), also its own layout
+// (see pack_vnni).
 struct PackedReduced {
     WeightFormat format = WeightFormat::F32;
     int out = 0, in = 0, panels = 0, blocks = 0, kpad = 0;
-    std::vector<uint16_t> bf16;  // [panel][in][16]
+    std::vector<uint16_t> bf16;  // [panel][kpad/2][16][2]
     std::vector<int8_t> q8;      // [panel][kpad][16]
     std::vector<float> scales;   // [panel][blocks][16]
     // The VNNI GEMV's q8 layout, from a 64-byte aligned start: [panel][block] of kVnniBlockBytes:
@@ -275,9 +281,11 @@ inline PackedReduced pack_reduced(const StoredMatrix& s) {
     P.in = s.in;
     P.panels = (s.out + 15) / 16;
     if (s.format == WeightFormat::BF16) {
-        P.bf16.assign(size_t(P.panels) * s.in * 16, 0);
+        P.kpad = (s.in + 1) / 2 * 2;
+        P.bf16.assign(size_t(P.panels) * P.kpad * 16, 0);
         for (int o = 0; o < s.out; ++o)
-            for (int k = 0; k < s.in; ++k) P.bf16[(size_t(o / 16) * s.in + k) * 16 + o % 16] = s.bf16()[size_t(o) * s.in + k];
+            for (int k = 0; k < s.in; ++k)
+                P.bf16[(size_t(o / 16) * P.kpad + k / 2 * 2) * 16 + o % 16 * 2 + k % 2] = s.bf16()[size_t(o) * s.in + k];
         return P;
     }
     P.blocks = (s.in + kQ8Block - 1) / kQ8Block;
@@ -297,16 +305,11 @@ inline PackedReduced pack_reduced(const StoredMatrix& s) {
     return P;
 }
 
-typedef uint16_t vu16x16 __attribute__((vector_size(32)));
 typedef int8_t vi8x16 __attribute__((vector_size(16)));
 
-// 16 packed weights -> 16 floats, two ways; Widen::bf16(p) and Widen::q8(p) (q8 before its scale).
+// 16 packed int8 weights -> 16 floats (before the block's scale), two ways: Widen::q8(p). (bf16 needs
+// no widening code of its own: see bf16_pair.)
 struct WidenPortable {
-    static CI_VINLINE vf16 bf16(const uint16_t* p) {
-        vu16x16 h;
-        std::memcpy(&h, p, sizeof h);
-        return (vf16)(__builtin_convertvector(h, vi16) << 16);  // zero-extend, then the top half
-    }
     static CI_VINLINE vf16 q8(const int8_t* p) {
         vi8x16 q;
         std::memcpy(&q, p, sizeof q);
@@ -315,21 +318,44 @@ struct WidenPortable {
 };
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 struct WidenAvx512 {
-    static CI_VINLINE vf16 bf16(const uint16_t* p) {
-        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        return (vf16)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-    }
     static CI_VINLINE vf16 q8(const int8_t* p) {
         return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     }
 };
 #endif
 
+// The bf16 weights of panel p at k and k + 1 (k even) as float32: one load, a shift, a mask.
+CI_VINLINE void bf16_pair(const PackedReduced& W, int p, int k, vf16& even, vf16& odd) {
+    vi16 words;
+    std::memcpy(&words, W.bf16.data() + (size_t(p) * W.kpad + k) * 16, sizeof words);
+    // One load into a register: g++ folded it into both the shift and the mask, two 64-byte loads
+    // where one will do (measured 1.3x slower than the [k][16] layout in L2 on Zen 4).
+    __asm__("" : "+v"(words));
+    even = (vf16)(words << 16);
+    odd = (vf16)(words & int32_t(0xFFFF0000u));
+}
+
 // The 16 weights of panel p at k, widened to float32 (q8: the int8 values, before the scale).
 template <class Widen, WeightFormat F>
 CI_VINLINE vf16 widened(const PackedReduced& W, int p, int k) {
-    if constexpr (F == WeightFormat::BF16) return Widen::bf16(W.bf16.data() + (size_t(p) * W.in + k) * 16);
-    else return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16);
+    if constexpr (F == WeightFormat::BF16) {
+        vf16 even, odd;
+        bf16_pair(W, p, k & ~1, even, odd);
+        return k % 2 ? odd : even;
+    } else {
+        return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16);
+    }
+}
+
+// The 16 weights of panel p at k and k + 1 (k even), widened as widened() does.
+template <class Widen, WeightFormat F>
+CI_VINLINE void widened_pair(const PackedReduced& W, int p, int k, vf16& w0, vf16& w1) {
+    if constexpr (F == WeightFormat::BF16) {
+        bf16_pair(W, p, k, w0, w1);
+    } else {
+        w0 = widened<Widen, F>(W, p, k);
+        w1 = widened<Widen, F>(W, p, k + 1);
+    }
 }
 // The scales of panel p's block b (q8; bf16 has none).
 CI_VINLINE vf16 scale_at(const PackedReduced& W, int p, int b) {
@@ -461,7 +487,14 @@ inline bool vnni_gemv(float* y, const float* x, const PackedReduced& W, int rows
 template <class Widen, WeightFormat F>
 inline void decode_panel(float* dst, const PackedReduced& W, int p) {
     if constexpr (F == WeightFormat::BF16) {
-        for (int k = 0; k < W.in; ++k) vstore(dst + size_t(k) * 16, widened<Widen, F>(W, p, k));
+        int k = 0;
+        for (; k + 2 <= W.in; k += 2) {
+            vf16 w0, w1;
+            bf16_pair(W, p, k, w0, w1);
+            vstore(dst + size_t(k) * 16, w0);
+            vstore(dst + size_t(k + 1) * 16, w1);
+        }
+        if (k < W.in) vstore(dst + size_t(k) * 16, widened<Widen, F>(W, p, k));
     } else {
         for (int k0 = 0; k0 < W.in; k0 += kQ8Block) {
             const vf16 s = scale_at(W, p, k0 / kQ8Block);
@@ -549,8 +582,9 @@ inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W,
         const int k1 = std::min(in, k0 + step);
         int k = k0;
         for (; k + 4 <= k1; k += 4) {
-            const vf16 w0 = widened<Widen, F>(W, p, k), w1 = widened<Widen, F>(W, p, k + 1);
-            const vf16 w2 = widened<Widen, F>(W, p, k + 2), w3 = widened<Widen, F>(W, p, k + 3);
+            vf16 w0, w1, w2, w3;  // k0 and k are even (q8 blocks are 32 wide)
+            widened_pair<Widen, F>(W, p, k, w0, w1);
+            widened_pair<Widen, F>(W, p, k + 2, w2, w3);
             for (int r = 0; r < R; ++r) {
                 const float* xr = x + size_t(r) * in + k;
                 a0[r] += w0 * xr[0];
