@@ -73,6 +73,19 @@ struct Timed {
         if (g_totals.on && (double(in) * out * 4 > 131072 || double(rows) * in * out > 2.0e5)) ++g_totals.dispatches;
         k.linear(y, x, W, rows, in, out);
     }
+    // The set's own linears when it has one (one dispatch for q, k, v; one for gate, up).
+    void linears(const float* x, int rows, int in, const ci::LinearOut* outs, int n) const {
+        Timer t("linear");
+        if constexpr (ci::fuses_linears<K>::value) {
+            if (g_totals.on) ++g_totals.dispatches;
+            k.linears(x, rows, in, outs, n);
+        } else {
+            for (int i = 0; i < n; ++i) {
+                if (g_totals.on && double(in) * outs[i].out * 4 > 131072) ++g_totals.dispatches;
+                k.linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
+            }
+        }
+    }
     void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const {
         Timer t("rmsnorm");
         k.rmsnorm(y, x, w, rows, n, eps);

@@ -12,11 +12,12 @@
 //
 // * ReadableBf16Kernels, ReadableQ8Kernels ("readable-bf16", "readable-q8"): per output, decode the
 //   weight row into floats with plain loops, then ops.hpp's dot: the debugger's baseline.
-// * Bf16Kernels, Q8Kernels ("bf16", "q8"): weights repacked at prepare into fast.hpp-style panels
-//   [panel][k][16] of uint16 / int8 (q8 with scales [panel][block][16], and with VNNI also the GEMV's
-//   own layout). Prefill (rows > 4): each panel triple decoded once into a per-thread float32 buffer,
+// * Bf16Kernels, Q8Kernels ("bf16", "q8"): weights repacked at prepare into panels of 16 outputs:
+//   bf16 as k pairs [panel][k/2][16][2] uint16, q8 as fast.hpp's [panel][k][16] int8 with scales
+//   [panel][block][16] (and with VNNI also the GEMV's own layout); see PackedReduced. Prefill (rows > 4): each panel triple decoded once into a per-thread float32 buffer,
 //   then fast::gemm_tile's arithmetic over all rows. Decode (rows <= 4): a GEMV that streams the
 //   packed weights with both threads, widening in the k loop; q8 on VNNI at 1-2 rows: vpdpbusd.
+//   The linears of one input (forward.hpp's linears: q, k, v; gate, up) run as one GEMV job.
 //   rmsnorm, swiglu and attention are FastKernels'.
 // A weight without a stored form (the MoE router) runs as in the float32 set the struct derives from.
 #pragma once
@@ -209,6 +210,25 @@ struct PackedReduced {
     size_t vnni_offset = 0, vnni_stride = 0;
     const uint8_t* vnni() const { return vnni_bytes.data() + vnni_offset; }
 };
+
+// One matrix of a GEMV job: y = x . W^T. A job holds the matrices that read one x (q, k, v; gate,
+// up: forward.hpp's linears), their panels in one parallel_for.
+struct GemvPart {
+    float* y;
+    const PackedReduced* W;
+};
+
+// Task t of a job over parts' panels: the part it falls in and the panel within (part and first
+// carry the previous answer: tasks come in increasing order).
+inline int part_panel(const GemvPart* parts, int t, int& part, int& first) {
+    while (t - first >= parts[part].W->panels) first += parts[part].W->panels, ++part;
+    return t - first;
+}
+inline int total_panels(const GemvPart* parts, int n) {
+    int panels = 0;
+    for (int i = 0; i < n; ++i) panels += parts[i].W->panels;
+    return panels;
+}
 
 // ---- q8 decode on VNNI (vpdpbusd), still the float32 product of the decoded weights --------------
 // vpdpbusd multiplies unsigned bytes by signed bytes, four per int32 lane, exactly. The weights are
@@ -467,15 +487,20 @@ inline void vnni_gemv_panel(float* y, const PackedReduced& W, const ReducedScrat
 // faster at 1 row, 1.0-1.15x at 2, 0.8-0.95x at 3 and 4).
 constexpr int kVnniRows = 2;
 
-// The GEMV on VNNI: the digits once (on the caller), then panels streamed by both threads as
-// reduced_gemv does. false (nothing written) when an activation is not finite.
-inline bool vnni_gemv(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {  // rows 1, 2
-    if (!vnni_digits(s, x, rows, W.in, W.blocks)) return false;
-    const bool parallel = double(W.panels) * W.kpad * 16 > 65536;
-    ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
-        for (int p = begin; p < end; ++p) {
-            if (rows == 1) vnni_gemv_panel<1>(y, W, s, p);
-            else vnni_gemv_panel<2>(y, W, s, p);
+// The GEMV on VNNI: the digits once (on the caller; the parts share x, so once for all), then the
+// parts' panels streamed by both threads as reduced_gemv does. false (nothing written) when an
+// activation is not finite.
+inline bool vnni_gemv(const GemvPart* parts, int n, const float* x, int rows, ReducedScratch& s) {  // rows 1, 2
+    const PackedReduced& W0 = *parts[0].W;
+    if (!vnni_digits(s, x, rows, W0.in, W0.blocks)) return false;
+    const int panels = total_panels(parts, n);
+    const bool parallel = double(panels) * W0.kpad * 16 > 65536;
+    ThreadPool::instance().parallel_for(panels, [&](int begin, int end, int) {
+        int part = 0, first = 0;
+        for (int t = begin; t < end; ++t) {
+            const int p = part_panel(parts, t, part, first);
+            if (rows == 1) vnni_gemv_panel<1>(parts[part].y, *parts[part].W, s, p);
+            else vnni_gemv_panel<2>(parts[part].y, *parts[part].W, s, p);
         }
     }, parallel);
     return true;
@@ -608,41 +633,57 @@ inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W,
 }
 
 template <class Widen, WeightFormat F>
-inline void reduced_gemv(float* y, const float* x, const PackedReduced& W, int rows) {
+inline void reduced_gemv(const GemvPart* parts, int n, const float* x, int rows) {
     // Streaming the weights: two cores are faster than one from about 64 KB of them on.
-    const bool parallel = double(W.panels) * W.in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
-    ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
-        for (int p = begin; p < end; ++p) switch (rows) {
+    const int panels = total_panels(parts, n);
+    const bool parallel = double(panels) * parts[0].W->in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
+    ThreadPool::instance().parallel_for(panels, [&](int begin, int end, int) {
+        int part = 0, first = 0;
+        for (int t = begin; t < end; ++t) {
+            const int p = part_panel(parts, t, part, first);
+            float* y = parts[part].y;
+            const PackedReduced& W = *parts[part].W;
+            switch (rows) {
                 case 1: reduced_gemv_panel<Widen, F, 1>(y, x, W, p); break;
                 case 2: reduced_gemv_panel<Widen, F, 2>(y, x, W, p); break;
                 case 3: reduced_gemv_panel<Widen, F, 3>(y, x, W, p); break;
                 default: reduced_gemv_panel<Widen, F, 4>(y, x, W, p); break;
             }
+        }
     }, parallel);
 }
 
+// The parts (one input x; one format, one `in`): the GEMV job (rows <= 4), else each part's GEMM.
 template <class Widen>
-inline void reduced_linear_with(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
-    if (W.format == WeightFormat::BF16) {
-        if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(y, x, W, rows);
-        else decoded_gemm<Widen, WeightFormat::BF16>(y, x, W, rows, s);
+inline void reduced_linear_with(const GemvPart* parts, int n, const float* x, int rows, ReducedScratch& s) {
+    if (parts[0].W->format == WeightFormat::BF16) {
+        if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(parts, n, x, rows);
+        else for (int i = 0; i < n; ++i) decoded_gemm<Widen, WeightFormat::BF16>(parts[i].y, x, *parts[i].W, rows, s);
     } else {
         if (rows <= 4) {
 #if defined(CI_REDUCED_VNNI)
-            if (rows <= kVnniRows && !W.vnni_bytes.empty() && vnni_gemv(y, x, W, rows, s)) return;
+            bool vnni = rows <= kVnniRows;
+            for (int i = 0; i < n; ++i) vnni = vnni && !parts[i].W->vnni_bytes.empty();
+            if (vnni && vnni_gemv(parts, n, x, rows, s)) return;
 #endif
-            reduced_gemv<Widen, WeightFormat::Q8>(y, x, W, rows);
+            reduced_gemv<Widen, WeightFormat::Q8>(parts, n, x, rows);
         }
-        else decoded_gemm<Widen, WeightFormat::Q8>(y, x, W, rows, s);
+        else for (int i = 0; i < n; ++i) decoded_gemm<Widen, WeightFormat::Q8>(parts[i].y, x, *parts[i].W, rows, s);
     }
 }
 
-// y[rows, out] = x[rows, in] . W^T for a packed bf16 / q8 matrix, on the CPU's best widening.
-inline void reduced_linear(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
+// y = x[rows, in] . W^T for each part (packed bf16 / q8 matrices of one format and one in), on the
+// CPU's best widening.
+inline void reduced_linears(const GemvPart* parts, int n, const float* x, int rows, ReducedScratch& s) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (use_avx512_widen()) return reduced_linear_with<WidenAvx512>(y, x, W, rows, s);
+    if (use_avx512_widen()) return reduced_linear_with<WidenAvx512>(parts, n, x, rows, s);
 #endif
-    reduced_linear_with<WidenPortable>(y, x, W, rows, s);
+    reduced_linear_with<WidenPortable>(parts, n, x, rows, s);
+}
+
+inline void reduced_linear(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
+    const GemvPart part{y, &W};
+    reduced_linears(&part, 1, x, rows, s);
 }
 
 }  // namespace fast
@@ -665,6 +706,23 @@ struct FastReducedKernels : FastKernels {
         if (it == reduced.end()) return FastKernels::linear(y, x, W, rows, in, out);
         CI_CHECK(it->second.in == in && it->second.out == out, "reduced kernels: packed shape mismatch");
         fast::reduced_linear(y, x, it->second, rows, scratch);
+    }
+    // Several linears of x (forward.hpp's linears): at decode one job (the GEMV over every part's
+    // panels; q8 on VNNI: x's digits once), else one call each.
+    void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const {
+        fast::GemvPart parts[4];
+        bool fused = rows <= fast::kFusedRows && n <= 4;
+        for (int i = 0; i < n && fused; ++i) {
+            const auto it = reduced.find(outs[i].W);
+            fused = it != reduced.end() && it->second.in == in && it->second.out == outs[i].out &&
+                    it->second.format == reduced.find(outs[0].W)->second.format;
+            if (fused) parts[i] = {outs[i].y, &it->second};
+        }
+        if (!fused) {
+            for (int i = 0; i < n; ++i) linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
+            return;
+        }
+        fast::reduced_linears(parts, n, x, rows, scratch);
     }
 };
 
