@@ -23,8 +23,6 @@
 #include <string>
 #include <vector>
 
-#include <immintrin.h>  // _cvtss_sh (F16C): the q8 scales
-
 #include "celerinfer/celerinfer.hpp"
 
 namespace ci = celerinfer;
@@ -106,6 +104,20 @@ struct Timed {
     }
 };
 
+// The float16 nearest to x >= 0 (ties to even), x below float16's largest: a binary search over the
+// positive codes, which decode in increasing order (no F16C instruction needed).
+static uint16_t to_fp16(float x) {
+    uint16_t lo = 0, hi = 0x7BFF;
+    while (lo < hi) {  // the smallest code whose value is >= x
+        const uint16_t mid = uint16_t((lo + hi) / 2);
+        if (ci::fp16_to_float(mid) < x) lo = uint16_t(mid + 1);
+        else hi = mid;
+    }
+    if (lo == 0) return 0;
+    const float below = x - ci::fp16_to_float(uint16_t(lo - 1)), above = ci::fp16_to_float(lo) - x;
+    return below < above || (below == above && (lo - 1) % 2 == 0) ? uint16_t(lo - 1) : lo;
+}
+
 // w [out, in] stored as bf16 (round to nearest even) or Q8_0 (per 32 weights: float16 scale max|w| / 127,
 // then round(w / scale)); w becomes its decoding.
 static void store(std::vector<uint8_t>& bytes, std::vector<float>& w, int out, int in, ci::WeightFormat format) {
@@ -126,7 +138,7 @@ static void store(std::vector<uint8_t>& bytes, std::vector<float>& w, int out, i
             const int k1 = std::min(in, k0 + ci::kQ8Block);
             float amax = 0.0f;
             for (int k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(w[size_t(o) * in + k]));
-            const uint16_t h = _cvtss_sh(amax / 127.0f, 0);
+            const uint16_t h = to_fp16(amax / 127.0f);
             const float d = ci::fp16_to_float(h);
             uint8_t* block = bytes.data() + size_t(o) * row_bytes + size_t(k0 / ci::kQ8Block) * ci::kQ8BlockBytes;
             block[0] = uint8_t(h & 0xFF);
