@@ -96,16 +96,8 @@ CATALOGUE: list[Fault] = [
         "gate_up_swapped",
         "gate_proj and up_proj weights swapped",
         (
-            Edit(
-                "forward.hpp",
-                "K.linear(ws.gate.data(), x, w.gate, rows, H, I);",
-                "K.linear(ws.gate.data(), x, w.up, rows, H, I);",
-            ),
-            Edit(
-                "forward.hpp",
-                "K.linear(ws.up.data(), x, w.up, rows, H, I);",
-                "K.linear(ws.up.data(), x, w.gate, rows, H, I);",
-            ),
+            Edit("forward.hpp", "{ws.gate.data(), w.gate, I}", "{ws.gate.data(), w.up, I}"),
+            Edit("forward.hpp", "{ws.up.data(), w.up, I}", "{ws.up.data(), w.gate, I}"),
         ),
         BOTH,
         L0 + "mlp.gate_proj",

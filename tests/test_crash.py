@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-Q_PROJ = "K.linear(ws.q.data(), x, L.wq, N, H, c.q_dim());"
+Q_PROJ = "{ws.q.data(), L.wq, c.q_dim()}"
 # A null weight the optimizer cannot see through (a volatile read): the readable linear reads W[0].
-NULL_Q_PROJ = (
-    "{ const float* volatile null_w = nullptr; K.linear(ws.q.data(), x, (const float*)null_w, N, H, c.q_dim()); }"
-)
+NULL_Q_PROJ = "{ws.q.data(), [] { const float* volatile null_w = nullptr; return (const float*)null_w; }(), c.q_dim()}"
 
+# The child imports this checkout's package (not an installed one: its forward.hpp may differ).
 PRELUDE = f"""
 import sys
+sys.path.insert(0, {str(TESTS.parent)!r})
 sys.path.insert(0, {str(TESTS)!r})
 from pathlib import Path
 import numpy as np

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def engine():
 def pytest_generate_tests(metafunc):
     if "kernels" in metafunc.fixturenames:
         sets = engine().kernel_sets
-        if metafunc.function.__name__ != "test_linear":
+        if metafunc.function.__name__ not in ("test_linear", "test_linears_are_the_separate_linears"):
             # The bf16/q8 sets run their parent's rmsnorm, swiglu and attention (reduced.hpp derives
             # from ReadableKernels / FastKernels): tested there once; their linear is tested here, and
             # their whole forward by tests/test_reduced_kernels.py.
@@ -381,6 +382,85 @@ LINEAR_SIZES = ((64, 64), (72, 100), (80, 17), (17, 33), (16, 1))
 def test_linear(eng, kernels, rows, in_, out, n_threads):
     with threads(eng, n_threads):
         check_linear(eng, kernels, rows, in_, out)
+
+
+# forward.hpp's linears: q, k and v (gate and up) of one x, one job on the fast sets at decode
+# (rows <= 4), one call each elsewhere. Its outputs must be bitwise those of the separate linears:
+# the same panels, the same sums; only the dispatch is shared.
+def _prepared(eng, kernels: str, Ws: list[np.ndarray]) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
+    """A kernel set with each of Ws prepared (a reduced set: its stored form): the set, the weights
+    it reads, the stored forms (kept alive with the set)."""
+    ks = make_kernels(eng, kernels)
+    fmt = eng.kernel_format(kernels)
+    read, keep = [], []
+    for W in Ws:
+        out, in_ = W.shape
+        if fmt == "f32":
+            call("prepare", ks.prepare_linear, W, out, in_)
+            read.append(W)
+        else:
+            stored = encode(W, fmt)
+            read.append(decode(stored, fmt, W.shape))
+            keep.append(stored)
+            enum = {"bf16": eng.ns.WeightFormat.BF16, "q8": eng.ns.WeightFormat.Q8}[fmt]
+            call("prepare", ks.prepare_linear_stored, read[-1], out, in_, enum, stored, int(stored.nbytes))
+    return ks, read, keep
+
+
+def _run_linears(eng, ks, x: np.ndarray, Ws: list[np.ndarray]) -> list[np.ndarray]:
+    import cppyy
+
+    if not hasattr(cppyy.gbl, "celerinfer_test_linears"):
+        cppyy.cppdef(
+            "template <class KS, class LO> void celerinfer_test_linears(const KS& ks, const float* x, int rows, "
+            "int in, float* y, const float* const* Ws, const int* outs, int n) {"
+            " std::vector<LO> o; size_t at = 0;"
+            " for (int i = 0; i < n; ++i) { o.push_back(LO{y + at, Ws[i], outs[i]}); at += size_t(rows) * outs[i]; }"
+            " ks.linears(x, rows, in, o.data(), n); }"
+        )
+    rows, in_ = x.shape
+    outs = np.array([W.shape[0] for W in Ws], np.int32)
+    total = rows * int(outs.sum())
+    y = out_buffer(total)
+    ptrs = cppyy.gbl.std.vector["const float*"]()
+    for W in Ws:
+        ptrs.push_back(W)
+    fn = cppyy.gbl.celerinfer_test_linears[eng.ns.KernelSet, eng.ns.LinearOut]
+    call("linears", fn, ks, x, rows, in_, y, ptrs.data(), outs, len(Ws))
+    check_guard("linears", y, total)
+    parts, at = [], 0
+    for out in outs:
+        parts.append(y[at : at + rows * out].reshape(rows, out))
+        at += rows * out
+    return parts
+
+
+@pytest.mark.parametrize("n_threads", (1, 2))
+@pytest.mark.parametrize("rows", (1, 2, 4, 5))
+@pytest.mark.parametrize("shapes", (((96, 64), (32, 64), (32, 64)), ((200, 80), (200, 80)), ((17, 33),)), ids=str)
+def test_linears_are_the_separate_linears(eng, kernels, rows, shapes, n_threads):
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, shapes[0][1])).astype(np.float32)
+    Ws = [(rng.standard_normal(s) / np.sqrt(s[1])).astype(np.float32) for s in shapes]
+    with threads(eng, n_threads):
+        ks, read, _keep = _prepared(eng, kernels, Ws)
+        fused = _run_linears(eng, ks, x, read)
+        for W, y in zip(read, fused):
+            alone = out_buffer(rows * W.shape[0])
+            call("linear", ks.linear, alone, x, W, rows, x.shape[1], W.shape[0])
+            assert np.array_equal(y, alone[: y.size].reshape(y.shape)), f"{kernels}: {W.shape} differs from linear"
+
+
+def test_the_linears_check_sees_a_swapped_output(eng):
+    """The companion: outputs handed to the wrong matrix differ from the separate linears, bitwise."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    Ws = [(rng.standard_normal((32, 64)) / 8).astype(np.float32) for _ in range(2)]
+    ks, read, _keep = _prepared(eng, "fast", Ws)
+    fused = _run_linears(eng, ks, x, read[::-1])
+    alone = out_buffer(32)
+    ks.linear(alone, x, read[0], 1, 64, 32)
+    assert not np.array_equal(fused[0], alone[:32].reshape(1, 32))
 
 
 @pytest.mark.parametrize("n_threads", (1, 2))

@@ -64,6 +64,73 @@ def test_the_kernel_sets_declare_their_formats(native):
     assert "avx512f=" in native.cpu and "widening:" in native.cpu
 
 
+# ---- the bf16 layout: k pairs interleaved, the same sums in the same order ----------------------
+# The bf16 panels hold w[k] and w[k+1] of an output in one 32-bit word (reduced.hpp's PackedReduced).
+# The layout changed, the arithmetic did not, so the kernel's output is bitwise what its documented
+# order gives: the GEMV (rows <= 4) sums k, k+1, k+2, k+3 in four fused chains (a tail k into the
+# first), then (a0 + a1) + (a2 + a3); the GEMM (prefill) one fused chain over k (fast::gemm_tile's).
+# Emulated in float64: a bf16 weight times a float32 activation is exact in float64 (8 + 24 bits), and
+# so is each chain's sum here (checked), so one rounding to float32 is the fused multiply-add's.
+def _bf16_linear(native, x: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bf16 set's linear of x on W's bf16 form: (y, the exact decoded weights)."""
+    rows, in_ = x.shape
+    out = W.shape[0]
+    stored = encode(W, "bf16")
+    Wd = decode(stored, "bf16", W.shape)
+    ks = make_kernels(native, "bf16")
+    what = f"bf16 linear rows={rows} in={in_} out={out}"
+    call(what, ks.prepare_linear_stored, Wd, out, in_, native.ns.WeightFormat.BF16, stored, int(stored.nbytes))
+    y = out_buffer(rows * out)
+    call(what, ks.linear, y, np.ascontiguousarray(x), Wd, rows, in_, out)
+    check_guard(what, y, rows * out)
+    return y[: rows * out].reshape(rows, out), Wd
+
+
+def _fused_chains(x: np.ndarray, Wd: np.ndarray, chains: int) -> np.ndarray:
+    """y[r, o] summed as the kernels do: `chains` fused chains over k (k % chains; a tail past the last
+    whole group of `chains` goes to chain 0), then combined pairwise ((a0 + a1) + (a2 + a3))."""
+    rows, in_ = x.shape
+    acc = np.zeros((chains, rows, len(Wd)), np.float32)
+    whole = in_ // chains * chains
+    for k in range(in_):
+        c = k % chains if k < whole else 0
+        product = np.outer(x[:, k].astype(np.float64), Wd[:, k].astype(np.float64))  # exact
+        exact = acc[c].astype(np.float64) + product
+        assert np.all(exact - acc[c].astype(np.float64) == product), "a chain's sum is not exact in float64"
+        acc[c] = exact.astype(np.float32)
+    if chains == 1:
+        return acc[0]
+    return (acc[0] + acc[1]) + (acc[2] + acc[3])
+
+
+@pytest.mark.parametrize("in_,out", ((64, 48), (101, 33), (7, 17), (2, 16)), ids=str)
+@pytest.mark.parametrize("rows", (1, 2, 3, 4, 5, 7))
+def test_the_bf16_linear_sums_in_its_documented_order(native, rows, in_, out):
+    rng = np.random.default_rng(rows * 100 + in_)
+    x = rng.standard_normal((rows, in_)).astype(np.float32)
+    W = (rng.standard_normal((out, in_)) / np.sqrt(in_)).astype(np.float32)
+    with threads(native, 2):
+        y, Wd = _bf16_linear(native, x, W)
+    expected = _fused_chains(x, Wd, 4 if rows <= 4 else 1)
+    assert np.array_equal(y.view(np.uint32), expected.view(np.uint32)), (
+        f"rows={rows}: {np.count_nonzero(y != expected)} of {y.size} outputs differ from the documented order"
+    )
+
+
+def test_the_order_check_sees_a_different_order(native):
+    """The companion: the GEMV's output is not what one chain (or unfused products) would give, so the
+    check above would flag a kernel that summed in another order or read another k's weight."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 101)).astype(np.float32)
+    W = (rng.standard_normal((33, 101)) / 10).astype(np.float32)
+    with threads(native, 2):
+        y, Wd = _bf16_linear(native, x, W)
+    assert not np.array_equal(y, _fused_chains(x, Wd, 1))
+    swapped = Wd.copy()
+    swapped[:, [10, 11]] = swapped[:, [11, 10]]  # an interleaving bug: k and k + 1 exchanged
+    assert not np.array_equal(y, _fused_chains(x, swapped, 4))
+
+
 # ---- the q8 GEMV on VNNI (rows <= 4): integer digits of the activations, judged by float64 -------
 # reduced.hpp's claim, as a bound on |y - exact| per output (_err_bound): the activations rounded to
 # 2^(e-31) (2^e > the block's max|x|) times the block's |w|; each block's sum rounded a few times in

@@ -5,6 +5,8 @@
 // * Packed weights (packing.hpp): each nn.Linear matrix [out, in] is repacked once into panels of
 //   16 outputs, k-major ([panel][k][16]), so the GEMM micro-kernel streams three contiguous panels
 //   and broadcasts activations: 6 token rows x 48 outputs = 18 vector accumulators, no reductions.
+// * linears: the linears of one input (q, k, v; gate, up) as one thread-pool job at decode, where
+//   separate calls woke the pool once per matrix, for little work each (k_proj, v_proj).
 // * vexp: a vectorized exp (Cephes-style range reduction + degree-6 polynomial, ~1 ulp) for SiLU
 //   and softmax, where std::exp per element would cost more than the matrix products.
 // * Fused attention: scores, softmax and context over only the causal keys, in blocked passes over a
@@ -164,6 +166,28 @@ inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
             else gemm_rows<1>(yc, xc, W, r1 - r0, panel);
         }
     }, parallel);
+}
+
+// Linears of one input x with few rows (decode), as one job: the panel triples of every matrix in
+// one parallel_for, each computed as fast::linear computes it (so the outputs are bitwise the same),
+// where separate calls woke the pool once per matrix (q, k, v: three times per layer).
+constexpr int kFusedRows = 4;  // up to here a step's linears are a few dispatches of little work each
+
+inline void linears(const float* x, int rows, const LinearOut* outs, const PackedMatrix* const* Ws, int n) {
+    int tasks = 0;
+    double bytes = 0.0;
+    for (int i = 0; i < n; ++i) tasks += (Ws[i]->panels + 2) / 3, bytes += double(Ws[i]->in) * Ws[i]->out * 4;
+    ThreadPool::instance().parallel_for(tasks, [&](int begin, int end, int) {
+        int i = 0, first = 0;  // matrix i's triples are tasks first ... first + its triples - 1
+        for (int task = begin; task < end; ++task) {
+            while (task - first >= (Ws[i]->panels + 2) / 3) first += (Ws[i]->panels + 2) / 3, ++i;
+            const PackedMatrix& W = *Ws[i];
+            const int panel = 3 * (task - first), left = W.panels - panel;
+            if (left >= 3) gemm_rows<3>(outs[i].y, x, W, rows, panel);
+            else if (left == 2) gemm_rows<2>(outs[i].y, x, W, rows, panel);
+            else gemm_rows<1>(outs[i].y, x, W, rows, panel);
+        }
+    }, bytes > 131072 || rows * bytes / 4 > 2.0e5);  // fast::linear's rule, on the sum
 }
 
 // ---- vectorized elementwise ops -----------------------------------------------------------------
@@ -349,7 +373,7 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
 // 1. scores: 4 rows x 64 keys = 16 accumulators, read straight from the transposed cache (the
 //    4 KB row stride no longer hurts: each 64-key row segment is used by all 4 rows);
 // 2. per row: padding mask, softmax, the taps (the same rows, the same calls as the prefill path);
-// 3. context: 4 rows x up to 64 dimensions, one pass over the value rows.
+// 3. context: 4 rows x up to 96 dimensions (24 accumulators), one pass over the value rows.
 // Tasks are (batch, kv head, row tile): both threads get equal shares when B * kv_heads is even.
 constexpr int kDecodeRows = 4;
 // Fully unrolled small loops keep the accumulator arrays in registers (g++ -O2 left them on the
@@ -501,9 +525,14 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
                 attention_softmax_row(s_rows[t], b, heads[t], (r0 + t) / n_rep, key_mask, padded, d, taps);
             const float* v_head = v_cache + size_t(b) * d.max_len * d.kv_heads * d.hd + size_t(g) * d.hd;
             const size_t v_stride = size_t(d.kv_heads) * d.hd;
-            for (int e0 = 0; e0 < d.hd; e0 += 64) {  // 3. context, up to 64 dimensions per pass
+            // 3. context, up to 96 dimensions per pass: one pass over the value rows for head_dim <= 96
+            // (minimind2's 96 took two, 64 + 32: each value row's cache lines fetched in two visits)
+            for (int e0 = 0, ev; e0 < d.hd; e0 += 16 * ev) {
                 const float* p_rows[kDecodeRows] = {s_rows[0], s_rows[1], s_rows[2], s_rows[3]};
-                switch (std::min(4, (d.hd - e0 + 15) / 16)) {
+                ev = (d.hd - e0 + 15) / 16 <= 6 ? (d.hd - e0 + 15) / 16 : 4;
+                switch (ev) {
+                    case 6: decode_context_tile<6>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, d.hd); break;
+                    case 5: decode_context_tile<5>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, d.hd); break;
                     case 4: decode_context_tile<4>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, d.hd); break;
                     case 3: decode_context_tile<3>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, d.hd); break;
                     case 2: decode_context_tile<2>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, d.hd); break;
@@ -543,6 +572,16 @@ struct FastKernels {
     void prepare_linear(const float* W, int out, int in) { weights.add(W, out, in); }
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
         fast::linear(y, x, weights.at(W, out, in), rows);
+    }
+    // Several linears of x (forward.hpp's linears): at decode one job (fast::linears), else one call each.
+    void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const {
+        const fast::PackedMatrix* Ws[4];
+        if (rows > fast::kFusedRows || n > 4) {
+            for (int i = 0; i < n; ++i) linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
+            return;
+        }
+        for (int i = 0; i < n; ++i) Ws[i] = &weights.at(outs[i].W, outs[i].out, in);
+        fast::linears(x, rows, outs, Ws, n);
     }
     void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const {
         fast::rmsnorm(y, x, w, rows, n, eps);

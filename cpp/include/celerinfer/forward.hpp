@@ -3,6 +3,9 @@
 // trace_point: the Point names the output, and its shape comes from trace_points.hpp.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
 
 #include "check.hpp"
 #include "model.hpp"
@@ -12,14 +15,37 @@
 
 namespace CELERINFER_NS {
 
+// Does kernel set K run several linears of one input as one job (a linears(x, rows, in, outs, n))?
+template <class K, class = void>
+struct fuses_linears : std::false_type {};
+template <class K>
+struct fuses_linears<K, std::void_t<decltype(std::declval<const K&>().linears(
+                            static_cast<const float*>(nullptr), 0, 0, static_cast<const LinearOut*>(nullptr), 0))>>
+    : std::true_type {};
+
+// y = x . W^T for each of outs (they share x): one K.linear each, or the kernel set's linears when it
+// has one (the fast sets: one thread-pool job for q, k and v at decode, not three; the same sums).
+template <class Kernels>
+inline void linears(const Kernels& K, const float* x, int rows, int in, const LinearOut* outs, int n) {
+    if constexpr (fuses_linears<Kernels>::value) {
+        K.linears(x, rows, in, outs, n);
+    } else {
+        for (int i = 0; i < n; ++i) K.linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
+    }
+}
+template <class Kernels>
+inline void linears(const Kernels& K, const float* x, int rows, int in, std::initializer_list<LinearOut> outs) {
+    linears(K, x, rows, in, outs.begin(), int(outs.size()));
+}
+
 // The whole feed-forward, y = down(swiglu(gate(x), up(x))), for `rows` rows; traces gate/up/act
 // under `layer` when given a sink (experts are not traced one by one).
 template <class Kernels>
 inline void mlp(const Kernels& K, float* y, const float* x, const FFNWeights& w, int rows, int H, int I, Workspace& ws,
                 TraceSink* trace, int layer, const TraceDims& dims) {
-    K.linear(ws.gate.data(), x, w.gate, rows, H, I);
+    linears(K, x, rows, H, {{ws.gate.data(), w.gate, I},
+                            {ws.up.data(), w.up, I}});
     trace_point(trace, layer, Point::gate_proj, ws.gate.data(), dims);
-    K.linear(ws.up.data(), x, w.up, rows, H, I);
     trace_point(trace, layer, Point::up_proj, ws.up.data(), dims);
     K.swiglu(ws.act.data(), ws.gate.data(), ws.up.data(), size_t(rows) * I);
     trace_point(trace, layer, Point::act, ws.act.data(), dims);
@@ -111,11 +137,11 @@ inline void forward_tokens(const ModelWeights& m, const Kernels& K, const int64_
         // --- attention ---
         K.rmsnorm(x, h, L.input_norm, N, H, c.eps);
         trace_point(trace, l, Point::input_layernorm, x, dims);
-        K.linear(ws.q.data(), x, L.wq, N, H, c.q_dim());
+        linears(K, x, N, H, {{ws.q.data(), L.wq, c.q_dim()},  // q, k and v read the same x
+                             {ws.k.data(), L.wk, c.kv_dim()},
+                             {ws.v.data(), L.wv, c.kv_dim()}});
         trace_point(trace, l, Point::q_proj, ws.q.data(), dims);
-        K.linear(ws.k.data(), x, L.wk, N, H, c.kv_dim());
         trace_point(trace, l, Point::k_proj, ws.k.data(), dims);
-        K.linear(ws.v.data(), x, L.wv, N, H, c.kv_dim());
         trace_point(trace, l, Point::v_proj, ws.v.data(), dims);
         if (c.qk_norm) {
             K.rmsnorm(ws.q.data(), ws.q.data(), L.q_norm, N * nh, hd, c.eps);

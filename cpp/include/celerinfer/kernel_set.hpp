@@ -46,6 +46,8 @@ struct KernelSet {
     virtual void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
                          float* logits, TraceSink* trace) const = 0;
     virtual void linear(float* y, const float* x, const float* W, int rows, int in, int out) const = 0;
+    // Several linears of one x as the forward runs them (forward.hpp's linears: fused or one by one).
+    virtual void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const = 0;
     virtual void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const = 0;
     virtual void swiglu(float* act, const float* gate, const float* up, size_t n) const = 0;
     virtual void store_kv(int layer, const float* k, const float* v, const AttnDims& d, Workspace& ws) const = 0;
@@ -91,6 +93,9 @@ struct KernelSetOf final : KernelSet {
     }
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const override {
         k.linear(y, x, W, rows, in, out);
+    }
+    void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const override {
+        CELERINFER_NS::linears(k, x, rows, in, outs, n);
     }
     void rmsnorm(float* y, const float* x, const float* w, int rows, int n, float eps) const override {
         k.rmsnorm(y, x, w, rows, n, eps);

@@ -82,6 +82,13 @@ struct AttnDims {
     int start() const { return P - S; }
 };
 
+// One of several linears that read the same input (forward.hpp's linears): y[rows, out] = x . W^T.
+struct LinearOut {
+    float* y;
+    const float* W;
+    int out;
+};
+
 // The kv head that query head h reads: h / (heads / kv_heads), MiniMind's repeat_kv layout.
 inline int kv_head(int h, const AttnDims& d) { return h / d.n_rep(); }
 

@@ -12,11 +12,12 @@
 //
 // * ReadableBf16Kernels, ReadableQ8Kernels ("readable-bf16", "readable-q8"): per output, decode the
 //   weight row into floats with plain loops, then ops.hpp's dot: the debugger's baseline.
-// * Bf16Kernels, Q8Kernels ("bf16", "q8"): weights repacked at prepare into fast.hpp-style panels
-//   [panel][k][16] of uint16 / int8 (q8 with scales [panel][block][16], and with VNNI also the GEMV's
-//   own layout). Prefill (rows > 4): each panel triple decoded once into a per-thread float32 buffer,
+// * Bf16Kernels, Q8Kernels ("bf16", "q8"): weights repacked at prepare into panels of 16 outputs:
+//   bf16 as k pairs [panel][k/2][16][2] uint16, q8 as fast.hpp's [panel][k][16] int8 with scales
+//   [panel][block][16] (and with VNNI also the GEMV's own layout); see PackedReduced. Prefill (rows > 4): each panel triple decoded once into a per-thread float32 buffer,
 //   then fast::gemm_tile's arithmetic over all rows. Decode (rows <= 4): a GEMV that streams the
 //   packed weights with both threads, widening in the k loop; q8 on VNNI at 1-2 rows: vpdpbusd.
+//   The linears of one input (forward.hpp's linears: q, k, v; gate, up) run as one GEMV job.
 //   rmsnorm, swiglu and attention are FastKernels'.
 // A weight without a stored form (the MoE router) runs as in the float32 set the struct derives from.
 #pragma once
@@ -185,13 +186,19 @@ struct ReadableQ8Kernels : ReadableReducedKernels {
 // ---- the fast reduced sets ----------------------------------------------------------------------
 namespace fast {
 
-// A stored matrix repacked as packing.hpp's PackedMatrix: [panel][k][16], outputs past `out` zero.
-// q8: k runs over whole blocks (in padded to a multiple of 32), scales [panel][block][16]; when the
-// VNNI GEMV runs (use_vnni()), also its own layout (see pack_vnni).
+// A stored matrix repacked in panels of 16 outputs, outputs past `out` zero.
+// bf16: k pairs interleaved, [panel][k/2][16 outputs][2 k] (in padded to even, kpad): the 32-bit word
+// of an output holds w[k] in its low half and w[k+1] in its high half, so one 64-byte load widens
+// to both k's floats with a shift (w[k]: word << 16) and a mask (w[k+1]: word & 0xFFFF0000), no
+// shuffle. (The [panel][k][16] layout took a 32-byte load, a zero-extension and a shift per 16 weights:
+// the GEMV was instruction-bound.)
+// q8: packing.hpp's PackedMatrix layout [panel][k][16], k over whole blocks (in padded to a multiple
+// of 32: kpad), scales [panel][block][16]; when the VNNI GEMV runs (use_vnni()), also its own layout
+// (see pack_vnni).
 struct PackedReduced {
     WeightFormat format = WeightFormat::F32;
     int out = 0, in = 0, panels = 0, blocks = 0, kpad = 0;
-    std::vector<uint16_t> bf16;  // [panel][in][16]
+    std::vector<uint16_t> bf16;  // [panel][kpad/2][16][2]
     std::vector<int8_t> q8;      // [panel][kpad][16]
     std::vector<float> scales;   // [panel][blocks][16]
     // The VNNI GEMV's q8 layout, from a 64-byte aligned start: [panel][block] of kVnniBlockBytes:
@@ -203,6 +210,25 @@ struct PackedReduced {
     size_t vnni_offset = 0, vnni_stride = 0;
     const uint8_t* vnni() const { return vnni_bytes.data() + vnni_offset; }
 };
+
+// One matrix of a GEMV job: y = x . W^T. A job holds the matrices that read one x (q, k, v; gate,
+// up: forward.hpp's linears), their panels in one parallel_for.
+struct GemvPart {
+    float* y;
+    const PackedReduced* W;
+};
+
+// Task t of a job over parts' panels: the part it falls in and the panel within (part and first
+// carry the previous answer: tasks come in increasing order).
+inline int part_panel(const GemvPart* parts, int t, int& part, int& first) {
+    while (t - first >= parts[part].W->panels) first += parts[part].W->panels, ++part;
+    return t - first;
+}
+inline int total_panels(const GemvPart* parts, int n) {
+    int panels = 0;
+    for (int i = 0; i < n; ++i) panels += parts[i].W->panels;
+    return panels;
+}
 
 // ---- q8 decode on VNNI (vpdpbusd), still the float32 product of the decoded weights --------------
 // vpdpbusd multiplies unsigned bytes by signed bytes, four per int32 lane, exactly. The weights are
@@ -275,9 +301,11 @@ inline PackedReduced pack_reduced(const StoredMatrix& s) {
     P.in = s.in;
     P.panels = (s.out + 15) / 16;
     if (s.format == WeightFormat::BF16) {
-        P.bf16.assign(size_t(P.panels) * s.in * 16, 0);
+        P.kpad = (s.in + 1) / 2 * 2;
+        P.bf16.assign(size_t(P.panels) * P.kpad * 16, 0);
         for (int o = 0; o < s.out; ++o)
-            for (int k = 0; k < s.in; ++k) P.bf16[(size_t(o / 16) * s.in + k) * 16 + o % 16] = s.bf16()[size_t(o) * s.in + k];
+            for (int k = 0; k < s.in; ++k)
+                P.bf16[(size_t(o / 16) * P.kpad + k / 2 * 2) * 16 + o % 16 * 2 + k % 2] = s.bf16()[size_t(o) * s.in + k];
         return P;
     }
     P.blocks = (s.in + kQ8Block - 1) / kQ8Block;
@@ -297,16 +325,11 @@ inline PackedReduced pack_reduced(const StoredMatrix& s) {
     return P;
 }
 
-typedef uint16_t vu16x16 __attribute__((vector_size(32)));
 typedef int8_t vi8x16 __attribute__((vector_size(16)));
 
-// 16 packed weights -> 16 floats, two ways; Widen::bf16(p) and Widen::q8(p) (q8 before its scale).
+// 16 packed int8 weights -> 16 floats (before the block's scale), two ways: Widen::q8(p). (bf16 needs
+// no widening code of its own: see bf16_pair.)
 struct WidenPortable {
-    static CI_VINLINE vf16 bf16(const uint16_t* p) {
-        vu16x16 h;
-        std::memcpy(&h, p, sizeof h);
-        return (vf16)(__builtin_convertvector(h, vi16) << 16);  // zero-extend, then the top half
-    }
     static CI_VINLINE vf16 q8(const int8_t* p) {
         vi8x16 q;
         std::memcpy(&q, p, sizeof q);
@@ -315,21 +338,44 @@ struct WidenPortable {
 };
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 struct WidenAvx512 {
-    static CI_VINLINE vf16 bf16(const uint16_t* p) {
-        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        return (vf16)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-    }
     static CI_VINLINE vf16 q8(const int8_t* p) {
         return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     }
 };
 #endif
 
+// The bf16 weights of panel p at k and k + 1 (k even) as float32: one load, a shift, a mask.
+CI_VINLINE void bf16_pair(const PackedReduced& W, int p, int k, vf16& even, vf16& odd) {
+    vi16 words;
+    std::memcpy(&words, W.bf16.data() + (size_t(p) * W.kpad + k) * 16, sizeof words);
+    // One load into a register: g++ folded it into both the shift and the mask, two 64-byte loads
+    // where one will do (measured 1.3x slower than the [k][16] layout in L2 on Zen 4).
+    __asm__("" : "+v"(words));
+    even = (vf16)(words << 16);
+    odd = (vf16)(words & int32_t(0xFFFF0000u));
+}
+
 // The 16 weights of panel p at k, widened to float32 (q8: the int8 values, before the scale).
 template <class Widen, WeightFormat F>
 CI_VINLINE vf16 widened(const PackedReduced& W, int p, int k) {
-    if constexpr (F == WeightFormat::BF16) return Widen::bf16(W.bf16.data() + (size_t(p) * W.in + k) * 16);
-    else return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16);
+    if constexpr (F == WeightFormat::BF16) {
+        vf16 even, odd;
+        bf16_pair(W, p, k & ~1, even, odd);
+        return k % 2 ? odd : even;
+    } else {
+        return Widen::q8(W.q8.data() + (size_t(p) * W.kpad + k) * 16);
+    }
+}
+
+// The 16 weights of panel p at k and k + 1 (k even), widened as widened() does.
+template <class Widen, WeightFormat F>
+CI_VINLINE void widened_pair(const PackedReduced& W, int p, int k, vf16& w0, vf16& w1) {
+    if constexpr (F == WeightFormat::BF16) {
+        bf16_pair(W, p, k, w0, w1);
+    } else {
+        w0 = widened<Widen, F>(W, p, k);
+        w1 = widened<Widen, F>(W, p, k + 1);
+    }
 }
 // The scales of panel p's block b (q8; bf16 has none).
 CI_VINLINE vf16 scale_at(const PackedReduced& W, int p, int b) {
@@ -441,15 +487,20 @@ inline void vnni_gemv_panel(float* y, const PackedReduced& W, const ReducedScrat
 // faster at 1 row, 1.0-1.15x at 2, 0.8-0.95x at 3 and 4).
 constexpr int kVnniRows = 2;
 
-// The GEMV on VNNI: the digits once (on the caller), then panels streamed by both threads as
-// reduced_gemv does. false (nothing written) when an activation is not finite.
-inline bool vnni_gemv(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {  // rows 1, 2
-    if (!vnni_digits(s, x, rows, W.in, W.blocks)) return false;
-    const bool parallel = double(W.panels) * W.kpad * 16 > 65536;
-    ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
-        for (int p = begin; p < end; ++p) {
-            if (rows == 1) vnni_gemv_panel<1>(y, W, s, p);
-            else vnni_gemv_panel<2>(y, W, s, p);
+// The GEMV on VNNI: the digits once (on the caller; the parts share x, so once for all), then the
+// parts' panels streamed by both threads as reduced_gemv does. false (nothing written) when an
+// activation is not finite.
+inline bool vnni_gemv(const GemvPart* parts, int n, const float* x, int rows, ReducedScratch& s) {  // rows 1, 2
+    const PackedReduced& W0 = *parts[0].W;
+    if (!vnni_digits(s, x, rows, W0.in, W0.blocks)) return false;
+    const int panels = total_panels(parts, n);
+    const bool parallel = double(panels) * W0.kpad * 16 > 65536;
+    ThreadPool::instance().parallel_for(panels, [&](int begin, int end, int) {
+        int part = 0, first = 0;
+        for (int t = begin; t < end; ++t) {
+            const int p = part_panel(parts, t, part, first);
+            if (rows == 1) vnni_gemv_panel<1>(parts[part].y, *parts[part].W, s, p);
+            else vnni_gemv_panel<2>(parts[part].y, *parts[part].W, s, p);
         }
     }, parallel);
     return true;
@@ -461,7 +512,14 @@ inline bool vnni_gemv(float* y, const float* x, const PackedReduced& W, int rows
 template <class Widen, WeightFormat F>
 inline void decode_panel(float* dst, const PackedReduced& W, int p) {
     if constexpr (F == WeightFormat::BF16) {
-        for (int k = 0; k < W.in; ++k) vstore(dst + size_t(k) * 16, widened<Widen, F>(W, p, k));
+        int k = 0;
+        for (; k + 2 <= W.in; k += 2) {
+            vf16 w0, w1;
+            bf16_pair(W, p, k, w0, w1);
+            vstore(dst + size_t(k) * 16, w0);
+            vstore(dst + size_t(k + 1) * 16, w1);
+        }
+        if (k < W.in) vstore(dst + size_t(k) * 16, widened<Widen, F>(W, p, k));
     } else {
         for (int k0 = 0; k0 < W.in; k0 += kQ8Block) {
             const vf16 s = scale_at(W, p, k0 / kQ8Block);
@@ -549,8 +607,9 @@ inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W,
         const int k1 = std::min(in, k0 + step);
         int k = k0;
         for (; k + 4 <= k1; k += 4) {
-            const vf16 w0 = widened<Widen, F>(W, p, k), w1 = widened<Widen, F>(W, p, k + 1);
-            const vf16 w2 = widened<Widen, F>(W, p, k + 2), w3 = widened<Widen, F>(W, p, k + 3);
+            vf16 w0, w1, w2, w3;  // k0 and k are even (q8 blocks are 32 wide)
+            widened_pair<Widen, F>(W, p, k, w0, w1);
+            widened_pair<Widen, F>(W, p, k + 2, w2, w3);
             for (int r = 0; r < R; ++r) {
                 const float* xr = x + size_t(r) * in + k;
                 a0[r] += w0 * xr[0];
@@ -574,41 +633,57 @@ inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W,
 }
 
 template <class Widen, WeightFormat F>
-inline void reduced_gemv(float* y, const float* x, const PackedReduced& W, int rows) {
+inline void reduced_gemv(const GemvPart* parts, int n, const float* x, int rows) {
     // Streaming the weights: two cores are faster than one from about 64 KB of them on.
-    const bool parallel = double(W.panels) * W.in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
-    ThreadPool::instance().parallel_for(W.panels, [&](int begin, int end, int) {
-        for (int p = begin; p < end; ++p) switch (rows) {
+    const int panels = total_panels(parts, n);
+    const bool parallel = double(panels) * parts[0].W->in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
+    ThreadPool::instance().parallel_for(panels, [&](int begin, int end, int) {
+        int part = 0, first = 0;
+        for (int t = begin; t < end; ++t) {
+            const int p = part_panel(parts, t, part, first);
+            float* y = parts[part].y;
+            const PackedReduced& W = *parts[part].W;
+            switch (rows) {
                 case 1: reduced_gemv_panel<Widen, F, 1>(y, x, W, p); break;
                 case 2: reduced_gemv_panel<Widen, F, 2>(y, x, W, p); break;
                 case 3: reduced_gemv_panel<Widen, F, 3>(y, x, W, p); break;
                 default: reduced_gemv_panel<Widen, F, 4>(y, x, W, p); break;
             }
+        }
     }, parallel);
 }
 
+// The parts (one input x; one format, one `in`): the GEMV job (rows <= 4), else each part's GEMM.
 template <class Widen>
-inline void reduced_linear_with(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
-    if (W.format == WeightFormat::BF16) {
-        if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(y, x, W, rows);
-        else decoded_gemm<Widen, WeightFormat::BF16>(y, x, W, rows, s);
+inline void reduced_linear_with(const GemvPart* parts, int n, const float* x, int rows, ReducedScratch& s) {
+    if (parts[0].W->format == WeightFormat::BF16) {
+        if (rows <= 4) reduced_gemv<Widen, WeightFormat::BF16>(parts, n, x, rows);
+        else for (int i = 0; i < n; ++i) decoded_gemm<Widen, WeightFormat::BF16>(parts[i].y, x, *parts[i].W, rows, s);
     } else {
         if (rows <= 4) {
 #if defined(CI_REDUCED_VNNI)
-            if (rows <= kVnniRows && !W.vnni_bytes.empty() && vnni_gemv(y, x, W, rows, s)) return;
+            bool vnni = rows <= kVnniRows;
+            for (int i = 0; i < n; ++i) vnni = vnni && !parts[i].W->vnni_bytes.empty();
+            if (vnni && vnni_gemv(parts, n, x, rows, s)) return;
 #endif
-            reduced_gemv<Widen, WeightFormat::Q8>(y, x, W, rows);
+            reduced_gemv<Widen, WeightFormat::Q8>(parts, n, x, rows);
         }
-        else decoded_gemm<Widen, WeightFormat::Q8>(y, x, W, rows, s);
+        else for (int i = 0; i < n; ++i) decoded_gemm<Widen, WeightFormat::Q8>(parts[i].y, x, *parts[i].W, rows, s);
     }
 }
 
-// y[rows, out] = x[rows, in] . W^T for a packed bf16 / q8 matrix, on the CPU's best widening.
-inline void reduced_linear(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
+// y = x[rows, in] . W^T for each part (packed bf16 / q8 matrices of one format and one in), on the
+// CPU's best widening.
+inline void reduced_linears(const GemvPart* parts, int n, const float* x, int rows, ReducedScratch& s) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (use_avx512_widen()) return reduced_linear_with<WidenAvx512>(y, x, W, rows, s);
+    if (use_avx512_widen()) return reduced_linear_with<WidenAvx512>(parts, n, x, rows, s);
 #endif
-    reduced_linear_with<WidenPortable>(y, x, W, rows, s);
+    reduced_linear_with<WidenPortable>(parts, n, x, rows, s);
+}
+
+inline void reduced_linear(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
+    const GemvPart part{y, &W};
+    reduced_linears(&part, 1, x, rows, s);
 }
 
 }  // namespace fast
@@ -631,6 +706,23 @@ struct FastReducedKernels : FastKernels {
         if (it == reduced.end()) return FastKernels::linear(y, x, W, rows, in, out);
         CI_CHECK(it->second.in == in && it->second.out == out, "reduced kernels: packed shape mismatch");
         fast::reduced_linear(y, x, it->second, rows, scratch);
+    }
+    // Several linears of x (forward.hpp's linears): at decode one job (the GEMV over every part's
+    // panels; q8 on VNNI: x's digits once), else one call each.
+    void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const {
+        fast::GemvPart parts[4];
+        bool fused = rows <= fast::kFusedRows && n <= 4;
+        for (int i = 0; i < n && fused; ++i) {
+            const auto it = reduced.find(outs[i].W);
+            fused = it != reduced.end() && it->second.in == in && it->second.out == outs[i].out &&
+                    it->second.format == reduced.find(outs[0].W)->second.format;
+            if (fused) parts[i] = {outs[i].y, &it->second};
+        }
+        if (!fused) {
+            for (int i = 0; i < n; ++i) linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
+            return;
+        }
+        fast::reduced_linears(parts, n, x, rows, scratch);
     }
 };
 
