@@ -18,7 +18,8 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     ├── FaultError (ValueError)          an unknown fault, or one that no longer applies
     ├── NativeError (RuntimeError)       the C++ refused an input or failed
     │   └── NativeCompileError           the C++ did not compile
-    └── StandaloneError (RuntimeError)   building or running base_line_micro failed
+    ├── StandaloneError (RuntimeError)   building or running base_line_micro failed
+    └── MachineError (RuntimeError)      measuring the machine's limits failed, or their cache is unreadable
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class StandaloneError(CelerInferError, RuntimeError):
     """Building or running base_line_micro failed; the message carries its output."""
 
 
+class MachineError(CelerInferError, RuntimeError):
+    """Measuring the machine's limits failed (no compiler, the measuring program failed), or the
+    cached measurement is unreadable. The message names the file or command."""
+
+
 __all__ = [
     "CelerInferError",
     "UsageError",
@@ -88,4 +94,5 @@ __all__ = [
     "NativeError",
     "NativeCompileError",
     "StandaloneError",
+    "MachineError",
 ]

@@ -1,9 +1,11 @@
 """The C++ source tree on disk: where this project's cpp/ is, how to find its headers in a folder,
 how to copy it and edit a file of the copy. Plain files only (no cppyy, no compiler): the engine
-(native.py), the fault catalogue (faults.py) and the standalone build (standalone.py) all use it."""
+(native.py), the fault catalogue (faults.py) and the standalone build (standalone.py) all use it.
+Also the project's data folder (``data_dir``), where what is measured once is kept."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,17 @@ from .errors import UsageError
 
 DEFAULT_CPP_DIR = Path(__file__).resolve().parents[1] / "cpp"
 HEADER = "celerinfer/celerinfer.hpp"
+DATA_ENV = "CELERINFER_LAB_DATA"
+
+
+def data_dir() -> Path:
+    """The project's data folder (not created here): ``$CELERINFER_LAB_DATA``, else
+    ``$XDG_DATA_HOME/celerinfer-lab``, else ``~/.local/share/celerinfer-lab``. The machine's measured
+    limits are kept there (machine.py)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "celerinfer-lab"
 
 
 def include_dir(cpp_dir: Path) -> Path:

@@ -45,8 +45,8 @@ LAYERS = [
         "cpp_tables",
         "tokenizer",
     ],
-    # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary
-    ["reference", "native", "standalone"],
+    # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary; the machine's measured limits
+    ["reference", "native", "standalone", "machine"],
     # the comparison's numbers: the metrics and the tolerance rule as a value
     ["metrics", "tolerances"],
     # the views of a Report (text/table/HTML, figures): Report's methods call them, so they name the
@@ -58,8 +58,8 @@ LAYERS = [
     ["diagnose", "precision"],
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
-    # timing; text generation on both sides with the first divergence compared
-    ["bench", "complete", "train"],
+    # timing, the per-op profile; text generation on both sides with the first divergence compared
+    ["bench", "complete", "train", "profile"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "text_panel", "__init__", "testing"],
