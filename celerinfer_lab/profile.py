@@ -212,7 +212,8 @@ class PhaseTimes:
     def add_run(self, stamps: list[tuple[Point, int | None, int | None, float]], steps: int = 1) -> None:
         run: dict[str, float] = {}
         for point, layer, index, seconds in stamps:
-            name = point_name(point, layer, index)
+            # scores and probs are booked under the layer's context: one attention op on both sides
+            name = point_name(Point.context if point.name in ATTENTION else point, layer, index)
             self.kinds[name], self.layers[name] = kind_of(point), layer
             run[name] = run.get(name, 0.0) + seconds / steps
         self.runs.append(run)
