@@ -41,6 +41,9 @@ ACT = 4  # bytes of a float32 activation
 WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8": 34 / 32}  # per weight, by the format a kernel set reads
 ATTENTION = ("scores", "probs", "context")  # one op kind: the fast kernels fuse them
 PHASES = ("prefill", "decode")
+# the op kinds that read weights (the rest read only activations)
+WEIGHTED = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+WEIGHTED += ("router_probs", "routed_experts", "shared_expert")
 
 
 @dataclass(frozen=True)
@@ -269,7 +272,8 @@ class Profile:
 
     @property
     def in_cache(self) -> bool:
-        """Whether the model's weights fit in L3: then the bandwidth roof is the cache's, else DRAM's."""
+        """Whether the model's weights fit in L3: then the ops that read weights have the cache's
+        bandwidth roof, else DRAM's (every forward streams them all)."""
         return 0 < self.weight_bytes_total <= self.limits.l3_bytes
 
     @property
@@ -277,14 +281,20 @@ class Profile:
         # A shared machine may measure "all threads" below one thread: the roof is never below one thread's.
         return max(self.limits.peak_gflops(self.threads), self.limits.fma_gflops_1)
 
-    @property
-    def bandwidth_gbs(self) -> float:
-        one = self.limits.bandwidth_gbs(1, self.in_cache)
-        return max(self.limits.bandwidth_gbs(self.threads, self.in_cache), one)
+    def bandwidth_gbs(self, in_cache: bool | None = None) -> float:
+        """The read bandwidth roof, from cache or DRAM (default: where the weights live, ``in_cache``)."""
+        cache = self.in_cache if in_cache is None else in_cache
+        return max(self.limits.bandwidth_gbs(self.threads, cache), self.limits.bandwidth_gbs(1, cache))
 
-    def limit_gflops(self, cost: Cost) -> tuple[float, str]:
+    def op_in_cache(self, kind: str, cost: Cost) -> bool:
+        """Where an op's bytes come from: an op that reads weights, from where the weights live; one
+        that reads only activations, from cache when they fit in L3 (an upper bound: the roof is L2's)."""
+        reads_weights = kind in WEIGHTED
+        return self.in_cache if reads_weights else cost.bytes <= max(self.limits.l3_bytes, 1)
+
+    def limit_gflops(self, cost: Cost, in_cache: bool | None = None) -> tuple[float, str]:
         """The roofline's attainable GFLOP/s for an op of this cost, and what bounds it."""
-        memory = cost.intensity * self.bandwidth_gbs
+        memory = cost.intensity * self.bandwidth_gbs(in_cache)
         return (memory, "memory") if memory < self.peak_gflops else (self.peak_gflops, "compute")
 
     def rows(self, phase: str = "prefill", per_layer: bool = False) -> list[dict[str, object]]:
@@ -312,13 +322,15 @@ class Profile:
             gflops = flops / seconds * 1e-9 if flops and seconds > 0 else None
             row["gflops"], row["gbs"] = gflops, (nbytes / seconds * 1e-9 if nbytes and seconds > 0 else None)
             row["intensity"] = cost.intensity if cost else None
+            cached = self.op_in_cache(kind, cost) if cost else False
+            row["roof"] = ("cache" if cached else "DRAM") if cost else None
             if cost and cost.flops > 0 and gflops is not None:
-                limit, bound = self.limit_gflops(cost)
+                limit, bound = self.limit_gflops(cost, cached)
                 row["bound"], row["of_limit"] = bound, gflops / limit
             else:
                 row["bound"], row["of_limit"] = ("memory" if cost else None), None
                 if cost and cost.bytes and seconds > 0:  # no arithmetic: the fraction of the bandwidth
-                    row["of_limit"] = nbytes / seconds * 1e-9 / self.bandwidth_gbs  # type: ignore[operator]
+                    row["of_limit"] = nbytes / seconds * 1e-9 / self.bandwidth_gbs(cached)  # type: ignore[operator]
             t = ref_times.get(key)
             row["torch_ms"] = t * 1e3 if t is not None else None
             row["torch_gflops"] = flops / t * 1e-9 if flops and t else None
@@ -337,13 +349,13 @@ class Profile:
             if phase == "prefill"
             else f"decode: {self.decode} steps after the {self.seq_len}-token prompt, per step"
         )
-        roof = "cache" if self.in_cache else "DRAM"
         out = [
             f"{what}; C++ {self.kernels} kernels on {self.threads} threads, PyTorch on {self.torch_threads}",
-            f"roofs: {self.peak_gflops:.1f} GFLOP/s FMA peak, {self.bandwidth_gbs:.1f} GB/s from {roof} "
-            f"(weights {self.weight_bytes_total / 1e6:.1f} MB, L3 {self.limits.l3_bytes / 2**20:.0f} MB)",
+            f"roofs: {self.peak_gflops:.1f} GFLOP/s FMA peak, {self.bandwidth_gbs(False):.1f} GB/s from DRAM, "
+            f"{self.bandwidth_gbs(True):.1f} GB/s from cache; weights {self.weight_bytes_total / 1e6:.1f} MB "
+            f"({'in' if self.in_cache else 'beyond'} L3 {self.limits.l3_bytes / 2**20:.0f} MB)",
             f"{'op':<28} {'calls':>5} {'C++ ms':>9} {'share':>6} {'GFLOP/s':>8} {'GB/s':>7} {'FLOP/B':>7} "
-            f"{'bound':>7} {'of limit':>8} {'torch ms':>9} {'C++ vs torch':>12}",
+            f"{'bound':>7} {'roof':>5} {'of limit':>8} {'torch ms':>9} {'C++ vs torch':>12}",
         ]
 
         def num(v: object, fmt: str) -> str:
@@ -359,7 +371,8 @@ class Profile:
             out.append(
                 f"{str(r['op']):<28} {r['calls']:>5} {num(r['cpp_ms'], '9.3f')} {100 * r['share']:>5.1f}% "  # type: ignore[operator]
                 f"{num(r['gflops'], '8.1f')} {num(r['gbs'], '7.1f')} {num(r['intensity'], '7.1f')} "
-                f"{str(r['bound'] or '—'):>7} {of_limit:>8} {num(r['torch_ms'], '9.3f')} {ratio:>12}"
+                f"{str(r['bound'] or '—'):>7} {str(r['roof'] or '—'):>5} {of_limit:>8} {num(r['torch_ms'], '9.3f')} "
+                f"{ratio:>12}"
             )
         out.append(
             f"sum of C++ per-op times {1e3 * cpp.profiled_best:.3f} ms vs the unprofiled forward "
@@ -385,8 +398,7 @@ class Profile:
         """The roofline: each op kind a point per side, the machine's roofs (plots.plot_roofline)."""
         from .plots import plot_roofline
 
-        dram = max(self.limits.bandwidth_gbs(self.threads), self.limits.read_gbs_dram_1)
-        cache = max(self.limits.bandwidth_gbs(self.threads, True), self.limits.read_gbs_cache_1)
+        dram, cache = self.bandwidth_gbs(False), self.bandwidth_gbs(True)
         roofs = {"L2 cache": cache, "DRAM": dram} if self.in_cache else {"DRAM": dram, "L2 cache": cache}
         return plot_roofline(
             self.roofline_points(phase),
@@ -455,20 +467,20 @@ def profile_cpp(
                 ws = native.workspace(B, S, S + decode)
                 native.run(ids, mask, logits, start=0, workspace=ws)
                 token, m = _greedy(logits), mask
-                stamps: list[tuple[Point, int | None, int | None, float]] = []
+                timer.clear()
+                timer.accumulate = True  # the steps' stamps stay in C++: read once, after the last step
                 wall = 0.0
                 for step in range(decode):
                     m = np.ascontiguousarray(np.concatenate([m, np.ones((B, 1), np.int64)], axis=1))
                     t0 = time.perf_counter()
                     native.run(token, m, step_logits, timer if profiled else None, start=S + step, workspace=ws)
                     wall += time.perf_counter() - t0
-                    if profiled:
-                        stamps += _read_timer(timer)
                     token = _greedy(step_logits)
+                timer.accumulate = False
                 if r < warmup:
                     continue
                 if profiled:
-                    steps.add_run(stamps, steps=decode)
+                    steps.add_run(_read_timer(timer), steps=decode)
                 else:
                     steps.unprofiled.append(wall / decode)
         phases["decode"] = steps

@@ -72,12 +72,14 @@ struct OpTimer : TraceSink {
     std::vector<int> points, layers, indices;
     std::vector<double> ns;
     Clock::time_point last;
+    bool accumulate = false;  // keep the stamps of every forward (decode steps) until clear()
 
     OpTimer() { timing = true; }
     void reserve(size_t n) { points.reserve(n); layers.reserve(n); indices.reserve(n); ns.reserve(n); }
+    void clear() { points.clear(); layers.clear(); indices.clear(); ns.clear(); }
     void record(const std::string&, const float*, const std::vector<int64_t>&) override {}
     void begin() override {
-        points.clear(); layers.clear(); indices.clear(); ns.clear();
+        if (!accumulate) clear();
         last = Clock::now();
     }
     void stamp(int point, int layer, int index) override {
