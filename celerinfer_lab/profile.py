@@ -42,8 +42,10 @@ WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8": 34 / 32}  # per weight, by the fo
 ATTENTION = ("scores", "probs", "context")  # one op kind: the fast kernels fuse them
 PHASES = ("prefill", "decode")
 # the op kinds that read weights (the rest read only activations)
-WEIGHTED = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-WEIGHTED += ("router_probs", "routed_experts", "shared_expert")
+WEIGHTED = frozenset(
+    ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    + ("router_probs", "routed_experts", "shared_expert")
+)
 
 
 @dataclass(frozen=True)
