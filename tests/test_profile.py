@@ -7,6 +7,7 @@ costs that add up to the model's parameter count."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -56,10 +57,9 @@ def test_table_text_and_roofline(tiny_profile):
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert [c.get_label() for c in ax.collections] == ["C++", "PyTorch"]
     assert len(ax.collections[0].get_offsets()) == len(tiny_profile.roofline_points())
-    with pytest.raises(ValueError, match="no decode"):
-        profile_model.__globals__["Profile"].rows(
-            Profile(**{**tiny_profile.__dict__, "cpp": {"prefill": tiny_profile.cpp["prefill"]}}), "decode"
-        )
+    prefill_only = dataclasses.replace(tiny_profile, cpp={"prefill": tiny_profile.cpp["prefill"]}, decode=0)
+    with pytest.raises(ValueError, match="no decode in this profile"):
+        prefill_only.rows("decode")
 
 
 def linear_flops_gap(costs, config: ModelConfig, batch: int, seq: int) -> float:
