@@ -18,9 +18,11 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
     from .complete import Completion, complete
     from .config import PRESETS, ConfigError, ModelConfig, preset
     from .generate import generate_model
+    from .machine import MachineLimits, machine_limits
     from .modelfile import Model, ModelFileError, save_model, weight_shapes
     from .native import NativeCompileError, NativeEngine, NativeError, NativeModel, copy_cpp, edit_source, load_native
     from .precision import PrecisionCost, precision_cost
+    from .profile import Profile, profile_model
     from .reader import load_model
     from .reference import ForwardResult, KVCache, ReferenceModel, reference_forward
     from .report import Report
@@ -54,6 +56,10 @@ _EXPORTS = {
     "ModelConfig": "config",
     "preset": "config",
     "generate_model": "generate",
+    "MachineLimits": "machine",
+    "machine_limits": "machine",
+    "Profile": "profile",
+    "profile_model": "profile",
     "Model": "modelfile",
     "ModelFileError": "modelfile",
     "load_model": "reader",
@@ -104,6 +110,10 @@ __all__ = [
     "Completion",
     "precision_cost",
     "PrecisionCost",
+    "machine_limits",
+    "MachineLimits",
+    "profile_model",
+    "Profile",
     "attach_tokenizer",
     "load_tokenizer",
     "Tokenizer",

@@ -1,5 +1,5 @@
 """The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench,
-bench-compare, bench-history, precision, train, import, export, lab.
+bench-compare, bench-history, machine, profile, precision, train, import, export, lab.
 
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
 and exit status 2, never a traceback. Heavy modules (torch, matplotlib, cppyy) are imported by
@@ -591,6 +591,88 @@ def _add_history(sub: argparse._SubParsersAction) -> None:
     hist.add_argument("--all", action="store_true", help="with --markdown: every result, not the newest per workload")
 
 
+def cmd_machine(args: argparse.Namespace) -> int:
+    import json
+
+    from .machine import machine_limits
+
+    limits = machine_limits(refresh=args.refresh, quick=args.quick)
+    print(json.dumps(limits.to_dict(), indent=2) if args.json else str(limits))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .machine import machine_limits
+    from .native import load_native
+    from .profile import profile_model
+    from .reader import load_model
+
+    for flag in ("repeat", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} {value}: must be 1 or more")
+    if args.decode < 0 or args.warmup < 0:
+        raise UsageError(f"--decode {args.decode} / --warmup {args.warmup}: must be 0 or more")
+    model = load_model(args.model)
+    model.config.validate(seq_len=model.seq_len + args.decode)
+    engine = load_native(args.cpp_dir)
+    engine.check_kernels(args.kernels)
+    limits = machine_limits(quick=args.quick_machine)
+    prof = profile_model(
+        model, args.kernels, args.decode, args.threads, args.repeat, args.warmup, engine=engine, limits=limits
+    )
+    print(f"model: {args.model} ({model.config.num_parameters():,} parameters)")
+    print(f"machine: {limits.cpu}; PyTorch: {limits.blas}")
+    for phase in prof.cpp:
+        print()
+        print("\n".join(prof.lines(phase, per_layer=args.per_layer)))
+    if args.plot:
+        for phase in prof.cpp:
+            path = Path(args.plot if phase == "prefill" else Path(args.plot).with_suffix(f".{phase}.png"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prof.plot(phase).savefig(path, dpi=110)
+            print(f"saved {path}")
+    if args.json:
+        out = {phase: prof.rows(phase, per_layer=args.per_layer) for phase in prof.cpp}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"saved {args.json}")
+    return 0
+
+
+def _add_machine_profile(sub: argparse._SubParsersAction) -> None:
+    mach = sub.add_parser(
+        "machine",
+        help="this machine's measured limits: FMA peak, DRAM and cache bandwidth, CPU features, PyTorch's BLAS",
+        description="Measure (once; cached in the data folder per CPU model and fingerprint) the float32 FMA peak "
+        "and the read bandwidth from DRAM and from cache, on 1 thread and on all, and report the CPU's features "
+        "(cpuid) and the BLAS path PyTorch takes. The profile's roofline uses them.",
+    )
+    mach.add_argument("--refresh", action="store_true", help="measure again even if cached")
+    mach.add_argument("--json", action="store_true", help="print the limits as JSON")
+    mach.add_argument("--quick", action="store_true", help="tiny sizes and times (well under a second; for tests)")
+    prof = sub.add_parser(
+        "profile",
+        help="per-op time of both forwards against the machine's limits (table and roofline)",
+        description="Time every op of the C++ forward (the trace hook in timing mode) and of the PyTorch "
+        "reference (its trace points) on the model file's inputs, prefill and --decode N greedy steps: per op "
+        "kind the time, share, GFLOP/s, GB/s, fraction of the roofline limit, and PyTorch's time.",
+    )
+    prof.add_argument("model")
+    prof.add_argument("--kernels", default="fast", help="the C++ kernel set (default fast)")
+    prof.add_argument("--decode", type=int, default=0, help="also profile N greedy decode steps after the prompt")
+    prof.add_argument("--threads", type=int, help="threads for both sides (default: their own)")
+    prof.add_argument("--repeat", type=int, default=5, help="profiled runs (and as many unprofiled), default 5")
+    prof.add_argument("--warmup", type=int, default=1)
+    prof.add_argument("--per-layer", action="store_true", help="one row per layer's op instead of per op kind")
+    prof.add_argument("--plot", help="write the roofline to this PNG (decode's beside it as .decode.png)")
+    prof.add_argument("--json", help="write the table rows as JSON")
+    prof.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
+    prof.add_argument("--quick-machine", action="store_true", help="use (or make) a quick machine measurement (tests)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="celerinfer-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -598,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_export(sub)
     _add_precision(sub)
     _add_history(sub)
+
+    _add_machine_profile(sub)
     quant = sub.add_parser(
         "quantize",
         help="write a model file with its weights in another format (bf16, q8 or f32)",
@@ -919,6 +1003,8 @@ COMMANDS = {
     "bench": cmd_bench,
     "bench-compare": cmd_bench_compare,
     "bench-history": cmd_bench_history,
+    "machine": cmd_machine,
+    "profile": cmd_profile,
     "train": cmd_train,
     "lab": cmd_lab,
 }

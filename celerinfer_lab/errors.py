@@ -19,8 +19,9 @@ raise them re-export them (``celerinfer_lab.config.ConfigError`` is ``errors.Con
     ├── NativeError (RuntimeError)       the C++ refused an input or failed
     │   └── NativeCompileError           the C++ did not compile
     ├── StandaloneError (RuntimeError)   building or running base_line_micro failed
-    └── HistoryError (ValueError)        the benchmark store is corrupt, foreign or of another schema,
-                                         an id is unknown, or two results cannot be compared
+    ├── HistoryError (ValueError)        the benchmark store is corrupt, foreign or of another schema,
+    │                                    an id is unknown, or two results cannot be compared
+    └── MachineError (RuntimeError)      measuring the machine's limits failed, or their cache is unreadable
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class HistoryError(CelerInferError, ValueError):
     machines. The message names the store, the id or the difference."""
 
 
+class MachineError(CelerInferError, RuntimeError):
+    """Measuring the machine's limits failed (no compiler, the measuring program failed), or the
+    cached measurement is unreadable. The message names the file or command."""
+
+
 __all__ = [
     "CelerInferError",
     "UsageError",
@@ -97,4 +103,5 @@ __all__ = [
     "NativeCompileError",
     "StandaloneError",
     "HistoryError",
+    "MachineError",
 ]

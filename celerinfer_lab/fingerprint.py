@@ -37,9 +37,21 @@ def _memory_gib() -> int:
     return 0
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it does not)."""
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def fingerprint_id(fields: dict) -> str:
+    """12 hex digits of the SHA-256 of a fingerprint's fields (its "id" left out)."""
+    rest = {key: value for key, value in fields.items() if key != "id"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def machine_fingerprint() -> dict:
-    """{"id", "cpu", "flags_sha256", "cores", "memory_gib", "arch"}: ``id`` is the first 12 hex digits
-    of the SHA-256 of the other fields (the flags enter as their hash: the list is long)."""
+    """{"id", "cpu", "flags_sha256", "cores", "memory_gib", "arch"}: ``id`` is fingerprint_id of the
+    other fields (the flags enter as their hash: the list is long). The benchmark history compares
+    results only on the same id; the machine's measured limits are cached under it (machine.py)."""
     info = _cpuinfo()
     flags = " ".join(sorted(info.get("flags", "").split()))
     fields = {
@@ -49,5 +61,4 @@ def machine_fingerprint() -> dict:
         "memory_gib": _memory_gib(),
         "arch": platform.machine() or "unknown",
     }
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    return {"id": digest, **fields}
+    return {"id": fingerprint_id(fields), **fields}

@@ -1,7 +1,8 @@
 """The C++ source tree on disk: where this project's cpp/ is, how to find its headers in a folder,
 how to copy it and edit a file of the copy. Plain files only (no cppyy, no compiler): the engine
 (native.py), the fault catalogue (faults.py) and the standalone build (standalone.py) all use it.
-Also where the project keeps what it measures across runs (``data_dir``: the benchmark history)."""
+Also the project's data folder (``data_dir``), where what is measured across runs is kept (the
+machine's limits, the benchmark history)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from .errors import UsageError
 DEFAULT_CPP_DIR = Path(__file__).resolve().parents[1] / "cpp"
 HEADER = "celerinfer/celerinfer.hpp"
 REPO_ROOT = DEFAULT_CPP_DIR.parent
+DATA_ENV = "CELERINFER_LAB_DATA"
 
 
 def data_dir() -> Path:
-    """Where results kept across runs live: $CELERINFER_LAB_DATA, else $XDG_DATA_HOME/celerinfer-lab
-    (~/.local/share/celerinfer-lab): per user and machine, so a fresh clone or a second worktree sees
-    the same history. Not created here."""
-    if os.environ.get("CELERINFER_LAB_DATA"):
-        return Path(os.environ["CELERINFER_LAB_DATA"])
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "celerinfer-lab"
+    """The project's data folder (not created here): ``$CELERINFER_LAB_DATA``, else
+    ``$XDG_DATA_HOME/celerinfer-lab``, else ``~/.local/share/celerinfer-lab``: per user and machine, so
+    a fresh clone or a second worktree sees the same history. The machine's measured limits
+    (machine.py) and the benchmark history (history.py) are kept there."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "celerinfer-lab"
 
 
 def include_dir(cpp_dir: Path) -> Path:

@@ -338,3 +338,59 @@ def plot(report: Report, kind: str = "depth", **kwargs: Any) -> Figure:
     if kind not in makers:
         raise ValueError(f"unknown plot kind {kind!r}; choose from {sorted(makers)}")
     return makers[kind](report, **kwargs)
+
+
+def plot_roofline(
+    points: list[tuple[str, float, float | None, float | None]],
+    peak_gflops: float,
+    bandwidths: dict[str, float],
+    title: str = "roofline",
+    figsize: tuple[float, float] = (8, 5.5),
+) -> Figure:
+    """The roofline (log-log): arithmetic intensity (FLOP/byte) against achieved GFLOP/s, one point
+    per op and side — ``points`` are (op, intensity, C++ GFLOP/s, PyTorch GFLOP/s or None) —, under
+    the roofs min(peak, intensity × bandwidth) of the machine: ``bandwidths`` by name (GB/s), the
+    first the one that bounds these ops (solid), the others dashed (profile.Profile.plot gives them)."""
+    if not points:
+        raise ValueError("no op with arithmetic to plot")
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    if not bandwidths:
+        raise ValueError("no bandwidth roof given")
+    ai = np.array([p[1] for p in points], dtype=np.float64)
+    lowest = min(bandwidths.values())
+    lo, hi = max(ai.min() / 4, 1e-3), max(ai.max() * 4, 4 * peak_gflops / lowest)
+    x = np.geomspace(lo, hi, 200)
+    for i, (label, gbs) in enumerate(bandwidths.items()):
+        ax.plot(
+            x, np.minimum(peak_gflops, x * gbs), color="black", lw=1.5 if i == 0 else 0.8, ls="-" if i == 0 else "--"
+        )
+        ax.annotate(
+            f"{label} {gbs:.0f} GB/s (ridge {peak_gflops / gbs:.1f} FLOP/B)",
+            (lo * 1.2, lo * 1.2 * gbs),
+            va="bottom",
+            fontsize=8,
+        )
+    ax.annotate(f"FMA peak {peak_gflops:.0f} GFLOP/s", (hi, peak_gflops), ha="right", va="bottom", fontsize=8)
+    for side, column, color, marker in (("C++", 2, "tab:blue", "o"), ("PyTorch", 3, "tab:orange", "s")):
+        shown: list[tuple[str, float, float]] = []
+        for p in points:
+            value = p[2] if column == 2 else p[3]
+            if value:
+                shown.append((p[0], p[1], value))
+        if not shown:
+            continue
+        ax.scatter([s[1] for s in shown], [s[2] for s in shown], color=color, marker=marker, label=side, zorder=3)
+        if column == 2:
+            for name, xi, yi in shown:
+                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for name, xi, cpp, ref in points:  # each op's two points joined
+        if cpp and ref:
+            ax.plot([xi, xi], [cpp, ref], color="grey", lw=0.6, zorder=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte moved)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

@@ -21,6 +21,7 @@ names are the C++ ones (README "One name per concept"): ``rmsnorm``, ``rope``, `
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,6 +74,28 @@ class _Tracer:
         self.points[name] = value.detach().clone()
         if self.teacher is not None and name in self.teacher:
             return self.teacher[name].to(value.dtype).reshape(value.shape)
+        return value
+
+
+class OpTimer(_Tracer):
+    """A tracer that times instead of recording (the profile, profile.py): at each trace point, the
+    seconds since the previous one (the first: since the forward began). torch runs CPU ops
+    synchronously, so that is the op's time, Python around it included. Nothing is copied."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+        self.times: list[tuple[Point, int | None, int | None, float]] = []
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        self.times, self.last = [], time.perf_counter()
+
+    def __call__(
+        self, point: Point, value: torch.Tensor, layer: int | None = None, index: int | None = None
+    ) -> torch.Tensor:
+        now = time.perf_counter()
+        self.times.append((point, layer, index, now - self.last))
+        self.last = now
         return value
 
 
@@ -210,6 +233,22 @@ class ReferenceModel:
         ids, mask = self._inputs(input_ids, attention_mask, cache.length if cache is not None else 0)
         forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
         return self._forward(ids, mask, _Tracer(trace, forced, adopt), cache)
+
+    @torch.inference_mode()
+    def timed_forward(
+        self,
+        input_ids: Tokens | None = None,
+        attention_mask: Tokens | None = None,
+        cache: KVCache | None = None,
+        timer: OpTimer | None = None,
+    ) -> tuple[torch.Tensor, OpTimer]:
+        """forward() with an OpTimer at its trace points (the profile): logits and the timer, whose
+        ``times`` hold (point, layer, index, seconds since the previous point) in forward order."""
+        ids, mask = self._inputs(input_ids, attention_mask, cache.length if cache is not None else 0)
+        timer = timer or OpTimer()
+        timer.start()
+        logits, _ = self._forward(ids, mask, timer, cache)
+        return logits, timer
 
     def training_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] for ids [B, S] (no padding) outside inference mode, so that gradients

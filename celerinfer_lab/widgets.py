@@ -13,6 +13,10 @@ controls to ones that show it, and the note under the fault says what was switch
 a control back afterwards and the note warns; Run switches again. A fault that needs a setting the
 explorer has no control for says why it cannot show.
 
+**Profile** (beside Run) times every op of both forwards on the same model (profile.py): the per-op
+table against the machine's limits and the roofline, prefill and (with decode steps) decode; its
+failures land in the widget too (``profile``, ``profile_figures``, ``profile_message``).
+
 ``explorer(model="small.json")`` (a path, or a loaded ``Model``) works on that model instead of a
 random one: the config controls show the file's config and inputs and are disabled (the weights fix
 them), Run compares the file's model, and the Text row uses the tokenizer kept with the file. A file
@@ -42,7 +46,9 @@ if TYPE_CHECKING:  # for annotations only: Run imports what it runs when it runs
 
     from .bench import Timing
     from .compare import Comparison, Report
+    from .machine import MachineLimits
     from .modelfile import Model
+    from .profile import Profile
     from .tokenizer import Tokenizer
 
 # ModelConfig field -> the controls a message about it belongs next to
@@ -169,6 +175,15 @@ class Explorer(W.VBox):
         self.notes = {name: W.HTML(layout=W.Layout(margin="0 0 2px 96px", max_width="420px")) for name in self.controls}
         self.fault_note = W.HTML(layout=W.Layout(max_width="640px"))  # what the fault does; what was switched
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        self.profile_button = W.Button(description="Profile", icon="clock-o", tooltip="per-op times and roofline")
+        self.profile_status = W.HTML()
+        self.profile_html = W.HTML()
+        self.profile_html.add_class("jp-RenderedHTMLCommon")
+        self.profile_plots = W.Output()
+        self.profile: Profile | None = None  # the last profile
+        self.profile_figures: list = []  # its rooflines (prefill, decode)
+        self.profile_message = ""
+        self.profile_limits: MachineLimits | None = None  # None: machine.machine_limits() (measured once, cached)
         self.progress = W.IntProgress(min=0, max=5, description="", layout=W.Layout(width="360px"))
         self.status = W.HTML()
         self.result_html = W.HTML()
@@ -200,6 +215,7 @@ class Explorer(W.VBox):
             control.observe(self._settings_changed, names="value")
         c["fault"].observe(lambda _change: self.show_fault(), names="value")
         self.run_button.on_click(lambda _button: self.run())
+        self.profile_button.on_click(lambda _button: self.run_profile())
 
         def row(*names: str) -> W.VBox:  # each control with its note below it
             return W.VBox([W.VBox([W.HBox([c[n]]), self.notes[n]]) for n in names])  # HBox: keeps the readout
@@ -216,8 +232,9 @@ class Explorer(W.VBox):
                 row("kernels", "fault"),
                 self.fault_note,
                 row("cpp_dir"),
-                W.HBox([self.run_button, self.progress]),
+                W.HBox([self.run_button, self.profile_button, self.progress]),
                 self.status,
+                self.profile_status,
             ]
         )
         self.text = TextPanel(self._text_source)  # greedy text on both sides for the same model
@@ -229,6 +246,8 @@ class Explorer(W.VBox):
                 self.text,
                 self.result_html,
                 self.plots,
+                self.profile_html,
+                self.profile_plots,
             ]
         )
         self._clamp_topk()
@@ -719,6 +738,64 @@ class Explorer(W.VBox):
         self.plots.clear_output()
         with self.plots:
             for fig in self.figures:
+                display(fig)
+
+    # ---- profiling -------------------------------------------------------------------------
+    def clear_profile(self, status: str = "") -> None:
+        self.profile, self.profile_figures = None, []
+        self.profile_html.value = ""
+        self.profile_plots.clear_output()
+        self.profile_plots.outputs = ()
+        self.profile_status.value = status
+
+    def run_profile(self) -> None:
+        """Profile the model the controls describe (or the model file) on the chosen kernel set (the
+        first of "all"), with the decode steps asked for: the per-op tables and rooflines. Every
+        failure is shown in the widget, never raised."""
+        from .generate import generate_model
+        from .machine import machine_limits
+        from .profile import profile_model
+
+        self.clear_profile("<i>profiling…</i>")
+        try:
+            if self.model_error:
+                raise ValueError(f"the model did not load: {self.model_error}")
+            if not self.validate():
+                raise ValueError(f"invalid config: {self.message}")
+            c = {k: w.value for k, w in self.controls.items()}
+            model = self.model or generate_model(self.config(), c["batch"], c["seq_len"], c["seed"], c["padding"])
+            native = engine_for(c["cpp_dir"], None if c["fault"] == "none" else c["fault"], self.extra_source)
+            self._set_kernel_sets(native.kernel_sets)
+            kernels = self.chosen_sets()[0]
+            if self.profile_limits is None:
+                self.profile_status.value = "<i>measuring the machine's limits (once per machine, a few seconds)…</i>"
+                self.profile_limits = machine_limits()
+            self.profile_status.value = f"<i>profiling the {kernels} kernels and PyTorch…</i>"
+            prof = profile_model(model, kernels, c["decode"], repeat=3, engine=native, limits=self.profile_limits)
+            figures = [prof.plot(phase) for phase in prof.cpp]
+        except Exception as exc:  # the widget shows every failure; the kernel lives on
+            self.clear_profile()
+            self.profile_message = f"{type(exc).__name__}: {exc}"
+            self.profile_status.value = (
+                f"<span style='color:#b00'><b>profile: {type(exc).__name__}</b></span><pre>{_escape(str(exc))}</pre>"
+            )
+            return
+        self.profile, self.profile_figures = prof, figures
+        self.profile_message = (
+            f"profiled {kernels} kernels: C++ {1e3 * prof.cpp['prefill'].unprofiled_best:.3f} ms, "
+            f"PyTorch {1e3 * prof.torch['prefill'].unprofiled_best:.3f} ms per prefill"
+        )
+        self.profile_status.value = _escape(self.profile_message)
+        parts = []
+        for phase in prof.cpp:
+            head, *_ = prof.lines(phase)
+            table = prof.table(phase)
+            parts.append(
+                f"<p><b>{_escape(head)}</b></p>" + table.to_html(float_format=lambda v: f"{v:.3g}", na_rep="—")
+            )
+        self.profile_html.value = _TABLE_STYLE + "".join(parts)
+        with self.profile_plots:
+            for fig in figures:
                 display(fig)
 
     def timing_html(self) -> str:

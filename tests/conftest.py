@@ -123,3 +123,21 @@ def sanitized_binary(tmp_path_factory) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True)
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return build / "base_line_micro"
+
+
+@pytest.fixture(scope="session")
+def lab_data(tmp_path_factory):
+    """A data folder of the session's own (CELERINFER_LAB_DATA): the machine's limits and the tool that
+    measures them go there, never to the user's. test_machine.py and test_profile.py share it."""
+    path = tmp_path_factory.mktemp("lab-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CELERINFER_LAB_DATA", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def quick_limits(lab_data):
+    """A quick measurement of this machine's limits (machine.py), cached in the session's data folder."""
+    from celerinfer_lab.machine import machine_limits
+
+    return machine_limits(quick=True)

@@ -45,8 +45,9 @@ LAYERS = [
         "cpp_tables",
         "tokenizer",
     ],
-    # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary, llama.cpp (a GGUF through llama-cpp-python)
-    ["reference", "native", "standalone", "llama_cpp_engine"],
+    # the engines: PyTorch reference, C++ through cppyy, the standalone C++ binary, llama.cpp (a GGUF
+    # through llama-cpp-python); the machine's measured limits
+    ["reference", "native", "standalone", "llama_cpp_engine", "machine"],
     # the comparison's numbers: the metrics and the tolerance rule as a value
     ["metrics", "tolerances"],
     # the views of a Report (text/table/HTML, figures): Report's methods call them, so they name the
@@ -58,9 +59,9 @@ LAYERS = [
     ["diagnose", "precision"],
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
-    # timing, the benchmark history (the store; judging two saved results); text generation on both sides
-    # with the first divergence compared
-    ["history", "regression", "bench", "complete", "train"],
+    # timing, the benchmark history (the store; judging two saved results), the per-op profile; text
+    # generation on both sides with the first divergence compared
+    ["history", "regression", "bench", "complete", "train", "profile"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "text_panel", "__init__", "testing"],

@@ -33,7 +33,7 @@ from conftest import REPO
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUNNABLE = ("bash", "python")
 MARKER = re.compile(r"^<!--\s*(long|not run:\s*(?P<reason>.+?))\s*-->\s*$")
-MAX_MARKED = 5  # the set-up scripts' block, the notebook server twice (lab, jupyter lab), two benchmark blocks
+MAX_MARKED = 6  # the set-up scripts' block, the notebook server twice (lab, jupyter lab), three benchmark blocks
 
 
 @dataclass
@@ -80,6 +80,7 @@ def run_document(path: Path, tmp: Path, monkeypatch) -> dict:
     folder = scratch_folder(tmp)
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("CELERINFER_LAB_DATA", str(tmp / "lab-data"))  # `machine` caches there, not in the user's folder
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     namespace: dict = {"__name__": "__readme__"}
     for block in blocks(path):

@@ -412,3 +412,20 @@ def test_a_model_that_does_not_load_is_shown_not_raised(tmp_path):
     good = tmp_path / "good.json"
     cl.generate_model(cl.ModelConfig(), batch_size=1, seq_len=4, seed=1).save(good)
     assert explorer(model=good).model_error == ""
+
+
+def test_profile_shows_the_table_and_roofline(quick_limits, tmp_path):
+    e = explorer()
+    e.profile_limits = quick_limits  # the session's quick measurement, not a full one
+    e.controls["decode"].value = 1
+    e.profile_button.click()
+    assert e.profile is not None, e.profile_status.value
+    assert e.profile_message.startswith("profiled fast kernels")
+    assert "q_proj" in e.profile_html.value and "attention" in e.profile_html.value
+    assert "decode: 1 steps" in e.profile_html.value
+    assert len(e.profile_figures) == 2 and all(isinstance(f, Figure) for f in e.profile_figures)
+    # a failure stays in the widget: a C++ folder that does not exist
+    e.controls["cpp_dir"].value = str(tmp_path / "nothing-here")
+    e.profile_button.click()  # never raises
+    assert e.profile is None and e.profile_figures == [] and e.profile_html.value == ""
+    assert "nothing-here" in e.profile_message and "profile:" in e.profile_status.value

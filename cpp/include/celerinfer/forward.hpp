@@ -61,10 +61,12 @@ inline void moe(const Kernels& K, float* y, const float* x, const LayerWeights& 
     softmax(ws.router_probs.data(), N, E);
     trace_point(trace, layer, Point::router_probs, ws.router_probs.data(), dims);
     CELERINFER_NS::topk(ws.topk_idx.data(), ws.topk_weight.data(), ws.router_probs.data(), N, E, topk, c.renormalises_topk());
-    if (trace) {  // the trace holds floats: record the indices as floats, read back a teacher's
+    if (trace && !trace->timing) {  // the trace holds floats: record the indices as floats, read back a teacher's
         for (int i = 0; i < N * topk; ++i) ws.topk_idx_f[i] = float(ws.topk_idx[i]);
         trace_point(trace, layer, Point::topk_idx, ws.topk_idx_f.data(), dims);
         for (int i = 0; i < N * topk; ++i) ws.topk_idx[i] = int64_t(ws.topk_idx_f[i]);
+    } else {
+        trace_point(trace, layer, Point::topk_idx, ws.topk_idx_f.data(), dims);  // a timing sink's stamp
     }
     trace_point(trace, layer, Point::topk_weight, ws.topk_weight.data(), dims);
     for (size_t i = 0; i < size_t(N) * H; ++i) y[i] = 0.0f;
@@ -99,7 +101,7 @@ template <class Kernels>
 inline void attention_traced(const Kernels& K, float* context, const float* q, int l, const int64_t* mask,
                              const AttnDims& d, Workspace& ws, TraceSink* trace, const TraceDims& dims) {
     AttentionTaps taps;
-    if (!trace) return K.attention(context, q, l, mask, d, ws, taps);
+    if (!trace || trace->timing) return K.attention(context, q, l, mask, d, ws, taps);
     const size_t n = size_t(d.B) * d.heads * d.S * d.P;
     if (ws.trace_scores.size() < n) ws.trace_scores.resize(n);
     if (ws.trace_probs.size() < n) ws.trace_probs.resize(n);

@@ -28,14 +28,12 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
 #include "check.hpp"
+#include "cpu.hpp"
 #include "fast.hpp"
 #include "model.hpp"
 #include "ops.hpp"
@@ -80,30 +78,7 @@ inline void decode_row(float* w, const StoredMatrix& s, int o) {
     }
 }
 
-// ---- what this CPU has (read at run time) --------------------------------------------------------
-// cpuid is read directly: __builtin_cpu_supports needs libgcc's __cpu_model, which cling (cppyy)
-// cannot resolve (measured: "symbol '__cpu_model' unresolved").
-struct CpuFeatures {
-    bool avx2 = false, avx512f = false, avx512bw = false, avx512_bf16 = false, avx512_vnni = false;
-};
-inline const CpuFeatures& cpu_features() {
-    static const CpuFeatures f = [] {
-        CpuFeatures c;
-#if defined(__x86_64__) || defined(__i386__)
-        unsigned a, b, cx, d;
-        if (__get_cpuid_count(7, 0, &a, &b, &cx, &d)) {
-            c.avx2 = b & (1u << 5);
-            c.avx512f = b & (1u << 16);
-            c.avx512bw = b & (1u << 30);
-            c.avx512_vnni = cx & (1u << 11);
-        }
-        if (__get_cpuid_count(7, 1, &a, &b, &cx, &d)) c.avx512_bf16 = a & (1u << 5);
-#endif
-        return c;
-    }();
-    return f;
-}
-
+// ---- what this CPU has: cpu_features() (cpu.hpp, read with cpuid at run time) ---------------------
 // Which widening code runs: the AVX-512 intrinsics when this build has them and the CPU reports
 // them, else the portable vector extensions (the width -march=native gives).
 inline bool use_avx512_widen() {

@@ -5,8 +5,11 @@
 // A sink may also hold teacher values: after an op's output is recorded it is overwritten by the
 // teacher's, so the next op runs on exact inputs (teacher forcing, to isolate each op's own error).
 // Tracing observes the kernels that run; it never swaps in another implementation.
+// A timing sink (OpTimer) takes no values: at each point the hook only reads the clock, so each op's
+// time is the time since the previous point (the profile; README "Profile and machine limits").
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -22,6 +25,11 @@ namespace CELERINFER_NS {
 
 struct TraceSink {
     virtual ~TraceSink() = default;
+    // A timing sink: trace_point calls stamp() instead of building names, shapes and copies, and the
+    // kernels run as untraced (the attention taps stay off).
+    bool timing = false;
+    virtual void begin() {}  // run_forward calls it just before the forward
+    virtual void stamp(int /*point*/, int /*layer*/, int /*index*/) {}
     virtual void record(const std::string& name, const float* data, const std::vector<int64_t>& shape) = 0;
     // The value to continue with instead of the op's output, or nullptr.
     virtual const float* teacher(const std::string& /*name*/, size_t /*numel*/) { return nullptr; }
@@ -57,6 +65,34 @@ struct TraceRecorder : TraceSink {
     const std::string& name(size_t i) const { return names.at(i); }
 };
 
+// The profile's sink: per trace point reached, its (point, layer, index) and the nanoseconds since
+// the previous point (the first: since begin()). Nothing is allocated while timing once reserve()d.
+struct OpTimer : TraceSink {
+    using Clock = std::chrono::steady_clock;
+    std::vector<int> points, layers, indices;
+    std::vector<double> ns;
+    Clock::time_point last;
+    bool accumulate = false;  // keep the stamps of every forward (decode steps) until clear()
+
+    OpTimer() { timing = true; }
+    void reserve(size_t n) { points.reserve(n); layers.reserve(n); indices.reserve(n); ns.reserve(n); }
+    void clear() { points.clear(); layers.clear(); indices.clear(); ns.clear(); }
+    void record(const std::string&, const float*, const std::vector<int64_t>&) override {}
+    void begin() override {
+        if (!accumulate) clear();
+        last = Clock::now();
+    }
+    void stamp(int point, int layer, int index) override {
+        const Clock::time_point now = Clock::now();
+        points.push_back(point);
+        layers.push_back(layer);
+        indices.push_back(index);
+        ns.push_back(std::chrono::duration<double, std::nano>(now - last).count());
+        last = now;
+    }
+    size_t size() const { return ns.size(); }
+};
+
 // The name of point p (trace_points.hpp): "model.layers.{layer}.{suffix}" for a layer's point
 // ("model.layers.{layer}" for the block output), with ".{index}" for a shared expert; the suffix
 // alone for a model-level point. Built only when tracing.
@@ -81,6 +117,7 @@ inline size_t numel_of(const std::vector<int64_t>& shape) {
 // replace it by the sink's teacher value if it has one.
 inline void trace_point(TraceSink* sink, int layer, Point p, float* data, const TraceDims& dims, int index = -1) {
     if (!sink) return;
+    if (sink->timing) return sink->stamp(int(p), layer, index);
     const std::string name = point_name(p, layer, index);
     const std::vector<int64_t> shape = point_shape(p, dims);
     sink->record(name, data, shape);
