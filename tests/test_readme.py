@@ -33,7 +33,8 @@ from conftest import REPO
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUNNABLE = ("bash", "python")
 MARKER = re.compile(r"^<!--\s*(long|not run:\s*(?P<reason>.+?))\s*-->\s*$")
-MAX_MARKED = 6  # the set-up scripts' block, the notebook server twice (lab, jupyter lab), three benchmark blocks
+MAX_MARKED = 7  # the set-up scripts' block, the notebook server twice (lab, jupyter lab), three benchmark blocks,
+# building llama.cpp (the `llama` extra) with its bench
 
 
 @dataclass
