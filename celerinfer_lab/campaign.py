@@ -736,16 +736,13 @@ def summarize(rows: pd.DataFrame | list[dict[str, Any]]) -> CampaignSummary:
     )
     by_feature = by_feature.sort_values(["pass_rate", "rows"], ascending=[True, False])
     qs = [0.5, 0.9, 0.99, 1.0]
-    margins = passed.groupby("kernels")["worst_ratio"].quantile(qs).unstack()
-    margins.columns = [f"p{int(q * 100)}" for q in qs]
+    names = [f"p{int(q * 100)}" for q in qs]
+    margins = pd.DataFrame(
+        {n: passed.groupby("kernels")["worst_ratio"].quantile(q) for n, q in zip(names, qs)}, columns=names
+    )
     totals = plain.groupby(["seed", "index"]).agg(
         seconds=("seconds", "sum"),
-        hidden=("hidden", "first"),
-        layers=("layers", "first"),
-        seq_len=("seq_len", "first"),
-        batch=("batch", "first"),
-        decode=("decode", "first"),
-        weights=("weights", "first"),
+        **{f: (f, "first") for f in ("hidden", "layers", "seq_len", "batch", "decode", "weights")},
     )
     slowest = totals.sort_values("seconds", ascending=False).head(5).reset_index()
     cols = [c for c in ("index", "kernels", "verdict", "culprit", "shrunk_culprit", "repro", "error") if c in plain]

@@ -401,7 +401,8 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     spec = CampaignSpec(
         configs=args.configs,
         kernels=kernels,
-        faults=args.faults,
+        faults=args.faults or bool(args.fault_names),
+        fault_names=_kernel_list(args.fault_names) if args.fault_names else None,
         decode=args.decode,
         seed=args.seed,
         cpp_dir=str(Path(args.cpp_dir).resolve()) if args.cpp_dir else None,
@@ -804,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every catalogue fault on every drawn config it applies to: the debugger's localization rates",
     )
+    camp.add_argument("--fault-names", help="with --faults: only these catalogue faults, comma-separated")
     camp.add_argument("--decode", type=int, default=2, help="the longest decode drawn, in steps (default 2)")
     camp.add_argument("--seed", type=int, default=0, help="the campaign seed: case i is drawn from (seed, i)")
     camp.add_argument("--scheduler", help="a running Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster)")
