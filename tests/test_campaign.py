@@ -184,3 +184,12 @@ def test_report_rejects_a_file_that_is_not_results(tmp_path, capsys):
     pd.DataFrame({"fault": []}).to_parquet(empty)
     assert main(["campaign", "--report", str(empty)]) == 2
     assert "no rows" in capsys.readouterr().err
+
+
+@pytest.mark.campaign_long
+def test_200_configs_on_a_local_cluster_find_no_failure(tmp_path, capsys):
+    """The issue's campaign: 200 configs, readable and fast, decode up to 2, one worker per core."""
+    out = tmp_path / "results.parquet"
+    assert main(["campaign", "--configs", "200", "--out", str(out)]) == 0, capsys.readouterr().out[-3000:]
+    rows = read_rows(out)
+    assert sorted(set(rows["index"])) == list(range(200)) and set(rows["verdict"]) == {"pass"}
