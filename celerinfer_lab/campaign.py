@@ -639,7 +639,7 @@ def run_campaign(
             result.workers = len(client.scheduler_info().get("workers", {})) or (workers or 0)
             result.dashboard = str(client.dashboard_link or "")
             log(f"dask: {result.workers} workers; dashboard {result.dashboard or '(none: install bokeh)'}")
-            threads = 1 if cluster is not None else None  # a LocalCluster shares the cores: one thread each
+            threads = 1  # tiny models: one worker per core, each single-threaded (torch and the fast kernels' pool)
             futures = [
                 client.submit(
                     run_task,
