@@ -582,11 +582,13 @@ def run_campaign(
     progress: bool = True,
     on_result: Callable[[list[dict[str, Any]]], None] | None = None,
     log: Callable[[str], None] = print,
+    connect_timeout: float = 10.0,
 ) -> CampaignResult:
     """Run ``spec``'s tasks on Dask: ``client`` (an existing distributed Client), else ``scheduler``
     (an address such as tcp://host:8786), else a LocalCluster of ``workers`` processes (default: one
     per core); ``workers=0`` runs in this process, without Dask. Rows already in ``out`` are kept and
-    their tasks skipped; ``out`` is rewritten as rows arrive. ``on_result`` sees each task's rows."""
+    their tasks skipped; ``out`` is rewritten as rows arrive. ``on_result`` sees each task's rows.
+    A scheduler that does not answer within ``connect_timeout`` seconds is a UsageError."""
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if out is not None and Path(out).exists():
@@ -630,7 +632,10 @@ def run_campaign(
         own = client is None
         if client is None:
             if scheduler:
-                client = Client(scheduler)
+                try:
+                    client = Client(scheduler, timeout=connect_timeout)
+                except (OSError, TimeoutError) as exc:
+                    raise UsageError(f"--scheduler {scheduler}: no Dask scheduler answers there ({exc})") from None
             else:
                 n = workers or os.cpu_count() or 1
                 cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
