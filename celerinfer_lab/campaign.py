@@ -350,9 +350,8 @@ def run_task(
             small, small_outcome, runs = shrink_case(case, engine, name, outcome, kv_cache)
             row.update(shrunk=small.to_json(), shrunk_culprit=small_outcome.culprit, shrink_runs=runs)
         rows.append(row)
-    compiled_once = 0.0
-    for row in rows:  # the compile is paid once per worker: charged to the first row only
-        row["compile_seconds"], compiled_once = row["compile_seconds"] - compiled_once, row["compile_seconds"]
+    for row in rows[1:]:  # the compile (once per worker process) is charged to the task's first row only
+        row["compile_seconds"] = 0.0
     return rows
 
 

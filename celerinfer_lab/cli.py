@@ -386,21 +386,9 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         raise UsageError("--scheduler and --workers together: an existing cluster brings its own workers")
     if args.out and Path(args.out).suffix != ".parquet":
         raise UsageError(f"--out {args.out}: the results are a parquet file (name it *.parquet)")
-    kernels = _kernel_list(args.kernels)
-    if args.kernels != "all":
-        from .native import load_native  # the names checked here, before any worker compiles
-
-        known = load_native(args.cpp_dir).kernel_sets
-        unknown = [k for k in kernels if k not in known]
-        if unknown:
-            raise UsageError(f"--kernels: unknown kernel set {unknown[0]!r}; this build has {', '.join(known)}")
-    else:
-        from .faults import DERIVED
-
-        kernels = tuple(["readable", "fast", *DERIVED["readable"], *DERIVED["fast"]])
-    spec = CampaignSpec(
+    spec = CampaignSpec(  # checks the numbers, the fault names and the C++ folder
         configs=args.configs,
-        kernels=kernels,
+        kernels=_kernel_list(args.kernels) or ("",),
         faults=args.faults or bool(args.fault_names),
         fault_names=_kernel_list(args.fault_names) if args.fault_names else None,
         decode=args.decode,
@@ -408,6 +396,16 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         cpp_dir=str(Path(args.cpp_dir).resolve()) if args.cpp_dir else None,
         shrink=not args.faults if args.shrink is None else args.shrink,
     )
+    from .native import load_native  # the kernel set names checked here, before any worker compiles
+
+    known = load_native(args.cpp_dir).kernel_sets
+    if args.kernels != "all":
+        unknown = [k for k in spec.kernels if k not in known]
+        if unknown:
+            raise UsageError(
+                f"--kernels {args.kernels!r}: no kernel set {unknown[0]!r}; this build has {', '.join(known)}"
+            )
+    spec.kernels = tuple(known) if args.kernels == "all" else spec.kernels
     result = run_campaign(spec, out=args.out, scheduler=args.scheduler, workers=args.workers)
     summary = summarize(result.rows)
     print(summary.to_text())
