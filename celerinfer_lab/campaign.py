@@ -618,9 +618,9 @@ def run_campaign(
             last_write = time.monotonic()
 
     args = dict(decode=spec.decode, cpp_dir=spec.cpp_dir, shrink=spec.shrink)
-    bar = _bar(len(todo), progress)
     if workers == 0 and client is None and scheduler is None:
         result.workers = 1
+        bar = _bar(len(todo), progress)
         for index, fault in todo:
             accept(run_task(spec.seed, index, spec.kernels, fault, **args))  # type: ignore[arg-type]
             bar.update(1)
@@ -644,6 +644,7 @@ def run_campaign(
             result.dashboard = str(client.dashboard_link or "")
             log(f"dask: {result.workers} workers; dashboard {result.dashboard or '(none: install bokeh)'}")
             threads = 1  # tiny models: one worker per core, each single-threaded (torch and the fast kernels' pool)
+            bar = _bar(len(todo), progress)  # after the dashboard line, which it would overwrite
             futures = [
                 client.submit(
                     run_task,
