@@ -13,6 +13,7 @@ import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and editors (tests/test_typecheck.py: in step)
+    from .campaign import CampaignSpec, draw_case, run_campaign
     from .checkpoint import export_checkpoint, import_checkpoint
     from .compare import Comparison, compare, compare_decode
     from .complete import Completion, complete
@@ -33,6 +34,9 @@ if TYPE_CHECKING:  # what __getattr__ below returns, for type checkers and edito
 
 # public name -> the module (under celerinfer_lab) that defines it
 _EXPORTS = {
+    "CampaignSpec": "campaign",
+    "draw_case": "campaign",
+    "run_campaign": "campaign",
     "import_checkpoint": "checkpoint",
     "export_checkpoint": "checkpoint",
     "Comparison": "compare",
@@ -106,6 +110,9 @@ __all__ = [
     "Comparison",
     "compare",
     "compare_decode",
+    "run_campaign",
+    "CampaignSpec",
+    "draw_case",
     "complete",
     "Completion",
     "precision_cost",

@@ -1,4 +1,4 @@
-"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, complete, bench,
+"""The ``celerinfer-lab`` command: generate, info, torch-forward, cpp-forward, compare, campaign, complete, bench,
 bench-compare, bench-history, machine, profile, precision, train, import, export, lab.
 
 Bad input (a missing or malformed file, a bad number or name) is one line ``error: ...`` on stderr
@@ -312,7 +312,7 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .compare import compare, compare_decode
     from .faults import FAULTS, get_fault, why_it_cannot_show
     from .flags import flags_for
     from .native import load_native
@@ -344,13 +344,81 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 + (f". A model that shows it: celerinfer-lab generate {flags}" if flags else "")
             )
         kernels = shown
+    if args.decode < 0:
+        raise UsageError(f"--decode {args.decode}: the number of decode steps, >= 0")
     agrees = True
     for name in kernels:
-        report = compare(model, engine, kernels=name, precision=args.precision, kv_cache=args.kv_cache)
         print(f"== {name} kernels{' (fault ' + fault.name + ')' if fault else ''}")
+        if args.decode:
+            steps = compare_decode(model, engine, steps=args.decode, kernels=name, kv_cache=args.kv_cache)
+            for step, one in enumerate(steps):
+                print(f"-- step {step}{' (the prefill)' if step == 0 else ''}")
+                print(one)
+            agrees = agrees and all(r.agrees for r in steps)
+            continue
+        report = compare(model, engine, kernels=name, precision=args.precision, kv_cache=args.kv_cache)
         print(report)
         agrees = agrees and report.agrees
     return 0 if agrees else 1
+
+
+def _kernel_list(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from .campaign import CampaignSpec, read_rows, run_campaign, summarize
+
+    if args.report:
+        summary = summarize(read_rows(args.report))
+        print(summary.to_text())
+        if args.plot:
+            from .plots import plot_campaign_margins
+
+            plot_campaign_margins(summary.rows).savefig(args.plot, dpi=110, bbox_inches="tight")
+            print(f"saved {args.plot}")
+        return 0
+    if args.configs is None:
+        raise UsageError("campaign needs --configs N (or --report FILE to summarize one)")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: the number of worker processes, >= 0 (0: in this process)")
+    if args.scheduler and args.workers is not None:
+        raise UsageError("--scheduler and --workers together: an existing cluster brings its own workers")
+    if args.out and Path(args.out).suffix != ".parquet":
+        raise UsageError(f"--out {args.out}: the results are a parquet file (name it *.parquet)")
+    spec = CampaignSpec(  # checks the numbers, the fault names and the C++ folder
+        configs=args.configs,
+        kernels=_kernel_list(args.kernels) or ("",),
+        faults=args.faults or bool(args.fault_names),
+        fault_names=_kernel_list(args.fault_names) if args.fault_names else None,
+        decode=args.decode,
+        seed=args.seed,
+        cpp_dir=str(Path(args.cpp_dir).resolve()) if args.cpp_dir else None,
+        shrink=not args.faults if args.shrink is None else args.shrink,
+    )
+    from .native import load_native  # the kernel set names checked here, before any worker compiles
+
+    known = load_native(args.cpp_dir).kernel_sets
+    if args.kernels != "all":
+        unknown = [k for k in spec.kernels if k not in known]
+        if unknown:
+            raise UsageError(
+                f"--kernels {args.kernels!r}: no kernel set {unknown[0]!r}; this build has {', '.join(known)}"
+            )
+    spec.kernels = tuple(known) if args.kernels == "all" else spec.kernels
+    result = run_campaign(spec, out=args.out, scheduler=args.scheduler, workers=args.workers)
+    summary = summarize(result.rows)
+    print(summary.to_text())
+    per_worker = 60 * result.ran / result.seconds / max(result.workers, 1) if result.seconds else 0.0
+    print(
+        f"\n{result.ran} tasks in {result.seconds:.0f} s on {result.workers} workers "
+        f"({per_worker:.1f} configs per minute per worker); {result.skipped} skipped (already in {args.out})"
+    )
+    for path, command in result.reproductions:
+        print(f"reproduce: {command}")
+    if args.out:
+        print(f"results: {args.out}  (summary: celerinfer-lab campaign --report {args.out})")
+    return 1 if result.failures else 0
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -796,6 +864,44 @@ def build_parser() -> argparse.ArgumentParser:
         "model (both in the float64 reference): summary (default: SQNR, KL, top-1), full (plus per layer and "
         "per op), off",
     )
+    cmp.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        help="also decode N steps with the KV cache and compare each (compare_decode; default 0: the prefill only)",
+    )
+    camp = sub.add_parser(
+        "campaign",
+        help="random models checked against the float64 oracle on every kernel set, on Dask; failures shrunk",
+        description="Draw N configs from (seed, index), compare each kernel set against the float64 oracle on "
+        "Dask workers (a LocalCluster by default), shrink every failure to the smallest model that fails the same "
+        "way and write it with the command that reproduces it. --report FILE summarizes a results file. Exit "
+        "status: 0 no failure, 1 failures, 2 bad input.",
+    )
+    camp.add_argument("--configs", type=int, help="how many random configs to draw")
+    camp.add_argument(
+        "--kernels", default="readable,fast", help="kernel sets, comma-separated, or all (default readable,fast)"
+    )
+    camp.add_argument(
+        "--faults",
+        action="store_true",
+        help="every catalogue fault on every drawn config it applies to: the debugger's localization rates",
+    )
+    camp.add_argument("--fault-names", help="with --faults: only these catalogue faults, comma-separated")
+    camp.add_argument("--decode", type=int, default=2, help="the longest decode drawn, in steps (default 2)")
+    camp.add_argument("--seed", type=int, default=0, help="the campaign seed: case i is drawn from (seed, i)")
+    camp.add_argument("--scheduler", help="a running Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster)")
+    camp.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core; 0: no Dask)")
+    camp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
+    camp.add_argument("--out", help="results file (.parquet), rewritten as rows arrive; an existing one is resumed")
+    camp.add_argument(
+        "--shrink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shrink every failure (default: on, off with --faults)",
+    )
+    camp.add_argument("--report", help="summarize a results file instead of running")
+    camp.add_argument("--plot", help="with --report: save the tolerance-margin plot to this file")
     comp = sub.add_parser(
         "complete",
         help="greedy text generation on both sides, side by side; the first divergence diagnosed",
@@ -998,6 +1104,7 @@ COMMANDS = {
     "torch-forward": cmd_torch_forward,
     "cpp-forward": cmd_cpp_forward,
     "compare": cmd_compare,
+    "campaign": cmd_campaign,
     "complete": cmd_complete,
     "precision": cmd_precision,
     "bench": cmd_bench,

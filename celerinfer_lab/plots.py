@@ -393,4 +393,26 @@ def plot_roofline(
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
+
+
+def plot_campaign_margins(rows: Any, width: float = 8) -> Figure:
+    """A campaign's tolerance margins (campaign.py rows, a DataFrame): per kernel set, the histogram of
+    each model's worst error / max(floor, MIN_FLOOR); the debugger calls a point divergent above FACTOR."""
+    from .metrics import FACTOR
+
+    plain = rows[(rows["fault"] == "") & np.isfinite(rows["worst_ratio"]) & (rows["worst_ratio"] > 0)]
+    if not len(plain):
+        raise UsageError("no rows with a measured margin to plot (every row is a fault or an error)")
+    fig = Figure(figsize=(width, 3.6))
+    ax = fig.add_subplot()
+    top = max(float(plain["worst_ratio"].max()), FACTOR) * 1.5
+    bins = [float(b) for b in np.geomspace(max(float(plain["worst_ratio"].min()), 1e-3) / 1.5, top, 40)]
+    for name, group in plain.groupby("kernels"):
+        ax.hist(group["worst_ratio"], bins=bins, histtype="step", linewidth=1.5, label=f"{name} ({len(group)})")
+    ax.axvline(FACTOR, color="crimson", linestyle="--", label=f"divergent above {FACTOR:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("worst error / max(floor, MIN_FLOOR) per model")
+    ax.set_ylabel("models")
+    ax.set_title("Tolerance margin over the campaign")
+    ax.legend(fontsize=8)
     return fig

@@ -60,8 +60,9 @@ LAYERS = [
     # compare: runs both forwards, builds the Report, diagnoses it
     ["compare"],
     # timing, the benchmark history (the store; judging two saved results), the per-op profile; text
-    # generation on both sides with the first divergence compared
-    ["history", "regression", "bench", "complete", "train", "profile"],
+    # generation on both sides with the first divergence compared; verification campaigns (many random
+    # models, on Dask, failures shrunk)
+    ["history", "regression", "bench", "complete", "train", "profile", "campaign"],
     # entry points: the command line, the notebook explorer, the package's lazy names; the hypothesis
     # strategies the tests and scripts/tolerance_margin.py share
     ["cli", "widgets", "text_panel", "__init__", "testing"],

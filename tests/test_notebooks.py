@@ -69,10 +69,22 @@ EXPECTED = {  # words each notebook's outputs must contain
         "trace points agree",
         "culprit (own error): model.layers.0.self_attn.q_proj",  # the q8 fault, localized
     ],
+    "08_campaign.ipynb": [
+        "dashboard: http",
+        "6 configs in",
+        "failures: 0",
+        "resumed: 6 skipped, 0 run",
+        "image/png",
+        "culprit model.layers.0.input_layernorm; shrunk from",
+        "to 1 layer, hidden 8, batch 1 x 1",
+        "reproduce: celerinfer-lab compare $WORK/buggy_failures/",
+        "the written reproduction exits 1",
+        "fast_attention_scale",
+    ],
 }
 
 
-def test_there_are_seven_notebooks():
+def test_there_are_eight_notebooks():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED)
 
 
