@@ -393,6 +393,7 @@ def plot_roofline(
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
+    return fig
 
 
 def plot_campaign_margins(rows: Any, width: float = 8) -> Figure:
