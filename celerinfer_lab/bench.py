@@ -625,8 +625,9 @@ def measure_bench(
     if llama_cpp:
         if progress:
             progress(f"llama.cpp: {', '.join(llama_cpp)} (GGUF of the same weights)")
+        # llama.cpp on as many threads as the C++ (llama-cpp-python's own default is half the cores)
         record["llama_cpp"] = _measure_llama_cpp(
-            model, llama_cpp, work, threads, warmup, repeat, decode, kv_cache, torch_logits, llama_samples
+            model, llama_cpp, work, native.threads, warmup, repeat, decode, kv_cache, torch_logits, llama_samples
         )
     return BenchResult(record, torch_t, cpp_timings, stats, steps_ms, llama_samples)
 

@@ -10,6 +10,7 @@ llama.cpp's own default is F16, which would make its attention cheaper and its l
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def prompt_tokens(model: Model) -> list[int]:
 
 class LlamaCppModel:
     """One GGUF of ``model`` loaded in llama.cpp, sized for a prompt of ``len(tokens)`` and
-    ``decode`` new tokens, the prompt evaluated in one batch (as this C++ prefills)."""
+    ``decode`` new tokens, the prompt evaluated in one batch (as this C++ prefills), on ``threads``
+    threads (None: every core, as this C++ and PyTorch take)."""
 
     def __init__(
         self,
@@ -86,8 +88,8 @@ class LlamaCppModel:
             n_ctx=n + decode + 1,
             n_batch=n,
             n_ubatch=n,
-            n_threads=threads,
-            n_threads_batch=threads,
+            n_threads=threads or os.cpu_count(),  # llama-cpp-python's default is half the cores
+            n_threads_batch=threads or os.cpu_count(),
             type_k=kv,
             type_v=kv,
             logits_all=logits_all,
