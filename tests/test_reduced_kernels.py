@@ -13,6 +13,8 @@ are localized by tests/test_faults.py.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import small_model
@@ -399,3 +401,52 @@ CELERINFER_BUILTIN_KERNELS(BrokenQ8Int, "q8");"""
         engine.prepare(model, "q8")
     assert engine.prepare(model, "bf16").forward().logits.shape == (2, 7, model.config.vocab_size)
     assert pending("bf16") == ""  # compiled once, then ready
+
+
+def _huge_pages_of(address: int) -> int | None:
+    """AnonHugePages (kB) of the mapping holding ``address`` in /proc/self/smaps (None: not Linux)."""
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    inside = False
+    for line in text.splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return None
+
+
+def test_packed_weights_sit_on_huge_pages(native):
+    """Packed weights of 2 MB and more are 2 MB aligned and asked onto huge pages (packing.hpp's
+    HugePageAllocator: decode streams them, and 4 KB pages' TLB misses bound that stream); smaller
+    ones are 64-byte aligned. Where the kernel grants transparent huge pages, the mapping has them."""
+    import cppyy.ll
+
+    ns = native.ns
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((1024, 768), dtype=np.float32)  # 3 MB packed
+    P = ns.fast.pack(big, 1024, 768)
+    view = P.data.data()
+    address = int(cppyy.ll.cast["uintptr_t"](view))
+    assert address % (2 << 20) == 0
+    small = ns.fast.pack(rng.standard_normal((16, 32), dtype=np.float32), 16, 32)
+    assert int(cppyy.ll.cast["uintptr_t"](small.data.data())) % 64 == 0
+    # the packed values are the matrix's, k-major in panels of 16 (unchanged by the allocator)
+    view.reshape((1024 * 768,))
+    packed = np.asarray(view).reshape(64, 768, 16)
+    assert np.array_equal(packed.transpose(0, 2, 1).reshape(1024, 768), big)
+    thp = (
+        open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+        else "[never]"
+    )
+    if "[never]" in thp:
+        pytest.skip("transparent huge pages are off on this machine: the alignment is all there is to check")
+    assert (_huge_pages_of(address) or 0) >= 2048
+    if "[madvise]" in thp:  # the companion: memory that did not ask has none, and the check sees it
+        plain = np.ones(3 << 20, dtype=np.uint8)
+        assert _huge_pages_of(plain.ctypes.data) == 0

@@ -173,15 +173,15 @@ namespace fast {
 struct PackedReduced {
     WeightFormat format = WeightFormat::F32;
     int out = 0, in = 0, panels = 0, blocks = 0, kpad = 0;
-    std::vector<uint16_t> bf16;  // [panel][kpad/2][16][2]
-    std::vector<int8_t> q8;      // [panel][kpad][16]
-    std::vector<float> scales;   // [panel][blocks][16]
+    WeightBuffer<uint16_t> bf16;  // [panel][kpad/2][16][2]
+    WeightBuffer<int8_t> q8;      // [panel][kpad][16]
+    std::vector<float> scales;    // [panel][blocks][16]
     // The VNNI GEMV's q8 layout, from a 64-byte aligned start: [panel][block] of kVnniBlockBytes:
     // the block's 16 float16 scales (32 bytes, then 32 of padding), then [8 groups of 4 k][16 outputs]
     // [4 k] uint8 (the int8 + 128: vpdpbusd's unsigned operand). One stride from the first block to
     // the last, across panels: with the scales in a run per panel the stream broke at every panel and
     // the GEMV ran 1.5x slower on 27 MB of weights (measured). Empty when the GEMV does not run.
-    std::vector<uint8_t> vnni_bytes;
+    WeightBuffer<uint8_t> vnni_bytes;
     size_t vnni_offset = 0, vnni_stride = 0;
     const uint8_t* vnni() const { return vnni_bytes.data() + vnni_offset; }
 };
