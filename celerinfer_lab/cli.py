@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .config import PRESETS, ROPE_PAIRINGS, SIZING_RULES, TOPK_RENORM_RULES, ConfigError, ModelConfig, preset
-from .errors import CelerInferError, FaultError, ModelFileError, UsageError
+from .errors import CelerInferError, FaultError, HistoryError, ModelFileError, UsageError
 from .flags import CONFIG_FLAGS, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from .kvcache import KV_CACHE_FORMATS
 from .quantize import WEIGHT_FORMATS
@@ -587,7 +587,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from .history import BenchStore
-    from .regression import compare_saved
+    from .regression import MIN_SAMPLES, compare_saved
 
     only = [word.strip() for word in args.figures.split(",") if word.strip()] if args.figures else None
     comparison = compare_saved(
@@ -595,6 +595,8 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     )
     for line in comparison.lines():
         print(line)
+    if not comparison.judged:  # a comparison that tested nothing must not pass for "no regression"
+        raise HistoryError(f"nothing judged: no figure has {MIN_SAMPLES} samples on both sides")
     return 1 if comparison.regressions else 0
 
 

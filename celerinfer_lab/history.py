@@ -22,6 +22,7 @@ import sqlite3
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import HistoryError
@@ -328,18 +329,12 @@ def history_lines(results: list[SavedResult]) -> list[str]:
     """``bench-history``'s listing: one line per saved result."""
     lines = []
     for r in results:
-        figures = ", ".join(f"{name} {_median(values):.3g} ms" for name, values in r.samples.items())
+        figures = ", ".join(f"{name} {median(values):.3g} ms" for name, values in r.samples.items())
         lines.append(
             f"#{r.id:<4d} {r.timestamp}  {r.short_commit:15s} machine {r.fingerprint} ({r.machine.get('cpu', '?')}, "
             f"{r.machine.get('cores', '?')} cores)\n      {r.workload}\n      {figures}"
         )
     return lines
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def speed_table(results: list[SavedResult], latest_only: bool = True) -> str:

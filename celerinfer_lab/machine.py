@@ -30,6 +30,7 @@ from .fingerprint import fingerprint_id, machine_fingerprint
 from .paths import DEFAULT_CPP_DIR, data_dir
 
 TOOL = "tools/machine_limits.cpp"
+TOOL_SOURCES = (TOOL, "include/celerinfer/cpu.hpp", "include/celerinfer/packing.hpp", "include/celerinfer/check.hpp")
 CACHE_VERSION = 1
 # (seconds per run, runs per figure (the best is kept), DRAM buffer MB at least). Many short runs: on a
 # shared machine the best of them catches a quiet moment.
@@ -154,6 +155,15 @@ def blas_info() -> str:
     return ", ".join(parts)
 
 
+def tool_digest(cpp_dir: Path | None = None, compiler: str = "") -> str:
+    """12 hex over the measuring program's sources (and the compiler's name): its binary is built once
+    per digest, and limits cached by another version of it are measured again (the DRAM figure moved
+    from 26 to 36 GB/s when it took 2 MB pages)."""
+    cpp_dir = cpp_dir or DEFAULT_CPP_DIR
+    text = b"".join((cpp_dir / name).read_bytes() for name in TOOL_SOURCES)
+    return hashlib.sha256(text + compiler.encode()).hexdigest()[:12]
+
+
 def build_tool(cpp_dir: Path | None = None) -> Path:
     """Compile machine_limits.cpp (once per source text and compiler) into the data folder."""
     cpp_dir = cpp_dir or DEFAULT_CPP_DIR
@@ -161,9 +171,7 @@ def build_tool(cpp_dir: Path | None = None) -> Path:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise MachineError(f"no C++ compiler: {cxx!r} is not on PATH (install g++, or set CXX)")
-    text = source.read_bytes() + (cpp_dir / "include/celerinfer/cpu.hpp").read_bytes()
-    digest = hashlib.sha256(text + cxx.encode()).hexdigest()[:12]
-    binary = data_dir() / "bin" / f"machine_limits-{digest}"
+    binary = data_dir() / "bin" / f"machine_limits-{tool_digest(cpp_dir, cxx)}"
     if binary.is_file():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
@@ -228,13 +236,16 @@ def cache_path(key: str | None = None) -> Path:
 
 
 def read_cached(path: Path) -> MachineLimits | None:
-    """The cached limits at ``path``, None when there are none; a malformed file is a named error."""
+    """The cached limits at ``path``, None when there are none or another version of the measuring
+    program took them; a malformed file is a named error."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
             raise ValueError(f"not a version-{CACHE_VERSION} machine file")
+        if data.get("tool") != tool_digest():
+            return None
         return MachineLimits.from_dict(data["limits"])
     except (ValueError, KeyError, TypeError) as exc:
         raise MachineError(
@@ -252,6 +263,8 @@ def machine_limits(refresh: bool = False, quick: bool = False) -> MachineLimits:
     limits = measure(quick=quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps({"version": CACHE_VERSION, "limits": limits.to_dict()}, indent=2) + "\n")
+    partial.write_text(
+        json.dumps({"version": CACHE_VERSION, "tool": tool_digest(), "limits": limits.to_dict()}, indent=2) + "\n"
+    )
     os.replace(partial, path)
     return limits

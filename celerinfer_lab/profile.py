@@ -40,10 +40,19 @@ if TYPE_CHECKING:
 ACT = 4  # bytes of a float32 activation
 WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8": 34 / 32}  # per weight, by the format a kernel set reads
 ATTENTION = ("scores", "probs", "context")  # one op kind: the fast kernels fuse them
+# Points booked as one op (trace name of the first point, op kind): attention's three, which the fast
+# kernels fuse, and q/k/v and gate/up, which the fast kernel sets run as one thread-pool job at decode
+# (forward.hpp's linears) and stamp after it, so booked apart the first would carry the job and the
+# others ~0. Both sides and both phases book them alike, so the rows compare.
+BOOKED_AS: dict[str, tuple[Point, str]] = {
+    **{name: (Point.context, "attention") for name in ATTENTION},
+    **{name: (Point.q_proj, "qkv_proj") for name in ("q_proj", "k_proj", "v_proj")},
+    **{name: (Point.gate_proj, "gate_up_proj") for name in ("gate_proj", "up_proj")},
+}
 PHASES = ("prefill", "decode")
 # the op kinds that read weights (the rest read only activations)
 WEIGHTED = frozenset(
-    ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    ("embed_tokens", "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
     + ("router_probs", "routed_experts", "shared_expert")
 )
 
@@ -159,21 +168,11 @@ def shared_cost(w: Work) -> Cost:
     return experts_cost(w, w.N, 1)
 
 
-def _q_dim(c: ModelConfig) -> int:
-    return c.num_attention_heads * c.head_dim
-
-
-def _kv_dim(c: ModelConfig) -> int:
-    return c.num_key_value_heads * c.head_dim
-
-
 # op kind -> its cost for one forward of one layer (or of the model, for model-level points)
 COSTS: dict[str, Callable[[Work], Cost]] = {
     "embed_tokens": embed_cost,
     "input_layernorm": lambda w: rmsnorm_cost(w, w.N, w.config.hidden_size),
-    "q_proj": lambda w: linear_cost(w, w.config.hidden_size, _q_dim(w.config)),
-    "k_proj": lambda w: linear_cost(w, w.config.hidden_size, _kv_dim(w.config)),
-    "v_proj": lambda w: linear_cost(w, w.config.hidden_size, _kv_dim(w.config)),
+    "qkv_proj": lambda w: linear_cost(w, w.config.hidden_size, w.config.q_dim + 2 * w.config.kv_dim),
     "q_norm": lambda w: rmsnorm_cost(w, w.N * w.config.num_attention_heads, w.config.head_dim),
     "k_norm": lambda w: rmsnorm_cost(w, w.N * w.config.num_key_value_heads, w.config.head_dim),
     "rope_q": lambda w: rope_cost(w, w.config.num_attention_heads),
@@ -181,7 +180,7 @@ COSTS: dict[str, Callable[[Work], Cost]] = {
     "k_cached": round_cost,
     "v_cached": round_cost,
     "attention": attention_cost,
-    "o_proj": lambda w: linear_cost(w, _q_dim(w.config), w.config.hidden_size),
+    "o_proj": lambda w: linear_cost(w, w.config.q_dim, w.config.hidden_size),
     "attn_residual": add_cost,
     "post_attention_layernorm": lambda w: rmsnorm_cost(w, w.N, w.config.hidden_size),
     "router_probs": router_cost,
@@ -189,8 +188,7 @@ COSTS: dict[str, Callable[[Work], Cost]] = {
     "topk_weight": lambda w: Cost(0.0, 0.0),
     "routed_experts": routed_cost,
     "shared_expert": shared_cost,
-    "gate_proj": lambda w: linear_cost(w, w.config.hidden_size, w.config.intermediate_size),
-    "up_proj": lambda w: linear_cost(w, w.config.hidden_size, w.config.intermediate_size),
+    "gate_up_proj": lambda w: linear_cost(w, w.config.hidden_size, 2 * w.config.intermediate_size),
     "act": lambda w: swiglu_cost(w, w.config.intermediate_size),
     "down_proj": lambda w: linear_cost(w, w.config.intermediate_size, w.config.hidden_size),
     "block": add_cost,
@@ -200,8 +198,8 @@ COSTS: dict[str, Callable[[Work], Cost]] = {
 
 
 def kind_of(point: Point) -> str:
-    """The op kind a trace point's time is booked under: its id, with scores/probs/context as "attention"."""
-    return "attention" if point.name in ATTENTION else point.name
+    """The op kind a trace point's time is booked under: its id, or its group's (BOOKED_AS)."""
+    return BOOKED_AS.get(point.name, (point, point.name))[1]
 
 
 @dataclass
@@ -217,8 +215,8 @@ class PhaseTimes:
     def add_run(self, stamps: list[tuple[Point, int | None, int | None, float]], steps: int = 1) -> None:
         run: dict[str, float] = {}
         for point, layer, index, seconds in stamps:
-            # scores and probs are booked under the layer's context: one attention op on both sides
-            name = point_name(Point.context if point.name in ATTENTION else point, layer, index)
+            # a group's points are booked under its first (BOOKED_AS): one op on both sides
+            name = point_name(BOOKED_AS.get(point.name, (point, ""))[0], layer, index)
             self.kinds[name], self.layers[name] = kind_of(point), layer
             run[name] = run.get(name, 0.0) + seconds / steps
         self.runs.append(run)
@@ -411,7 +409,7 @@ class Profile:
 
 
 def _short(name: str, kind: str, layer: int | None) -> str:
-    """A per-layer row's label: "L3.q_proj" (a shared expert keeps its index), or the model-level name."""
+    """A per-layer row's label: "L3.qkv_proj" (a shared expert keeps its index), or the model-level name."""
     if layer is None:
         return name
     index = name.rsplit(".", 1)[-1] if kind == "shared_expert" else ""

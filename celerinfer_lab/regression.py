@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from statistics import median
 
 from .errors import HistoryError
 from .history import BenchStore, SavedResult
@@ -59,12 +60,6 @@ class FigureChange:
         return self.verdict == "slower"
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def _fast_tail(values: list[float]) -> float:
     """The 10th percentile (linear interpolation, numpy's default)."""
     import numpy as np
@@ -85,7 +80,7 @@ def judge(
     for side, values in (("base", base), ("new", new)):
         if not values or not all(math.isfinite(v) and v > 0 for v in values):
             raise HistoryError(f"{figure}: the {side} samples must be positive finite times, got {values[:5]}...")
-    base_median, new_median = _median(base), _median(new)
+    base_median, new_median = median(base), median(new)
     change = (new_median / base_median - 1) * 100
     fast = (_fast_tail(new) / _fast_tail(base) - 1) * 100
     counts = (len(base), len(new))
@@ -144,7 +139,7 @@ def best_base(store: BenchStore, new: SavedResult, last: int = DEFAULT_LAST) -> 
 
     def score(r: SavedResult) -> float:
         shared = [f for f in new.samples if f in r.samples]
-        return sum(math.log(_median(r.samples[f]) / _median(new.samples[f])) for f in shared) / max(len(shared), 1)
+        return sum(math.log(median(r.samples[f]) / median(new.samples[f])) for f in shared) / max(len(shared), 1)
 
     return min(candidates, key=score)
 
@@ -169,6 +164,11 @@ class BenchComparison:
     @property
     def regressions(self) -> list[FigureChange]:
         return [c for c in self.changes if c.regression]
+
+    @property
+    def judged(self) -> list[FigureChange]:
+        """The figures with enough samples on both sides to be tested."""
+        return [c for c in self.changes if c.p_value is not None]
 
     def lines(self) -> list[str]:
         """The comparison as printed by ``bench-compare``."""
@@ -196,12 +196,15 @@ class BenchComparison:
                     "the cores, see bench): a verdict may be the machine's; re-run when it is quieter"
                 )
         regressions = self.regressions
-        out.append(
-            f"REGRESSION: {', '.join(c.figure for c in regressions)} significantly slower by more than "
-            f"{self.threshold_pct:g}%"
-            if regressions
-            else "no significant regression"
-        )
+        if not self.judged:
+            out.append(f"nothing judged: no figure has {MIN_SAMPLES} samples on both sides (bench --repeat)")
+        elif regressions:
+            out.append(
+                f"REGRESSION: {', '.join(c.figure for c in regressions)} significantly slower by more than "
+                f"{self.threshold_pct:g}%"
+            )
+        else:
+            out.append("no significant regression")
         return out
 
 

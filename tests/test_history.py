@@ -231,6 +231,12 @@ def test_cli_exit_codes_and_the_markdown_table(tmp_path, capsys):
     assert "note:" not in "\n".join(compare_saved(store, 1, 2).lines())  # companion: neither flagged
     assert cli.main(["bench", "--store", str(path)]) == 2  # --store without --save
     assert "give --save too" in capsys.readouterr().err
+    few = {"torch prefill": timings(0.6, n=3), "cpp prefill (fast)": timings(0.04, n=3, seed=1)}
+    save(store, figures=few)
+    save(store, figures=few)
+    assert cli.main(["bench-compare", "--store", str(path)]) == 2  # tested nothing: not a pass
+    out, err = capsys.readouterr()
+    assert "nothing judged" in out and "too few samples" in out and "nothing judged" in err
     (tmp_path / "bad.sqlite").write_text("not a store")
     for command in ("bench-compare", "bench-history"):
         assert cli.main([command, "--store", str(tmp_path / "bad.sqlite")]) == 2

@@ -96,7 +96,7 @@ def test_corrupt_cache_is_named(lab_data, quick_limits, tmp_path):
     path = machine.cache_path()
     good = path.read_text()
     try:
-        path.write_text('{"version": 1, "limits": {"cpu": 3}}')
+        path.write_text(json.dumps({"version": 1, "tool": machine.tool_digest(), "limits": {"cpu": 3}}))
         with pytest.raises(MachineError, match="unreadable cached machine limits.*--refresh"):
             machine.machine_limits()
         env = {**os.environ, "CELERINFER_LAB_DATA": str(lab_data)}
@@ -104,6 +104,22 @@ def test_corrupt_cache_is_named(lab_data, quick_limits, tmp_path):
         result = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=REPO)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and str(path) in result.stderr
         assert "Traceback" not in result.stderr
+    finally:
+        path.write_text(good)
+
+
+def test_limits_of_another_tool_version_are_measured_again(lab_data, quick_limits, monkeypatch):
+    path = machine.cache_path()
+    good = path.read_text()
+    try:
+        stale = json.loads(good) | {"tool": "0123456789ab"}  # measured by another machine_limits.cpp
+        path.write_text(json.dumps(stale))
+        assert machine.read_cached(path) is None
+        calls: list[bool] = []
+        monkeypatch.setattr(machine, "measure", lambda quick=False: calls.append(quick) or quick_limits)
+        machine.machine_limits(quick=True)
+        assert calls == [True]  # measured again, not served from the stale file
+        assert machine.read_cached(path) is not None  # and cached with this version's digest
     finally:
         path.write_text(good)
 

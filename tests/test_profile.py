@@ -20,7 +20,7 @@ from celerinfer_lab import ModelConfig, generate_model
 from celerinfer_lab.profile import COSTS, Profile, Work, profile_cpp, profile_model
 
 REPO = Path(__file__).resolve().parents[1]
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,9 @@ def test_both_sides_time_the_same_ops(tiny_profile):
         cpp, ref = tiny_profile.cpp[phase], tiny_profile.torch[phase]
         assert list(cpp.by_name()) == list(ref.by_name())  # the same trace names, in forward order
         kinds = set(cpp.by_kind())
-        assert {"attention", "q_proj", "lm_head", "embed_tokens", "block"} <= kinds
-        assert not kinds & {"scores", "probs", "context"}  # booked as one op: the fast kernels fuse them
+        assert {"attention", "qkv_proj", "gate_up_proj", "lm_head", "embed_tokens", "block"} <= kinds
+        # booked as one op each: the fast kernels fuse attention, and run q/k/v and gate/up as one job at decode
+        assert not kinds & {"scores", "probs", "context", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
         for run in cpp.runs + ref.runs:
             assert all(seconds >= 0 for seconds in run.values())
         # the per-op times of a run are the whole run: the table's shares add up to 1
@@ -47,9 +48,9 @@ def test_both_sides_time_the_same_ops(tiny_profile):
 def test_table_text_and_roofline(tiny_profile):
     table = tiny_profile.table()
     assert {"cpp_ms", "share", "gflops", "gbs", "of_limit", "torch_ms", "bound"} <= set(table.columns)
-    assert table.loc["q_proj", "calls"] == 2  # two layers
+    assert table.loc["qkv_proj", "calls"] == 2  # two layers
     per_layer = tiny_profile.rows("prefill", per_layer=True)
-    assert [r["op"] for r in per_layer][:3] == ["model.embed_tokens", "L0.input_layernorm", "L0.q_proj"]
+    assert [r["op"] for r in per_layer][:3] == ["model.embed_tokens", "L0.input_layernorm", "L0.qkv_proj"]
     text = str(tiny_profile)
     assert "prefill of 9 tokens x batch 2" in text and "decode: 2 steps" in text and "sum of C++ per-op times" in text
     fig = tiny_profile.plot()
@@ -75,8 +76,8 @@ def test_linear_costs_add_up_to_the_parameters():
         hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, vocab_size=200
     )
     assert linear_flops_gap(COSTS, config, 2, 5) == 0
-    # the companion: a cost that uses the wrong width (k_proj as wide as q_proj) is caught
-    planted = {**COSTS, "k_proj": COSTS["q_proj"]}
+    # the companion: a cost that uses the wrong width (o_proj as wide as down_proj) is caught
+    planted = {**COSTS, "o_proj": COSTS["down_proj"]}
     assert linear_flops_gap(planted, config, 2, 5) != 0
 
 
@@ -144,7 +145,7 @@ def test_cli_profile(tmp_path, lab_data, quick_limits):
     )
     assert result.returncode == 0, result.stderr
     assert "prefill of 6 tokens" in result.stdout and "decode: 2 steps" in result.stdout
-    assert "q_proj" in result.stdout and "PyTorch:" in result.stdout
+    assert "qkv_proj" in result.stdout and "PyTorch:" in result.stdout
     assert plot.is_file() and plot.with_suffix(".decode.png").is_file()
     for bad, message in (
         (["--decode", "-1"], "--decode -1"),

@@ -13,7 +13,7 @@ are localized by tests/test_faults.py.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,21 +403,25 @@ CELERINFER_BUILTIN_KERNELS(BrokenQ8Int, "q8");"""
     assert pending("bf16") == ""  # compiled once, then ready
 
 
-def _huge_pages_of(address: int) -> int | None:
-    """AnonHugePages (kB) of the mapping holding ``address`` in /proc/self/smaps (None: not Linux)."""
+def _smaps_of(address: int) -> dict[str, str] | None:
+    """The /proc/self/smaps fields of the mapping holding ``address`` (None: not Linux, or not found)."""
     try:
-        text = open("/proc/self/smaps").read()
+        with open("/proc/self/smaps") as f:
+            text = f.read()
     except OSError:
         return None
-    inside = False
+    fields: dict[str, str] | None = None
     for line in text.splitlines():
         head = line.split()[0]
-        if "-" in head and ":" not in head:
+        if "-" in head and ":" not in head:  # a mapping's first line: its address range
+            if fields is not None:
+                return fields
             lo, hi = (int(v, 16) for v in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return None
+            fields = {} if lo <= address < hi else None
+        elif fields is not None:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
 
 
 def test_packed_weights_sit_on_huge_pages(native):
@@ -439,14 +443,13 @@ def test_packed_weights_sit_on_huge_pages(native):
     view.reshape((1024 * 768,))
     packed = np.asarray(view).reshape(64, 768, 16)
     assert np.array_equal(packed.transpose(0, 2, 1).reshape(1024, 768), big)
-    thp = (
-        open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-        if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
-        else "[never]"
-    )
+    thp_setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp = thp_setting.read_text() if thp_setting.exists() else "[never]"
     if "[never]" in thp:
         pytest.skip("transparent huge pages are off on this machine: the alignment is all there is to check")
-    assert (_huge_pages_of(address) or 0) >= 2048
-    if "[madvise]" in thp:  # the companion: memory that did not ask has none, and the check sees it
+    # the advice is in the mapping's flags (hg), whether or not the kernel had free huge pages to give
+    fields = _smaps_of(address)
+    assert fields is not None and "hg" in fields["VmFlags"].split()
+    if "[madvise]" in thp:  # the companion: memory that did not ask has no such flag, and the check sees it
         plain = np.ones(3 << 20, dtype=np.uint8)
-        assert _huge_pages_of(plain.ctypes.data) == 0
+        assert "hg" not in (_smaps_of(plain.ctypes.data) or {"VmFlags": ""})["VmFlags"].split()

@@ -11,7 +11,6 @@
 //   g++ -O2 -march=native -std=c++17 -Icpp/include cpp/tools/machine_limits.cpp -o machine_limits -pthread
 //   ./machine_limits THREADS SECONDS REPEATS DRAM_MB CACHE_KB
 #include <immintrin.h>
-#include <sys/mman.h>
 
 #include <atomic>
 #include <chrono>
@@ -22,6 +21,7 @@
 #include <vector>
 
 #include "celerinfer/cpu.hpp"
+#include "celerinfer/packing.hpp"
 
 namespace ci = celerinfer;
 using Clock = std::chrono::steady_clock;
@@ -140,13 +140,10 @@ static double read_gbs(int threads, size_t per_thread, double seconds, int repea
     per_thread = per_thread / (4 * kLanes) * (4 * kLanes);
     std::vector<float*> bufs(threads);
     run_threads(threads, [&](int t) {  // first touch by the thread that reads it
-        // On 2 MB pages where the kernel has them (madvise mode is common): with 4 KB pages the TLB
-        // misses, not DRAM, bound a sequential read (measured here: 26 GB/s on 2 threads against 50),
-        // and the decode GEMV, whose weights can land on huge pages, then ran above this "limit".
-        constexpr size_t kHuge = size_t(2) << 20;
-        const size_t bytes = (per_thread * sizeof(float) + kHuge - 1) / kHuge * kHuge;
-        bufs[t] = static_cast<float*>(std::aligned_alloc(kHuge, bytes));
-        madvise(bufs[t], bytes, MADV_HUGEPAGE);  // a hint: refused (no THP) it reads 4 KB pages as before
+        // On 2 MB pages, as the packed weights are (packing.hpp): with 4 KB pages the TLB misses, not
+        // DRAM, bound a sequential read (measured here: 26 GB/s on 2 threads, against 36-37 on 2 MB
+        // pages), and the decode GEMV ran above that "limit".
+        bufs[t] = ci::fast::HugePageAllocator<float>().allocate(per_thread);
         for (size_t i = 0; i < per_thread; ++i) bufs[t][i] = float(i & 1023) * 1e-3f;
     });
     int passes = 1;
@@ -176,7 +173,7 @@ static double read_gbs(int threads, size_t per_thread, double seconds, int repea
         const double gbs = double(threads) * passes * per_thread * sizeof(float) / s * 1e-9;
         best = gbs > best ? gbs : best;
     }
-    for (float* b : bufs) std::free(b);
+    for (float* b : bufs) ci::fast::HugePageAllocator<float>().deallocate(b, per_thread);
     return best;
 }
 

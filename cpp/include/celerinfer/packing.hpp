@@ -20,9 +20,10 @@ namespace fast {
 // Packed weights live on 2 MB pages where the kernel offers them (transparent huge pages, often in
 // "madvise" mode: only memory that asks gets them). Decode streams every weight once per token, and
 // on 4 KB pages TLB misses bound that stream, not DRAM: minimind2's float32 decode ran at 77 tok/s
-// on 4 KB pages and 101 on huge pages (measured, same process). Whether a plain std::vector landed
-// on huge pages depended on the process's heap, so bench figures moved by a third between runs.
-// Below 2 MB a buffer gains nothing and is allocated as usual (64-byte aligned).
+// with plain vectors and 101 with glibc's heap on huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1),
+// two processes measured one after the other. Where a plain std::vector landed depended on the
+// process's heap, so bench figures moved by a third between runs. Below 2 MB a buffer gains nothing
+// and is allocated as usual (64-byte aligned).
 template <class T>
 struct HugePageAllocator {
     using value_type = T;
