@@ -13,6 +13,8 @@ are localized by tests/test_faults.py.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -450,6 +452,8 @@ def test_packed_weights_sit_on_huge_pages(native):
     # the advice is in the mapping's flags (hg), whether or not the kernel had free huge pages to give
     fields = _smaps_of(address)
     assert fields is not None and "hg" in fields["VmFlags"].split()
-    if "[madvise]" in thp:  # the companion: memory that did not ask has no such flag, and the check sees it
-        plain = np.ones(3 << 20, dtype=np.uint8)
-        assert "hg" not in (_smaps_of(plain.ctypes.data) or {"VmFlags": ""})["VmFlags"].split()
+    if "[madvise]" in thp:  # the companion: a fresh mapping that did not ask has no such flag, and the check sees it
+        # (an mmap of its own: numpy madvises large arrays, and malloc may reuse a range numpy advised)
+        plain = mmap.mmap(-1, 3 << 20)
+        plain_address = ctypes.addressof(ctypes.c_char.from_buffer(plain))
+        assert "hg" not in (_smaps_of(plain_address) or {"VmFlags": ""})["VmFlags"].split()

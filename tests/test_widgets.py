@@ -421,7 +421,7 @@ def test_profile_shows_the_table_and_roofline(quick_limits, tmp_path):
     e.profile_button.click()
     assert e.profile is not None, e.profile_status.value
     assert e.profile_message.startswith("profiled fast kernels")
-    assert "q_proj" in e.profile_html.value and "attention" in e.profile_html.value
+    assert "qkv_proj" in e.profile_html.value and "attention" in e.profile_html.value
     assert "decode: 1 steps" in e.profile_html.value
     assert len(e.profile_figures) == 2 and all(isinstance(f, Figure) for f in e.profile_figures)
     # a failure stays in the widget: a C++ folder that does not exist
