@@ -41,6 +41,16 @@ def reference_logits(model: cl.Model) -> np.ndarray:
     return cl.ReferenceModel(model, dtype=torch.float64).forward()[0].numpy()[0]
 
 
+def llama_logits(model: cl.Model, gguf_type: str, work: Path) -> np.ndarray:
+    """Every prompt position's logits from llama.cpp running ``model`` as a GGUF of ``gguf_type``."""
+    engine = LlamaCppModel(model, gguf_type, work, threads=1, logits_all=True)
+    try:
+        engine.prefill()
+        return engine.logits()
+    finally:
+        engine.close()
+
+
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -51,12 +61,7 @@ def test_f32_gguf_in_llama_cpp_computes_the_reference(tmp_path: Path) -> None:
     needs to compute this model: its F32 logits agree with the float64 reference to float32
     precision at every position."""
     model = cl.generate_model(CONFIG, batch_size=1, seq_len=24, seed=3)
-    engine = LlamaCppModel(model, "f32", tmp_path, threads=1, logits_all=True)
-    try:
-        engine.prefill()
-        got = engine.logits()
-    finally:
-        engine.close()
+    got = llama_logits(model, "f32", tmp_path)
     want = reference_logits(model)
     assert got.shape == want.shape
     assert rel_l2(got, want) < 3e-6, rel_l2(got, want)  # 3.2e-7 measured
@@ -69,12 +74,7 @@ def test_the_check_sees_a_missing_rope_permutation(tmp_path: Path, monkeypatch: 
     in llama.cpp, and the comparison above sees it."""
     monkeypatch.setattr("celerinfer_lab.gguf_export._permute", lambda w, heads: w)
     model = cl.generate_model(CONFIG, batch_size=1, seq_len=24, seed=3)
-    engine = LlamaCppModel(model, "f32", tmp_path, threads=1, logits_all=True)
-    try:
-        engine.prefill()
-        got = engine.logits()
-    finally:
-        engine.close()
+    got = llama_logits(model, "f32", tmp_path)
     assert rel_l2(got, reference_logits(model)) > 1e-3
 
 
@@ -86,12 +86,7 @@ def test_reduced_gguf_types_stay_close(tmp_path: Path, gguf_type: str, weights: 
     Q8_0 against the reference on the same Q8_0 weights decoded (1.6e-2 measured: what rounding the
     activations to 8 bits costs, which this project's q8 set does not do)."""
     model = cl.generate_model(CONFIG, batch_size=1, seq_len=24, seed=3)
-    engine = LlamaCppModel(model, gguf_type, tmp_path, threads=1, logits_all=True)
-    try:
-        engine.prefill()
-        got = engine.logits()
-    finally:
-        engine.close()
+    got = llama_logits(model, gguf_type, tmp_path)
     assert 0 < rel_l2(got, reference_logits(model.as_format(weights))) < bound
 
 
