@@ -396,30 +396,43 @@ def _format_file(model: Model, work: Path, files: dict[str, Path]) -> Path:
     return files[fmt]
 
 
-def _decode_rates(
-    model: Model,
-    prepared_sets: dict,
-    decode: int,
-    batch: int,
-    kv_cache: str = "f32",
-    steps_ms: dict[str, list[float]] | None = None,
-) -> tuple[float, dict[str, dict]]:
-    """Greedy decoding of ``decode`` tokens, after a warm-up of 3: PyTorch's tokens/s (with the same
-    KV cache format), and per kernel set its tokens/s and whether it produced PyTorch's tokens.
-    ``steps_ms`` receives each side's step times ("torch", then each set's name)."""
-    steps_ms = {} if steps_ms is None else steps_ms
-    decode_torch(model, 3, kv_cache)  # warm-up
-    torch_tokens, torch_s = decode_torch(model, decode, kv_cache, steps_ms.setdefault("torch", []))
-    steps = batch * (decode - 1)
-    per_set = {}
-    for name, prepared in prepared_sets.items():
-        decode_cpp(prepared, 3)  # warm-up
-        cpp_tokens, cpp_s = decode_cpp(prepared, decode, steps_ms.setdefault(name, []))
-        per_set[name] = {
-            "cpp_decode_tok_s": steps / cpp_s,
-            "decode_tokens_equal": bool((torch_tokens == cpp_tokens).all()),
-        }
-    return steps / torch_s, per_set
+# A decoder for the interleaved rounds: new tokens -> (tokens, seconds after the prefill, each step's ms).
+Decoder = Callable[[int], tuple[np.ndarray, float, list[float]]]
+
+
+def _cpp_decoder(prepared: NativeModel) -> Decoder:
+    def run(new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
+        steps: list[float] = []
+        tokens, seconds = decode_cpp(prepared, new_tokens, steps)
+        return tokens, seconds, steps
+
+    return run
+
+
+def interleaved_decode(
+    decoders: dict[str, Decoder], decode: int, passes: int, steps: int, steps_ms: dict[str, list[float]]
+) -> tuple[dict[str, list[float]], dict[str, list[np.ndarray]]]:
+    """``passes`` rounds in which every decoder decodes ``decode`` tokens in turn (after one warm-up of
+    3 each): per decoder its tokens/s in every pass (``steps`` steps per pass) and its tokens. Decode
+    reads every weight once per token, so its speed follows the machine's memory traffic, which on a
+    shared machine drifts by a quarter within a minute (measured): rates taken in the same round see
+    the same machine, and their ratio holds where rates from separate runs do not."""
+    for run in decoders.values():
+        run(3)
+    rates: dict[str, list[float]] = {name: [] for name in decoders}
+    tokens: dict[str, list[np.ndarray]] = {name: [] for name in decoders}
+    for _ in range(passes):
+        for name, run in decoders.items():
+            out, seconds, step_times = run(decode)
+            rates[name].append(steps / seconds)
+            tokens[name].append(np.asarray(out))
+            steps_ms.setdefault(name, []).extend(step_times)
+    return rates, tokens
+
+
+def pass_ratios(rates: dict[str, list[float]], name: str, base: str) -> list[float]:
+    """``name``'s decode rate over ``base``'s, pass by pass (the same round: the same machine)."""
+    return [a / b for a, b in zip(rates[name], rates[base])]
 
 
 def _measure_torch(model: Model, warmup: int, repeat: int, kv_cache: str = "f32") -> tuple[Timing, np.ndarray]:
@@ -448,21 +461,47 @@ def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, a
 def _measure_decode(
     model: Model,
     prepared_sets: dict[str, NativeModel],
+    llama_engines: dict,
     decode: int,
+    passes: int,
     batch: int,
     per_set: dict[str, dict],
+    llama_figures: dict | None,
     kv_cache: str = "f32",
     steps_ms: dict[str, list[float]] | None = None,
+    llama_samples: dict[str, list[float]] | None = None,
 ) -> dict:
-    """Decode rates: each kernel set's go into ``per_set``; PyTorch's and the first set's are returned
-    (each side's step times into ``steps_ms``)."""
-    torch_rate, decode_sets = _decode_rates(model, prepared_sets, decode, batch, kv_cache, steps_ms)
-    for name, figures in decode_sets.items():
-        per_set[name].update(figures)
+    """Greedy decoding of ``decode`` tokens: PyTorch once (its tokens are the reference; a warm-up of
+    3 first), then every kernel set and llama.cpp engine in ``passes`` interleaved rounds
+    (interleaved_decode). Each set's median tokens/s, its rate per pass and whether every pass produced
+    PyTorch's tokens go into ``per_set``; llama.cpp's into ``llama_figures``. Returns PyTorch's rate
+    and the first set's. ``steps_ms`` receives each side's step times ("torch", then each set's
+    name), ``llama_samples`` llama.cpp's."""
+    steps_ms = {} if steps_ms is None else steps_ms
+    decode_torch(model, 3, kv_cache)  # warm-up
+    torch_tokens, torch_s = decode_torch(model, decode, kv_cache, steps_ms.setdefault("torch", []))
+    steps = batch * (decode - 1)
+    decoders = {name: _cpp_decoder(prepared) for name, prepared in prepared_sets.items()}
+    decoders |= {f"llama.cpp ({t})": engine.decode for t, engine in llama_engines.items()}
+    llama_steps: dict[str, list[float]] = {}
+    rates, tokens = interleaved_decode(decoders, decode, passes, steps, llama_steps)
+    for name in prepared_sets:
+        steps_ms[name] = llama_steps.pop(name)
+        per_set[name].update(
+            cpp_decode_tok_s=float(np.median(rates[name])),
+            cpp_decode_tok_s_passes=rates[name],
+            decode_tokens_equal=all(bool((torch_tokens == t).all()) for t in tokens[name]),
+        )
+    for gguf_type in llama_engines:
+        name = f"llama.cpp ({gguf_type})"
+        llama_figures[gguf_type].update(decode_tok_s=float(np.median(rates[name])), decode_tok_s_passes=rates[name])
+        if llama_samples is not None:
+            llama_samples[f"llama.cpp decode step ({gguf_type})"] = llama_steps[name]
     first = per_set[next(iter(prepared_sets))]
     return {
         "decode_tokens": decode,
-        "torch_decode_tok_s": torch_rate,
+        "decode_passes": passes,
+        "torch_decode_tok_s": steps / torch_s,
         "cpp_decode_tok_s": first["cpp_decode_tok_s"],
         "decode_tokens_equal": first["decode_tokens_equal"],
     }
@@ -478,41 +517,37 @@ def _measure_llama_cpp(
     decode: int,
     kv_cache: str,
     torch_logits: np.ndarray,
+    stack: contextlib.ExitStack,
     samples: dict[str, list[float]] | None = None,
-) -> dict:
-    """llama.cpp on the same weights and tokens, per GGUF type: its prefill Timing's figures, its
-    logits against PyTorch's (float32 weights: F16/Q8_0 include what their precision costs), and its
-    decode rate (counted as _decode_rates counts: decode - 1 steps). {"skipped": why} when it cannot
-    run. ``samples`` receives every timed prefill and decode step (for the benchmark history)."""
+) -> tuple[dict, dict]:
+    """llama.cpp on the same weights and tokens, per GGUF type: its prefill Timing's figures and its
+    logits against PyTorch's (float32 weights: F16/Q8_0 include what their precision costs), and the
+    engines, left open on ``stack`` for the decode rounds (_measure_decode adds their rates).
+    ({"skipped": why}, {}) when it cannot run. ``samples`` receives every timed prefill (for the
+    benchmark history)."""
     from .llama_cpp_engine import LlamaCppModel, llama_cpp_missing
 
     missing = llama_cpp_missing()
     if missing:
-        return {"skipped": missing}
+        return {"skipped": missing}, {}
     samples = {} if samples is None else samples
     figures: dict = {}
+    engines: dict = {}
     for gguf_type in types:
         engine = LlamaCppModel(model, gguf_type, work, threads, decode, kv_cache, logits_all=True)
-        try:
-            timing = time_call(engine.prefill, warmup, repeat)
-            samples[f"llama.cpp prefill ({gguf_type})"] = list(timing.samples_ms)
-            logits = engine.logits()
-            diff = np.abs(logits - torch_logits[0])
-            row = {
-                **_stats(timing, "forward"),
-                "max_abs_diff": float(diff.max()),
-                "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[0])),
-                "top1_agreement": float((logits.argmax(-1) == torch_logits[0].argmax(-1)).mean()),
-            }
-            if decode:
-                engine.decode(3)  # warm-up
-                _, seconds, steps = engine.decode(decode)
-                row["decode_tok_s"] = (decode - 1) / seconds
-                samples[f"llama.cpp decode step ({gguf_type})"] = steps
-            figures[gguf_type] = row
-        finally:
-            engine.close()
-    return figures
+        stack.callback(engine.close)
+        engines[gguf_type] = engine
+        timing = time_call(engine.prefill, warmup, repeat)
+        samples[f"llama.cpp prefill ({gguf_type})"] = list(timing.samples_ms)
+        logits = engine.logits()
+        diff = np.abs(logits - torch_logits[0])
+        figures[gguf_type] = {
+            **_stats(timing, "forward"),
+            "max_abs_diff": float(diff.max()),
+            "logits_rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(torch_logits[0])),
+            "top1_agreement": float((logits.argmax(-1) == torch_logits[0].argmax(-1)).mean()),
+        }
+    return figures, engines
 
 
 def measure_bench(
@@ -531,6 +566,7 @@ def measure_bench(
     kv_cache: str = "f32",
     standalone: bool = True,
     llama_cpp: list[str] | None = None,
+    decode_passes: int = 3,
 ) -> BenchResult:
     """generate -> PyTorch forward -> C++ through cppyy -> standalone C++ -> comparison (-> decode),
     the C++ steps once per kernel set in ``kernels`` (a name, a list, or "all"); the model files and
@@ -539,7 +575,8 @@ def measure_bench(
     "bf16" it is not run for the forward rows). ``standalone=False``: base_line_micro is neither
     built nor run (its figures None), as when only the timed samples matter (the history).
     ``llama_cpp``: GGUF types (f32, f16, q8_0) to time llama.cpp in too, on the same weights
-    (record["llama_cpp"]; skipped with the reason when llama-cpp-python is absent)."""
+    (record["llama_cpp"]; skipped with the reason when llama-cpp-python is absent). ``decode_passes``:
+    the interleaved decode rounds (see interleaved_decode); each rate is their median."""
     import torch
 
     from .native import load_native
@@ -618,17 +655,27 @@ def measure_bench(
     record["machine"] = machine_info(native.threads)
 
     steps_ms: dict[str, list[float]] = {}
-    if decode:
-        record.update(_measure_decode(model, prepared_sets, decode, batch, per_set, kv_cache, steps_ms))
-    record["kernel_sets"] = per_set
     llama_samples: dict[str, list[float]] = {}
-    if llama_cpp:
-        if progress:
-            progress(f"llama.cpp: {', '.join(llama_cpp)} (GGUF of the same weights)")
-        # llama.cpp on as many threads as the C++ (llama-cpp-python's own default is half the cores)
-        record["llama_cpp"] = _measure_llama_cpp(
-            model, llama_cpp, work, native.threads, warmup, repeat, decode, kv_cache, torch_logits, llama_samples
-        )
+    with contextlib.ExitStack() as stack:  # llama.cpp's engines stay open for the decode rounds
+        llama_engines: dict = {}
+        if llama_cpp:
+            if progress:
+                progress(f"llama.cpp: {', '.join(llama_cpp)} (GGUF of the same weights)")
+            # llama.cpp on as many threads as the C++ (llama-cpp-python's own default is half the cores)
+            record["llama_cpp"], llama_engines = _measure_llama_cpp(
+                model, llama_cpp, work, native.threads, warmup, repeat, decode, kv_cache, torch_logits, stack,
+                llama_samples,
+            )  # fmt: skip
+        if decode:
+            if progress:
+                progress(f"decode: {decode} tokens, {decode_passes} interleaved passes")
+            record.update(
+                _measure_decode(
+                    model, prepared_sets, llama_engines, decode, decode_passes, batch, per_set,
+                    record.get("llama_cpp"), kv_cache, steps_ms, llama_samples,
+                )
+            )  # fmt: skip
+    record["kernel_sets"] = per_set
     return BenchResult(record, torch_t, cpp_timings, stats, steps_ms, llama_samples)
 
 
@@ -676,21 +723,32 @@ def bench_lines(result: BenchResult) -> list[str]:
         )
     if "decode_tokens" in record:
         torch_rate = record["torch_decode_tok_s"]
+        passes = record.get("decode_passes", 1)
         for name in sets:
             r = per_set[name]
             lines.append(
                 f"decode {record['decode_tokens']} tokens after {record['seq_len']} ({name}): torch {torch_rate:.1f} "
-                f"tok/s, C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / torch_rate:.2f}x); "
-                f"same tokens: {r['decode_tokens_equal']}"
+                f"tok/s, C++ {r['cpp_decode_tok_s']:.1f} tok/s ({r['cpp_decode_tok_s'] / torch_rate:.2f}x; "
+                f"{_pass_range(r.get('cpp_decode_tok_s_passes'), '')}); same tokens: {r['decode_tokens_equal']}"
                 + (f" ({r['weight_format']} weights)" if r["weight_format"] != "f32" else "")
             )
-        base = per_set.get("fast", {}).get("cpp_decode_tok_s")
-        if base:
+        if "fast" in per_set:
+            rates = {name: per_set[name].get("cpp_decode_tok_s_passes") or [per_set[name]["cpp_decode_tok_s"]] for name in sets}
             for name in sets:
                 if name != "fast":
-                    rate = per_set[name]["cpp_decode_tok_s"]
-                    lines.append(f"decode {name} / fast: {rate / base:.2f}x")
+                    ratios = pass_ratios(rates, name, "fast")
+                    lines.append(
+                        f"decode {name} / fast: {float(np.median(ratios)):.2f}x (median of {passes} interleaved "
+                        f"passes; {_pass_range(ratios, 'x')})"
+                    )
     return lines + _llama_cpp_lines(record, torch_t)
+
+
+def _pass_range(values: list[float] | None, unit: str) -> str:
+    """"per pass 1.83-1.95x": the spread of a figure over the interleaved decode passes."""
+    if not values or len(values) < 2:
+        return "one pass"
+    return f"per pass {min(values):.2f}–{max(values):.2f}{unit}" if unit else f"per pass {min(values):.1f}–{max(values):.1f}"
 
 
 def _llama_cpp_lines(record: dict, torch_t: Timing) -> list[str]:
@@ -712,10 +770,13 @@ def _llama_cpp_lines(record: dict, torch_t: Timing) -> list[str]:
             + (" — noisy, ratio unreliable" if r["forward_noisy"] or torch_t.noisy else "")
         )
         if "decode_tok_s" in r:
-            cpp_rate = record["kernel_sets"][first]["cpp_decode_tok_s"]
+            cpp = record["kernel_sets"][first]
+            ratios = [a / b for a, b in zip(cpp.get("cpp_decode_tok_s_passes", []), r.get("decode_tok_s_passes", []))]
             lines.append(
                 f"decode {record['decode_tokens']} tokens ({label}): {r['decode_tok_s']:.1f} tok/s; "
-                f"C++ ({first}) / {label}: {cpp_rate / r['decode_tok_s']:.2f}x"
+                f"C++ ({first}) / {label}: "
+                + (f"{float(np.median(ratios)):.2f}x (interleaved passes; {_pass_range(ratios, 'x')})" if ratios
+                   else f"{cpp['cpp_decode_tok_s'] / r['decode_tok_s']:.2f}x")
             )
     return lines
 
@@ -737,6 +798,7 @@ def run_bench(
     standalone: bool = True,
     store: BenchStore | None = None,
     llama_cpp: list[str] | None = None,
+    decode_passes: int = 3,
 ) -> dict:
     """``celerinfer-lab bench``: measure_bench, then its summary to ``log`` line by line; returns the
     record (the JSON the CLI writes). With ``store`` (``bench --save``) the result, its samples and
@@ -767,6 +829,7 @@ def run_bench(
             kv_cache=kv_cache,
             standalone=standalone,
             llama_cpp=llama_cpp,
+            decode_passes=decode_passes,
         )
     for line in bench_lines(result):
         log(line)

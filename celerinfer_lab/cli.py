@@ -522,7 +522,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import run_bench
 
-    for flag in ("repeat", "threads", "seq_len", "batch_size", "max_pos"):
+    for flag in ("repeat", "threads", "seq_len", "batch_size", "max_pos", "decode_passes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: must be 1 or more")
@@ -577,6 +577,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         standalone=not args.no_standalone,
         store=store,
         llama_cpp=_bench_llama_types(args),
+        decode_passes=args.decode_passes,
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -799,6 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--decode", type=int, default=0, help="also decode N tokens greedily with a KV cache")
+    bench.add_argument(
+        "--decode-passes",
+        type=int,
+        default=3,
+        help="interleaved decode rounds (every kernel set and llama.cpp type in turn, each round); rates are "
+        "their medians and ratios are taken pass by pass (default 3)",
+    )
     bench.add_argument("--seed", type=int, default=123)
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--work-dir", help="where the model files and builds go (default: a temporary folder)")

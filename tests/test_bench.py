@@ -123,15 +123,20 @@ def test_bench_times_every_kernel_set(tmp_path, work):
     result = json.loads(out.read_text())
     sets = ["fast", "readable", "readable-bf16", "readable-q8", "bf16", "q8"]
     assert result["kernels"] == sets and list(result["kernel_sets"]) == sets
+    assert result["decode_passes"] == 3
     for name in ("bf16", "q8"):  # base_line_micro runs them on a file of their format; ratio to fast
         alone = [line for line in r.stdout.splitlines() if line.startswith(f"C++ standalone ({name})")]
-        assert len(alone) == 1 and "faster" in alone[0] and f"decode {name} / fast: " in r.stdout
+        assert len(alone) == 1 and "faster" in alone[0]
+        ratio = [line for line in r.stdout.splitlines() if line.startswith(f"decode {name} / fast: ")]
+        assert len(ratio) == 1 and "median of 3 interleaved passes; per pass " in ratio[0], ratio
         assert (work / f"model_{name}.json").exists()
     for name, per_set in result["kernel_sets"].items():
         reduced = per_set["weight_format"] != "f32"
         assert per_set["weight_format"] == {"bf16": "bf16", "q8": "q8"}.get(name.split("-")[-1], "f32"), name
         for key in ("cpp_forward_ms", "cpp_forward_min_ms", "cpp_forward_max_ms", "cpp_decode_tok_s"):
             assert per_set[key] > 0, (name, key)
+        passes = per_set["cpp_decode_tok_s_passes"]  # the default 3 interleaved rounds; the rate is their median
+        assert len(passes) == 3 and per_set["cpp_decode_tok_s"] == float(np.median(passes)), name
         if reduced:  # against float32 torch: what the precision costs, small on this model but not 0;
             # the standalone on the bf16/q8 file computes what cppyy does (the same kernels, the same weights)
             assert per_set["standalone_forward_ms"] > 0 and 0 < per_set["max_abs_diff"] < 0.5, name
@@ -143,6 +148,32 @@ def test_bench_times_every_kernel_set(tmp_path, work):
         assert per_set["decode_tokens_equal"] is True, name
     for key in ("cpp_forward_ms", "standalone_forward_ms", "max_abs_diff", "cpp_decode_tok_s"):  # flat: the first set
         assert result[key] == result["kernel_sets"]["fast"][key], key
+
+
+def test_decode_passes_interleave_every_decoder():
+    """Each round runs every decoder in turn (after one warm-up each), so a ratio pairs rates taken on
+    the same machine state: a drift between rounds moves both sides of a pass's ratio, not the ratio."""
+    from celerinfer_lab.bench import interleaved_decode, pass_ratios
+
+    calls: list[tuple[str, int]] = []
+    machine = {"slowdown": 1.0}
+
+    def decoder(name: str, ms_per_token: float):
+        def run(new_tokens: int):
+            calls.append((name, new_tokens))
+            machine["slowdown"] *= 1.5 if name == "b" else 1.0  # the machine drifts after every b pass
+            seconds = new_tokens * ms_per_token * machine["slowdown"] / 1e3
+            return np.arange(new_tokens), seconds, [seconds * 1e3 / new_tokens] * (new_tokens - 1)
+
+        return run
+
+    steps: dict[str, list[float]] = {}
+    rates, tokens = interleaved_decode({"a": decoder("a", 4.0), "b": decoder("b", 2.0)}, 8, 3, 8, steps)
+    assert calls == [("a", 3), ("b", 3)] + [("a", 8), ("b", 8)] * 3
+    assert len(rates["a"]) == len(rates["b"]) == 3 and rates["a"][0] > rates["a"][1] > rates["a"][2]  # drifted
+    ratios = pass_ratios(rates, "b", "a")
+    assert ratios == pytest.approx([2.0 / 1.5] * 3)  # within a round: only b's own drift, not the trend
+    assert len(steps["a"]) == len(steps["b"]) == 3 * 7 and all(len(t) == 8 for t in tokens["a"])
 
 
 def test_bench_rejects_bad_arguments():
@@ -161,6 +192,8 @@ def test_bench_rejects_bad_arguments():
     assert r.returncode == 2 and "either --preset or the seven numbers" in r.stderr
     r = run("--kernels", "fastest", "--repeat", "1", "--warmup", "0")
     assert r.returncode == 2 and "unknown kernel set 'fastest'" in r.stderr and "readable, fast" in r.stderr
+    r = run("--decode", "4", "--decode-passes", "0")
+    assert r.returncode == 2 and "--decode-passes 0: must be 1 or more" in r.stderr
 
 
 def test_time_call_times_the_call():

@@ -9,6 +9,7 @@
 
 #include "check.hpp"
 #include "model.hpp"
+#include "packing.hpp"
 
 namespace CELERINFER_NS {
 
@@ -43,7 +44,7 @@ private:
     }
     uint32_t sentinel_;
     size_t n_ = 0;
-    std::vector<float> v_;
+    std::vector<float, fast::HugePageAllocator<float>> v_;  // the KV cache streams at decode, as weights do
 };
 
 // Up to S new tokens per call for a batch of B, and a KV cache of max_len positions (prefill
