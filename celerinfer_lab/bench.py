@@ -430,6 +430,28 @@ def interleaved_decode(
     return rates, tokens
 
 
+READ_PROBE = "read bandwidth"  # the decoder name of the read probe in the decode rounds
+
+
+def _read_probe(native: NativeEngine, nbytes: float) -> Decoder | None:
+    """A decoder that reads ``nbytes`` (a float32 decode step's bytes) once per "step" on the kernels'
+    own thread pool (read_probe.hpp); None for a copy of the C++ without read_probe.hpp."""
+    fast = getattr(native.ns, "fast", None)
+    read = getattr(fast, "read_sum", None) if fast is not None else None
+    if read is None:
+        return None
+    buffer = np.ones(max(64, int(nbytes) // 4 // 64 * 64), dtype=np.float32)  # numpy asks for huge pages
+
+    def run(new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
+        marks = [time.perf_counter()]
+        for _ in range(new_tokens - 1):
+            read(buffer, buffer.size)
+            marks.append(time.perf_counter())
+        return np.zeros(0, dtype=np.int64), marks[-1] - marks[0], _step_ms(marks)
+
+    return run
+
+
 def pass_ratios(rates: dict[str, list[float]], name: str, base: str) -> list[float]:
     """``name``'s decode rate over ``base``'s, pass by pass (the same round: the same machine)."""
     return [a / b for a, b in zip(rates[name], rates[base])]
@@ -460,6 +482,7 @@ def _agreement(model: Model, torch_logits: np.ndarray, cpp_logits: np.ndarray, a
 
 def _measure_decode(
     model: Model,
+    native: NativeEngine,
     prepared_sets: dict[str, NativeModel],
     llama_engines: dict,
     decode: int,
@@ -473,24 +496,41 @@ def _measure_decode(
 ) -> dict:
     """Greedy decoding of ``decode`` tokens: PyTorch once (its tokens are the reference; a warm-up of
     3 first), then every kernel set and llama.cpp engine in ``passes`` interleaved rounds
-    (interleaved_decode). Each set's median tokens/s, its rate per pass and whether every pass produced
-    PyTorch's tokens go into ``per_set``; llama.cpp's into ``llama_figures``. Returns PyTorch's rate
-    and the first set's. ``steps_ms`` receives each side's step times ("torch", then each set's
+    (interleaved_decode), with a read probe (_read_probe) in every round. Each set's median tokens/s,
+    its rate per pass, whether every pass produced PyTorch's tokens, the bytes a step reads as GB/s
+    (profile.forward_cost) and that as a fraction of the probe's GB/s in the same pass go into
+    ``per_set``; llama.cpp's rates into ``llama_figures``. Returns PyTorch's rate, the first set's
+    and the probe's GB/s. ``steps_ms`` receives each side's step times ("torch", then each set's
     name), ``llama_samples`` llama.cpp's."""
+    from .profile import forward_cost
+
     steps_ms = {} if steps_ms is None else steps_ms
     decode_torch(model, 3, kv_cache)  # warm-up
     torch_tokens, torch_s = decode_torch(model, decode, kv_cache, steps_ms.setdefault("torch", []))
     steps = batch * (decode - 1)
     decoders = {name: _cpp_decoder(prepared) for name, prepared in prepared_sets.items()}
     decoders |= {f"llama.cpp ({t})": engine.decode for t, engine in llama_engines.items()}
+    start = model.input_ids.shape[1] + (decode - 1) / 2  # a step's average cached tokens
+
+    def step_bytes(fmt: str) -> float:
+        return forward_cost(model.config, fmt, batch, 1, start, kv_cache).bytes
+
+    probe = _read_probe(native, step_bytes("f32"))
+    if probe is not None:
+        decoders[READ_PROBE] = probe
     llama_steps: dict[str, list[float]] = {}
     rates, tokens = interleaved_decode(decoders, decode, passes, steps, llama_steps)
+    read_gbs = [r / batch * step_bytes("f32") * 1e-9 for r in rates[READ_PROBE]] if probe else []
     for name in prepared_sets:
         steps_ms[name] = llama_steps.pop(name)
+        gbs = [r / batch * step_bytes(per_set[name]["weight_format"]) * 1e-9 for r in rates[name]]
         per_set[name].update(
             cpp_decode_tok_s=float(np.median(rates[name])),
             cpp_decode_tok_s_passes=rates[name],
             decode_tokens_equal=all(bool((torch_tokens == t).all()) for t in tokens[name]),
+            decode_gbs=float(np.median(gbs)),
+            decode_of_read_bandwidth=float(np.median([a / b for a, b in zip(gbs, read_gbs)])) if read_gbs else None,
+            decode_of_read_bandwidth_passes=[a / b for a, b in zip(gbs, read_gbs)],
         )
     for gguf_type in llama_engines:
         name = f"llama.cpp ({gguf_type})"
@@ -502,6 +542,8 @@ def _measure_decode(
         "decode_tokens": decode,
         "decode_passes": passes,
         "torch_decode_tok_s": steps / torch_s,
+        "decode_read_gbs": float(np.median(read_gbs)) if read_gbs else None,
+        "decode_read_gbs_passes": read_gbs,
         "cpp_decode_tok_s": first["cpp_decode_tok_s"],
         "decode_tokens_equal": first["decode_tokens_equal"],
     }
@@ -671,7 +713,7 @@ def measure_bench(
                 progress(f"decode: {decode} tokens, {decode_passes} interleaved passes")
             record.update(
                 _measure_decode(
-                    model, prepared_sets, llama_engines, decode, decode_passes, batch, per_set,
+                    model, native, prepared_sets, llama_engines, decode, decode_passes, batch, per_set,
                     record.get("llama_cpp"), kv_cache, steps_ms, llama_samples,
                 )
             )  # fmt: skip
@@ -732,8 +774,20 @@ def bench_lines(result: BenchResult) -> list[str]:
                 f"{_pass_range(r.get('cpp_decode_tok_s_passes'), '')}); same tokens: {r['decode_tokens_equal']}"
                 + (f" ({r['weight_format']} weights)" if r["weight_format"] != "f32" else "")
             )
+        read = record.get("decode_read_gbs")
+        for name in sets:
+            r = per_set[name]
+            if read and r.get("decode_of_read_bandwidth") is not None:
+                lines.append(
+                    f"decode ({name}) reads {r['decode_gbs']:.1f} GB/s: {r['decode_of_read_bandwidth']:.2f} of the read "
+                    f"bandwidth in the same passes ({read:.1f} GB/s; "
+                    f"{_pass_range(r['decode_of_read_bandwidth_passes'], '', 2)})"
+                )
         if "fast" in per_set:
-            rates = {name: per_set[name].get("cpp_decode_tok_s_passes") or [per_set[name]["cpp_decode_tok_s"]] for name in sets}
+            rates = {
+                name: per_set[name].get("cpp_decode_tok_s_passes") or [per_set[name]["cpp_decode_tok_s"]]
+                for name in sets
+            }
             for name in sets:
                 if name != "fast":
                     ratios = pass_ratios(rates, name, "fast")
@@ -744,11 +798,13 @@ def bench_lines(result: BenchResult) -> list[str]:
     return lines + _llama_cpp_lines(record, torch_t)
 
 
-def _pass_range(values: list[float] | None, unit: str) -> str:
-    """"per pass 1.83-1.95x": the spread of a figure over the interleaved decode passes."""
+def _pass_range(values: list[float] | None, unit: str, digits: int | None = None) -> str:
+    """The spread of a figure over the interleaved decode passes, as "per pass 1.83–1.95x" (``digits``
+    after the point: 2 with a unit, else 1)."""
     if not values or len(values) < 2:
         return "one pass"
-    return f"per pass {min(values):.2f}–{max(values):.2f}{unit}" if unit else f"per pass {min(values):.1f}–{max(values):.1f}"
+    d = (2 if unit else 1) if digits is None else digits
+    return f"per pass {min(values):.{d}f}–{max(values):.{d}f}{unit}"
 
 
 def _llama_cpp_lines(record: dict, torch_t: Timing) -> list[str]:
@@ -775,8 +831,11 @@ def _llama_cpp_lines(record: dict, torch_t: Timing) -> list[str]:
             lines.append(
                 f"decode {record['decode_tokens']} tokens ({label}): {r['decode_tok_s']:.1f} tok/s; "
                 f"C++ ({first}) / {label}: "
-                + (f"{float(np.median(ratios)):.2f}x (interleaved passes; {_pass_range(ratios, 'x')})" if ratios
-                   else f"{cpp['cpp_decode_tok_s'] / r['decode_tok_s']:.2f}x")
+                + (
+                    f"{float(np.median(ratios)):.2f}x (interleaved passes; {_pass_range(ratios, 'x')})"
+                    if ratios
+                    else f"{cpp['cpp_decode_tok_s'] / r['decode_tok_s']:.2f}x"
+                )
             )
     return lines
 

@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .errors import UsageError
 from .machine import MachineLimits
 from .modelfile import Model
-from .trace import Point, point_name
+from .trace import Point, has_feature, point_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -200,6 +200,28 @@ COSTS: dict[str, Callable[[Work], Cost]] = {
 def kind_of(point: Point) -> str:
     """The op kind a trace point's time is booked under: its id, or its group's (BOOKED_AS)."""
     return BOOKED_AS.get(point.name, (point, point.name))[1]
+
+
+def forward_cost(
+    config: ModelConfig, weight_format: str, batch: int, S: int, start: float, kv_cache: str = "f32"
+) -> Cost:
+    """A whole forward's cost (S new tokens per row after ``start`` cached ones): the sum of its op
+    kinds' as the profile books them (q, k and v one qkv_proj, ...), every layer. At decode its bytes
+    are what a step must read: the weights in ``weight_format``, the KV cache, the activations."""
+    w = Work(config, batch, S, start, WEIGHT_BYTES[weight_format])
+    flops = nbytes = 0.0
+    for in_layer in (False, True):
+        kinds = {
+            kind_of(p): p
+            for p in Point
+            if p.value.in_layer == in_layer and has_feature(config, p.value.feature, kv_cache)
+        }
+        for kind, point in kinds.items():
+            count = config.n_shared_experts if point.value.feature == "shared_expert" else 1
+            count *= config.num_hidden_layers if in_layer else 1
+            cost = COSTS[kind](w)
+            flops, nbytes = flops + count * cost.flops, nbytes + count * cost.bytes
+    return Cost(flops, nbytes)
 
 
 @dataclass

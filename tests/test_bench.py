@@ -123,7 +123,8 @@ def test_bench_times_every_kernel_set(tmp_path, work):
     result = json.loads(out.read_text())
     sets = ["fast", "readable", "readable-bf16", "readable-q8", "bf16", "q8"]
     assert result["kernels"] == sets and list(result["kernel_sets"]) == sets
-    assert result["decode_passes"] == 3
+    assert result["decode_passes"] == 3 and len(result["decode_read_gbs_passes"]) == 3 and result["decode_read_gbs"] > 0
+    assert "of the read bandwidth in the same passes" in r.stdout
     for name in ("bf16", "q8"):  # base_line_micro runs them on a file of their format; ratio to fast
         alone = [line for line in r.stdout.splitlines() if line.startswith(f"C++ standalone ({name})")]
         assert len(alone) == 1 and "faster" in alone[0]
@@ -137,6 +138,7 @@ def test_bench_times_every_kernel_set(tmp_path, work):
             assert per_set[key] > 0, (name, key)
         passes = per_set["cpp_decode_tok_s_passes"]  # the default 3 interleaved rounds; the rate is their median
         assert len(passes) == 3 and per_set["cpp_decode_tok_s"] == float(np.median(passes)), name
+        assert per_set["decode_gbs"] > 0 and len(per_set["decode_of_read_bandwidth_passes"]) == 3, name
         if reduced:  # against float32 torch: what the precision costs, small on this model but not 0;
             # the standalone on the bf16/q8 file computes what cppyy does (the same kernels, the same weights)
             assert per_set["standalone_forward_ms"] > 0 and 0 < per_set["max_abs_diff"] < 0.5, name

@@ -90,6 +90,39 @@ def test_attention_cost_counts_causal_keys():
     assert COSTS["attention"](step).flops == 4 * 5 * (4 * 16 + 5)
 
 
+def test_forward_cost_reads_the_weights_and_the_cache_once():
+    """A decode step's bytes (bench divides them by the read bandwidth): every stored weight once in
+    its format, the KV cache once, and little else; a MoE step reads only its routed experts."""
+    from celerinfer_lab.profile import forward_cost
+    from celerinfer_lab.writer import weight_bytes
+
+    config = ModelConfig(
+        hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=300
+    )
+    kv_per_token = config.num_hidden_layers * 2 * config.kv_dim * 4
+    for fmt in ("f32", "bf16", "q8"):
+        step = forward_cost(config, fmt, 1, 1, 40).bytes
+        assert forward_cost(config, fmt, 1, 1, 80).bytes - step == pytest.approx(40 * kv_per_token), fmt
+        weights = step - 41 * kv_per_token  # the cache holds 40 keys and the new one
+        assert weight_bytes(config, fmt) <= weights <= 1.05 * weight_bytes(config, fmt), fmt  # + activations
+    moe = dataclasses.replace(config, use_moe=True, num_experts=8, num_experts_per_tok=2)
+    assert forward_cost(moe, "f32", 1, 1, 40).bytes < 0.6 * weight_bytes(moe, "f32")
+
+
+def test_read_probe_sums_what_it_reads(native):
+    """The bandwidth probe of bench's decode rounds reads every float of its buffer, on either thread
+    count (each thread its share: a share left out would show as a wrong sum)."""
+    import numpy as np
+
+    buffer = np.arange(100_003, dtype=np.float32) % 7
+    try:
+        for threads in (1, 2):
+            native.set_threads(threads)
+            assert native.ns.fast.read_sum(buffer, buffer.size) == pytest.approx(float(buffer.sum(dtype=np.float64)))
+    finally:
+        native.set_threads(os.cpu_count() or 1)
+
+
 SLOW_TIMER = r"""
 namespace {ns} {{
 struct SlowTimerForTest : OpTimer {{
