@@ -100,11 +100,13 @@ def test_forward_cost_reads_the_weights_and_the_cache_once():
         hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=300
     )
     kv_per_token = config.num_hidden_layers * 2 * config.kv_dim * 4
+    beyond_weights = set()
     for fmt in ("f32", "bf16", "q8"):
         step = forward_cost(config, fmt, 1, 1, 40).bytes
         assert forward_cost(config, fmt, 1, 1, 80).bytes - step == pytest.approx(40 * kv_per_token), fmt
-        weights = step - 41 * kv_per_token  # the cache holds 40 keys and the new one
-        assert weight_bytes(config, fmt) <= weights <= 1.05 * weight_bytes(config, fmt), fmt  # + activations
+        # the rest: the weights in the format, and activations that do not depend on it
+        beyond_weights.add(step - 41 * kv_per_token - weight_bytes(config, fmt))  # 40 cached keys and the new one
+    assert len(beyond_weights) == 1 and 0 < beyond_weights.pop() < 0.03 * weight_bytes(config, "f32")
     moe = dataclasses.replace(config, use_moe=True, num_experts=8, num_experts_per_tok=2)
     assert forward_cost(moe, "f32", 1, 1, 40).bytes < 0.6 * weight_bytes(moe, "f32")
 
