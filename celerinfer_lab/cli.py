@@ -246,6 +246,10 @@ def _report(
         print(f"saved {dump_dir / filename}")
 
 
+def _kv_note(kv_cache: str) -> str:
+    return "" if kv_cache == "f32" else f", {kv_cache} KV cache"
+
+
 def cmd_torch_forward(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -261,11 +265,11 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    ref = ReferenceModel(model, dtype)
+    ref = ReferenceModel(model, dtype, args.kv_cache)
     times = time_call(lambda: ref.forward(), warmup, args.repeat)
     logits, trace = ref.forward(trace=args.save_trace)
     _report(
-        f"torch forward ({args.dtype}, {torch.get_num_threads()} threads)",
+        f"torch forward ({args.dtype}, {torch.get_num_threads()} threads{_kv_note(args.kv_cache)})",
         path,
         model,
         times,
@@ -290,13 +294,13 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     path, dump_dir, warmup = _forward_inputs(args)
     model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     engine = load_native(args.cpp_dir)
-    native = engine.prepare(model, args.kernels)
+    native = engine.prepare(model, args.kernels, args.kv_cache)
     ids, mask = native.check_inputs(None, None)
     logits = np.zeros((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
     times = time_call(lambda: native.run(ids, mask, logits), warmup, args.repeat)
     result = native.forward(trace=args.save_trace)
     _report(
-        f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads)",
+        f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads{_kv_note(args.kv_cache)})",
         path,
         model,
         times,
@@ -440,6 +444,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         stop_at_eos=not args.ignore_eos,
         on_line=lambda line: print(line, flush=True),
+        kv_cache=args.kv_cache,
     )
     if result.divergence is None:
         return 0
@@ -775,6 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--warmup", type=int, help="untimed runs first (default: $WARMUP or 5)")
         p.add_argument("--repeat", type=int, default=20, help="timed runs; the median is reported")
         p.add_argument("--save-trace", action="store_true", help="also write the trace (.npz) to the dump dir")
+        p.add_argument(
+            "--kv-cache",
+            choices=KV_CACHE_FORMATS,
+            default="f32",
+            help="the KV cache's number format: f32 (default) or bf16 (keys and values rounded as they join it, "
+            "which the prompt's own attention reads)",
+        )
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
@@ -928,6 +940,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
     comp.add_argument("--fault", help="compile one fault from the catalogue into the C++ (see compare --list-faults)")
     comp.add_argument("--ignore-eos", action="store_true", help="go on after the tokenizer's eos_token")
+    comp.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_FORMATS,
+        default="f32",
+        help="the KV cache's number format on both sides: f32 (default) or bf16 (keys and values rounded as they "
+        "join it)",
+    )
     for p in (info, tf, cf, cmp):
         p.add_argument(
             "--allow-nonfinite",

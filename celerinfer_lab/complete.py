@@ -117,13 +117,13 @@ def _shown(text: str, width: int = TAIL) -> str:
 class _ReferenceStepper:
     """The float32 reference decoding one token at a time with its own KV cache."""
 
-    def __init__(self, model: Model, prompt: np.ndarray) -> None:
+    def __init__(self, model: Model, prompt: np.ndarray, kv_cache: str = "f32") -> None:
         import torch
 
         from .reference import KVCache, ReferenceModel
 
         self.torch = torch
-        self.ref, self.cache = ReferenceModel(model), KVCache.empty()
+        self.ref, self.cache = ReferenceModel(model, kv_cache=kv_cache), KVCache.empty()
         self.ids = torch.from_numpy(prompt)
         self.mask = torch.ones_like(self.ids)
 
@@ -142,13 +142,14 @@ def _diagnose(
     agreed: list[int],
     torch_id: int | None,
     cpp_id: int | None,
+    kv_cache: str = "f32",
 ) -> Divergence:
     """Compare the prefill and the ``agreed`` steps; judge the choice at step len(agreed)."""
     from .compare import compare_decode
 
     step = len(agreed)
     feed = np.array([agreed], dtype=np.int64).reshape(1, step)
-    reports = compare_decode(model, native, kernels=kernels, feed=feed)
+    reports = compare_decode(model, native, kernels=kernels, feed=feed, kv_cache=kv_cache)
     last = reports[-1]
     oracle = np.asarray(last.runs["oracle"]["lm_head"][0, -1], dtype=np.float64)
     ref32 = np.asarray(last.runs["ref32"]["lm_head"][0, -1], dtype=np.float64)
@@ -184,6 +185,7 @@ def complete(
     tokenizer: Tokenizer | None = None,
     stop_at_eos: bool = True,
     on_line: Callable[[str], object] | None = None,
+    kv_cache: str = "f32",
 ) -> Completion:
     """Greedy generation of ``max_new_tokens`` on both sides from ``prompt``, side by side.
 
@@ -192,7 +194,8 @@ def complete(
     rendered by the chat template. ``native``: the C++ engine (default: this project's cpp/; a
     ``load_native(fault=...)`` one to see a bug found); ``kernels``: its kernel set. ``stop_at_eos``:
     a side stops after choosing the tokenizer's eos_token. ``on_line``: called with each line as it
-    is made (the CLI prints them)."""
+    is made (the CLI prints them). ``kv_cache``: the KV cache's format on both sides ("f32" or "bf16",
+    keys and values rounded as they join it)."""
     from .native import load_native
     from .reader import load_model
     from .tokenizer import load_tokenizer
@@ -226,7 +229,7 @@ def complete(
     prompt_ids = np.array([ids], dtype=np.int64)
     run_model = dataclasses.replace(model, input_ids=prompt_ids, attention_mask=np.ones_like(prompt_ids))
     native = native or load_native()
-    prepared = native.prepare(run_model, kernels)
+    prepared = native.prepare(run_model, kernels, kv_cache)
     lines: list[str] = []
 
     def emit(line: str) -> None:
@@ -239,11 +242,13 @@ def complete(
     # different token is the kernel's doing, not the quantization's.
     fmt = prepared.model.weight_format
     torch_label = "torch (float32)" if fmt == "f32" else f"torch ({fmt} weights)"
+    if kv_cache != "f32":
+        torch_label = f"{torch_label[:-1]}, {kv_cache} KV)"
     emit(f"{'step':>4s}   {torch_label:{TAIL}s} | C++ ({prepared.kernels})")
     torch_ids: list[int] = []
     cpp_ids: list[int] = []
     first: list[int] = []  # the first step where the choices differ
-    ref = _ReferenceStepper(prepared.model, prompt_ids)
+    ref = _ReferenceStepper(prepared.model, prompt_ids, kv_cache)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     state = {"torch_done": False}
 
@@ -283,6 +288,7 @@ def complete(
             torch_ids[:k],
             torch_ids[k] if k < len(torch_ids) else None,
             cpp_ids[k] if k < len(cpp_ids) else None,
+            kv_cache,
         )
         for line in divergence.summary(tokenizer).splitlines():
             emit(line)

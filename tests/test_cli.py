@@ -74,6 +74,23 @@ def test_info_lists_trace_points(tmp_path):
     assert r.returncode == 0 and "model.layers.0.self_attn.q_norm" in r.stdout and "[2, 7, 8, 8]" in r.stdout
 
 
+def test_forwards_take_a_bf16_kv_cache(tmp_path):
+    """--kv-cache bf16 on torch-forward and cpp-forward: both round the prompt's keys and values as they
+    join the cache (its attention reads them), so they agree with each other, not with float32."""
+    path = tmp_path / "m.json"
+    small_model().save(path)
+    logits = {}
+    for command, name in (("torch-forward", "logits_torch.npy"), ("cpp-forward", "logits_cpp.npy")):
+        for kv in ("f32", "bf16"):
+            out = tmp_path / f"{command}-{kv}"
+            r = run(command, str(path), "--kv-cache", kv, "--dump-dir", str(out), "--warmup", "0", "--repeat", "1")
+            assert r.returncode == 0, r.stderr
+            assert ("bf16 KV cache" in r.stdout) == (kv == "bf16"), r.stdout
+            logits[command, kv] = np.load(out / name)
+    np.testing.assert_allclose(logits["cpp-forward", "bf16"], logits["torch-forward", "bf16"], rtol=0, atol=1e-4)
+    assert np.abs(logits["torch-forward", "bf16"] - logits["torch-forward", "f32"]).max() > 1e-4
+
+
 def test_cpp_forward_and_compare(tmp_path, cpp_copy):
     from conftest import edit_file
 

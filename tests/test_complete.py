@@ -66,6 +66,16 @@ def test_complete_with_a_reduced_kernel_set(model_path, native):
     assert "torch (q8 weights)" in result.lines[1]
 
 
+def test_complete_with_a_bf16_kv_cache(model_path, native, capsys):
+    """kv_cache="bf16" on both sides: keys and values rounded as they join each cache, the same tokens;
+    the command line takes --kv-cache too."""
+    result = complete(model_path, PROMPT, 8, native=native, stop_at_eos=False, kv_cache="bf16")
+    assert result.identical, "\n".join(result.lines)
+    assert "torch (float32, bf16 KV)" in result.lines[1]
+    code = cli.main(["complete", str(model_path), "--prompt", PROMPT, "--max-new-tokens", "4", "--kv-cache", "bf16"])
+    assert code == 0 and "bf16 KV" in capsys.readouterr().out
+
+
 def test_attach_refuses_a_tokenizer_that_does_not_fit(tmp_path, trained):
     small = tmp_path / "small.json"
     generate_model(small_config(vocab_size=128), 1, 4).save(small)
