@@ -426,10 +426,29 @@ def _smaps_of(address: int) -> dict[str, str] | None:
     return fields
 
 
+def test_huge_page_arena_returns_its_blocks(native):
+    """Buffers below 2 MB are cut from shared 16 x 2 MB blocks one after another; a block goes back
+    when its last buffer does, except the current one, kept for the next buffers."""
+    import cppyy.ll
+
+    arena = native.ns.fast.HugePageArena.instance()
+    block = int(native.ns.fast.HugePageArena.kBlock)
+    held = arena.blocks()
+    size = 1 << 20  # 1 MB each: 16 fill a block
+    buffers = [arena.allocate(size) for _ in range(40)]
+    addresses = [int(cppyy.ll.cast["uintptr_t"](b)) for b in buffers]
+    assert all(a % 64 == 0 for a in addresses) and len(set(addresses)) == 40
+    assert arena.blocks() >= held + 40 * size // block  # new blocks as each filled up
+    for b in buffers:
+        arena.deallocate(b)
+    assert arena.blocks() <= held + 1  # all given back but the current one
+
+
 def test_packed_weights_sit_on_huge_pages(native):
     """Packed weights of 2 MB and more are 2 MB aligned and asked onto huge pages (packing.hpp's
     HugePageAllocator: decode streams them, and 4 KB pages' TLB misses bound that stream); smaller
-    ones are 64-byte aligned. Where the kernel grants transparent huge pages, the mapping has them."""
+    ones are 64-byte aligned, cut from shared blocks that asked too (HugePageArena: every q8 matrix of
+    minimind2 is below 2 MB). Where the kernel grants transparent huge pages, the mappings have them."""
     import cppyy.ll
 
     ns = native.ns
@@ -439,8 +458,14 @@ def test_packed_weights_sit_on_huge_pages(native):
     view = P.data.data()
     address = int(cppyy.ll.cast["uintptr_t"](view))
     assert address % (2 << 20) == 0
-    small = ns.fast.pack(rng.standard_normal((16, 32), dtype=np.float32), 16, 32)
-    assert int(cppyy.ll.cast["uintptr_t"](small.data.data())) % 64 == 0
+    sources = [rng.standard_normal((16, 32), dtype=np.float32) for _ in range(2)]
+    smalls = [ns.fast.pack(source, 16, 32) for source in sources]  # two cuts of one shared block
+    small_address, second_address = (int(cppyy.ll.cast["uintptr_t"](m.data.data())) for m in smalls)
+    assert small_address % 64 == 0 and second_address % 64 == 0 and second_address != small_address
+    for source, packed_small in zip(sources, smalls):  # neither cut overwrote the other
+        values = packed_small.data.data()
+        values.reshape((16 * 32,))
+        assert np.array_equal(np.asarray(values).reshape(32, 16).T, source)
     # the packed values are the matrix's, k-major in panels of 16 (unchanged by the allocator)
     view.reshape((1024 * 768,))
     packed = np.asarray(view).reshape(64, 768, 16)
@@ -450,8 +475,9 @@ def test_packed_weights_sit_on_huge_pages(native):
     if "[never]" in thp:
         pytest.skip("transparent huge pages are off on this machine: the alignment is all there is to check")
     # the advice is in the mapping's flags (hg), whether or not the kernel had free huge pages to give
-    fields = _smaps_of(address)
-    assert fields is not None and "hg" in fields["VmFlags"].split()
+    for where in (address, small_address):
+        fields = _smaps_of(where)
+        assert fields is not None and "hg" in fields["VmFlags"].split()
     if "[madvise]" in thp:  # the companion: a fresh mapping that did not ask has no such flag, and the check sees it
         # (an mmap of its own: numpy madvises large arrays, and malloc may reuse a range numpy advised)
         plain = mmap.mmap(-1, 3 << 20)

@@ -5,6 +5,9 @@
 #pragma once
 #include <cstddef>
 #include <cstdlib>
+#include <iterator>
+#include <map>
+#include <mutex>
 #include <new>
 #include <unordered_map>
 #include <vector>
@@ -20,29 +23,85 @@ namespace fast {
 // Packed weights live on 2 MB pages where the kernel offers them (transparent huge pages, often in
 // "madvise" mode: only memory that asks gets them). Decode streams every weight once per token, and
 // on 4 KB pages TLB misses bound that stream, not DRAM: minimind2's float32 decode ran at 77 tok/s
-// with plain vectors and 101 with glibc's heap on huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1),
-// two processes measured one after the other. Where a plain std::vector landed depended on the
-// process's heap, so bench figures moved by a third between runs. Below 2 MB a buffer gains nothing
-// and is allocated as usual (64-byte aligned).
+// with plain vectors and 101 with glibc's heap on huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1).
+// A buffer of 2 MB or more gets pages of its own; smaller ones are cut from shared 2 MB-page blocks
+// (HugePageArena). Small buffers are most of a reduced model: every minimind2 q8 matrix is below
+// 2 MB, and on 4 KB pages they cost each GEMV job a fixed ~28 us of TLB misses (measured: a 768 x 768
+// bf16 GEMV streamed 22 GB/s against 46 for a plain read; q8 decode read 0.5-0.6 of the bandwidth).
+constexpr size_t kHugePage = size_t(2) << 20;
+
+inline void* huge_page_block(size_t bytes) {  // bytes: a multiple of kHugePage
+    void* p = std::aligned_alloc(kHugePage, bytes);
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KB
+#endif
+    return p;
+}
+
+// Buffers below 2 MB, cut one after another (64-byte aligned) from blocks of kBlock bytes on 2 MB
+// pages; a block is freed when its last buffer is (the current block is kept for the next ones).
+// One per process (per reload of these headers), never destroyed: buffers may outlive static
+// destruction.
+class HugePageArena {
+public:
+    static constexpr size_t kBlock = 16 * kHugePage;
+    static HugePageArena& instance() {
+        static HugePageArena* arena = new HugePageArena();
+        return *arena;
+    }
+    void* allocate(size_t bytes) {
+        bytes = (bytes + 63) / 64 * 64;
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (current_ == nullptr || blocks_[current_].used + bytes > kBlock) {
+            current_ = static_cast<char*>(huge_page_block(kBlock));
+            blocks_[current_] = Block{};
+        }
+        Block& block = blocks_[current_];
+        void* p = current_ + block.used;
+        block.used += bytes;
+        ++block.live;
+        return p;
+    }
+    void deallocate(void* p) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = std::prev(blocks_.upper_bound(static_cast<char*>(p)));  // the block that holds p
+        if (--it->second.live > 0) return;
+        if (it->first == current_) {
+            it->second.used = 0;  // empty: start it again
+        } else {
+            std::free(it->first);
+            blocks_.erase(it);
+        }
+    }
+
+    size_t blocks() {  // blocks held now (tests)
+        std::lock_guard<std::mutex> lock(mutex_);
+        return blocks_.size();
+    }
+
+private:
+    struct Block {
+        size_t used = 0, live = 0;
+    };
+    std::mutex mutex_;
+    std::map<char*, Block> blocks_;  // by base address
+    char* current_ = nullptr;
+};
+
 template <class T>
 struct HugePageAllocator {
     using value_type = T;
-    static constexpr size_t kHugePage = size_t(2) << 20;
     HugePageAllocator() = default;
     template <class U>
     HugePageAllocator(const HugePageAllocator<U>&) {}
     static size_t rounded(size_t n) { return (n * sizeof(T) + kHugePage - 1) / kHugePage * kHugePage; }
     T* allocate(size_t n) {
-        if (n * sizeof(T) < kHugePage) return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
-        void* p = std::aligned_alloc(kHugePage, rounded(n));
-        if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-        madvise(p, rounded(n), MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KB
-#endif
-        return static_cast<T*>(p);
+        if (n * sizeof(T) < kHugePage) return static_cast<T*>(HugePageArena::instance().allocate(n * sizeof(T)));
+        return static_cast<T*>(huge_page_block(rounded(n)));
     }
     void deallocate(T* p, size_t n) {
-        if (n * sizeof(T) < kHugePage) ::operator delete(p, std::align_val_t(64));
+        if (n * sizeof(T) < kHugePage) HugePageArena::instance().deallocate(p);
         else std::free(p);
     }
 };
