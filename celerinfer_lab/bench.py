@@ -489,7 +489,7 @@ def _measure_decode(
     passes: int,
     batch: int,
     per_set: dict[str, dict],
-    llama_figures: dict | None,
+    llama_figures: dict,
     kv_cache: str = "f32",
     steps_ms: dict[str, list[float]] | None = None,
     llama_samples: dict[str, list[float]] | None = None,
@@ -714,7 +714,7 @@ def measure_bench(
             record.update(
                 _measure_decode(
                     model, native, prepared_sets, llama_engines, decode, decode_passes, batch, per_set,
-                    record.get("llama_cpp"), kv_cache, steps_ms, llama_samples,
+                    record.get("llama_cpp") or {}, kv_cache, steps_ms, llama_samples,
                 )
             )  # fmt: skip
     record["kernel_sets"] = per_set

@@ -5,6 +5,7 @@ installs it); the rest check what happens without it and the bad flags."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -152,15 +153,19 @@ def test_bench_save_keeps_llama_cpp_samples(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     samples = BenchStore(store).latest().samples
-    assert len(samples["llama.cpp prefill (f32)"]) == 3 and len(samples["llama.cpp decode step (f32)"]) == 3
+    # 3 steps per decode pass, 3 interleaved passes by default
+    assert len(samples["llama.cpp prefill (f32)"]) == 3 and len(samples["llama.cpp decode step (f32)"]) == 3 * 3
     assert "cpp prefill (fast)" in samples
 
 
 def test_without_llama_cpp_the_bench_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(llama_cpp_engine, "llama_cpp_missing", lambda: "llama-cpp-python is not installed")
     model = cl.generate_model(CONFIG, batch_size=1, seq_len=4, seed=1)
-    got = bench._measure_llama_cpp(model, ["f32"], tmp_path, 1, 0, 1, 0, "f32", np.zeros((1, 4, 256)))
-    assert got == {"skipped": "llama-cpp-python is not installed"}
+    with contextlib.ExitStack() as stack:
+        got, engines = bench._measure_llama_cpp(
+            model, ["f32"], tmp_path, 1, 0, 1, 0, "f32", np.zeros((1, 4, 256)), stack
+        )
+    assert got == {"skipped": "llama-cpp-python is not installed"} and engines == {}
     lines = bench._llama_cpp_lines({"llama_cpp": got, "kernels": ["fast"]}, bench.time_call(lambda: None, 0, 1))
     assert lines == ["llama.cpp: skipped — llama-cpp-python is not installed"]
 
