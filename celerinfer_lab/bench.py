@@ -125,11 +125,12 @@ def time_call(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> Ti
     return Timing(median, float(min(times)), float(max(times)), repeat, q1, q3, load, cores, times)
 
 
-def time_torch(model: Model, warmup: int = 2, repeat: int = 10) -> Timing:
-    """The PyTorch reference as a user runs it: float32, inference mode, torch's default threads."""
+def time_torch(model: Model, warmup: int = 2, repeat: int = 10, kv_cache: str = "f32") -> Timing:
+    """The PyTorch reference as a user runs it: float32, inference mode, torch's default threads (its
+    KV cache in ``kv_cache``'s format)."""
     from .reference import ReferenceModel
 
-    ref = ReferenceModel(model)
+    ref = ReferenceModel(model, kv_cache=kv_cache)
     return time_call(lambda: ref.forward(), warmup, repeat)
 
 

@@ -37,6 +37,7 @@ from IPython.display import display
 from .config import TOPK_RENORM_RULES, ConfigError, ModelConfig
 from .faults import FAULTS, Fault, why_it_cannot_show
 from .flags import DEFAULT_BATCH_SIZE
+from .kvcache import KV_CACHE_FORMATS
 from .native import NativeEngine, assemble_source
 from .paths import DEFAULT_CPP_DIR, include_dir
 from .text_panel import MIN_VOCAB, TextJob, TextPanel
@@ -96,9 +97,9 @@ _engines: dict[tuple[str, str | None, str], NativeEngine] = {}  # one compile pe
 
 
 def explorer_faults() -> list[str]:
-    """The faults the explorer lists (read when it is built): it runs the default float32 KV cache,
-    so faults of the bf16 cache are left out."""
-    return [name for name, fault in FAULTS.items() if fault.kv_cache == "f32"]
+    """The faults the explorer lists (read when it is built): every one in the catalogue (a fault of
+    the bf16 KV cache switches the KV cache control to bf16)."""
+    return list(FAULTS)
 
 
 def engine_for(cpp_dir: str | Path, fault: str | None, extra_source: str = "") -> NativeEngine:
@@ -168,6 +169,7 @@ class Explorer(W.VBox):
             "kernels": W.ToggleButtons(
                 options=[*sets, "all"], value="fast" if "fast" in sets else sets[0], description="kernels"
             ),
+            "kv_cache": W.ToggleButtons(options=list(KV_CACHE_FORMATS), value="f32", description="KV cache"),
             "fault": W.Dropdown(options=["none", *explorer_faults()], description="fault"),
             "cpp_dir": W.Text(value=cpp_dir, description="C++ folder", layout=W.Layout(width="600px")),
         }
@@ -229,7 +231,7 @@ class Explorer(W.VBox):
         )
         debug_box = W.VBox(
             [
-                row("kernels", "fault"),
+                row("kernels", "kv_cache", "fault"),
                 self.fault_note,
                 row("cpp_dir"),
                 W.HBox([self.run_button, self.profile_button, self.progress]),
@@ -501,7 +503,7 @@ class Explorer(W.VBox):
             config = self.config()
         except ConfigError:
             return []
-        reasons = why_it_cannot_show(fault, config, self._mask(config))
+        reasons = why_it_cannot_show(fault, config, self._mask(config), self.controls["kv_cache"].value)
         if not set(self.chosen_sets()) & set(fault.kernels):
             reasons.append(
                 f"it changes only the {' and '.join(fault.kernels)} kernels, and the kernel set is "
@@ -563,6 +565,8 @@ class Explorer(W.VBox):
                     put(_INPUT_SETTER[key], wanted)
             if fault.step > c["decode"].value:
                 put("decode", fault.step)
+            if fault.kv_cache != "f32" and c["kv_cache"].value != fault.kv_cache:
+                put("kv_cache", fault.kv_cache)
             if not set(self.chosen_sets()) & set(fault.kernels):
                 usable = [k for k in fault.kernels if k in self.kernel_sets]
                 if usable:
@@ -675,21 +679,22 @@ class Explorer(W.VBox):
             chosen = self.controls["kernels"].value
             sets = self.chosen_sets()
             self._step(f"timing PyTorch and the {', '.join(sets)} kernels")
-            self.timing_details = {"torch_ms": time_torch(model, 2, 15)}
+            kv = c["kv_cache"]
+            self.timing_details = {"torch_ms": time_torch(model, 2, 15, kv)}
             for name in sets:
-                self.timing_details[f"cpp_{name}_ms"] = time_cpp(model, native, 2, 15, name)
+                self.timing_details[f"cpp_{name}_ms"] = time_cpp(model, native, 2, 15, name, kv)
             self.timings = {key: t.median_ms for key, t in self.timing_details.items()}
             if c["decode"]:
                 self._step(f"comparing every trace point, prefill and {c['decode']} decode steps")
                 for name in sets:  # each set's first step that diverges, else its last
-                    self.step_reports[name] = compare_decode(model, native, c["decode"], kernels=name)
+                    self.step_reports[name] = compare_decode(model, native, c["decode"], kernels=name, kv_cache=kv)
                     self.reports[name] = next(
                         (r for r in self.step_reports[name] if not r.agrees), self.step_reports[name][-1]
                     )
                 shown_report = Comparison(self.reports) if chosen == "all" else self.reports[sets[0]]
             else:
                 self._step("comparing every trace point")
-                shown_report = compare(model, native, kernels=chosen)
+                shown_report = compare(model, native, kernels=chosen, kv_cache=kv)
                 self.reports = (
                     dict(shown_report.reports) if isinstance(shown_report, Comparison) else {sets[0]: shown_report}
                 )

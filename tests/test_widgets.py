@@ -88,18 +88,32 @@ def test_a_fault_switches_the_controls_to_a_model_that_shows_it():
     assert e.figures[2].axes[0].images
 
 
-@pytest.mark.parametrize("name", [n for n, f in FAULTS.items() if f.kv_cache == "f32"])
+@pytest.mark.parametrize("name", list(FAULTS))
 def test_every_fault_is_switched_to_a_config_that_shows_it(name):
     e = explorer()
     e.controls["heads"].value = e.controls["kv_heads"].value = 4  # one kv head per query head: no GQA
     e.controls["fault"].value = name
     fault = FAULTS[name]
     assert e.fault_problems() == [] and not e.run_button.disabled, e.fault_note.value
-    assert why_it_cannot_show(fault, e.config(), e._mask(e.config())) == []
+    assert why_it_cannot_show(fault, e.config(), e._mask(e.config()), e.controls["kv_cache"].value) == []
     assert set(e.chosen_sets()) & set(fault.kernels)
     assert (("Switched" in e.fault_note.value) == bool(e.switched)) and "cannot show" not in e.fault_note.value
     e.controls["fault"].value = "none"
     assert e.fault_note.value == ""
+
+
+def test_a_bf16_kv_cache_fault_switches_the_cache_and_is_found():
+    """The explorer's KV cache control: a fault of the bf16 cache switches it to bf16, and Run finds
+    the fault where the cache rounds (both sides keep a bf16 cache)."""
+    e = explorer()
+    e.controls["seq_len"].value = 6
+    e.controls["fault"].value = "kv_bf16_truncation"
+    assert e.controls["kv_cache"].value == "bf16" and "KV cache f32 → bf16" in e.fault_note.value
+    e.run_button.click()
+    assert e.report.culprit is not None and e.report.culprit.name == FAULTS["kv_bf16_truncation"].culprit
+    e.controls["fault"].value = "none"
+    e.run_button.click()  # the correct C++ with the bf16 cache on both sides agrees
+    assert e.report.agrees and e.controls["kv_cache"].value == "bf16"
 
 
 def test_switch_examples():
