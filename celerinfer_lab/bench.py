@@ -626,6 +626,10 @@ def measure_bench(
     from .standalone import build_standalone, run_standalone
 
     check_kv_cache(kv_cache)
+    if decode == 1:  # the first token comes from the prefill: a rate counts the steps after it
+        raise UsageError("decode=1: no decode step to time after the prefill's token; give 2 or more (or 0)")
+    if decode and (isinstance(decode_passes, bool) or not isinstance(decode_passes, int) or decode_passes < 1):
+        raise UsageError(f"decode_passes={decode_passes!r}: the interleaved decode rounds, a whole number >= 1")
     if llama_cpp:
         from .llama_cpp_engine import check_gguf_types
 

@@ -718,6 +718,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_kv_cache(parser: argparse.ArgumentParser, where: str) -> None:
+    """--kv-cache f32|bf16, the KV cache's number format; ``where``: what the bf16 rounding reaches."""
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_FORMATS,
+        default="f32",
+        help=f"the KV cache's number format: f32 (default) or bf16 (each new key and value rounded to bfloat16 as it "
+        f"joins the cache; {where})",
+    )
+
+
 def _add_machine_profile(sub: argparse._SubParsersAction) -> None:
     mach = sub.add_parser(
         "machine",
@@ -780,13 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--warmup", type=int, help="untimed runs first (default: $WARMUP or 5)")
         p.add_argument("--repeat", type=int, default=20, help="timed runs; the median is reported")
         p.add_argument("--save-trace", action="store_true", help="also write the trace (.npz) to the dump dir")
-        p.add_argument(
-            "--kv-cache",
-            choices=KV_CACHE_FORMATS,
-            default="f32",
-            help="the KV cache's number format: f32 (default) or bf16 (keys and values rounded as they join it, "
-            "which the prompt's own attention reads)",
-        )
+        _add_kv_cache(p, "the prompt's own attention reads them")
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")
@@ -841,13 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
         "~/.local/share/celerinfer-lab or $CELERINFER_LAB_DATA)",
     )
     bench.add_argument("--no-standalone", action="store_true", help="skip base_line_micro (no build; its rows n/a)")
-    bench.add_argument(
-        "--kv-cache",
-        choices=KV_CACHE_FORMATS,
-        default="f32",
-        help="the KV cache's number format on both sides: f32 (default) or bf16 (each new key and value rounded "
-        "to bfloat16 as it joins the cache; base_line_micro keeps f32 and is not run for the forward rows)",
-    )
+    _add_kv_cache(bench, "on both sides; base_line_micro keeps f32 and is not run for the forward rows")
     bench.add_argument(
         "--engines",
         default="torch,cpp",
@@ -871,13 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="the kernel set(s) to compare: all (default, each in turn), fast, readable, or one you registered",
     )
-    cmp.add_argument(
-        "--kv-cache",
-        choices=KV_CACHE_FORMATS,
-        default="f32",
-        help="the KV cache's number format: f32 (default) or bf16 (each new key and value rounded to bfloat16 "
-        "as it joins the cache, on both sides; judged as a rounding point)",
-    )
+    _add_kv_cache(cmp, "on both sides; judged as a rounding point")
     cmp.add_argument(
         "--precision",
         choices=("off", "summary", "full"),
@@ -940,13 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
     comp.add_argument("--fault", help="compile one fault from the catalogue into the C++ (see compare --list-faults)")
     comp.add_argument("--ignore-eos", action="store_true", help="go on after the tokenizer's eos_token")
-    comp.add_argument(
-        "--kv-cache",
-        choices=KV_CACHE_FORMATS,
-        default="f32",
-        help="the KV cache's number format on both sides: f32 (default) or bf16 (keys and values rounded as they "
-        "join it)",
-    )
+    _add_kv_cache(comp, "on both sides, and in the diagnosis of a divergence")
     for p in (info, tf, cf, cmp):
         p.add_argument(
             "--allow-nonfinite",

@@ -196,6 +196,14 @@ def test_bench_rejects_bad_arguments():
     assert r.returncode == 2 and "unknown kernel set 'fastest'" in r.stderr and "readable, fast" in r.stderr
     r = run("--decode", "4", "--decode-passes", "0")
     assert r.returncode == 2 and "--decode-passes 0: must be 1 or more" in r.stderr
+    from celerinfer_lab import ModelConfig
+    from celerinfer_lab.bench import measure_bench
+    from celerinfer_lab.errors import UsageError
+
+    with pytest.raises(UsageError, match="decode_passes=0: the interleaved decode rounds"):  # before any work
+        measure_bench(ModelConfig(), 1, 4, decode=4, decode_passes=0)
+    r = run("--decode", "1")  # no step after the prefill's token: a rate of nothing (and ratios of 0 / 0)
+    assert r.returncode == 2 and "decode=1: no decode step to time" in r.stderr
 
 
 def test_time_call_times_the_call():

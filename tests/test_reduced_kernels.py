@@ -75,15 +75,16 @@ def test_the_kernel_sets_declare_their_formats(native):
 # first), then (a0 + a1) + (a2 + a3); the GEMM (prefill) one fused chain over k (fast::gemm_tile's).
 # Emulated in float64: a bf16 weight times a float32 activation is exact in float64 (8 + 24 bits), and
 # so is each chain's sum here (checked), so one rounding to float32 is the fused multiply-add's.
-def _bf16_linear(native, x: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The bf16 set's linear of x on W's bf16 form: (y, the exact decoded weights)."""
+def _reduced_linear(native, fmt: str, x: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The `fmt` ("bf16" or "q8") set's linear of x on W's stored form: (y, the exact decoded weights)."""
     rows, in_ = x.shape
     out = W.shape[0]
-    stored = encode(W, "bf16")
-    Wd = decode(stored, "bf16", W.shape)
-    ks = make_kernels(native, "bf16")
-    what = f"bf16 linear rows={rows} in={in_} out={out}"
-    call(what, ks.prepare_linear_stored, Wd, out, in_, native.ns.WeightFormat.BF16, stored, int(stored.nbytes))
+    stored = encode(W, fmt)
+    Wd = decode(stored, fmt, W.shape)
+    ks = make_kernels(native, fmt)
+    what = f"{fmt} linear rows={rows} in={in_} out={out}"
+    weight_format = {"bf16": native.ns.WeightFormat.BF16, "q8": native.ns.WeightFormat.Q8}[fmt]
+    call(what, ks.prepare_linear_stored, Wd, out, in_, weight_format, stored, int(stored.nbytes))
     y = out_buffer(rows * out)
     call(what, ks.linear, y, np.ascontiguousarray(x), Wd, rows, in_, out)
     check_guard(what, y, rows * out)
@@ -114,7 +115,7 @@ def test_the_bf16_linear_sums_in_its_documented_order(native, rows, in_, out):
     x = rng.standard_normal((rows, in_)).astype(np.float32)
     W = (rng.standard_normal((out, in_)) / np.sqrt(in_)).astype(np.float32)
     with threads(native, 2):
-        y, Wd = _bf16_linear(native, x, W)
+        y, Wd = _reduced_linear(native, "bf16", x, W)
     expected = _fused_chains(x, Wd, 4 if rows <= 4 else 1)
     assert np.array_equal(y.view(np.uint32), expected.view(np.uint32)), (
         f"rows={rows}: {np.count_nonzero(y != expected)} of {y.size} outputs differ from the documented order"
@@ -128,7 +129,7 @@ def test_the_order_check_sees_a_different_order(native):
     x = rng.standard_normal((1, 101)).astype(np.float32)
     W = (rng.standard_normal((33, 101)) / 10).astype(np.float32)
     with threads(native, 2):
-        y, Wd = _bf16_linear(native, x, W)
+        y, Wd = _reduced_linear(native, "bf16", x, W)
     assert not np.array_equal(y, _fused_chains(x, Wd, 1))
     swapped = Wd.copy()
     swapped[:, [10, 11]] = swapped[:, [11, 10]]  # an interleaving bug: k and k + 1 exchanged
@@ -141,21 +142,6 @@ def test_the_order_check_sees_a_different_order(native):
 # float32 (2^-22 |block sum|, and lo's conversion: 2^(e-25) max|w|); the float32 accumulation over the
 # blocks (2^-24 |partial sum| per block); a subnormal ulp per block. The float32 GEMV's own bound
 # has 2^-24 |partial sum| per *weight*: this one is tighter.
-def _q8_linear(native, x: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The q8 set's linear of x on W's Q8_0 form: (y, the exact decoded weights)."""
-    rows, in_ = x.shape
-    out = W.shape[0]
-    stored = encode(W, "q8")
-    Wd = decode(stored, "q8", W.shape)
-    ks = make_kernels(native, "q8")
-    what = f"q8 linear rows={rows} in={in_} out={out}"
-    call(what, ks.prepare_linear_stored, Wd, out, in_, native.ns.WeightFormat.Q8, stored, int(stored.nbytes))
-    y = out_buffer(rows * out)
-    call(what, ks.linear, y, np.ascontiguousarray(x), Wd, rows, in_, out)
-    check_guard(what, y, rows * out)
-    return y[: rows * out].reshape(rows, out), Wd
-
-
 def _err_bound(x: np.ndarray, Wd: np.ndarray) -> np.ndarray:
     blocks = -(-x.shape[1] // 32)
     pad = ((0, 0), (0, blocks * 32 - x.shape[1]))
@@ -195,7 +181,7 @@ def test_q8_gemv_is_the_float32_product_of_the_decoded_weights(native, kind, row
     W = (rng.standard_normal((out, in_)) / np.sqrt(in_)).astype(np.float32)
     W[::2, in_ // 3] = 0.0  # an outlier's weight zero: the other activations' rounding is all that shows
     with threads(native, 2):
-        y, Wd = _q8_linear(native, x, W)
+        y, Wd = _reduced_linear(native, "q8", x, W)
     r64 = x.astype(np.float64) @ Wd.T.astype(np.float64)
     err = np.abs(y - r64)
     assert (err <= _err_bound(x, Wd)).all(), (

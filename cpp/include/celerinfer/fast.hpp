@@ -146,6 +146,19 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
     }
 }
 
+// Is a linear job of `rows` rows over `weights` float32 weights worth the thread pool? Below these
+// sizes a dispatch costs more than it saves; decode (few rows) is bound by streaming the weights,
+// which two cores do faster than one from 128 KB on.
+inline bool linear_worth_parallel(int rows, double weights) { return rows * weights > 2.0e5 || weights * 4 > 131072; }
+
+// Task t of a job over several matrices taken in turn, matrix i cut into tasks(i) tasks: the matrix it
+// falls in and the task within it (part and first carry the previous answer: tasks come in order).
+template <class Tasks>
+CI_VINLINE int task_in_part(int t, int& part, int& first, Tasks tasks) {
+    while (t - first >= tasks(part)) first += tasks(part), ++part;
+    return t - first;
+}
+
 // y[rows, out] = x[rows, in] . W^T, three panels at a time (6 rows x 48 outputs = 18
 // accumulators: three FMAs per broadcast). Work is split over the thread pool by panel triples
 // and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
@@ -153,9 +166,7 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
 inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = (W.panels + 2) / 3;
     const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
-    // Below these sizes a dispatch costs more than it saves; decode (few rows) is bound by
-    // streaming the weights, which two cores do faster than one from 128 KB on.
-    const bool parallel = double(rows) * W.in * W.out > 2.0e5 || double(W.in) * W.out * 4 > 131072;
+    const bool parallel = linear_worth_parallel(rows, double(W.in) * W.out);
     ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {
         for (int task = begin; task < end; ++task) {
             const int t = task / row_chunks, chunk = task % row_chunks;
@@ -178,20 +189,21 @@ inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
 constexpr int kFusedRows = 4;  // up to here a step's linears are a few dispatches of little work each
 
 inline void linears(const float* x, int rows, const LinearOut* outs, const PackedMatrix* const* Ws, int n) {
+    const auto triples = [&](int i) { return (Ws[i]->panels + 2) / 3; };
     int tasks = 0;
-    double bytes = 0.0;
-    for (int i = 0; i < n; ++i) tasks += (Ws[i]->panels + 2) / 3, bytes += double(Ws[i]->in) * Ws[i]->out * 4;
+    double weights = 0.0;
+    for (int i = 0; i < n; ++i) tasks += triples(i), weights += double(Ws[i]->in) * Ws[i]->out;
     ThreadPool::instance().parallel_for(tasks, [&](int begin, int end, int) {
-        int i = 0, first = 0;  // matrix i's triples are tasks first ... first + its triples - 1
+        int i = 0, first = 0;
         for (int task = begin; task < end; ++task) {
-            while (task - first >= (Ws[i]->panels + 2) / 3) first += (Ws[i]->panels + 2) / 3, ++i;
+            const int panel = 3 * task_in_part(task, i, first, triples);
             const PackedMatrix& W = *Ws[i];
-            const int panel = 3 * (task - first), left = W.panels - panel;
+            const int left = W.panels - panel;
             if (left >= 3) gemm_rows<3>(outs[i].y, x, W, rows, panel);
             else if (left == 2) gemm_rows<2>(outs[i].y, x, W, rows, panel);
             else gemm_rows<1>(outs[i].y, x, W, rows, panel);
         }
-    }, bytes > 131072 || rows * bytes / 4 > 2.0e5);  // fast::linear's rule, on the sum
+    }, linear_worth_parallel(rows, weights));  // fast::linear's rule, on the sum
 }
 
 // ---- vectorized elementwise ops -----------------------------------------------------------------

@@ -196,8 +196,7 @@ struct GemvPart {
 // Task t of a job over parts' panels: the part it falls in and the panel within (part and first
 // carry the previous answer: tasks come in increasing order).
 inline int part_panel(const GemvPart* parts, int t, int& part, int& first) {
-    while (t - first >= parts[part].W->panels) first += parts[part].W->panels, ++part;
-    return t - first;
+    return task_in_part(t, part, first, [parts](int i) { return parts[i].W->panels; });
 }
 inline int total_panels(const GemvPart* parts, int n) {
     int panels = 0;
