@@ -250,6 +250,10 @@ def _kv_note(kv_cache: str) -> str:
     return "" if kv_cache == "f32" else f", {kv_cache} KV cache"
 
 
+def _keep_note(logits_to_keep: int) -> str:
+    return f", logits of the last {logits_to_keep} position{'s' if logits_to_keep > 1 else ''}" if logits_to_keep else ""
+
+
 def cmd_torch_forward(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -266,10 +270,11 @@ def cmd_torch_forward(args: argparse.Namespace) -> int:
     model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     ref = ReferenceModel(model, dtype, args.kv_cache)
-    times = time_call(lambda: ref.forward(), warmup, args.repeat)
-    logits, trace = ref.forward(trace=args.save_trace)
+    keep = args.logits_to_keep
+    times = time_call(lambda: ref.forward(logits_to_keep=keep), warmup, args.repeat)
+    logits, trace = ref.forward(trace=args.save_trace, logits_to_keep=keep)
     _report(
-        f"torch forward ({args.dtype}, {torch.get_num_threads()} threads{_kv_note(args.kv_cache)})",
+        f"torch forward ({args.dtype}, {torch.get_num_threads()} threads{_kv_note(args.kv_cache)}{_keep_note(keep)})",
         path,
         model,
         times,
@@ -290,17 +295,21 @@ def cmd_cpp_forward(args: argparse.Namespace) -> int:
     from .bench import time_call
     from .native import load_native
     from .reader import load_model
+    from .trace import check_logits_to_keep, kept_positions
 
     path, dump_dir, warmup = _forward_inputs(args)
     model = load_model(path, allow_nonfinite=args.allow_nonfinite)
     engine = load_native(args.cpp_dir)
     native = engine.prepare(model, args.kernels, args.kv_cache)
     ids, mask = native.check_inputs(None, None)
-    logits = np.zeros((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
-    times = time_call(lambda: native.run(ids, mask, logits), warmup, args.repeat)
-    result = native.forward(trace=args.save_trace)
+    keep = check_logits_to_keep(args.logits_to_keep)
+    rows = kept_positions(model.seq_len, keep)
+    logits = np.zeros((model.batch_size, rows, model.config.vocab_size), dtype=np.float32)
+    times = time_call(lambda: native.run(ids, mask, logits, logits_to_keep=keep), warmup, args.repeat)
+    result = native.forward(trace=args.save_trace, logits_to_keep=keep)
     _report(
-        f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads{_kv_note(args.kv_cache)})",
+        f"C++ forward (cppyy, {native.kernels} kernels, {engine.threads} threads{_kv_note(args.kv_cache)}"
+        f"{_keep_note(keep)})",
         path,
         model,
         times,
@@ -792,6 +801,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeat", type=int, default=20, help="timed runs; the median is reported")
         p.add_argument("--save-trace", action="store_true", help="also write the trace (.npz) to the dump dir")
         _add_kv_cache(p, "the prompt's own attention reads them")
+        p.add_argument(
+            "--logits-to-keep",
+            type=int,
+            default=0,
+            metavar="L",
+            help="lm_head over the last L positions only, logits [B, L, V] (MiniMind's logits_to_keep; "
+            "0, the default: every position)",
+        )
     tf.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     tf.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     cf.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers (default: this project's cpp/)")

@@ -128,7 +128,7 @@ class _ReferenceStepper:
         self.mask = torch.ones_like(self.ids)
 
     def step(self) -> int:
-        logits, _ = self.ref.forward(self.ids, self.mask, cache=self.cache)
+        logits, _ = self.ref.forward(self.ids, self.mask, cache=self.cache, logits_to_keep=1)  # the last is read
         chosen = int(logits[0, -1].argmax())
         self.ids = self.torch.tensor([[chosen]], dtype=self.torch.int64)
         self.mask = self.torch.cat([self.mask, self.torch.ones_like(self.ids)], dim=1)

@@ -128,7 +128,7 @@ CATALOGUE: list[Fault] = [
     Fault(
         "output_never_written",
         "the logits buffer is never written (the original tool's all-zero logits)",
-        _edit("forward.hpp", "    K.linear(logits, x, m.head(), N, H, c.vocab);\n", ""),
+        _edit("forward.hpp", "    lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);\n", ""),
         BOTH,
         "lm_head",
         "never written",

@@ -31,8 +31,11 @@ class Errors:
 
 
 def live_rows(array: np.ndarray, token_axis: int, mask: np.ndarray) -> np.ndarray:
-    """The values at real token positions, as [rows, rest] (token axis moved next to batch)."""
+    """The values at real token positions, as [rows, rest] (token axis moved next to batch). A token
+    axis shorter than the mask holds the last positions (logits of a forward that kept the last L)."""
     moved = np.moveaxis(array, token_axis, 1)
+    if moved.shape[1] < mask.shape[1]:
+        mask = mask[:, mask.shape[1] - moved.shape[1] :]
     return moved[mask.astype(bool)].reshape(int(mask.sum()), -1)
 
 

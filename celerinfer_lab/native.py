@@ -24,7 +24,7 @@ from .kvcache import check_kv_cache
 from .modelfile import Model, input_problem
 from .paths import DEFAULT_CPP_DIR, HEADER, copy_cpp, edit_source  # noqa: F401  (defined in paths.py, re-exported here)
 from .paths import include_dir as _include_dir
-from .trace import ForwardResult, trace_points  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
+from .trace import ForwardResult, check_logits_to_keep, kept_positions, trace_points  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
 _versions = itertools.count(1)  # namespaces are process-wide in cling
 # A cppyy proxy (a C++ object, function or namespace): cppyy ships no types, its attributes are the C++ names.
@@ -232,8 +232,9 @@ class NativeEngine:
         teacher: dict[str, np.ndarray] | None = None,
         kernels: str | None = None,
         kv_cache: str = "f32",
+        logits_to_keep: int = 0,
     ) -> ForwardResult:
-        return self.prepare(model, kernels, kv_cache).forward(input_ids, attention_mask, trace, teacher)
+        return self.prepare(model, kernels, kv_cache).forward(input_ids, attention_mask, trace, teacher, logits_to_keep)
 
 
 def load_native(
@@ -337,9 +338,11 @@ class NativeModel:
         recorder: Cpp = None,
         start: int = 0,
         workspace: Cpp = None,
+        logits_to_keep: int = 0,
     ) -> None:
-        """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated.
-        ``start``: tokens already in ``workspace``'s KV cache (decode)."""
+        """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated
+        ([B, L, vocab], L = kept_positions(S, logits_to_keep)). ``start``: tokens already in
+        ``workspace``'s KV cache (decode)."""
         B, S = ids.shape
         self.model.check_sidecar()  # a sidecar truncated under the model: an error here, not SIGBUS in C++
         sink = recorder if recorder is not None else _cppyy().nullptr
@@ -357,6 +360,7 @@ class NativeModel:
                 ws,
                 logits,
                 sink,
+                logits_to_keep,
             )
 
     def forward(
@@ -365,28 +369,41 @@ class NativeModel:
         attention_mask: npt.ArrayLike | None = None,
         trace: bool = False,
         teacher: dict[str, np.ndarray] | None = None,
+        logits_to_keep: int = 0,
     ) -> ForwardResult:
         """Logits and, with trace (or a teacher), every trace point.
 
         ``teacher``: trace point values that replace each op's output once recorded, so every op
         runs on exact inputs (teacher forcing); the trace then holds each op's own result.
+        ``logits_to_keep``: as MiniMind's forward: 0 gives every position's logits [B, S, V], L the
+        last L positions' [B, L, V] (lm_head runs on those rows only; the trace's lm_head too).
         """
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
-        logits, guarded = _guarded_logits(B, S, self.config.vocab_size)
-        recorder = self._recorder(trace, teacher, B, S, 0)
-        self.run(ids, mask, logits, recorder)
+        L = kept_positions(S, check_logits_to_keep(logits_to_keep))
+        logits, guarded = _guarded_logits(B, L, self.config.vocab_size)
+        recorder = self._recorder(trace, teacher, B, S, 0, logits_to_keep)
+        self.run(ids, mask, logits, recorder, logits_to_keep=logits_to_keep)
         _check_guard(guarded, logits.size)
         return ForwardResult(
-            logits=logits, trace=_read_trace(recorder, self.config, B, S, 0, self.kv_cache) if recorder else None
+            logits=logits,
+            trace=_read_trace(recorder, self.config, B, S, 0, self.kv_cache, logits_to_keep) if recorder else None,
         )
 
-    def _recorder(self, trace: bool, teacher: dict[str, np.ndarray] | None, B: int, S: int, past_len: int) -> Cpp:
+    def _recorder(
+        self,
+        trace: bool,
+        teacher: dict[str, np.ndarray] | None,
+        B: int,
+        S: int,
+        past_len: int,
+        logits_to_keep: int = 0,
+    ) -> Cpp:
         """A TraceRecorder holding the teacher's values (kept alive on it), or None for no trace."""
         if not trace and teacher is None:
             return None
         recorder, kept = self.ns.TraceRecorder(), []
-        points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len, self.kv_cache)}
+        points = {p.name: p.shape for p in trace_points(self.config, B, S, past_len, self.kv_cache, logits_to_keep)}
         for name, value in (teacher or {}).items():
             if name not in points or tuple(np.shape(value)) != points[name]:
                 raise UsageError(
@@ -420,7 +437,7 @@ class NativeModel:
                 return None
             return tokens[-1]
 
-        self._decode(new_tokens, input_ids, attention_mask, greedy)
+        self._decode(new_tokens, input_ids, attention_mask, greedy, prefill_logits=1)  # greedy reads the last
         return np.concatenate(tokens, axis=1)
 
     def decode_steps(
@@ -451,16 +468,18 @@ class NativeModel:
         next_token: NextToken,
         trace: bool = False,
         teachers: list[dict[str, np.ndarray]] | None = None,
+        prefill_logits: int = 0,
     ) -> None:
         """Run up to ``forwards`` forwards over one KV cache: the prompt first, then each token that
-        next_token(step, logits, trace or None) returns (None stops)."""
+        next_token(step, logits, trace or None) returns (None stops). ``prefill_logits``: the prompt's
+        logits_to_keep (1 when only the last position's logits are read)."""
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
         if forwards < 1:
             raise UsageError(f"forwards={forwards}: need at least the prefill")
         self.config.validate(seq_len=S + forwards - 1)
         with self._lock:  # the KV cache lives in the workspace from the prefill to the last step
-            self._decode_locked(forwards, ids, mask, next_token, trace, teachers)
+            self._decode_locked(forwards, ids, mask, next_token, trace, teachers, prefill_logits)
 
     def _decode_locked(
         self,
@@ -470,17 +489,19 @@ class NativeModel:
         next_token: NextToken,
         trace: bool,
         teachers: list[dict[str, np.ndarray]] | None,
+        prefill_logits: int,
     ) -> None:
         B, prompt_len = ids.shape
         ws = self.workspace(B, prompt_len, prompt_len + forwards - 1)
         start = 0
         for step in range(forwards):
             S = ids.shape[1]  # new tokens this step: the prompt, then one
-            logits, guarded = _guarded_logits(B, S, self.config.vocab_size)
-            recorder = self._recorder(trace, teachers[step] if teachers else None, B, S, start)
-            self.run(ids, mask, logits, recorder, start=start, workspace=ws)
+            keep = prefill_logits if step == 0 else 0
+            logits, guarded = _guarded_logits(B, kept_positions(S, keep), self.config.vocab_size)
+            recorder = self._recorder(trace, teachers[step] if teachers else None, B, S, start, keep)
+            self.run(ids, mask, logits, recorder, start=start, workspace=ws, logits_to_keep=keep)
             _check_guard(guarded, logits.size)
-            points = _read_trace(recorder, self.config, B, S, start, self.kv_cache) if trace else None
+            points = _read_trace(recorder, self.config, B, S, start, self.kv_cache, keep) if trace else None
             chosen = next_token(step, logits, points)
             start += S
             if chosen is None or step == forwards - 1:
@@ -494,7 +515,7 @@ _SENTINEL = np.array([0x7FC0DEAD], dtype=np.uint32).view(np.float32)[0]  # a NaN
 
 
 def _guarded_logits(B: int, S: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [B, S, vocab] inside a buffer with a guard tail. NaN-filled: a forward that never
+    """Logits [B, S, vocab] (S: the positions kept) inside a buffer with a guard tail. NaN-filled: a forward that never
     writes its output shows up as NaN, not as plausible zeros."""
     n = B * S * vocab
     buffer = np.full(n + _GUARD, np.nan, dtype=np.float32)
@@ -508,10 +529,16 @@ def _check_guard(buffer: np.ndarray, n: int) -> None:
 
 
 def _read_trace(
-    recorder: Cpp, config: ModelConfig, B: int, S: int, past_len: int = 0, kv_cache: str = "f32"
+    recorder: Cpp,
+    config: ModelConfig,
+    B: int,
+    S: int,
+    past_len: int = 0,
+    kv_cache: str = "f32",
+    logits_to_keep: int = 0,
 ) -> dict[str, np.ndarray]:
     """Copy the recorded points out of C++, with the contract's dtypes (topk_idx is int64)."""
-    dtypes = {p.name: p.dtype for p in trace_points(config, B, S, past_len, kv_cache)}
+    dtypes = {p.name: p.dtype for p in trace_points(config, B, S, past_len, kv_cache, logits_to_keep)}
     out: dict[str, np.ndarray] = {}
     for i in range(recorder.size()):
         name, shape, n = str(recorder.name(i)), tuple(recorder.shape(i)), int(recorder.numel(i))

@@ -34,7 +34,7 @@ from .config import ModelConfig
 from .errors import UsageError
 from .kvcache import check_kv_cache, round_bf16
 from .modelfile import Model, input_problem
-from .trace import ForwardResult, Point, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
+from .trace import ForwardResult, Point, check_logits_to_keep, kept_positions, point_name  # noqa: F401  (ForwardResult: defined in trace.py, re-exported here)
 
 # Token ids or a mask [B, S] as a caller gives them: a torch tensor, a numpy array or nested lists.
 Tokens = torch.Tensor | npt.ArrayLike
@@ -217,6 +217,7 @@ class ReferenceModel:
         teacher: dict[str, np.ndarray] | None = None,
         cache: KVCache | None = None,
         adopt: Adopt | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Logits [B, S, V] and, with trace=True, every trace point. Defaults: the file's inputs.
 
@@ -229,10 +230,13 @@ class ReferenceModel:
         the cached keys too, and are appended to the cache; attention_mask then covers all keys
         [B, cache.length + S].
         ``adopt``: with a bf16 KV cache, chooses the values each cache point holds (see kvcache.py).
+        ``logits_to_keep``: MiniMind's argument: lm_head over the last L positions only, logits
+        [B, L, V] (0: every position).
         """
+        keep = check_logits_to_keep(logits_to_keep)
         ids, mask = self._inputs(input_ids, attention_mask, cache.length if cache is not None else 0)
         forced = None if teacher is None else {k: torch.from_numpy(np.asarray(v)) for k, v in teacher.items()}
-        return self._forward(ids, mask, _Tracer(trace, forced, adopt), cache)
+        return self._forward(ids, mask, _Tracer(trace, forced, adopt), cache, keep)
 
     @torch.inference_mode()
     def timed_forward(
@@ -257,7 +261,7 @@ class ReferenceModel:
         return self._forward(ids, mask, _Tracer(False), None)[0]
 
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, tr: _Tracer, cache: KVCache | None
+        self, ids: torch.Tensor, mask: torch.Tensor, tr: _Tracer, cache: KVCache | None, logits_to_keep: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         cfg, w = self.config, self.w
         start = cache.length if cache is not None else 0
@@ -280,7 +284,8 @@ class ReferenceModel:
                 y = tr(Point.down_proj, mlp(x, *_mlp_weights(w, f"{p}.mlp"), tr, i), i)
             h = tr(Point.block, h + y, i)
         h = tr(Point.norm, rmsnorm(h, w["model.norm.weight"], cfg.rms_norm_eps))
-        logits = tr(Point.lm_head, F.linear(h, w["lm_head.weight"]))
+        kept = h[:, h.shape[1] - kept_positions(h.shape[1], logits_to_keep) :]  # MiniMind: h[:, -logits_to_keep:]
+        logits = tr(Point.lm_head, F.linear(kept, w["lm_head.weight"]))
         return logits, tr.points
 
     def _inputs(
@@ -422,7 +427,8 @@ def greedy_generate(
     for step in range(new_tokens):
         if step == 1 and after_prefill is not None:
             after_prefill()
-        logits, _ = ref.forward(ids, mask, cache=cache)
+        # the prompt's last position only, as MiniMind's generate asks (logits_to_keep=1)
+        logits, _ = ref.forward(ids, mask, cache=cache, logits_to_keep=1)
         ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(ids)
         if on_step is not None:
@@ -438,10 +444,13 @@ def reference_forward(
     teacher: dict[str, np.ndarray] | None = None,
     kv_cache: str = "f32",
     adopt: Adopt | None = None,
+    logits_to_keep: int = 0,
 ) -> ForwardResult:
     """Run the reference on the model file's own inputs; numpy logits and trace. ``kv_cache``: "f32"
-    or "bf16" (keys and values rounded as they join the cache); ``adopt``: see ReferenceModel.forward."""
-    logits, points = ReferenceModel(model, dtype, kv_cache).forward(trace=trace, teacher=teacher, adopt=adopt)
+    or "bf16" (keys and values rounded as they join the cache); ``adopt`` and ``logits_to_keep``: see
+    ReferenceModel.forward."""
+    ref = ReferenceModel(model, dtype, kv_cache)
+    logits, points = ref.forward(trace=trace, teacher=teacher, adopt=adopt, logits_to_keep=logits_to_keep)
     return ForwardResult(
         logits=logits.numpy(),
         trace=None if points is None else {k: v.numpy() for k, v in points.items()},

@@ -9,7 +9,7 @@ to import when the two differ), the op, and one ``tr(Point.x, ...)`` / ``trace_p
 ...)`` call beside it on each side.
 
 Shapes are written once, as symbols (``SYMBOLS``): B (batch), S (new tokens), P (keys: cached +
-new), H (hidden_size), nh / kvh (query / kv heads), hd (head_dim), I (intermediate_size),
+new), L (positions whose logits the forward keeps: S, or the last ``logits_to_keep``), H (hidden_size), nh / kvh (query / kv heads), hd (head_dim), I (intermediate_size),
 E (num_experts), k (num_experts_per_tok), V (vocab); "nh*hd" is a product.
 """
 
@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
+from .errors import UsageError
 
-# symbol -> (where Python reads it: a ModelConfig field, or None for B/S/P; the C++ expression over a
+# symbol -> (where Python reads it: a ModelConfig field, or None for B/S/P/L; the C++ expression over a
 # TraceDims `d`, as trace_points.hpp evaluates it)
 SYMBOLS: dict[str, tuple[str | None, str]] = {
     "B": (None, "d.B"),
     "S": (None, "d.S"),
     "P": (None, "d.P"),
+    "L": (None, "d.L"),
     "H": ("hidden_size", "d.config.hidden"),
     "nh": ("num_attention_heads", "d.config.heads"),
     "kvh": ("num_key_value_heads", "d.config.kv_heads"),
@@ -136,7 +138,7 @@ POINTS: tuple[PointSpec, ...] = (
     PointSpec("down_proj", "mlp.down_proj", ("B", "S", "H"), "act @ Wdown^T", feature="dense"),
     PointSpec("block", "", ("B", "S", "H"), "block output: attn_residual + mlp"),
     PointSpec("norm", "model.norm", ("B", "S", "H"), "final RMSNorm", in_layer=False),
-    PointSpec("lm_head", "lm_head", ("B", "S", "V"), "logits", in_layer=False),
+    PointSpec("lm_head", "lm_head", ("B", "L", "V"), "logits (of the last L positions: all S unless kept)", in_layer=False),
 )
 
 _ROWS_BY_ID = {spec.id: spec for spec in POINTS}
@@ -214,9 +216,33 @@ def shape_of(spec: PointSpec, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(int(np.prod([sizes[factor] for factor in axis.split("*")])) for axis in spec.shape)
 
 
-def symbol_sizes(config: ModelConfig, batch: int, seq_len: int, past_len: int = 0) -> dict[str, int]:
+def kept_positions(seq_len: int, logits_to_keep: int = 0) -> int:
+    """How many positions' logits a forward of seq_len tokens returns: logits_to_keep as MiniMind's
+    forward takes it (0, or more than seq_len: all; L: the last L). forward.hpp's kept_positions."""
+    return seq_len if logits_to_keep <= 0 or logits_to_keep > seq_len else logits_to_keep
+
+
+def check_logits_to_keep(logits_to_keep: object) -> int:
+    """logits_to_keep as given by a caller: a whole number >= 0, else a UsageError naming it."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+        raise UsageError(
+            f"logits_to_keep={logits_to_keep!r}: the positions whose logits a forward returns, "
+            "a whole number >= 0 (0: every position; L: the last L)"
+        )
+    return int(logits_to_keep)
+
+
+def symbol_sizes(
+    config: ModelConfig, batch: int, seq_len: int, past_len: int = 0, logits_to_keep: int = 0
+) -> dict[str, int]:
     sizes = {sym: getattr(config, field) for sym, (field, _) in SYMBOLS.items() if field is not None}
-    return {**sizes, "B": batch, "S": seq_len, "P": past_len + seq_len}
+    return {
+        **sizes,
+        "B": batch,
+        "S": seq_len,
+        "P": past_len + seq_len,
+        "L": kept_positions(seq_len, logits_to_keep),
+    }
 
 
 def has_feature(config: ModelConfig, feature: str, kv_cache: str = "f32") -> bool:
@@ -240,14 +266,15 @@ class TracePoint:
 
 
 def trace_points(
-    config: ModelConfig, batch: int, seq_len: int, past_len: int = 0, kv_cache: str = "f32"
+    config: ModelConfig, batch: int, seq_len: int, past_len: int = 0, kv_cache: str = "f32", logits_to_keep: int = 0
 ) -> list[TracePoint]:
     """Every trace point of a forward over [batch, seq_len] new tokens, in forward order.
 
     ``past_len``: tokens already in the KV cache (decode steps); attention spans P = past_len + S keys.
     ``kv_cache``: "bf16" adds the cache points (k_cached, v_cached) after rope_k.
+    ``logits_to_keep``: lm_head holds the last L positions (kept_positions).
     """
-    sizes = symbol_sizes(config, batch, seq_len, past_len)
+    sizes = symbol_sizes(config, batch, seq_len, past_len, logits_to_keep)
 
     def instances(point: Point, layer: int | None) -> list[TracePoint]:
         spec: PointSpec = point.value
@@ -299,10 +326,12 @@ enum class Point : int {{
 {ids}
 }};
 
-// The sizes a shape is written in: B (batch), S (new tokens), P (keys: cached + new) and the config's.
+// The sizes a shape is written in: B (batch), S (new tokens), P (keys: cached + new), the config's,
+// and L (positions whose logits are kept: S, or the last logits_to_keep).
 struct TraceDims {{
     int64_t B, S, P;
     const Config& config;
+    int64_t L;
 }};
 
 struct PointInfo {{
@@ -333,7 +362,7 @@ inline std::vector<int64_t> point_shape(Point p, const TraceDims& d) {{
 class ForwardResult:
     """What a forward returns, on either side (reference.py, native.py)."""
 
-    logits: np.ndarray  # [B, S, V]
+    logits: np.ndarray  # [B, L, V]: L = S, or the logits_to_keep asked for
     trace: dict[str, np.ndarray] | None  # trace point name -> output, in forward order
 
     @property

@@ -129,8 +129,8 @@ def test_isolation_separates_two_bugs(cpp_copy):
     """Two bugs: the first is the culprit; the second still shows its own error, the rest propagate."""
     edit_file(
         cpp_copy / "include/celerinfer/forward.hpp",
-        "K.linear(logits, x, m.head(), N, H, c.vocab);",
-        "K.linear(logits, x, m.head(), N, H, c.vocab);\n    for (size_t i = 0; i < size_t(N) * c.vocab; ++i) logits[i] *= 1.5f;",
+        "lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);",
+        "lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);\n    for (size_t i = 0; i < size_t(B) * L * c.vocab; ++i) logits[i] *= 1.5f;",
     )
     report = compare(small_model(), load_native(cpp_copy, fault="silu_as_gelu"))
     assert report.culprit.name == "model.layers.0.mlp.act"

@@ -149,7 +149,7 @@ def test_segfault_on_worker_thread_is_native_error(tmp_path):
 
 # ---- (b) out-of-bounds writes caught by the guards ---------------------------------------------------
 SWIGLU = "    for (size_t i = 0; i < n; ++i) act[i] = silu(gate[i]) * up[i];"
-LM_HEAD = "    K.linear(logits, x, m.head(), N, H, c.vocab);"
+LM_HEAD = "    lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);"
 ACT = "out-of-bounds write: a kernel wrote past the end of workspace buffer 'act'"
 LOGITS = "out-of-bounds write: the forward wrote past the end of the logits"
 
@@ -159,8 +159,8 @@ GUARD_CASES = {
     "readable-act": ("ops.hpp", SWIGLU, SWIGLU.replace("act[i] =", "act[i + 4] ="), "readable", ACT),
     "fast-act": ("fast.hpp", "vstore(act + i, g / (one", "vstore(act + i + 4, g / (one", "fast", ACT),
     # the lm_head writes its rows four floats late: the last four land in the logits' guard
-    "readable-logits": ("forward.hpp", LM_HEAD, LM_HEAD.replace("(logits,", "(logits + 4,"), "readable", LOGITS),
-    "fast-logits": ("forward.hpp", LM_HEAD, LM_HEAD.replace("(logits,", "(logits + 4,"), "fast", LOGITS),
+    "readable-logits": ("forward.hpp", LM_HEAD, LM_HEAD.replace("logits, x,", "logits + 4, x,"), "readable", LOGITS),
+    "fast-logits": ("forward.hpp", LM_HEAD, LM_HEAD.replace("logits, x,", "logits + 4, x,"), "fast", LOGITS),
     # A loop that runs past the end of its inputs as well as its output copies the inputs' guard
     # sentinels (a NaN keeps its payload through silu and *) into act's guard: caught because each
     # buffer's guard has a NaN payload of its own.

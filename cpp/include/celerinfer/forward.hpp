@@ -3,6 +3,7 @@
 // trace_point: the Point names the output, and its shape comes from trace_points.hpp.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <type_traits>
 #include <utility>
@@ -115,20 +116,44 @@ inline void attention_traced(const Kernels& K, float* context, const float* q, i
     if (taps.wrote_probs) trace->record(probs, taps.probs, point_shape(Point::probs, dims));
 }
 
-// logits [B, S, vocab] for S new tokens input_ids [B, S] at positions start ... start + S - 1;
-// mask [B, start + S] covers the cached keys and the new ones (1 = token, 0 = padding).
-// The new keys and values join the workspace's KV cache.
+// The logits rows a forward of S new tokens writes per sequence: logits_to_keep as MiniMind's
+// forward takes it (0, or more than S: all S positions; L: the last L).
+inline int kept_positions(int S, int logits_to_keep) {
+    return logits_to_keep <= 0 || logits_to_keep > S ? S : logits_to_keep;
+}
+
+// lm_head over the last L of each sequence's S normed rows x [B * S, H] (L = S: all of them), into
+// logits [B, L, vocab]. Fewer rows: generation asks only the last position's logits, and lm_head
+// over every prompt position was ~12% of a minimind2-small prefill. The float32 sets compute each
+// logit the same way whatever the row count, so theirs equal the full forward's bit for bit; the
+// bf16/q8 sets take their GEMV for a few rows, which sums in another order (float32 rounding).
+template <class Kernels>
+inline void lm_head_kept(const Kernels& K, float* logits, float* x, const float* head, int B, int S, int L, int H,
+                         int vocab) {
+    if (L < S) {  // the kept rows moved together in place: each moves to a lower or the same row
+        for (int b = 0; b < B; ++b)
+            for (int i = 0; i < L; ++i)
+                std::memmove(x + (size_t(b) * L + i) * H, x + (size_t(b) * S + S - L + i) * H, sizeof(float) * H);
+    }
+    K.linear(logits, x, head, B * L, H, vocab);
+}
+
+// logits [B, L, vocab] for S new tokens input_ids [B, S] at positions start ... start + S - 1: every
+// position's (L = S), or the last L = logits_to_keep's (kept_positions); mask [B, start + S] covers
+// the cached keys and the new ones (1 = token, 0 = padding). The new keys and values join the
+// workspace's KV cache.
 template <class Kernels>
 inline void forward_tokens(const ModelWeights& m, const Kernels& K, const int64_t* input_ids, const int64_t* mask, int S,
-                           int start, Workspace& ws, float* logits, TraceSink* trace = nullptr) {
+                           int start, Workspace& ws, float* logits, TraceSink* trace = nullptr, int logits_to_keep = 0) {
     const Config& c = m.config;
     const int B = ws.B, N = B * S, H = c.hidden, hd = c.head_dim;
     const int nh = c.heads, kvh = c.kv_heads, I = c.intermediate;
     CI_CHECK(S >= 1 && S <= ws.S, "forward: ", S, " new tokens, the workspace holds up to ", ws.S);
     CI_CHECK(start >= 0 && start + S <= ws.max_len, "forward: positions up to ", start + S,
              " exceed the workspace's KV cache of ", ws.max_len);
+    const int L = kept_positions(S, logits_to_keep);
     const AttnDims attn_dims{B, S, start + S, ws.max_len, nh, kvh, hd};
-    const TraceDims dims{B, S, start + S, c};
+    const TraceDims dims{B, S, start + S, c, L};
     float* h = ws.h.data();
     float* x = ws.x.data();
 
@@ -182,7 +207,7 @@ inline void forward_tokens(const ModelWeights& m, const Kernels& K, const int64_
     }
     K.rmsnorm(x, h, m.final_norm, N, H, c.eps);
     trace_point(trace, -1, Point::norm, x, dims);
-    K.linear(logits, x, m.head(), N, H, c.vocab);
+    lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);
     trace_point(trace, -1, Point::lm_head, logits, dims);
 }
 

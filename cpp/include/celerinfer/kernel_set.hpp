@@ -43,8 +43,9 @@ struct KernelSet {
     virtual void prepare_linear_stored(const float* W, int out, int in, WeightFormat format, const void* data,
                                        size_t bytes) = 0;
     virtual WeightFormat weight_format() const = 0;  // what the set reads: F32, or a model's stored BF16/Q8
+    // logits_to_keep: as forward_tokens (forward.hpp): 0 = every position's logits, L = the last L.
     virtual void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
-                         float* logits, TraceSink* trace) const = 0;
+                         float* logits, TraceSink* trace, int logits_to_keep) const = 0;
     virtual void linear(float* y, const float* x, const float* W, int rows, int in, int out) const = 0;
     // Several linears of one x as the forward runs them (forward.hpp's linears: fused or one by one).
     virtual void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const = 0;
@@ -88,8 +89,8 @@ struct KernelSetOf final : KernelSet {
     }
     WeightFormat weight_format() const override { return K::weight_format; }
     void forward(const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start, Workspace& ws,
-                 float* logits, TraceSink* trace) const override {
-        forward_tokens(m, k, ids, mask, S, start, ws, logits, trace);
+                 float* logits, TraceSink* trace, int logits_to_keep) const override {
+        forward_tokens(m, k, ids, mask, S, start, ws, logits, trace, logits_to_keep);
     }
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const override {
         k.linear(y, x, W, rows, in, out);
@@ -207,11 +208,12 @@ inline std::unique_ptr<KernelSet> make_kernels(const std::string& name, const Mo
 }
 
 // The entry point every caller uses: one forward, then the workspace guards are checked, so an
-// out-of-bounds write is an error naming the buffer instead of silent corruption.
+// out-of-bounds write is an error naming the buffer instead of silent corruption. logits holds
+// [B, L, vocab]: L = S, or logits_to_keep when that is between 1 and S (forward_tokens).
 inline void run_forward(const KernelSet& K, const ModelWeights& m, const int64_t* ids, const int64_t* mask, int S, int start,
-                        Workspace& ws, float* logits, TraceSink* trace) {
+                        Workspace& ws, float* logits, TraceSink* trace, int logits_to_keep = 0) {
     if (trace) trace->begin();  // a timing sink starts its clock here
-    K.forward(m, ids, mask, S, start, ws, logits, trace);
+    K.forward(m, ids, mask, S, start, ws, logits, trace, logits_to_keep);
     ws.check_guards();
 }
 
