@@ -159,13 +159,16 @@ CI_VINLINE int task_in_part(int t, int& part, int& first, Tasks tasks) {
     return t - first;
 }
 
+// From this many rows on, a linear with few panel triples is also cut into row chunks.
+constexpr int kRowChunkRows = 48;
+
 // y[rows, out] = x[rows, in] . W^T, three panels at a time (6 rows x 48 outputs = 18
 // accumulators: three FMAs per broadcast). Work is split over the thread pool by panel triples
 // and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
 // equal shares.
 inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = (W.panels + 2) / 3;
-    const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
+    const int row_chunks = (triples < 16 && rows >= kRowChunkRows) ? 4 : 1;
     const bool parallel = linear_worth_parallel(rows, double(W.in) * W.out);
     ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {
         for (int task = begin; task < end; ++task) {
@@ -183,10 +186,12 @@ inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     }, parallel);
 }
 
-// Linears of one input x with few rows (decode), as one job: the panel triples of every matrix in
-// one parallel_for, each computed as fast::linear computes it (so the outputs are bitwise the same),
-// where separate calls woke the pool once per matrix (q, k, v: three times per layer).
-constexpr int kFusedRows = 4;  // up to here a step's linears are a few dispatches of little work each
+// Linears of one input x with few rows (decode, short prompts), as one job: the panel triples of
+// every matrix in one parallel_for, each computed as fast::linear computes it (so the outputs are
+// bitwise the same), where separate calls woke the pool once per matrix (q, k, v: three times per
+// layer) and each call alone could be too small to share (the tiny model's gate and up: 10 rows,
+// each below linear_worth_parallel, together above it).
+constexpr int kFusedRows = 4;  // the bf16/q8 sets' GEMV: up to here a step's linears are one job
 
 inline void linears(const float* x, int rows, const LinearOut* outs, const PackedMatrix* const* Ws, int n) {
     const auto triples = [&](int i) { return (Ws[i]->panels + 2) / 3; };
@@ -586,10 +591,11 @@ struct FastKernels {
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
         fast::linear(y, x, weights.at(W, out, in), rows);
     }
-    // Several linears of x (forward.hpp's linears): at decode one job (fast::linears), else one call each.
+    // Several linears of x (forward.hpp's linears): below kRowChunkRows rows one job (fast::linears),
+    // else one call each (each cut into row chunks as it needs).
     void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const {
         const fast::PackedMatrix* Ws[4];
-        if (rows > fast::kFusedRows || n > 4) {
+        if (rows >= fast::kRowChunkRows || n > 4) {  // fewer rows: fast::linear splits by panels alone
             for (int i = 0; i < n; ++i) linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
             return;
         }
