@@ -613,7 +613,7 @@ def run_campaign(
         rows.extend(new)
         if on_result is not None:
             on_result(new)
-        if out is not None and (time.monotonic() - last_write > 2.0 or not todo):
+        if out is not None and time.monotonic() - last_write > 2.0:  # at most every 2 s; the last write follows the loop
             write_rows(rows, out)
             last_write = time.monotonic()
 
