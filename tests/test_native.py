@@ -132,3 +132,26 @@ def test_arrays_and_model_files_are_checked_by_one_rule(native):
         with pytest.raises(ModelFileError) as from_file:
             check_input_values(bad, "m.json")
         assert str(from_file.value) == f"m.json: {from_arrays.value}"
+
+
+def test_a_repeated_run_reuses_its_bound_call_and_reads_the_arrays_anew(native):
+    """NativeModel.run binds its arguments once in C++ (BoundForward) and reuses that call while the
+    same arrays come back: values written into them in place are read anew, other arrays or another
+    logits_to_keep get a call of their own."""
+    model = small_model(batch_size=2, seq_len=5)
+    prepared = native.prepare(model, "fast")
+    ids, mask = (a.copy() for a in prepared.check_inputs(None, None))  # the model's own arrays stay as they are
+    logits = np.zeros((2, 5, 128), np.float32)
+    prepared.run(ids, mask, logits)
+    first, bound = logits.copy(), prepared._bound[1]
+    ids[:, 2] = (ids[:, 2] + 1) % 128  # new tokens in the same array
+    prepared.run(ids, mask, logits)
+    assert prepared._bound[1] is bound
+    second = logits.copy()
+    kept = np.zeros((2, 1, 128), np.float32)
+    prepared.run(ids, mask, kept, logits_to_keep=1)
+    assert prepared._bound[1] is not bound
+    np.testing.assert_array_equal(first, prepared.forward(model.input_ids, model.attention_mask).logits)
+    np.testing.assert_array_equal(second, prepared.forward(ids, mask).logits)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(kept, second[:, -1:])

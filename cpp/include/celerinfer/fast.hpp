@@ -147,9 +147,11 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
 }
 
 // Is a linear job of `rows` rows over `weights` float32 weights worth the thread pool? Below these
-// sizes a dispatch costs more than it saves; decode (few rows) is bound by streaming the weights,
-// which two cores do faster than one from 128 KB on.
-inline bool linear_worth_parallel(int rows, double weights) { return rows * weights > 2.0e5 || weights * 4 > 131072; }
+// sizes a dispatch costs more than it saves (the tiny default model, one process: 2e5 -> 1e5 took
+// its down_proj, 10 x 256 x 64, to both cores and the forward from 32.6 to 31.8 us; 3e4, which
+// shares every linear, made it 33.5); decode (few rows) is bound by streaming the weights, which
+// two cores do faster than one from 128 KB on.
+inline bool linear_worth_parallel(int rows, double weights) { return rows * weights > 1.0e5 || weights * 4 > 131072; }
 
 // Task t of a job over several matrices taken in turn, matrix i cut into tasks(i) tasks: the matrix it
 // falls in and the task within it (part and first carry the previous answer: tasks come in order).
@@ -247,6 +249,13 @@ CI_VINLINE vf16 attention_scale(const AttnDims& d) {
     const float scale = float(std::sqrt(double(d.hd)));
     const vf16 vscale = opaque(vsplat(scale));
     return vscale;
+}
+
+// Is an attention call worth the thread pool? Its work grows as B * heads * S * P * head_dim; the
+// tiny default model's prefill (B 2, S 5: 3,200) took 4 us a layer on one core, and both cores
+// made its forward 2 us faster (32.2 -> 30.3 us, one process), where 1e5 had kept it on one.
+inline bool attention_worth_parallel(const AttnDims& d) {
+    return double(d.B) * d.heads * d.S * d.P * d.hd > 2.0e3;
 }
 
 // Does batch row b's key mask hold any padding (0)?
@@ -382,7 +391,7 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
                 attention_softmax_row(S + size_t(i) * kt_stride, b, h, i, key_mask, padded, d, taps);
             for (int i = 0; i < d.S; i += 8) attention_context_block(context, S, kt_stride, v_cache, b, h, i, d);  // 3.
         }
-    }, double(d.B) * d.heads * d.S * d.P * d.hd > 1.0e5);
+    }, attention_worth_parallel(d));
 }
 
 // ---- decode attention: a few new tokens against a long cache --------------------------------------
@@ -558,7 +567,7 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
                 }
             }
         }
-    }, double(d.B) * d.heads * d.S * d.P * d.hd > 1.0e5);
+    }, attention_worth_parallel(d));
 }
 
 // The fused attention: the blocked prefill passes, or the decode path for fewer than 8 new tokens.
