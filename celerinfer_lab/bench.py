@@ -623,7 +623,7 @@ def measure_bench(
     import torch
 
     from .native import load_native
-    from .standalone import build_standalone, run_standalone
+    from .standalone import cached_standalone, run_standalone
 
     check_kv_cache(kv_cache)
     if decode == 1:  # the first token comes from the prefill: a rate counts the steps after it
@@ -664,7 +664,7 @@ def measure_bench(
     record.update(_stats(torch_t, "torch_forward"))
     stats = {"torch": _logits_stats(torch_logits)}
 
-    binary = build_standalone(cpp_dir, build_dir=work / "build") if standalone else None
+    binary = cached_standalone(cpp_dir, build_dir=work / "build") if standalone else None
     env_threads = {"THREADS": str(threads)} if threads else {}
     per_set: dict[str, dict] = {}
     prepared_sets, cpp_timings = {}, {}

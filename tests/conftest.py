@@ -94,10 +94,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 # ---- base_line_micro builds, once per session, shared by every test that runs it ----------------
 @pytest.fixture(scope="session")
 def standalone_binary(tmp_path_factory) -> Path:
-    """base_line_micro as the README builds it (CMake, Release)."""
-    from celerinfer_lab.standalone import build_standalone
+    """base_line_micro as the README builds it (CMake, Release), as the benches get it (cached_standalone:
+    built once per source digest in the session's data folder)."""
+    from celerinfer_lab.standalone import cached_standalone
 
-    return build_standalone(build_dir=tmp_path_factory.mktemp("standalone-build"))
+    return cached_standalone(build_dir=tmp_path_factory.mktemp("standalone-build"))
 
 
 @pytest.fixture(scope="session")
@@ -125,10 +126,12 @@ def sanitized_binary(tmp_path_factory) -> Path:
     return build / "base_line_micro"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def lab_data(tmp_path_factory):
-    """A data folder of the session's own (CELERINFER_LAB_DATA): the machine's limits and the tool that
-    measures them go there, never to the user's. test_machine.py and test_profile.py share it."""
+    """A data folder of the session's own (CELERINFER_LAB_DATA), for every test and the commands they
+    start: the machine's limits, the tools that measure them and the standalone binaries the benches
+    build (built once per source digest, then shared by the session's benches) go there, never to
+    the user's."""
     path = tmp_path_factory.mktemp("lab-data")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CELERINFER_LAB_DATA", str(path))

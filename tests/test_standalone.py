@@ -96,3 +96,31 @@ def test_standalone_truncated_and_missing(binary, tmp_path):
     assert r.returncode == 2 and "cannot open" in r.stderr
     r = subprocess.run([str(binary)], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_the_bench_builds_base_line_micro_once_per_source(tmp_path, monkeypatch):
+    """cached_standalone keeps each build in the data folder by source digest: the same sources are
+    copied, not built again; an edit (not a build folder) is a new digest and a new build."""
+    import shutil
+
+    from celerinfer_lab import standalone
+    from celerinfer_lab.paths import DEFAULT_CPP_DIR
+
+    cpp = tmp_path / "cpp"
+    shutil.copytree(DEFAULT_CPP_DIR, cpp, ignore=shutil.ignore_patterns("build*"))
+    monkeypatch.setenv("CELERINFER_LAB_DATA", str(tmp_path / "data"))
+    builds = []
+    build = standalone.build_standalone
+    monkeypatch.setattr(standalone, "build_standalone", lambda *a, **k: builds.append(a) or build(*a, **k))
+    first = standalone.cached_standalone(cpp, tmp_path / "b1")
+    second = standalone.cached_standalone(cpp, tmp_path / "b2")
+    assert len(builds) == 1 and second == tmp_path / "b2" / "base_line_micro"
+    assert first.read_bytes() == second.read_bytes() and second.stat().st_mode & 0o111
+    assert subprocess.run([str(second), "--check", "/nonexistent.json"], capture_output=True).returncode != 0
+    digest = standalone.source_digest(cpp)
+    (cpp / "build-mine").mkdir()
+    (cpp / "build-mine" / "CMakeCache.txt").write_text("a build folder: not a source")
+    assert standalone.source_digest(cpp) == digest
+    (cpp / "tools" / "base_line_micro.cpp").write_text((cpp / "tools" / "base_line_micro.cpp").read_text() + "\n// edited\n")
+    assert standalone.source_digest(cpp) != digest
+    assert sorted(p.name for p in (tmp_path / "data" / "bin").iterdir()) == [f"base_line_micro-{digest}"]
