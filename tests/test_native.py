@@ -143,11 +143,16 @@ def test_a_repeated_run_reuses_its_bound_call_and_reads_the_arrays_anew(native):
     ids, mask = (a.copy() for a in prepared.check_inputs(None, None))  # the model's own arrays stay as they are
     logits = np.zeros((2, 5, 128), np.float32)
     prepared.run(ids, mask, logits)
-    first, bound = logits.copy(), prepared._bound[1]
+    first = logits.copy()
+    assert prepared._bound[1] is None  # a first call: not bound (a decode step's arrays are new each step)
     ids[:, 2] = (ids[:, 2] + 1) % 128  # new tokens in the same array
     prepared.run(ids, mask, logits)
-    assert prepared._bound[1] is bound
+    bound = prepared._bound[1]
+    assert bound is not None
     second = logits.copy()
+    prepared.run(ids, mask, logits)
+    assert prepared._bound[1] is bound
+    np.testing.assert_array_equal(logits, second)
     kept = np.zeros((2, 1, 128), np.float32)
     prepared.run(ids, mask, kept, logits_to_keep=1)
     assert prepared._bound[1] is not bound
