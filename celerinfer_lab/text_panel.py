@@ -32,13 +32,15 @@ MAX_TOKENIZER_VOCAB = 2048  # larger vocabularies reuse a 2,048-id tokenizer (th
 @dataclass
 class TextJob:
     """What the panel runs: a model (a config: the random model ``seed`` makes of it; or a loaded
-    model file), the C++ engine, its kernel set, and the tokenizer (None: the one trained here)."""
+    model file), the C++ engine, its kernel set, the tokenizer (None: the one trained here) and the
+    KV cache's format on both sides."""
 
     model: ModelConfig | Model
     seed: int
     native: NativeEngine
     kernels: str
     tokenizer: Tokenizer | None = None
+    kv_cache: str = "f32"
 
 
 # What the panel needs from the explorer: a TextJob, or the reason it cannot run.
@@ -112,6 +114,7 @@ class TextPanel(W.VBox):
             kernels=job.kernels,
             tokenizer=job.tokenizer or self.tokenizer(model.config.vocab_size),
             stop_at_eos=False,
+            kv_cache=job.kv_cache,
         )
 
 

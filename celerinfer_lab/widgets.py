@@ -473,7 +473,8 @@ class Explorer(W.VBox):
         except Exception as exc:  # noqa: BLE001 (shown in the widget)
             return f"the C++ did not load: {exc}"
         model = self.model if self.model is not None else self.config()
-        return TextJob(model, self.controls["seed"].value, native, self.chosen_sets()[0], self.tokenizer)
+        c = self.controls
+        return TextJob(model, c["seed"].value, native, self.chosen_sets()[0], self.tokenizer, c["kv_cache"].value)
 
     # ---- faults: run each where it shows ---------------------------------------------------
     def _fault(self) -> Fault | None:

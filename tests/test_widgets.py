@@ -310,6 +310,18 @@ def test_the_text_row_generates_on_both_sides():
     assert "identical: 8 tokens, the same on both sides" in e.text.output.value and "<pre" in e.text.output.value
 
 
+def test_the_text_row_follows_the_kv_cache_control():
+    """The KV cache control reaches the text row: both sides generate with a bf16 cache, and agree."""
+    e = explorer()
+    e.controls["vocab"].value = 384
+    e.controls["kv_cache"].value = "bf16"
+    e.text.new_tokens.value = 6
+    e.text.button.click()
+    done = e.text.completion
+    assert done is not None and done.identical, e.text.output.value
+    assert any("torch (float32, bf16 KV)" in line for line in done.lines), done.lines
+
+
 def test_the_text_row_finds_a_fault_and_explains_what_it_cannot_do():
     e = explorer()
     e.controls["vocab"].value = 384
