@@ -706,7 +706,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     engine.check_kernels(args.kernels)
     limits = machine_limits(quick=args.quick_machine)
     prof = profile_model(
-        model, args.kernels, args.decode, args.threads, args.repeat, args.warmup, engine=engine, limits=limits
+        model, args.kernels, args.decode, args.threads, args.repeat, args.warmup, engine, limits, args.kv_cache
     )
     print(f"model: {args.model} ({model.config.num_parameters():,} parameters)")
     print(f"machine: {limits.cpu}; PyTorch: {limits.blas}")
@@ -766,6 +766,7 @@ def _add_machine_profile(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--plot", help="write the roofline to this PNG (decode's beside it as .decode.png)")
     prof.add_argument("--json", help="write the table rows as JSON")
     prof.add_argument("--cpp-dir", help="a folder with your own copy of the C++ headers")
+    _add_kv_cache(prof, "on both sides; its rounding points are rows of the table")
     prof.add_argument("--quick-machine", action="store_true", help="use (or make) a quick machine measurement (tests)")
 
 

@@ -285,6 +285,7 @@ class Profile:
     cpp: dict[str, PhaseTimes]
     torch: dict[str, PhaseTimes]
     weight_bytes_total: float
+    kv_cache: str = "f32"  # both sides' KV cache format
 
     def work(self, phase: str) -> Work:
         wb = WEIGHT_BYTES[self.weight_format]
@@ -371,8 +372,9 @@ class Profile:
             if phase == "prefill"
             else f"decode: {self.decode} steps after the {self.seq_len}-token prompt, per step"
         )
+        kv = "" if self.kv_cache == "f32" else f"; {self.kv_cache} KV cache on both sides"
         out = [
-            f"{what}; C++ {self.kernels} kernels on {self.threads} threads, PyTorch on {self.torch_threads}",
+            f"{what}; C++ {self.kernels} kernels on {self.threads} threads, PyTorch on {self.torch_threads}{kv}",
             f"roofs: {self.peak_gflops:.1f} GFLOP/s FMA peak, {self.bandwidth_gbs(False):.1f} GB/s from DRAM, "
             f"{self.bandwidth_gbs(True):.1f} GB/s from cache; weights {self.weight_bytes_total / 1e6:.1f} MB "
             f"({'in' if self.in_cache else 'beyond'} L3 {self.limits.l3_bytes / 2**20:.0f} MB)",
@@ -566,16 +568,21 @@ def profile_model(
     warmup: int = 1,
     engine: "NativeEngine | None" = None,
     limits: MachineLimits | None = None,
+    kv_cache: str = "f32",
 ) -> Profile:
     """Profile ``model`` on its own inputs: the C++ ``kernels`` set and the PyTorch reference, prefill
     and (``decode`` > 0) that many greedy decode steps; ``threads`` sets both sides (default: theirs).
-    ``limits``: the machine's (default: ``machine.machine_limits()``, measured once and cached)."""
+    ``limits``: the machine's (default: ``machine.machine_limits()``, measured once and cached).
+    ``kv_cache``: both sides' KV cache, "f32" or "bf16" (its rounding points are ops of their own)."""
     import torch
 
+    from .kvcache import check_kv_cache
     from .machine import machine_limits
     from .native import load_native
     from .reference import ReferenceModel
     from .writer import weight_bytes
+
+    kv_cache = check_kv_cache(kv_cache)
 
     if repeat < 1 or warmup < 0 or decode < 0:
         raise UsageError(f"repeat {repeat} (>= 1), warmup {warmup} (>= 0), decode {decode} (>= 0)")
@@ -586,9 +593,9 @@ def profile_model(
         engine.set_threads(threads)
         torch.set_num_threads(threads)
     limits = limits or machine_limits()
-    native = engine.prepare(model, kernels)
+    native = engine.prepare(model, kernels, kv_cache)
     cpp = profile_cpp(native, decode, repeat, warmup)
-    ref = ReferenceModel(model)
+    ref = ReferenceModel(model, kv_cache=kv_cache)
     ref_times = profile_torch(ref, model, decode, repeat, warmup)
     return Profile(
         config=model.config,
@@ -603,4 +610,5 @@ def profile_model(
         cpp=cpp,
         torch=ref_times,
         weight_bytes_total=float(weight_bytes(model.config, native.weight_format)),
+        kv_cache=kv_cache,
     )

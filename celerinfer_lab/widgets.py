@@ -777,7 +777,9 @@ class Explorer(W.VBox):
                 self.profile_status.value = "<i>measuring the machine's limits (once per machine, a few seconds)…</i>"
                 self.profile_limits = machine_limits()
             self.profile_status.value = f"<i>profiling the {kernels} kernels and PyTorch…</i>"
-            prof = profile_model(model, kernels, c["decode"], repeat=3, engine=native, limits=self.profile_limits)
+            prof = profile_model(
+                model, kernels, c["decode"], repeat=3, engine=native, limits=self.profile_limits, kv_cache=c["kv_cache"]
+            )
             figures = [prof.plot(phase) for phase in prof.cpp]
         except Exception as exc:  # the widget shows every failure; the kernel lives on
             self.clear_profile()

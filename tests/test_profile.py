@@ -45,6 +45,21 @@ def test_both_sides_time_the_same_ops(tiny_profile):
     assert len(tiny_profile.cpp["decode"].runs) == 2 and tiny_profile.decode == 2
 
 
+def test_a_bf16_kv_cache_profile_times_its_rounding_on_both_sides(native, quick_limits):
+    """profile_model(kv_cache="bf16"): both sides keep a bf16 cache, and its rounding points are ops."""
+    from celerinfer_lab.errors import UsageError
+
+    model = small_model(batch_size=1, seq_len=6)
+    prof = profile_model(model, decode=1, repeat=1, engine=native, limits=quick_limits, kv_cache="bf16")
+    for phase in ("prefill", "decode"):
+        cpp, ref = prof.cpp[phase], prof.torch[phase]
+        assert list(cpp.by_name()) == list(ref.by_name())
+        assert {"k_cached", "v_cached"} <= set(cpp.by_kind())
+        assert "bf16 KV cache on both sides" in prof.lines(phase)[0]
+    with pytest.raises(UsageError, match="kv_cache"):
+        profile_model(model, repeat=1, engine=native, limits=quick_limits, kv_cache="f16")
+
+
 def test_table_text_and_roofline(tiny_profile):
     table = tiny_profile.table()
     assert {"cpp_ms", "share", "gflops", "gbs", "of_limit", "torch_ms", "bound"} <= set(table.columns)

@@ -450,6 +450,10 @@ def test_profile_shows_the_table_and_roofline(quick_limits, tmp_path):
     assert "qkv_proj" in e.profile_html.value and "attention" in e.profile_html.value
     assert "decode: 1 steps" in e.profile_html.value
     assert len(e.profile_figures) == 2 and all(isinstance(f, Figure) for f in e.profile_figures)
+    assert e.profile.kv_cache == "f32" and "k_cached" not in e.profile_html.value
+    e.controls["kv_cache"].value = "bf16"  # the KV cache control reaches the profile
+    e.profile_button.click()
+    assert e.profile is not None and e.profile.kv_cache == "bf16" and "k_cached" in e.profile_html.value
     # a failure stays in the widget: a C++ folder that does not exist
     e.controls["cpp_dir"].value = str(tmp_path / "nothing-here")
     e.profile_button.click()  # never raises
