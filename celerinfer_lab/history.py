@@ -244,15 +244,15 @@ class BenchStore:
             )
         return result_id
 
-    def _result(self, db: sqlite3.Connection, row: tuple) -> SavedResult:
+    def _result(self, db: sqlite3.Connection, row: tuple, stored: list[tuple[str, str]] | None = None) -> SavedResult:
+        """The result of a results row; ``stored``: its (figure, samples JSON) rows, when already read."""
         rid, timestamp, commit, dirty, fingerprint, machine, versions, params, record = row
         try:
-            samples = {
-                figure: json.loads(values)
-                for figure, values in db.execute(
+            if stored is None:
+                stored = db.execute(
                     "SELECT figure, samples_ms FROM samples WHERE result_id = ? ORDER BY rowid", (rid,)
-                )
-            }
+                ).fetchall()
+            samples = {figure: json.loads(values) for figure, values in stored}
             return SavedResult(
                 rid,
                 timestamp,
@@ -284,7 +284,10 @@ class BenchStore:
         """Every saved result, oldest first."""
         with self._connect() as db:
             rows = db.execute(f"SELECT {self._COLUMNS} FROM results ORDER BY id").fetchall()
-            return [self._result(db, row) for row in rows]
+            stored: dict[int, list[tuple[str, str]]] = {row[0]: [] for row in rows}
+            for rid, figure, values in db.execute("SELECT result_id, figure, samples_ms FROM samples ORDER BY rowid"):
+                stored.setdefault(rid, []).append((figure, values))  # every sample in one query, not one per result
+            return [self._result(db, row, stored[row[0]]) for row in rows]
 
     def latest(self) -> SavedResult:
         """The newest saved result."""
