@@ -248,22 +248,18 @@ def plot_sweep(table: pd.DataFrame, x: str = "parameters", figsize: tuple[float,
 
 # ---- the benchmark workflow (celerinfer-lab bench) ----------------------------------------------
 def machine_info(cpp_threads: int | None = None) -> dict:
-    import os
+    """The bench record's machine: the CPU and cores as the history's fingerprint reads them, the
+    threads of both sides, the versions."""
     import platform
 
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .fingerprint import machine_fingerprint
+
+    machine = machine_fingerprint()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": machine["cpu"],
+        "cores": machine["cores"],
         "torch_threads": torch.get_num_threads(),
         "cpp_threads": cpp_threads,
         "torch": torch.__version__,
