@@ -101,29 +101,35 @@ def standalone_binary(tmp_path_factory) -> Path:
     return cached_standalone(build_dir=tmp_path_factory.mktemp("standalone-build"))
 
 
-@pytest.fixture(scope="session")
-def sanitized_binary(tmp_path_factory) -> Path:
-    """base_line_micro under AddressSanitizer + UBSan (clang; g++ when clang is missing)."""
+_SANITIZED: dict = {}  # the sanitized build of base_line_micro: its folder and its process
+
+
+def start_sanitized_build(tmp_path_factory) -> None:
+    """Start building base_line_micro under AddressSanitizer + UBSan in the background, once per session
+    (clang; g++ when clang is missing). One translation unit on one core, ~50 s: test_cpp_fuzz.py starts
+    it before building its fuzz target, so the two builds share the two cores."""
+    import shlex
     import shutil
 
+    if _SANITIZED:
+        return
     build = tmp_path_factory.mktemp("sanitized-build")
     compiler = ["-DCMAKE_CXX_COMPILER=clang++"] if shutil.which("clang++") else []
-    for cmd in (
-        [
-            "cmake",
-            "-S",
-            str(REPO / "cpp"),
-            "-B",
-            str(build),
-            *compiler,
-            "-DCELERINFER_SANITIZE=ON",
-            "-DCMAKE_BUILD_TYPE=Release",
-        ],
-        ["cmake", "--build", str(build), "--target", "base_line_micro", "-j", "2"],
-    ):
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return build / "base_line_micro"
+    configure = ["cmake", "-S", str(REPO / "cpp"), "-B", str(build), *compiler, "-DCELERINFER_SANITIZE=ON"]
+    configure.append("-DCMAKE_BUILD_TYPE=Release")
+    compile_ = ["cmake", "--build", str(build), "--target", "base_line_micro", "-j", "2"]
+    script = f"{shlex.join(configure)} && {shlex.join(compile_)}"
+    process = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _SANITIZED.update(build=build, process=process, script=script)
+
+
+@pytest.fixture(scope="session")
+def sanitized_binary(tmp_path_factory) -> Path:
+    """base_line_micro under AddressSanitizer + UBSan (start_sanitized_build, waited for here)."""
+    start_sanitized_build(tmp_path_factory)
+    output, _ = _SANITIZED["process"].communicate()
+    assert _SANITIZED["process"].returncode == 0, f"{_SANITIZED['script']} failed:\n{output[-6000:]}"
+    return _SANITIZED["build"] / "base_line_micro"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, fixtures_dir
+from conftest import REPO, fixtures_dir, start_sanitized_build
 from readers import differential
 
 from celerinfer_lab import ModelConfig
@@ -61,6 +61,7 @@ def _build(src: Path, build: Path, target: str, *options: str) -> Path:
 
 @pytest.fixture(scope="session")
 def fuzz_binary(tmp_path_factory):
+    start_sanitized_build(tmp_path_factory)  # on the other core meanwhile (every fuzz test wants both)
     return _build(CPP, tmp_path_factory.mktemp("fuzz-build"), "fuzz_model_file", "-DCELERINFER_FUZZ=ON")
 
 
