@@ -351,20 +351,19 @@ class NativeModel:
         self.model.check_sidecar()  # a sidecar truncated under the model: an error here, not SIGBUS in C++
         with self._lock:
             ws = workspace if workspace is not None else self.workspace(B, S)
+            inputs = (self.kernel_set, self.cpp, ids, mask, S, start, ws, logits)
             if recorder is not None:
-                args = (self.kernel_set, self.cpp, ids, mask, S, start, ws, logits, recorder, logits_to_keep)
-                _call(self._what, self.ns.run_forward, *args)
+                _call(self._what, self.ns.run_forward, *inputs, recorder, logits_to_keep)
                 return
             # The same arrays as the last call (a timing loop): a call bound once, without converting ten
             # arguments each time. Bound from the second such call: a decode step's arrays are new each step.
             key = (id(ids), ids.shape, id(mask), mask.shape, id(logits), logits.shape, start, id(ws), logits_to_keep)
-            args = (self.kernel_set, self.cpp, ids, mask, S, start, ws, logits, logits_to_keep)
             if self._bound is None or self._bound[0] != key:
                 self._bound = (key, None, (ids, mask, logits, ws))
-                _call(self._what, self.ns.run_forward, *args[:8], _cppyy().nullptr, logits_to_keep)
+                _call(self._what, self.ns.run_forward, *inputs, _cppyy().nullptr, logits_to_keep)
                 return
             if self._bound[1] is None:
-                self._bound = (key, self.ns.BoundForward(*args), self._bound[2])
+                self._bound = (key, self.ns.BoundForward(*inputs, logits_to_keep), self._bound[2])
             _call(self._what, self._bound[1].run)
 
     def forward(
