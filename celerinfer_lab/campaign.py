@@ -613,7 +613,8 @@ def run_campaign(
         rows.extend(new)
         if on_result is not None:
             on_result(new)
-        if out is not None and time.monotonic() - last_write > 2.0:  # at most every 2 s; the last write follows the loop
+        # at most every 2 s; the write after the loop completes the file
+        if out is not None and time.monotonic() - last_write > 2.0:
             write_rows(rows, out)
             last_write = time.monotonic()
 

@@ -251,7 +251,9 @@ def _kv_note(kv_cache: str) -> str:
 
 
 def _keep_note(logits_to_keep: int) -> str:
-    return f", logits of the last {logits_to_keep} position{'s' if logits_to_keep > 1 else ''}" if logits_to_keep else ""
+    if not logits_to_keep:
+        return ""
+    return f", logits of the last {logits_to_keep} position{'s' if logits_to_keep > 1 else ''}"
 
 
 def cmd_torch_forward(args: argparse.Namespace) -> int:

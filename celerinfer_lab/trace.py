@@ -138,7 +138,9 @@ POINTS: tuple[PointSpec, ...] = (
     PointSpec("down_proj", "mlp.down_proj", ("B", "S", "H"), "act @ Wdown^T", feature="dense"),
     PointSpec("block", "", ("B", "S", "H"), "block output: attn_residual + mlp"),
     PointSpec("norm", "model.norm", ("B", "S", "H"), "final RMSNorm", in_layer=False),
-    PointSpec("lm_head", "lm_head", ("B", "L", "V"), "logits (of the last L positions: all S unless kept)", in_layer=False),
+    PointSpec(
+        "lm_head", "lm_head", ("B", "L", "V"), "logits (of the last L positions: all S unless kept)", in_layer=False
+    ),
 )
 
 _ROWS_BY_ID = {spec.id: spec for spec in POINTS}

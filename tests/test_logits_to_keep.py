@@ -64,14 +64,19 @@ def test_a_teacher_for_the_kept_lm_head(native):
     ref = reference_forward(model, trace=True, logits_to_keep=2)
     cpp = native.forward(model, teacher=ref.trace, logits_to_keep=2)
     assert cpp.trace["lm_head"].shape == (2, 2, 128)
-    with pytest.raises(UsageError, match=r"teacher value 'lm_head' has shape \[2, 2, 128\]; the trace point's shape is \[2, 6, 128\]"):
+    with pytest.raises(
+        UsageError, match=r"teacher value 'lm_head' has shape \[2, 2, 128\]; the trace point's shape is \[2, 6, 128\]"
+    ):
         native.forward(model, teacher={"lm_head": ref.trace["lm_head"]})
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "1", None])
 def test_bad_logits_to_keep_is_named_on_both_sides(native, bad):
     model = small_model()
-    for forward in (lambda: native.forward(model, logits_to_keep=bad), lambda: reference_forward(model, logits_to_keep=bad)):
+    for forward in (
+        lambda: native.forward(model, logits_to_keep=bad),
+        lambda: reference_forward(model, logits_to_keep=bad),
+    ):
         with pytest.raises(UsageError, match=r"logits_to_keep=.*a whole number >= 0"):
             forward()
 

@@ -40,7 +40,9 @@ def test_trace_names_and_shapes_match_reference(native):
 
 def test_forward_that_writes_nothing_fails(cpp_copy):
     """The original tool's bug, all-zero logits: the output buffer is never written."""
-    edit_file(cpp_copy / "include/celerinfer/forward.hpp", "lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);", "")
+    edit_file(
+        cpp_copy / "include/celerinfer/forward.hpp", "lm_head_kept(K, logits, x, m.head(), B, S, L, H, c.vocab);", ""
+    )
     broken = load_native(cpp_copy, kernels="readable")
     model = small_model()
     assert np.isnan(broken.forward(model).logits).all()  # unwritten output is NaN, never plausible zeros

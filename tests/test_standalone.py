@@ -121,6 +121,8 @@ def test_the_bench_builds_base_line_micro_once_per_source(tmp_path, monkeypatch)
     (cpp / "build-mine").mkdir()
     (cpp / "build-mine" / "CMakeCache.txt").write_text("a build folder: not a source")
     assert standalone.source_digest(cpp) == digest
-    (cpp / "tools" / "base_line_micro.cpp").write_text((cpp / "tools" / "base_line_micro.cpp").read_text() + "\n// edited\n")
+    (cpp / "tools" / "base_line_micro.cpp").write_text(
+        (cpp / "tools" / "base_line_micro.cpp").read_text() + "\n// edited\n"
+    )
     assert standalone.source_digest(cpp) != digest
     assert sorted(p.name for p in (tmp_path / "data" / "bin").iterdir()) == [f"base_line_micro-{digest}"]
