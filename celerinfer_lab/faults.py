@@ -390,7 +390,7 @@ CATALOGUE: list[Fault] = [
     Fault(
         "fast_gemm_panel_triples_floor",
         "panel triples rounded down: a matrix whose panels are not a multiple of 3 loses its last ones",
-        _edit("fast.hpp", "const int triples = (W.panels + 2) / 3;", "const int triples = W.panels / 3;"),
+        _edit("fast.hpp", "return (W.panels + 2) / 3; }", "return W.panels / 3; }"),
         ("fast",),
         L0 + "self_attn.q_proj",
         "only in output columns 48..63",

@@ -164,12 +164,15 @@ CI_VINLINE int task_in_part(int t, int& part, int& first, Tasks tasks) {
 // From this many rows on, a linear with few panel triples is also cut into row chunks.
 constexpr int kRowChunkRows = 48;
 
+// The tasks of a packed matrix's GEMM: its panels three at a time, the last triple maybe short.
+inline int panel_triples(const PackedMatrix& W) { return (W.panels + 2) / 3; }
+
 // y[rows, out] = x[rows, in] . W^T, three panels at a time (6 rows x 48 outputs = 18
 // accumulators: three FMAs per broadcast). Work is split over the thread pool by panel triples
 // and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
 // equal shares.
 inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
-    const int triples = (W.panels + 2) / 3;
+    const int triples = panel_triples(W);
     const int row_chunks = (triples < 16 && rows >= kRowChunkRows) ? 4 : 1;
     const bool parallel = linear_worth_parallel(rows, double(W.in) * W.out);
     ThreadPool::instance().parallel_for(triples * row_chunks, [&](int begin, int end, int) {
@@ -196,7 +199,7 @@ inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
 constexpr int kFusedRows = 4;  // the bf16/q8 sets' GEMV: up to here a step's linears are one job
 
 inline void linears(const float* x, int rows, const LinearOut* outs, const PackedMatrix* const* Ws, int n) {
-    const auto triples = [&](int i) { return (Ws[i]->panels + 2) / 3; };
+    const auto triples = [&](int i) { return panel_triples(*Ws[i]); };
     int tasks = 0;
     double weights = 0.0;
     for (int i = 0; i < n; ++i) tasks += triples(i), weights += double(Ws[i]->in) * Ws[i]->out;
