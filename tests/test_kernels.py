@@ -384,8 +384,8 @@ def test_linear(eng, kernels, rows, in_, out, n_threads):
         check_linear(eng, kernels, rows, in_, out)
 
 
-# forward.hpp's linears: q, k and v (gate and up) of one x, one job on the fast set below 48 rows
-# (the row-chunk size) and on the bf16/q8 sets up to 4 (their GEMV), one call each elsewhere. Its outputs must be bitwise those of the separate linears:
+# forward.hpp's linears: q, k and v (gate and up) of one x, one job on the fast sets at decode
+# (rows <= 4), one call each elsewhere. Its outputs must be bitwise those of the separate linears:
 # the same panels, the same sums; only the dispatch is shared.
 def _prepared(eng, kernels: str, Ws: list[np.ndarray]) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
     """A kernel set with each of Ws prepared (a reduced set: its stored form): the set, the weights

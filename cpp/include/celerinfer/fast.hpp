@@ -147,11 +147,12 @@ inline void gemm_rows(float* y, const float* x, const PackedMatrix& W, int rows,
 }
 
 // Is a linear job of `rows` rows over `weights` float32 weights worth the thread pool? Below these
-// sizes a dispatch costs more than it saves (the tiny default model, one process: 2e5 -> 1e5 took
-// its down_proj, 10 x 256 x 64, to both cores and the forward from 32.6 to 31.8 us; 3e4, which
-// shares every linear, made it 33.5); decode (few rows) is bound by streaming the weights, which
-// two cores do faster than one from 128 KB on.
-inline bool linear_worth_parallel(int rows, double weights) { return rows * weights > 1.0e5 || weights * 4 > 131072; }
+// sizes a dispatch costs more than it saves; decode (few rows) is bound by streaming the weights,
+// which two cores do faster than one from 128 KB on. Sharing the tiny default model's jobs too (its
+// gate/up, down and attention: a few us each) made its forward 38 -> 31 us at some moments and
+// 38 -> 61 us at others on this shared machine (half the processes one afternoon, the second vCPU
+// held up by the host), so a job that small stays on the calling thread.
+inline bool linear_worth_parallel(int rows, double weights) { return rows * weights > 2.0e5 || weights * 4 > 131072; }
 
 // Task t of a job over several matrices taken in turn, matrix i cut into tasks(i) tasks: the matrix it
 // falls in and the task within it (part and first carry the previous answer: tasks come in order).
@@ -191,12 +192,10 @@ inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     }, parallel);
 }
 
-// Linears of one input x with few rows (decode, short prompts), as one job: the panel triples of
-// every matrix in one parallel_for, each computed as fast::linear computes it (so the outputs are
-// bitwise the same), where separate calls woke the pool once per matrix (q, k, v: three times per
-// layer) and each call alone could be too small to share (the tiny model's gate and up: 10 rows,
-// each below linear_worth_parallel, together above it).
-constexpr int kFusedRows = 4;  // the bf16/q8 sets' GEMV: up to here a step's linears are one job
+// Linears of one input x with few rows (decode), as one job: the panel triples of every matrix in
+// one parallel_for, each computed as fast::linear computes it (so the outputs are bitwise the same),
+// where separate calls woke the pool once per matrix (q, k, v: three times per layer).
+constexpr int kFusedRows = 4;  // up to here a step's linears are a few dispatches of little work each
 
 inline void linears(const float* x, int rows, const LinearOut* outs, const PackedMatrix* const* Ws, int n) {
     const auto triples = [&](int i) { return panel_triples(*Ws[i]); };
@@ -254,11 +253,11 @@ CI_VINLINE vf16 attention_scale(const AttnDims& d) {
     return vscale;
 }
 
-// Is an attention call worth the thread pool? Its work grows as B * heads * S * P * head_dim; the
-// tiny default model's prefill (B 2, S 5: 3,200) took 4 us a layer on one core, and both cores
-// made its forward 2 us faster (32.2 -> 30.3 us, one process), where 1e5 had kept it on one.
+// Is an attention call worth the thread pool? Its work grows as B * heads * S * P * head_dim; below
+// 1e5 (the tiny default model's prefill: 3,200, 4 us a layer) it stays on the calling thread, for
+// the reason linear_worth_parallel gives.
 inline bool attention_worth_parallel(const AttnDims& d) {
-    return double(d.B) * d.heads * d.S * d.P * d.hd > 2.0e3;
+    return double(d.B) * d.heads * d.S * d.P * d.hd > 1.0e5;
 }
 
 // Does batch row b's key mask hold any padding (0)?
@@ -603,11 +602,11 @@ struct FastKernels {
     void linear(float* y, const float* x, const float* W, int rows, int in, int out) const {
         fast::linear(y, x, weights.at(W, out, in), rows);
     }
-    // Several linears of x (forward.hpp's linears): below kRowChunkRows rows one job (fast::linears),
-    // else one call each (each cut into row chunks as it needs).
+    // Several linears of x (forward.hpp's linears): at decode one job (fast::linears), else one call each.
+    // (One job up to 47 rows shared the tiny model's gate and up between the cores: see linear_worth_parallel.)
     void linears(const float* x, int rows, int in, const LinearOut* outs, int n) const {
         const fast::PackedMatrix* Ws[4];
-        if (rows >= fast::kRowChunkRows || n > 4) {  // fewer rows: fast::linear splits by panels alone
+        if (rows > fast::kFusedRows || n > 4) {
             for (int i = 0; i < n; ++i) linear(outs[i].y, x, outs[i].W, rows, in, outs[i].out);
             return;
         }
