@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -107,10 +108,12 @@ def test_a_patched_bug_is_found_shrunk_and_reproduced(client, tmp_path, faulty_c
     assert main([words[1], words[2], "--kernels", "readable", "--precision", "off"]) == 0  # the correct C++ agrees
 
 
-def test_the_fault_catalogue_mode_scores_the_debugger(client):
+def test_the_fault_catalogue_mode_scores_the_debugger(client, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without --out the shrunk models go to ./campaign_failures
     spec = CampaignSpec(configs=1, kernels=FAST, faults=True, fault_names=("fast_attention_scale",), decode=0)
     result = run_campaign(spec, client=client, progress=False)
     assert len(result.rows) == 1 and result.rows[0]["fault"] == "fast_attention_scale"
+    assert [Path(path).parent.resolve() for path, _ in result.reproductions] == [tmp_path / "campaign_failures"]
     table = summarize(result.rows).faults
     assert table is not None and table.loc["fast_attention_scale", "found"] == 1.0
     assert table.loc["fast_attention_scale", "localized"] == 1.0 and table.loc["ALL", "runs"] == 1

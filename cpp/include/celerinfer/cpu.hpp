@@ -14,12 +14,14 @@ namespace CELERINFER_NS {
 struct CpuFeatures {
     bool fma = false, avx2 = false, avx512f = false, avx512bw = false, avx512_bf16 = false, avx512_vnni = false;
     bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
+    bool intel = false;  // the vendor string is "GenuineIntel" (tuning only: reduced.hpp's q8 prefetch)
 };
 inline const CpuFeatures& cpu_features() {
     static const CpuFeatures f = [] {
         CpuFeatures c;
 #if defined(__x86_64__) || defined(__i386__)
         unsigned a, b, cx, d;
+        if (__get_cpuid(0, &a, &b, &cx, &d)) c.intel = b == 0x756e6547u && d == 0x49656e69u && cx == 0x6c65746eu;
         if (__get_cpuid(1, &a, &b, &cx, &d)) c.fma = cx & (1u << 12);
         if (__get_cpuid_count(7, 0, &a, &b, &cx, &d)) {
             c.avx2 = b & (1u << 5);
