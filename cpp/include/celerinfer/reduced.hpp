@@ -93,12 +93,13 @@ inline bool use_avx512_widen() {
 #define CI_REDUCED_VNNI 1
 #endif
 
-// How far ahead of its reads the q8 VNNI GEMV prefetches its weights, in bytes (0: not at all). On an
-// Intel Xeon (2 threads, minimind2, weights from DRAM) 4 KB ahead took the GEMV from 17-18 to 22-30
-// GB/s and the bench's q8 decode from 2.10x to 2.72x float32's (its own prefetch lets one core keep
-// more lines in flight than its out-of-order window, crowded by four vpdpbusd per 64 bytes, reaches);
-// on Zen 4, 4 to 16 blocks ahead made it slower (measured), so other CPUs keep the hardware's alone.
-inline int vnni_prefetch_bytes() { return cpu_features().intel ? 4096 : 0; }
+// How far ahead of its reads a reduced GEMV (q8 on VNNI, bf16) prefetches its weights, in bytes (0: not
+// at all). On an Intel Xeon (2 threads, minimind2, weights from DRAM) 4 KB ahead took the q8 GEMV
+// from 17-18 to 22-30 GB/s and the bench's q8 decode from 2.10x to 2.72x float32's, and bf16's from
+// 1.25-1.29x to BF16_AFTER (the hardware prefetcher alone fell behind the reduced GEMVs, not the
+// float32 one); on Zen 4, 4 to 16 blocks ahead made the q8 GEMV slower (measured), so other CPUs keep
+// the hardware's alone.
+inline int gemv_prefetch_bytes() { return cpu_features().intel ? 4096 : 0; }
 
 // The q8 VNNI GEMV (fast::vnni_gemv, below) runs when this build has the instructions and the CPU reports them.
 inline bool use_vnni() {
@@ -112,9 +113,7 @@ inline bool use_vnni() {
 // Which q8 GEMV runs, for cpu_report().
 inline std::string q8_gemv_path() {
 #if defined(CI_REDUCED_VNNI)
-    if (use_vnni())
-        return std::string("vpdpbusd (VNNI) on int8 digits of the activations") +
-               (vnni_prefetch_bytes() ? ", weights prefetched " + std::to_string(vnni_prefetch_bytes() / 1024) + " KB ahead" : "");
+    if (use_vnni()) return "vpdpbusd (VNNI) on int8 digits of the activations";
     return "widening (the CPU reports no avx512_vnni)";
 #else
     return "widening (this build has no __AVX512VNNI__)";
@@ -127,7 +126,8 @@ inline std::string cpu_report() {
                     " avx512bw=" + (c.avx512bw ? "yes" : "no") + " avx512_bf16=" + (c.avx512_bf16 ? "yes" : "no") +
                     " (not used: it rounds activations)" + " avx512_vnni=" + (c.avx512_vnni ? "yes" : "no");
     return s + "; widening: " + (use_avx512_widen() ? "avx512 intrinsics" : "portable vector extensions") +
-           "; q8 decode GEMV: " + q8_gemv_path();
+           "; q8 decode GEMV: " + q8_gemv_path() + "; decode GEMV weights prefetched " +
+           (gemv_prefetch_bytes() ? std::to_string(gemv_prefetch_bytes() / 1024) + " KB ahead (bf16, q8 on VNNI)" : "by the hardware alone");
 }
 
 // ---- the readable reduced sets --------------------------------------------------------------------
@@ -495,7 +495,7 @@ inline bool vnni_gemv(const GemvPart* parts, int n, const float* x, int rows, Re
     if (!vnni_digits(s, x, rows, W0.in, W0.blocks)) return false;
     const int panels = total_panels(parts, n);
     const bool parallel = double(panels) * W0.kpad * 16 > 65536;
-    const int prefetch = vnni_prefetch_bytes();
+    const int prefetch = gemv_prefetch_bytes();
     ThreadPool::instance().parallel_for(panels, [&](int begin, int end, int) {
         int part = 0, first = 0;
         for (int t = begin; t < end; ++t) {
@@ -598,7 +598,7 @@ inline void decoded_gemm(float* y, const float* x, const PackedReduced& W, int r
 // latency bound it (measured: 1.5x slower at 2 rows on cached weights). q8 sums each block's
 // int8 products, then adds them times the block's scales (one multiply per block, not per weight).
 template <class Widen, WeightFormat F, int R>
-inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W, int p) {
+inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W, int p, int prefetch) {
     const int in = W.in, step = F == WeightFormat::Q8 ? kQ8Block : in;
     vf16 acc[R][1];
     for (int r = 0; r < R; ++r) acc[r][0] = vf16{};
@@ -608,6 +608,12 @@ inline void reduced_gemv_panel(float* y, const float* x, const PackedReduced& W,
         const int k1 = std::min(in, k0 + step);
         int k = k0;
         for (; k + 4 <= k1; k += 4) {
+            if constexpr (F == WeightFormat::BF16)
+                if (prefetch) {  // this step's two lines, `prefetch` bytes on
+                    const char* line = reinterpret_cast<const char*>(W.bf16.data() + (size_t(p) * W.kpad + k) * 16) + prefetch;
+                    __builtin_prefetch(line, 0, 3);
+                    __builtin_prefetch(line + 64, 0, 3);
+                }
             vf16 w0, w1, w2, w3;  // k0 and k are even (q8 blocks are 32 wide)
             widened_pair<Widen, F>(W, p, k, w0, w1);
             widened_pair<Widen, F>(W, p, k + 2, w2, w3);
@@ -638,6 +644,7 @@ inline void reduced_gemv(const GemvPart* parts, int n, const float* x, int rows)
     // Streaming the weights: two cores are faster than one from about 64 KB of them on.
     const int panels = total_panels(parts, n);
     const bool parallel = double(panels) * parts[0].W->in * 16 * (F == WeightFormat::Q8 ? 1 : 2) > 65536;
+    const int prefetch = F == WeightFormat::BF16 ? gemv_prefetch_bytes() : 0;
     ThreadPool::instance().parallel_for(panels, [&](int begin, int end, int) {
         int part = 0, first = 0;
         for (int t = begin; t < end; ++t) {
@@ -645,10 +652,10 @@ inline void reduced_gemv(const GemvPart* parts, int n, const float* x, int rows)
             float* y = parts[part].y;
             const PackedReduced& W = *parts[part].W;
             switch (rows) {
-                case 1: reduced_gemv_panel<Widen, F, 1>(y, x, W, p); break;
-                case 2: reduced_gemv_panel<Widen, F, 2>(y, x, W, p); break;
-                case 3: reduced_gemv_panel<Widen, F, 3>(y, x, W, p); break;
-                default: reduced_gemv_panel<Widen, F, 4>(y, x, W, p); break;
+                case 1: reduced_gemv_panel<Widen, F, 1>(y, x, W, p, prefetch); break;
+                case 2: reduced_gemv_panel<Widen, F, 2>(y, x, W, p, prefetch); break;
+                case 3: reduced_gemv_panel<Widen, F, 3>(y, x, W, p, prefetch); break;
+                default: reduced_gemv_panel<Widen, F, 4>(y, x, W, p, prefetch); break;
             }
         }
     }, parallel);
