@@ -14,7 +14,7 @@ namespace CELERINFER_NS {
 struct CpuFeatures {
     bool fma = false, avx2 = false, avx512f = false, avx512bw = false, avx512_bf16 = false, avx512_vnni = false;
     bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
-    bool intel = false;  // the vendor string is "GenuineIntel" (tuning only: reduced.hpp's q8 prefetch)
+    bool intel = false;  // the vendor string is "GenuineIntel" (tuning only: reduced.hpp's GEMV prefetch)
 };
 inline const CpuFeatures& cpu_features() {
     static const CpuFeatures f = [] {

@@ -96,9 +96,9 @@ inline bool use_avx512_widen() {
 // How far ahead of its reads a reduced GEMV (q8 on VNNI, bf16) prefetches its weights, in bytes (0: not
 // at all). On an Intel Xeon (2 threads, minimind2, weights from DRAM) 4 KB ahead took the q8 GEMV
 // from 17-18 to 22-30 GB/s and the bench's q8 decode from 2.10x to 2.72x float32's, and bf16's from
-// 1.25-1.29x to BF16_AFTER (the hardware prefetcher alone fell behind the reduced GEMVs, not the
-// float32 one); on Zen 4, 4 to 16 blocks ahead made the q8 GEMV slower (measured), so other CPUs keep
-// the hardware's alone.
+// 1.25-1.29x to 1.76-1.78x (the hardware prefetcher alone fell behind the reduced GEMVs, not the
+// float32 one; 2, 8 and 12 KB ahead were slower for bf16); on Zen 4, 4 to 16 blocks ahead made the q8
+// GEMV slower (measured), so other CPUs keep the hardware's alone.
 inline int gemv_prefetch_bytes() { return cpu_features().intel ? 4096 : 0; }
 
 // The q8 VNNI GEMV (fast::vnni_gemv, below) runs when this build has the instructions and the CPU reports them.
