@@ -10,8 +10,10 @@ llama.cpp's own default is F16, which would make its attention cheaper and its l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,33 @@ def prompt_tokens(model: Model) -> list[int]:
     return [int(t) for t in ids[0]]
 
 
+@contextlib.contextmanager
+def _without_amx(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded inside load without llama.cpp's extra buffer types when its build has AMX.
+
+    ggml's AMX buffer type segfaults in ``ggml_backend_amx_mul_mat`` on this project's Q8_0 models
+    (measured on an Intel Xeon with AMX: the whole process dies, a pytest run with it; upstream
+    ggml-org/llama.cpp#20824 is open). ``Llama`` takes no argument for it, so the default model
+    parameters it starts from are swapped for a copy with ``use_extra_bufts`` off. A build without
+    AMX (every AMD machine of this kind) is left as it is, repacking included."""
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        yield
+        return
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def without_extra_bufts() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_extra_bufts
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
 class LlamaCppModel:
     """One GGUF of ``model`` loaded in llama.cpp, sized for a prompt of ``len(tokens)`` and
     ``decode`` new tokens, the prompt evaluated in one batch (as this C++ prefills), on ``threads``
@@ -83,18 +112,19 @@ class LlamaCppModel:
         self.path = write_gguf(model, Path(work) / f"model-{gguf_type}.gguf", gguf_type)
         n = len(self.tokens)
         kv = {"f32": GGML_TYPE_F32, "bf16": GGML_TYPE_BF16}[kv_cache]
-        self.llm: Any = llama_cpp.Llama(
-            str(self.path),
-            n_ctx=n + decode + 1,
-            n_batch=n,
-            n_ubatch=n,
-            n_threads=threads or os.cpu_count(),  # llama-cpp-python's default is half the cores
-            n_threads_batch=threads or os.cpu_count(),
-            type_k=kv,
-            type_v=kv,
-            logits_all=logits_all,
-            verbose=False,
-        )
+        with _without_amx(llama_cpp):
+            self.llm: Any = llama_cpp.Llama(
+                str(self.path),
+                n_ctx=n + decode + 1,
+                n_batch=n,
+                n_ubatch=n,
+                n_threads=threads or os.cpu_count(),  # llama-cpp-python's default is half the cores
+                n_threads_batch=threads or os.cpu_count(),
+                type_k=kv,
+                type_v=kv,
+                logits_all=logits_all,
+                verbose=False,
+            )
 
     def prefill(self) -> None:
         """Evaluate the prompt from an empty cache."""

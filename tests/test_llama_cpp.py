@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,24 @@ def test_bench_save_keeps_llama_cpp_samples(tmp_path: Path) -> None:
     # 3 steps per decode pass, 3 interleaved passes by default
     assert len(samples["llama.cpp prefill (f32)"]) == 3 and len(samples["llama.cpp decode step (f32)"]) == 3 * 3
     assert "cpp prefill (fast)" in samples
+
+
+@pytest.mark.parametrize("amx", (True, False))
+def test_a_build_with_amx_loads_without_extra_buffer_types(amx: bool) -> None:
+    """ggml's AMX buffer type segfaults on our Q8_0 models (Intel Xeon with AMX; llama.cpp#20824):
+    with a build that has AMX, models load with ``use_extra_bufts`` off, and the defaults come back
+    after; a build without AMX keeps them. (On an AMX machine test_reduced_gguf_types_stay_close
+    runs the real Q8_0 that crashed.)"""
+
+    class Params:
+        use_extra_bufts = True
+
+    module = types.SimpleNamespace(llama_model_default_params=Params)
+    info = b"CPU : AVX512 = 1 | " + (b"AMX_INT8 = 1 | " if amx else b"") + b"REPACK = 1 | "
+    fake = types.SimpleNamespace(llama_cpp=module, llama_print_system_info=lambda: info)
+    with llama_cpp_engine._without_amx(fake):
+        assert module.llama_model_default_params().use_extra_bufts is not amx
+    assert module.llama_model_default_params is Params
 
 
 def test_without_llama_cpp_the_bench_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
