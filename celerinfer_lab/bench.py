@@ -15,6 +15,7 @@ from .errors import UsageError
 from .generate import generate_model
 from .kvcache import check_kv_cache
 from .modelfile import Model
+from .torch_threads import restores_torch_threads
 
 if TYPE_CHECKING:  # matplotlib, pandas and the engine load only in the functions that use them
     import pandas as pd
@@ -589,6 +590,7 @@ def _measure_llama_cpp(
     return figures, engines
 
 
+@restores_torch_threads
 def measure_bench(
     config: ModelConfig,
     batch: int,

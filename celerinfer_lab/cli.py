@@ -19,6 +19,7 @@ from .errors import CelerInferError, FaultError, HistoryError, ModelFileError, U
 from .flags import CONFIG_FLAGS, DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from .kvcache import KV_CACHE_FORMATS
 from .quantize import WEIGHT_FORMATS
+from .torch_threads import restores_torch_threads
 
 if TYPE_CHECKING:  # for annotations only: the commands import what they run when they run
     import numpy as np
@@ -256,6 +257,7 @@ def _keep_note(logits_to_keep: int) -> str:
     return f", logits of the last {logits_to_keep} position{'s' if logits_to_keep > 1 else ''}"
 
 
+@restores_torch_threads
 def cmd_torch_forward(args: argparse.Namespace) -> int:
     import numpy as np
     import torch

@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .errors import UsageError
 from .machine import MachineLimits
 from .modelfile import Model
+from .torch_threads import restores_torch_threads
 from .trace import Point, has_feature, point_name
 
 if TYPE_CHECKING:
@@ -559,6 +560,7 @@ def profile_torch(
     return phases
 
 
+@restores_torch_threads
 def profile_model(
     model: Model,
     kernels: str = "fast",

@@ -246,3 +246,17 @@ def test_sweep_and_plot():
     assert ax.get_xscale() == "log" and len(ax.get_lines()) == 2
     bands = [c for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
     assert len(bands) == 2  # one spread band per side, not single points
+
+
+def test_a_bench_on_one_thread_puts_torch_threads_back(tmp_path):
+    """--threads is for the bench's run only: torch's thread count is process-wide, and left at 1 it
+    slowed and changed the float32 sums of every later torch call of the session (a training test
+    run after a one-thread bench no longer matched the same training in a fresh process)."""
+    import torch
+
+    from celerinfer_lab import ModelConfig
+    from celerinfer_lab.bench import measure_bench
+
+    torch.set_num_threads(2)
+    result = measure_bench(ModelConfig(), 1, 4, threads=1, repeat=1, warmup=0, work_dir=tmp_path, standalone=False)
+    assert result.record["machine"]["torch_threads"] == 1 and torch.get_num_threads() == 2

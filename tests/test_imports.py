@@ -25,8 +25,20 @@ HEAVY = ("torch", "matplotlib", "pandas", "cppyy", "ipywidgets")
 # Bottom first. A module may import modules of its own layer (the graph stays acyclic) or of a lower one,
 # never of a higher one.
 LAYERS = [
-    # the ground: errors, limits, the weight table, the weight codecs (bf16, Q8_0), the KV cache's rounding, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is
-    ["errors", "limits", "schema", "flags", "config", "trace", "paths", "quantize", "kvcache", "fingerprint"],
+    # the ground: errors, limits, the weight table, the weight codecs (bf16, Q8_0), the KV cache's rounding, config, the generate flags, the trace contract (and ForwardResult), where cpp/ is, torch's thread count put back
+    [
+        "errors",
+        "limits",
+        "schema",
+        "flags",
+        "config",
+        "trace",
+        "paths",
+        "quantize",
+        "kvcache",
+        "fingerprint",
+        "torch_threads",
+    ],
     # model files and inputs: format, strict JSON, sidecar, writer, Model, reader, RoPE cache, random models,
     # checkpoints imported and exported (HF folders, MiniMind .pth);
     # the fault catalogue (source edits to a copy of cpp/); the C++ headers generated from Python tables
