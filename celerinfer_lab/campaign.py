@@ -20,6 +20,7 @@ file with the command that reproduces it (``celerinfer-lab compare FILE --kernel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -572,6 +573,62 @@ class CampaignResult:
         return [r for r in self.rows if r["verdict"] != "pass" and not r["fault"]]
 
 
+def nanny_environment_keys() -> set[str]:
+    """The environment variables Dask's nanny writes into the process that spawns its workers: the
+    ``distributed.nanny.pre-spawn-environ`` settings, and PYTHONHASHSEED (distributed's nanny.py)."""
+    import dask
+
+    return set(dask.config.get("distributed.nanny.pre-spawn-environ") or {}) | {"PYTHONHASHSEED"}
+
+
+def restore_environment(before: dict[str, str], keys: Iterable[str]) -> None:
+    """Put ``keys`` of this process's environment back as ``before`` (a copy of os.environ) had them."""
+    for key in keys:
+        if key not in before:
+            os.environ.pop(key, None)
+        elif os.environ.get(key) != before[key]:
+            os.environ[key] = before[key]
+
+
+class LocalDask:
+    """A Dask LocalCluster of ``workers`` single-threaded worker processes and a Client on it. close()
+    (or leaving a ``with`` block) closes both and puts back what Dask wrote into this process's environment:
+    Dask's nanny writes its ``distributed.nanny.pre-spawn-environ`` (OMP_NUM_THREADS=1,
+    MKL_NUM_THREADS=1, ...) into the *calling* process's os.environ before it spawns a worker, and
+    leaves it there (by design: dask/distributed#6681, #6749). Left, it ran every later subprocess of
+    the session (a bench, a CLI training) with torch on one thread."""
+
+    def __init__(self, workers: int, dashboard_address: str | None = ":0"):
+        from dask.distributed import Client, LocalCluster
+
+        self._environment = dict(os.environ)
+        self.cluster: Any = None
+        self.client: Any = None
+        try:
+            self.cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard_address
+            )
+            self.client = Client(self.cluster)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            if self.client is not None:
+                self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            restore_environment(self._environment, nanny_environment_keys())
+
+    def __enter__(self) -> LocalDask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def run_campaign(
     spec: CampaignSpec,
     out: str | Path | None = None,
@@ -626,21 +683,17 @@ def run_campaign(
             accept(run_task(spec.seed, index, spec.kernels, fault, **args))  # type: ignore[arg-type]
             bar.update(1)
     else:
-        from dask.distributed import Client, LocalCluster, as_completed
+        from dask.distributed import Client, as_completed
 
-        cluster = None
-        own = client is None
-        if client is None:
-            if scheduler:
+        with contextlib.ExitStack() as stack:
+            if client is None and scheduler:
                 try:
                     client = Client(scheduler, timeout=connect_timeout)
                 except (OSError, TimeoutError) as exc:
                     raise UsageError(f"--scheduler {scheduler}: no Dask scheduler answers there ({exc})") from None
-            else:
-                n = workers or os.cpu_count() or 1
-                cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
-                client = Client(cluster)
-        try:
+                stack.callback(client.close)
+            elif client is None:
+                client = stack.enter_context(LocalDask(workers or os.cpu_count() or 1)).client
             result.workers = len(client.scheduler_info().get("workers", {})) or (workers or 0)
             result.dashboard = str(client.dashboard_link or "")
             log(f"dask: {result.workers} workers; dashboard {result.dashboard or '(none: install bokeh)'}")
@@ -665,11 +718,6 @@ def run_campaign(
                 accept(future.result())
                 bar.update(1)
                 future.release()
-        finally:
-            if own:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
     bar.close()
     if out is not None:
         write_rows(rows, out)

@@ -19,6 +19,7 @@ import pytest
 from celerinfer_lab.campaign import (
     CampaignSpec,
     Case,
+    LocalDask,
     applicable_faults,
     draw_case,
     op_kind,
@@ -35,12 +36,8 @@ FAST = ("fast",)
 
 @pytest.fixture(scope="module")
 def client():
-    from dask.distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
+    with LocalDask(2, dashboard_address=None) as dask:
+        yield dask.client
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +156,21 @@ def test_report_and_plot(client, tmp_path, capsys):
     assert main(["campaign", "--report", str(out), "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
     assert "pass rate per kernel set" in text and "tolerance margin" in text and plot.stat().st_size > 1000
+
+
+def test_a_campaigns_own_cluster_leaves_this_process_environment_alone(tmp_path, monkeypatch):
+    """Dask's nanny writes OMP_NUM_THREADS=1 (and more) into the process that starts its workers, and
+    leaves it: after a campaign every later subprocess of the session ran torch on one thread (in the
+    full suite, test_train's CLI training then no longer matched the same training in this process)."""
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    with LocalDask(1, dashboard_address=None) as dask:
+        assert os.environ.get("OMP_NUM_THREADS") == "1"  # the nanny's doing, which LocalDask undoes
+        assert dask.client.submit(os.getpid, pure=False).result() != os.getpid()
+    assert dict(os.environ) == before
+    result = run_campaign(CampaignSpec(configs=1, kernels=FAST, decode=0), workers=1, progress=False, log=print)
+    assert result.ran == 1 and result.workers == 1 and dict(os.environ) == before
 
 
 @pytest.mark.parametrize(
