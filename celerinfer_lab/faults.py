@@ -362,16 +362,16 @@ CATALOGUE: list[Fault] = [
     ),
     Fault(
         "fast_gemm_row_tail",
-        "the GEMM's five-row tail runs the four-row tile: the last row is never computed",
+        "the GEMM's seven-row tail runs the six-row tile: the last row is never computed",
         _edit(
             "fast.hpp",
-            "case 5: gemm_tile<5, NP>(yr, xr, W, panel, W.out); break;",
-            "case 5: gemm_tile<4, NP>(yr, xr, W, panel, W.out); break;",
+            "if (n == R) gemm_tile<R, NP>(y, x, w, in, out, panel);",
+            "if (n == R) gemm_tile<R == 7 ? 6 : R, NP>(y, x, w, in, out, panel);",
         ),
         ("fast",),
         L0 + "self_attn.q_proj",
-        "only in token row 10 of 11",
-        inputs=dict(batch_size=1, seq_len=11),
+        "only in token row 14 of 15",
+        inputs=dict(batch_size=1, seq_len=15),
     ),
     Fault(
         "fast_gemm_panel_tail",
@@ -379,7 +379,7 @@ CATALOGUE: list[Fault] = [
         _edit(
             "fast.hpp",
             "            } else {\n                float tmp[16];\n                vstore(tmp, acc[r][p]);\n"
-            "                std::memcpy(y + size_t(r) * ldy + o, tmp, sizeof(float) * valid);\n            }\n",
+            "                std::memcpy(y + size_t(r) * out + o, tmp, sizeof(float) * valid);\n            }\n",
             "            }\n",
         ),
         ("fast",),
@@ -397,11 +397,11 @@ CATALOGUE: list[Fault] = [
     ),
     Fault(
         "fast_gemm_row_chunk_end",
-        "the last row chunk also stops at a multiple of 6: rows past it are never computed",
+        "the last row chunk also stops at a multiple of kGemmRows (8): rows past it are never computed",
         _edit(
             "fast.hpp",
-            "const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;",
-            "const int r1 = int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;",
+            "const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / kGemmRows * kGemmRows;",
+            "const int r1 = int(int64_t(rows) * (chunk + 1) / row_chunks) / kGemmRows * kGemmRows;",
         ),
         ("fast",),
         L0 + "self_attn.q_proj",

@@ -530,48 +530,14 @@ inline void decode_panel(float* dst, const PackedReduced& W, int p) {
     }
 }
 
-// fast::gemm_tile on NP decoded panels w [NP][in][16]: the same sums in the same order.
-template <int R, int NP>
-inline void decoded_tile(float* y, const float* x, const float* w, int in, int out, int panel, int ldy) {
-    vf16 acc[R][NP];
-    for (int r = 0; r < R; ++r)
-        for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
-    for (int k = 0; k < in; ++k) {
-        vf16 wk[NP];
-        for (int p = 0; p < NP; ++p) wk[p] = vload(w + (size_t(p) * in + k) * 16);
-        for (int r = 0; r < R; ++r) {
-            const float xs = x[size_t(r) * in + k];
-            for (int p = 0; p < NP; ++p) acc[r][p] += wk[p] * xs;
-        }
-    }
-    store_tile<R, NP>(y, acc, out, panel, ldy);
-}
-
-template <int NP>
-inline void decoded_rows(float* y, const float* x, const float* w, int in, int out, int rows, int panel) {
-    constexpr int R = 6;
-    int r = 0;
-    for (; r + R <= rows; r += R) decoded_tile<R, NP>(y + size_t(r) * out, x + size_t(r) * in, w, in, out, panel, out);
-    float* yr = y + size_t(r) * out;
-    const float* xr = x + size_t(r) * in;
-    switch (rows - r) {
-        case 5: decoded_tile<5, NP>(yr, xr, w, in, out, panel, out); break;
-        case 4: decoded_tile<4, NP>(yr, xr, w, in, out, panel, out); break;
-        case 3: decoded_tile<3, NP>(yr, xr, w, in, out, panel, out); break;
-        case 2: decoded_tile<2, NP>(yr, xr, w, in, out, panel, out); break;
-        case 1: decoded_tile<1, NP>(yr, xr, w, in, out, panel, out); break;
-        default: break;
-    }
-}
-
 // fast::linear's split (panel triples, and row chunks when triples are few); each task decodes its
 // triple once into its thread's buffer (48 x in floats: L2-sized) and runs every row of its chunk
 // on it. (Widening 64-k chunks per 6-row tile, or widening inside the micro-kernel, was slower.)
 template <class Widen, WeightFormat F>
 inline void decoded_gemm(float* y, const float* x, const PackedReduced& W, int rows, ReducedScratch& s) {
     const int triples = (W.panels + 2) / 3;
-    const int row_chunks = (triples < 16 && rows >= 48) ? 4 : 1;
-    const bool parallel = double(rows) * W.in * W.out > 2.0e5;
+    const int row_chunks = (triples < 16 && rows >= kRowChunkRows) ? 4 : 1;
+    const bool parallel = linear_worth_parallel(rows, double(W.in) * W.out);
     if (int(s.panels.size()) < num_threads()) s.panels.resize(num_threads());
     for (auto& buffer : s.panels)
         if (buffer.size() < size_t(3) * W.in * 16) buffer.resize(size_t(3) * W.in * 16);
@@ -579,16 +545,17 @@ inline void decoded_gemm(float* y, const float* x, const PackedReduced& W, int r
         float* w = s.panels[thread].data();
         for (int task = begin; task < end; ++task) {
             const int t = task / row_chunks, chunk = task % row_chunks;
-            const int r0 = int(int64_t(rows) * chunk / row_chunks) / 6 * 6;
-            const int r1 = chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / 6 * 6;
+            const int r0 = int(int64_t(rows) * chunk / row_chunks) / kGemmRows * kGemmRows;
+            const int r1 =
+                chunk + 1 == row_chunks ? rows : int(int64_t(rows) * (chunk + 1) / row_chunks) / kGemmRows * kGemmRows;
             if (r1 <= r0) continue;
             float* yc = y + size_t(r0) * W.out;
             const float* xc = x + size_t(r0) * W.in;
             const int panel = 3 * t, np = std::min(3, W.panels - panel);
             for (int p = 0; p < np; ++p) decode_panel<Widen, F>(w + size_t(p) * W.in * 16, W, panel + p);
-            if (np == 3) decoded_rows<3>(yc, xc, w, W.in, W.out, r1 - r0, panel);
-            else if (np == 2) decoded_rows<2>(yc, xc, w, W.in, W.out, r1 - r0, panel);
-            else decoded_rows<1>(yc, xc, w, W.in, W.out, r1 - r0, panel);
+            if (np == 3) gemm_rows<3>(yc, xc, w, W.in, W.out, r1 - r0, panel);
+            else if (np == 2) gemm_rows<2>(yc, xc, w, W.in, W.out, r1 - r0, panel);
+            else gemm_rows<1>(yc, xc, w, W.in, W.out, r1 - r0, panel);
         }
     }, parallel);
 }
