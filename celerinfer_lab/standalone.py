@@ -84,7 +84,7 @@ def run_standalone(
     env: dict | None = None,
 ) -> StandaloneResult:
     """Run ``base_line_micro model_path out_dir`` and read its logits and times. ``env``: more
-    variables (KERNELS=readable|fast, THREADS=n)."""
+    variables (KERNELS=fast|readable|bf16|..., THREADS=n, KV_CACHE=f32|bf16)."""
     env = {**os.environ, "WARMUP": str(warmup), "REPEAT": str(repeat), **(env or {})}
     result = subprocess.run([str(binary), str(model_path), str(out_dir)], capture_output=True, text=True, env=env)
     if result.returncode != 0:

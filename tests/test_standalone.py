@@ -1,6 +1,7 @@
 """base_line_micro: built with CMake from the same headers; same logits as the cppyy path."""
 
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -38,6 +39,25 @@ def test_standalone_equals_cppyy(binary, native, tmp_path, variant):
         else:  # the fast kernels may contract and reassociate differently under the two compilers
             np.testing.assert_allclose(result.logits, cppyy_logits, rtol=0, atol=1e-5)
         assert result.load_ms > 0 and result.forward_ms > 0 and f"kernels: {kernels}" in result.stdout
+
+
+def test_standalone_takes_a_bf16_kv_cache(binary, native, tmp_path):
+    """KV_CACHE=bf16 rounds each key and value as it joins the cache, as cppyy's kv_cache="bf16":
+    the same logits as that path, and not those of the float32 cache; another value is refused."""
+    model = small_model(batch_size=2, seq_len=9, padding="mixed")
+    model.save(tmp_path / "m.json")
+    runs = {
+        kv: run_standalone(binary, tmp_path / "m.json", tmp_path / kv, 0, 1, {"KV_CACHE": kv}) for kv in ("f32", "bf16")
+    }
+    cppyy_bf16 = native.forward(model, kernels="fast", kv_cache="bf16").logits
+    np.testing.assert_allclose(runs["bf16"].logits, cppyy_bf16, rtol=0, atol=1e-5)
+    assert "kv cache: bf16" in runs["bf16"].stdout and "kv cache: f32" in runs["f32"].stdout
+    assert np.abs(runs["bf16"].logits - runs["f32"].logits).max() > 1e-4  # the rounding is there
+    env = {**os.environ, "KV_CACHE": "fp8"}
+    r = subprocess.run(
+        [str(binary), str(tmp_path / "m.json"), str(tmp_path / "x")], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 2 and "KV_CACHE=fp8: must be f32 or bf16" in r.stderr, r.stderr
 
 
 def test_standalone_reproduces_original_fixture(binary, v0_dir, tmp_path):

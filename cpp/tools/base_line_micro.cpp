@@ -4,7 +4,9 @@
 //
 // Normal mode reads a model file, runs the C++ forward on its inputs, prints load and forward
 // times, and writes out_dir/logits_cpp.npy. Environment: WARMUP (default 1), REPEAT (default 10),
-// KERNELS (a registered kernel set: fast, the default, or readable) and THREADS (default: every core).
+// KERNELS (a registered kernel set: fast, the default, or readable) and THREADS (default: every core),
+// KV_CACHE (f32, the default, or bf16: each new key and value rounded to bfloat16 as it joins the
+// cache, as the Python side's --kv-cache bf16; it changes the logits of a prefill too).
 //
 // --check validates and loads each FILE fully (every check of docs/model-file.md, values
 // included; no forward) and prints one line per file: "ok<TAB>FILE<TAB>weights FORMAT" (FORMAT: the
@@ -159,7 +161,8 @@ static Summary summarize(const std::vector<float>& logits) {
 }
 
 // The normal mode: load, prepare the kernel set, time the forwards, write the logits, print the report.
-static int run_model(const std::string& model_path, const std::string& out_dir, const ci::LoadOptions& options) {
+static int run_model(const std::string& model_path, const std::string& out_dir, const ci::LoadOptions& options,
+                     ci::KVFormat kv_format) {
     auto start = Clock::now();
     ci::LoadedModel loaded = ci::load_model_file(model_path, options);
     const double load_ms = ms_since(start);
@@ -171,6 +174,7 @@ static int run_model(const std::string& model_path, const std::string& out_dir, 
     const std::unique_ptr<ci::KernelSet> set = ci::make_kernels(kernels, loaded.model.get());
     const double pack_ms = ms_since(start);
     ci::Workspace ws(c, loaded.batch, loaded.seq_len);
+    ws.kv_format = kv_format;
     std::vector<float> logits(size_t(loaded.batch) * loaded.seq_len * c.vocab);
     const std::vector<double> times = time_runs([&] {
         ci::run_forward(*set, *loaded.model, loaded.input_ids.data(), loaded.attention_mask.data(), loaded.seq_len, 0,
@@ -186,6 +190,7 @@ static int run_model(const std::string& model_path, const std::string& out_dir, 
     std::printf("weights: %s%s\n", loaded.weight_format.c_str(),
                 loaded.weight_format == "f32" || reads_stored ? "" : " (these kernels read their float32 decoding)");
     std::printf("kernels: %s, %d threads (preparing %.3f ms)\n", kernels.c_str(), ci::num_threads(), pack_ms);
+    std::printf("kv cache: %s\n", kv_format == ci::KVFormat::BF16 ? "bf16" : "f32");
     std::printf("forward: median %.3f ms (min %.3f, max %.3f; %zu runs)\n", times[times.size() / 2], times.front(),
                 times.back(), times.size());
     std::printf("logits: shape [%d, %d, %d] min %.6f max %.6f mean %.6f\n", loaded.batch, loaded.seq_len, c.vocab,
@@ -200,5 +205,12 @@ int main(int argc, char** argv) {
     const Args args = parse_args(argc, argv);
     if (args.usage) return usage(argv[0]);
     if (args.check) return check_files(args.files, args.options);
-    return reporting_errors([&] { return run_model(args.files[0], args.files[1], args.options); });
+    const char* kv_env = std::getenv("KV_CACHE");
+    const std::string kv = kv_env && *kv_env ? kv_env : "f32";
+    if (kv != "f32" && kv != "bf16") {
+        std::fprintf(stderr, "error: KV_CACHE=%s: must be f32 or bf16\n", kv.c_str());
+        return 2;
+    }
+    const ci::KVFormat kv_format = kv == "bf16" ? ci::KVFormat::BF16 : ci::KVFormat::F32;
+    return reporting_errors([&] { return run_model(args.files[0], args.files[1], args.options, kv_format); });
 }
