@@ -636,92 +636,89 @@ def measure_bench(
             raise UsageError(f"llama.cpp runs one sequence: --batch-size {batch}, need 1 with the llama.cpp engine")
     native = load_native(cpp_dir, kernels="fast")  # first: an unknown kernel set fails before any work
     sets = bench_kernel_sets(native, kernels)
-    if threads:
-        torch.set_num_threads(threads)
-        native.set_threads(threads)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    record: dict = {
-        "config": config.to_dict(),
-        "batch": batch,
-        "seq_len": seq_len,
-        "parameters": config.num_parameters(),
-        "kernels": sets,
-        "kv_cache": kv_cache,
-        "cpp_dir": str(cpp_dir) if cpp_dir else None,  # None: this project's cpp/
-    }
-    if progress:
-        progress(
-            f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
-            f"kernels {', '.join(sets)}; files in {work}"
-        )
-    times, model, json_path, side_path = _load_times(config, batch, seq_len, seed, work)
-    record.update(times)
-
-    torch_t, torch_logits = _measure_torch(model, warmup, repeat, kv_cache)
-    record.update(_stats(torch_t, "torch_forward"))
-    stats = {"torch": _logits_stats(torch_logits)}
-
-    binary = cached_standalone(cpp_dir, build_dir=work / "build") if standalone else None
-    env_threads = {"THREADS": str(threads)} if threads else {}
-    per_set: dict[str, dict] = {}
-    prepared_sets, cpp_timings = {}, {}
-    fmt_files: dict[str, Path] = {}
-    for name in sets:
-        prepared_sets[name] = native.prepare(model, name, kv_cache)
-        cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name, kv_cache=kv_cache)
-        cpp_logits = prepared_sets[name].forward().logits
-        stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
-        fmt = native.kernel_format(name)
-        # A bf16/q8 set reads a file of its own format (written once per format, as `quantize` would);
-        # base_line_micro keeps a float32 KV cache, so with a bf16 cache every set is timed through cppyy only.
-        path = json_path if fmt == "f32" else _format_file(prepared_sets[name].model, work, fmt_files)
-        alone = (
-            run_standalone(binary, path, work / f"out_{name}", warmup, repeat, {**env_threads, "KERNELS": name})
-            if kv_cache == "f32" and binary is not None
-            else None
-        )
-        per_set[name] = {
-            **_stats(cpp_timings[name], "cpp_forward"),
-            "weight_format": fmt,
-            "standalone_forward_ms": alone.forward_ms if alone else None,
-            "standalone_load_ms": alone.load_ms if alone else None,
-            **_agreement(model, torch_logits, cpp_logits, alone.logits if alone else None),
+    pool_before = native.threads  # the C++ pool is process-wide too: put back as torch's count is
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+            native.set_threads(threads)
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        record: dict = {
+            "config": config.to_dict(),
+            "batch": batch,
+            "seq_len": seq_len,
+            "parameters": config.num_parameters(),
+            "kernels": sets,
+            "kv_cache": kv_cache,
+            "cpp_dir": str(cpp_dir) if cpp_dir else None,  # None: this project's cpp/
         }
-    record.update(per_set[sets[0]])
-    record["standalone_load_sidecar_ms"] = None
-    if binary is not None:
-        alone_env = {**env_threads, "KERNELS": "fast"}
-        record["standalone_load_sidecar_ms"] = run_standalone(
-            binary, side_path, work / "out_sidecar", 0, 1, alone_env
-        ).load_ms
-        if record["standalone_load_ms"] is None:  # a bf16 KV cache: no set ran standalone; the load alone
-            record["standalone_load_ms"] = run_standalone(binary, json_path, work / "out_load", 0, 1, alone_env).load_ms
-    record["machine"] = machine_info(native.threads)
+        if progress:
+            progress(
+                f"model: {config.num_parameters():,} parameters, batch {batch} x seq {seq_len}; "
+                f"kernels {', '.join(sets)}; files in {work}"
+            )
+        times, model, json_path, side_path = _load_times(config, batch, seq_len, seed, work)
+        record.update(times)
 
-    steps_ms: dict[str, list[float]] = {}
-    llama_samples: dict[str, list[float]] = {}
-    with contextlib.ExitStack() as stack:  # llama.cpp's engines stay open for the decode rounds
-        llama_engines: dict = {}
-        if llama_cpp:
-            if progress:
-                progress(f"llama.cpp: {', '.join(llama_cpp)} (GGUF of the same weights)")
-            # llama.cpp on as many threads as the C++ (llama-cpp-python's own default is half the cores)
-            record["llama_cpp"], llama_engines = _measure_llama_cpp(
-                model, llama_cpp, work, native.threads, warmup, repeat, decode, kv_cache, torch_logits, stack,
-                llama_samples,
-            )  # fmt: skip
-        if decode:
-            if progress:
-                progress(f"decode: {decode} tokens, {decode_passes} interleaved passes")
-            record.update(
-                _measure_decode(
-                    model, native, prepared_sets, llama_engines, decode, decode_passes, batch, per_set,
-                    record.get("llama_cpp") or {}, kv_cache, steps_ms, llama_samples,
-                )
-            )  # fmt: skip
-    record["kernel_sets"] = per_set
-    return BenchResult(record, torch_t, cpp_timings, stats, steps_ms, llama_samples)
+        torch_t, torch_logits = _measure_torch(model, warmup, repeat, kv_cache)
+        record.update(_stats(torch_t, "torch_forward"))
+        stats = {"torch": _logits_stats(torch_logits)}
+
+        binary = cached_standalone(cpp_dir, build_dir=work / "build") if standalone else None
+        env_threads = {"THREADS": str(threads)} if threads else {}
+        per_set: dict[str, dict] = {}
+        prepared_sets, cpp_timings = {}, {}
+        fmt_files: dict[str, Path] = {}
+        for name in sets:
+            prepared_sets[name] = native.prepare(model, name, kv_cache)
+            cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name, kv_cache=kv_cache)
+            cpp_logits = prepared_sets[name].forward().logits
+            stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
+            fmt = native.kernel_format(name)
+            # A bf16/q8 set reads a file of its own format (written once per format, as `quantize` would).
+            path = json_path if fmt == "f32" else _format_file(prepared_sets[name].model, work, fmt_files)
+            alone_env = {**env_threads, "KERNELS": name, "KV_CACHE": kv_cache}
+            alone = run_standalone(binary, path, work / f"out_{name}", warmup, repeat, alone_env) if binary else None
+            per_set[name] = {
+                **_stats(cpp_timings[name], "cpp_forward"),
+                "weight_format": fmt,
+                "standalone_forward_ms": alone.forward_ms if alone else None,
+                "standalone_load_ms": alone.load_ms if alone else None,
+                **_agreement(model, torch_logits, cpp_logits, alone.logits if alone else None),
+            }
+        record.update(per_set[sets[0]])
+        record["standalone_load_sidecar_ms"] = None
+        if binary is not None:
+            record["standalone_load_sidecar_ms"] = run_standalone(
+                binary, side_path, work / "out_sidecar", 0, 1, {**env_threads, "KERNELS": "fast"}
+            ).load_ms
+        record["machine"] = machine_info(native.threads)
+
+        steps_ms: dict[str, list[float]] = {}
+        llama_samples: dict[str, list[float]] = {}
+        with contextlib.ExitStack() as stack:  # llama.cpp's engines stay open for the decode rounds
+            llama_engines: dict = {}
+            if llama_cpp:
+                if progress:
+                    progress(f"llama.cpp: {', '.join(llama_cpp)} (GGUF of the same weights)")
+                # llama.cpp on as many threads as the C++ (llama-cpp-python's own default is half the cores)
+                record["llama_cpp"], llama_engines = _measure_llama_cpp(
+                    model, llama_cpp, work, native.threads, warmup, repeat, decode, kv_cache, torch_logits, stack,
+                    llama_samples,
+                )  # fmt: skip
+            if decode:
+                if progress:
+                    progress(f"decode: {decode} tokens, {decode_passes} interleaved passes")
+                record.update(
+                    _measure_decode(
+                        model, native, prepared_sets, llama_engines, decode, decode_passes, batch, per_set,
+                        record.get("llama_cpp") or {}, kv_cache, steps_ms, llama_samples,
+                    )
+                )  # fmt: skip
+        record["kernel_sets"] = per_set
+        return BenchResult(record, torch_t, cpp_timings, stats, steps_ms, llama_samples)
+    finally:
+        native.set_threads(pool_before)
 
 
 def bench_lines(result: BenchResult) -> list[str]:

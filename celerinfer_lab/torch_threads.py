@@ -1,9 +1,9 @@
 """A bench or profile asked for ``threads`` sets torch's thread count for its run only.
 
 ``torch.set_num_threads`` is process-wide: left set, it slowed every later torch call of a notebook
-kernel or a test session, and it changed their float32 sums (found when a training test, run after
-a one-thread bench in the same pytest session, no longer matched the same training in a fresh
-process, on an Intel Xeon)."""
+kernel or a test session, and on an Intel Xeon it changed their float32 sums (a training run after a
+one-thread bench no longer matched the same training in a fresh process). (The bench puts the C++
+pool's count back itself; the environment Dask's workers leave is campaign.LocalDask's job.)"""
 
 from __future__ import annotations
 

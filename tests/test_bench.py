@@ -248,15 +248,16 @@ def test_sweep_and_plot():
     assert len(bands) == 2  # one spread band per side, not single points
 
 
-def test_a_bench_on_one_thread_puts_torch_threads_back(tmp_path):
-    """--threads is for the bench's run only: torch's thread count is process-wide, and left at 1 it
-    slowed and changed the float32 sums of every later torch call of the session (a training test
-    run after a one-thread bench no longer matched the same training in a fresh process)."""
+def test_a_bench_on_one_thread_puts_torch_threads_back(tmp_path, native):
+    """--threads is for the bench's run only: torch's thread count and the C++ pool's are process-wide,
+    and left at 1 they slowed every later forward of the session (and torch's changed its float32 sums)."""
     import torch
 
     from celerinfer_lab import ModelConfig
     from celerinfer_lab.bench import measure_bench
 
     torch.set_num_threads(2)
+    native.set_threads(2)
     result = measure_bench(ModelConfig(), 1, 4, threads=1, repeat=1, warmup=0, work_dir=tmp_path, standalone=False)
-    assert result.record["machine"]["torch_threads"] == 1 and torch.get_num_threads() == 2
+    assert result.record["machine"]["torch_threads"] == 1 and result.record["machine"]["cpp_threads"] == 1
+    assert torch.get_num_threads() == 2 and native.threads == 2
