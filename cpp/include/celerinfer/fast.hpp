@@ -154,13 +154,17 @@ inline void gemm_rows(float* y, const float* x, const float* w, int in, int out,
     gemm_row_tail<NP>(rows - r, y + size_t(r) * out, x + size_t(r) * in, w, in, out, panel);
 }
 
-// The NP = min(3, panels left) panels of W from `panel` on, for `rows` rows.
+// y for `rows` rows over the np (1 to 3) panels of w from `panel` on (w: see gemm_tile).
+inline void gemm_panels(float* y, const float* x, const float* w, int in, int out, int np, int rows, int panel) {
+    if (np >= 3) gemm_rows<3>(y, x, w, in, out, rows, panel);
+    else if (np == 2) gemm_rows<2>(y, x, w, in, out, rows, panel);
+    else gemm_rows<1>(y, x, w, in, out, rows, panel);
+}
+
+// The panel triple of W from `panel` on (the last one maybe short), for `rows` rows.
 inline void gemm_panels(float* y, const float* x, const PackedMatrix& W, int rows, int panel) {
     const float* w = W.data.data() + size_t(panel) * W.in * 16;
-    const int left = W.panels - panel;
-    if (left >= 3) gemm_rows<3>(y, x, w, W.in, W.out, rows, panel);
-    else if (left == 2) gemm_rows<2>(y, x, w, W.in, W.out, rows, panel);
-    else gemm_rows<1>(y, x, w, W.in, W.out, rows, panel);
+    gemm_panels(y, x, w, W.in, W.out, std::min(3, W.panels - panel), rows, panel);
 }
 
 // Is a linear job of `rows` rows over `weights` float32 weights worth the thread pool? Below these
@@ -185,9 +189,9 @@ constexpr int kRowChunkRows = 48;
 // The tasks of a packed matrix's GEMM: its panels three at a time, the last triple maybe short.
 inline int panel_triples(const PackedMatrix& W) { return (W.panels + 2) / 3; }
 
-// y[rows, out] = x[rows, in] . W^T, three panels at a time (gemm_tile). Work is split over the thread pool by panel triples
-// and, when there are few triples (k_proj, o_proj ...), by row chunks too, so both cores get
-// equal shares.
+// y[rows, out] = x[rows, in] . W^T, three panels at a time (gemm_tile). Work is split over the
+// thread pool by panel triples and, when there are few triples (k_proj, o_proj ...), by row chunks
+// too, so both cores get equal shares.
 inline void linear(float* y, const float* x, const PackedMatrix& W, int rows) {
     const int triples = panel_triples(W);
     const int row_chunks = (triples < 16 && rows >= kRowChunkRows) ? 4 : 1;

@@ -553,9 +553,7 @@ inline void decoded_gemm(float* y, const float* x, const PackedReduced& W, int r
             const float* xc = x + size_t(r0) * W.in;
             const int panel = 3 * t, np = std::min(3, W.panels - panel);
             for (int p = 0; p < np; ++p) decode_panel<Widen, F>(w + size_t(p) * W.in * 16, W, panel + p);
-            if (np == 3) gemm_rows<3>(yc, xc, w, W.in, W.out, r1 - r0, panel);
-            else if (np == 2) gemm_rows<2>(yc, xc, w, W.in, W.out, r1 - r0, panel);
-            else gemm_rows<1>(yc, xc, w, W.in, W.out, r1 - r0, panel);
+            gemm_panels(yc, xc, w, W.in, W.out, np, r1 - r0, panel);
         }
     }, parallel);
 }
