@@ -306,19 +306,12 @@ def decode_torch(
 
 
 def decode_cpp(prepared: NativeModel, new_tokens: int, steps_ms: list[float] | None = None) -> tuple[np.ndarray, float]:
-    """Greedy decoding with the C++ KV cache: the new tokens and the decode time (prefill excluded).
-    ``steps_ms``, when given, receives each decode step's time."""
-    marks: list[float] = []
-
-    def mark(step: int, _tokens: np.ndarray) -> bool:
-        if step >= 1:
-            marks.append(time.perf_counter())
-        return True
-
-    tokens = prepared.generate(new_tokens, after_prefill=lambda: marks.append(time.perf_counter()), on_token=mark)
+    """Greedy decoding with the C++ KV cache, as generate() runs it (the loop in C++): the new tokens
+    and the decode time (prefill excluded). ``steps_ms``, when given, receives each decode step's time."""
+    tokens, step_end = prepared.generate_timed(new_tokens)
     if steps_ms is not None:
-        steps_ms.extend(_step_ms(marks))
-    return tokens, time.perf_counter() - marks[0]
+        steps_ms.extend(_step_ms(list(step_end)))
+    return tokens, float(step_end[-1] - step_end[0])
 
 
 def bench_kernel_sets(native: NativeEngine, kernels: str | list[str] = "fast") -> list[str]:

@@ -96,8 +96,10 @@ def test_generation_prefills_with_the_last_positions_logits_only(native, monkeyp
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(NativeModel, "run", recording)
-    tokens = prepared.generate(4)
+    tokens = prepared.generate(4, on_token=lambda step, chosen: True)  # a callback: the Python loop
     assert asked == [1, 0, 0, 0]  # the prefill's last position; a step has one position anyway
+    # The C++ loop (generate_greedy) passes 1 to every forward: the same tokens.
+    np.testing.assert_array_equal(prepared.generate(4), tokens)
     steps = prepared.decode_steps(tokens[:, :-1])
     assert [r.logits.shape[1] for r in steps] == [6, 1, 1, 1]
     np.testing.assert_array_equal(np.stack([r.logits[:, -1].argmax(-1) for r in steps], axis=1), tokens)
