@@ -112,18 +112,37 @@ class Timing:
 def time_call(fn: Callable[[], object], warmup: int = 2, repeat: int = 10) -> Timing:
     """Call fn warmup times untimed, then repeat times timed: median, quartiles, min, max, and the
     machine's load while it ran (see Timing.noisy)."""
+    return time_calls_interleaved({"": fn}, warmup, repeat)[""]
+
+
+def time_calls_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int = 2, repeat: int = 10
+) -> dict[str, Timing]:
+    """time_call for several functions in rounds: each function warmed up, then ``repeat`` rounds that
+    call every function once in turn, so the shared host's drifting load hits them alike and the
+    ratio of two samples of one round compares them on the same machine (round_ratios)."""
     if repeat < 1:
         raise ValueError(f"repeat={repeat}: need at least one timed run")
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q1, median, q3 = (float(v) for v in np.percentile(times, [25, 50, 75]))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
     load, cores = machine_load()
-    return Timing(median, float(min(times)), float(max(times)), repeat, q1, q3, load, cores, times)
+    timings = {}
+    for name, samples in times.items():
+        q1, median, q3 = (float(v) for v in np.percentile(samples, [25, 50, 75]))
+        timings[name] = Timing(median, float(min(samples)), float(max(samples)), repeat, q1, q3, load, cores, samples)
+    return timings
+
+
+def round_ratios(base: Timing, other: Timing) -> list[float]:
+    """How many times faster ``other`` ran than ``base``, round by round (time_calls_interleaved)."""
+    return [b / o for b, o in zip(base.samples_ms, other.samples_ms)]
 
 
 def time_torch(model: Model, warmup: int = 2, repeat: int = 10, kv_cache: str = "f32") -> Timing:
@@ -145,10 +164,14 @@ def time_cpp(
 ) -> Timing:
     """The C++ forward through cppyy (``kernels``, default the engine's; ``kv_cache``: "f32" or
     "bf16"): inputs checked and logits allocated once, outside the timing."""
-    prepared = native.prepare(model, kernels, kv_cache)
+    return time_call(_cpp_forward(native.prepare(model, kernels, kv_cache)), warmup, repeat)
+
+
+def _cpp_forward(prepared: NativeModel) -> Callable[[], None]:
+    """One timed C++ forward of the model file's inputs: inputs checked and logits allocated once."""
     ids, mask = prepared.check_inputs(None, None)
-    logits = np.empty((model.batch_size, model.seq_len, model.config.vocab_size), dtype=np.float32)
-    return time_call(lambda: prepared.run(ids, mask, logits), warmup, repeat)
+    logits = np.empty((*ids.shape, prepared.config.vocab_size), dtype=np.float32)
+    return lambda: prepared.run(ids, mask, logits)
 
 
 def sweep(
@@ -660,11 +683,13 @@ def measure_bench(
         binary = cached_standalone(cpp_dir, build_dir=work / "build") if standalone else None
         env_threads = {"THREADS": str(threads)} if threads else {}
         per_set: dict[str, dict] = {}
-        prepared_sets, cpp_timings = {}, {}
+        prepared_sets = {name: native.prepare(model, name, kv_cache) for name in sets}
+        # The sets' forwards in interleaved rounds: their ratios (prefill bf16 / fast) are taken round by round.
+        cpp_timings = time_calls_interleaved(
+            {name: _cpp_forward(prepared) for name, prepared in prepared_sets.items()}, warmup, repeat
+        )
         fmt_files: dict[str, Path] = {}
         for name in sets:
-            prepared_sets[name] = native.prepare(model, name, kv_cache)
-            cpp_timings[name] = time_cpp(model, native, warmup, repeat, kernels=name, kv_cache=kv_cache)
             cpp_logits = prepared_sets[name].forward().logits
             stats[f"cpp ({name})"] = _logits_stats(cpp_logits)
             fmt = native.kernel_format(name)
@@ -674,6 +699,10 @@ def measure_bench(
             alone = run_standalone(binary, path, work / f"out_{name}", warmup, repeat, alone_env) if binary else None
             per_set[name] = {
                 **_stats(cpp_timings[name], "cpp_forward"),
+                # its prefill speed over the fast set's, round by round (None without fast, or for fast)
+                "cpp_forward_vs_fast_rounds": round_ratios(cpp_timings["fast"], cpp_timings[name])
+                if "fast" in cpp_timings and name != "fast"
+                else None,
                 "weight_format": fmt,
                 "standalone_forward_ms": alone.forward_ms if alone else None,
                 "standalone_load_ms": alone.load_ms if alone else None,
@@ -746,6 +775,13 @@ def bench_lines(result: BenchResult) -> list[str]:
         alone = record[alone_key]
         alone_text = f"{alone:10.1f} ms" if alone is not None else f"{'n/a':>13s}"
         lines.append(f"{label:28s} {alone_text} (base_line_micro), {record[python_key]:.1f} ms (Python)")
+    for name in sets:
+        rounds = per_set[name].get("cpp_forward_vs_fast_rounds")
+        if rounds:
+            lines.append(
+                f"prefill {name} / fast: {float(np.median(rounds)):.2f}x (median of {len(rounds)} interleaved "
+                f"rounds; {_pass_range(rounds, 'x').replace('per pass', 'per round')})"
+            )
     for label, (shape, low, high, mean) in result.logits_stats.items():
         lines.append(f"logits {label:16s}: shape {shape} min {low:.6f} max {high:.6f} mean {mean:.6f}")
     for name in sets:

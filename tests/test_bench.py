@@ -131,6 +131,15 @@ def test_bench_times_every_kernel_set(tmp_path, work):
         ratio = [line for line in r.stdout.splitlines() if line.startswith(f"decode {name} / fast: ")]
         assert len(ratio) == 1 and "median of 3 interleaved passes; per pass " in ratio[0], ratio
         assert (work / f"model_{name}.json").exists()
+    for name, per_set in result["kernel_sets"].items():  # prefill in interleaved rounds: ratios to fast per round
+        rounds = per_set["cpp_forward_vs_fast_rounds"]
+        if name == "fast":
+            assert rounds is None
+            continue
+        assert len(rounds) == 2 and all(x > 0 for x in rounds), name  # --repeat 2
+        line = [x for x in r.stdout.splitlines() if x.startswith(f"prefill {name} / fast: ")]
+        assert len(line) == 1 and f"(median of {len(rounds)} interleaved rounds; per round " in line[0], line
+        assert f"{float(np.median(rounds)):.2f}x" in line[0]
     for name, per_set in result["kernel_sets"].items():
         reduced = per_set["weight_format"] != "f32"
         assert per_set["weight_format"] == {"bf16": "bf16", "q8": "q8"}.get(name.split("-")[-1], "f32"), name
@@ -150,6 +159,20 @@ def test_bench_times_every_kernel_set(tmp_path, work):
         assert per_set["decode_tokens_equal"] is True, name
     for key in ("cpp_forward_ms", "standalone_forward_ms", "max_abs_diff", "cpp_decode_tok_s"):  # flat: the first set
         assert result[key] == result["kernel_sets"]["fast"][key], key
+
+
+def test_forwards_are_timed_in_interleaved_rounds():
+    """time_calls_interleaved warms every function up, then calls each once per round in turn;
+    round_ratios pairs the samples of one round."""
+    from celerinfer_lab.bench import Timing, round_ratios, time_calls_interleaved
+
+    calls: list[str] = []
+    timings = time_calls_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert [t.runs for t in timings.values()] == [3, 3] and all(len(t.samples_ms) == 3 for t in timings.values())
+    base = Timing(10.0, 8.0, 12.0, 3, samples_ms=[8.0, 10.0, 12.0])
+    other = Timing(5.0, 4.0, 6.0, 3, samples_ms=[4.0, 5.0, 12.0])
+    assert round_ratios(base, other) == [2.0, 2.0, 1.0]
 
 
 def test_decode_passes_interleave_every_decoder():
