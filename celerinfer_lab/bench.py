@@ -329,12 +329,22 @@ def decode_torch(
 
 
 def decode_cpp(prepared: NativeModel, new_tokens: int, steps_ms: list[float] | None = None) -> tuple[np.ndarray, float]:
-    """Greedy decoding with the C++ KV cache, as generate() runs it (the loop in C++): the new tokens
-    and the decode time (prefill excluded). ``steps_ms``, when given, receives each decode step's time."""
-    tokens, step_end = prepared.generate_timed(new_tokens)
+    """Greedy decoding with the C++ KV cache, as generate() runs it (the loop in C++; the Python loop for a
+    ``--cpp-dir`` copy older than generate_greedy): the new tokens and the decode time (prefill
+    excluded). ``steps_ms``, when given, receives each decode step's time."""
+    if hasattr(prepared.ns, "generate_greedy"):
+        tokens, step_end = prepared.generate_timed(new_tokens)
+        marks = list(step_end)
+    else:
+        marks = []
+        tokens = prepared.generate(
+            new_tokens,
+            after_prefill=lambda: marks.append(time.perf_counter()),
+            on_token=lambda step, _tokens: marks.append(time.perf_counter()) if step >= 1 else None,
+        )
     if steps_ms is not None:
-        steps_ms.extend(_step_ms(list(step_end)))
-    return tokens, float(step_end[-1] - step_end[0])
+        steps_ms.extend(_step_ms(marks))
+    return tokens, float(marks[-1] - marks[0])
 
 
 def bench_kernel_sets(native: NativeEngine, kernels: str | list[str] = "fast") -> list[str]:

@@ -155,6 +155,9 @@ class NativeEngine:
         # kernel. The GIL stays held: with __release_gil__ cppyy no longer turns signals into
         # exceptions (measured: the process died with a stack dump).
         ns.run_forward.__sig2exc__ = True
+        ns.BoundForward.run.__sig2exc__ = True  # a timing loop's bound call
+        if hasattr(ns, "generate_greedy"):  # absent from a copy of the headers older than it (generate falls back)
+            ns.generate_greedy.__sig2exc__ = True
         self.namespace, self.ns = namespace, ns
 
     @property
@@ -430,8 +433,11 @@ class NativeModel:
         """Greedy decoding with the KV cache: prefill the prompt, then one token per step; the new
         tokens [B, new_tokens]. ``after_prefill()`` is called once the prompt is processed;
         ``on_token(step, tokens [B, 1])`` after each choice: False stops the decode there (fewer tokens).
-        Without either callback the whole loop runs in C++ (generate_timed): the same tokens, faster."""
-        if after_prefill is None and on_token is None:
+        Without either callback the whole loop runs in C++ (generate_timed): the same tokens, faster,
+        in one call that holds the GIL until the last token (Ctrl-C waits for it; pass on_token to
+        stream or to stop early)."""
+        new_tokens = _check_new_tokens(new_tokens)
+        if after_prefill is None and on_token is None and hasattr(self.ns, "generate_greedy"):
             return self.generate_timed(new_tokens, input_ids, attention_mask)[0]
         tokens: list[np.ndarray] = []
 
@@ -457,22 +463,24 @@ class NativeModel:
         its choice (the prefill first), timed in C++. The Python loop around each step (its
         callbacks) cost ~0.17 ms, 17% of a minimind2-small q8 decode step; this is what generate()
         runs without callbacks, and what bench times."""
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)):
-            raise UsageTypeError(f"new_tokens must be an integer, got {type(new_tokens).__name__}")
+        new_tokens = _check_new_tokens(new_tokens)
+        if not hasattr(self.ns, "generate_greedy"):
+            raise NativeError(
+                f"the C++ in {self.engine.cpp_dir} has no generate_greedy (a copy of the headers older than it): "
+                "generate() with a callback runs the Python loop instead"
+            )
         ids, mask = self.check_inputs(input_ids, attention_mask)
         B, S = ids.shape
-        if new_tokens < 1:
-            raise UsageError(f"forwards={new_tokens}: need at least the prefill")
-        self.config.validate(seq_len=S + int(new_tokens) - 1)
-        tokens = np.empty((B, int(new_tokens)), np.int64)
-        step_end = np.empty(int(new_tokens), np.float64)
+        self.config.validate(seq_len=S + new_tokens - 1)
+        tokens = np.empty((B, new_tokens), np.int64)
+        step_end = np.empty(new_tokens, np.float64)
         self.model.check_sidecar()  # a sidecar truncated under the model: an error here, not SIGBUS in C++
         with self._lock:  # the KV cache lives in the workspace from the prefill to the last step
-            ws = self.workspace(B, S, S + int(new_tokens) - 1)
+            ws = self.workspace(B, S, S + new_tokens - 1)
             _call(
                 f"generate ({self.kernels} kernels)",
                 self.ns.generate_greedy,
-                *(self.kernel_set, self.cpp, ids, mask, S, int(new_tokens), ws, tokens, step_end),
+                *(self.kernel_set, self.cpp, ids, mask, S, new_tokens, ws, tokens, step_end),
             )
         return tokens, step_end
 
@@ -544,6 +552,15 @@ class NativeModel:
                 break
             ids = np.ascontiguousarray(chosen, dtype=np.int64)  # a column slice is not contiguous
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+
+
+def _check_new_tokens(new_tokens: object) -> int:
+    """generate()'s token count: an integer >= 1 (the prefill chooses the first)."""
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, (int, np.integer)):
+        raise UsageTypeError(f"new_tokens must be an integer, got {type(new_tokens).__name__}")
+    if new_tokens < 1:
+        raise UsageError(f"new_tokens={new_tokens}: need at least 1 (the prefill's token)")
+    return int(new_tokens)
 
 
 _GUARD = 16

@@ -115,6 +115,38 @@ def test_segfault_is_native_error_and_process_survives(tmp_path):
         assert float(diff) < 1e-4, f"{kernels}: max |cpp - torch| = {diff} after the crash"
 
 
+def test_a_segfault_in_generate_or_a_bound_call_is_native_error(tmp_path):
+    """generate() runs its greedy loop in one C++ call (generate_greedy), and a repeated run() its
+    bound call (BoundForward): both are protected as run_forward is."""
+    child = run_child(
+        tmp_path,
+        """
+        model = small_model()
+        prepared = load_native(null_weight_copy(), kernels="readable").prepare(model, "readable")
+        try:
+            prepared.generate(3)
+            print("NO ERROR")
+        except NativeError as exc:
+            print("CAUGHT", " ".join(str(exc).split()))
+        ids, mask = prepared.check_inputs(None, None)
+        logits = np.empty((*ids.shape, model.config.vocab_size), np.float32)
+        for call in range(3):  # the second call with the same arrays binds them; the third runs bound
+            try:
+                prepared.run(ids, mask, logits)
+                print("NO ERROR")
+            except NativeError as exc:
+                print("CAUGHT", " ".join(str(exc).split()))
+        print("SURVIVED")
+    """,
+    )
+    assert child.returncode == 0, f"exit {child.returncode}\n{child.stdout}\n{child.stderr[-3000:]}"
+    out = child.stdout
+    assert "NO ERROR" not in out and out.rstrip().endswith("SURVIVED"), out
+    caught = lines_starting(out, "CAUGHT")
+    assert len(caught) == 4 and "generate (readable kernels) failed" in caught[0], out
+    assert all("SegmentationViolation" in message for message in caught), out
+
+
 @pytest.mark.xfail(
     run=False,
     reason=(

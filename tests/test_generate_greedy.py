@@ -27,6 +27,45 @@ def test_the_cpp_loop_chooses_the_python_loops_tokens(native, kernels, padding):
     assert step_end.shape == (9,) and np.all(np.diff(step_end) > 0) and step_end[0] > 0
 
 
+def counting_model(**overrides):
+    """A model whose greedy choice after token t is t + 1 (mod vocab): lm_head is the embedding shifted
+    by one row, and the embedding is large beside the layers' outputs (which still flow: attention,
+    its cache and the mask all run). A random model's greedy text mostly repeats one token, where a
+    loop that fed a stale token would pass unseen."""
+    model = small_model(batch_size=2, seq_len=4, seed=13, tie_word_embeddings=False, **overrides)
+    embed = model.weights["model.embed_tokens.weight"]
+    embed *= 20.0
+    model.weights["lm_head.weight"] = np.roll(embed, 1, axis=0) / 20.0
+    return model
+
+
+@pytest.mark.parametrize("kernels", ["readable", "fast", "q8"])
+def test_each_choice_is_the_argmax_after_the_tokens_before_it(native, kernels):
+    model = counting_model()
+    prepared = native.prepare(model, kernels)
+    tokens = prepared.generate(12)
+    vocab = model.config.vocab_size
+    counted = (model.input_ids[:, -1:] + np.arange(1, 13)) % vocab
+    np.testing.assert_array_equal(tokens, counted)  # so every step's token differs from the last
+    np.testing.assert_array_equal(tokens, _python_loop(prepared, 12))
+    steps = prepared.decode_steps(tokens[:, :-1])
+    np.testing.assert_array_equal(np.stack([r.logits[:, -1].argmax(-1) for r in steps], axis=1), tokens)
+
+
+def test_a_copy_of_the_headers_without_the_loop_falls_back_to_python(native, cpp_copy):
+    """A user's copy of the C++ made before generate_greedy existed still generates (the Python loop)."""
+    from celerinfer_lab import load_native
+    from celerinfer_lab.errors import NativeError
+
+    header = cpp_copy / "include" / "celerinfer" / "kernel_set.hpp"
+    header.write_text(header.read_text().replace("generate_greedy(", "generate_greedy_not_yet("))
+    older = load_native(cpp_copy)
+    model = small_model(seed=3)
+    np.testing.assert_array_equal(older.prepare(model, "fast").generate(5), native.prepare(model, "fast").generate(5))
+    with pytest.raises(NativeError, match="no generate_greedy"):
+        older.prepare(model, "fast").generate_timed(5)
+
+
 def test_a_prompt_of_its_own_and_a_single_token(native):
     model = small_model(seed=5)
     prepared = native.prepare(model, "fast")
@@ -53,12 +92,13 @@ def test_argmax_takes_the_first_maximum_or_the_first_nan_as_numpy_does(native):
 
 @pytest.mark.parametrize(
     "new_tokens, error, match",
-    [(0, UsageError, "need at least the prefill"), (2.5, UsageTypeError, "integer"), (True, UsageTypeError, "integer")],
+    [(0, UsageError, "need at least 1"), (2.5, UsageTypeError, "integer"), (True, UsageTypeError, "integer")],
 )
 def test_bad_token_counts_are_refused(native, new_tokens, error, match):
     prepared = native.prepare(small_model(), "fast")
-    with pytest.raises(error, match=match):
-        prepared.generate(new_tokens)
+    for call in (prepared.generate, prepared.generate_timed, lambda n: prepared.generate(n, on_token=print)):
+        with pytest.raises(error, match=match):
+            call(new_tokens)
 
 
 def test_a_decode_longer_than_the_model_allows_is_refused(native):
