@@ -337,11 +337,13 @@ def decode_cpp(prepared: NativeModel, new_tokens: int, steps_ms: list[float] | N
         marks = list(step_end)
     else:
         marks = []
-        tokens = prepared.generate(
-            new_tokens,
-            after_prefill=lambda: marks.append(time.perf_counter()),
-            on_token=lambda step, _tokens: marks.append(time.perf_counter()) if step >= 1 else None,
-        )
+
+        def mark(step: int, _tokens: np.ndarray) -> bool:
+            if step >= 1:
+                marks.append(time.perf_counter())
+            return True
+
+        tokens = prepared.generate(new_tokens, after_prefill=lambda: marks.append(time.perf_counter()), on_token=mark)
     if steps_ms is not None:
         steps_ms.extend(_step_ms(marks))
     return tokens, float(marks[-1] - marks[0])

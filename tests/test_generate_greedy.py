@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import small_model
 
+from celerinfer_lab.bench import decode_cpp
 from celerinfer_lab.errors import UsageError, UsageTypeError
 
 
@@ -64,6 +65,10 @@ def test_a_copy_of_the_headers_without_the_loop_falls_back_to_python(native, cpp
     np.testing.assert_array_equal(older.prepare(model, "fast").generate(5), native.prepare(model, "fast").generate(5))
     with pytest.raises(NativeError, match="no generate_greedy"):
         older.prepare(model, "fast").generate_timed(5)
+    steps: list[float] = []  # bench's decode on such a copy: the Python loop, timed by its callbacks
+    tokens, seconds = decode_cpp(older.prepare(model, "fast"), 5, steps)
+    np.testing.assert_array_equal(tokens, native.prepare(model, "fast").generate(5))
+    assert seconds > 0 and len(steps) == 4 and all(ms > 0 for ms in steps)
 
 
 def test_a_prompt_of_its_own_and_a_single_token(native):
