@@ -74,29 +74,38 @@ def _notebook_text(page) -> str:
 
 
 def _run_all(page) -> None:
-    """Run > Run All Cells. Seen here: a click soon after the kernel reports Idle can run nothing
-    (every prompt stays `[ ]`), so try again until the first cell is queued or has run."""
+    """Run > Run All Cells, until every code cell is queued or has run. Seen here: a click soon after
+    the kernel reports Idle can run nothing (every prompt stays `[ ]`), or only the first cell, and a
+    "Select Kernel" dialog can open after the first try and block the menu (CI, 2026-11-30: cell 1 ran,
+    then the dialog, and the next click on the menu timed out). So each try first answers that
+    dialog (Select: keep the notebook's own kernel), and a try counts only when the last cell moved."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    started = (
-        "() => { const p = document.querySelector('.jp-CodeCell .jp-InputPrompt');"
-        " return p !== null && p.textContent.trim() !== '[ ]:'; }"
+    all_queued = (
+        "() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];"
+        " return p.length > 0 && p[p.length - 1].textContent.trim() !== '[ ]:'; }"
     )
-    for _attempt in range(5):
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_text("Run All Cells", exact=True).click()
+    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True).first
+    for _attempt in range(6):
+        try:  # the dialog can open a moment after the page settles: give it a few seconds
+            select.click(timeout=3_000)
+            print("Run All: a Select Kernel dialog was open; pressed Select")
+        except PlaywrightTimeout:
+            pass
         try:
-            page.wait_for_function(started, timeout=15_000)
+            page.get_by_role("menuitem", name="Run", exact=True).click(timeout=5_000)
+            page.get_by_text("Run All Cells", exact=True).click(timeout=5_000)
+        except PlaywrightTimeout:  # a dialog opened between the two: answer it on the next try
+            print("Run All: the menu did not answer; trying again")
+            continue
+        try:
+            page.wait_for_function(all_queued, timeout=15_000)
             return
         except PlaywrightTimeout:
-            select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
-            if select.count():  # "Select Kernel": keep the notebook's own kernel
-                print("Run All: a Select Kernel dialog was open; pressed Select")
-                select.first.click()
-            else:
-                print("Run All: nothing ran; trying again")
+            print("Run All: the last cell was not queued; trying again")
+            if not page.locator(".jp-Dialog").count():  # Escape would dismiss a dialog without selecting
                 page.keyboard.press("Escape")  # close the menu if it is still open
-    pytest.fail("Run All Cells ran nothing in 5 tries; the notebook shows:\n" + _notebook_text(page))
+    pytest.fail("Run All Cells did not queue every cell in 6 tries; the notebook shows:\n" + _notebook_text(page))
 
 
 def _status(page) -> str:
