@@ -139,7 +139,8 @@ private:
     }
     // Claim a chunk of job `job` for thread `index`: its own range's next, else the last of another
     // thread's (index + 1's first, and so on round); false when that job is over, fully claimed, or
-    // runs on fewer threads than index + 1.
+    // runs on fewer threads than index + 1. (The thread count is read once, not at the CAS: only a
+    // thread stalled across 2^24 jobs, while the count dropped, could claim with too high an index.)
     bool claim(uint32_t job, int index, int& chunk) {
         const uint64_t s = state_.load(std::memory_order_acquire);
         const int top = top_of(s);
