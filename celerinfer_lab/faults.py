@@ -457,8 +457,8 @@ CATALOGUE: list[Fault] = [
         "the fused attention's causal key count is one short: the diagonal is masked",
         _edit(
             "fast.hpp",
-            "const int n_keys = d.start() + i + 1;\n    if (padded)",
-            "const int n_keys = d.start() + i;\n    if (padded)",
+            "{ return d.start() + i + 1; }",
+            "{ return d.start() + i; }",
         ),
         ("fast",),
         L0 + "self_attn.scores",
@@ -485,16 +485,16 @@ CATALOGUE: list[Fault] = [
     ),
     Fault(
         "fast_decode_value_tail",
-        "the decode attention drops a value row's partial last vector (head_dim % 16 values): at head_dim 10, "
-        "every context value is 0",
+        "the decode attention stores only whole vectors of a context row (head_dim % 16 values dropped): at "
+        "head_dim 10, a decode step's context is never written",
         _edit(
             "fast.hpp",
-            "        std::memcpy(tmp, vj, sizeof(float) * width);\n",
-            "        std::memcpy(tmp, vj, sizeof(float) * (width / 16 * 16));\n",
+            "const int width = std::min(16 * EV, hd - e0);",
+            "const int width = std::min(16 * EV, hd - e0) / 16 * 16;",
         ),
         ("fast",),
         L0 + "self_attn.context",
-        "all zeros",
+        None,
         dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2),
         step=1,  # 8 prompt tokens take the blocked path; the decode path runs from step 1
     ),

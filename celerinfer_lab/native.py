@@ -350,24 +350,40 @@ class NativeModel:
         """The bare call for timing: arrays already checked (see check_inputs) and logits preallocated
         ([B, L, vocab], L = kept_positions(S, logits_to_keep)). ``start``: tokens already in
         ``workspace``'s KV cache (decode)."""
-        B, S = ids.shape
         self.model.check_sidecar()  # a sidecar truncated under the model: an error here, not SIGBUS in C++
         with self._lock:
+            # The same arrays as the last call (a timing loop): a call bound once, without converting ten
+            # arguments each time. Bound from the second such call: a decode step's arrays are new each step.
+            # (workspace=None always means the same workspace for the same shape of ids.)
+            key = (
+                id(ids),
+                ids.shape,
+                id(mask),
+                mask.shape,
+                id(logits),
+                logits.shape,
+                start,
+                id(workspace),
+                logits_to_keep,
+            )
+            bound = self._bound
+            if recorder is None and bound is not None and bound[0] == key and bound[1] is not None:
+                try:  # _call's lines, inline: this path is the tiny model's whole overhead (~1 us)
+                    bound[1].run()
+                except Exception as exc:
+                    raise NativeError(f"C++ {self._what} failed: {exc}") from None
+                return
+            B, S = ids.shape
             ws = workspace if workspace is not None else self.workspace(B, S)
             inputs = (self.kernel_set, self.cpp, ids, mask, S, start, ws, logits)
             if recorder is not None:
                 _call(self._what, self.ns.run_forward, *inputs, recorder, logits_to_keep)
-                return
-            # The same arrays as the last call (a timing loop): a call bound once, without converting ten
-            # arguments each time. Bound from the second such call: a decode step's arrays are new each step.
-            key = (id(ids), ids.shape, id(mask), mask.shape, id(logits), logits.shape, start, id(ws), logits_to_keep)
-            if self._bound is None or self._bound[0] != key:
-                self._bound = (key, None, (ids, mask, logits, ws))
+            elif bound is None or bound[0] != key:
+                self._bound = (key, None, (ids, mask, logits, workspace))
                 _call(self._what, self.ns.run_forward, *inputs, _cppyy().nullptr, logits_to_keep)
-                return
-            if self._bound[1] is None:
-                self._bound = (key, self.ns.BoundForward(*inputs, logits_to_keep), self._bound[2])
-            _call(self._what, self._bound[1].run)
+            else:
+                self._bound = (key, self.ns.BoundForward(*inputs, logits_to_keep), bound[2])
+                _call(self._what, self._bound[1].run)
 
     def forward(
         self,

@@ -146,11 +146,21 @@ CI_VINLINE void gemm_row_tail(int n, float* y, const float* x, const float* w, i
 }
 
 // y[rows, the NP panels' outputs] = x[rows, in] . w^T, kGemmRows rows at a time.
+// A short tail (1 to 3 rows) after a whole tile is evened out with it instead (10 rows: 5 + 5, not
+// 8 + 2): a tile of 3 rows or fewer has at most 9 FMA chains, too few to hide the FMA latency, and
+// the tiny model's 10-row GEMMs spent a quarter of their time in the 2-row tail. Each output is the
+// same sum over k either way: the same bits.
 template <int NP>
 inline void gemm_rows(float* y, const float* x, const float* w, int in, int out, int rows, int panel) {
+    const int tail = rows % kGemmRows;
+    const int whole_end = rows >= kGemmRows && tail > 0 && tail < 4 ? rows - kGemmRows - tail : rows - tail;
     int r = 0;
-    for (; r + kGemmRows <= rows; r += kGemmRows)
+    for (; r < whole_end; r += kGemmRows)
         gemm_tile<kGemmRows, NP>(y + size_t(r) * out, x + size_t(r) * in, w, in, out, panel);
+    const int rest = rows - r;  // 0 to 7 rows, or 9 to 11 (a tile and a short tail): two tiles
+    const int first = rest < kGemmRows ? rest : rest - rest / 2;
+    gemm_row_tail<NP>(first, y + size_t(r) * out, x + size_t(r) * in, w, in, out, panel);
+    r += first;
     gemm_row_tail<NP>(rows - r, y + size_t(r) * out, x + size_t(r) * in, w, in, out, panel);
 }
 
@@ -311,6 +321,15 @@ inline void attention_scores_block(float* S, int kt_stride, const float* kblock,
 
 // In-place softmax over the first n of s.
 inline void softmax_row(float* s, int n) {
+    if (n < 16) {
+        float max = s[0];
+        for (int j = 1; j < n; ++j) max = s[j] > max ? s[j] : max;
+        float sum = 0.0f;
+        for (int j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - max));
+        const float inv = 1.0f / sum;
+        for (int j = 0; j < n; ++j) s[j] *= inv;
+        return;
+    }
     int j = 0;
     vf16 vmax_acc = opaque(vsplat(-std::numeric_limits<float>::infinity()));
     for (; j + 16 <= n; j += 16) {
@@ -334,18 +353,30 @@ inline void softmax_row(float* s, int n) {
     for (j = 0; j < n; ++j) s[j] *= inv;
 }
 
-// One score row s (query i of batch row b, head h) made probabilities, in place (both paths): the
-// padding mask, the scores tap, softmax over the causal keys, the probs tap.
-inline void attention_softmax_row(float* s, int b, int h, int i, const int64_t* key_mask, bool padded, const AttnDims& d,
-                                  const AttentionTaps& taps) {
-    const int n_keys = d.start() + i + 1;
+// The keys query i (of the S new ones) attends to: the cached ones and the new ones up to itself.
+inline int causal_keys(int i, const AttnDims& d) { return d.start() + i + 1; }
+
+// Row index of (batch row b, head h, query i) in the taps' [B, heads, S, P] records.
+inline size_t attention_row(int b, int h, int i, const AttnDims& d) { return (size_t(b) * d.heads + h) * d.S + i; }
+
+// One score row s (query i of batch row b, head h) before its softmax: the padding mask, the scores tap.
+inline void attention_mask_row(float* s, int b, int h, int i, const int64_t* key_mask, bool padded, const AttnDims& d,
+                               const AttentionTaps& taps) {
+    const int n_keys = causal_keys(i, d);
     if (padded)
         for (int j = 0; j < n_keys; ++j)
             if (key_mask[j] == 0) s[j] += -1e9f;
-    const size_t row = (size_t(b) * d.heads + h) * d.S + i;
-    taps.scores_row(row, s, n_keys, d.P);
+    taps.scores_row(attention_row(b, h, i, d), s, n_keys, d.P);
+}
+
+// One score row made probabilities, in place (both paths): the mask and scores tap, softmax over
+// the causal keys, the probs tap.
+inline void attention_softmax_row(float* s, int b, int h, int i, const int64_t* key_mask, bool padded, const AttnDims& d,
+                                  const AttentionTaps& taps) {
+    attention_mask_row(s, b, h, i, key_mask, padded, d, taps);
+    const int n_keys = causal_keys(i, d);
     softmax_row(s, n_keys);
-    taps.probs_row(row, s, n_keys, d.P);
+    taps.probs_row(attention_row(b, h, i, d), s, n_keys, d.P);
 }
 
 // context rows of queries i ... i+CQ-1 (fewer at the end) from their probability rows in S.
@@ -360,7 +391,7 @@ inline void attention_context_block(float* context, const float* S, int kt_strid
         const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
         s_rows[r] = S + size_t(qi) * kt_stride;
         outs[r] = context + ((size_t(b) * d.S + qi) * d.heads + h) * d.hd;
-        n_keys[r] = d.start() + qi + 1;
+        n_keys[r] = causal_keys(qi, d);
     }
     for (int e0 = 0; e0 < d.hd; e0 += 16) {
         const bool full = e0 + 16 <= d.hd;
@@ -368,9 +399,7 @@ inline void attention_context_block(float* context, const float* S, int kt_strid
         for (int r = 0; r < CQ; ++r) acc[r] = vf16{};
         for (int j = 0; j < n_keys[CQ - 1]; ++j) {
             const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
-            vf16 v;
-            if (full) v = vload(vj);
-            else { v = vf16{}; for (int e = 0; e < d.hd - e0; ++e) v[e] = vj[e]; }
+            const vf16 v = vload(vj);  // whole, when partial too: see decode_value_load
             if (j < n_keys[0]) {  // every query of the block sees key j
                 for (int r = 0; r < CQ; ++r) acc[r] += v * s_rows[r][j];
             } else {
@@ -472,22 +501,21 @@ inline void attention_decode_scores(float* const* s_rows, const float* const* qs
     for (; j0 < P16; j0 += 16) decode_scores_tile<1>(s_rows, qs, kt, kt_stride, j0, d.hd, vscale);
 }
 
-// Value row j's EV vectors from e0 (FULL: all 16 * EV floats are the head's; else only width are).
-template <int EV, bool FULL>
-CI_VINLINE void decode_value_load(vf16* v, const float* vj, int width) {
-    if (FULL) {
-        CI_UNROLL
-        for (int n = 0; n < EV; ++n) v[n] = vload(vj + 16 * n);
-    } else {  // a head_dim that is not a multiple of 16: the last vector is partial
-        float tmp[16 * EV] = {};
-        std::memcpy(tmp, vj, sizeof(float) * width);
-        CI_UNROLL
-        for (int n = 0; n < EV; ++n) v[n] = vload(tmp + 16 * n);
-    }
+// Value row j's EV vectors from e0, loaded whole even when head_dim is not a multiple of 16 (the
+// tiny model's 8): the lanes past the head hold the next head's values, or past the last row the
+// cache buffer's guard tail (GuardedBuffer::kGuard = 16 floats, so the read stays in the buffer);
+// they only reach accumulator lanes that are never stored. Copying the partial vector through a
+// stack buffer instead stalled each load after it (store forwarding fails): ~1 us of the tiny
+// model's 30 us forward.
+template <int EV>
+CI_VINLINE void decode_value_load(vf16* v, const float* vj) {
+    static_assert(GuardedBuffer::kGuard >= 16, "a whole-vector read of the cache's last row needs a 16-float tail");
+    CI_UNROLL
+    for (int n = 0; n < EV; ++n) v[n] = vload(vj + 16 * n);
 }
 
 // out[r][e0 ... e0 + width) = sum over keys j < n_keys[r] of p[r][j] * v[j][e0 ...], EV vectors wide.
-template <int EV, bool FULL>
+template <int EV>
 CI_VINLINE void decode_context_tile(float* const* outs, const float* const* p_rows, const int* n_keys, int nq,
                                     const float* v_head, size_t v_stride, int e0, int hd) {
     constexpr int R = kDecodeRows;
@@ -502,7 +530,7 @@ CI_VINLINE void decode_context_tile(float* const* outs, const float* const* p_ro
     int j = 0;
     for (; j < n_min; ++j) {  // every row sees key j
         vf16 v[EV];
-        decode_value_load<EV, FULL>(v, v_head + size_t(j) * v_stride + e0, width);
+        decode_value_load<EV>(v, v_head + size_t(j) * v_stride + e0);
         CI_UNROLL
         for (int r = 0; r < R; ++r) {
             const float pj = p_rows[r][j];
@@ -512,7 +540,7 @@ CI_VINLINE void decode_context_tile(float* const* outs, const float* const* p_ro
     }
     for (; j < n_max; ++j) {  // keys some rows see (several new tokens: the causal edge)
         vf16 v[EV];
-        decode_value_load<EV, FULL>(v, v_head + size_t(j) * v_stride + e0, width);
+        decode_value_load<EV>(v, v_head + size_t(j) * v_stride + e0);
         for (int r = 0; r < R; ++r)
             if (j < n_keys[r]) {
                 const float pj = p_rows[r][j];
@@ -526,11 +554,37 @@ CI_VINLINE void decode_context_tile(float* const* outs, const float* const* p_ro
     }
 }
 
-template <int EV>
-CI_VINLINE void decode_context_tile(float* const* outs, const float* const* p_rows, const int* n_keys, int nq,
-                                    const float* v_head, size_t v_stride, int e0, int hd) {
-    if (e0 + 16 * EV <= hd) decode_context_tile<EV, true>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, hd);
-    else decode_context_tile<EV, false>(outs, p_rows, n_keys, nq, v_head, v_stride, e0, hd);
+// Every lane of the result holds the max (sum) of v's 16 lanes: xor butterflies, 4 steps where a
+// scalar loop over the lanes is a chain of 15.
+template <class Op>
+CI_VINLINE vf16 vreduce_all(vf16 v, Op op) {
+    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    return op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+}
+
+// Softmax of a tile's rows (rows[t], t < nq) of n[t] <= 16 values each, side by side: one vector a
+// row, lanes past n[t] set to -inf (exp gives 0; they are stored as 0, so a row needs room for 16).
+// The tiny model's prefill has rows of 1 to 5 keys: a scalar std::exp per key, one row after the
+// other, was half its attention's time; a vector row alone is a chain of max, exp and sum that
+// leaves the core waiting, four of them interleave.
+inline void softmax_short_rows(float* const* rows, const int* n, int nq) {
+    constexpr int R = kDecodeRows;
+    const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vf16 minus_inf = opaque(vsplat(-std::numeric_limits<float>::infinity()));
+    const auto max = [](vf16 a, vf16 b) { return vselect(a > b, a, b); };
+    const auto add = [](vf16 a, vf16 b) { return a + b; };
+    vf16 e[R];
+    CI_UNROLL
+    for (int t = 0; t < R; ++t) {
+        const int r = std::min(t, nq - 1);  // missing rows repeat the last (not stored)
+        const vf16 v = vselect(lanes < n[r], vload(rows[r]), minus_inf);
+        e[t] = vexp(v - vreduce_all(v, max));
+    }
+    CI_UNROLL
+    for (int t = 0; t < R; ++t) e[t] /= vreduce_all(e[t], add);
+    for (int t = 0; t < nq; ++t) vstore(rows[t], e[t]);
 }
 
 inline void attention_decode(float* context, const float* q, const float* kt_cache, int kt_stride,
@@ -557,14 +611,20 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
                 qs[t] = q + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
                 s_rows[t] = S + size_t(std::min(t, nq - 1)) * kt_stride;
                 outs[t] = context + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
-                n_keys[t] = d.start() + i + 1;
+                n_keys[t] = causal_keys(i, d);
                 heads[t] = h;
             }
             attention_decode_scores(s_rows, qs, kt, kt_stride, d);  // 1. scores
             const int64_t* key_mask = mask + size_t(b) * d.P;
             const bool padded = any_padding(key_mask, d);
-            for (int t = 0; t < nq; ++t)  // 2. mask and softmax over the causal keys
-                attention_softmax_row(s_rows[t], b, heads[t], (r0 + t) / n_rep, key_mask, padded, d, taps);
+            if (n_keys[kDecodeRows - 1] <= 16) {  // 2. mask and softmax over the causal keys
+                for (int t = 0; t < nq; ++t) attention_mask_row(s_rows[t], b, heads[t], (r0 + t) / n_rep, key_mask, padded, d, taps);
+                softmax_short_rows(s_rows, n_keys, nq);
+                for (int t = 0; t < nq; ++t) taps.probs_row(attention_row(b, heads[t], (r0 + t) / n_rep, d), s_rows[t], n_keys[t], d.P);
+            } else {
+                for (int t = 0; t < nq; ++t)
+                    attention_softmax_row(s_rows[t], b, heads[t], (r0 + t) / n_rep, key_mask, padded, d, taps);
+            }
             const float* v_head = v_cache + size_t(b) * d.max_len * d.kv_heads * d.hd + size_t(g) * d.hd;
             const size_t v_stride = size_t(d.kv_heads) * d.hd;
             // 3. context, up to 96 dimensions per pass: one pass over the value rows for head_dim <= 96
