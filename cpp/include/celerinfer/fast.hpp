@@ -587,11 +587,27 @@ inline void softmax_short_rows(float* const* rows, const int* n, int nq) {
     for (int t = 0; t < nq; ++t) vstore(rows[t], e[t]);
 }
 
+// group_heads[g * n_rep + m] = the m-th query head that reads kv head g, as kv_head says (so a GQA
+// fault in kv_head reaches this path too). Once per call: searched per row, its divisions were a
+// fifth of the tiny model's attention.
+inline void group_query_heads(int* group_heads, const AttnDims& d) {
+    const int n_rep = d.n_rep();
+    std::fill(group_heads, group_heads + d.heads, -1);
+    for (int h = 0; h < d.heads; ++h) {
+        const int g = kv_head(h, d);
+        CI_CHECK(g >= 0 && g < d.kv_heads, "attention: query head ", h, " maps to kv head ", g);
+        int* slot = std::find(group_heads + g * n_rep, group_heads + (g + 1) * n_rep, -1);  // g's next free one
+        CI_CHECK(slot != group_heads + (g + 1) * n_rep, "attention: more than ", n_rep, " query heads read kv head ", g);
+        *slot = h;
+    }
+}
+
 inline void attention_decode(float* context, const float* q, const float* kt_cache, int kt_stride,
                              const float* v_cache, const int64_t* mask, const AttnDims& d, float* scratch,
-                             const AttentionTaps& taps) {
+                             int* group_heads, const AttentionTaps& taps) {
     const int n_rep = d.n_rep(), rows = n_rep * d.S, tiles = (rows + kDecodeRows - 1) / kDecodeRows;
     const size_t tile_floats = attention_scratch_floats(d, kt_stride);
+    group_query_heads(group_heads, d);
     ThreadPool::instance().parallel_for(d.B * d.kv_heads * tiles, [&](int begin, int end, int thread) {
         float* S = scratch + size_t(thread) * tile_floats;  // [kDecodeRows][kt_stride]
         for (int task = begin; task < end; ++task) {
@@ -604,10 +620,7 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
             float* outs[kDecodeRows];
             int n_keys[kDecodeRows], heads[kDecodeRows];
             for (int t = 0; t < kDecodeRows; ++t) {
-                const int r = r0 + std::min(t, nq - 1), i = r / n_rep;
-                int h = 0;
-                for (int m = r % n_rep; h + 1 < d.heads; ++h)
-                    if (kv_head(h, d) == g && m-- == 0) break;
+                const int r = r0 + std::min(t, nq - 1), i = r / n_rep, h = group_heads[g * n_rep + r % n_rep];
                 qs[t] = q + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
                 s_rows[t] = S + size_t(std::min(t, nq - 1)) * kt_stride;
                 outs[t] = context + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
@@ -646,10 +659,12 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
 }
 
 // The fused attention: the blocked prefill passes, or the decode path for fewer than 8 new tokens.
-// scratch holds attention_scratch_floats(d, kt_stride) floats per thread.
+// scratch holds attention_scratch_floats(d, kt_stride) floats per thread; group_heads, d.heads ints.
 inline void attention(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
-                      const int64_t* mask, const AttnDims& d, float* scratch, const AttentionTaps& taps) {
-    if (attention_is_decode(d)) return attention_decode(context, q, kt_cache, kt_stride, v_cache, mask, d, scratch, taps);
+                      const int64_t* mask, const AttnDims& d, float* scratch, int* group_heads,
+                      const AttentionTaps& taps) {
+    if (attention_is_decode(d))
+        return attention_decode(context, q, kt_cache, kt_stride, v_cache, mask, d, scratch, group_heads, taps);
     attention_prefill(context, q, kt_cache, kt_stride, v_cache, mask, d, scratch, taps);
 }
 
@@ -700,7 +715,8 @@ struct FastKernels {
         // One score tile per thread: set_num_threads() may have raised the count since the
         // workspace was made (then, and only then, the scratch grows).
         float* scratch = ws.scratch(size_t(num_threads()) * fast::attention_scratch_floats(d, ws.kt_stride));
-        fast::attention(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, scratch, taps);
+        fast::attention(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, scratch,
+                        ws.group_heads.data(), taps);
     }
 };
 

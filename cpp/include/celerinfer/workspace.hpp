@@ -64,6 +64,7 @@ struct Workspace {
     int kt_stride = 0;               // max_len rounded up to 16
     GuardedBuffer kt_cache;          // fast kernels: keys transposed, [layers][B][kv_heads][hd][kt_stride]
     GuardedBuffer attn_scratch;      // fast attention: a score tile per thread
+    std::vector<int> group_heads;    // fast attention: query heads grouped by the kv head they read
     GuardedBuffer router_probs, topk_weight, topk_idx_f;  // MoE only
     std::vector<int64_t> topk_idx;
     GuardedBuffer expert_in, expert_out;  // MoE: the rows routed to one expert
@@ -85,6 +86,7 @@ struct Workspace {
         v_cache.resize(k_cache.size());
         kt_stride = (max_len + 15) / 16 * 16;
         kt_cache.resize(size_t(layers) * B * kv_dim * kt_stride);
+        group_heads.resize(c.heads);
         const size_t I = c.moe ? c.moe_intermediate : c.intermediate;
         gate.resize(N * I); up.resize(N * I); act.resize(N * I);
         if (c.moe) {
