@@ -277,7 +277,7 @@ CI_VINLINE vf16 attention_scale(const AttnDims& d) {
 }
 
 // Is an attention call worth the thread pool? Its work grows as B * heads * S * P * head_dim; below
-// 1e5 (the tiny default model's prefill: 3,200, 4 us a layer) it stays on the calling thread, for
+// 1e5 (the tiny default model's prefill: 3,200, ~2.5 us a layer) it stays on the calling thread, for
 // the reason linear_worth_parallel gives.
 inline bool attention_worth_parallel(const AttnDims& d) {
     return double(d.B) * d.heads * d.S * d.P * d.hd > 1.0e5;
