@@ -484,7 +484,7 @@ CATALOGUE: list[Fault] = [
         "key cache read with row stride",
     ),
     Fault(
-        "fast_decode_value_tail",
+        "fast_decode_context_tail",
         "the decode attention stores only whole vectors of a context row (head_dim % 16 values dropped): at "
         "head_dim 10, a decode step's context is never written",
         _edit(

@@ -330,6 +330,8 @@ class NativeModel:
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 
     def workspace(self, B: int, S: int, max_len: int | None = None) -> Cpp:
+        """The workspace for this shape, made once and kept for the model's life (never evicted: run()'s
+        bound call holds a raw pointer to it)."""
         key = (B, S, max_len or S)
         if key not in self._workspaces:
             ws = _call("workspace", self.ns.Workspace, self.cpp.config, B, S, max_len or S)
@@ -379,7 +381,7 @@ class NativeModel:
             if recorder is not None:
                 _call(self._what, self.ns.run_forward, *inputs, recorder, logits_to_keep)
             elif bound is None or bound[0] != key:
-                self._bound = (key, None, (ids, mask, logits, workspace))
+                self._bound = (key, None, (ids, mask, logits, ws))  # ws: BoundForward keeps a raw pointer
                 _call(self._what, self.ns.run_forward, *inputs, _cppyy().nullptr, logits_to_keep)
             else:
                 self._bound = (key, self.ns.BoundForward(*inputs, logits_to_keep), bound[2])

@@ -293,7 +293,7 @@ inline bool any_padding(const int64_t* key_mask, const AttnDims& d) {
 // 1. scores 16 keys at a time: the 16 keys' transposed block [hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
 //    rows are 4 KB apart and would thrash L1 if read per query), eight queries per block;
-// 2. per row: padding mask, softmax (vectorized), each observed through the taps;
+// 2. per row: padding mask, softmax (softmax_row), each observed through the taps;
 // 3. context: eight queries at a time share each value row they read.
 inline void attention_scores_block(float* S, int kt_stride, const float* kblock, const float* q, int b, int h, int j0,
                                    const AttnDims& d) {
@@ -348,7 +348,7 @@ inline void softmax_row(float* s, int n) {
         vsum_acc += e;
     }
     float sum = vsum(vsum_acc);
-    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - max));  // short rows: scalar is faster
+    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - max));  // the last n % 16
     const float inv = 1.0f / sum;
     for (j = 0; j < n; ++j) s[j] *= inv;
 }
@@ -446,7 +446,9 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
 // row is read once per kv head, 4 rows at a time:
 // 1. scores: 4 rows x 64 keys = 16 accumulators, read straight from the transposed cache (the
 //    4 KB row stride no longer hurts: each 64-key row segment is used by all 4 rows);
-// 2. per row: padding mask, softmax, the taps (the same rows, the same calls as the prefill path);
+// 2. per tile: padding mask and scores tap per row (as the prefill path), softmax of the 4 rows
+//    side by side while every row has at most 16 keys (softmax_short_rows), else row by row
+//    (softmax_row), then the probs tap: the same rows as the prefill path, the low bits may differ;
 // 3. context: 4 rows x up to 96 dimensions (24 accumulators), one pass over the value rows.
 // Tasks are (batch, kv head, row tile): both threads get equal shares when B * kv_heads is even.
 constexpr int kDecodeRows = 4;  // rows per tile (missing rows repeat the last, not stored)
@@ -587,6 +589,22 @@ inline void softmax_short_rows(float* const* rows, const int* n, int nq) {
     for (int t = 0; t < nq; ++t) vstore(rows[t], e[t]);
 }
 
+// A decode tile's rows (t < nq: batch row b, query head heads[t], new token tokens[t], n_keys[t]
+// causal keys) made probabilities: attention_softmax_row's steps, with the softmax of the four rows
+// side by side when every row has at most 16 keys (n_keys grows with t: the last is the largest).
+inline void attention_softmax_tile(float* const* s_rows, int b, const int* heads, const int* tokens, const int* n_keys,
+                                   int nq, const int64_t* key_mask, bool padded, const AttnDims& d,
+                                   const AttentionTaps& taps) {
+    if (n_keys[kDecodeRows - 1] > 16) {
+        for (int t = 0; t < nq; ++t)
+            attention_softmax_row(s_rows[t], b, heads[t], tokens[t], key_mask, padded, d, taps);
+        return;
+    }
+    for (int t = 0; t < nq; ++t) attention_mask_row(s_rows[t], b, heads[t], tokens[t], key_mask, padded, d, taps);
+    softmax_short_rows(s_rows, n_keys, nq);
+    for (int t = 0; t < nq; ++t) taps.probs_row(attention_row(b, heads[t], tokens[t], d), s_rows[t], n_keys[t], d.P);
+}
+
 // group_heads[g * n_rep + m] = the m-th query head that reads kv head g, as kv_head says (so a GQA
 // fault in kv_head reaches this path too). Once per call: searched per row, its divisions were a
 // fifth of the tiny model's attention.
@@ -597,7 +615,8 @@ inline void group_query_heads(int* group_heads, const AttnDims& d) {
         const int g = kv_head(h, d);
         CI_CHECK(g >= 0 && g < d.kv_heads, "attention: query head ", h, " maps to kv head ", g);
         int* slot = std::find(group_heads + g * n_rep, group_heads + (g + 1) * n_rep, -1);  // g's next free one
-        CI_CHECK(slot != group_heads + (g + 1) * n_rep, "attention: more than ", n_rep, " query heads read kv head ", g);
+        CI_CHECK(slot != group_heads + (g + 1) * n_rep, "attention: more than ", n_rep, " query heads read kv head ",
+                 g);
         *slot = h;
     }
 }
@@ -618,7 +637,7 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
             const float* qs[kDecodeRows];
             float* s_rows[kDecodeRows];
             float* outs[kDecodeRows];
-            int n_keys[kDecodeRows], heads[kDecodeRows];
+            int n_keys[kDecodeRows], heads[kDecodeRows], tokens[kDecodeRows];
             for (int t = 0; t < kDecodeRows; ++t) {
                 const int r = r0 + std::min(t, nq - 1), i = r / n_rep, h = group_heads[g * n_rep + r % n_rep];
                 qs[t] = q + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
@@ -626,18 +645,12 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
                 outs[t] = context + ((size_t(b) * d.S + i) * d.heads + h) * d.hd;
                 n_keys[t] = causal_keys(i, d);
                 heads[t] = h;
+                tokens[t] = i;
             }
             attention_decode_scores(s_rows, qs, kt, kt_stride, d);  // 1. scores
             const int64_t* key_mask = mask + size_t(b) * d.P;
             const bool padded = any_padding(key_mask, d);
-            if (n_keys[kDecodeRows - 1] <= 16) {  // 2. mask and softmax over the causal keys
-                for (int t = 0; t < nq; ++t) attention_mask_row(s_rows[t], b, heads[t], (r0 + t) / n_rep, key_mask, padded, d, taps);
-                softmax_short_rows(s_rows, n_keys, nq);
-                for (int t = 0; t < nq; ++t) taps.probs_row(attention_row(b, heads[t], (r0 + t) / n_rep, d), s_rows[t], n_keys[t], d.P);
-            } else {
-                for (int t = 0; t < nq; ++t)
-                    attention_softmax_row(s_rows[t], b, heads[t], (r0 + t) / n_rep, key_mask, padded, d, taps);
-            }
+            attention_softmax_tile(s_rows, b, heads, tokens, n_keys, nq, key_mask, padded, d, taps);  // 2.
             const float* v_head = v_cache + size_t(b) * d.max_len * d.kv_heads * d.hd + size_t(g) * d.hd;
             const size_t v_stride = size_t(d.kv_heads) * d.hd;
             // 3. context, up to 96 dimensions per pass: one pass over the value rows for head_dim <= 96
@@ -660,6 +673,8 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
 
 // The fused attention: the blocked prefill passes, or the decode path for fewer than 8 new tokens.
 // scratch holds attention_scratch_floats(d, kt_stride) floats per thread; group_heads, d.heads ints.
+// v_cache must stay readable 15 floats past its end: a value row's partial last vector is read
+// whole (decode_value_load). Workspace's v_cache is a GuardedBuffer, whose guard tail is that room.
 inline void attention(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                       const int64_t* mask, const AttnDims& d, float* scratch, int* group_heads,
                       const AttentionTaps& taps) {
@@ -715,6 +730,9 @@ struct FastKernels {
         // One score tile per thread: set_num_threads() may have raised the count since the
         // workspace was made (then, and only then, the scratch grows).
         float* scratch = ws.scratch(size_t(num_threads()) * fast::attention_scratch_floats(d, ws.kt_stride));
+        CI_CHECK(ws.group_heads.size() == size_t(d.heads), "attention: a workspace made for ", ws.group_heads.size(),
+                 " query heads, the model has ", d.heads);
+        // ws.layer_v is a GuardedBuffer: the read past its end that fast::attention needs stays in its guard.
         fast::attention(context, q, ws.layer_kt(layer), ws.kt_stride, ws.layer_v(layer), mask, d, scratch,
                         ws.group_heads.data(), taps);
     }
