@@ -181,7 +181,7 @@ class NativeEngine:
 
     def compile_kernels(self, kernels: str) -> str:
         """Compile a built-in kernel set that is declared but not yet compiled (kernel_set.hpp: under
-        cling the bf16/q8 sets compile on first use, which halves every load); a no-op otherwise."""
+        cling every built-in set but fast compiles on first use, a fraction of every load); a no-op otherwise."""
         name = self.check_kernels(kernels)
         pending_type = getattr(self.ns, "kernel_set_pending_type", None)  # absent in a copy of older headers
         pending = str(pending_type(name)) if pending_type else ""

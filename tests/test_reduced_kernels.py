@@ -372,8 +372,8 @@ def test_compare_answers_both_questions_and_labels_each(native):
 
 
 def test_the_reduced_sets_compile_on_first_use(cpp_copy):
-    """Under cling the bf16/q8 sets are declared at load and compiled when first asked for (a load
-    compiles half as much); a set that does not compile is a NativeCompileError naming it, raised
+    """Under cling the readable and bf16/q8 sets are declared at load and compiled when first asked
+    for (a load compiles a fraction); a set that does not compile is a NativeCompileError naming it, raised
     then, and the other sets still run."""
     from conftest import edit_file
 
@@ -389,6 +389,7 @@ CELERINFER_BUILTIN_KERNELS(BrokenQ8Int, "q8");"""
     assert engine.kernel_format("q8") == "q8" and "q8" in engine.kernel_sets
     pending = engine.ns.kernel_set_pending_type
     assert pending("q8") == "BrokenQ8Int" and pending("fast") == ""
+    assert pending("readable") == "ReadableKernels"  # readable waits too: most commands never run it
     model = small_model(**SHAPE)
     with pytest.raises(NativeCompileError, match="kernel set 'q8' \\(BrokenQ8Int\\) .* did not compile"):
         engine.prepare(model, "q8")
