@@ -7,10 +7,35 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from parallel import long_files_first, machine_share, make_lock_folder, remove_lock_folder, scheduler
 
 from celerinfer_lab import ModelConfig, generate_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- running on several workers (parallel.py) ----------------------------------------------------
+def pytest_configure(config):
+    make_lock_folder(config)
+
+
+def pytest_unconfigure(config):
+    remove_lock_folder(config)
+
+
+def pytest_collection_modifyitems(items):
+    long_files_first(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
+def pytest_xdist_make_scheduler(config, log):
+    return scheduler(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item):
+    with machine_share(exclusive=item.get_closest_marker("exclusive") is not None):
+        return (yield)
 
 
 def fixtures_dir() -> Path:

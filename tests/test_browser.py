@@ -118,6 +118,7 @@ def _status(page) -> str:
 _STATUS_JS = "[...document.querySelectorAll('.widget-html')].find(e => e.textContent.includes('PyTorch'))"
 
 
+@pytest.mark.exclusive  # its clicks wait seconds, not minutes: a browser sharing its core with another test misses them
 def test_quickstart_explorer_in_a_real_browser(jupyterlab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright

@@ -313,6 +313,7 @@ def _verdicts(out):
     return {line[:28].strip(): line.split("  ")[-1] for line in out.splitlines() if line[:28].strip() in figures}
 
 
+@pytest.mark.exclusive  # `saved` times three benches (made by the first of these two tests to run)
 def test_two_saves_of_the_same_code_are_no_significant_change(saved):
     code, out, err = _cli("bench-compare", "1", "2", "--store", str(saved), "--threshold", TEST_THRESHOLD)
     assert code in (0, 1), err  # every figure is listed with a verdict; PyTorch's may move (see TEST_THRESHOLD)
@@ -333,6 +334,7 @@ def test_two_saves_of_the_same_code_are_no_significant_change(saved):
     }
 
 
+@pytest.mark.exclusive
 def test_a_slowed_kernel_is_a_significant_regression(saved):
     # newest (the slowed copy) against the best of results 1 and 2
     code, out, err = _cli("bench-compare", "--store", str(saved), "--threshold", TEST_THRESHOLD, "--figures", "cpp")

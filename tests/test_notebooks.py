@@ -6,6 +6,7 @@ import shutil
 import nbformat
 import pytest
 from conftest import REPO
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -103,7 +104,10 @@ def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
     )  # 04 measures the machine: not into the user's folder
     shutil.copy(path, tmp_path / path.name)
     book = nbformat.read(tmp_path / path.name, as_version=4)
-    NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # The kernel's five channels over Unix sockets in tmp_path, not TCP ports picked free and bound a moment
+    # later: on two test workers another test's kernel, Dask cluster or JupyterLab may bind one in between.
+    kernel = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
+    NotebookClient(book, timeout=300, km=kernel, resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = json.dumps([cell.get("outputs", []) for cell in book.cells])
     assert '"output_type": "error"' not in text
     for words in EXPECTED[path.name]:

@@ -153,6 +153,7 @@ struct SlowTimerForTest : OpTimer {{
 """
 
 
+@pytest.mark.exclusive  # a 5% bound on timings
 def test_profiled_forward_within_5_percent(native):
     """The sum of the per-op times of a profiled forward is within 5% of the unprofiled forward (each
     the best of its runs, interleaved); a timer that costs 30 us per point is caught by the same rule."""

@@ -29,6 +29,8 @@ import pytest
 from celerinfer_lab.config import ModelConfig
 from celerinfer_lab.generate import generate_model
 
+pytestmark = pytest.mark.exclusive  # it times the pool against its own CPU hogs, not another test's load
+
 SLACK = 1.5  # a ratio within this factor is noise, not a slowdown
 POOL_SLACK = 4.0  # the same for the model that dispatches to the pool (the old pool: 9-16x; a noisy
 #                   idle CI run on 2026-11-28 measured 2.6x twice in a row, so 2.5x flaked)
