@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from parallel import long_files_first, machine_share, make_lock_folder, remove_lock_folder, scheduler
+from parallel import long_files_first, machine_share, prepare_workers, remove_lock_folder, scheduler
 
 from celerinfer_lab import ModelConfig, generate_model
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---- running on several workers (parallel.py) ----------------------------------------------------
 def pytest_configure(config):
-    make_lock_folder(config)
+    prepare_workers(config)
 
 
 def pytest_unconfigure(config):

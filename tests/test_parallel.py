@@ -13,11 +13,11 @@ CONFTEST = f"""
 import sys
 sys.path.insert(0, {str(REPO / "tests")!r})
 import pytest
-from parallel import long_files_first, machine_share, make_lock_folder, remove_lock_folder, scheduler
+from parallel import long_files_first, machine_share, prepare_workers, remove_lock_folder, scheduler
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "exclusive: runs alone")
-    make_lock_folder(config)
+    prepare_workers(config)
 
 def pytest_unconfigure(config):
     remove_lock_folder(config)
