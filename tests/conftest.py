@@ -34,7 +34,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item):
-    with machine_share(exclusive=item.get_closest_marker("exclusive") is not None):
+    with machine_share(item.config, exclusive=item.get_closest_marker("exclusive") is not None):
         return (yield)
 
 

@@ -126,9 +126,10 @@ def _fd(name: str) -> int:
 
 
 @contextlib.contextmanager
-def machine_share(exclusive: bool) -> Iterator[None]:
-    """Hold the run's lock around one test: shared, or exclusive (see the module docstring)."""
-    if LOCKS_ENV not in os.environ or not os.environ.get("PYTEST_XDIST_WORKER"):
+def machine_share(config: pytest.Config, exclusive: bool) -> Iterator[None]:
+    """Hold the run's lock around one test: shared, or exclusive (see the module docstring). Only on a
+    worker (config.workerinput): a pytest that a test starts inherits the variables, not the role."""
+    if getattr(config, "workerinput", None) is None or LOCKS_ENV not in os.environ:
         yield
         return
     turnstile, tests = _fd("turnstile"), _fd("tests")
