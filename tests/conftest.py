@@ -7,35 +7,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from parallel import long_files_first, machine_share, prepare_workers, remove_lock_folder, scheduler
+from parallel import (  # noqa: F401  the hooks that run the suite on two workers (parallel.py)
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_protocol,
+    pytest_unconfigure,
+    pytest_xdist_make_scheduler,
+)
 
 from celerinfer_lab import ModelConfig, generate_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ---- running on several workers (parallel.py) ----------------------------------------------------
-def pytest_configure(config):
-    prepare_workers(config)
-
-
-def pytest_unconfigure(config):
-    remove_lock_folder(config)
-
-
-def pytest_collection_modifyitems(items):
-    long_files_first(items)
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
-def pytest_xdist_make_scheduler(config, log):
-    return scheduler(config, log) if config.getvalue("dist") == "loadfile" else None
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item):
-    with machine_share(item.config, exclusive=item.get_closest_marker("exclusive") is not None):
-        return (yield)
 
 
 def fixtures_dir() -> Path:

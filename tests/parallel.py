@@ -143,3 +143,27 @@ def machine_share(config: pytest.Config, exclusive: bool) -> Iterator[None]:
         fcntl.flock(tests, fcntl.LOCK_UN)
         if exclusive:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+# ---- the hooks: tests/conftest.py imports them (so does test_parallel's own small session) --------
+def pytest_configure(config: pytest.Config) -> None:
+    prepare_workers(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    remove_lock_folder(config)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    long_files_first(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    return scheduler(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item):
+    with machine_share(item.config, exclusive=item.get_closest_marker("exclusive") is not None):
+        return (yield)

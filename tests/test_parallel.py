@@ -12,26 +12,13 @@ from parallel import LAST, LONG_FIRST, SHARED, unit_of
 CONFTEST = f"""
 import sys
 sys.path.insert(0, {str(REPO / "tests")!r})
-import pytest
-from parallel import long_files_first, machine_share, prepare_workers, remove_lock_folder, scheduler
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "exclusive: runs alone")
-    prepare_workers(config)
-
-def pytest_unconfigure(config):
-    remove_lock_folder(config)
-
-def pytest_collection_modifyitems(items):
-    long_files_first(items)
-
-def pytest_xdist_make_scheduler(config, log):
-    return scheduler(config, log)
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item):
-    with machine_share(item.config, exclusive=item.get_closest_marker("exclusive") is not None):
-        return (yield)
+from parallel import (
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_protocol,
+    pytest_unconfigure,
+    pytest_xdist_make_scheduler,
+)
 """
 
 # Each test logs its worker and when it ran; test_b's exclusive test sleeps longest.
