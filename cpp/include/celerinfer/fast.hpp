@@ -114,6 +114,9 @@ inline void gemm_tile(float* y, const float* x, const float* w, int in, int out,
     vf16 acc[R][NP];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
+    // Four k steps per loop trip: rolled, the loop's own add/compare/branch took FMA port slots
+    // (an Intel Xeon, minimind2-small's 512-token prefill: its GEMMs 64-72% -> 74-79% of the FMA peak).
+    _Pragma("GCC unroll 4")
     for (int k = 0; k < in; ++k) {
         vf16 wk[NP];
         for (int p = 0; p < NP; ++p) wk[p] = vload(w + (size_t(p) * in + k) * 16);
