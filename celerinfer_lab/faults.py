@@ -470,8 +470,8 @@ CATALOGUE: list[Fault] = [
         (  # both paths: the prefill's key blocks and the decode's score tiles
             Edit(
                 "fast.hpp",
-                "std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);",
-                "std::memcpy(kblock + e * 16, kt + size_t(e) * d.P + j0, 64);",
+                "std::memcpy(kblock_p + e * 16, kt + size_t(e) * kt_stride + j0 + 16 * p, 64);",
+                "std::memcpy(kblock_p + e * 16, kt + size_t(e) * d.P + j0 + 16 * p, 64);",
             ),
             Edit(
                 "fast.hpp",
@@ -501,7 +501,7 @@ CATALOGUE: list[Fault] = [
     Fault(
         "fast_key_cache_slot",
         "new keys go to transposed-cache slot i instead of start + i: decode overwrites key 0",
-        _edit("fast.hpp", "d.hd * kt_stride + d.start() + i;", "d.hd * kt_stride + i;"),
+        _edit("fast.hpp", "d.hd * kt_stride + d.start();", "d.hd * kt_stride;"),
         ("fast",),
         L0 + "self_attn.scores",
         "KV-cache slot",

@@ -107,6 +107,25 @@ CI_VINLINE vf16 vexp(vf16 x) {
 // L1 (slower), software prefetch of the panels (no gain on top of eight rows).
 constexpr int kGemmRows = 8;
 
+// The register tile of the GEMM and of the prefill attention's two products: acc[r][p] += the sum
+// over k < k_len of x[r * x_row + k] * (the 16 floats at w + p * w_panel + k * w_step), k in order:
+// each output is the same sum as a plain loop over k (the same bits).
+template <int R, int NP>
+CI_VINLINE void tile_accumulate(vf16 (&acc)[R][NP], const float* x, size_t x_row, const float* w, size_t w_panel,
+                                size_t w_step, int k_len) {
+    // Four k steps per loop trip: rolled, the loop's own add/compare/branch took FMA port slots
+    // (an Intel Xeon, minimind2-small's 512-token prefill: its GEMMs 64-72% -> 74-79% of the FMA peak).
+    _Pragma("GCC unroll 4")
+    for (int k = 0; k < k_len; ++k) {
+        vf16 wk[NP];
+        for (int p = 0; p < NP; ++p) wk[p] = vload(w + p * w_panel + k * w_step);
+        for (int r = 0; r < R; ++r) {
+            const float xs = x[r * x_row + k];
+            for (int p = 0; p < NP; ++p) acc[r][p] += wk[p] * xs;
+        }
+    }
+}
+
 // y[R rows, NP panels' outputs] = x[R rows, in] . w^T over NP (1 to 3) panels of w ([NP][in][16],
 // k-major: a PackedMatrix's from `panel` on, or reduced.hpp's decoded copy of them).
 template <int R, int NP>
@@ -114,17 +133,7 @@ inline void gemm_tile(float* y, const float* x, const float* w, int in, int out,
     vf16 acc[R][NP];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < NP; ++p) acc[r][p] = vf16{};
-    // Four k steps per loop trip: rolled, the loop's own add/compare/branch took FMA port slots
-    // (an Intel Xeon, minimind2-small's 512-token prefill: its GEMMs 64-72% -> 74-79% of the FMA peak).
-    _Pragma("GCC unroll 4")
-    for (int k = 0; k < in; ++k) {
-        vf16 wk[NP];
-        for (int p = 0; p < NP; ++p) wk[p] = vload(w + (size_t(p) * in + k) * 16);
-        for (int r = 0; r < R; ++r) {
-            const float xs = x[size_t(r) * in + k];
-            for (int p = 0; p < NP; ++p) acc[r][p] += wk[p] * xs;
-        }
-    }
+    tile_accumulate<R, NP>(acc, x, size_t(in), w, size_t(in) * 16, 16, in);
     for (int p = 0; p < NP; ++p) {
         const int o = (panel + p) * 16, valid = std::min(16, out - o);
         for (int r = 0; r < R; ++r) {
@@ -292,33 +301,32 @@ inline bool any_padding(const int64_t* key_mask, const AttnDims& d) {
 }
 
 // Attention per (batch, head), causal keys only (the keys after a query have probability exactly
-// 0), in three blocked passes over a per-thread [S][kt_stride] score tile:
-// 1. scores 16 keys at a time: the 16 keys' transposed block [hd][16] is copied out of the
+// 0), in three blocked passes over a per-thread [S][kt_stride] score tile, both products in the
+// GEMM's register tile (tile_accumulate: 8 queries x 3 panels of 16, where one panel of 8 queries
+// waited on its loads: 9 loads per 8 FMAs):
+// 1. scores 48 keys at a time: the keys' transposed block [3][hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
-//    rows are 4 KB apart and would thrash L1 if read per query), eight queries per block;
+//    rows are 4 KB apart and would thrash L1 if read per query);
 // 2. per row: padding mask, softmax (softmax_row), each observed through the taps;
-// 3. context: eight queries at a time share each value row they read.
+// 3. context: eight queries x up to 48 dimensions, over the keys every one of them sees, then the
+//    last seven keys row by row.
+// Query tiles run from the last query down; a first tile that would reach below query 0 starts at
+// 0 instead and computes some rows twice (the same bits). There are at least 8 queries (decode
+// takes fewer), and scores past a query's causal keys are never read.
+template <int NP>
 inline void attention_scores_block(float* S, int kt_stride, const float* kblock, const float* q, int b, int h, int j0,
                                    const AttnDims& d) {
+    constexpr int R = kGemmRows;
     const vf16 vscale = attention_scale(d);
-    auto q_row = [&](int i) { return q + ((size_t(b) * d.S + i) * d.heads + h) * d.hd; };
-    int i = std::max(0, j0 - d.start());  // queries before the block's first key see none of it
-    constexpr int QB = 8;  // queries per block: independent FMA chains that share each key load
-    for (; i + QB <= d.S; i += QB) {
-        const float* qs[QB];
-        vf16 acc[QB];
-        for (int r = 0; r < QB; ++r) { qs[r] = q_row(i + r); acc[r] = vf16{}; }
-        for (int e = 0; e < d.hd; ++e) {
-            const vf16 k = vload(kblock + e * 16);
-            for (int r = 0; r < QB; ++r) acc[r] += k * qs[r][e];
-        }
-        for (int r = 0; r < QB; ++r) vstore(S + size_t(i + r) * kt_stride + j0, acc[r] / vscale);
-    }
-    for (; i < d.S; ++i) {
-        const float* qi = q_row(i);
-        vf16 acc{};
-        for (int e = 0; e < d.hd; ++e) acc += vload(kblock + e * 16) * qi[e];
-        vstore(S + size_t(i) * kt_stride + j0, acc / vscale);
+    const size_t q_row = size_t(d.heads) * d.hd;
+    const float* q_head = q + (size_t(b) * d.S * d.heads + h) * d.hd;  // query 0 of head h
+    const int first = std::max(0, j0 - d.start());  // queries before the block's first key see none of it
+    for (int last = d.S; last > first; last -= R) {  // queries last - R ... last - 1
+        const int i = std::max(0, last - R);
+        vf16 acc[R][NP] = {};
+        tile_accumulate<R, NP>(acc, q_head + i * q_row, q_row, kblock, size_t(d.hd) * 16, 16, d.hd);
+        for (int r = 0; r < R; ++r)
+            for (int p = 0; p < NP; ++p) vstore(S + size_t(i + r) * kt_stride + j0 + 16 * p, acc[r][p] / vscale);
     }
 }
 
@@ -382,39 +390,33 @@ inline void attention_softmax_row(float* s, int b, int h, int i, const int64_t* 
     taps.probs_row(attention_row(b, h, i, d), s, n_keys, d.P);
 }
 
-// context rows of queries i ... i+CQ-1 (fewer at the end) from their probability rows in S.
-inline void attention_context_block(float* context, const float* S, int kt_stride, const float* v_cache, int b, int h,
-                                    int i, const AttnDims& d) {
-    constexpr int CQ = 8;  // queries together: they share each value row
-    const int g = kv_head(h, d), nq = std::min(CQ, d.S - i);
-    const float* s_rows[CQ];
-    float* outs[CQ];
-    int n_keys[CQ];
-    for (int r = 0; r < CQ; ++r) {
-        const int qi = i + std::min(r, nq - 1);  // missing queries repeat the last (not stored)
-        s_rows[r] = S + size_t(qi) * kt_stride;
-        outs[r] = context + ((size_t(b) * d.S + qi) * d.heads + h) * d.hd;
-        n_keys[r] = causal_keys(qi, d);
+// Context dimensions e0 ... e0 + 16 NP of queries i ... i + 7 from their probability rows in S.
+template <int NP>
+inline void attention_context_tile(float* context, const float* S, int kt_stride, const float* v_head, size_t v_stride,
+                                   int b, int h, int i, int e0, const AttnDims& d) {
+    constexpr int R = kGemmRows;
+    const float* s_rows = S + size_t(i) * kt_stride;
+    const int n_keys = causal_keys(i, d);  // row r sees n_keys + r
+    vf16 acc[R][NP] = {};
+    // values read whole, a partial last vector too: see decode_value_load
+    tile_accumulate<R, NP>(acc, s_rows, size_t(kt_stride), v_head + e0, 16, v_stride, n_keys);
+    for (int j = n_keys; j < n_keys + R - 1; ++j) {  // the keys only the later rows see
+        vf16 v[NP];
+        for (int p = 0; p < NP; ++p) v[p] = vload(v_head + j * v_stride + e0 + 16 * p);
+        for (int r = j - n_keys + 1; r < R; ++r)
+            for (int p = 0; p < NP; ++p) acc[r][p] += v[p] * s_rows[size_t(r) * kt_stride + j];
     }
-    for (int e0 = 0; e0 < d.hd; e0 += 16) {
-        const bool full = e0 + 16 <= d.hd;
-        vf16 acc[CQ];
-        for (int r = 0; r < CQ; ++r) acc[r] = vf16{};
-        for (int j = 0; j < n_keys[CQ - 1]; ++j) {
-            const float* vj = v_cache + ((size_t(b) * d.max_len + j) * d.kv_heads + g) * d.hd + e0;
-            const vf16 v = vload(vj);  // whole, when partial too: see decode_value_load
-            if (j < n_keys[0]) {  // every query of the block sees key j
-                for (int r = 0; r < CQ; ++r) acc[r] += v * s_rows[r][j];
+    for (int r = 0; r < R; ++r) {
+        float* out = context + ((size_t(b) * d.S + i + r) * d.heads + h) * d.hd;
+        for (int p = 0; p < NP; ++p) {
+            const int e = e0 + 16 * p, width = std::min(16, d.hd - e);
+            if (width == 16) {
+                vstore(out + e, acc[r][p]);
             } else {
-                for (int r = 0; r < CQ; ++r)
-                    if (j < n_keys[r]) acc[r] += v * s_rows[r][j];
+                float tmp[16];
+                vstore(tmp, acc[r][p]);
+                std::memcpy(out + e, tmp, sizeof(float) * width);
             }
-        }
-        const int width = full ? 16 : d.hd - e0;
-        for (int r = 0; r < nq; ++r) {
-            float tmp[16];
-            vstore(tmp, acc[r]);
-            std::memcpy(outs[r] + e0, tmp, sizeof(float) * width);
         }
     }
 }
@@ -423,20 +425,39 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
                       const int64_t* mask, const AttnDims& d, float* scratch, const AttentionTaps& taps) {
     const size_t tile = size_t(d.S) * kt_stride;
     ThreadPool::instance().parallel_for(d.B * d.heads, [&](int begin, int end, int thread) {
-        float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 16);
-        float* kblock = S + tile;  // [hd][16]
+        float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 48);  // attention_scratch_floats
+        float* kblock = S + tile;  // [3][hd][16]
         for (int task = begin; task < end; ++task) {
             const int b = task / d.heads, h = task % d.heads, g = kv_head(h, d);
             const float* kt = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride;
-            for (int j0 = 0; j0 < d.P; j0 += 16) {  // 1. scores
-                for (int e = 0; e < d.hd; ++e) std::memcpy(kblock + e * 16, kt + size_t(e) * kt_stride + j0, 64);
-                attention_scores_block(S, kt_stride, kblock, q, b, h, j0, d);
+            const int key_panels = (d.P + 15) / 16;
+            for (int p0 = 0; p0 < key_panels; p0 += 3) {  // 1. scores
+                const int np = std::min(3, key_panels - p0), j0 = 16 * p0;
+                for (int p = 0; p < np; ++p)
+                    for (int e = 0; e < d.hd; ++e) {
+                        float* kblock_p = kblock + size_t(p) * d.hd * 16;
+                        std::memcpy(kblock_p + e * 16, kt + size_t(e) * kt_stride + j0 + 16 * p, 64);
+                    }
+                if (np == 3) attention_scores_block<3>(S, kt_stride, kblock, q, b, h, j0, d);
+                else if (np == 2) attention_scores_block<2>(S, kt_stride, kblock, q, b, h, j0, d);
+                else attention_scores_block<1>(S, kt_stride, kblock, q, b, h, j0, d);
             }
             const int64_t* key_mask = mask + size_t(b) * d.P;
             const bool padded = any_padding(key_mask, d);
             for (int i = 0; i < d.S; ++i)  // 2. mask and softmax over the causal keys
                 attention_softmax_row(S + size_t(i) * kt_stride, b, h, i, key_mask, padded, d, taps);
-            for (int i = 0; i < d.S; i += 8) attention_context_block(context, S, kt_stride, v_cache, b, h, i, d);  // 3.
+            const float* v_head = v_cache + size_t(b) * d.max_len * d.kv_heads * d.hd + size_t(g) * d.hd;
+            const size_t v_stride = size_t(d.kv_heads) * d.hd;
+            const int e_panels = (d.hd + 15) / 16;
+            for (int last = d.S; last > 0; last -= kGemmRows) {  // 3. context, queries last - 8 ... last - 1
+                const int i = std::max(0, last - kGemmRows);
+                for (int p0 = 0, np; p0 < e_panels; p0 += np) {
+                    np = e_panels - p0 == 4 ? 2 : std::min(3, e_panels - p0);  // 64 dimensions: 2 + 2, not 3 + 1
+                    if (np == 3) attention_context_tile<3>(context, S, kt_stride, v_head, v_stride, b, h, i, 16 * p0, d);
+                    else if (np == 2) attention_context_tile<2>(context, S, kt_stride, v_head, v_stride, b, h, i, 16 * p0, d);
+                    else attention_context_tile<1>(context, S, kt_stride, v_head, v_stride, b, h, i, 16 * p0, d);
+                }
+            }
         }
     }, attention_worth_parallel(d));
 }
@@ -461,7 +482,7 @@ inline bool attention_is_decode(const AttnDims& d) { return d.S < 8; }
 // Rows of one task's score tile, per thread, in floats (fast::attention's scratch layout).
 inline size_t attention_scratch_floats(const AttnDims& d, int kt_stride) {
     if (attention_is_decode(d)) return size_t(kDecodeRows) * kt_stride;
-    return size_t(d.S) * kt_stride + size_t(d.hd) * 16;
+    return size_t(d.S) * kt_stride + size_t(d.hd) * 48;  // the score tile, then the key block
 }
 
 // S[r][j0 ... j0 + 16 * NK) for the kDecodeRows query rows qs, keys from the transposed cache kt.
@@ -686,15 +707,21 @@ inline void attention(float* context, const float* q, const float* kt_cache, int
     attention_prefill(context, q, kt_cache, kt_stride, v_cache, mask, d, scratch, taps);
 }
 
-// Keys of the new tokens [B, S, kv_heads, hd] into the transposed cache [B][kv_heads][hd][stride].
+// Keys of the new tokens [B, S, kv_heads, hd] into the transposed cache [B][kv_heads][hd][stride],
+// 16 tokens at a time: each cache row gets a whole line of 16 keys while the 16 tokens' keys stay in
+// L1 (token by token, every key went to its own line of a row 4 KB from the last).
 inline void store_keys_transposed(float* kt_cache, int kt_stride, const float* k, const AttnDims& d) {
+    const size_t src_row = size_t(d.kv_heads) * d.hd;  // one token's keys
     for (int b = 0; b < d.B; ++b)
-        for (int i = 0; i < d.S; ++i)
-            for (int g = 0; g < d.kv_heads; ++g) {
-                const float* src = k + ((size_t(b) * d.S + i) * d.kv_heads + g) * d.hd;
-                float* dst = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride + d.start() + i;
-                for (int e = 0; e < d.hd; ++e) dst[size_t(e) * kt_stride] = src[e];
+        for (int g = 0; g < d.kv_heads; ++g) {
+            const float* src = k + size_t(b) * d.S * src_row + size_t(g) * d.hd;
+            float* dst = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride + d.start();
+            for (int i0 = 0; i0 < d.S; i0 += 16) {
+                const int i1 = std::min(d.S, i0 + 16);
+                for (int e = 0; e < d.hd; ++e)
+                    for (int i = i0; i < i1; ++i) dst[size_t(e) * kt_stride + i] = src[i * src_row + e];
             }
+        }
 }
 
 }  // namespace fast
