@@ -330,7 +330,20 @@ inline void attention_scores_block(float* S, int kt_stride, const float* kblock,
     }
 }
 
-// In-place softmax over the first n of s.
+// Every lane of the result holds the max (sum) of v's 16 lanes: xor butterflies, 4 steps where a
+// scalar loop over the lanes is a chain of 15.
+template <class Op>
+CI_VINLINE vf16 vreduce_all(vf16 v, Op op) {
+    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    return op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+}
+
+// In-place softmax over the first n of s. From 16 values on the row needs room for n rounded up to
+// 16 (a score tile's row has kt_stride): its last partial vector is computed whole, lanes past n set
+// to -inf (exp gives 0, stored as 0), where a scalar std::exp per value of the tail cost a sixth of
+// the prefill's softmax (minimind2-small, 512 tokens).
 inline void softmax_row(float* s, int n) {
     if (n < 16) {
         float max = s[0];
@@ -341,27 +354,24 @@ inline void softmax_row(float* s, int n) {
         for (int j = 0; j < n; ++j) s[j] *= inv;
         return;
     }
-    int j = 0;
-    vf16 vmax_acc = opaque(vsplat(-std::numeric_limits<float>::infinity()));
-    for (; j + 16 <= n; j += 16) {
-        const vf16 v = vload(s + j);
-        vmax_acc = vselect(v > vmax_acc, v, vmax_acc);
-    }
-    float max = vmax_acc[0];
-    for (int l = 1; l < 16; ++l) max = vmax_acc[l] > max ? vmax_acc[l] : max;
-    for (; j < n; ++j) max = s[j] > max ? s[j] : max;
-    vf16 vsum_acc{};
-    const vf16 vmax = opaque(vsplat(max));
-    j = 0;
-    for (; j + 16 <= n; j += 16) {
+    const auto max = [](vf16 a, vf16 b) { return vselect(a > b, a, b); };
+    const int whole = n / 16 * 16, rest = n - whole;
+    const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vf16 minus_inf = opaque(vsplat(-std::numeric_limits<float>::infinity()));
+    const vf16 tail = rest > 0 ? vselect(lanes < rest, vload(s + whole), minus_inf) : minus_inf;
+    vf16 vmax_acc = tail;
+    for (int j = 0; j < whole; j += 16) vmax_acc = max(vload(s + j), vmax_acc);
+    const vf16 vmax = vreduce_all(vmax_acc, max);
+    vf16 vsum_acc = vexp(tail - vmax);
+    const vf16 tail_exp = vsum_acc;
+    for (int j = 0; j < whole; j += 16) {
         const vf16 e = vexp(vload(s + j) - vmax);
         vstore(s + j, e);
         vsum_acc += e;
     }
-    float sum = vsum(vsum_acc);
-    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - max));  // the last n % 16
-    const float inv = 1.0f / sum;
-    for (j = 0; j < n; ++j) s[j] *= inv;
+    const float inv = 1.0f / vsum(vsum_acc);
+    for (int j = 0; j < whole; j += 16) vstore(s + j, vload(s + j) * inv);
+    if (rest > 0) vstore(s + whole, tail_exp * inv);
 }
 
 // The keys query i (of the S new ones) attends to: the cached ones and the new ones up to itself.
@@ -578,16 +588,6 @@ CI_VINLINE void decode_context_tile(float* const* outs, const float* const* p_ro
         for (int n = 0; n < EV; ++n) vstore(tmp + 16 * n, acc[r][n]);
         std::memcpy(outs[r] + e0, tmp, sizeof(float) * width);
     }
-}
-
-// Every lane of the result holds the max (sum) of v's 16 lanes: xor butterflies, 4 steps where a
-// scalar loop over the lanes is a chain of 15.
-template <class Op>
-CI_VINLINE vf16 vreduce_all(vf16 v, Op op) {
-    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-    return op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
 }
 
 // Softmax of a tile's rows (rows[t], t < nq) of n[t] <= 16 values each, side by side: one vector a
