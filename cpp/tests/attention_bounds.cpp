@@ -4,14 +4,17 @@
 // access past it. The workspace's buffers cannot show this: they come from HugePageArena, whose
 // blocks ASan does not see into, and the guard check only catches writes.
 //
-// One documented exception: a value row's partial last vector is read whole (decode_value_load),
-// up to 15 floats past the value cache's end, which the workspace's guard tail covers. The first
-// argument is that slack in floats, filled with NaN (so a lane that leaked would show in the
-// context): with 15 the run must be clean, with 14 ASan must stop it (the claim is tight).
+// One documented exception: a value row's partial last vector is read whole (the decode path's
+// decode_value_load, the prefill path's tile_accumulate), up to 15 floats past the value cache's
+// end, which the workspace's guard tail covers. The first argument is that slack in floats, filled
+// with NaN (so a lane that leaked would show in the context): with 15 the run must be clean, with
+// 14 ASan must stop it (the claim is tight).
 //
-// The grid: head_dim 1 to 130 (multiples of 16 and not), 1 to 9 new tokens (the decode path
-// below 8, the blocked prefill path from 8), 0 to 16 cached ones, GQA 1:1 to 4:1, with and without
-// left padding; the cache exactly full, so its last row is the buffer's last floats.
+// The grid: head_dim 1 to 130 (multiples of 16 and not), 1 to 40 new tokens (the decode path
+// below 8, the blocked prefill path from 8: one query tile, two overlapping ones, several), 0 to 40
+// cached ones (key blocks of 1 to 3 panels, query tiles that start past the first key block), GQA
+// 1:1 to 4:1, with and without left padding; the cache exactly full, so its last row is the
+// buffer's last floats, or 5 rows longer than the keys in use.
 // Prints "<cases> cases, <failures> failures"; exit 0 when there is no failure.
 #include <algorithm>
 #include <cmath>
@@ -33,8 +36,9 @@ static float* exact_buffer(size_t n, float fill) {
 }
 
 // The largest |fast - oracle| over the context, after running fast::attention on random q, k, v.
-static double attention_error(int S, int start, int heads, int kv_heads, int hd, bool padded, int slack) {
-    const int B = 2, P = start + S, max_len = P, kt_stride = (max_len + 15) / 16 * 16;
+static double attention_error(int S, int start, int heads, int kv_heads, int hd, bool padded, int spare_rows,
+                              int slack) {
+    const int B = 2, P = start + S, max_len = P + spare_rows, kt_stride = (max_len + 15) / 16 * 16;
     const ci::AttnDims d{B, S, P, max_len, heads, kv_heads, hd};
     std::mt19937 rng(unsigned(S * 7919 + start * 131 + heads * 17 + hd));
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -97,16 +101,17 @@ int main(int argc, char** argv) {
     const int slack = argc > 1 ? std::atoi(argv[1]) : 15;
     int cases = 0, failures = 0;
     for (int hd : {1, 7, 8, 10, 16, 17, 33, 64, 70, 97, 100, 130})
-        for (int S : {1, 3, 5, 8, 9})
-            for (int start : {0, 4, 12, 16})
+        for (int S : {1, 3, 5, 8, 9, 15, 17, 40})
+            for (int start : {0, 4, 12, 16, 40})
                 for (auto [heads, kv_heads] : {std::pair{1, 1}, {2, 1}, {8, 2}, {3, 3}}) {
                     const bool padded = (S + start) % 2 == 1;
-                    const double error = attention_error(S, start, heads, kv_heads, hd, padded, slack);
+                    const int spare_rows = (hd + heads) % 2 == 1 ? 5 : 0;
+                    const double error = attention_error(S, start, heads, kv_heads, hd, padded, spare_rows, slack);
                     ++cases;
                     if (error > 1e-4) {
                         ++failures;
-                        std::printf("FAIL head_dim %d, %d new tokens after %d, heads %d/%d, padded %d: error %g\n", hd, S,
-                                    start, heads, kv_heads, int(padded), error);
+                        std::printf("FAIL head_dim %d, %d new tokens after %d, heads %d/%d, padded %d, %d spare cache "
+                                    "rows: error %g\n", hd, S, start, heads, kv_heads, int(padded), spare_rows, error);
                     }
                 }
     std::printf("%d cases, %d failures\n", cases, failures);

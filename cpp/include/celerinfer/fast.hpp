@@ -106,6 +106,12 @@ CI_VINLINE vf16 vexp(vf16 x) {
 // change beyond the noise, 57-67% either way. Not kept: blocking k so a triple's slice stays in
 // L1 (slower), software prefetch of the panels (no gain on top of eight rows).
 constexpr int kGemmRows = 8;
+constexpr int kGemmPanels = 3;  // panels of 16 outputs per register tile
+
+// The panels of a tile when `left` are left: kGemmPanels, but the last four as 2 + 2 (a one-panel
+// tile of 8 rows waits on its loads: 9 loads per 8 FMAs). The prefill attention's split; the GEMM
+// keeps its fixed triples (panel_triples), which its task split and the fault catalogue count on.
+inline int tile_panels(int left) { return left == 4 ? 2 : std::min(kGemmPanels, left); }
 
 // The register tile of the GEMM and of the prefill attention's two products: acc[r][p] += the sum
 // over k < k_len of x[r * x_row + k] * (the 16 floats at w + p * w_panel + k * w_step), k in order:
@@ -114,13 +120,16 @@ template <int R, int NP>
 CI_VINLINE void tile_accumulate(vf16 (&acc)[R][NP], const float* x, size_t x_row, const float* w, size_t w_panel,
                                 size_t w_step, int k_len) {
     // Four k steps per loop trip: rolled, the loop's own add/compare/branch took FMA port slots
-    // (an Intel Xeon, minimind2-small's 512-token prefill: its GEMMs 64-72% -> 74-79% of the FMA peak).
+    // (an Intel Xeon, minimind2-small's 512-token prefill: its GEMMs 64-72% -> 74-80% of the FMA peak).
     _Pragma("GCC unroll 4")
     for (int k = 0; k < k_len; ++k) {
         vf16 wk[NP];
+        CI_UNROLL
         for (int p = 0; p < NP; ++p) wk[p] = vload(w + p * w_panel + k * w_step);
+        CI_UNROLL
         for (int r = 0; r < R; ++r) {
             const float xs = x[r * x_row + k];
+            CI_UNROLL
             for (int p = 0; p < NP; ++p) acc[r][p] += wk[p] * xs;
         }
     }
@@ -302,17 +311,18 @@ inline bool any_padding(const int64_t* key_mask, const AttnDims& d) {
 
 // Attention per (batch, head), causal keys only (the keys after a query have probability exactly
 // 0), in three blocked passes over a per-thread [S][kt_stride] score tile, both products in the
-// GEMM's register tile (tile_accumulate: 8 queries x 3 panels of 16, where one panel of 8 queries
-// waited on its loads: 9 loads per 8 FMAs):
-// 1. scores 48 keys at a time: the keys' transposed block [3][hd][16] is copied out of the
+// GEMM's register tile (tile_accumulate: 8 queries x up to 3 panels of 16, where one panel of 8
+// queries waited on its loads: 9 loads per 8 FMAs):
+// 1. scores up to 48 keys at a time: the keys' transposed block [3][hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
 //    rows are 4 KB apart and would thrash L1 if read per query);
 // 2. per row: padding mask, softmax (softmax_row), each observed through the taps;
 // 3. context: eight queries x up to 48 dimensions, over the keys every one of them sees, then the
 //    last seven keys row by row.
-// Query tiles run from the last query down; a first tile that would reach below query 0 starts at
-// 0 instead and computes some rows twice (the same bits). There are at least 8 queries (decode
-// takes fewer), and scores past a query's causal keys are never read.
+// Query tiles run from the last query down, so the scores pass stops at the first query that sees
+// the key block; the lowest tile, when fewer than 8 queries are left, starts at query 0 instead and
+// computes some rows twice (the same bits). There are at least kGemmRows queries (decode takes
+// fewer: attention_is_decode), and scores past a query's causal keys are never used.
 template <int NP>
 inline void attention_scores_block(float* S, int kt_stride, const float* kblock, const float* q, int b, int h, int j0,
                                    const AttnDims& d) {
@@ -342,8 +352,8 @@ CI_VINLINE vf16 vreduce_all(vf16 v, Op op) {
 
 // In-place softmax over the first n of s. From 16 values on the row needs room for n rounded up to
 // 16 (a score tile's row has kt_stride): its last partial vector is computed whole, lanes past n set
-// to -inf (exp gives 0, stored as 0), where a scalar std::exp per value of the tail cost a sixth of
-// the prefill's softmax (minimind2-small, 512 tokens).
+// to -inf (exp gives 0, stored as 0; NaN when the whole row is -inf; never used), where a scalar
+// std::exp per value of the tail cost a sixth of the prefill's softmax (minimind2-small, 512 tokens).
 inline void softmax_row(float* s, int n) {
     if (n < 16) {
         float max = s[0];
@@ -433,16 +443,17 @@ inline void attention_context_tile(float* context, const float* S, int kt_stride
 
 inline void attention_prefill(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                       const int64_t* mask, const AttnDims& d, float* scratch, const AttentionTaps& taps) {
+    CI_CHECK(d.S >= kGemmRows, "attention_prefill: ", d.S, " new tokens, fewer than a query tile (", kGemmRows, ")");
     const size_t tile = size_t(d.S) * kt_stride;
     ThreadPool::instance().parallel_for(d.B * d.heads, [&](int begin, int end, int thread) {
-        float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 48);  // attention_scratch_floats
-        float* kblock = S + tile;  // [3][hd][16]
+        float* S = scratch + size_t(thread) * (tile + size_t(d.hd) * 16 * kGemmPanels);  // attention_scratch_floats
+        float* kblock = S + tile;  // [kGemmPanels][hd][16]
         for (int task = begin; task < end; ++task) {
             const int b = task / d.heads, h = task % d.heads, g = kv_head(h, d);
             const float* kt = kt_cache + (size_t(b) * d.kv_heads + g) * d.hd * kt_stride;
             const int key_panels = (d.P + 15) / 16;
-            for (int p0 = 0; p0 < key_panels; p0 += 3) {  // 1. scores
-                const int np = std::min(3, key_panels - p0), j0 = 16 * p0;
+            for (int p0 = 0; p0 < key_panels;) {  // 1. scores
+                const int np = tile_panels(key_panels - p0), j0 = 16 * p0;
                 for (int p = 0; p < np; ++p)
                     for (int e = 0; e < d.hd; ++e) {
                         float* kblock_p = kblock + size_t(p) * d.hd * 16;
@@ -451,6 +462,7 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
                 if (np == 3) attention_scores_block<3>(S, kt_stride, kblock, q, b, h, j0, d);
                 else if (np == 2) attention_scores_block<2>(S, kt_stride, kblock, q, b, h, j0, d);
                 else attention_scores_block<1>(S, kt_stride, kblock, q, b, h, j0, d);
+                p0 += np;
             }
             const int64_t* key_mask = mask + size_t(b) * d.P;
             const bool padded = any_padding(key_mask, d);
@@ -461,11 +473,12 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
             const int e_panels = (d.hd + 15) / 16;
             for (int last = d.S; last > 0; last -= kGemmRows) {  // 3. context, queries last - 8 ... last - 1
                 const int i = std::max(0, last - kGemmRows);
-                for (int p0 = 0, np; p0 < e_panels; p0 += np) {
-                    np = e_panels - p0 == 4 ? 2 : std::min(3, e_panels - p0);  // 64 dimensions: 2 + 2, not 3 + 1
+                for (int p0 = 0; p0 < e_panels;) {
+                    const int np = tile_panels(e_panels - p0);
                     if (np == 3) attention_context_tile<3>(context, S, kt_stride, v_head, v_stride, b, h, i, 16 * p0, d);
                     else if (np == 2) attention_context_tile<2>(context, S, kt_stride, v_head, v_stride, b, h, i, 16 * p0, d);
                     else attention_context_tile<1>(context, S, kt_stride, v_head, v_stride, b, h, i, 16 * p0, d);
+                    p0 += np;
                 }
             }
         }
@@ -473,11 +486,10 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
 }
 
 // ---- decode attention: a few new tokens against a long cache --------------------------------------
-// With S < 8 new tokens the blocked passes above would run one query at a time: 16 keys per pass
-// through one FMA chain of hd steps (latency-bound), a copy of every key block, and context blocks
-// of 8 queries computed for one. Here the rows that share a kv head (its n_rep query heads x the S
-// tokens, row r = i * n_rep + head within the group) are processed together, so each key and value
-// row is read once per kv head, 4 rows at a time:
+// The blocked passes above need at least a tile of kGemmRows queries (attention_prefill checks);
+// fewer new tokens (decode steps, short prompts) come here. The rows that share a kv head (its n_rep
+// query heads x the S tokens, row r = i * n_rep + head within the group) are processed together, so
+// each key and value row is read once per kv head, 4 rows at a time:
 // 1. scores: 4 rows x 64 keys = 16 accumulators, read straight from the transposed cache (the
 //    4 KB row stride no longer hurts: each 64-key row segment is used by all 4 rows);
 // 2. per tile: padding mask and scores tap per row (as the prefill path), softmax of the 4 rows
@@ -487,12 +499,13 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
 // Tasks are (batch, kv head, row tile): both threads get equal shares when B * kv_heads is even.
 constexpr int kDecodeRows = 4;  // rows per tile (missing rows repeat the last, not stored)
 
-inline bool attention_is_decode(const AttnDims& d) { return d.S < 8; }
+inline bool attention_is_decode(const AttnDims& d) { return d.S < kGemmRows; }
 
-// Rows of one task's score tile, per thread, in floats (fast::attention's scratch layout).
+// One thread's scratch, in floats (fast::attention's layout): the decode path's tile of score rows,
+// or the prefill path's [S][kt_stride] score tile and then its key block.
 inline size_t attention_scratch_floats(const AttnDims& d, int kt_stride) {
     if (attention_is_decode(d)) return size_t(kDecodeRows) * kt_stride;
-    return size_t(d.S) * kt_stride + size_t(d.hd) * 48;  // the score tile, then the key block
+    return size_t(d.S) * kt_stride + size_t(d.hd) * 16 * kGemmPanels;
 }
 
 // S[r][j0 ... j0 + 16 * NK) for the kDecodeRows query rows qs, keys from the transposed cache kt.
@@ -695,10 +708,11 @@ inline void attention_decode(float* context, const float* q, const float* kt_cac
     }, attention_worth_parallel(d));
 }
 
-// The fused attention: the blocked prefill passes, or the decode path for fewer than 8 new tokens.
-// scratch holds attention_scratch_floats(d, kt_stride) floats per thread; group_heads, d.heads ints.
-// v_cache must stay readable 15 floats past its end: a value row's partial last vector is read
-// whole (decode_value_load). Workspace's v_cache is a GuardedBuffer, whose guard tail is that room.
+// The fused attention: the blocked prefill passes, or the decode path for fewer than kGemmRows new
+// tokens. scratch holds attention_scratch_floats(d, kt_stride) floats per thread; group_heads,
+// d.heads ints. v_cache must stay readable 15 floats past its end: a value row's partial last
+// vector is read whole (decode_value_load; the prefill's tile_accumulate and its last keys).
+// Workspace's v_cache is a GuardedBuffer, whose guard tail is that room.
 inline void attention(float* context, const float* q, const float* kt_cache, int kt_stride, const float* v_cache,
                       const int64_t* mask, const AttnDims& d, float* scratch, int* group_heads,
                       const AttentionTaps& taps) {
