@@ -313,7 +313,7 @@ inline bool any_padding(const int64_t* key_mask, const AttnDims& d) {
 // 0), in three blocked passes over a per-thread [S][kt_stride] score tile, both products in the
 // GEMM's register tile (tile_accumulate: 8 queries x up to 3 panels of 16, where one panel of 8
 // queries waited on its loads: 9 loads per 8 FMAs):
-// 1. scores up to 48 keys at a time: the keys' transposed block [3][hd][16] is copied out of the
+// 1. scores up to 48 keys at a time: the keys' block [kGemmPanels][hd][16] is copied out of the
 //    transposed cache kt [B][kv_heads][hd][kt_stride] once and reused by every query (the cache's
 //    rows are 4 KB apart and would thrash L1 if read per query);
 // 2. per row: padding mask, softmax (softmax_row), each observed through the taps;
@@ -454,11 +454,11 @@ inline void attention_prefill(float* context, const float* q, const float* kt_ca
             const int key_panels = (d.P + 15) / 16;
             for (int p0 = 0; p0 < key_panels;) {  // 1. scores
                 const int np = tile_panels(key_panels - p0), j0 = 16 * p0;
-                for (int p = 0; p < np; ++p)
-                    for (int e = 0; e < d.hd; ++e) {
-                        float* kblock_p = kblock + size_t(p) * d.hd * 16;
+                for (int p = 0; p < np; ++p) {
+                    float* kblock_p = kblock + size_t(p) * d.hd * 16;
+                    for (int e = 0; e < d.hd; ++e)
                         std::memcpy(kblock_p + e * 16, kt + size_t(e) * kt_stride + j0 + 16 * p, 64);
-                    }
+                }
                 if (np == 3) attention_scores_block<3>(S, kt_stride, kblock, q, b, h, j0, d);
                 else if (np == 2) attention_scores_block<2>(S, kt_stride, kblock, q, b, h, j0, d);
                 else attention_scores_block<1>(S, kt_stride, kblock, q, b, h, j0, d);
